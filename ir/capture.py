@@ -1,0 +1,229 @@
+"""Capture a transformers causal-LM MoE model as a flat torch.fx graph with explicit KV-cache inputs.
+
+How: a shadow copy of the model (new module objects, the same weight tensors) gets its MoE blocks
+replaced by the canonical `SparseMoE`, then `torch.export` (non-strict) traces one decoder step
+
+    (input_ids, attention_mask, position_ids, past_key_0, past_value_0, ...) ->
+    (logits, present_key_0, present_value_0, ...)
+
+with dynamic batch, sequence and past lengths. `present = cat(past, new)` per layer, the usual ONNX
+decoder convention, so the same graph runs prefill (past length 0) and decode. The user's model is
+never modified: only the shadow's modules are swapped.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import time
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx, nn
+from torch.export import Dim
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from moepass.errors import UnsupportedModelError
+
+from .families import Family, attention_description, convert_moe_blocks, family_of
+
+# Sample sizes for export: every dynamic dimension must be >= 2 in the sample, otherwise export
+# specialises it (a batch-1 sample silently fixes the batch size).
+_SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 3, 2
+
+# Nodes that only re-check facts export already proved; they would reject sizes 0 and 1 that the
+# graph handles (a 1-token decode step, an empty cache at prefill).
+_ASSERT_TARGETS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
+@dataclass
+class ProgramInfo:
+    """What a program needs besides its graph: model identity, tokens, per-layer attention notes."""
+
+    family: str
+    model_class: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    attention: dict[int, str] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    capture_seconds: float = 0.0
+
+
+def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None):
+    """Capture `model` (a transformers ...ForCausalLM MoE model) as a `MoEProgram`.
+
+    `example_inputs` (input_ids, or a dict with `input_ids`) only sets the sample used for tracing;
+    routing is never baked in, so any sample gives the same program.
+    """
+    from .program import MoEProgram
+
+    start = time.perf_counter()
+    family = family_of(model)
+    shadow = _shadow_copy(model)
+    convert_moe_blocks(shadow, family)
+    sample_ids = _sample_input_ids(example_inputs, shadow)
+    cache_tails = _probe_cache(shadow, sample_ids)
+    graph_module = _export_step(shadow, sample_ids, cache_tails)
+    info = _program_info(model, family)
+    info.capture_seconds = time.perf_counter() - start
+    program = MoEProgram(graph_module, info)
+    program.verify()
+    return program
+
+
+def _shadow_copy(model: nn.Module) -> nn.Module:
+    """Deep-copy modules and config but share every parameter and buffer with `model`."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    shadow = copy.deepcopy(model, memo)
+    return shadow.eval()
+
+
+def _sample_input_ids(example_inputs: Tensor | dict | None, model: nn.Module) -> Tensor:
+    device = next(model.parameters()).device
+    if example_inputs is None:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (_SAMPLE_BATCH, _SAMPLE_SEQ), generator=generator)
+        return ids.to(device)
+    ids = example_inputs["input_ids"] if isinstance(example_inputs, dict) else example_inputs
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError("example_inputs must be input_ids of shape [batch, seq] (int64), or a dict holding them")
+    ids = ids.long().to(device)
+    ids = ids.repeat((_SAMPLE_BATCH + ids.shape[0] - 1) // ids.shape[0], 1)[: max(_SAMPLE_BATCH, ids.shape[0])]
+    if ids.shape[1] < 2:
+        ids = ids.repeat(1, 2)
+    return ids
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); accept both."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _explicit_cache(past: list[Tensor]) -> DynamicCache:
+    """A DynamicCache whose layers start from the given past tensors ([k0, v0, k1, v1, ...])."""
+    cache = DynamicCache()
+    for key, value in zip(past[0::2], past[1::2], strict=True):
+        layer = DynamicLayer()
+        layer.keys, layer.values, layer.is_initialized = key, value, True
+        layer.dtype, layer.device = key.dtype, key.device
+        cache.layers.append(layer)
+    return cache
+
+
+def _probe_cache(model: nn.Module, ids: Tensor) -> list[tuple[int, int, torch.dtype]]:
+    """Per cache tensor (k0, v0, k1, ...): its (heads, width, dtype). Found by running one step,
+    since families cache different things (DeepSeek caches compressed latents)."""
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:1, :2], use_cache=True, **{_cache_keyword(model): cache})
+    if len(cache.layers) != model.config.num_hidden_layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: expected one KV-cache layer per decoder layer "
+            f"({model.config.num_hidden_layers}), found {len(cache.layers)}"
+        )
+    return [(t.shape[1], t.shape[3], t.dtype) for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
+    cache_kw = _cache_keyword(model)
+    model_forward = type(model).forward
+
+    def step(self, input_ids, attention_mask, position_ids, past):
+        cache = _explicit_cache(past)
+        out = model_forward(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+    # Rebinding forward on the shadow (never on the user's model) keeps parameter FQNs identical
+    # to the transformers checkpoint: `model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`.
+    model.forward = types.MethodType(step, model)
+    batch, seq = ids.shape
+    device = ids.device
+    past = [torch.randn(batch, heads, _SAMPLE_PAST, width, dtype=dtype, device=device)
+            for heads, width, dtype in cache_tails]
+    mask = torch.ones(batch, _SAMPLE_PAST + seq, dtype=torch.long, device=device)
+    positions = torch.arange(_SAMPLE_PAST, _SAMPLE_PAST + seq, device=device).expand(batch, -1)
+    b, s, p = Dim("batch"), Dim("seq"), Dim("past", min=0)
+    dynamic_shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: Dim.AUTO},
+        "position_ids": {0: b, 1: s},
+        "past": [{0: b, 2: p} for _ in past],
+    }
+    with torch.no_grad():
+        exported = torch.export.export(
+            model, (ids, mask, positions, past), dynamic_shapes=dynamic_shapes, strict=False
+        )
+    return _flat_graph_module(exported, len(past) // 2)
+
+
+def _flat_graph_module(exported, num_layers: int) -> fx.GraphModule:
+    """Unlift the exported program into a GraphModule with flat, named inputs and a flat output tuple."""
+    try:
+        unlifted = exported.module(check_guards=False)
+    except TypeError:  # torch without the check_guards argument
+        unlifted = exported.module()
+    old = unlifted.graph
+    names = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_{kind}_{layer}" for layer in range(num_layers) for kind in ("key", "value")
+    ]
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in old.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, names, strict=True):
+        env[node] = graph.placeholder(name)
+        env[node].meta = dict(node.meta)
+    for node in old.nodes:
+        if node.op == "placeholder" or (node.op == "call_module" and node.target == "_guards_fn"):
+            continue
+        if node.op == "call_function" and node.target in _ASSERT_TARGETS:
+            continue
+        if node.op == "output":
+            graph.output(tuple(env[n] for n in node.args[0]))
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.eliminate_dead_code()
+    graph_module = fx.GraphModule(unlifted, graph)
+    graph_module.graph.lint()
+    return graph_module
+
+
+def _program_info(model: nn.Module, family: Family) -> ProgramInfo:
+    config = model.config
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    dtype = next(model.parameters()).dtype
+    return ProgramInfo(
+        family=family.model_type,
+        model_class=type(model).__name__,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        dtype=str(dtype).removeprefix("torch."),
+        eos_token_ids=[int(e) for e in eos_ids],
+        pad_token_id=None if pad is None else int(pad),
+        attention={i: attention_description(config, i, family) for i in range(config.num_hidden_layers)},
+        config=config.to_dict(),
+    )

@@ -1,0 +1,200 @@
+"""Supported model families: how each one's MoE block maps onto the canonical `SparseMoE`.
+
+A family is found through `FAMILIES` by `config.model_type`; everything family-specific in moepass
+lives here (routing math, weight layout, shared experts, attention description). After capture,
+passes see only canonical ops and the structure map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moepass.errors import NotAnMoEModelError, UnsupportedModelError
+
+from .moe_block import Experts, Router, RoutingSpec, SparseMoE
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_type: str
+    display: str
+    moe_block_classes: tuple[str, ...]
+    convert: Callable[[nn.Module, object], SparseMoE]
+    attention_notes: Callable[[object, int], list[str]] = lambda config, layer: []
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def _register(family: Family) -> Family:
+    FAMILIES[family.model_type] = family
+    return family
+
+
+def supported_families() -> list[str]:
+    return [family.display for family in FAMILIES.values()]
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a transformers causal-LM MoE model, or a clear error naming what is wrong."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        kind = "dense (non-MoE) model" if _looks_dense(model) else "model"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={model_type!r}) is not a supported {kind}. "
+            f"moepass captures causal-LM MoE models of these families: {', '.join(supported_families())}."
+        )
+    if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a {family.display} model but not a causal LM with an LM head; "
+            f"pass the ...ForCausalLM class (e.g. AutoModelForCausalLM)."
+        )
+    if not any(type(m).__name__ in family.moe_block_classes for m in model.model.layers.modules()):
+        raise NotAnMoEModelError(
+            f"{type(model).__name__} has no MoE layers (every layer is a dense MLP with this config); "
+            f"there is nothing for moepass to compress. Supported families: {', '.join(supported_families())}."
+        )
+    return family
+
+
+def _looks_dense(model: nn.Module) -> bool:
+    return not any("moe" in type(m).__name__.lower() or "expert" in type(m).__name__.lower()
+                   for m in model.modules())
+
+
+def convert_moe_blocks(model: nn.Module, family: Family) -> int:
+    """Replace each MoE block under `model.model.layers` by a canonical `SparseMoE`; returns the count."""
+    count = 0
+    for layer in model.model.layers:
+        for name, child in list(layer.named_children()):
+            if type(child).__name__ in family.moe_block_classes:
+                setattr(layer, name, family.convert(child, model.config))
+                count += 1
+    return count
+
+
+def attention_description(config, layer: int, family: Family) -> str:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kind = "MHA" if kv_heads == heads else ("MQA" if kv_heads == 1 else "GQA")
+    parts = [f"{kind} {heads}q/{kv_heads}kv x{head_dim}"]
+    layer_types = getattr(config, "layer_types", None)
+    sliding = getattr(config, "sliding_window", None)
+    use_sliding = getattr(config, "use_sliding_window", True)
+    if layer_types is not None and layer < len(layer_types):
+        if layer_types[layer] == "sliding_attention" and sliding:
+            parts.append(f"sliding {sliding}")
+    elif sliding and use_sliding:
+        parts.append(f"sliding {sliding}")
+    return ", ".join(parts + family.attention_notes(config, layer))
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters: read the HF block's own attributes (not the config) so edited models convert as-is.
+# ---------------------------------------------------------------------------------------------
+def _experts(block: nn.Module, config) -> Experts:
+    ex = block.experts
+    return Experts(ex.gate_up_proj, ex.down_proj, activation=config.hidden_act)
+
+
+def _softmax_router(gate: nn.Module, renormalize: bool) -> tuple[Router, RoutingSpec]:
+    return Router(gate.weight, None, None, fp32=False), RoutingSpec("softmax_topk", gate.top_k,
+                                                                      renormalize=renormalize)
+
+
+def _convert_mixtral(block, config) -> SparseMoE:
+    router, spec = _softmax_router(block.gate, renormalize=True)
+    return SparseMoE(router, _experts(block, config), spec)
+
+
+def _convert_qwen_olmoe(block, config) -> SparseMoE:
+    router, spec = _softmax_router(block.gate, renormalize=bool(block.gate.norm_topk_prob))
+    return SparseMoE(router, _experts(block, config), spec)
+
+
+def _convert_qwen2_moe(block, config) -> SparseMoE:
+    router, spec = _softmax_router(block.gate, renormalize=bool(block.gate.norm_topk_prob))
+    return SparseMoE(router, _experts(block, config), spec, block.shared_expert, block.shared_expert_gate)
+
+
+def _convert_deepseek_v2(block, config) -> SparseMoE:
+    gate = block.gate
+    grouped = gate.topk_method == "group_limited_greedy"
+    spec = RoutingSpec(
+        "softmax_topk",
+        gate.top_k,
+        n_group=gate.num_group if grouped else 1,
+        topk_group=gate.topk_group if grouped else 1,
+        scale=float(gate.routed_scaling_factor),
+        logits_fp32=True,
+    )
+    router = Router(gate.weight, None, None, fp32=True)
+    return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
+
+
+def _convert_deepseek_v3(block, config) -> SparseMoE:
+    gate = block.gate
+    spec = RoutingSpec(
+        "sigmoid_topk",
+        gate.top_k,
+        n_group=gate.num_group,
+        topk_group=gate.topk_group,
+        renormalize=bool(gate.norm_topk_prob),
+        scale=float(gate.routed_scaling_factor),
+        logits_fp32=True,
+    )
+    router = Router(gate.weight, None, gate.e_score_correction_bias, fp32=True)
+    return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
+
+
+def _convert_phimoe(block, config) -> SparseMoE:
+    router = block.router
+    spec = RoutingSpec("sparsemixer", 2, jitter_eps=float(router.router_jitter_noise))
+    return SparseMoE(Router(router.weight, router.bias, None, fp32=False), _experts(block, config), spec)
+
+
+def _convert_gpt_oss(block, config) -> SparseMoE:
+    """GPT-OSS stores experts transposed with gate/up interleaved: [E, H, 2I], gate = [..., ::2]."""
+    ex = block.experts
+    gate_up = torch.cat([ex.gate_up_proj[..., ::2], ex.gate_up_proj[..., 1::2]], dim=-1)
+    gate_up_bias = torch.cat([ex.gate_up_proj_bias[..., ::2], ex.gate_up_proj_bias[..., 1::2]], dim=-1)
+    experts = Experts(
+        gate_up.transpose(1, 2).contiguous(),
+        ex.down_proj.transpose(1, 2).contiguous(),
+        gate_up_bias.contiguous(),
+        ex.down_proj_bias,
+        activation="clamped_swiglu",
+        alpha=float(ex.alpha),
+        limit=float(ex.limit),
+    )
+    router = Router(block.router.weight, block.router.bias, None, fp32=False)
+    spec = RoutingSpec("topk_softmax", block.router.top_k)
+    return SparseMoE(router, experts, spec, returns_router_scores=True)
+
+
+def _mla_notes(config, layer: int) -> list[str]:
+    q = f"q_lora {config.q_lora_rank}" if getattr(config, "q_lora_rank", None) else "full q"
+    return [f"MLA kv_lora {config.kv_lora_rank}, {q}, rope {config.qk_rope_head_dim}"]
+
+
+_register(Family("mixtral", "mixtral", "Mixtral", ("MixtralSparseMoeBlock",), _convert_mixtral))
+_register(Family("qwen2_moe", "qwen2_moe", "Qwen2-MoE", ("Qwen2MoeSparseMoeBlock",), _convert_qwen2_moe))
+_register(Family("qwen3_moe", "qwen3_moe", "Qwen3-MoE", ("Qwen3MoeSparseMoeBlock",), _convert_qwen_olmoe,
+                 lambda config, layer: ["qk-norm"]))
+_register(Family("olmoe", "olmoe", "OLMoE", ("OlmoeSparseMoeBlock",), _convert_qwen_olmoe,
+                 lambda config, layer: ["qk-norm"]))
+_register(Family("deepseek_v2", "deepseek_v2", "DeepSeek-V2", ("DeepseekV2Moe",), _convert_deepseek_v2,
+                 _mla_notes))
+_register(Family("deepseek_v3", "deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deepseek_v3,
+                 _mla_notes))
+_register(Family("phimoe", "phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe))
+_register(Family("gpt_oss", "gpt_oss", "GPT-OSS", ("GptOssMLP",), _convert_gpt_oss,
+                 lambda config, layer: ["sinks"]))

@@ -1,0 +1,229 @@
+"""Canonical MoE ops: routing and expert computation as single graph nodes.
+
+Every supported family is captured onto these two ops, so later passes (expert drop, quantization,
+kernels, ONNX) deal with one routing op and one experts op instead of eight modeling files. Both
+are `torch.library` custom ops with fake implementations: they stay one opaque node under
+torch.export and torch.compile, their output shapes never depend on data, and the graph's size does
+not depend on the number of experts.
+
+Canonical expert layout (all families are converted to it at capture time):
+  gate_up [E, 2I, H]  rows [:I] are the gate projection, rows [I:] the up projection (F.linear layout)
+  down    [E, H, I]
+  gate_up_bias [E, 2I] and down_bias [E, H] are optional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------------
+RoutingFn = Callable[..., tuple[Tensor, Tensor]]
+ROUTING_KINDS: dict[str, RoutingFn] = {}
+
+
+def _routing_kind(name: str) -> Callable[[RoutingFn], RoutingFn]:
+    def register(fn: RoutingFn) -> RoutingFn:
+        ROUTING_KINDS[name] = fn
+        return fn
+
+    return register
+
+
+def _group_mask(choice: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
+    """Boolean [T, E] mask of the experts inside each token's `topk_group` best groups."""
+    tokens, num_experts = choice.shape
+    grouped = choice.view(tokens, n_group, num_experts // n_group)
+    if group_score == "max":
+        scores = grouped.max(dim=-1).values
+    else:  # "top2_sum" (DeepSeek-V3)
+        scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    best = torch.topk(scores, k=topk_group, dim=-1, sorted=False)[1]
+    mask = torch.zeros_like(scores).scatter_(1, best, 1.0)
+    return mask.unsqueeze(-1).expand(-1, -1, num_experts // n_group).reshape(tokens, num_experts).bool()
+
+
+@_routing_kind("softmax_topk")
+def _softmax_topk(logits, bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+    """Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2: softmax over all experts, (group-limited) top-k."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    choice = probs
+    if n_group > 1:
+        choice = probs.masked_fill(~_group_mask(probs, n_group, topk_group, "max"), 0.0)
+    weights, ids = torch.topk(choice, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * scale, ids
+
+
+@_routing_kind("sigmoid_topk")
+def _sigmoid_topk(logits, bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+    """DeepSeek-V3: sigmoid scores, bias used for selection only, group-limited by top-2 sums."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores if bias is None else scores + bias.float()
+    if n_group > 1:
+        choice = choice.masked_fill(~_group_mask(choice, n_group, topk_group, "top2_sum"), float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, ids
+
+
+@_routing_kind("topk_softmax")
+def _topk_softmax(logits, bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+    """GPT-OSS: top-k on the raw logits, softmax over the k selected."""
+    values, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(values, dim=-1).float() * scale, ids
+
+
+def _sparsemixer_pick(scores: Tensor, masked: Tensor, jitter_eps: float) -> tuple[Tensor, Tensor]:
+    threshold, chosen = masked.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=threshold)
+    far = ((threshold - scores) / factor) > (2 * jitter_eps)
+    gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+    return gates.gather(-1, chosen), chosen
+
+
+@_routing_kind("sparsemixer")
+def _sparsemixer(logits, bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+    """PhiMoE inference routing: two sequential arg-max picks, each weighted by a masked softmax."""
+    scores = logits.float()
+    w1, e1 = _sparsemixer_pick(scores, scores, jitter_eps)
+    w2, e2 = _sparsemixer_pick(scores, scores.scatter(-1, e1, float("-inf")), jitter_eps)
+    return torch.cat([w1, w2], dim=-1) * scale, torch.cat([e1, e2], dim=-1)
+
+
+@torch.library.custom_op("moepass::route", mutates_args=())
+def route(
+    logits: Tensor,
+    correction_bias: Tensor | None,
+    kind: str,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scale: float,
+    jitter_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Router logits [T, E] -> (top-k weights [T, k] fp32, top-k expert ids [T, k] int64)."""
+    weights, ids = ROUTING_KINDS[kind](
+        logits, correction_bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps
+    )
+    return weights.float().contiguous(), ids.long().contiguous()
+
+
+@route.register_fake
+def _(logits, correction_bias, kind, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+    tokens = logits.shape[0]
+    return (
+        logits.new_empty((tokens, top_k), dtype=torch.float32),
+        logits.new_empty((tokens, top_k), dtype=torch.int64),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts
+# ----------------------------------------------------------------------------------------------
+ActivationFn = Callable[[Tensor, float, float], Tensor]
+ACTIVATIONS: dict[str, ActivationFn] = {}
+
+
+def _activation(*names: str) -> Callable[[ActivationFn], ActivationFn]:
+    def register(fn: ActivationFn) -> ActivationFn:
+        for name in names:
+            ACTIVATIONS[name] = fn
+        return fn
+
+    return register
+
+
+def _split(gate_up: Tensor) -> tuple[Tensor, Tensor]:
+    half = gate_up.shape[-1] // 2
+    return gate_up[..., :half], gate_up[..., half:]
+
+
+@_activation("silu", "swish")
+def _silu_glu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
+    gate, up = _split(gate_up)
+    return F.silu(gate) * up
+
+
+@_activation("gelu")
+def _gelu_glu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
+    gate, up = _split(gate_up)
+    return F.gelu(gate) * up
+
+
+@_activation("gelu_pytorch_tanh", "gelu_new")
+def _gelu_tanh_glu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
+    gate, up = _split(gate_up)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+@_activation("relu")
+def _relu_glu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
+    gate, up = _split(gate_up)
+    return F.relu(gate) * up
+
+
+@_activation("clamped_swiglu")
+def _clamped_swiglu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
+    """GPT-OSS: gate clamped above, up clamped both ways, sigmoid(alpha * gate) gating, (up + 1)."""
+    gate, up = _split(gate_up)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+@torch.library.custom_op("moepass::experts", mutates_args=())
+def experts(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    gate_up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """Weighted sum over each token's k experts of down(act(gate_up(x))). hidden [T, H] -> [T, H].
+
+    Tokens are grouped by expert and each hit expert runs one matmul on views of its weights (no
+    weight copies), so a decode step reads only the k selected experts. Each (token, slot) result
+    lands in its own row and the k slots are summed in slot order, in fp32, as transformers does.
+    """
+    tokens, top_k = topk_ids.shape
+    act = ACTIVATIONS[activation]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
+    slot_out = hidden.new_empty((tokens * top_k, hidden.shape[-1]))
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[start : start + count]
+        start += count
+        x = hidden[slots // top_k]
+        h = F.linear(x, gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert])
+        y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
+        slot_out[slots] = y
+    weighted = slot_out.float() * topk_weights.reshape(-1, 1).float()
+    return weighted.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+@experts.register_fake
+def _(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit):
+    return torch.empty_like(hidden)
+
+
+ROUTE = torch.ops.moepass.route.default
+EXPERTS = torch.ops.moepass.experts.default

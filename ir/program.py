@@ -1,0 +1,150 @@
+"""`MoEProgram`: a captured model — its fx graph, structure map, and prefill/decode/generate."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx, nn
+
+from .capture import ProgramInfo
+from .structure import StructureMap, build_structure
+
+
+class MoEProgram(nn.Module):
+    """A captured MoE causal LM.
+
+    The graph computes one decoder step:
+        (input_ids, attention_mask, position_ids, *past) -> (logits, *present)
+    where `past`/`present` hold each remaining block's key and value caches (`past_key_{i}`,
+    `past_value_{i}`, i = original layer index) and present = cat(past, new tokens).
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, info: ProgramInfo):
+        super().__init__()
+        self.graph_module = graph_module
+        self.info = info
+        self._structure: StructureMap | None = None
+
+    # -- graph and structure ------------------------------------------------------------------
+    @property
+    def structure(self) -> StructureMap:
+        if self._structure is None:
+            self._structure = build_structure(self.graph_module, self.info.attention)
+        return self._structure
+
+    def graph_changed(self) -> None:
+        """Call after editing the graph: recompiles it and rebuilds the structure map on demand."""
+        self.graph_module.graph.eliminate_dead_code()
+        self.graph_module.graph.lint()
+        self.graph_module.recompile()
+        self._structure = None
+
+    def verify(self) -> None:
+        """Check the IR invariants; raises `IRVerificationError` listing every violation."""
+        from .verifier import verify
+
+        verify(self)
+
+    def summary(self) -> str:
+        """Per-block table (attention, MoE, parameters, bytes) with totals, as `moepass inspect` prints."""
+        from .printer import format_summary
+
+        return format_summary(self)
+
+    def __repr__(self) -> str:
+        s = self.structure
+        return (f"MoEProgram({self.info.model_class}, blocks={len(s.blocks)}, "
+                f"moe_blocks={len(s.moe_blocks)}, nodes={len(self.graph_module.graph.nodes)})")
+
+    # -- running ------------------------------------------------------------------------------
+    @property
+    def cache_names(self) -> list[str]:
+        return [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"][3:]
+
+    def empty_cache(self, batch_size: int) -> list[Tensor]:
+        """Zero-length past tensors for a prefill step."""
+        device = self.device
+        tensors = []
+        for node in self.graph_module.graph.nodes:
+            if node.op == "placeholder" and node.name.startswith("past_"):
+                val = node.meta["val"]
+                tensors.append(torch.empty(batch_size, val.shape[1], 0, val.shape[3], dtype=val.dtype,
+                                           device=device))
+        return tensors
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.graph_module.parameters()).device
+
+    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+             past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One decoder step. attention_mask covers past and new tokens: [batch, past_len + seq]."""
+        outputs = self.graph_module(input_ids, attention_mask, position_ids, *past)
+        return outputs[0], list(outputs[1:])
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits [batch, seq, vocab] for a full sequence, like the transformers model's forward."""
+        batch, seq = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = torch.arange(seq, device=input_ids.device).expand(batch, -1)
+        logits, _ = self.step(input_ids, attention_mask, positions, self.empty_cache(batch))
+        return logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        attention_mask: Tensor | None = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | list[int] | None = ...,  # default: the model's generation config
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Greedy (or sampled) generation with the KV cache: prompt plus up to `max_new_tokens`.
+
+        Matches transformers `generate`: left padding via `attention_mask`, positions from the mask,
+        finished sequences padded with `pad_token_id` (default: the first EOS id).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        eos = self.info.eos_token_ids if eos_token_id is ... else eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = pad_token_id if pad_token_id is not None else self.info.pad_token_id
+        if pad is None and eos:
+            pad = eos[0]
+        batch = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        positions = mask.cumsum(-1) - 1
+        positions = positions.masked_fill(mask == 0, 1)
+        eos_ids = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        tokens, past, step_ids = input_ids, self.empty_cache(batch), input_ids
+        for i in range(max_new_tokens):
+            logits, past = self.step(step_ids, mask, positions, past)
+            next_tokens = _pick(logits[:, -1].float(), do_sample, temperature, top_k, generator)
+            if eos:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+                unfinished &= ~torch.isin(next_tokens, eos_ids)
+            tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
+            if not unfinished.any() or i == max_new_tokens - 1:
+                break
+            step_ids = next_tokens[:, None]
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            positions = positions[:, -1:] + 1
+        return tokens
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
+          generator: torch.Generator | None) -> Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / max(temperature, 1e-5)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

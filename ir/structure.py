@@ -1,0 +1,231 @@
+"""The structure map: which graph nodes and parameters make up each part of the model.
+
+Derived from the graph alone (each node's `nn_module_stack` metadata, `get_attr` targets, the cache
+placeholders and the canonical MoE ops), so it is rebuilt after every transform instead of being
+kept in sync by hand. Passes drop experts, MoE sub-layers and whole blocks through this map.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .ops import EXPERTS, ROUTE
+
+# Module paths of the transformers causal-LM layout shared by every supported family.
+EMBEDDINGS, LAYERS, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
+ATTENTION, INPUT_NORM, POST_NORM, MLP = "self_attn", "input_layernorm", "post_attention_layernorm", "mlp"
+_BLOCK_PATH = re.compile(rf"^{re.escape(LAYERS)}\.(\d+)(?:\.|$)")
+_RESIDUAL_ADD = torch.ops.aten.add.Tensor
+
+
+@dataclass
+class Entry:
+    """A module of the model: its path, the graph nodes computed inside it, the tensors it owns."""
+
+    module: str
+    nodes: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CacheEntry:
+    """A block's past-key/past-value placeholders and the positions of its presents in the output."""
+
+    past_key: str
+    past_value: str
+    present_key_index: int
+    present_value_index: int
+
+
+@dataclass
+class AttentionEntry(Entry):
+    description: str = ""
+    cache: CacheEntry | None = None
+
+
+@dataclass
+class MoEEntry(Entry):
+    """A canonical sparse-MoE sub-layer. Tensor fields hold FQNs (None where the family has none)."""
+
+    route_node: str = ""
+    experts_node: str = ""
+    router_linear_node: str | None = None
+    num_experts: int = 0
+    top_k: int = 0
+    routing: str = ""
+    n_group: int = 1
+    topk_group: int = 1
+    activation: str = ""
+    router_weight: str = ""
+    router_bias: str | None = None
+    correction_bias: str | None = None
+    gate_up: str = ""
+    down: str = ""
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+    shared_experts: Entry | None = None
+    shared_expert_gate: Entry | None = None
+
+
+@dataclass
+class BlockEntry:
+    """One decoder block. `input`/`output` are the residual-stream nodes entering and leaving it."""
+
+    index: int
+    module: str
+    input: str
+    output: str
+    input_norm: Entry
+    attention: AttentionEntry
+    attention_residual: str
+    post_attention_norm: Entry | None
+    mlp: MoEEntry | Entry | None
+    mlp_residual: str | None
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoEEntry)
+
+
+@dataclass
+class StructureMap:
+    embeddings: Entry
+    blocks: list[BlockEntry]
+    final_norm: Entry
+    lm_head: Entry
+    prelude: list[str]  # nodes shared by all blocks: positions, masks, rotary tables
+
+    def block(self, index: int) -> BlockEntry:
+        """The block with original layer index `index` (indices survive block drops)."""
+        for block in self.blocks:
+            if block.index == index:
+                return block
+        raise KeyError(f"block {index} is not in the program (present: {[b.index for b in self.blocks]})")
+
+    @property
+    def moe_blocks(self) -> list[BlockEntry]:
+        return [b for b in self.blocks if b.is_moe]
+
+    def entries(self):
+        """Every entry with nodes/params, for the verifier and reports."""
+        yield self.embeddings
+        for block in self.blocks:
+            yield from (block.input_norm, block.attention)
+            yield from (e for e in (block.post_attention_norm, block.mlp) if e is not None)
+            if isinstance(block.mlp, MoEEntry):
+                yield from (e for e in (block.mlp.shared_experts, block.mlp.shared_expert_gate) if e)
+        yield from (self.final_norm, self.lm_head)
+
+
+def module_path(node: fx.Node) -> str | None:
+    """Innermost module a node was traced in ('' for the root), or None if unknown."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return None if path.startswith("_empty_nn_module_stack") else path
+
+
+def build_structure(graph_module: fx.GraphModule, attention_notes: dict[int, str]) -> StructureMap:
+    graph = graph_module.graph
+    by_module: dict[str, list[str]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            path = node.target.rsplit(".", 1)[0] if "." in node.target else ""
+        elif node.op == "call_function":
+            path = module_path(node)
+        else:
+            continue
+        by_module[path or ""].append(node.name)
+    tensors = [name for name, _ in graph_module.named_parameters()] + [
+        name for name, _ in graph_module.named_buffers()
+    ]
+
+    def entry(path: str, cls=Entry, **fields) -> Entry:
+        prefix = path + "."
+        nodes = [n for p, names in by_module.items() if p == path or p.startswith(prefix) for n in names]
+        return cls(path, nodes, [t for t in tensors if t.startswith(prefix)], **fields)
+
+    nodes = {n.name: n for n in graph.nodes}
+    past = [n.name for n in graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
+    block_indices = sorted({int(m.group(1)) for p in by_module if (m := _BLOCK_PATH.match(p))})
+    blocks = [
+        _block(graph_module, i, entry, nodes, by_module, past, attention_notes.get(i, ""))
+        for i in block_indices
+    ]
+    prelude = [n for p, names in by_module.items() if not p.startswith(LAYERS)
+               and p not in (EMBEDDINGS, FINAL_NORM, LM_HEAD) for n in names]
+    return StructureMap(entry(EMBEDDINGS), blocks, entry(FINAL_NORM), entry(LM_HEAD), prelude)
+
+
+def _block(graph_module, index, entry, nodes, by_module, past, note) -> BlockEntry:
+    path = f"{LAYERS}.{index}"
+    adds = [nodes[n] for n in by_module.get(path, []) if nodes[n].target is _RESIDUAL_ADD]
+    attention = entry(f"{path}.{ATTENTION}", AttentionEntry, description=note,
+                      cache=_cache_entry(index, past))
+    first, second = (adds + [None, None])[:2]
+    has_mlp = second is not None
+    mlp = None
+    if has_mlp:
+        mlp_path = f"{path}.{MLP}"
+        route = [nodes[n] for n in entry(mlp_path).nodes if nodes[n].target is ROUTE]
+        mlp = _moe_entry(graph_module, entry, mlp_path, route[0], nodes) if route else entry(mlp_path)
+    return BlockEntry(
+        index=index,
+        module=path,
+        input=first.args[0].name if first is not None else "",
+        output=(second or first).name if first is not None else "",
+        input_norm=entry(f"{path}.{INPUT_NORM}"),
+        attention=attention,
+        attention_residual=first.name if first is not None else "",
+        post_attention_norm=entry(f"{path}.{POST_NORM}") if has_mlp else None,
+        mlp=mlp,
+        mlp_residual=second.name if has_mlp else None,
+    )
+
+
+def _cache_entry(index: int, past: list[str]) -> CacheEntry | None:
+    """Outputs are (logits, *presents) with presents in the order of the past placeholders."""
+    key, value = f"past_key_{index}", f"past_value_{index}"
+    if key not in past or value not in past:
+        return None
+    return CacheEntry(key, value, 1 + past.index(key), 1 + past.index(value))
+
+
+def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntry:
+    experts = next(u for getter in route.users for u in getter.users if u.target is EXPERTS)
+    logits, correction, kind, top_k, n_group, topk_group = route.args[:6]
+    ex_args = experts.args
+    gate_up, down, gate_up_bias, down_bias = (a.target if isinstance(a, fx.Node) else None for a in ex_args[3:7])
+    router_linear = logits if isinstance(logits, fx.Node) else None
+    router_weight = router_bias = None
+    if router_linear is not None and router_linear.target is torch.ops.aten.linear.default:
+        w, *rest = router_linear.args[1:]
+        router_weight = _tensor_name(w)
+        router_bias = _tensor_name(rest[0]) if rest else None
+    shared = f"{path}.shared_experts"
+    gate = f"{path}.shared_expert_gate"
+    moe = entry(path, MoEEntry)
+    moe.route_node, moe.experts_node = route.name, experts.name
+    moe.router_linear_node = router_linear.name if router_linear is not None else None
+    moe.num_experts = graph_module.get_parameter(gate_up).shape[0]
+    moe.top_k, moe.routing, moe.n_group, moe.topk_group = top_k, kind, n_group, topk_group
+    moe.activation = ex_args[7]
+    moe.router_weight, moe.router_bias = router_weight or "", router_bias
+    moe.correction_bias = _tensor_name(correction)
+    moe.gate_up, moe.down, moe.gate_up_bias, moe.down_bias = gate_up, down, gate_up_bias, down_bias
+    moe.shared_experts = entry(shared) if entry(shared).nodes else None
+    moe.shared_expert_gate = entry(gate) if entry(gate).nodes else None
+    return moe
+
+
+def _tensor_name(node) -> str | None:
+    """FQN behind a get_attr node, looking through dtype casts (fp32 routers cast their weight)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.args:
+        node = node.args[0]
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None

@@ -1,0 +1,118 @@
+"""IR invariants, checked after capture and after every transform.
+
+Each check appends a readable problem naming the block, node or tensor; all problems are reported
+together so a broken transform shows everything it broke at once.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from moepass.errors import IRVerificationError
+
+from .ops import ACTIVATIONS, ROUTING_KINDS
+from .structure import MoEEntry
+
+
+def verify(program) -> None:
+    problems: list[str] = []
+    graph_module: fx.GraphModule = program.graph_module
+    try:
+        graph_module.graph.lint()
+    except Exception as error:  # lint raises bare RuntimeError/AssertionError with the reason
+        problems.append(f"graph lint: {error}")
+    _check_signature(graph_module, problems)
+    structure = program.structure
+    live = {n.name for n in graph_module.graph.nodes}
+    tensors = dict(graph_module.named_parameters(remove_duplicate=False))
+    tensors.update(graph_module.named_buffers(remove_duplicate=False))
+    for entry in structure.entries():
+        missing = [n for n in entry.nodes if n not in live]
+        if missing:
+            problems.append(f"{entry.module}: nodes not in the graph: {missing[:5]}")
+        if not entry.nodes and not entry.params:
+            problems.append(f"{entry.module}: no nodes and no parameters")
+    for block in structure.blocks:
+        where = f"block {block.index}"
+        for name in (block.input, block.output, block.attention_residual, block.mlp_residual):
+            if name is not None and name not in live:
+                problems.append(f"{where}: residual-stream node {name!r} is not in the graph")
+        if block.attention.cache is None:
+            problems.append(f"{where}: no past_key_{block.index}/past_value_{block.index} cache inputs")
+        if isinstance(block.mlp, MoEEntry):
+            _check_moe(where, block.mlp, tensors, problems)
+    past = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
+    owners = {b.attention.cache.past_key for b in structure.blocks if b.attention.cache} | {
+        b.attention.cache.past_value for b in structure.blocks if b.attention.cache}
+    orphans = [n.name for n in past if n.name not in owners]
+    if orphans:
+        problems.append(f"cache inputs without a block: {orphans}")
+    if problems:
+        raise IRVerificationError(problems)
+
+
+def _check_signature(graph_module: fx.GraphModule, problems: list[str]) -> None:
+    placeholders = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
+    if placeholders[:3] != ["input_ids", "attention_mask", "position_ids"]:
+        problems.append(f"inputs must start with input_ids, attention_mask, position_ids; got {placeholders[:3]}")
+    past = placeholders[3:]
+    if len(past) % 2 or any(not (k.startswith("past_key_") and v.startswith("past_value_")
+                                 and k[9:] == v[11:]) for k, v in zip(past[0::2], past[1::2])):
+        problems.append(f"cache inputs must come in past_key_i, past_value_i pairs; got {past}")
+    output = next(n for n in graph_module.graph.nodes if n.op == "output")
+    results = output.args[0]
+    if not isinstance(results, (tuple, list)) or len(results) != 1 + len(past):
+        problems.append(f"outputs must be (logits, one present per cache input): "
+                        f"{len(past)} cache inputs, {len(results) - 1} presents")
+
+
+def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) -> None:
+    def shape(name: str | None):
+        return None if name is None or name not in tensors else tuple(tensors[name].shape)
+
+    for field in ("router_weight", "gate_up", "down"):
+        name = getattr(moe, field)
+        if shape(name) is None:
+            problems.append(f"{where}: MoE {field} tensor {name!r} not found")
+            return
+    num_experts = moe.num_experts
+    router, gate_up, down = shape(moe.router_weight), shape(moe.gate_up), shape(moe.down)
+    if len(gate_up) != 3 or len(down) != 3:
+        problems.append(f"{where}: expert tensors must be 3-D, got gate_up {gate_up}, down {down}")
+        return
+    hidden, inter = down[1], down[2]
+    expected = {
+        "router_weight": (num_experts, hidden),
+        "gate_up": (num_experts, 2 * inter, hidden),
+        "down": (num_experts, hidden, inter),
+        "gate_up_bias": (num_experts, 2 * inter),
+        "down_bias": (num_experts, hidden),
+        "router_bias": (num_experts,),
+        "correction_bias": (num_experts,),
+    }
+    for field, want in expected.items():
+        name = getattr(moe, field)
+        if name is not None and shape(name) != want:
+            problems.append(f"{where}: {field} {name} has shape {shape(name)}, expected {want} "
+                            f"(E={num_experts}, H={hidden}, I={inter})")
+    if router[0] != num_experts:
+        problems.append(f"{where}: router has {router[0]} rows but there are {num_experts} experts")
+    if not 1 <= moe.top_k <= num_experts:
+        problems.append(f"{where}: top_k={moe.top_k} must be between 1 and the number of experts ({num_experts})")
+    if moe.routing not in ROUTING_KINDS:
+        problems.append(f"{where}: unknown routing kind {moe.routing!r}")
+    if moe.routing == "sparsemixer" and moe.top_k != 2:
+        problems.append(f"{where}: sparsemixer routing always picks 2 experts, top_k={moe.top_k}")
+    if moe.n_group > 1:
+        if num_experts % moe.n_group:
+            problems.append(f"{where}: {num_experts} experts do not split into n_group={moe.n_group} groups")
+        elif not 1 <= moe.topk_group <= moe.n_group:
+            problems.append(f"{where}: topk_group={moe.topk_group} must be in 1..n_group={moe.n_group}")
+        elif moe.routing == "sigmoid_topk" and num_experts // moe.n_group < 2:
+            problems.append(f"{where}: sigmoid_topk scores groups by their top-2 experts; "
+                            f"{num_experts} experts in {moe.n_group} groups leaves fewer than 2 per group")
+        elif moe.top_k > moe.topk_group * (num_experts // moe.n_group):
+            problems.append(f"{where}: top_k={moe.top_k} exceeds the experts in {moe.topk_group} groups")
+    if moe.activation not in ACTIVATIONS:
+        problems.append(f"{where}: unknown expert activation {moe.activation!r}")
+

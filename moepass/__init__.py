@@ -1,0 +1,30 @@
+"""moepass: a compiler for compressing Mixture-of-Experts language models."""
+
+import os as _os
+
+# From a source checkout (repo root on sys.path, package not installed), ir/ and kernels/ sit beside
+# this folder rather than inside it; let them resolve as moepass.ir and moepass.kernels.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "ir")) and _os.path.isfile(
+    _os.path.join(_checkout, "ir", "__init__.py")
+):
+    __path__.append(_checkout)
+
+from moepass.errors import (  # noqa: E402
+    IRVerificationError,
+    MoepassError,
+    NotAnMoEModelError,
+    UnsupportedModelError,
+)
+from moepass.ir import MoEProgram, capture  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IRVerificationError",
+    "MoEProgram",
+    "MoepassError",
+    "NotAnMoEModelError",
+    "UnsupportedModelError",
+    "capture",
+]
