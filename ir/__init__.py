@@ -1,4 +1,5 @@
-"""moepass.ir — the graph IR: capture of HF MoE models, canonical MoE ops, structure map, verifier, printer."""
+"""moepass.ir — the graph IR: capture of HF MoE models, canonical MoE ops, structure map, verifier,
+printer."""
 
 from . import ops  # registers torch.ops.moepass.*
 from .capture import ProgramInfo, capture

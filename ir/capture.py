@@ -97,9 +97,13 @@ def _sample_input_ids(example_inputs: Tensor | dict | None, model: nn.Module) ->
         return ids.to(device)
     ids = example_inputs["input_ids"] if isinstance(example_inputs, dict) else example_inputs
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError("example_inputs must be input_ids of shape [batch, seq] (int64), or a dict holding them")
+        raise ValueError(
+            "example_inputs must be input_ids of shape [batch, seq] (int64), or a dict holding them"
+        )
     ids = ids.long().to(device)
-    ids = ids.repeat((_SAMPLE_BATCH + ids.shape[0] - 1) // ids.shape[0], 1)[: max(_SAMPLE_BATCH, ids.shape[0])]
+    ids = ids.repeat((_SAMPLE_BATCH + ids.shape[0] - 1) // ids.shape[0], 1)[
+        : max(_SAMPLE_BATCH, ids.shape[0])
+    ]
     if ids.shape[1] < 2:
         ids = ids.repeat(1, 2)
     return ids
@@ -157,8 +161,10 @@ def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
     model.forward = types.MethodType(step, model)
     batch, seq = ids.shape
     device = ids.device
-    past = [torch.randn(batch, heads, _SAMPLE_PAST, width, dtype=dtype, device=device)
-            for heads, width, dtype in cache_tails]
+    past = [
+        torch.randn(batch, heads, _SAMPLE_PAST, width, dtype=dtype, device=device)
+        for heads, width, dtype in cache_tails
+    ]
     mask = torch.ones(batch, _SAMPLE_PAST + seq, dtype=torch.long, device=device)
     positions = torch.arange(_SAMPLE_PAST, _SAMPLE_PAST + seq, device=device).expand(batch, -1)
     b, s, p = Dim("batch"), Dim("seq"), Dim("past", min=0)

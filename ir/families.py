@@ -59,14 +59,16 @@ def family_of(model: nn.Module) -> Family:
     if not any(type(m).__name__ in family.moe_block_classes for m in model.model.layers.modules()):
         raise NotAnMoEModelError(
             f"{type(model).__name__} has no MoE layers (every layer is a dense MLP with this config); "
-            f"there is nothing for moepass to compress. Supported families: {', '.join(supported_families())}."
+            f"there is nothing for moepass to compress. "
+            f"Supported families: {', '.join(supported_families())}."
         )
     return family
 
 
 def _looks_dense(model: nn.Module) -> bool:
-    return not any("moe" in type(m).__name__.lower() or "expert" in type(m).__name__.lower()
-                   for m in model.modules())
+    return not any(
+        "moe" in type(m).__name__.lower() or "expert" in type(m).__name__.lower() for m in model.modules()
+    )
 
 
 def convert_moe_blocks(model: nn.Module, family: Family) -> int:
@@ -106,8 +108,9 @@ def _experts(block: nn.Module, config) -> Experts:
 
 
 def _softmax_router(gate: nn.Module, renormalize: bool) -> tuple[Router, RoutingSpec]:
-    return Router(gate.weight, None, None, fp32=False), RoutingSpec("softmax_topk", gate.top_k,
-                                                                      renormalize=renormalize)
+    return Router(gate.weight, None, None, fp32=False), RoutingSpec(
+        "softmax_topk", gate.top_k, renormalize=renormalize
+    )
 
 
 def _convert_mixtral(block, config) -> SparseMoE:
@@ -187,14 +190,33 @@ def _mla_notes(config, layer: int) -> list[str]:
 
 _register(Family("mixtral", "mixtral", "Mixtral", ("MixtralSparseMoeBlock",), _convert_mixtral))
 _register(Family("qwen2_moe", "qwen2_moe", "Qwen2-MoE", ("Qwen2MoeSparseMoeBlock",), _convert_qwen2_moe))
-_register(Family("qwen3_moe", "qwen3_moe", "Qwen3-MoE", ("Qwen3MoeSparseMoeBlock",), _convert_qwen_olmoe,
-                 lambda config, layer: ["qk-norm"]))
-_register(Family("olmoe", "olmoe", "OLMoE", ("OlmoeSparseMoeBlock",), _convert_qwen_olmoe,
-                 lambda config, layer: ["qk-norm"]))
-_register(Family("deepseek_v2", "deepseek_v2", "DeepSeek-V2", ("DeepseekV2Moe",), _convert_deepseek_v2,
-                 _mla_notes))
-_register(Family("deepseek_v3", "deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deepseek_v3,
-                 _mla_notes))
+_register(
+    Family(
+        "qwen3_moe",
+        "qwen3_moe",
+        "Qwen3-MoE",
+        ("Qwen3MoeSparseMoeBlock",),
+        _convert_qwen_olmoe,
+        lambda config, layer: ["qk-norm"],
+    )
+)
+_register(
+    Family(
+        "olmoe",
+        "olmoe",
+        "OLMoE",
+        ("OlmoeSparseMoeBlock",),
+        _convert_qwen_olmoe,
+        lambda config, layer: ["qk-norm"],
+    )
+)
+_register(
+    Family("deepseek_v2", "deepseek_v2", "DeepSeek-V2", ("DeepseekV2Moe",), _convert_deepseek_v2, _mla_notes)
+)
+_register(
+    Family("deepseek_v3", "deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deepseek_v3, _mla_notes)
+)
 _register(Family("phimoe", "phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe))
-_register(Family("gpt_oss", "gpt_oss", "GPT-OSS", ("GptOssMLP",), _convert_gpt_oss,
-                 lambda config, layer: ["sinks"]))
+_register(
+    Family("gpt_oss", "gpt_oss", "GPT-OSS", ("GptOssMLP",), _convert_gpt_oss, lambda config, layer: ["sinks"])
+)

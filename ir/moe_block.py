@@ -69,7 +69,9 @@ class Experts(nn.Module):
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unsupported expert activation {activation!r}; supported: {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"unsupported expert activation {activation!r}; supported: {sorted(ACTIVATIONS)}"
+            )
         self.gate_up_proj = _as_parameter(gate_up_proj)
         self.down_proj = _as_parameter(down_proj)
         self.gate_up_proj_bias = None if gate_up_proj_bias is None else _as_parameter(gate_up_proj_bias)

@@ -39,10 +39,8 @@ def _group_mask(choice: Tensor, n_group: int, topk_group: int, group_score: str)
     """Boolean [T, E] mask of the experts inside each token's `topk_group` best groups."""
     tokens, num_experts = choice.shape
     grouped = choice.view(tokens, n_group, num_experts // n_group)
-    if group_score == "max":
-        scores = grouped.max(dim=-1).values
-    else:  # "top2_sum" (DeepSeek-V3)
-        scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    # DeepSeek-V2 scores a group by its best expert, DeepSeek-V3 by the sum of its best two.
+    scores = grouped.max(dim=-1).values if group_score == "max" else grouped.topk(2, dim=-1)[0].sum(dim=-1)
     best = torch.topk(scores, k=topk_group, dim=-1, sorted=False)[1]
     mask = torch.zeros_like(scores).scatter_(1, best, 1.0)
     return mask.unsqueeze(-1).expand(-1, -1, num_experts // n_group).reshape(tokens, num_experts).bool()

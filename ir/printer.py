@@ -23,8 +23,15 @@ def format_summary(program) -> str:
     rows = []
     for block in structure.blocks:
         count, nbytes = size(block.module + ".")
-        rows.append([block.index, block.attention.description, _mlp_description(block),
-                     human_count(count), human_bytes(nbytes)])
+        rows.append(
+            [
+                block.index,
+                block.attention.description,
+                _mlp_description(block),
+                human_count(count),
+                human_bytes(nbytes),
+            ]
+        )
     dropped = sorted(set(range(info.num_layers)) - {b.index for b in structure.blocks})
     for index in dropped:
         rows.append([index, "(block dropped)", "", "0", "0 B"])
@@ -32,11 +39,14 @@ def format_summary(program) -> str:
     total_count, total_bytes = size("")
     expert_count = sum(size(f"{b.mlp.module}.experts.")[0] for b in structure.moe_blocks)
     active = total_count - sum(
-        size(f"{b.mlp.module}.experts.")[0] * (1 - b.mlp.top_k / b.mlp.num_experts) for b in structure.moe_blocks
+        size(f"{b.mlp.module}.experts.")[0] * (1 - b.mlp.top_k / b.mlp.num_experts)
+        for b in structure.moe_blocks
     )
     embed, head = size(structure.embeddings.module + "."), size(structure.lm_head.module + ".")
-    header = (f"{info.model_class} ({info.family}), {info.dtype}, hidden {info.hidden_size}, "
-              f"vocab {info.vocab_size}; graph: {len(program.graph_module.graph.nodes)} nodes")
+    header = (
+        f"{info.model_class} ({info.family}), {info.dtype}, hidden {info.hidden_size}, "
+        f"vocab {info.vocab_size}; graph: {len(program.graph_module.graph.nodes)} nodes"
+    )
     table = format_table(["block", "attention", "mlp", "params", "bytes"], rows, title=header)
     totals = format_table(
         ["total", "params", "bytes"],

@@ -52,8 +52,10 @@ class MoEProgram(nn.Module):
 
     def __repr__(self) -> str:
         s = self.structure
-        return (f"MoEProgram({self.info.model_class}, blocks={len(s.blocks)}, "
-                f"moe_blocks={len(s.moe_blocks)}, nodes={len(self.graph_module.graph.nodes)})")
+        return (
+            f"MoEProgram({self.info.model_class}, blocks={len(s.blocks)}, "
+            f"moe_blocks={len(s.moe_blocks)}, nodes={len(self.graph_module.graph.nodes)})"
+        )
 
     # -- running ------------------------------------------------------------------------------
     @property
@@ -67,16 +69,18 @@ class MoEProgram(nn.Module):
         for node in self.graph_module.graph.nodes:
             if node.op == "placeholder" and node.name.startswith("past_"):
                 val = node.meta["val"]
-                tensors.append(torch.empty(batch_size, val.shape[1], 0, val.shape[3], dtype=val.dtype,
-                                           device=device))
+                tensors.append(
+                    torch.empty(batch_size, val.shape[1], 0, val.shape[3], dtype=val.dtype, device=device)
+                )
         return tensors
 
     @property
     def device(self) -> torch.device:
         return next(self.graph_module.parameters()).device
 
-    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-             past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def step(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
         """One decoder step. attention_mask covers past and new tokens: [batch, past_len + seq]."""
         outputs = self.graph_module(input_ids, attention_mask, position_ids, *past)
         return outputs[0], list(outputs[1:])
@@ -139,8 +143,9 @@ class MoEProgram(nn.Module):
         return tokens
 
 
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
-          generator: torch.Generator | None) -> Tensor:
+def _pick(
+    logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
     if not do_sample:
         return logits.argmax(dim=-1)
     logits = logits / max(temperature, 1e-5)

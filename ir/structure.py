@@ -158,17 +158,22 @@ def build_structure(graph_module: fx.GraphModule, attention_notes: dict[int, str
         _block(graph_module, i, entry, nodes, by_module, past, attention_notes.get(i, ""))
         for i in block_indices
     ]
-    prelude = [n for p, names in by_module.items() if not p.startswith(LAYERS)
-               and p not in (EMBEDDINGS, FINAL_NORM, LM_HEAD) for n in names]
+    prelude = [
+        n
+        for p, names in by_module.items()
+        if not p.startswith(LAYERS) and p not in (EMBEDDINGS, FINAL_NORM, LM_HEAD)
+        for n in names
+    ]
     return StructureMap(entry(EMBEDDINGS), blocks, entry(FINAL_NORM), entry(LM_HEAD), prelude)
 
 
 def _block(graph_module, index, entry, nodes, by_module, past, note) -> BlockEntry:
     path = f"{LAYERS}.{index}"
     adds = [nodes[n] for n in by_module.get(path, []) if nodes[n].target is _RESIDUAL_ADD]
-    attention = entry(f"{path}.{ATTENTION}", AttentionEntry, description=note,
-                      cache=_cache_entry(index, past))
-    first, second = (adds + [None, None])[:2]
+    attention = entry(
+        f"{path}.{ATTENTION}", AttentionEntry, description=note, cache=_cache_entry(index, past)
+    )
+    first, second = [*adds, None, None][:2]
     has_mlp = second is not None
     mlp = None
     if has_mlp:
@@ -201,7 +206,9 @@ def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntr
     experts = next(u for getter in route.users for u in getter.users if u.target is EXPERTS)
     logits, correction, kind, top_k, n_group, topk_group = route.args[:6]
     ex_args = experts.args
-    gate_up, down, gate_up_bias, down_bias = (a.target if isinstance(a, fx.Node) else None for a in ex_args[3:7])
+    gate_up, down, gate_up_bias, down_bias = (
+        a.target if isinstance(a, fx.Node) else None for a in ex_args[3:7]
+    )
     router_linear = logits if isinstance(logits, fx.Node) else None
     router_weight = router_bias = None
     if router_linear is not None and router_linear.target is torch.ops.aten.linear.default:

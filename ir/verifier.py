@@ -43,7 +43,8 @@ def verify(program) -> None:
             _check_moe(where, block.mlp, tensors, problems)
     past = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
     owners = {b.attention.cache.past_key for b in structure.blocks if b.attention.cache} | {
-        b.attention.cache.past_value for b in structure.blocks if b.attention.cache}
+        b.attention.cache.past_value for b in structure.blocks if b.attention.cache
+    }
     orphans = [n.name for n in past if n.name not in owners]
     if orphans:
         problems.append(f"cache inputs without a block: {orphans}")
@@ -54,16 +55,22 @@ def verify(program) -> None:
 def _check_signature(graph_module: fx.GraphModule, problems: list[str]) -> None:
     placeholders = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
     if placeholders[:3] != ["input_ids", "attention_mask", "position_ids"]:
-        problems.append(f"inputs must start with input_ids, attention_mask, position_ids; got {placeholders[:3]}")
+        problems.append(
+            f"inputs must start with input_ids, attention_mask, position_ids; got {placeholders[:3]}"
+        )
     past = placeholders[3:]
-    if len(past) % 2 or any(not (k.startswith("past_key_") and v.startswith("past_value_")
-                                 and k[9:] == v[11:]) for k, v in zip(past[0::2], past[1::2])):
+    if len(past) % 2 or any(
+        not (k.startswith("past_key_") and v.startswith("past_value_") and k[9:] == v[11:])
+        for k, v in zip(past[0::2], past[1::2], strict=False)
+    ):
         problems.append(f"cache inputs must come in past_key_i, past_value_i pairs; got {past}")
     output = next(n for n in graph_module.graph.nodes if n.op == "output")
     results = output.args[0]
     if not isinstance(results, (tuple, list)) or len(results) != 1 + len(past):
-        problems.append(f"outputs must be (logits, one present per cache input): "
-                        f"{len(past)} cache inputs, {len(results) - 1} presents")
+        problems.append(
+            f"outputs must be (logits, one present per cache input): "
+            f"{len(past)} cache inputs, {len(results) - 1} presents"
+        )
 
 
 def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) -> None:
@@ -93,12 +100,16 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
     for field, want in expected.items():
         name = getattr(moe, field)
         if name is not None and shape(name) != want:
-            problems.append(f"{where}: {field} {name} has shape {shape(name)}, expected {want} "
-                            f"(E={num_experts}, H={hidden}, I={inter})")
+            problems.append(
+                f"{where}: {field} {name} has shape {shape(name)}, expected {want} "
+                f"(E={num_experts}, H={hidden}, I={inter})"
+            )
     if router[0] != num_experts:
         problems.append(f"{where}: router has {router[0]} rows but there are {num_experts} experts")
     if not 1 <= moe.top_k <= num_experts:
-        problems.append(f"{where}: top_k={moe.top_k} must be between 1 and the number of experts ({num_experts})")
+        problems.append(
+            f"{where}: top_k={moe.top_k} must be between 1 and the number of experts ({num_experts})"
+        )
     if moe.routing not in ROUTING_KINDS:
         problems.append(f"{where}: unknown routing kind {moe.routing!r}")
     if moe.routing == "sparsemixer" and moe.top_k != 2:
@@ -109,10 +120,11 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
         elif not 1 <= moe.topk_group <= moe.n_group:
             problems.append(f"{where}: topk_group={moe.topk_group} must be in 1..n_group={moe.n_group}")
         elif moe.routing == "sigmoid_topk" and num_experts // moe.n_group < 2:
-            problems.append(f"{where}: sigmoid_topk scores groups by their top-2 experts; "
-                            f"{num_experts} experts in {moe.n_group} groups leaves fewer than 2 per group")
+            problems.append(
+                f"{where}: sigmoid_topk scores groups by their top-2 experts; "
+                f"{num_experts} experts in {moe.n_group} groups leaves fewer than 2 per group"
+            )
         elif moe.top_k > moe.topk_group * (num_experts // moe.n_group):
             problems.append(f"{where}: top_k={moe.top_k} exceeds the experts in {moe.topk_group} groups")
     if moe.activation not in ACTIVATIONS:
         problems.append(f"{where}: unknown expert activation {moe.activation!r}")
-

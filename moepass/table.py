@@ -15,7 +15,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title
     numeric = [bool(rows) and all(_NUMERIC.match(row[i]) for row in cells[1:]) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()
+        return "  ".join(
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True)
+        ).rstrip()
 
     out = [] if title is None else [title]
     out += [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
