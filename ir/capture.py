@@ -28,19 +28,12 @@ from transformers.cache_utils import DynamicLayer
 
 from moepass.errors import UnsupportedModelError
 
+from .canonicalize import canonicalize
 from .families import Family, attention_description, convert_moe_blocks, family_of
 
 # Sample sizes for export: every dynamic dimension must be >= 2 in the sample, otherwise export
 # specialises it (a batch-1 sample silently fixes the batch size).
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 3, 2
-
-# Nodes that only re-check facts export already proved; they would reject sizes 0 and 1 that the
-# graph handles (a 1-token decode step, an empty cache at prefill).
-_ASSERT_TARGETS = {
-    torch.ops.aten._assert_tensor_metadata.default,
-    torch.ops.aten._assert_scalar.default,
-    torch.ops.aten.sym_constrain_range_for_size.default,
-}
 
 
 @dataclass
@@ -200,13 +193,11 @@ def _flat_graph_module(exported, num_layers: int) -> fx.GraphModule:
     for node in old.nodes:
         if node.op == "placeholder" or (node.op == "call_module" and node.target == "_guards_fn"):
             continue
-        if node.op == "call_function" and node.target in _ASSERT_TARGETS:
-            continue
         if node.op == "output":
             graph.output(tuple(env[n] for n in node.args[0]))
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.eliminate_dead_code()
+    canonicalize(graph)
     graph_module = fx.GraphModule(unlifted, graph)
     graph_module.graph.lint()
     return graph_module

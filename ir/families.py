@@ -20,12 +20,11 @@ from .moe_block import Experts, Router, RoutingSpec, SparseMoE
 
 @dataclass(frozen=True)
 class Family:
-    name: str
-    model_type: str
+    model_type: str  # transformers `config.model_type`
     display: str
-    moe_block_classes: tuple[str, ...]
+    moe_block_classes: tuple[str, ...]  # class names of the family's sparse-MoE blocks
     convert: Callable[[nn.Module, object], SparseMoE]
-    attention_notes: Callable[[object, int], list[str]] = lambda config, layer: []
+    attention_notes: tuple[str, ...] = ()  # shown by the printer, e.g. "sinks"
 
 
 FAMILIES: dict[str, Family] = {}
@@ -42,7 +41,13 @@ def supported_families() -> list[str]:
 
 def family_of(model: nn.Module) -> Family:
     """The family of a transformers causal-LM MoE model, or a clear error naming what is wrong."""
-    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a supported model: moepass.capture takes a transformers "
+            f"causal-LM model object (e.g. from AutoModelForCausalLM) of these families: "
+            f"{', '.join(supported_families())}."
+        )
+    config = model.config
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
     if family is None:
@@ -86,8 +91,12 @@ def attention_description(config, layer: int, family: Family) -> str:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kind = "MHA" if kv_heads == heads else ("MQA" if kv_heads == 1 else "GQA")
-    parts = [f"{kind} {heads}q/{kv_heads}kv x{head_dim}"]
+    if getattr(config, "kv_lora_rank", None):  # DeepSeek multi-head latent attention
+        q = f"q_lora {config.q_lora_rank}" if getattr(config, "q_lora_rank", None) else "full q"
+        parts = [f"MLA {heads}h, kv_lora {config.kv_lora_rank}, {q}, rope {config.qk_rope_head_dim}"]
+    else:
+        kind = "MHA" if kv_heads == heads else ("MQA" if kv_heads == 1 else "GQA")
+        parts = [f"{kind} {heads}q/{kv_heads}kv x{head_dim}"]
     layer_types = getattr(config, "layer_types", None)
     sliding = getattr(config, "sliding_window", None)
     use_sliding = getattr(config, "use_sliding_window", True)
@@ -96,7 +105,7 @@ def attention_description(config, layer: int, family: Family) -> str:
             parts.append(f"sliding {sliding}")
     elif sliding and use_sliding:
         parts.append(f"sliding {sliding}")
-    return ", ".join(parts + family.attention_notes(config, layer))
+    return ", ".join([*parts, *family.attention_notes])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,40 +192,11 @@ def _convert_gpt_oss(block, config) -> SparseMoE:
     return SparseMoE(router, experts, spec, returns_router_scores=True)
 
 
-def _mla_notes(config, layer: int) -> list[str]:
-    q = f"q_lora {config.q_lora_rank}" if getattr(config, "q_lora_rank", None) else "full q"
-    return [f"MLA kv_lora {config.kv_lora_rank}, {q}, rope {config.qk_rope_head_dim}"]
-
-
-_register(Family("mixtral", "mixtral", "Mixtral", ("MixtralSparseMoeBlock",), _convert_mixtral))
-_register(Family("qwen2_moe", "qwen2_moe", "Qwen2-MoE", ("Qwen2MoeSparseMoeBlock",), _convert_qwen2_moe))
-_register(
-    Family(
-        "qwen3_moe",
-        "qwen3_moe",
-        "Qwen3-MoE",
-        ("Qwen3MoeSparseMoeBlock",),
-        _convert_qwen_olmoe,
-        lambda config, layer: ["qk-norm"],
-    )
-)
-_register(
-    Family(
-        "olmoe",
-        "olmoe",
-        "OLMoE",
-        ("OlmoeSparseMoeBlock",),
-        _convert_qwen_olmoe,
-        lambda config, layer: ["qk-norm"],
-    )
-)
-_register(
-    Family("deepseek_v2", "deepseek_v2", "DeepSeek-V2", ("DeepseekV2Moe",), _convert_deepseek_v2, _mla_notes)
-)
-_register(
-    Family("deepseek_v3", "deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deepseek_v3, _mla_notes)
-)
-_register(Family("phimoe", "phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe))
-_register(
-    Family("gpt_oss", "gpt_oss", "GPT-OSS", ("GptOssMLP",), _convert_gpt_oss, lambda config, layer: ["sinks"])
-)
+_register(Family("mixtral", "Mixtral", ("MixtralSparseMoeBlock",), _convert_mixtral))
+_register(Family("qwen2_moe", "Qwen2-MoE", ("Qwen2MoeSparseMoeBlock",), _convert_qwen2_moe))
+_register(Family("qwen3_moe", "Qwen3-MoE", ("Qwen3MoeSparseMoeBlock",), _convert_qwen_olmoe, ("qk-norm",)))
+_register(Family("olmoe", "OLMoE", ("OlmoeSparseMoeBlock",), _convert_qwen_olmoe, ("qk-norm",)))
+_register(Family("deepseek_v2", "DeepSeek-V2", ("DeepseekV2Moe",), _convert_deepseek_v2))
+_register(Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deepseek_v3))
+_register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe))
+_register(Family("gpt_oss", "GPT-OSS", ("GptOssMLP",), _convert_gpt_oss, ("sinks",)))

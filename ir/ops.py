@@ -23,6 +23,7 @@ from torch import Tensor
 # ----------------------------------------------------------------------------------------------
 # Routing
 # ----------------------------------------------------------------------------------------------
+# (logits, bias, top_k, n_group, topk_group, renormalize, jitter_eps) -> (weights, ids), before scaling
 RoutingFn = Callable[..., tuple[Tensor, Tensor]]
 ROUTING_KINDS: dict[str, RoutingFn] = {}
 
@@ -47,7 +48,7 @@ def _group_mask(choice: Tensor, n_group: int, topk_group: int, group_score: str)
 
 
 @_routing_kind("softmax_topk")
-def _softmax_topk(logits, bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+def _softmax_topk(logits, bias, top_k, n_group, topk_group, renormalize, jitter_eps):
     """Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2: softmax over all experts, (group-limited) top-k."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     choice = probs
@@ -56,11 +57,11 @@ def _softmax_topk(logits, bias, top_k, n_group, topk_group, renormalize, scale, 
     weights, ids = torch.topk(choice, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights * scale, ids
+    return weights, ids
 
 
 @_routing_kind("sigmoid_topk")
-def _sigmoid_topk(logits, bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+def _sigmoid_topk(logits, bias, top_k, n_group, topk_group, renormalize, jitter_eps):
     """DeepSeek-V3: sigmoid scores, bias used for selection only, group-limited by top-2 sums."""
     scores = torch.sigmoid(logits.float())
     choice = scores if bias is None else scores + bias.float()
@@ -70,14 +71,14 @@ def _sigmoid_topk(logits, bias, top_k, n_group, topk_group, renormalize, scale, 
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scale, ids
+    return weights, ids
 
 
 @_routing_kind("topk_softmax")
-def _topk_softmax(logits, bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+def _topk_softmax(logits, bias, top_k, n_group, topk_group, renormalize, jitter_eps):
     """GPT-OSS: top-k on the raw logits, softmax over the k selected."""
     values, ids = torch.topk(logits, top_k, dim=-1)
-    return torch.softmax(values, dim=-1).float() * scale, ids
+    return torch.softmax(values, dim=-1), ids
 
 
 def _sparsemixer_pick(scores: Tensor, masked: Tensor, jitter_eps: float) -> tuple[Tensor, Tensor]:
@@ -89,12 +90,12 @@ def _sparsemixer_pick(scores: Tensor, masked: Tensor, jitter_eps: float) -> tupl
 
 
 @_routing_kind("sparsemixer")
-def _sparsemixer(logits, bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
+def _sparsemixer(logits, bias, top_k, n_group, topk_group, renormalize, jitter_eps):
     """PhiMoE inference routing: two sequential arg-max picks, each weighted by a masked softmax."""
     scores = logits.float()
     w1, e1 = _sparsemixer_pick(scores, scores, jitter_eps)
     w2, e2 = _sparsemixer_pick(scores, scores.scatter(-1, e1, float("-inf")), jitter_eps)
-    return torch.cat([w1, w2], dim=-1) * scale, torch.cat([e1, e2], dim=-1)
+    return torch.cat([w1, w2], dim=-1), torch.cat([e1, e2], dim=-1)
 
 
 @torch.library.custom_op("moepass::route", mutates_args=())
@@ -111,8 +112,10 @@ def route(
 ) -> tuple[Tensor, Tensor]:
     """Router logits [T, E] -> (top-k weights [T, k] fp32, top-k expert ids [T, k] int64)."""
     weights, ids = ROUTING_KINDS[kind](
-        logits, correction_bias, top_k, n_group, topk_group, renormalize, scale, jitter_eps
+        logits, correction_bias, top_k, n_group, topk_group, renormalize, jitter_eps
     )
+    if scale != 1.0:
+        weights = weights * scale
     return weights.float().contiguous(), ids.long().contiguous()
 
 
@@ -200,22 +203,53 @@ def experts(
     """
     tokens, top_k = topk_ids.shape
     act = ACTIVATIONS[activation]
-    flat_ids = topk_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
+    if tokens == 1:  # decode step: run the k experts on views, accumulate in slot order
+        out = None
+        for slot, expert in enumerate(topk_ids[0].tolist()):
+            h = F.linear(hidden, gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert])
+            y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
+            y = y.float() * topk_weights[:, slot : slot + 1]
+            out = y if out is None else out + y
+        return out.to(hidden.dtype)
     slot_out = hidden.new_empty((tokens * top_k, hidden.shape[-1]))
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        slots = order[start : start + count]
-        start += count
-        x = hidden[slots // top_k]
-        h = F.linear(x, gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert])
+    for expert, slots, rows in _expert_groups(topk_ids):
+        h = F.linear(hidden[rows], gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert])
         y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
         slot_out[slots] = y
     weighted = slot_out.float() * topk_weights.reshape(-1, 1).float()
-    return weighted.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+    return weighted.view(tokens, top_k, hidden.shape[-1]).sum(dim=1).to(hidden.dtype)
+
+
+_FEW_SLOTS = 16  # decode-sized routings are grouped in Python: cheaper than sort + bincount
+
+
+def _expert_groups(topk_ids: Tensor):
+    """Yield (expert, slot index, token index) for every expert that received tokens.
+
+    Slots are positions in the flattened [T * k] routing; indices are slices where a group holds a
+    single slot, so a one-token decode step indexes its hidden state and output without copies.
+    """
+    top_k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    if flat.numel() <= _FEW_SLOTS:
+        groups: dict[int, list[int]] = {}
+        for slot, expert in enumerate(flat.tolist()):
+            groups.setdefault(expert, []).append(slot)
+        for expert, slots in groups.items():
+            if len(slots) == 1:
+                slot = slots[0]
+                yield expert, slice(slot, slot + 1), slice(slot // top_k, slot // top_k + 1)
+            else:
+                index = torch.tensor(slots, device=flat.device)
+                yield expert, index, index // top_k
+        return
+    order = torch.argsort(flat, stable=True)
+    start = 0
+    for expert, count in enumerate(torch.bincount(flat).tolist()):
+        if count:
+            slots = order[start : start + count]
+            yield expert, slots, slots // top_k
+            start += count
 
 
 @experts.register_fake

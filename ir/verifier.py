@@ -82,11 +82,27 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
         if shape(name) is None:
             problems.append(f"{where}: MoE {field} tensor {name!r} not found")
             return
-    num_experts = moe.num_experts
-    router, gate_up, down = shape(moe.router_weight), shape(moe.gate_up), shape(moe.down)
+    gate_up, down = shape(moe.gate_up), shape(moe.down)
     if len(gate_up) != 3 or len(down) != 3:
         problems.append(f"{where}: expert tensors must be 3-D, got gate_up {gate_up}, down {down}")
         return
+    per_expert = (
+        "router_weight",
+        "router_bias",
+        "correction_bias",
+        "gate_up",
+        "down",
+        "gate_up_bias",
+        "down_bias",
+    )
+    counts = {f: shape(getattr(moe, f))[0] for f in per_expert if shape(getattr(moe, f))}
+    if len(set(counts.values())) > 1:
+        problems.append(
+            f"{where}: MoE tensors disagree on the number of experts: "
+            + ", ".join(f"{f}={n}" for f, n in counts.items())
+        )
+        return
+    num_experts = moe.num_experts
     hidden, inter = down[1], down[2]
     expected = {
         "router_weight": (num_experts, hidden),
@@ -104,8 +120,6 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
                 f"{where}: {field} {name} has shape {shape(name)}, expected {want} "
                 f"(E={num_experts}, H={hidden}, I={inter})"
             )
-    if router[0] != num_experts:
-        problems.append(f"{where}: router has {router[0]} rows but there are {num_experts} experts")
     if not 1 <= moe.top_k <= num_experts:
         problems.append(
             f"{where}: top_k={moe.top_k} must be between 1 and the number of experts ({num_experts})"

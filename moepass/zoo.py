@@ -1,0 +1,147 @@
+"""Built-in models, loadable by name with no download.
+
+`builtin:random-<family>` builds a tiny randomly initialised model of each supported family (for
+tests, demos and `moepass inspect`); weights are random, so only structure and speed mean anything.
+A local directory holding a transformers checkpoint loads offline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from moepass.errors import MoepassError
+
+BUILTIN_PREFIX = "builtin:"
+_COMMON: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+_MLA: dict[str, Any] = dict(
+    num_key_value_heads=4,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+)
+# family -> (config class, model class, config overrides for a tiny model)
+RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=8
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(intermediate_size=96, moe_intermediate_size=48, num_experts=8, norm_topk_prob=True, head_dim=16),
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=48, num_experts=8)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            _MLA,
+            intermediate_size=96,
+            q_lora_rank=None,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(_MLA, intermediate_size=96, q_lora_rank=24, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    ),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            intermediate_size=48,
+            num_local_experts=8,
+            head_dim=16,
+            sliding_window=8,
+            max_position_embeddings=131072,
+        ),
+    ),
+}
+# Keys that name the routed expert count, per family (for `num_experts=` overrides).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def random_config(family: str, **overrides: Any):
+    """A tiny config of `family` (2 routed experts per token by default); overrides win.
+
+    `num_experts=` and `top_k=` set the routed expert count and experts per token in any family.
+    """
+    if family not in RANDOM_FAMILIES:
+        raise MoepassError(f"no random config for family {family!r}; known: {sorted(RANDOM_FAMILIES)}")
+    config_class, _, family_overrides = RANDOM_FAMILIES[family]
+    kwargs = {**_COMMON, "num_experts_per_tok": 2, **family_overrides}
+    if "num_experts" in overrides:
+        count = overrides.pop("num_experts")
+        for key in _EXPERT_KEYS:
+            if key in kwargs:
+                kwargs[key] = count
+    if "top_k" in overrides:
+        kwargs["num_experts_per_tok"] = overrides.pop("top_k")
+    kwargs.update(overrides)
+    return getattr(transformers, config_class)(**kwargs)
+
+
+def random_model(
+    family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+) -> nn.Module:
+    """A tiny randomly initialised causal-LM MoE model of `family`, in eval mode."""
+    config = random_config(family, **overrides)
+    model_class = getattr(transformers, RANDOM_FAMILIES[family][1])
+    torch.manual_seed(seed)
+    return model_class(config).to(dtype).eval()
+
+
+def builtin_names() -> list[str]:
+    return [f"{BUILTIN_PREFIX}random-{family.replace('_', '-')}" for family in RANDOM_FAMILIES]
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """`builtin:<name>` or a local transformers checkpoint directory, loaded offline in eval mode."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        name = name_or_path[len(BUILTIN_PREFIX) :]
+        family = name.removeprefix("random-").replace("-", "_")
+        if not name.startswith("random-") or family not in RANDOM_FAMILIES:
+            raise MoepassError(
+                f"unknown built-in model {name_or_path!r}; built-ins: {', '.join(builtin_names())}"
+            )
+        return random_model(family, dtype=dtype or torch.float32)
+    if not os.path.isdir(name_or_path):
+        raise MoepassError(
+            f"{name_or_path!r} is neither a built-in model ({', '.join(builtin_names())}) nor a local "
+            f"directory; moepass loads models offline only"
+        )
+    if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise MoepassError(f"{name_or_path!r} has no config.json: not a transformers checkpoint directory")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        name_or_path, local_files_only=True, dtype=dtype or "auto"
+    )
+    return model.eval()

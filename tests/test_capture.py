@@ -1,0 +1,204 @@
+"""Capture equals transformers eager on every family: logits, greedy generation, structure, safety."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import moepass
+from helpers import FAMILIES, hf_router_choices, model_for, seed_for
+from moepass.ir import MoEEntry
+from moepass.ir.ops import EXPERTS, ROUTE
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def captured(request):
+    """(family, transformers model, program) captured from a constant prompt.
+
+    A prompt of one repeated token routes every layer-0 token to the same experts, so the inputs
+    used below exercise routings the capture sample never saw.
+    """
+    family = request.param
+    model = model_for(family, seed=seed_for(family))
+    sample = torch.full((2, 4), 5, dtype=torch.long)
+    return family, model, moepass.capture(model, example_inputs=sample), sample
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("seq", [1, 7, 33])
+def test_logits_match_transformers(captured, seed, batch, seq):
+    family, model, program, sample = captured
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = program(ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOL, family
+
+
+def test_routing_is_not_baked_in(captured, seed):
+    family, model, program, sample = captured
+    ids = torch.randint(0, model.config.vocab_size, (3, 33))
+    seen_at_capture = hf_router_choices(model, sample)
+    seen_now = hf_router_choices(model, ids)
+    assert any(now - before for now, before in zip(seen_now, seen_at_capture, strict=True)), (
+        "test input should reach experts the capture sample did not"
+    )
+    with torch.no_grad():
+        assert (program(ids) - model(ids).logits).abs().max().item() <= TOL
+
+
+def test_padded_batch_matches_transformers(captured, seed):
+    family, model, program, _ = captured
+    ids = torch.randint(3, model.config.vocab_size, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[2, :1] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    got = program(ids, attention_mask=mask)
+    keep = mask.bool()
+    assert (got[keep] - expected[keep]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_greedy_generation_matches_transformers(captured, seed, padded):
+    family, model, program, _ = captured
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :2] = model.config.pad_token_id
+        mask[1, :2] = 0
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    got = program.generate(ids, max_new_tokens=16, attention_mask=mask)
+    assert torch.equal(got, expected), family
+
+
+def test_generation_stops_at_eos_like_transformers(captured, seed):
+    family, model, program, _ = captured
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    first = program.generate(ids, max_new_tokens=6, eos_token_id=None)
+    eos = int(first[0, 7])  # a token the model emits mid-generation: make it the EOS
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    got = program.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
+def test_structure_map(captured):
+    family, model, program, _ = captured
+    structure = program.structure
+    config = model.config
+    assert [b.index for b in structure.blocks] == list(range(config.num_hidden_layers))
+    hf_moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert [b.index for b in structure.moe_blocks] == hf_moe
+    nodes = {n.name: n for n in program.graph_module.graph.nodes}
+    for block in structure.blocks:
+        hf_layer = model.model.layers[block.index]
+        assert nodes[block.attention_residual].target is torch.ops.aten.add.Tensor
+        assert nodes[block.mlp_residual].args[0] is nodes[block.attention_residual]
+        assert block.attention.cache is not None
+        assert block.attention.params and all(
+            p.startswith(block.attention.module) for p in block.attention.params
+        )
+        assert block.input_norm.params == [
+            f"model.layers.{block.index}.input_layernorm." + n
+            for n, _ in hf_layer.input_layernorm.named_parameters()
+        ]
+        if block.is_moe:
+            moe = block.mlp
+            assert isinstance(moe, MoEEntry)
+            hf_experts = hf_layer.mlp.experts
+            assert moe.num_experts == hf_experts.gate_up_proj.shape[0]
+            assert nodes[moe.route_node].target is ROUTE and nodes[moe.experts_node].target is EXPERTS
+            assert program.graph_module.get_parameter(moe.router_weight).shape[0] == moe.num_experts
+            has_shared = hasattr(hf_layer.mlp, "shared_experts") or hasattr(hf_layer.mlp, "shared_expert")
+            assert (moe.shared_experts is not None) == has_shared
+            assert (moe.shared_expert_gate is not None) == hasattr(hf_layer.mlp, "shared_expert_gate")
+    assert structure.embeddings.params == ["model.embed_tokens.weight"]
+    assert structure.lm_head.nodes and structure.final_norm.nodes
+
+
+def test_verifier_passes(captured):
+    captured[2].verify()
+
+
+def test_printer_lists_every_block(captured):
+    family, model, program, _ = captured
+    text = program.summary()
+    for block in program.structure.blocks:
+        assert f"\n{block.index:>5}  " in text
+    assert "all (tied counted once)" in text
+    assert f"E={program.structure.moe_blocks[0].mlp.num_experts}" in text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_node_count_does_not_depend_on_expert_count(family, seed):
+    small = moepass.capture(model_for(family, seed=seed, num_experts=4))
+    large = moepass.capture(model_for(family, seed=seed, num_experts=16))
+    assert {b.mlp.num_experts for b in large.structure.moe_blocks} == {16}
+    assert len(small.graph_module.graph.nodes) == len(large.graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_user_model_is_not_modified(family, seed):
+    model = model_for(family, seed=seed)
+    model.train()  # capture must not flip it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    config = copy.deepcopy(model.config.to_dict())
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    forward = model.forward
+    program = moepass.capture(model)
+    assert model.training
+    assert model.config.to_dict() == config
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules
+    assert model.forward == forward and "forward" not in vars(model)
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    for key, value in after.items():
+        assert value is tensors[key] and torch.equal(value, before[key]), key
+    program.verify()
+
+
+def test_decode_step_cost_grows_only_through_attention(seed):
+    """A decode step runs the matmuls of one token: only attention reads the growing cache."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model_for("mixtral", seed=seed)
+    model.set_attn_implementation("eager")  # attention as plain matmuls, visible to the flop counter
+    program = moepass.capture(model)
+    ids = torch.randint(0, 128, (1, 40))
+    mask = torch.ones_like(ids)
+    _, past = program.step(ids, mask, torch.arange(40)[None], program.empty_cache(1))
+
+    def flops_at(past_len: int) -> dict[str, int]:
+        cache = [t[:, :, :past_len] for t in past]
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            program.step(
+                ids[:, :1], torch.ones(1, past_len + 1, dtype=torch.long), torch.tensor([[past_len]]), cache
+            )
+        return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+    short, long = flops_at(4), flops_at(36)
+    # projections, router, experts, lm_head: aten.mm on one token; attention scores: aten.bmm
+    assert short["aten.mm"] == long["aten.mm"] > 0
+    heads, head_dim, layers = 4, 16, 3
+    assert long["aten.bmm"] - short["aten.bmm"] == 2 * 2 * heads * head_dim * (36 - 4) * layers
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_torch_compile_fullgraph(family, seed):
+    model = model_for(family, seed=seed)
+    program = moepass.capture(model)
+    compiled = torch.compile(program.graph_module, fullgraph=True, dynamic=True)
+    ids = torch.randint(0, 128, (2, 5))
+    args = (ids, torch.ones_like(ids), torch.arange(5).expand(2, -1), *program.empty_cache(2))
+    with torch.no_grad():
+        got = compiled(*args)[0]
+        expected = model(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-4
