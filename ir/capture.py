@@ -18,6 +18,7 @@ import inspect
 import itertools
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -102,8 +103,8 @@ def _sample_input_ids(example_inputs: Tensor | dict | None, model: nn.Module) ->
     return ids
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x); accept both."""
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword for a KV cache: transformers renamed `past_key_values` to `cache` (5.2x)."""
     params = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -124,7 +125,7 @@ def _probe_cache(model: nn.Module, ids: Tensor) -> list[tuple[int, int, torch.dt
     since families cache different things (DeepSeek caches compressed latents)."""
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids[:1, :2], use_cache=True, **{_cache_keyword(model): cache})
+        model(input_ids=ids[:1, :2], use_cache=True, **{cache_keyword(model): cache})
     if len(cache.layers) != model.config.num_hidden_layers:
         raise UnsupportedModelError(
             f"{type(model).__name__}: expected one KV-cache layer per decoder layer "
@@ -134,7 +135,7 @@ def _probe_cache(model: nn.Module, ids: Tensor) -> list[tuple[int, int, torch.dt
 
 
 def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     model_forward = type(model).forward
 
     def step(self, input_ids, attention_mask, position_ids, past):
@@ -171,6 +172,11 @@ def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
         exported = torch.export.export(
             model, (ids, mask, positions, past), dynamic_shapes=dynamic_shapes, strict=False
         )
+        # Functionalize (no decompositions): in-place writes such as DeepSeek's `new_empty` +
+        # `copy_` into key slices become pure ops, so dead-code elimination can drop any block.
+        with warnings.catch_warnings():  # torch deep-copies tree specs with a deprecated isinstance
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            exported = exported.run_decompositions({})
     return _flat_graph_module(exported, len(past) // 2)
 
 

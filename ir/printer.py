@@ -64,7 +64,7 @@ def format_summary(program) -> str:
 def _mlp_description(block) -> str:
     mlp = block.mlp
     if mlp is None:
-        return "(MoE sub-layer dropped)"
+        return "(MLP sub-layer dropped)"
     if not isinstance(mlp, MoEEntry):
         return "dense MLP"
     text = f"MoE E={mlp.num_experts} top-{mlp.top_k} {mlp.routing}"

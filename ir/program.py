@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
+from .canonicalize import remove_dead_nodes
 from .capture import ProgramInfo
 from .structure import StructureMap, build_structure
 
@@ -32,10 +33,12 @@ class MoEProgram(nn.Module):
         return self._structure
 
     def graph_changed(self) -> None:
-        """Call after editing the graph: recompiles it and rebuilds the structure map on demand."""
-        self.graph_module.graph.eliminate_dead_code()
+        """Call after editing the graph: recompiles it, frees modules it no longer uses, and rebuilds
+        the structure map on demand."""
+        remove_dead_nodes(self.graph_module.graph)
         self.graph_module.graph.lint()
         self.graph_module.recompile()
+        self.graph_module.delete_all_unused_submodules()
         self._structure = None
 
     def verify(self) -> None:

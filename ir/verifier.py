@@ -23,7 +23,8 @@ def verify(program) -> None:
         problems.append(f"graph lint: {error}")
     _check_signature(graph_module, problems)
     structure = program.structure
-    live = {n.name for n in graph_module.graph.nodes}
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    live = set(nodes)
     tensors = dict(graph_module.named_parameters(remove_duplicate=False))
     tensors.update(graph_module.named_buffers(remove_duplicate=False))
     for entry in structure.entries():
@@ -37,8 +38,18 @@ def verify(program) -> None:
         for name in (block.input, block.output, block.attention_residual, block.mlp_residual):
             if name is not None and name not in live:
                 problems.append(f"{where}: residual-stream node {name!r} is not in the graph")
-        if block.attention.cache is None:
+        cache = block.attention.cache
+        if cache is None:
             problems.append(f"{where}: no past_key_{block.index}/past_value_{block.index} cache inputs")
+        else:
+            inside = set(block.attention.nodes)
+            for name in (cache.past_key, cache.past_value):
+                strays = [u.name for u in nodes[name].users if u.name not in inside]
+                if strays:
+                    problems.append(
+                        f"{where}: cache input {name} is read outside the block's attention by "
+                        f"{strays}; dropping the block would break them"
+                    )
         if isinstance(block.mlp, MoEEntry):
             _check_moe(where, block.mlp, tensors, problems)
     past = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]

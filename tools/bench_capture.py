@@ -15,8 +15,10 @@ import time
 from collections import Counter
 
 import torch
+from transformers import DynamicCache
 
 import moepass
+from moepass.ir.capture import cache_keyword
 from moepass.ir.ops import EXPERTS, ROUTE
 from moepass.table import format_table
 from moepass.zoo import RANDOM_FAMILIES, random_model
@@ -47,16 +49,18 @@ def capture_table() -> str:
     )
 
 
-def _decode_times(step, tokens: int) -> list[float]:
-    times = []
-    for _ in range(tokens):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+def _interleaved_times(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """Run the paths in lockstep, one step each in turn, so machine noise hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
-def decode_table(tokens: int, prompt: int) -> str:
+def speed_table(tokens: int, prompt: int, prefill_tokens: int = 128, prefill_runs: int = 5) -> str:
     model = random_model(
         "mixtral",
         seed=0,
@@ -71,44 +75,51 @@ def decode_table(tokens: int, prompt: int) -> str:
     params = sum(p.numel() for p in model.parameters())
     program = moepass.capture(model)
     ids = torch.randint(0, 32000, (1, prompt))
-
-    # transformers eager: prefill, then one token at a time with its DynamicCache
-    from transformers import DynamicCache
-
     with torch.no_grad():
-        cache = DynamicCache()
-        out = model(ids, past_key_values=cache, use_cache=True)
-        state = {"next": out.logits[:, -1:].argmax(-1), "len": prompt}
+        # transformers eager: prefill, then one token at a time with its DynamicCache
+        cache = {cache_keyword(model): DynamicCache()}
+        hf = {"next": model(ids, use_cache=True, **cache).logits[:, -1:].argmax(-1)}
 
         def hf_step():
-            out = model(state["next"], past_key_values=cache, use_cache=True)
-            state["next"] = out.logits[:, -1:].argmax(-1)
-
-        hf = _decode_times(hf_step, tokens)
+            hf["next"] = model(hf["next"], use_cache=True, **cache).logits[:, -1:].argmax(-1)
 
         mask = torch.ones(1, prompt, dtype=torch.long)
         logits, past = program.step(ids, mask, torch.arange(prompt)[None], program.empty_cache(1))
-        pstate = {"next": logits[:, -1:].argmax(-1), "past": past, "mask": mask, "pos": prompt}
+        ours = {"next": logits[:, -1:].argmax(-1), "past": past, "mask": mask, "pos": prompt}
 
         def moepass_step():
-            pstate["mask"] = torch.cat([pstate["mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
-            logits, pstate["past"] = program.step(
-                pstate["next"], pstate["mask"], torch.tensor([[pstate["pos"]]]), pstate["past"]
-            )
-            pstate["next"] = logits[:, -1:].argmax(-1)
-            pstate["pos"] += 1
+            ours["mask"] = torch.cat([ours["mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+            positions = torch.tensor([[ours["pos"]]])
+            logits, ours["past"] = program.step(ours["next"], ours["mask"], positions, ours["past"])
+            ours["next"] = logits[:, -1:].argmax(-1)
+            ours["pos"] += 1
 
-        ours = _decode_times(moepass_step, tokens)
-    hf_ms, our_ms = statistics.median(hf) * 1e3, statistics.median(ours) * 1e3
+        decode = _interleaved_times({"hf": hf_step, "moepass": moepass_step}, repeats=tokens)
+        long_ids = torch.randint(0, 32000, (1, prefill_tokens))
+        prefill = _interleaved_times(
+            {"hf": lambda: model(long_ids), "moepass": lambda: program(long_ids)}, repeats=prefill_runs
+        )
+    dec = {name: statistics.median(t) * 1e3 for name, t in decode.items()}
+    pre = {name: statistics.median(t) * 1e3 for name, t in prefill.items()}
     rows = [
-        ["transformers eager (grouped_mm)", f"{hf_ms:.2f}", "1.00x"],
-        ["moepass captured program", f"{our_ms:.2f}", f"{hf_ms / our_ms:.2f}x"],
+        [
+            label,
+            f"{dec[name]:.2f}",
+            f"{dec['hf'] / dec[name]:.2f}x",
+            f"{pre[name]:.1f}",
+            f"{pre['hf'] / pre[name]:.2f}x",
+        ]
+        for name, label in (
+            ("hf", "transformers eager (grouped_mm)"),
+            ("moepass", "moepass captured program"),
+        )
     ]
     title = (
-        f"Decode, batch 1, prompt {prompt}, {tokens} tokens, 1 thread: Mixtral hidden 512, 8 layers, "
-        f"8 experts top-2, {params / 1e6:.0f}M params, fp32"
+        f"Batch 1, 1 thread, fp32, Mixtral H512, 8 layers, 8 experts top-2, {params / 1e6:.0f}M params\n"
+        f"Decode: prompt {prompt}, {tokens} tokens; prefill: {prefill_tokens} tokens, {prefill_runs} runs"
     )
-    return format_table(["path", "ms/token (median)", "speed vs eager"], rows, title=title)
+    headers = ["path", "decode ms/token", "decode speed", "prefill ms", "prefill speed"]
+    return format_table(headers, rows, title=title)
 
 
 def main() -> None:
@@ -117,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(capture_table(), end="\n\n")
-    print(decode_table(tokens=16 if args.quick else 64, prompt=32))
+    print(speed_table(tokens=16 if args.quick else 64, prompt=32))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""Structural edits through the structure map equal module surgery on the transformers model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import moepass
+from helpers import FAMILIES, model_for
+from moepass.errors import MoepassError
+from moepass.ir.surgery import drop_block, drop_mlp
+
+
+class _ZeroMLP(torch.nn.Module):
+    """Reference for a dropped MLP sub-layer: h + 0 == h exactly."""
+
+    def __init__(self, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden):
+        zero = torch.zeros_like(hidden)
+        return (zero, None) if self.returns_tuple else zero
+
+
+def _reference_without(model, block: int | None = None, mlp: int | None = None):
+    ref = copy.deepcopy(model)
+    layers = ref.model.layers
+    if mlp is not None:
+        layers[mlp].mlp = _ZeroMLP(returns_tuple=ref.config.model_type == "gpt_oss")
+    if block is not None:
+        del layers[block]
+        for new_index, layer in enumerate(layers):
+            layer.self_attn.layer_idx = new_index
+        ref.config.num_hidden_layers -= 1
+        if getattr(ref.config, "layer_types", None):
+            del ref.config.layer_types[block]
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_block_and_mlp_match_module_surgery(family, seed):
+    model = model_for(family, seed=seed)
+    program = moepass.capture(model)
+    params_before = sum(p.numel() for p in program.parameters())
+    drop_block(program, 1)
+    drop_mlp(program, 2)
+    program.verify()
+    # the dropped block's cache is gone with it; indices keep the original numbering
+    assert program.cache_names == ["past_key_0", "past_value_0", "past_key_2", "past_value_2"]
+    assert [b.index for b in program.structure.blocks] == [0, 2]
+    assert program.structure.block(2).mlp is None
+    assert sum(p.numel() for p in program.parameters()) < params_before
+    reference = _reference_without(_reference_without(model, mlp=2), block=1)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    expected = reference.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(program.generate(ids, max_new_tokens=12), expected)
+
+
+def test_surgery_rejects_impossible_edits(seed):
+    program = moepass.capture(model_for("mixtral", seed=seed))
+    drop_mlp(program, 0)
+    with pytest.raises(MoepassError, match="block 0 has no MLP sub-layer left"):
+        drop_mlp(program, 0)
+    drop_block(program, 0)
+    drop_block(program, 1)
+    with pytest.raises(MoepassError, match="cannot drop block 2: it is the last block"):
+        drop_block(program, 2)
+    with pytest.raises(KeyError, match="block 0 is not in the program"):
+        drop_block(program, 0)
+    program.verify()
