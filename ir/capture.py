@@ -206,7 +206,23 @@ def _flat_graph_module(exported, num_layers: int) -> fx.GraphModule:
     canonicalize(graph)
     graph_module = fx.GraphModule(unlifted, graph)
     graph_module.graph.lint()
+    _own_parameters(graph_module)
     return graph_module
+
+
+def _own_parameters(graph_module: fx.GraphModule) -> None:
+    """Give the program its own Parameter objects over the model's storage.
+
+    Storage stays shared (no copy of the weights), but `program.to(...)`, which reassigns
+    `param.data`, and passes that swap parameters never reach the user's model.
+    """
+    owned: dict[int, nn.Parameter] = {}
+    for module in graph_module.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in owned:
+                    owned[id(param)] = nn.Parameter(param.detach(), requires_grad=False)
+                module._parameters[name] = owned[id(param)]
 
 
 def _program_info(model: nn.Module, family: Family) -> ProgramInfo:

@@ -12,10 +12,11 @@ def format_summary(program) -> str:
     tensors = dict(program.graph_module.named_parameters(remove_duplicate=False))
     tensors.update(program.graph_module.named_buffers(remove_duplicate=False))
 
-    def size(prefix: str) -> tuple[int, int]:
+    def size(prefix: str, names: list[str] | None = None) -> tuple[int, int]:
+        """Elements and bytes of the tensors under `prefix` (or the given FQNs), each counted once."""
         seen, count, nbytes = set(), 0, 0
         for name, t in tensors.items():
-            if name.startswith(prefix) and id(t) not in seen:
+            if (name in names if names is not None else name.startswith(prefix)) and id(t) not in seen:
                 seen.add(id(t))
                 count, nbytes = count + t.numel(), nbytes + t.numel() * t.element_size()
         return count, nbytes
@@ -42,7 +43,8 @@ def format_summary(program) -> str:
         size(f"{b.mlp.module}.experts.")[0] * (1 - b.mlp.top_k / b.mlp.num_experts)
         for b in structure.moe_blocks
     )
-    embed, head = size(structure.embeddings.module + "."), size(structure.lm_head.module + ".")
+    embed, head = size("", structure.embeddings.params), size("", structure.lm_head.params)
+    tied = " (tied)" if set(structure.embeddings.params) == set(structure.lm_head.params) else ""
     header = (
         f"{info.model_class} ({info.family}), {info.dtype}, hidden {info.hidden_size}, "
         f"vocab {info.vocab_size}; graph: {len(program.graph_module.graph.nodes)} nodes"
@@ -51,8 +53,8 @@ def format_summary(program) -> str:
     totals = format_table(
         ["total", "params", "bytes"],
         [
-            ["embeddings", human_count(embed[0]), human_bytes(embed[1])],
-            ["lm_head", human_count(head[0]), human_bytes(head[1])],
+            ["embeddings" + tied, human_count(embed[0]), human_bytes(embed[1])],
+            ["lm_head" + tied, human_count(head[0]), human_bytes(head[1])],
             ["routed experts", human_count(expert_count), ""],
             ["active per token", human_count(active), ""],
             ["all (tied counted once)", human_count(total_count), human_bytes(total_bytes)],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
+from moepass.errors import MoepassError
+
 from .canonicalize import remove_dead_nodes
 from .capture import ProgramInfo
 from .structure import StructureMap, build_structure
@@ -59,6 +61,25 @@ class MoEProgram(nn.Module):
             f"MoEProgram({self.info.model_class}, blocks={len(s.blocks)}, "
             f"moe_blocks={len(s.moe_blocks)}, nodes={len(self.graph_module.graph.nodes)})"
         )
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` also moves the device constants baked into the graph (aranges, casts).
+
+        Changing the dtype is refused: casts inside the graph were traced for the capture dtype,
+        so a converted program would not compute what the model computes in the new dtype.
+        """
+        dtype, before = getattr(torch, self.info.dtype), self.device
+        probe = fn(torch.zeros((), dtype=dtype, device=before))
+        if probe.dtype != dtype:
+            raise MoepassError(
+                f"this program was captured in {self.info.dtype} and cannot be converted to "
+                f"{str(probe.dtype).removeprefix('torch.')}; convert the transformers model first, "
+                f"then capture it"
+            )
+        result = super()._apply(fn, recurse)
+        if probe.device != before:
+            _retarget_devices(self.graph_module, probe.device)
+        return result
 
     # -- running ------------------------------------------------------------------------------
     @property
@@ -144,6 +165,16 @@ class MoEProgram(nn.Module):
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
             positions = positions[:, -1:] + 1
         return tokens
+
+
+def _retarget_devices(graph_module: fx.GraphModule, device: torch.device) -> None:
+    def swap(value):
+        return device if isinstance(value, torch.device) else value
+
+    for node in graph_module.graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, swap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+    graph_module.recompile()
 
 
 def _pick(

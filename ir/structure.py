@@ -142,16 +142,13 @@ def build_structure(graph_module: fx.GraphModule, attention_notes: dict[int, str
         else:
             continue
         by_module[path or ""].append(node.name)
-    tensors = [name for name, _ in graph_module.named_parameters()] + [
-        name for name, _ in graph_module.named_buffers()
-    ]
+    nodes = {n.name: n for n in graph.nodes}
 
     def entry(path: str, cls=Entry, **fields) -> Entry:
         prefix = path + "."
-        nodes = [n for p, names in by_module.items() if p == path or p.startswith(prefix) for n in names]
-        return cls(path, nodes, [t for t in tensors if t.startswith(prefix)], **fields)
+        names = [n for p, group in by_module.items() if p == path or p.startswith(prefix) for n in group]
+        return cls(path, names, _tensors_read(names, nodes), **fields)
 
-    nodes = {n.name: n for n in graph.nodes}
     past = [n.name for n in graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
     block_indices = sorted({int(m.group(1)) for p in by_module if (m := _BLOCK_PATH.match(p))})
     blocks = [
@@ -165,6 +162,18 @@ def build_structure(graph_module: fx.GraphModule, attention_notes: dict[int, str
         for n in names
     ]
     return StructureMap(entry(EMBEDDINGS), blocks, entry(FINAL_NORM), entry(LM_HEAD), prelude)
+
+
+def _tensors_read(names: list[str], nodes: dict[str, fx.Node]) -> list[str]:
+    """FQNs of the parameters and buffers the given nodes read (tied weights appear under the one
+    name export kept, e.g. `lm_head.weight` for both the embedding and the head)."""
+    found: dict[str, None] = {}
+    for name in names:
+        node = nodes[name]
+        for source in [node] if node.op == "get_attr" else node.all_input_nodes:
+            if source.op == "get_attr":
+                found[source.target] = None
+    return list(found)
 
 
 def _block(graph_module, index, entry, nodes, by_module, past, note) -> BlockEntry:

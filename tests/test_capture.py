@@ -202,3 +202,35 @@ def test_torch_compile_fullgraph(family, seed):
         got = compiled(*args)[0]
         expected = model(ids).logits
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_program_device_moves_never_touch_the_user_model(seed):
+    model = model_for("mixtral", seed=seed, tie_word_embeddings=True)
+    program = moepass.capture(model)
+    assert program.structure.embeddings.params == program.structure.lm_head.params  # tied, stored once
+    assert "embeddings (tied)" in program.summary()
+    program.to("meta")
+    assert program.device.type == "meta"
+    assert not any(
+        n.kwargs.get("device", torch.device("meta")).type == "cpu" for n in program.graph_module.graph.nodes
+    ), "graph constants still on the old device"
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    program = moepass.capture(model)
+    with pytest.raises(moepass.MoepassError, match="captured in float32 and cannot be converted to bfloat16"):
+        program.to(torch.bfloat16)
+    ids = torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        assert (program(ids) - model(ids).logits).abs().max() <= TOL
+
+
+def test_bfloat16_model_captures_and_matches(seed):
+    model = model_for("qwen2_moe", seed=seed, dtype=torch.bfloat16)
+    program = moepass.capture(model)
+    assert program.info.dtype == "bfloat16"
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+    got = program(ids).float()
+    # bf16 rounding differs where the canonical op sums in fp32; logits agree to bf16 precision
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
