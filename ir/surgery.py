@@ -6,7 +6,8 @@ lets dead-code elimination remove what is no longer used, and leaves a graph the
 
 from __future__ import annotations
 
-from torch import fx
+import torch
+from torch import fx, nn
 
 from moepass.errors import MoepassError
 
@@ -47,4 +48,47 @@ def drop_mlp(program, index: int) -> None:
     graph: fx.Graph = program.graph_module.graph
     nodes = {n.name: n for n in graph.nodes}
     nodes[block.mlp_residual].replace_all_uses_with(nodes[block.attention_residual])
+    program.graph_changed()
+
+
+def keep_experts(program, index: int, keep: list[int]) -> None:
+    """Keep only experts `keep` (original indices, ascending) of block `index`'s MoE sub-layer.
+
+    Router rows, correction bias and every expert tensor are sliced the same way and the route
+    op's top-k becomes min(k, kept): the softmax is recomputed over the survivors, as in the
+    paper's router surgery. Family-agnostic: it only touches what the structure map names.
+    """
+    moe = program.structure.block(index).mlp
+    if moe is None or not hasattr(moe, "route_node"):
+        raise MoepassError(f"block {index} has no MoE sub-layer")
+    keep = sorted(set(keep))
+    if not keep or keep[0] < 0 or keep[-1] >= moe.num_experts:
+        raise MoepassError(
+            f"block {index}: experts to keep must be a non-empty subset of 0..{moe.num_experts - 1}"
+        )
+    graph_module = program.graph_module
+    rows = torch.tensor(keep)
+    for fqn in (
+        moe.router_weight,
+        moe.router_bias,
+        moe.correction_bias,
+        moe.gate_up,
+        moe.down,
+        moe.gate_up_bias,
+        moe.down_bias,
+    ):
+        if fqn is None:
+            continue
+        owner_path, _, name = fqn.rpartition(".")
+        owner = graph_module.get_submodule(owner_path)
+        old = getattr(owner, name)
+        sliced = old.detach().index_select(0, rows.to(old.device))
+        if name in owner._parameters:
+            owner._parameters[name] = nn.Parameter(sliced, requires_grad=False)
+        else:
+            owner._buffers[name] = sliced
+    route = next(n for n in graph_module.graph.nodes if n.name == moe.route_node)
+    args = list(route.args)
+    args[3] = min(args[3], len(keep))
+    route.args = tuple(args)
     program.graph_changed()

@@ -10,7 +10,7 @@ import torch
 import moepass
 from helpers import FAMILIES, model_for
 from moepass.errors import MoepassError
-from moepass.ir.surgery import drop_block, drop_mlp
+from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
 
 
 class _ZeroMLP(torch.nn.Module):
@@ -73,3 +73,54 @@ def test_surgery_rejects_impossible_edits(seed):
     with pytest.raises(KeyError, match="block 0 is not in the program"):
         drop_block(program, 0)
     program.verify()
+
+
+def _reference_keep_experts(model, index: int, keep: list[int]):
+    """Module surgery on the transformers model: slice router rows and expert tensors."""
+    ref = copy.deepcopy(model)
+    block = ref.model.layers[index].mlp
+    rows = torch.tensor(keep)
+    router = block.gate if hasattr(block, "gate") else block.router
+    router.weight = torch.nn.Parameter(router.weight[rows])
+    if getattr(router, "bias", None) is not None:
+        router.bias = torch.nn.Parameter(router.bias[rows])
+    if hasattr(router, "e_score_correction_bias"):
+        router.e_score_correction_bias = router.e_score_correction_bias[rows]
+    router.top_k = min(router.top_k, len(keep))
+    router.num_experts = len(keep)
+    experts = block.experts
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        if hasattr(experts, name):
+            setattr(experts, name, torch.nn.Parameter(getattr(experts, name)[rows]))
+    experts.num_experts = len(keep)
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_experts_matches_module_surgery(family, seed):
+    model = model_for(family, seed=seed)
+    program = moepass.capture(model)
+    block = program.structure.moe_blocks[-1].index
+    # one expert dropped from each group of 4, so group-limited routers keep equal groups
+    keep = sorted(torch.randperm(4)[:3].tolist() + (4 + torch.randperm(4)[:3]).tolist())
+    keep_experts(program, block, keep)
+    program.verify()
+    assert program.structure.block(block).mlp.num_experts == 6
+    reference = _reference_keep_experts(model, block, keep)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    assert torch.equal(program.generate(ids, 10), reference.generate(ids, max_new_tokens=10, do_sample=False))
+
+
+def test_keeping_one_expert_lowers_top_k(seed):
+    model = model_for("mixtral", seed=seed)
+    program = moepass.capture(model)
+    keep_experts(program, 0, [5])
+    assert program.structure.block(0).mlp.top_k == 1
+    reference = _reference_keep_experts(model, 0, [5])
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    with pytest.raises(MoepassError, match=r"non-empty subset of 0\.\.7"):
+        keep_experts(program, 1, [8])
