@@ -51,12 +51,12 @@ def test_experts_op_matches_float64_reference(seed, activation, num_experts, top
     assert rel < 1e-6
 
 
-def test_experts_op_handles_zero_tokens():
-    x = torch.randn(0, 8)
-    out = torch.ops.moepass.experts(
-        x,
-        torch.zeros(0, 2, dtype=torch.long),
-        torch.zeros(0, 2),
+def _small_experts_args(tokens: int) -> tuple:
+    """Arguments of a 4-expert, top-2 experts op call with hidden 8 and intermediate 3."""
+    return (
+        torch.randn(tokens, 8),
+        torch.randint(0, 4, (tokens, 2)),
+        torch.rand(tokens, 2),
         torch.randn(4, 6, 8),
         torch.randn(4, 8, 3),
         None,
@@ -65,6 +65,10 @@ def test_experts_op_handles_zero_tokens():
         0.0,
         0.0,
     )
+
+
+def test_experts_op_handles_zero_tokens():
+    out = torch.ops.moepass.experts(*_small_experts_args(tokens=0))
     assert out.shape == (0, 8)
 
 
@@ -100,21 +104,7 @@ def test_softmax_topk_matches_float64(seed):
             torch.ops.moepass.route.default,
             lambda: (torch.randn(5, 8), None, "softmax_topk", 2, 1, 1, True, 1.0, 0.0),
         ),
-        (
-            torch.ops.moepass.experts.default,
-            lambda: (
-                torch.randn(5, 8),
-                torch.randint(0, 4, (5, 2)),
-                torch.rand(5, 2),
-                torch.randn(4, 6, 8),
-                torch.randn(4, 8, 3),
-                None,
-                None,
-                "silu",
-                0.0,
-                0.0,
-            ),
-        ),
+        (torch.ops.moepass.experts.default, lambda: _small_experts_args(tokens=5)),
     ],
 )
 def test_custom_ops_pass_opcheck(op, args):
