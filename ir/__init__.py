@@ -2,10 +2,10 @@
 printer."""
 
 from . import ops  # registers torch.ops.moepass.*
-from .capture import ProgramInfo, capture
+from .capture import capture
 from .families import FAMILIES, supported_families
 from .moe_block import RoutingSpec, SparseMoE
-from .program import MoEProgram
+from .program import MoEProgram, ProgramInfo
 from .structure import AttentionEntry, BlockEntry, CacheEntry, Entry, MoEEntry, StructureMap
 from .verifier import verify
 

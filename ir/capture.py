@@ -16,10 +16,10 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import logging
 import time
 import types
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
@@ -31,48 +31,36 @@ from moepass.errors import UnsupportedModelError
 
 from .canonicalize import canonicalize
 from .families import Family, attention_description, convert_moe_blocks, family_of
+from .program import MoEProgram, ProgramInfo
+
+logger = logging.getLogger("moepass")
 
 # Sample sizes for export: every dynamic dimension must be >= 2 in the sample, otherwise export
 # specialises it (a batch-1 sample silently fixes the batch size).
 _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST = 2, 3, 2
 
 
-@dataclass
-class ProgramInfo:
-    """What a program needs besides its graph: model identity, tokens, per-layer attention notes."""
-
-    family: str
-    model_class: str
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    dtype: str
-    eos_token_ids: list[int] = field(default_factory=list)
-    pad_token_id: int | None = None
-    attention: dict[int, str] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    capture_seconds: float = 0.0
-
-
-def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None):
+def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) -> MoEProgram:
     """Capture `model` (a transformers ...ForCausalLM MoE model) as a `MoEProgram`.
 
     `example_inputs` (input_ids, or a dict with `input_ids`) only sets the sample used for tracing;
     routing is never baked in, so any sample gives the same program.
     """
-    from .program import MoEProgram
-
     start = time.perf_counter()
     family = family_of(model)
     shadow = _shadow_copy(model)
     convert_moe_blocks(shadow, family)
     sample_ids = _sample_input_ids(example_inputs, shadow)
     cache_tails = _probe_cache(shadow, sample_ids)
+    logger.info("capture %s (%s): tracing one decoder step", type(model).__name__, family.display)
     graph_module = _export_step(shadow, sample_ids, cache_tails)
     info = _program_info(model, family)
     info.capture_seconds = time.perf_counter() - start
     program = MoEProgram(graph_module, info)
     program.verify()
+    logger.info(
+        "capture done in %.1fs: %d nodes, verifier ok", info.capture_seconds, len(graph_module.graph.nodes)
+    )
     return program
 
 
@@ -172,6 +160,7 @@ def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
         exported = torch.export.export(
             model, (ids, mask, positions, past), dynamic_shapes=dynamic_shapes, strict=False
         )
+        logger.info("capture: functionalizing the graph")
         # Functionalize (no decompositions): in-place writes such as DeepSeek's `new_empty` +
         # `copy_` into key slices become pure ops, so dead-code elimination can drop any block.
         with warnings.catch_warnings():  # torch deep-copies tree specs with a deprecated isinstance

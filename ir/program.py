@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, fx, nn
 
 from moepass.errors import MoepassError
 
 from .canonicalize import remove_dead_nodes
-from .capture import ProgramInfo
+from .printer import format_summary
 from .structure import StructureMap, build_structure
+from .verifier import verify
+
+
+@dataclass
+class ProgramInfo:
+    """What a program needs besides its graph: model identity, tokens, per-layer attention notes."""
+
+    family: str
+    model_class: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    attention: dict[int, str] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    capture_seconds: float = 0.0
 
 
 class MoEProgram(nn.Module):
@@ -45,14 +65,10 @@ class MoEProgram(nn.Module):
 
     def verify(self) -> None:
         """Check the IR invariants; raises `IRVerificationError` listing every violation."""
-        from .verifier import verify
-
         verify(self)
 
     def summary(self) -> str:
         """Per-block table (attention, MoE, parameters, bytes) with totals, as `moepass inspect` prints."""
-        from .printer import format_summary
-
         return format_summary(self)
 
     def __repr__(self) -> str:
