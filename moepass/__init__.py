@@ -16,15 +16,18 @@ from moepass.errors import (  # noqa: E402
     NotAnMoEModelError,
     UnsupportedModelError,
 )
+from moepass.evaluate import EvalResult, evaluate  # noqa: E402
 from moepass.ir import MoEProgram, capture  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EvalResult",
     "IRVerificationError",
     "MoEProgram",
     "MoepassError",
     "NotAnMoEModelError",
     "UnsupportedModelError",
     "capture",
+    "evaluate",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import zlib
 
@@ -45,3 +46,26 @@ def hf_router_choices(model, input_ids: torch.Tensor) -> list[set[int]]:
 
 def model_for(family: str, seed: int, **overrides):
     return random_model(family, seed=seed, **overrides)
+
+
+def hf_keep_experts(model, keep: dict[int, list[int]]):
+    """Module surgery on a copy of the transformers model: in each listed layer, keep only the given
+    experts (router rows and expert tensors sliced, top-k capped at the kept count)."""
+    ref = copy.deepcopy(model)
+    for index, kept in keep.items():
+        block = ref.model.layers[index].mlp
+        rows = torch.tensor(kept)
+        router = block.gate if hasattr(block, "gate") else block.router
+        router.weight = torch.nn.Parameter(router.weight[rows])
+        if getattr(router, "bias", None) is not None:
+            router.bias = torch.nn.Parameter(router.bias[rows])
+        if hasattr(router, "e_score_correction_bias"):
+            router.e_score_correction_bias = router.e_score_correction_bias[rows]
+        router.top_k = min(router.top_k, len(kept))
+        router.num_experts = len(kept)
+        experts = block.experts
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            if hasattr(experts, name):
+                setattr(experts, name, torch.nn.Parameter(getattr(experts, name)[rows]))
+        experts.num_experts = len(kept)
+    return ref

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moepass
-from helpers import FAMILIES, model_for
+from helpers import FAMILIES, hf_keep_experts, model_for
 from moepass.errors import MoepassError
 from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
 
@@ -75,27 +75,6 @@ def test_surgery_rejects_impossible_edits(seed):
     program.verify()
 
 
-def _reference_keep_experts(model, index: int, keep: list[int]):
-    """Module surgery on the transformers model: slice router rows and expert tensors."""
-    ref = copy.deepcopy(model)
-    block = ref.model.layers[index].mlp
-    rows = torch.tensor(keep)
-    router = block.gate if hasattr(block, "gate") else block.router
-    router.weight = torch.nn.Parameter(router.weight[rows])
-    if getattr(router, "bias", None) is not None:
-        router.bias = torch.nn.Parameter(router.bias[rows])
-    if hasattr(router, "e_score_correction_bias"):
-        router.e_score_correction_bias = router.e_score_correction_bias[rows]
-    router.top_k = min(router.top_k, len(keep))
-    router.num_experts = len(keep)
-    experts = block.experts
-    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
-        if hasattr(experts, name):
-            setattr(experts, name, torch.nn.Parameter(getattr(experts, name)[rows]))
-    experts.num_experts = len(keep)
-    return ref
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_experts_matches_module_surgery(family, seed):
     model = model_for(family, seed=seed)
@@ -106,7 +85,7 @@ def test_keep_experts_matches_module_surgery(family, seed):
     keep_experts(program, block, keep)
     program.verify()
     assert program.structure.block(block).mlp.num_experts == 6
-    reference = _reference_keep_experts(model, block, keep)
+    reference = hf_keep_experts(model, {block: keep})
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
@@ -118,7 +97,7 @@ def test_keeping_one_expert_lowers_top_k(seed):
     program = moepass.capture(model)
     keep_experts(program, 0, [5])
     assert program.structure.block(0).mlp.top_k == 1
-    reference = _reference_keep_experts(model, 0, [5])
+    reference = hf_keep_experts(model, {0: [5]})
     ids = torch.randint(3, 128, (2, 7))
     with torch.no_grad():
         assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5

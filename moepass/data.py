@@ -1,0 +1,227 @@
+"""Calibration and evaluation text: loading, tokenizing, packing, deterministic sampling.
+
+Sources: the bundled corpus splits (`builtin:validation`, `builtin:test`), plain-text files (one
+document per file), JSON Lines (`{"text": ..., "source": ...}` per line, optionally gzipped), a
+directory of those, or any iterable of such records (a `datasets.Dataset` works as is).
+
+Packing follows the paper: documents are concatenated with an end-of-sequence token between them,
+then cut into equal windows; samples are drawn from the windows with a seeded generator. Windows
+never mix sources, so every sample belongs to one domain (per-domain perplexity).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moepass.errors import MoepassError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_SPLITS = ("validation", "test")
+
+
+class DataError(MoepassError):
+    """Calibration or evaluation data that cannot be used as asked."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """Packed token windows: `input_ids[i]` predicts `labels[i]`; `sources[i]` names its domain."""
+
+    input_ids: Tensor  # [N, seq_len] int64
+    labels: Tensor  # [N, seq_len] int64: input shifted by one
+    sources: list[str]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def by_source(self) -> dict[str, list[int]]:
+        rows: dict[str, list[int]] = {}
+        for i, source in enumerate(self.sources):
+            rows.setdefault(source, []).append(i)
+        return rows
+
+
+def corpus_dir():
+    return resources.files("moepass") / "assets" / "corpus"
+
+
+def load_documents(data, *, text_key: str = "text") -> list[Document]:
+    """Documents from a `builtin:<split>` name, a file or directory path, or an iterable of records."""
+    if isinstance(data, str) and data.startswith(BUILTIN_PREFIX):
+        split = data[len(BUILTIN_PREFIX) :]
+        if split not in BUILTIN_SPLITS:
+            raise DataError(
+                f"unknown built-in data {data!r}; built-ins: "
+                + ", ".join(BUILTIN_PREFIX + s for s in BUILTIN_SPLITS)
+            )
+        with resources.as_file(corpus_dir() / f"{split}.jsonl.gz") as path:
+            return _from_records(_read_jsonl(path), text_key, str(path))
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.exists():
+            raise DataError(f"data path {str(path)!r} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if _is_data_file(p))
+            if not files:
+                raise DataError(f"directory {str(path)!r} holds no .txt, .jsonl or .jsonl.gz files")
+            return [doc for f in files for doc in load_documents(f, text_key=text_key)]
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            return _from_records(_read_jsonl(path), text_key, str(path))
+        return [Document(path.read_text(encoding="utf-8"), path.stem)]
+    if isinstance(data, Iterable):
+        return _from_records(data, text_key, type(data).__name__)
+    raise DataError(
+        f"cannot read data of type {type(data).__name__}: pass a path, 'builtin:<split>' or records"
+    )
+
+
+def _is_data_file(path: Path) -> bool:
+    return path.is_file() and path.name.endswith((".txt", ".jsonl", ".jsonl.gz"))
+
+
+def _read_jsonl(path: Path) -> Iterable[dict]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+
+
+def _from_records(records: Iterable, text_key: str, where: str) -> list[Document]:
+    docs = []
+    for i, record in enumerate(records):
+        if isinstance(record, str):
+            docs.append(Document(record, "text"))
+            continue
+        if not isinstance(record, dict) or text_key not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f"{where}: record {i} has no {text_key!r} field (has {keys}); "
+                f"pass text_key= to name the text field"
+            )
+        docs.append(Document(str(record[text_key]), str(record.get("source", "text"))))
+    return docs
+
+
+def tokenize(docs: Sequence[Document], tokenizer, seq_len: int) -> TokenSet:
+    """Pack each source's documents (EOS-separated) into windows of `seq_len` tokens."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    if not docs or not any(d.text.strip() for d in docs):
+        raise DataError("the data holds no text")
+    encode, eos = _encoder(tokenizer)
+    inputs, labels, sources = [], [], []
+    streams: dict[str, list[int]] = {}
+    for doc, ids in zip(docs, encode([d.text for d in docs]), strict=True):
+        streams.setdefault(doc.source, []).extend([*ids, eos])
+    for source, ids in streams.items():
+        windows = (len(ids) - 1) // seq_len
+        if windows == 0:
+            continue
+        stream = torch.tensor(ids[: windows * seq_len + 1])
+        inputs.append(stream[:-1].view(windows, seq_len))
+        labels.append(stream[1:].view(windows, seq_len))
+        sources += [source] * windows
+    if not sources:
+        longest = max(len(ids) for ids in streams.values())
+        raise DataError(
+            f"the data is too short: its longest source has {longest} tokens, fewer than "
+            f"seq_len + 1 = {seq_len + 1}"
+        )
+    return TokenSet(torch.cat(inputs), torch.cat(labels), sources)
+
+
+def sample(tokens: TokenSet, n: int | None, *, seed: int = 0, per_source: bool = False) -> TokenSet:
+    """`n` windows drawn without replacement with a seeded generator (all of them if n is None).
+
+    With `per_source`, up to `n` windows from each source (the evaluation default); the order of the
+    chosen windows is kept, so the same seed always gives the same set.
+    """
+    if n is not None and n < 1:
+        raise DataError(f"the number of samples must be positive, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    groups = tokens.by_source() if per_source else {"all": list(range(len(tokens)))}
+    chosen: list[int] = []
+    for rows in groups.values():
+        if n is None or n >= len(rows):
+            chosen += rows
+        else:
+            picks = torch.randperm(len(rows), generator=generator)[:n].sort().values
+            chosen += [rows[i] for i in picks]
+    if not per_source and n is not None and n > len(tokens):
+        raise DataError(
+            f"asked for {n} samples of {tokens.seq_len} tokens but the data holds only "
+            f"{len(tokens)}; use fewer samples, a shorter seq_len or more text"
+        )
+    index = torch.tensor(sorted(chosen))
+    return TokenSet(tokens.input_ids[index], tokens.labels[index], [tokens.sources[i] for i in index])
+
+
+def calibration_set(
+    data, tokenizer, *, samples: int = 128, seq_len: int = 256, seed: int = 0, vocab_size: int | None = None
+) -> TokenSet:
+    """The paper's calibration set: `samples` random packed windows of `seq_len` tokens."""
+    tokens = tokenize(load_documents(data), tokenizer, seq_len)
+    check_vocab(tokens, vocab_size)
+    return sample(tokens, samples, seed=seed)
+
+
+def evaluation_set(
+    data,
+    tokenizer,
+    *,
+    seq_len: int = 256,
+    max_per_source: int | None = 64,
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> TokenSet:
+    """Held-out windows, at most `max_per_source` from each domain."""
+    tokens = tokenize(load_documents(data), tokenizer, seq_len)
+    check_vocab(tokens, vocab_size)
+    return sample(tokens, max_per_source, seed=seed, per_source=True)
+
+
+def check_vocab(tokens: TokenSet, vocab_size: int | None) -> None:
+    """Token ids beyond the model's vocabulary mean the tokenizer belongs to another model."""
+    if vocab_size is not None and len(tokens) and int(tokens.input_ids.max()) >= vocab_size:
+        raise DataError(
+            f"token id {int(tokens.input_ids.max())} is outside the model's vocabulary of "
+            f"{vocab_size}: the tokenizer does not belong to this model"
+        )
+
+
+def _encoder(tokenizer):
+    """(encode texts -> id lists, end-of-sequence id) for a `tokenizers.Tokenizer` or a transformers one."""
+    if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
+        eos = tokenizer.token_to_id("<eos>")
+        if eos is None:
+            eos = tokenizer.token_to_id("</s>")
+        return (lambda texts: [e.ids for e in tokenizer.encode_batch(texts)]), (0 if eos is None else eos)
+    if callable(tokenizer) and hasattr(tokenizer, "eos_token_id"):  # transformers tokenizer
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        return (lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]), eos
+    raise DataError(
+        f"unsupported tokenizer type {type(tokenizer).__name__}: pass a tokenizers.Tokenizer "
+        f"or a transformers tokenizer"
+    )

@@ -1,0 +1,157 @@
+"""Held-out quality of a model or program: perplexity and next-token accuracy, per domain and overall.
+
+The same function scores a transformers model and a captured `MoEProgram` (both map input_ids to
+logits), so compressed and original models are compared on identical tokens with identical code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moepass.data import TokenSet, evaluation_set
+from moepass.table import format_table, human_bytes, human_count
+
+
+@dataclass
+class DomainScore:
+    tokens: int
+    nll: float  # summed negative log-likelihood, nats
+    correct: int  # next-token top-1 hits
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens
+
+
+@dataclass
+class EvalResult:
+    domains: dict[str, DomainScore]
+    parameters: int
+    weight_bytes: int
+    peak_rss_bytes: int
+    seconds: float
+    seq_len: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def overall(self) -> DomainScore:
+        """Token-weighted over all domains."""
+        return DomainScore(
+            sum(d.tokens for d in self.domains.values()),
+            sum(d.nll for d in self.domains.values()),
+            sum(d.correct for d in self.domains.values()),
+        )
+
+    def table(self, title: str | None = None) -> str:
+        rows = [
+            [name, score.tokens, f"{score.perplexity:.3f}", f"{100 * score.accuracy:.2f}%"]
+            for name, score in [*sorted(self.domains.items()), ("overall", self.overall)]
+        ]
+        quality = format_table(["domain", "tokens", "perplexity", "next-token acc"], rows, title=title)
+        size = (
+            f"parameters {human_count(self.parameters)}, weights {human_bytes(self.weight_bytes)}, "
+            f"process peak RSS {human_bytes(self.peak_rss_bytes)}, {self.seconds:.1f}s"
+        )
+        return f"{quality}\n{size}"
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["domains"] = {
+            k: {**asdict(v), "perplexity": v.perplexity, "accuracy": v.accuracy}
+            for k, v in self.domains.items()
+        }
+        overall = self.overall
+        out["overall"] = {**asdict(overall), "perplexity": overall.perplexity, "accuracy": overall.accuracy}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    data: TokenSet | str | None = None,
+    *,
+    tokenizer=None,
+    seq_len: int = 256,
+    max_per_source: int | None = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> EvalResult:
+    """Score `model` (transformers causal LM or MoEProgram) on held-out text.
+
+    `data` is a TokenSet, or anything `moepass.data.load_documents` reads (then `tokenizer` is
+    required); by default the bundled test split, with at most `max_per_source` windows of
+    `seq_len` tokens per domain, chosen with `seed`.
+    """
+    start = time.perf_counter()
+    if not isinstance(data, TokenSet):
+        if tokenizer is None:
+            raise ValueError("evaluate() needs a tokenizer to read text data (or pass a TokenSet)")
+        data = evaluation_set(
+            "builtin:test" if data is None else data,
+            tokenizer,
+            seq_len=seq_len,
+            max_per_source=max_per_source,
+            seed=seed,
+            vocab_size=_vocab_size(model),
+        )
+    device = next(model.parameters()).device
+    domains: dict[str, DomainScore] = {}
+    for source, rows in data.by_source().items():
+        score = DomainScore(0, 0.0, 0)
+        for begin in range(0, len(rows), batch_size):
+            index = torch.tensor(rows[begin : begin + batch_size])
+            inputs, labels = data.input_ids[index].to(device), data.labels[index].to(device)
+            logits = _logits(model, inputs).float()
+            score.nll += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+            score.correct += int((logits.argmax(-1) == labels).sum())
+            score.tokens += labels.numel()
+        domains[source] = score
+    parameters, weight_bytes = model_size(model)
+    return EvalResult(
+        domains, parameters, weight_bytes, _peak_rss(), time.perf_counter() - start, data.seq_len
+    )
+
+
+def model_size(model: nn.Module) -> tuple[int, int]:
+    """Parameter count and bytes of parameters and buffers, shared tensors counted once."""
+    seen, count, nbytes = set(), 0, 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        nbytes += tensor.numel() * tensor.element_size()
+        if isinstance(tensor, nn.Parameter):
+            count += tensor.numel()
+    return count, nbytes
+
+
+def _logits(model, input_ids):
+    out = model(input_ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _vocab_size(model) -> int | None:
+    info = getattr(model, "info", None)
+    if info is not None:
+        return info.vocab_size
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

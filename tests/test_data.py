@@ -1,0 +1,122 @@
+"""The data API: sources, packing, deterministic sampling, and its errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from moepass.data import (
+    DataError,
+    Document,
+    calibration_set,
+    corpus_dir,
+    evaluation_set,
+    load_documents,
+    sample,
+    tokenize,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_file(str(corpus_dir() / "tokenizer.json"))
+
+
+def test_builtin_splits_hold_every_source():
+    for split in ("validation", "test"):
+        docs = load_documents(f"builtin:{split}")
+        assert {d.source for d in docs} == {"python-docs", "bible", "austen"}
+        assert all(len(d.text) > 100 for d in docs)
+    validation = {d.text for d in load_documents("builtin:validation")}
+    assert not validation & {d.text for d in load_documents("builtin:test")}, "text leaks between splits"
+
+
+def test_file_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text document", encoding="utf-8")
+    records = [{"text": "first", "source": "s1"}, {"text": "second"}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"body": "zipped", "source": "z"}) + "\n")
+    assert load_documents(tmp_path / "a.txt") == [Document("plain text document", "a")]
+    assert load_documents(tmp_path / "b.jsonl") == [Document("first", "s1"), Document("second", "text")]
+    assert load_documents(tmp_path / "c.jsonl.gz", text_key="body") == [Document("zipped", "z")]
+    with pytest.raises(
+        DataError, match=r"c\.jsonl\.gz: record 0 has no 'text' field \(has \['body', 'source'\]\)"
+    ):
+        load_documents(tmp_path)  # a directory reads every data file; c.jsonl.gz uses "body"
+    (tmp_path / "c.jsonl.gz").unlink()
+    assert [d.text for d in load_documents(tmp_path)] == ["plain text document", "first", "second"]
+
+
+def test_records_and_dataset_like_objects():
+    class Rows:  # what a datasets.Dataset looks like to us: an iterable of dicts
+        def __iter__(self):
+            return iter([{"text": "one", "source": "x"}, {"text": "two", "source": "y"}])
+
+    assert [d.source for d in load_documents(Rows())] == ["x", "y"]
+    assert load_documents(["just strings"]) == [Document("just strings", "text")]
+
+
+def test_packing_concatenates_with_eos_then_chunks(tokenizer):
+    docs = [Document("The quick brown fox jumps over the lazy dog. " * 8, "a"), Document("Short one.", "a")]
+    tokens = tokenize(docs, tokenizer, seq_len=16)
+    eos = tokenizer.token_to_id("<eos>")
+    stream = [*tokenizer.encode(docs[0].text).ids, eos, *tokenizer.encode(docs[1].text).ids, eos]
+    windows = (len(stream) - 1) // 16
+    assert tokens.input_ids.shape == (windows, 16)
+    assert tokens.input_ids.flatten().tolist() == stream[: windows * 16]
+    assert tokens.labels.flatten().tolist() == stream[1 : windows * 16 + 1]
+
+
+def test_windows_never_mix_sources(tokenizer):
+    docs = [Document("alpha " * 200, "a"), Document("beta " * 200, "b")]
+    tokens = tokenize(docs, tokenizer, seq_len=32)
+    alpha = set(tokenizer.encode("alpha alpha").ids)
+    for row, source in zip(tokens.input_ids, tokens.sources, strict=True):
+        assert (set(row.tolist()) <= alpha | {tokenizer.token_to_id("<eos>")}) == (source == "a")
+
+
+def test_sampling_is_deterministic_and_seeded(tokenizer):
+    calib = calibration_set("builtin:validation", tokenizer, samples=32, seq_len=64, seed=3)
+    again = calibration_set("builtin:validation", tokenizer, samples=32, seq_len=64, seed=3)
+    other = calibration_set("builtin:validation", tokenizer, samples=32, seq_len=64, seed=4)
+    assert torch.equal(calib.input_ids, again.input_ids) and len(calib) == 32
+    assert not torch.equal(calib.input_ids, other.input_ids)
+    evaluation = evaluation_set("builtin:test", tokenizer, seq_len=64, max_per_source=5)
+    assert sorted(evaluation.by_source()) == ["austen", "bible", "python-docs"]
+    assert all(len(rows) == 5 for rows in evaluation.by_source().values())
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda tok: load_documents("builtin:train"), "unknown built-in data 'builtin:train'"),
+        (lambda tok: load_documents("/no/such/file.txt"), "does not exist"),
+        (lambda tok: tokenize([Document("   ", "a")], tok, 8), "holds no text"),
+        (lambda tok: tokenize([Document("two words", "a")], tok, 64), "too short"),
+        (lambda tok: tokenize([Document("text", "a")], tok, 1), "seq_len must be at least 2"),
+        (lambda tok: calibration_set("builtin:validation", tok, samples=10**6, seq_len=256), "holds only"),
+        (lambda tok: calibration_set("builtin:validation", tok, samples=0), "must be positive"),
+        (lambda tok: evaluation_set("builtin:test", tok, vocab_size=128), "tokenizer does not belong"),
+        (lambda tok: tokenize([Document("text", "a")], object(), 8), "unsupported tokenizer type object"),
+        (lambda tok: load_documents(42), "cannot read data of type int"),
+    ],
+)
+def test_bad_data_errors(tokenizer, call, message):
+    with pytest.raises(DataError, match=message):
+        call(tokenizer)
+
+
+def test_invalid_jsonl_line_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_documents(tmp_path / "bad.jsonl")
+
+
+def test_sample_none_keeps_everything(tokenizer):
+    tokens = tokenize(load_documents("builtin:validation")[:20], tokenizer, 64)
+    assert torch.equal(sample(tokens, None).input_ids, tokens.input_ids)
