@@ -197,22 +197,27 @@ def experts(
 ) -> Tensor:
     """Weighted sum over each token's k experts of down(act(gate_up(x))). hidden [T, H] -> [T, H].
 
+    Ids >= E (the experts given) contribute nothing: a router that kept its rows for dropped
+    experts (`preserve_gate`) routes some slots to experts that no longer exist.
+
     Tokens are grouped by expert and each hit expert runs one matmul on views of its weights (no
     weight copies), so a decode step reads only the k selected experts. Each (token, slot) result
     lands in its own row and the k slots are summed in slot order, in fp32, as transformers does.
     """
     tokens, top_k = topk_ids.shape
     act = ACTIVATIONS[activation]
+    num_experts = gate_up.shape[0]
     if tokens == 1:  # decode step: run the k experts on views, accumulate in slot order
-        out = None
+        out = torch.zeros_like(hidden, dtype=torch.float32)
         for slot, expert in enumerate(topk_ids[0].tolist()):
+            if expert >= num_experts:
+                continue
             h = F.linear(hidden, gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert])
             y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
-            y = y.float() * topk_weights[:, slot : slot + 1]
-            out = y if out is None else out + y
+            out = out + y.float() * topk_weights[:, slot : slot + 1]
         return out.to(hidden.dtype)
-    slot_out = hidden.new_empty((tokens * top_k, hidden.shape[-1]))
-    for expert, slots, rows in _expert_groups(topk_ids):
+    slot_out = hidden.new_zeros((tokens * top_k, hidden.shape[-1]))
+    for expert, slots, rows in _expert_groups(topk_ids, num_experts):
         h = F.linear(hidden[rows], gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert])
         y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
         slot_out[slots] = y
@@ -223,8 +228,8 @@ def experts(
 _FEW_SLOTS = 16  # decode-sized routings are grouped in Python: cheaper than sort + bincount
 
 
-def _expert_groups(topk_ids: Tensor):
-    """Yield (expert, slot index, token index) for every expert that received tokens.
+def _expert_groups(topk_ids: Tensor, num_experts: int):
+    """Yield (expert, slot index, token index) for every expert below `num_experts` that received tokens.
 
     Slots are positions in the flattened [T * k] routing; indices are slices where a group holds a
     single slot, so a one-token decode step indexes its hidden state and output without copies.
@@ -236,6 +241,8 @@ def _expert_groups(topk_ids: Tensor):
         for slot, expert in enumerate(flat.tolist()):
             groups.setdefault(expert, []).append(slot)
         for expert, slots in groups.items():
+            if expert >= num_experts:
+                continue
             if len(slots) == 1:
                 slot = slots[0]
                 yield expert, slice(slot, slot + 1), slice(slot // top_k, slot // top_k + 1)
@@ -245,7 +252,7 @@ def _expert_groups(topk_ids: Tensor):
         return
     order = torch.argsort(flat, stable=True)
     start = 0
-    for expert, count in enumerate(torch.bincount(flat).tolist()):
+    for expert, count in enumerate(torch.bincount(flat).tolist()[:num_experts]):
         if count:
             slots = order[start : start + count]
             yield expert, slots, slots // top_k

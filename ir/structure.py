@@ -7,6 +7,7 @@ kept in sync by hand. Passes drop experts, MoE sub-layers and whole blocks throu
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -53,9 +54,13 @@ class MoEEntry(Entry):
     """A canonical sparse-MoE sub-layer. Tensor fields hold FQNs (None where the family has none)."""
 
     route_node: str = ""
+    route_weights: str = ""  # getitem nodes unpacking the route op: top-k weights [T, k] fp32
+    route_ids: str = ""  # and expert ids [T, k]
     experts_node: str = ""
     router_linear_node: str | None = None
     num_experts: int = 0
+    router_rows: int = 0  # = num_experts, unless the router kept rows for dropped experts
+    preserve_gate: bool = False
     top_k: int = 0
     routing: str = ""
     n_group: int = 1
@@ -86,6 +91,8 @@ class BlockEntry:
     post_attention_norm: Entry | None
     mlp: MoEEntry | Entry | None
     mlp_residual: str | None
+    mlp_input: str | None = None  # the normalised hidden state the MLP reads
+    mlp_output: str | None = None  # what the MLP adds to the residual stream
 
     @property
     def is_moe(self) -> bool:
@@ -184,11 +191,19 @@ def _block(graph_module, index, entry, nodes, by_module, past, note) -> BlockEnt
     )
     first, second = [*adds, None, None][:2]
     has_mlp = second is not None
-    mlp = None
+    mlp = mlp_input = None
     if has_mlp:
         mlp_path = f"{path}.{MLP}"
         route = [nodes[n] for n in entry(mlp_path).nodes if nodes[n].target is ROUTE]
         mlp = _moe_entry(graph_module, entry, mlp_path, route[0], nodes) if route else entry(mlp_path)
+        inside = set(mlp.nodes)
+        feeds = {
+            a.name
+            for n in mlp.nodes
+            for a in nodes[n].all_input_nodes
+            if a.name not in inside and a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
+        }
+        mlp_input = next(iter(feeds)) if len(feeds) == 1 else None
     return BlockEntry(
         index=index,
         module=path,
@@ -200,6 +215,8 @@ def _block(graph_module, index, entry, nodes, by_module, past, note) -> BlockEnt
         post_attention_norm=entry(f"{path}.{POST_NORM}") if has_mlp else None,
         mlp=mlp,
         mlp_residual=second.name if has_mlp else None,
+        mlp_input=mlp_input,
+        mlp_output=second.args[1].name if has_mlp else None,
     )
 
 
@@ -228,8 +245,12 @@ def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntr
     gate = f"{path}.shared_expert_gate"
     moe = entry(path, MoEEntry)
     moe.route_node, moe.experts_node = route.name, experts.name
+    getters = {u.args[1]: u.name for u in route.users if u.target is operator.getitem}
+    moe.route_weights, moe.route_ids = getters.get(0, ""), getters.get(1, "")
     moe.router_linear_node = router_linear.name if router_linear is not None else None
     moe.num_experts = graph_module.get_parameter(gate_up).shape[0]
+    moe.router_rows = graph_module.get_parameter(router_weight).shape[0] if router_weight else 0
+    moe.preserve_gate = bool(route.meta.get("moepass_preserve_gate", False))
     moe.top_k, moe.routing, moe.n_group, moe.topk_group = top_k, kind, n_group, topk_group
     moe.activation = ex_args[7]
     moe.router_weight, moe.router_bias = router_weight or "", router_bias

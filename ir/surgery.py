@@ -51,12 +51,14 @@ def drop_mlp(program, index: int) -> None:
     program.graph_changed()
 
 
-def keep_experts(program, index: int, keep: list[int]) -> None:
-    """Keep only experts `keep` (original indices, ascending) of block `index`'s MoE sub-layer.
+def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = False) -> None:
+    """Keep only experts `keep` (indices into the current experts) of block `index`'s MoE sub-layer.
 
-    Router rows, correction bias and every expert tensor are sliced the same way and the route
-    op's top-k becomes min(k, kept): the softmax is recomputed over the survivors, as in the
-    paper's router surgery. Family-agnostic: it only touches what the structure map names.
+    Default (the paper's router surgery): router rows, correction bias and every expert tensor are
+    sliced the same way and top-k becomes min(k, kept), so routing is recomputed over the survivors.
+    `preserve_gate`: the router keeps all its rows, reordered [kept..., dropped...], and its top-k;
+    a token routed to a dropped expert just loses that contribution (ids >= E are skipped by the
+    experts op). Family-agnostic: it only touches what the structure map names.
     """
     moe = program.structure.block(index).mlp
     if moe is None or not hasattr(moe, "route_node"):
@@ -66,29 +68,39 @@ def keep_experts(program, index: int, keep: list[int]) -> None:
         raise MoepassError(
             f"block {index}: experts to keep must be a non-empty subset of 0..{moe.num_experts - 1}"
         )
+    if preserve_gate and moe.n_group > 1:
+        raise MoepassError(
+            f"block {index}: preserve_gate reorders the router rows, which would regroup the experts of "
+            f"its group-limited routing (n_group={moe.n_group}); drop experts with preserve_gate=False"
+        )
+    experts = torch.tensor(keep)
+    rows = (
+        torch.tensor(keep + [e for e in range(moe.router_rows) if e not in keep])
+        if preserve_gate
+        else experts
+    )
     graph_module = program.graph_module
-    rows = torch.tensor(keep)
-    for fqn in (
-        moe.router_weight,
-        moe.router_bias,
-        moe.correction_bias,
-        moe.gate_up,
-        moe.down,
-        moe.gate_up_bias,
-        moe.down_bias,
-    ):
-        if fqn is None:
-            continue
-        owner_path, _, name = fqn.rpartition(".")
-        owner = graph_module.get_submodule(owner_path)
-        old = getattr(owner, name)
-        sliced = old.detach().index_select(0, rows.to(old.device))
-        if name in owner._parameters:
-            owner._parameters[name] = nn.Parameter(sliced, requires_grad=False)
-        else:
-            owner._buffers[name] = sliced
+    router_tensors = (moe.router_weight, moe.router_bias, moe.correction_bias)
+    for fqn in (*router_tensors, moe.gate_up, moe.down, moe.gate_up_bias, moe.down_bias):
+        if fqn is not None:
+            _replace_tensor(graph_module, fqn, rows if fqn in router_tensors else experts)
     route = next(n for n in graph_module.graph.nodes if n.name == moe.route_node)
-    args = list(route.args)
-    args[3] = min(args[3], len(keep))
-    route.args = tuple(args)
+    if preserve_gate:
+        route.meta["moepass_preserve_gate"] = True
+    else:
+        args = list(route.args)
+        args[3] = min(args[3], len(keep))
+        route.args = tuple(args)
     program.graph_changed()
+
+
+def _replace_tensor(graph_module: fx.GraphModule, fqn: str, rows: torch.Tensor) -> None:
+    """Swap a parameter or buffer for its selected rows (a new tensor: nothing shared is edited)."""
+    owner_path, _, name = fqn.rpartition(".")
+    owner = graph_module.get_submodule(owner_path)
+    old = getattr(owner, name)
+    selected = old.detach().index_select(0, rows.to(old.device))
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(selected, requires_grad=False)
+    else:
+        owner._buffers[name] = selected

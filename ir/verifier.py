@@ -97,17 +97,24 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
     if len(gate_up) != 3 or len(down) != 3:
         problems.append(f"{where}: expert tensors must be 3-D, got gate_up {gate_up}, down {down}")
         return
-    per_expert = (
-        "router_weight",
-        "router_bias",
-        "correction_bias",
-        "gate_up",
-        "down",
-        "gate_up_bias",
-        "down_bias",
+    router_fields = ("router_weight", "router_bias", "correction_bias")
+    expert_fields = ("gate_up", "down", "gate_up_bias", "down_bias")
+    counts = {
+        f: shape(getattr(moe, f))[0] for f in (*router_fields, *expert_fields) if shape(getattr(moe, f))
+    }
+    rows = {f: n for f, n in counts.items() if f in router_fields}
+    experts = {f: n for f, n in counts.items() if f in expert_fields}
+    # preserve_gate routers keep rows for dropped experts: they must have at least one per expert
+    agree = (
+        len(set(rows.values())) <= 1
+        and len(set(experts.values())) <= 1
+        and (
+            min(rows.values(), default=0) >= moe.num_experts
+            if moe.preserve_gate
+            else len(set(counts.values())) <= 1
+        )
     )
-    counts = {f: shape(getattr(moe, f))[0] for f in per_expert if shape(getattr(moe, f))}
-    if len(set(counts.values())) > 1:
+    if not agree:
         problems.append(
             f"{where}: MoE tensors disagree on the number of experts: "
             + ", ".join(f"{f}={n}" for f, n in counts.items())
@@ -116,13 +123,13 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
     num_experts = moe.num_experts
     hidden, inter = down[1], down[2]
     expected = {
-        "router_weight": (num_experts, hidden),
+        "router_weight": (moe.router_rows, hidden),
         "gate_up": (num_experts, 2 * inter, hidden),
         "down": (num_experts, hidden, inter),
         "gate_up_bias": (num_experts, 2 * inter),
         "down_bias": (num_experts, hidden),
-        "router_bias": (num_experts,),
-        "correction_bias": (num_experts,),
+        "router_bias": (moe.router_rows,),
+        "correction_bias": (moe.router_rows,),
     }
     for field, want in expected.items():
         name = getattr(moe, field)
@@ -131,25 +138,27 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
                 f"{where}: {field} {name} has shape {shape(name)}, expected {want} "
                 f"(E={num_experts}, H={hidden}, I={inter})"
             )
-    if not 1 <= moe.top_k <= num_experts:
+    if not 1 <= moe.top_k <= moe.router_rows:
         problems.append(
-            f"{where}: top_k={moe.top_k} must be between 1 and the number of experts ({num_experts})"
+            f"{where}: top_k={moe.top_k} must be between 1 and the number of experts ({moe.router_rows})"
         )
     if moe.routing not in ROUTING_KINDS:
         problems.append(f"{where}: unknown routing kind {moe.routing!r}")
     if moe.routing == "sparsemixer" and moe.top_k != 2:
         problems.append(f"{where}: sparsemixer routing always picks 2 experts, top_k={moe.top_k}")
     if moe.n_group > 1:
-        if num_experts % moe.n_group:
-            problems.append(f"{where}: {num_experts} experts do not split into n_group={moe.n_group} groups")
+        if moe.router_rows % moe.n_group:
+            problems.append(
+                f"{where}: {moe.router_rows} experts do not split into n_group={moe.n_group} groups"
+            )
         elif not 1 <= moe.topk_group <= moe.n_group:
             problems.append(f"{where}: topk_group={moe.topk_group} must be in 1..n_group={moe.n_group}")
-        elif moe.routing == "sigmoid_topk" and num_experts // moe.n_group < 2:
+        elif moe.routing == "sigmoid_topk" and moe.router_rows // moe.n_group < 2:
             problems.append(
                 f"{where}: sigmoid_topk scores groups by their top-2 experts; "
-                f"{num_experts} experts in {moe.n_group} groups leaves fewer than 2 per group"
+                f"{moe.router_rows} experts in {moe.n_group} groups leaves fewer than 2 per group"
             )
-        elif moe.top_k > moe.topk_group * (num_experts // moe.n_group):
+        elif moe.top_k > moe.topk_group * (moe.router_rows // moe.n_group):
             problems.append(f"{where}: top_k={moe.top_k} exceeds the experts in {moe.topk_group} groups")
     if moe.activation not in ACTIVATIONS:
         problems.append(f"{where}: unknown expert activation {moe.activation!r}")

@@ -110,3 +110,17 @@ def test_softmax_topk_matches_float64(seed):
 def test_custom_ops_pass_opcheck(op, args):
     """Schema, fake (meta) implementation and dispatch agree: the op is safe under export/compile."""
     torch.library.opcheck(op, args(), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_experts_op_skips_ids_beyond_its_experts(seed):
+    """A router that kept rows for dropped experts sends some slots to ids >= E: they add nothing."""
+    args = list(_small_experts_args(tokens=9))
+    ids = torch.randint(0, 6, (9, 2))  # 4 experts given, ids 4 and 5 do not exist
+    args[1] = ids
+    got = torch.ops.moepass.experts(*args)
+    weights = args[2].clone()
+    weights[ids >= 4] = 0
+    expected = _reference_experts(args[0], ids.clamp(max=3), weights, *args[3:])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    one = torch.ops.moepass.experts(args[0][:1], ids[:1], *args[2:])  # the decode path
+    torch.testing.assert_close(one, got[:1], rtol=1e-5, atol=1e-6)

@@ -103,3 +103,33 @@ def test_keeping_one_expert_lowers_top_k(seed):
         assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
     with pytest.raises(MoepassError, match=r"non-empty subset of 0\.\.7"):
         keep_experts(program, 1, [8])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"])
+def test_keep_experts_preserving_the_gate_matches_zeroed_experts(family, seed):
+    """preserve_gate: routing unchanged, dropped experts contribute nothing (= their output zeroed)."""
+    ungrouped = {"n_group": 1, "topk_group": 1} if family == "deepseek_v3" else {}
+    model = model_for(family, seed=seed, **ungrouped)
+    program = moepass.capture(model)
+    block = program.structure.moe_blocks[-1].index
+    keep = [0, 2, 3, 5, 6, 7]
+    keep_experts(program, block, keep, preserve_gate=True)
+    program.verify()
+    moe = program.structure.block(block).mlp
+    assert (moe.num_experts, moe.router_rows, moe.preserve_gate) == (6, 8, True)
+    reference = copy.deepcopy(model)
+    experts = reference.model.layers[block].mlp.experts
+    with torch.no_grad():
+        for dropped in (1, 4):
+            experts.down_proj[dropped].zero_()
+            if hasattr(experts, "down_proj_bias"):
+                experts.down_proj_bias[dropped].zero_()
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+
+
+def test_preserve_gate_refuses_group_limited_routing(seed):
+    program = moepass.capture(model_for("deepseek_v3", seed=seed))
+    with pytest.raises(MoepassError, match="regroup the experts of its group-limited routing"):
+        keep_experts(program, 1, [0, 1, 2, 4, 5, 6], preserve_gate=True)

@@ -1,0 +1,96 @@
+"""Split a program's graph into stages — prelude, one per block, tail — that run one after another.
+
+Running stage by stage over a whole calibration set keeps only one block's activations alive at a
+time (the paper's layer-by-layer "catcher"), and lets a pass compress block i before block i + 1
+sees its output. Each stage is a GraphModule over the program's own parameters; its inputs and
+outputs are named after the nodes of the full graph, so values flow between stages by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from .structure import LAYERS, module_path
+
+
+@dataclass
+class Stage:
+    name: str  # "prelude", "block 3", "tail"
+    block: int | None  # original layer index for block stages
+    module: fx.GraphModule  # forward(*inputs) -> tuple(outputs)
+    inputs: list[str]  # names of full-graph nodes (or graph inputs) this stage reads
+    outputs: list[str]  # names of nodes this stage produces for later stages, the result, or observers
+
+
+def split_stages(graph_module: fx.GraphModule, observe: set[str] = frozenset()) -> list[Stage]:
+    """Stages in execution order; `observe` names extra nodes to return from their stage."""
+    graph = graph_module.graph
+    owner: dict[str, str] = {}
+    blocks: list[int] = []
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        key = _block_key(node)
+        if key is None:  # root-level node: after the blocks if it reads anything that is
+            late = any(
+                owner.get(a.name, "prelude") != "prelude" for a in node.all_input_nodes if a.op != "get_attr"
+            )
+            key = "tail" if late else "prelude"
+        elif int(key.split()[1]) not in blocks:
+            blocks.append(int(key.split()[1]))
+        owner[node.name] = key
+    order = ["prelude", *[f"block {i}" for i in blocks], "tail"]
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    needed_later = {a.name for a in output_node.all_input_nodes} | set(observe)
+    consumers: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        for source in node.all_input_nodes:
+            consumers.setdefault(source.name, set()).add(owner.get(node.name, "output"))
+    stages = []
+    for key in order:
+        members = [n for n in graph.nodes if owner.get(n.name) == key]
+        outputs = [
+            n.name
+            for n in members
+            if n.name in needed_later or any(c != key for c in consumers.get(n.name, ()))
+        ]
+        stages.append(_build(graph_module, key, members, outputs))
+    return stages
+
+
+def _block_key(node: fx.Node) -> str | None:
+    path = module_path(node)
+    if path is None or not path.startswith(LAYERS + "."):
+        return None
+    return f"block {path.split('.')[2]}"
+
+
+def _build(graph_module: fx.GraphModule, key: str, members: list[fx.Node], outputs: list[str]) -> Stage:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    member_names = {n.name for n in members}
+    external = {
+        s.name: s
+        for n in members
+        for s in n.all_input_nodes
+        if s.name not in member_names and s.op != "get_attr"
+    }
+    for name, source in external.items():  # placeholders first: produced earlier or graph inputs
+        env[source] = graph.placeholder(name)
+        env[source].meta = dict(source.meta)
+
+    def lookup(node: fx.Node) -> fx.Node:
+        if node not in env:  # parameters and buffers: read from the program's own attributes
+            env[node] = graph.get_attr(node.target)
+        return env[node]
+
+    for node in members:
+        for source in node.all_input_nodes:
+            lookup(source)
+        env[node] = graph.node_copy(node, lookup)
+    by_name = {n.name: env[n] for n in members}
+    graph.output(tuple(by_name[name] for name in outputs))
+    block = int(key.split()[1]) if key.startswith("block") else None
+    return Stage(key, block, fx.GraphModule(graph_module, graph), list(external), outputs)
