@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,8 @@ class ProgramInfo:
     attention: dict[int, str] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     capture_seconds: float = 0.0
+    edits: list[dict] = field(default_factory=list)  # structural edits since capture, replayable in order
+    history: list[dict] = field(default_factory=list)  # recipes applied, with their reports
 
 
 class MoEProgram(nn.Module):
@@ -45,6 +48,7 @@ class MoEProgram(nn.Module):
         super().__init__()
         self.graph_module = graph_module
         self.info = info
+        self.report = None  # the PassReport of the last recipe applied by moepass.compress
         self._structure: StructureMap | None = None
 
     # -- graph and structure ------------------------------------------------------------------
@@ -62,6 +66,20 @@ class MoEProgram(nn.Module):
         self.graph_module.recompile()
         self.graph_module.delete_all_unused_submodules()
         self._structure = None
+
+    def fork(self) -> MoEProgram:
+        """An independent program: its own graph, modules and Parameter objects over the same weight
+        storage (passes replace tensors rather than edit them, so neither program sees the other's edits)."""
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.graph_module.graph, {}))
+        graph_module = fx.GraphModule(self.graph_module, graph)
+        owned: dict[int, nn.Parameter] = {}
+        for module in graph_module.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    owned.setdefault(id(param), nn.Parameter(param.detach(), requires_grad=False))
+                    module._parameters[name] = owned[id(param)]
+        return MoEProgram(graph_module, copy.deepcopy(self.info))
 
     def verify(self) -> None:
         """Check the IR invariants; raises `IRVerificationError` listing every violation."""

@@ -37,6 +37,7 @@ def drop_block(program, index: int) -> None:
                 f"block {index}: cache input {name} is still used by {list(placeholder.users)}"
             )
         graph.erase_node(placeholder)
+    program.info.edits.append({"op": "drop_block", "block": index})
     program.graph_changed()
 
 
@@ -48,6 +49,7 @@ def drop_mlp(program, index: int) -> None:
     graph: fx.Graph = program.graph_module.graph
     nodes = {n.name: n for n in graph.nodes}
     nodes[block.mlp_residual].replace_all_uses_with(nodes[block.attention_residual])
+    program.info.edits.append({"op": "drop_mlp", "block": index})
     program.graph_changed()
 
 
@@ -91,6 +93,9 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
         args = list(route.args)
         args[3] = min(args[3], len(keep))
         route.args = tuple(args)
+    program.info.edits.append(
+        {"op": "keep_experts", "block": index, "keep": keep, "preserve_gate": preserve_gate}
+    )
     program.graph_changed()
 
 

@@ -10,6 +10,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "ir")) and _os.path.isfile(
 ):
     __path__.append(_checkout)
 
+from moepass.compress import compress  # noqa: E402
 from moepass.errors import (  # noqa: E402
     IRVerificationError,
     MoepassError,
@@ -29,5 +30,6 @@ __all__ = [
     "NotAnMoEModelError",
     "UnsupportedModelError",
     "capture",
+    "compress",
     "evaluate",
 ]

@@ -69,3 +69,45 @@ def hf_keep_experts(model, keep: dict[int, list[int]]):
                 setattr(experts, name, torch.nn.Parameter(getattr(experts, name)[rows]))
         experts.num_experts = len(kept)
     return ref
+
+
+def hf_expert_counts(model, batches) -> dict[int, torch.Tensor]:
+    """Per MoE layer (by index): how many (token, slot) pairs the transformers model sends to each expert."""
+    counts: dict[int, torch.Tensor] = {}
+    hooks = []
+    for index, layer in enumerate(model.model.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        counts[index] = torch.zeros(experts.gate_up_proj.shape[0], dtype=torch.long)
+
+        def record(module, args, kwargs, index=index):
+            ids = args[1] if len(args) > 1 else next(iter(kwargs.values()))
+            counts[index] += torch.bincount(ids.reshape(-1), minlength=counts[index].numel())
+
+        hooks.append(experts.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+_CAPTURED: dict[tuple, tuple] = {}
+
+
+def captured(family: str, **overrides):
+    """(transformers model, captured program) for a random model, captured once per session.
+
+    Tests that edit the program must edit `program.fork()` (moepass.compress forks by itself).
+    """
+    import moepass
+
+    key = (family, tuple(sorted(overrides.items())))
+    if key not in _CAPTURED:
+        model = model_for(family, seed=seed_for(repr(key)), **overrides)
+        _CAPTURED[key] = (model, moepass.capture(model))
+    return _CAPTURED[key]

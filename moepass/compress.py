@@ -1,0 +1,76 @@
+"""`moepass.compress`: capture (if needed), calibrate, and run a recipe's passes."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from moepass.data import TokenSet, calibration_set
+from moepass.errors import MoepassError
+from moepass.ir import MoEProgram, capture
+from moepass.pass_manager import PassManager, PassReport
+from moepass.recipes import Recipe, load_recipe
+
+logger = logging.getLogger("moepass")
+
+
+def compress(
+    model_or_program: nn.Module | MoEProgram, recipe="paper-layer-drop", calibration=None, *, tokenizer=None
+) -> MoEProgram:
+    """Apply `recipe` to a transformers MoE model or a captured program; returns a new program.
+
+    `calibration` is a TokenSet, or data `moepass.data` reads (default: the recipe's, usually the
+    bundled validation split), tokenized with `tokenizer`. The input is never modified: a model is
+    captured, a program is forked. The program's `report` holds per-pass times, memory, analyses.
+    """
+    recipe = load_recipe(recipe)
+    if isinstance(model_or_program, MoEProgram):
+        program = model_or_program.fork()
+    else:
+        program = capture(model_or_program)
+    tokens = _calibration_tokens(recipe, calibration, tokenizer, program) if _needs_data(recipe) else None
+    manager = PassManager(
+        list(recipe.passes),
+        calibration=tokens,
+        scoring=recipe.scoring,
+        calibration_mode=recipe.calibration.mode,
+        batch_size=recipe.calibration.batch_size,
+    )
+    logger.info("compress: recipe %s, %d passes", recipe.name, len(recipe.passes))
+    report = manager.run(program)
+    program.info.history.append({"recipe": recipe.to_dict(), "report": report.to_dict()})
+    program.report = report
+    return program
+
+
+def _needs_data(recipe: Recipe) -> bool:
+    from moepass.passes import PASSES, TransformPass
+
+    for name, config in recipe.passes:
+        cls = PASSES[name]
+        if not issubclass(cls, TransformPass) or cls(config).required_analyses():
+            return True
+    return False
+
+
+def _calibration_tokens(recipe: Recipe, calibration, tokenizer, program: MoEProgram) -> TokenSet:
+    if isinstance(calibration, TokenSet):
+        return calibration
+    spec = recipe.calibration
+    if tokenizer is None:
+        raise MoepassError(
+            "compress needs a tokenizer to build calibration data from text (tokenizer=...), "
+            "or a ready TokenSet as calibration="
+        )
+    return calibration_set(
+        spec.data if calibration is None else calibration,
+        tokenizer,
+        samples=spec.samples,
+        seq_len=spec.seq_len,
+        seed=spec.seed,
+        vocab_size=program.info.vocab_size,
+    )
+
+
+__all__ = ["PassReport", "compress"]

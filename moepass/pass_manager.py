@@ -1,0 +1,203 @@
+"""Runs a pipeline of passes on a program: analyses cached, transforms verified, everything timed.
+
+Scoring:
+  one-shot   (default, the paper) every analysis a transform needs is computed on the program as it
+             was before the first transform, once, and reused by every later transform.
+  iterative  analyses are invalidated after each transform (except those it declares preserved)
+             and recomputed on demand, so each transform scores the program it actually edits.
+A failing pass raises PassError naming the pass, its config and the passes that already ran.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from moepass.data import TokenSet
+from moepass.errors import MoepassError
+from moepass.table import format_table, human_bytes
+
+from .passes.base import AnalysisPass, Pass, PassConfig, TransformPass, create_pass
+
+SCORING = ("one-shot", "iterative")
+
+
+class PassError(MoepassError):
+    """A pass failed; `.cause` holds the original exception."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
+
+
+@dataclass
+class PassRecord:
+    name: str
+    kind: str
+    config: str
+    seconds: float
+    peak_rss: int
+    modified: bool | None = None
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class PassReport:
+    records: list[PassRecord] = field(default_factory=list)
+    analyses: dict[str, object] = field(default_factory=dict)  # "name(config)" -> result
+
+    def table(self) -> str:
+        rows = [
+            [
+                r.name,
+                r.kind,
+                r.config or "-",
+                f"{r.seconds:.2f}",
+                human_bytes(r.peak_rss),
+                "" if r.modified is None else ("yes" if r.modified else "no"),
+            ]
+            for r in self.records
+        ]
+        return format_table(
+            ["pass", "kind", "config", "seconds", "peak RSS", "modified"], rows, title="Passes"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "passes": [vars(r) for r in self.records],
+            "analyses": {k: v.to_dict() for k, v in self.analyses.items() if hasattr(v, "to_dict")},
+        }
+
+
+class PassContext:
+    """What a pass sees besides the program: calibration data and the analysis cache."""
+
+    def __init__(self, manager: PassManager, program):
+        self._manager, self._program = manager, program
+        self.calibration: TokenSet | None = manager.calibration
+        self.calibration_mode = manager.calibration_mode
+        self.batch_size = manager.batch_size
+
+    def analysis(self, name: str, config: PassConfig | None = None):
+        return self._manager.analysis(self._program, name, config)
+
+    def invalidate(self) -> None:
+        """Forget every cached analysis, one-shot ones included: an `iterative` pass calls this after
+        each edit to re-score the program it is editing (later passes then see the edited program)."""
+        self._manager.invalidate(keep=frozenset(), force=True)
+
+
+class PassManager:
+    def __init__(
+        self,
+        passes: list[Pass | tuple[str, PassConfig | dict | None]],
+        *,
+        calibration: TokenSet | None = None,
+        scoring: str = "one-shot",
+        calibration_mode: str = "whole",
+        batch_size: int = 8,
+        verify: bool = True,
+    ):
+        if scoring not in SCORING:
+            raise MoepassError(f"unknown scoring {scoring!r}; choose one of {SCORING}")
+        self.passes = [p if isinstance(p, Pass) else create_pass(p[0], p[1]) for p in passes]
+        self.calibration, self.scoring = calibration, scoring
+        self.calibration_mode, self.batch_size, self.verify = calibration_mode, batch_size, verify
+        self._cache: dict[tuple[str, PassConfig], object] = {}
+        self._pinned = False
+        self.report = PassReport()
+        self._done: list[str] = []
+
+    def run(self, program) -> PassReport:
+        context = PassContext(self, program)
+        if self.scoring == "one-shot":
+            for transform in (p for p in self.passes if isinstance(p, TransformPass)):
+                for name, config in transform.required_analyses():
+                    self.analysis(program, name, config)
+            self._pinned = True
+        for p in self.passes:
+            if isinstance(p, AnalysisPass):
+                self.analysis(program, p.name, p.config)
+                continue
+            result = self._timed(p, lambda p=p: p.run(program, context))
+            self.report.records[-1].modified = result.modified
+            self.report.records[-1].summary = result.summary
+            if self.verify:
+                try:
+                    program.verify()
+                except MoepassError as error:
+                    raise PassError(
+                        f"pass {p.name} ({p.config.describe()}) left an invalid program, after "
+                        f"{self._done_text()}: {error}",
+                        error,
+                    ) from None
+            if not self._pinned:
+                self.invalidate(keep=p.preserves)
+        return self.report
+
+    def analysis(self, program, name: str, config: PassConfig | None = None):
+        analysis = create_pass(name, config)
+        key = (analysis.name, analysis.config)
+        if key not in self._cache:
+            if self.calibration is None:
+                raise PassError(
+                    f"pass {name} needs calibration data, and none was given (pass calibration=...)"
+                )
+            self._cache[key] = self._timed(
+                analysis, lambda: analysis.run(program, PassContext(self, program))
+            )
+            self.report.analyses[f"{analysis.name}({analysis.config.describe()})"] = self._cache[key]
+        return self._cache[key]
+
+    def invalidate(self, keep: frozenset[str], force: bool = False) -> None:
+        if force or not self._pinned:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] in keep}
+
+    def _timed(self, p: Pass, work):
+        start = time.perf_counter()
+        with _PeakRSS() as peak:
+            try:
+                result = work()
+            except PassError:
+                raise
+            except Exception as error:
+                raise PassError(
+                    f"pass {p.name} ({p.config.describe()}) failed after {self._done_text()}: "
+                    f"{type(error).__name__}: {error}",
+                    error,
+                ) from None
+        self.report.records.append(
+            PassRecord(p.name, p.kind, p.config.describe(), time.perf_counter() - start, peak.value)
+        )
+        self._done.append(p.name)
+        return result
+
+    def _done_text(self) -> str:
+        return f"[{', '.join(self._done)}]" if self._done else "no other pass"
+
+
+class _PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.value, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.value = max(self.value, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.value = max(self.value, _rss())
+        return False
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

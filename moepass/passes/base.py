@@ -1,0 +1,162 @@
+"""Passes: named analyses and transforms, each with a typed config, found through a registry.
+
+An analysis computes a result from a program (and calibration data) and changes nothing. A
+transform rewrites the program and declares which analyses stay valid afterwards; the pass manager
+verifies the program after every transform. Configs are dataclasses: recipes are validated against
+their fields (names, types, ranges) before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from moepass.errors import MoepassError
+
+
+class ConfigError(MoepassError):
+    """A pass config or recipe entry is invalid; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Base of every pass config. Subclasses add typed fields and override `check()` for ranges."""
+
+    def check(self) -> None:
+        """Raise ConfigError for out-of-range values (types are checked by `from_dict`)."""
+
+    def describe(self) -> str:
+        """The options that differ from their defaults, e.g. "ratio=0.25, selection='global'"."""
+        default = (
+            type(self)()
+            if all(f.default is not dataclasses.MISSING for f in dataclasses.fields(self))
+            else None
+        )
+        return ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if default is None or getattr(self, f.name) != getattr(default, f.name)
+        )
+
+
+@dataclass
+class TransformResult:
+    modified: bool
+    summary: dict = field(default_factory=dict)
+
+
+class Pass:
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "analysis" or "transform"
+    config_class: ClassVar[type[PassConfig]]
+
+    def __init__(self, config: PassConfig | None = None):
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise ConfigError(
+                f"pass {self.name!r} takes a {self.config_class.__name__}, got {type(self.config).__name__}"
+            )
+        self.config.check()
+
+
+class AnalysisPass(Pass):
+    kind = "analysis"
+
+    def run(self, program, context):
+        """Return a result object with `table()`, `to_dict()` and optionally `plot(path)`."""
+        raise NotImplementedError
+
+
+class TransformPass(Pass):
+    kind = "transform"
+    preserves: ClassVar[frozenset[str]] = frozenset()  # analyses still valid after this pass
+
+    def required_analyses(self) -> list[tuple[str, PassConfig]]:
+        """Analyses this transform will ask for, so a one-shot run can compute them up front."""
+        return []
+
+    def run(self, program, context) -> TransformResult:
+        raise NotImplementedError
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if cls.name in PASSES:
+        raise ValueError(f"pass {cls.name!r} is registered twice")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def create_pass(name: str, config: PassConfig | dict | None = None, where: str = "") -> Pass:
+    if name not in PASSES:
+        raise ConfigError(f"{where}unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
+    cls = PASSES[name]
+    if isinstance(config, dict) or config is None:
+        config = config_from_dict(cls.config_class, config or {}, where=f"{where}{name}.")
+    return cls(config)
+
+
+def config_from_dict(cls: type[PassConfig], data: dict, where: str = "") -> PassConfig:
+    """Build a config from a recipe mapping, rejecting unknown keys, wrong types and bad ranges."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.rstrip('.')}: expected a mapping of options, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown option; allowed: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(value, hints[name], f"{where}{name}") for name, value in data.items()}
+    config = cls(**values)
+    config.check()
+    return config
+
+
+def _coerce(value: Any, hint, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{where}: {value!r} does not fit {_name(hint)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+def check_range(where: str, value, low=None, high=None, *, inclusive_low: bool = True) -> None:
+    if value is None:
+        return
+    if low is not None and (value < low if inclusive_low else value <= low):
+        raise ConfigError(
+            f"{where}: {value!r} is out of range; must be {'>=' if inclusive_low else '>'} {low}"
+        )
+    if high is not None and value > high:
+        raise ConfigError(f"{where}: {value!r} is out of range; must be <= {high}")

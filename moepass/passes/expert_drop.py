@@ -1,0 +1,167 @@
+"""Expert Drop: remove the least important routed experts (METHOD.md §2.1).
+
+Layer-wise keeps the `keep` best experts of every MoE layer; global concatenates all layers' scores
+and drops the round((mean E - keep) * layers) lowest, so layers end with different counts (the
+paper's choice for combined results). `ratio` is the alternative: the share of routed experts to
+drop. Router rows and expert tensors are sliced together and top-k becomes min(k, kept)
+(`preserve_gate` instead keeps the full router). Shared experts are never routed, so never
+dropped; dense layers are untouched. Group-limited routers (DeepSeek-V2/V3 `n_group` > 1) lose
+the same number of experts from every group, so their grouping stays valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from moepass.ir.surgery import keep_experts
+
+from .base import ConfigError, PassConfig, TransformPass, TransformResult, check_range, register_pass
+from .expert_importance import ExpertImportanceConfig
+
+
+@dataclass(frozen=True)
+class ExpertDropConfig(PassConfig):
+    keep: int | None = None  # experts kept per MoE layer (the average, for global selection)
+    ratio: float | None = None  # or: share of the routed experts to drop
+    selection: Literal["layerwise", "global"] = "layerwise"
+    score: Literal["softmax_mass", "topk_mass", "frequency", "reap", "random"] = "softmax_mass"
+    seed: int = 0  # for score: random
+    preserve_gate: bool = False
+    reverse: bool = False  # ablation: drop the most important experts instead
+
+    def check(self) -> None:
+        if (self.keep is None) == (self.ratio is None):
+            raise ConfigError("expert_drop: give exactly one of keep (experts kept per layer) or ratio")
+        if self.keep == 0:
+            raise ConfigError(
+                "expert_drop.keep: 0 would drop every expert of a layer; to remove whole MoE "
+                "sub-layers use layer_drop"
+            )
+        check_range("expert_drop.keep", self.keep, 1)
+        check_range("expert_drop.ratio", self.ratio, 0.0, 1.0, inclusive_low=False)
+        if self.ratio is not None and self.ratio >= 1.0:
+            raise ConfigError(f"expert_drop.ratio: {self.ratio} would drop every expert; must be < 1")
+
+
+@register_pass
+class ExpertDropPass(TransformPass):
+    name = "expert_drop"
+    config_class = ExpertDropConfig
+
+    def required_analyses(self):
+        if self.config.score == "random":
+            return []
+        return [("expert_importance", ExpertImportanceConfig(score=self.config.score))]
+
+    def run(self, program, context) -> TransformResult:
+        config = self.config
+        moe = {b.index: b.mlp for b in program.structure.moe_blocks}
+        if not moe:
+            raise ConfigError("expert_drop: the program has no MoE layer left")
+        scores = self._scores(program, context, moe)
+        if config.reverse:
+            scores = {k: -v for k, v in scores.items()}
+        target = self._kept_per_layer(moe)
+        keep = (
+            _layerwise(scores, target, moe)
+            if config.selection == "layerwise"
+            else _global(scores, target, moe)
+        )
+        dropped = {}
+        for index, kept in keep.items():
+            if len(kept) < moe[index].num_experts:
+                dropped[index] = sorted(set(range(moe[index].num_experts)) - set(kept))
+                keep_experts(program, index, kept, preserve_gate=config.preserve_gate)
+        return TransformResult(
+            bool(dropped),
+            {
+                "dropped_experts": {str(k): v for k, v in dropped.items()},
+                "experts_per_layer": {str(b.index): b.mlp.num_experts for b in program.structure.moe_blocks},
+            },
+        )
+
+    def _scores(self, program, context, moe) -> dict[int, torch.Tensor]:
+        if self.config.score == "random":
+            generator = torch.Generator().manual_seed(self.config.seed)
+            return {
+                i: torch.rand(m.num_experts, generator=generator, dtype=torch.float64) for i, m in moe.items()
+            }
+        return context.analysis(
+            "expert_importance", ExpertImportanceConfig(score=self.config.score)
+        ).per_layer
+
+    def _kept_per_layer(self, moe) -> float:
+        mean = sum(m.num_experts for m in moe.values()) / len(moe)
+        if self.config.keep is not None:
+            return float(self.config.keep)
+        return mean * (1 - self.config.ratio)
+
+
+def _layerwise(scores, target: float, moe) -> dict[int, list[int]]:
+    keep = {}
+    for index, m in moe.items():
+        count = max(1, round(target))
+        if count > m.num_experts:
+            raise ConfigError(
+                f"expert_drop.keep: {count} experts per layer exceeds the {m.num_experts} experts of "
+                f"block {index}; this recipe was written for a model with more experts"
+            )
+        keep[index] = _best(scores[index], count, m, index)
+    return keep
+
+
+def _global(scores, target: float, moe) -> dict[int, list[int]]:
+    grouped = [i for i, m in moe.items() if m.n_group > 1]
+    if grouped:
+        raise ConfigError(
+            f"expert_drop.selection: global selection cannot keep the groups of block {grouped[0]}'s "
+            f"group-limited routing (n_group={moe[grouped[0]].n_group}); use selection: layerwise"
+        )
+    total = sum(m.num_experts for m in moe.values())
+    drop = round(total - target * len(moe))
+    if drop < 0:
+        raise ConfigError(
+            f"expert_drop.keep: {target:g} experts per layer on average exceeds the program's "
+            f"{total / len(moe):g}; this recipe was written for a model with more experts"
+        )
+    ranked = sorted(((float(scores[i][e]), i, e) for i, m in moe.items() for e in range(m.num_experts)))
+    dropped: dict[int, set[int]] = {i: set() for i in moe}
+    for _, i, e in ranked[:drop]:
+        dropped[i].add(e)
+    for i, m in moe.items():
+        if len(dropped[i]) == m.num_experts:
+            raise ConfigError(
+                f"expert_drop: global selection would drop all {m.num_experts} experts of block {i}; "
+                f"keep more experts on average (keep/ratio) or use selection: layerwise"
+            )
+    return {i: sorted(set(range(m.num_experts)) - dropped[i]) for i, m in moe.items()}
+
+
+def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
+    """The `count` best experts; for group-limited routers the same number from every group."""
+    if moe.routing == "sparsemixer" and count < 2:
+        raise ConfigError(
+            f"expert_drop: block {index} routes with sparsemixer, which always picks 2 experts; "
+            f"keep at least 2"
+        )
+    if moe.n_group <= 1:
+        return sorted(torch.topk(score, count).indices.tolist())
+    groups, size = moe.n_group, moe.num_experts // moe.n_group
+    if count % groups:
+        raise ConfigError(
+            f"expert_drop: block {index} has group-limited routing with {groups} groups of {size}; "
+            f"keeping {count} experts cannot keep the groups equal (use a multiple of {groups})"
+        )
+    per_group = count // groups
+    if moe.routing == "sigmoid_topk" and per_group < 2:
+        raise ConfigError(
+            f"expert_drop: block {index}'s routing scores each group by its best 2 experts; "
+            f"keep at least {2 * groups} experts"
+        )
+    kept = []
+    for g in range(groups):
+        kept += (g * size + torch.topk(score[g * size : (g + 1) * size], per_group).indices).tolist()
+    return sorted(kept)

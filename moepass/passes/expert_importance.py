@@ -1,0 +1,176 @@
+"""Expert importance per MoE layer, from the routing seen on calibration data.
+
+Scores (per expert, original indices):
+  frequency     (token, slot) assignments per calibration sample.
+  softmax_mass  the paper's score for Mixtral/Qwen: the router's full distribution over all experts
+                (softmax; sigmoid scores normalised to sum 1 for sigmoid routers), summed over a
+                sample's tokens, averaged over samples.
+  topk_mass     the paper's code for DeepSeek: the top-k routing weights scattered into a zero
+                vector (non-selected experts get 0), summed per sample, averaged over samples.
+  reap          REAP saliency: mean over the tokens routed to an expert of routing weight times the
+                norm of that expert's output (0 for experts that receive no tokens).
+Shared experts are not routed, so they are never scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from moepass.calibration import run_calibration
+from moepass.ir import MoEEntry
+from moepass.ir.ops import ACTIVATIONS
+from moepass.plots import heatmap
+from moepass.table import format_table
+
+from .base import AnalysisPass, PassConfig, register_pass
+
+SCORES = ("softmax_mass", "topk_mass", "frequency", "reap")
+
+
+@dataclass(frozen=True)
+class ExpertImportanceConfig(PassConfig):
+    score: Literal["softmax_mass", "topk_mass", "frequency", "reap"] = "softmax_mass"
+
+
+@dataclass
+class ExpertImportance:
+    score: str
+    per_layer: dict[int, torch.Tensor]  # block index -> [E] float64, original expert order
+    samples: int
+
+    def table(self) -> str:
+        width = max(len(s) for s in self.per_layer.values())
+        rows = [
+            [layer, *[f"{v:.4g}" for v in scores.tolist()], *[""] * (width - len(scores))]
+            for layer, scores in self.per_layer.items()
+        ]
+        return format_table(
+            ["block", *[f"e{i}" for i in range(width)]],
+            rows,
+            title=f"Expert importance ({self.score}, {self.samples} calibration samples)",
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "score": self.score,
+            "samples": self.samples,
+            "per_layer": {str(k): v.tolist() for k, v in self.per_layer.items()},
+        }
+
+    def plot(self, path: str) -> str:
+        width = max(len(s) for s in self.per_layer.values())
+        rows = [
+            [*(s / s.sum().clamp_min(1e-30)).tolist(), *[float("nan")] * (width - len(s))]
+            for s in self.per_layer.values()
+        ]
+        return heatmap(
+            rows,
+            [f"block {k}" for k in self.per_layer],
+            [str(i) for i in range(width)],
+            f"Expert usage ({self.score}, normalised per layer)",
+            path,
+            colorbar="share",
+        )
+
+
+class _Observer:
+    def __init__(self, program, score: str, seq_len: int):
+        self.score, self.seq_len = score, seq_len
+        self.moe: dict[int, MoEEntry] = {b.index: b.mlp for b in program.structure.moe_blocks}
+        self.graph_module = program.graph_module
+        nodes = {n.name: n for n in program.graph_module.graph.nodes}
+        self.logits = {i: nodes[m.route_node].args[0].name for i, m in self.moe.items()}
+        self.hidden = {i: nodes[m.experts_node].args[0].name for i, m in self.moe.items()}
+        self.activation_args = {m.experts_node: nodes[m.experts_node].args[8:10] for m in self.moe.values()}
+        self.sums = {i: torch.zeros(m.num_experts, dtype=torch.float64) for i, m in self.moe.items()}
+        self.counts = {i: torch.zeros(m.num_experts, dtype=torch.float64) for i, m in self.moe.items()}
+        self.tokens = 0
+        self.kinds = {i: m.routing for i, m in self.moe.items()}
+
+    def nodes(self) -> set[str]:
+        names = set()
+        for i, moe in self.moe.items():
+            names |= {moe.route_weights, moe.route_ids, self.logits[i]}
+            if self.score == "reap":
+                names.add(self.hidden[i])
+        return names
+
+    def observe(self, batch: int, values) -> None:
+        for i, moe in self.moe.items():
+            if moe.route_ids not in values:
+                continue
+            ids, weights = values[moe.route_ids], values[moe.route_weights].double()
+            num_experts = moe.num_experts
+            valid = ids < num_experts  # preserve_gate routers may pick dropped (out-of-range) experts
+            flat_ids = ids.clamp(max=num_experts - 1).reshape(-1)
+            self.counts[i] += torch.bincount(
+                flat_ids, weights=valid.reshape(-1).double(), minlength=num_experts
+            )
+            if i == min(self.moe):
+                self.tokens += ids.shape[0]
+            if self.score == "softmax_mass":
+                logits = values[self.logits[i]].double()
+                if self.kinds[i] == "sigmoid_topk":
+                    scores = torch.sigmoid(logits)
+                    probs = scores / scores.sum(-1, keepdim=True)
+                else:
+                    probs = torch.softmax(logits, dim=-1)
+                self.sums[i] += probs.sum(0)[:num_experts]
+            elif self.score == "topk_mass":
+                self.sums[i] += torch.zeros(num_experts, dtype=torch.float64).index_add_(
+                    0, flat_ids, (weights * valid).reshape(-1)
+                )
+            elif self.score == "reap":
+                self.sums[i] += self._reap(moe, values[self.hidden[i]], ids, weights)
+
+    def _reap(self, moe: MoEEntry, hidden, ids, weights) -> torch.Tensor:
+        get = self.graph_module.get_parameter
+        gate_up, down = get(moe.gate_up), get(moe.down)
+        gate_up_bias = get(moe.gate_up_bias) if moe.gate_up_bias else None
+        down_bias = get(moe.down_bias) if moe.down_bias else None
+        act = ACTIVATIONS[moe.activation]
+        alpha, limit = self.activation_args[moe.experts_node]
+        out = torch.zeros(moe.num_experts, dtype=torch.float64)
+        for expert in range(moe.num_experts):
+            rows, slots = (ids == expert).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            h = F.linear(
+                hidden[rows], gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert]
+            )
+            y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
+            out[expert] = (weights[rows, slots] * y.double().norm(dim=-1)).sum()
+        return out
+
+    def result(self) -> ExpertImportance:
+        samples = max(1, self.tokens // self.seq_len)
+        per_layer = {}
+        for i in self.moe:
+            if self.score == "frequency":
+                per_layer[i] = self.counts[i] / samples
+            elif self.score == "reap":
+                per_layer[i] = self.sums[i] / self.counts[i].clamp_min(1)
+            else:
+                per_layer[i] = self.sums[i] / samples
+        return ExpertImportance(self.score, per_layer, samples)
+
+
+@register_pass
+class ExpertImportancePass(AnalysisPass):
+    name = "expert_importance"
+    config_class = ExpertImportanceConfig
+
+    def run(self, program, context) -> ExpertImportance:
+        observer = _Observer(program, self.config.score, context.calibration.seq_len)
+        run_calibration(
+            program,
+            context.calibration,
+            [observer],
+            mode=context.calibration_mode,
+            batch_size=context.batch_size,
+        )
+        return observer.result()

@@ -1,0 +1,70 @@
+"""Plots for analysis results and reports (PNG, written atomically; matplotlib's Agg backend)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as f:
+        fig.savefig(f.name, dpi=120, bbox_inches="tight")
+    os.replace(f.name, path)
+    return path
+
+
+def heatmap(
+    rows: Sequence[Sequence[float]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    path: str,
+    colorbar: str = "",
+) -> str:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(col_labels) + 2), max(2.5, 0.4 * len(row_labels) + 1)))
+    image = ax.imshow(rows, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(col_labels)), col_labels, fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def lines(
+    series: dict[str, Sequence[float]],
+    x_labels: Sequence[str],
+    title: str,
+    path: str,
+    ylabel: str = "",
+    marked: dict[str, Sequence[int]] | None = None,
+) -> str:
+    """One line per series over x; `marked` circles chosen points (e.g. what a transform drops)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(x_labels) + 2), 3))
+    for name, values in series.items():
+        ax.plot(range(len(values)), values, marker=".", label=name)
+        for i in (marked or {}).get(name, []):
+            ax.scatter([i], [values[i]], s=120, facecolors="none", edgecolors="red")
+    ax.set_xticks(range(len(x_labels)), x_labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path

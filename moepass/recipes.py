@@ -1,0 +1,140 @@
+"""Recipes: a validated list of passes plus how to calibrate and score them.
+
+A recipe is a YAML file, a built-in name (`moepass recipes` lists them), a mapping with the same
+keys, or a Python list of pass configs / (name, options) pairs:
+
+    name: my-recipe
+    scoring: one-shot            # or iterative
+    calibration: {data: builtin:validation, samples: 128, seq_len: 256, mode: whole}
+    passes:
+      - expert_drop: {keep: 6, selection: global}
+      - layer_drop: {count: 1}
+
+Every key is checked before anything runs; errors name the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .pass_manager import SCORING
+from .passes import PASSES, ConfigError, PassConfig, create_pass
+from .passes.base import check_range, config_from_dict
+
+TOP_LEVEL = ("name", "description", "scoring", "calibration", "passes")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(PassConfig):
+    data: str = "builtin:validation"
+    samples: int = 128
+    seq_len: int = 256
+    seed: int = 0
+    mode: Literal["whole", "sequential"] = "whole"
+    batch_size: int = 8
+
+    def check(self) -> None:
+        check_range("calibration.samples", self.samples, 1)
+        check_range("calibration.seq_len", self.seq_len, 2)
+        check_range("calibration.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class Recipe:
+    name: str
+    passes: list[tuple[str, PassConfig]]
+    description: str = ""
+    scoring: str = "one-shot"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "scoring": self.scoring,
+            "calibration": vars(self.calibration),
+            "passes": [{name: _plain(vars(config))} for name, config in self.passes],
+        }
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = resources.files("moepass") / "assets" / "recipes"
+    return {Path(f.name).stem: Path(str(f)) for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def load_recipe(spec) -> Recipe:
+    """A Recipe from a built-in name, a YAML path, a mapping, or a list of passes."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, (list, tuple)):
+        return recipe_from_dict({"name": "custom", "passes": list(spec)})
+    if isinstance(spec, dict):
+        return recipe_from_dict(spec)
+    if isinstance(spec, (str, Path)):
+        builtins = builtin_recipes()
+        if str(spec) in builtins:
+            path = builtins[str(spec)]
+        elif Path(spec).is_file():
+            path = Path(spec)
+        else:
+            raise ConfigError(
+                f"recipe {str(spec)!r} is neither a built-in ({', '.join(sorted(builtins))}) nor a file"
+            )
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        return recipe_from_dict(data, where=f"{path.name}: ")
+    raise ConfigError(f"cannot use a {type(spec).__name__} as a recipe")
+
+
+def recipe_from_dict(data, where: str = "") -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}a recipe is a mapping with keys {', '.join(TOP_LEVEL)}")
+    unknown = sorted(set(data) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown recipe key; allowed: {', '.join(TOP_LEVEL)}")
+    scoring = data.get("scoring", "one-shot")
+    if scoring not in SCORING:
+        raise ConfigError(f"{where}scoring: {scoring!r} is not allowed; choose one of {', '.join(SCORING)}")
+    calibration = config_from_dict(CalibrationConfig, data.get("calibration") or {}, f"{where}calibration.")
+    entries = data.get("passes")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}passes: a recipe needs a non-empty list of passes")
+    passes = [_pass_entry(entry, f"{where}passes[{i}].") for i, entry in enumerate(entries)]
+    return Recipe(
+        str(data.get("name", "custom")),
+        passes,
+        str(data.get("description", "")).strip(),
+        scoring,
+        calibration,
+    )
+
+
+def _pass_entry(entry, where: str) -> tuple[str, PassConfig]:
+    if isinstance(entry, tuple) and len(entry) == 2:
+        name, options = entry
+    elif isinstance(entry, PassConfig):
+        matches = [n for n, cls in PASSES.items() if cls.config_class is type(entry)]
+        if not matches:
+            raise ConfigError(f"{where[:-1]}: {type(entry).__name__} is not the config of a registered pass")
+        name, options = matches[0], entry
+    elif isinstance(entry, dict) and len(entry) == 1:
+        ((name, options),) = entry.items()
+    else:
+        raise ConfigError(f"{where[:-1]}: each pass is written as `- pass_name: {{options}}`; got {entry!r}")
+    instance = create_pass(name, options, where=where)
+    return instance.name, instance.config
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,133 @@
+"""Recipe and pass-config validation: every mistake is named with the allowed values; bad trimming
+requests fail before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+import moepass
+from helpers import captured
+from moepass.data import DataError, TokenSet, corpus_dir
+from moepass.pass_manager import PassError
+from moepass.passes import ConfigError
+from moepass.recipes import builtin_recipes, load_recipe
+
+
+def _calibration(samples: int = 8, seq_len: int = 16) -> TokenSet:
+    ids = torch.randint(3, 128, (samples, seq_len + 1))
+    return TokenSet(ids[:, :-1], ids[:, 1:], ["x"] * samples)
+
+
+def test_builtin_recipes_load_and_include_the_papers():
+    names = builtin_recipes()
+    assert {"paper-layer-drop", "paper-block-drop", "expert-drop-global-25", "analyze"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.passes and recipe.description
+    assert load_recipe("paper-layer-drop").passes[0][0] == "layer_drop"
+
+
+@pytest.mark.parametrize(
+    "recipe,message",
+    [
+        (
+            {"passes": [{"expert_dorp": {}}]},
+            "passes\\[0\\].unknown pass 'expert_dorp'; known passes: .*expert_drop",
+        ),
+        (
+            {"passes": [{"layer_drop": {"count": 1, "metrc": "S_NM"}}]},
+            "passes\\[0\\].layer_drop.metrc: unknown option; allowed: count, ratio, metric",
+        ),
+        ({"passes": [{"layer_drop": {"count": "two"}}]}, "layer_drop.count: 'two' does not fit"),
+        (
+            {"passes": [{"layer_drop": {"count": 1, "metric": "cosine"}}]},
+            "layer_drop.metric: 'cosine' is not allowed; choose one of 'S_NM', 'S_M', 'random'",
+        ),
+        (
+            {"passes": [{"expert_drop": {"ratio": 1.5}}]},
+            "expert_drop.ratio: 1.5 is out of range; must be <= 1.0",
+        ),
+        ({"passes": [{"expert_drop": {"keep": 0}}]}, "keep: 0 would drop every expert of a layer"),
+        ({"passes": [{"expert_drop": {}}]}, "give exactly one of keep .* or ratio"),
+        (
+            {"passes": [{"block_drop": {"count": 1, "iterative": True, "method": "consecutive"}}]},
+            "only the discrete method re-scores",
+        ),
+        ({"passes": []}, "needs a non-empty list of passes"),
+        ({"passes": [{"layer_drop": {"count": 1}}], "scorng": "iterative"}, "scorng: unknown recipe key"),
+        (
+            {"passes": [{"layer_drop": {"count": 1}}], "scoring": "greedy"},
+            "choose one of one-shot, iterative",
+        ),
+        (
+            {"passes": [{"layer_drop": {"count": 1}}], "calibration": {"samples": -1}},
+            "calibration.samples: -1 is out of range",
+        ),
+        ({"passes": ["layer_drop"]}, "each pass is written as"),
+    ],
+)
+def test_recipe_errors_name_the_key(recipe, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(recipe)
+
+
+def test_yaml_recipe_files(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "name: mine\npasses:\n  - expert_drop: {keep: 6, selection: global}\n  - layer_drop: {count: 1}\n"
+    )
+    recipe = load_recipe(path)
+    assert [name for name, _ in recipe.passes] == ["expert_drop", "layer_drop"]
+    assert recipe.passes[0][1].selection == "global"
+    (tmp_path / "bad.yaml").write_text("passes: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="neither a built-in"):
+        load_recipe("no-such-recipe")
+
+
+@pytest.mark.parametrize(
+    "family,passes,message",
+    [
+        ("mixtral", [("layer_drop", {"count": 3})], "dropping 3 of 3 MoE sub-layers would leave none"),
+        ("mixtral", [("block_drop", {"count": 3})], "dropping 3 of 3 blocks would leave none"),
+        ("mixtral", [("expert_drop", {"keep": 48})], "48 experts per layer exceeds the 8 experts of block 0"),
+        (
+            "deepseek_v3",
+            [("expert_drop", {"keep": 5})],
+            "2 groups of 4; keeping 5 experts cannot keep the groups",
+        ),
+        (
+            "deepseek_v3",
+            [("expert_drop", {"keep": 2})],
+            "scores each group by its best 2 experts; keep at least 4",
+        ),
+        (
+            "deepseek_v3",
+            [("expert_drop", {"keep": 6, "selection": "global"})],
+            "global selection cannot keep",
+        ),
+        ("phimoe", [("expert_drop", {"keep": 1})], "sparsemixer, which always picks 2 experts"),
+    ],
+)
+def test_impossible_trimming_is_refused_and_leaves_the_input_alone(family, passes, message):
+    model, program = captured(family)
+    before = [n.name for n in program.graph_module.graph.nodes]
+    with pytest.raises(PassError, match=message) as error:
+        moepass.compress(program, passes, calibration=_calibration())
+    assert passes[0][0] in str(error.value)  # names the pass
+    assert [n.name for n in program.graph_module.graph.nodes] == before and program.info.edits == []
+
+
+def test_calibration_errors():
+    _, program = captured("mixtral")
+    empty = TokenSet(torch.zeros(0, 8, dtype=torch.long), torch.zeros(0, 8, dtype=torch.long), [])
+    with pytest.raises(moepass.MoepassError, match="the calibration set is empty"):
+        moepass.compress(program, "paper-layer-drop", calibration=empty)
+    with pytest.raises(moepass.MoepassError, match="needs a tokenizer"):
+        moepass.compress(program, "paper-layer-drop")
+    tokenizer = Tokenizer.from_file(str(corpus_dir() / "tokenizer.json"))
+    with pytest.raises(DataError, match="too short"):
+        moepass.compress(program, "paper-layer-drop", calibration=["a few words"], tokenizer=tokenizer)

@@ -1,0 +1,345 @@
+"""Analyses against references computed on the transformers model with hooks, and Expert
+Trimming transforms against module surgery on it."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moepass
+from helpers import FAMILIES, captured, hf_keep_experts
+from moepass.data import TokenSet
+from moepass.pass_manager import PassError, PassManager
+from moepass.passes.block_similarity import BlockSimilarityConfig
+from moepass.passes.expert_importance import ExpertImportanceConfig
+from moepass.passes.moe_similarity import MoESimilarityConfig
+
+TOL = 1e-5
+
+
+def _calibration(vocab: int, samples: int = 12, seq_len: int = 24) -> TokenSet:
+    ids = torch.randint(3, vocab, (samples, seq_len + 1))
+    return TokenSet(ids[:, :-1], ids[:, 1:], ["calib"] * samples)
+
+
+def _analyses(program, passes, data, mode="whole") -> list:
+    manager = PassManager(passes, calibration=data, calibration_mode=mode, batch_size=5)
+    manager.run(program.fork())
+    return list(manager.report.analyses.values())
+
+
+class _Hooks:
+    """Router outputs, MoE-unit boundaries and block boundaries, seen by the transformers model."""
+
+    def __init__(self, model, data: TokenSet):
+        self.router, self.unit_in, self.norm_out, self.mlp_out, self.layer_out, self.block_in = (
+            {} for _ in range(6)
+        )
+        hooks = []
+        for i, layer in enumerate(model.model.layers):
+            mlp = layer.mlp
+            router = getattr(mlp, "gate", None) if hasattr(mlp, "experts") else None
+            router = getattr(mlp, "router", router)
+            if router is not None and hasattr(mlp, "experts"):
+                hooks.append(router.register_forward_hook(self._keep(self.router, i, lambda o: o)))
+            hooks.append(
+                layer.post_attention_layernorm.register_forward_pre_hook(
+                    self._keep(self.unit_in, i, lambda a: a[0], pre=True)
+                )
+            )
+            hooks.append(
+                layer.post_attention_layernorm.register_forward_hook(
+                    self._keep(self.norm_out, i, lambda o: o)
+                )
+            )
+            hooks.append(
+                mlp.register_forward_hook(
+                    self._keep(self.mlp_out, i, lambda o: o[0] if isinstance(o, tuple) else o)
+                )
+            )
+            hooks.append(
+                layer.register_forward_pre_hook(self._keep(self.block_in, i, lambda a: a[0], pre=True))
+            )
+            hooks.append(
+                layer.register_forward_hook(
+                    self._keep(self.layer_out, i, lambda o: o[0] if isinstance(o, tuple) else o)
+                )
+            )
+        with torch.no_grad():
+            for rows in data.input_ids.split(5):
+                model(rows, use_cache=False)
+        for h in hooks:
+            h.remove()
+
+    @staticmethod
+    def _keep(store, index, pick, pre=False):
+        def hook(module, args, output=None):
+            value = pick(args) if pre else pick(output)
+            store.setdefault(index, []).append(value if isinstance(value, tuple) else value.detach())
+
+        if pre:
+            return lambda module, args: hook(module, args)
+        return hook
+
+
+def _mean_cos(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in a]).double()
+    y = torch.cat([t.reshape(-1, t.shape[-1]) for t in b]).double()
+    return F.cosine_similarity(x, y, dim=-1).mean().item()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_expert_importance_matches_router_outputs(family):
+    model, program = captured(family)
+    data = _calibration(model.config.vocab_size)
+    scores = ("softmax_mass", "topk_mass", "frequency")
+    results = _analyses(
+        program, [("expert_importance", ExpertImportanceConfig(score=s)) for s in scores], data
+    )
+    hooks = _Hooks(model, data)
+    for score, result in zip(scores, results, strict=True):
+        for layer, outputs in hooks.router.items():
+            logits = torch.cat([o[0] for o in outputs]).double()
+            weights = torch.cat([o[1] for o in outputs]).double()
+            ids = torch.cat([o[2] for o in outputs])
+            num_experts = logits.shape[-1]
+            if score == "softmax_mass":
+                sigmoid = torch.sigmoid(logits)
+                probs = (
+                    sigmoid / sigmoid.sum(-1, keepdim=True) if family == "deepseek_v3" else logits.softmax(-1)
+                )
+                expected = probs.sum(0)
+            elif score == "topk_mass":
+                expected = torch.zeros(num_experts, dtype=torch.float64)
+                expected.index_add_(0, ids.reshape(-1), weights.reshape(-1))
+            else:
+                expected = torch.bincount(ids.reshape(-1), minlength=num_experts).double()
+            torch.testing.assert_close(result.per_layer[layer], expected / len(data), rtol=1e-5, atol=1e-8)
+
+
+@torch.no_grad()
+def test_reap_matches_a_direct_computation():
+    model, program = captured("mixtral")
+    data = _calibration(128)
+    (result,) = _analyses(program, [("expert_importance", ExpertImportanceConfig(score="reap"))], data)
+    hooks = _Hooks(model, data)
+    for layer, outputs in hooks.router.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in hooks.norm_out[layer]])
+        weights, ids = torch.cat([o[1] for o in outputs]), torch.cat([o[2] for o in outputs])
+        experts = model.model.layers[layer].mlp.experts
+        for e in range(8):
+            rows, slots = (ids == e).nonzero(as_tuple=True)
+            gate, up = F.linear(x[rows], experts.gate_up_proj[e]).chunk(2, -1)
+            y = F.linear(F.silu(gate) * up, experts.down_proj[e])
+            expected = (weights[rows, slots] * y.norm(dim=-1)).double().mean() if len(rows) else 0.0
+            assert math.isclose(
+                result.per_layer[layer][e].item(), float(expected), rel_tol=1e-4, abs_tol=1e-9
+            )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_similarity_matches_hooks(family):
+    model, program = captured(family)
+    data = _calibration(model.config.vocab_size)
+    metrics = [("moe_similarity", MoESimilarityConfig(metric=m)) for m in ("S_NM", "S_M")]
+    s_nm, s_m = _analyses(program, metrics, data)
+    hooks = _Hooks(model, data)
+    for layer in s_nm.per_layer:
+        assert math.isclose(
+            s_nm.per_layer[layer], _mean_cos(hooks.unit_in[layer], hooks.layer_out[layer]), rel_tol=1e-5
+        )
+        assert math.isclose(
+            s_m.per_layer[layer],
+            _mean_cos(hooks.norm_out[layer], hooks.mlp_out[layer]),
+            rel_tol=1e-4,
+            abs_tol=1e-6,
+        )
+    assert set(s_nm.per_layer) == {
+        i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")
+    }
+
+
+@pytest.mark.parametrize("mode", ["whole", "sequential"])
+def test_block_similarity_matches_hooks_in_both_calibration_modes(mode):
+    model, program = captured("qwen3_moe", num_hidden_layers=4)
+    data = _calibration(128)
+    (result,) = _analyses(program, [("block_similarity", BlockSimilarityConfig())], data, mode=mode)
+    hooks = _Hooks(model, data)
+    h = [hooks.block_in[i] for i in range(4)] + [hooks.layer_out[3]]
+    for i in range(4):
+        for gap in range(1, 5 - i):
+            assert math.isclose(result.gap(i, gap), _mean_cos(h[i], h[i + gap]), rel_tol=1e-5)
+
+
+def test_whole_and_sequential_calibration_agree():
+    _, program = captured("deepseek_v3")
+    data = _calibration(128)
+    passes = [
+        ("expert_importance", ExpertImportanceConfig(score="reap")),
+        ("moe_similarity", MoESimilarityConfig()),
+    ]
+    whole = _analyses(program, passes, data, "whole")
+    sequential = _analyses(program, passes, data, "sequential")
+    for a, b in zip(whole, sequential, strict=True):
+        a, b = a.to_dict(), b.to_dict()
+        assert a.keys() == b.keys()
+        for layer, values in a["per_layer"].items():
+            assert values == pytest.approx(b["per_layer"][layer], rel=1e-6)
+
+
+def test_expert_drop_nothing_is_the_identity():
+    model, original = captured("mixtral")
+    data = _calibration(128)
+    program = moepass.compress(original, [("expert_drop", {"keep": 8})], calibration=data)
+    assert program.report.records[-1].modified is False and program.info.edits == []
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(program(ids), original(ids))
+
+
+@pytest.mark.parametrize(
+    "family,selection",
+    [("mixtral", "global"), ("qwen2_moe", "layerwise"), ("phimoe", "global"), ("gpt_oss", "layerwise")],
+)
+def test_expert_drop_matches_module_surgery(family, selection):
+    model, original = captured(family)
+    data = _calibration(model.config.vocab_size)
+    options = {"keep": 6, "selection": selection, "score": "softmax_mass"}
+    program = moepass.compress(original, [("expert_drop", options)], calibration=data)
+    program.verify()
+    scores = program.report.analyses["expert_importance()"].per_layer
+    if selection == "layerwise":
+        expected = {i: sorted(s.topk(6).indices.tolist()) for i, s in scores.items()}
+    else:
+        flat = sorted((float(s[e]), i, e) for i, s in scores.items() for e in range(8))
+        dropped = {(i, e) for _, i, e in flat[: 2 * len(scores)]}
+        expected = {i: [e for e in range(8) if (i, e) not in dropped] for i in scores}
+    kept = {edit["block"]: edit["keep"] for edit in program.info.edits}
+    assert {i: kept.get(i, list(range(8))) for i in expected} == expected
+    reference = hf_keep_experts(model, expected)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= TOL
+    assert torch.equal(program.generate(ids, 8), reference.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_grouped_expert_drop_keeps_groups_equal():
+    model, original = captured("deepseek_v3")  # 8 experts in 2 groups
+    recipe = [("expert_drop", {"keep": 6, "score": "topk_mass"})]
+    program = moepass.compress(original, recipe, calibration=_calibration(128))
+    for edit in program.info.edits:
+        assert sum(e < 4 for e in edit["keep"]) == sum(e >= 4 for e in edit["keep"]) == 3
+    reference = hf_keep_experts(model, {e["block"]: e["keep"] for e in program.info.edits})
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= TOL
+
+
+class _ZeroMLP(torch.nn.Module):
+    def __init__(self, tuple_out: bool):
+        super().__init__()
+        self.tuple_out = tuple_out
+
+    def forward(self, hidden):
+        return (torch.zeros_like(hidden), None) if self.tuple_out else torch.zeros_like(hidden)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_drop_matches_skipping_the_sublayer(family):
+    model, original = captured(family, num_hidden_layers=4)
+    data = _calibration(model.config.vocab_size)
+    program = moepass.compress(original, [("layer_drop", {"count": 2})], calibration=data)
+    scores = program.report.analyses["moe_similarity()"].per_layer
+    expected = sorted(sorted(scores, key=scores.get, reverse=True)[:2])
+    assert sorted(e["block"] for e in program.info.edits) == expected
+    reference = copy.deepcopy(model)
+    for index in expected:
+        reference.model.layers[index].mlp = _ZeroMLP(family == "gpt_oss")
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= TOL
+    assert torch.equal(program.generate(ids, 8), reference.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def _without_blocks(model, blocks: list[int]):
+    ref = copy.deepcopy(model)
+    for index in sorted(blocks, reverse=True):
+        del ref.model.layers[index]
+        if getattr(ref.config, "layer_types", None):
+            del ref.config.layer_types[index]
+    for new, layer in enumerate(ref.model.layers):
+        layer.self_attn.layer_idx = new
+    ref.config.num_hidden_layers = len(ref.model.layers)
+    return ref
+
+
+@pytest.mark.parametrize(
+    "family,method",
+    [
+        ("mixtral", "discrete"),
+        ("deepseek_v2", "consecutive"),
+        ("gpt_oss", "discrete"),
+        ("gpt_oss", "consecutive"),
+    ],
+)
+def test_block_drop_matches_removing_blocks(family, method):
+    model, original = captured(family, num_hidden_layers=5)
+    data = _calibration(model.config.vocab_size)
+    program = moepass.compress(original, [("block_drop", {"count": 2, "method": method})], calibration=data)
+    sim = program.report.analyses["block_similarity()"]
+    if method == "discrete":
+        expected = sorted(sorted(range(5), key=lambda b: sim.gap(b, 1), reverse=True)[:2])
+    else:
+        start = max(range(4), key=lambda b: sim.gap(b, 2))
+        expected = [start, start + 1]
+    assert sorted(e["block"] for e in program.info.edits) == expected
+    assert len(program.cache_names) == 2 * 3
+    reference = _without_blocks(model, expected)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= TOL
+    assert torch.equal(program.generate(ids, 10), reference.generate(ids, max_new_tokens=10, do_sample=False))
+
+
+def test_iterative_scoring_rescores_after_each_drop():
+    _, original = captured("mixtral", num_hidden_layers=5)
+    data = _calibration(128)
+    one_shot = moepass.compress(original, [("layer_drop", {"count": 3})], calibration=data)
+    iterative = moepass.compress(
+        original, [("layer_drop", {"count": 3, "iterative": True})], calibration=data
+    )
+    analyses = [r.name for r in iterative.report.records if r.kind == "analysis"]
+    assert analyses == ["moe_similarity"] * 3
+    assert [r.name for r in one_shot.report.records if r.kind == "analysis"] == ["moe_similarity"]
+    for program in (one_shot, iterative):
+        program.verify()
+        assert len([b for b in program.structure.blocks if b.mlp is None]) == 3
+
+
+def test_composed_trimming_one_shot_scores_the_original_model():
+    _, original = captured("qwen2_moe", num_hidden_layers=4)
+    data = _calibration(128)
+    recipe = {
+        "scoring": "one-shot",
+        "passes": [{"expert_drop": {"keep": 6}}, {"layer_drop": {"count": 1}}, {"block_drop": {"count": 1}}],
+    }
+    program = moepass.compress(original, recipe, calibration=data)
+    kinds = [r.kind for r in program.report.records]
+    assert kinds == ["analysis"] * 3 + ["transform"] * 3  # every score computed before the first edit
+    program.verify()
+    iterative = moepass.compress(original, {**recipe, "scoring": "iterative"}, calibration=data)
+    assert [r.kind for r in iterative.report.records].count("analysis") == 3
+    assert iterative.report.records[0].kind == "analysis"
+
+
+def test_non_finite_activations_name_the_block():
+    model, _ = captured("mixtral")
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.layers[1].self_attn.o_proj.weight[0, 0] = float("inf")
+    with pytest.raises(PassError, match="non-finite activations in block 1"):
+        moepass.compress(broken, "paper-layer-drop", calibration=_calibration(128))
