@@ -25,6 +25,9 @@ class Family:
     moe_block_classes: tuple[str, ...]  # class names of the family's sparse-MoE blocks
     convert: Callable[[nn.Module, object], SparseMoE]
     attention_notes: tuple[str, ...] = ()  # shown by the printer, e.g. "sinks"
+    router_name: str = "gate"  # transformers' attribute names inside the MoE block,
+    shared_name: str = "shared_experts"  # used to write checkpoints back in its layout
+    experts_to_hf: Callable[[dict], dict] | None = None  # canonical expert tensors -> transformers layout
 
 
 FAMILIES: dict[str, Family] = {}
@@ -192,11 +195,41 @@ def _convert_gpt_oss(block, config) -> SparseMoE:
     return SparseMoE(router, experts, spec, returns_router_scores=True)
 
 
+def _gpt_oss_experts_to_hf(tensors: dict) -> dict:
+    """Inverse of `_convert_gpt_oss`: [E, 2I, H] gate-then-up -> [E, H, 2I] interleaved, down transposed."""
+    out = {}
+    for name, t in tensors.items():
+        if name in ("gate_up_proj", "gate_up_proj_bias"):
+            half = t.shape[-2 if name == "gate_up_proj" else -1] // 2
+            if name == "gate_up_proj":
+                t = t.transpose(1, 2)
+            gate, up = t[..., :half], t[..., half:]
+            t = torch.stack([gate, up], dim=-1).flatten(-2)
+        elif name == "down_proj":
+            t = t.transpose(1, 2)
+        out[name] = t.contiguous()
+    return out
+
+
 _register(Family("mixtral", "Mixtral", ("MixtralSparseMoeBlock",), _convert_mixtral))
-_register(Family("qwen2_moe", "Qwen2-MoE", ("Qwen2MoeSparseMoeBlock",), _convert_qwen2_moe))
+_register(
+    Family(
+        "qwen2_moe", "Qwen2-MoE", ("Qwen2MoeSparseMoeBlock",), _convert_qwen2_moe, shared_name="shared_expert"
+    )
+)
 _register(Family("qwen3_moe", "Qwen3-MoE", ("Qwen3MoeSparseMoeBlock",), _convert_qwen_olmoe, ("qk-norm",)))
 _register(Family("olmoe", "OLMoE", ("OlmoeSparseMoeBlock",), _convert_qwen_olmoe, ("qk-norm",)))
 _register(Family("deepseek_v2", "DeepSeek-V2", ("DeepseekV2Moe",), _convert_deepseek_v2))
 _register(Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deepseek_v3))
-_register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe))
-_register(Family("gpt_oss", "GPT-OSS", ("GptOssMLP",), _convert_gpt_oss, ("sinks",)))
+_register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe, router_name="router"))
+_register(
+    Family(
+        "gpt_oss",
+        "GPT-OSS",
+        ("GptOssMLP",),
+        _convert_gpt_oss,
+        ("sinks",),
+        router_name="router",
+        experts_to_hf=_gpt_oss_experts_to_hf,
+    )
+)

@@ -61,13 +61,14 @@ def run_calibration(
     start = time.perf_counter()
     with torch.no_grad():
         if mode == "whole":
+            stride = max(1, len(batches) // 4)
             for b, state in enumerate(states):
                 for s, stage in enumerate(stages):
                     _run(stage, s, state, b, observers, wanted, last_use)
                 states[b] = None  # free this batch before the next
-                logger.info(
-                    "calibration batch %d/%d (%.1fs)", b + 1, len(batches), time.perf_counter() - start
-                )
+                if (b + 1) % stride == 0 or b + 1 == len(batches):
+                    seconds = time.perf_counter() - start
+                    logger.info("calibration: batch %d/%d (%.1fs)", b + 1, len(batches), seconds)
         else:
             for s, stage in enumerate(stages):
                 for b, state in enumerate(states):

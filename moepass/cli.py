@@ -53,6 +53,60 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def _compress(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from moepass.artifact import manifest_of, save, unique_tensors, write_atomically, write_checkpoint
+    from moepass.compress import compress
+    from moepass.evaluate import evaluate
+    from moepass.ir import capture
+    from moepass.recipes import load_recipe
+    from moepass.report import CompressionReport
+    from moepass.zoo import load_model, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)  # validate before any work
+    out = Path(args.out or f"out/{args.model.removeprefix('builtin:').replace('/', '_')}-{recipe.name}")
+    if out.exists() and not args.force:
+        raise MoepassError(f"{out} already exists; pass --force to replace it")
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    original = capture(model)
+    experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
+    evaluation = {"tokenizer": tokenizer, "max_per_source": args.eval_per_source}
+    before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
+    program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
+    after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
+    report = CompressionReport(
+        args.model, recipe.to_dict(), before, after, program, original.info.num_layers, experts
+    )
+    print(report.summary_table(), report.structure_table(), program.report.table(), sep="\n\n")
+    if args.format == "hf":
+        save(program, out, format="hf", overwrite=args.force)
+        report.write(out)
+    else:
+        tensors, aliases = unique_tensors(program)
+
+        def fill(staging: Path) -> None:
+            write_checkpoint(staging, "manifest.json", manifest_of(program, aliases), tensors)
+            report.write(staging)
+
+        write_atomically(out, fill, overwrite=args.force)
+    print(f"\nwrote {out}/ (model.safetensors, manifest.json, report.md, report.json, plots/)")
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    from moepass.recipes import builtin_recipes, load_recipe
+    from moepass.table import format_table
+
+    rows = []
+    for name in sorted(builtin_recipes()):
+        recipe = load_recipe(name)
+        passes = "; ".join(f"{n}({c.describe()})" for n, c in recipe.passes)
+        rows.append([name, passes, recipe.description[:70] + ("..." if len(recipe.description) > 70 else "")])
+    print(format_table(["recipe", "passes", "description"], rows))
+
+
 def _write_atomically(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
@@ -93,12 +147,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--program", action="store_true", help="evaluate the captured program instead")
     evaluation.add_argument("--json", help="also write the result as JSON to this file")
     evaluation.set_defaults(run=_eval)
+
+    comp = commands.add_parser(
+        "compress", help="compress a model with a recipe; writes artifact, report, plots"
+    )
+    comp.add_argument("--model", default="builtin:tiny-mixtral", help="built-in name or checkpoint directory")
+    comp.add_argument("--recipe", default="paper-layer-drop", help="built-in recipe name or YAML file")
+    comp.add_argument(
+        "--calib", default=None, help="calibration data (default: the recipe's, builtin:validation)"
+    )
+    comp.add_argument("--tokenizer", help="tokenizer.json or checkpoint directory (default: the model's)")
+    comp.add_argument("--out", help="output directory (default: out/<model>-<recipe>)")
+    comp.add_argument("--format", choices=["moepass", "hf"], default="moepass")
+    comp.add_argument("--force", action="store_true", help="replace an existing output directory")
+    comp.add_argument("--eval-data", default="builtin:test")
+    comp.add_argument(
+        "--eval-per-source", type=int, default=64, help="evaluation windows per domain; 0 = skip"
+    )
+    comp.add_argument("--threads", type=int, default=1)
+    comp.set_defaults(run=_compress)
+
+    recipes = commands.add_parser("recipes", help="list the built-in recipes")
+    recipes.set_defaults(run=_recipes)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log = logging.getLogger("moepass")  # progress lines; other libraries' logs stay at their defaults
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         args.run(args)
     except MoepassError as error:

@@ -1,0 +1,234 @@
+"""Saving and loading compressed programs: safetensors weights plus a JSON manifest, no pickle.
+
+    <dir>/manifest.json      format, family, transformers config, the structural edits since
+                             capture (replayable), per-layer expert counts and kept original expert
+                             indices, dropped MoE sub-layers and blocks, recipes and reports, versions
+    <dir>/model.safetensors  every parameter and buffer of the program, by graph FQN
+
+`load` rebuilds the model skeleton from the config (no weights are read from anywhere else),
+captures it, replays the edits, then loads the tensors, so the result is the same graph and the same
+outputs. Writes are atomic: everything goes to a temporary directory beside the target, which is then
+renamed; an existing target is replaced only with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from moepass.errors import MoepassError
+from moepass.ir import MoEProgram, capture
+from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
+
+FORMAT, VERSION = "moepass-artifact", 1
+REPLAY = {
+    "drop_block": lambda program, edit: drop_block(program, edit["block"]),
+    "drop_mlp": lambda program, edit: drop_mlp(program, edit["block"]),
+    "keep_experts": lambda program, edit: keep_experts(
+        program, edit["block"], edit["keep"], preserve_gate=edit.get("preserve_gate", False)
+    ),
+}
+
+
+class ArtifactError(MoepassError):
+    """An artifact cannot be written or read as asked."""
+
+
+def save(
+    program: MoEProgram, path: str | os.PathLike, *, format: str = "moepass", overwrite: bool = False
+) -> Path:
+    """Write `program` to directory `path`; `format="hf"` writes a stock transformers checkpoint instead,
+    where the program's structure allows it."""
+    path = Path(path)
+    if format not in ("moepass", "hf"):
+        raise ArtifactError(f"unknown format {format!r}; choose 'moepass' or 'hf'")
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    if format == "hf":
+        from moepass.hf_export import hf_checkpoint
+
+        config, tensors = hf_checkpoint(program)  # raises before anything is written
+        return write_atomically(
+            path, lambda staging: write_checkpoint(staging, "config.json", config, tensors), overwrite
+        )
+    tensors, aliases = unique_tensors(program)
+    manifest = manifest_of(program, aliases)
+    return write_atomically(
+        path, lambda staging: write_checkpoint(staging, "manifest.json", manifest, tensors), overwrite
+    )
+
+
+def write_checkpoint(directory: Path, json_name: str, document: dict, tensors: dict) -> None:
+    (directory / json_name).write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def unique_tensors(program: MoEProgram) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each tensor once (safetensors refuses shared storage); `aliases` maps the other names to it."""
+    tensors, aliases, first = {}, {}, {}
+    named = [
+        *program.graph_module.named_parameters(remove_duplicate=False),
+        *program.graph_module.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in named:
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+            tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def manifest_of(program: MoEProgram, aliases: dict[str, str]) -> dict:
+    structure = program.structure
+    blocks = {}
+    for block in structure.blocks:
+        entry = {"mlp": "dropped" if block.mlp is None else ("moe" if block.is_moe else "dense")}
+        if block.is_moe:
+            entry.update(
+                experts=block.mlp.num_experts,
+                top_k=block.mlp.top_k,
+                kept_original_experts=kept_original_experts(program, block.index),
+            )
+        blocks[str(block.index)] = entry
+    present = {b.index for b in structure.blocks}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "family": program.info.family,
+        "model_class": program.info.model_class,
+        "dtype": program.info.dtype,
+        "config": program.info.config,
+        "edits": program.info.edits,
+        "structure": {
+            "blocks": blocks,
+            "dropped_blocks": [i for i in range(program.info.num_layers) if i not in present],
+            "dropped_moe_layers": [b.index for b in structure.blocks if b.mlp is None],
+        },
+        "history": program.info.history,
+        "aliases": aliases,
+        "versions": {
+            "moepass": _version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+
+
+def kept_original_experts(program: MoEProgram, index: int) -> list[int]:
+    """Original expert indices still present in block `index`, composing its keep_experts edits."""
+    kept: list[int] | None = None
+    for edit in program.info.edits:
+        if edit["op"] == "keep_experts" and edit["block"] == index:
+            kept = list(edit["keep"]) if kept is None else [kept[i] for i in edit["keep"]]
+    if kept is None:
+        return list(range(program.structure.block(index).mlp.num_experts))
+    return kept
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> MoEProgram:
+    """A runnable program from a directory written by `save` (moepass format)."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        hint = (
+            " (it looks like a transformers checkpoint: load it with transformers)"
+            if (path / "config.json").is_file()
+            else ""
+        )
+        raise ArtifactError(f"{path} has no manifest.json: not a moepass artifact{hint}")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('version')!r} "
+            f"is not {FORMAT!r} version {VERSION}"
+        )
+    program = capture(_skeleton(manifest))
+    for edit in manifest["edits"]:
+        if edit["op"] not in REPLAY:
+            raise ArtifactError(f"{manifest_path}: unknown edit {edit['op']!r}; written by a newer moepass?")
+        REPLAY[edit["op"]](program, edit)
+    state = load_file(str(path / "model.safetensors"))
+    for alias, name in manifest.get("aliases", {}).items():
+        state[alias] = state[name]
+    expected = {name for name, _ in program.graph_module.named_parameters(remove_duplicate=False)}
+    expected |= {name for name, _ in program.graph_module.named_buffers(remove_duplicate=False)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{path / 'model.safetensors'} does not match its manifest: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    program.graph_module.load_state_dict(state, strict=True, assign=True)
+    for module in program.graph_module.modules():
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(False)
+    program.info.history = manifest.get("history", [])
+    program.verify()
+    return program.to(device)
+
+
+def _skeleton(manifest: dict):
+    """The manifest's transformers model, zero-initialised (its weights come from the artifact)."""
+    config_dict = dict(manifest["config"])
+    model_type = config_dict.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ArtifactError(
+            f"the artifact's model_type {model_type!r} is unknown to transformers {transformers.__version__}"
+        )
+    config = transformers.CONFIG_MAPPING[model_type].from_dict(config_dict)
+    dtype = getattr(torch, manifest["dtype"])
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.zero_()
+    return model.eval()
+
+
+def write_atomically(path: Path, fill: Callable[[Path], None], overwrite: bool) -> Path:
+    """Let `fill` write a temporary directory beside `path`, then rename it to `path` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(staging)
+        _normal_permissions(staging)
+        if path.exists():
+            if not overwrite:
+                raise ArtifactError(f"{path} appeared while writing; not replacing it")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp creates 0700; give the result the permissions a plain mkdir/open would (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
+def _version() -> str:
+    from moepass import __version__
+
+    return __version__

@@ -1,0 +1,117 @@
+"""Write a program as a stock transformers checkpoint, where its structure allows it.
+
+Expressible: block drop (blocks are renumbered, their cache config follows) and a uniform expert
+count in every MoE layer (one `num_experts` in the config). Not expressible, with the reason in the
+error: a dropped MoE sub-layer (no config field skips an MLP), different expert counts per layer,
+a router that kept rows for dropped experts (`preserve_gate`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from moepass.errors import MoepassError
+from moepass.ir import MoEProgram
+from moepass.ir.families import FAMILIES
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+class NotExpressibleError(MoepassError):
+    """The program cannot be written as a stock transformers checkpoint."""
+
+
+def hf_checkpoint(program: MoEProgram) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict in transformers names) for `program`, or NotExpressibleError."""
+    structure, family = program.structure, FAMILIES[program.info.family]
+    hint = "; save in the moepass format instead (moepass.save(program, dir))"
+    dropped_mlp = [b.index for b in structure.blocks if b.mlp is None]
+    if dropped_mlp:
+        raise NotExpressibleError(
+            f"blocks {dropped_mlp} have no MoE sub-layer left, which a transformers config "
+            f"cannot describe{hint}"
+        )
+    moe = [b.mlp for b in structure.moe_blocks]
+    if len({m.num_experts for m in moe}) > 1:
+        counts = {b.index: b.mlp.num_experts for b in structure.moe_blocks}
+        raise NotExpressibleError(
+            f"MoE layers keep different expert counts {counts}; a transformers config holds one{hint}"
+        )
+    if any(m.preserve_gate for m in moe):
+        raise NotExpressibleError(f"a router kept rows for dropped experts (preserve_gate){hint}")
+    config = _config(program, [b.index for b in structure.blocks], moe[0] if moe else None, hint)
+    renumber = {b.index: new for new, b in enumerate(structure.blocks)}
+    state = {}
+    for name, tensor in _named_tensors(program):
+        match = _BLOCK.match(name)
+        if match:
+            old, rest = int(match.group(1)), match.group(2)
+            name = f"model.layers.{renumber[old]}.{_moe_name(rest, family)}"
+        state[name] = tensor
+    state = _experts_layout(state, family)
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    return config, state
+
+
+def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
+    config = dict(program.info.config)
+    config["num_hidden_layers"] = len(blocks)
+    if moe is not None:
+        for key in EXPERT_COUNT_KEYS:
+            if key in config:
+                config[key] = moe.num_experts
+        config["num_experts_per_tok"] = moe.top_k
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = [config["layer_types"][i] for i in blocks]
+    structure = program.structure
+    if "first_k_dense_replace" in config:
+        kinds = [structure.block(i).is_moe for i in blocks]
+        leading = next((i for i, is_moe in enumerate(kinds) if is_moe), len(kinds))
+        if any(not k for k in kinds[leading:]):
+            raise NotExpressibleError(f"dense layers are no longer all before the MoE layers{hint}")
+        config["first_k_dense_replace"] = leading
+    if config.get("mlp_only_layers"):
+        config["mlp_only_layers"] = [new for new, i in enumerate(blocks) if not structure.block(i).is_moe]
+    if config.get("decoder_sparse_step", 1) != 1 and len(blocks) != program.info.num_layers:
+        raise NotExpressibleError(
+            f"decoder_sparse_step={config['decoder_sparse_step']} cannot describe the remaining layers{hint}"
+        )
+    config.pop("_name_or_path", None)
+    return config
+
+
+def _named_tensors(program: MoEProgram):
+    seen = set()
+    named = [
+        *program.graph_module.named_parameters(remove_duplicate=False),
+        *program.graph_module.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in named:
+        if name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
+            continue  # recomputed from the config
+        if name in seen:
+            continue
+        seen.add(name)
+        yield name, tensor.detach().contiguous().cpu()
+
+
+def _moe_name(rest: str, family) -> str:
+    rest = rest.replace("mlp.router.", f"mlp.{family.router_name}.")
+    return rest.replace("mlp.shared_experts.", f"mlp.{family.shared_name}.")
+
+
+def _experts_layout(state: dict, family) -> dict:
+    if family.experts_to_hf is None:
+        return state
+    grouped: dict[str, dict] = {}
+    for name in [n for n in state if ".mlp.experts." in n]:
+        prefix, field = name.rsplit(".", 1)
+        grouped.setdefault(prefix, {})[field] = state.pop(name)
+    for prefix, tensors in grouped.items():
+        for field, tensor in family.experts_to_hf(tensors).items():
+            state[f"{prefix}.{field}"] = tensor
+    return state

@@ -1,0 +1,138 @@
+"""The compression report: before/after quality and size, structure, passes, analyses and plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moepass.evaluate import EvalResult, model_size
+from moepass.ir import MoEProgram
+from moepass.table import format_table, human_bytes, human_count
+
+
+@dataclass
+class CompressionReport:
+    model: str
+    recipe: dict
+    before: EvalResult | None
+    after: EvalResult | None
+    program: MoEProgram
+    original_blocks: int
+    original_experts: dict[int, int]
+    plots: dict[str, str] = field(default_factory=dict)  # analysis -> png file name
+
+    def summary_table(self) -> str:
+        params, nbytes = model_size(self.program)
+        rows = []
+        if self.before is not None:
+            rows += [
+                [
+                    "parameters",
+                    human_count(self.before.parameters),
+                    human_count(params),
+                    _ratio(params, self.before.parameters),
+                ],
+                [
+                    "weight bytes",
+                    human_bytes(self.before.weight_bytes),
+                    human_bytes(nbytes),
+                    _ratio(nbytes, self.before.weight_bytes),
+                ],
+            ]
+        if self.before is not None and self.after is not None:
+            for name in [*sorted(self.before.domains), "overall"]:
+                b = self.before.overall if name == "overall" else self.before.domains[name]
+                a = self.after.overall if name == "overall" else self.after.domains[name]
+                rows.append(
+                    [
+                        f"perplexity {name}",
+                        f"{b.perplexity:.3f}",
+                        f"{a.perplexity:.3f}",
+                        f"{100 * (a.perplexity / b.perplexity - 1):+.2f}%",
+                    ]
+                )
+            b, a = self.before.overall.accuracy, self.after.overall.accuracy
+            rows.append(
+                ["next-token accuracy", f"{100 * b:.2f}%", f"{100 * a:.2f}%", f"{100 * a / b:.1f}% kept"]
+            )
+        return format_table(
+            ["", "before", "after", "change"], rows, title=f"{self.model}: {self.recipe['name']}"
+        )
+
+    def structure_table(self) -> str:
+        structure = self.program.structure
+        present = {b.index: b for b in structure.blocks}
+        rows = []
+        for index in range(self.original_blocks):
+            block = present.get(index)
+            if block is None:
+                rows.append([index, "dropped", "-", "-"])
+            elif block.mlp is None:
+                rows.append([index, "kept", "MoE sub-layer dropped", "-"])
+            elif block.is_moe:
+                rows.append(
+                    [
+                        index,
+                        "kept",
+                        f"{block.mlp.num_experts} of {self.original_experts[index]} experts",
+                        f"top-{block.mlp.top_k}",
+                    ]
+                )
+            else:
+                rows.append([index, "kept", "dense MLP", "-"])
+        return format_table(
+            ["block", "block kept", "mlp", "routing"], rows, title="Structure after compression"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "recipe": self.recipe,
+            "before": None if self.before is None else self.before.to_dict(),
+            "after": None if self.after is None else self.after.to_dict(),
+            "edits": self.program.info.edits,
+            "passes": self.program.report.to_dict() if self.program.report else {},
+            "plots": self.plots,
+        }
+
+    def markdown(self) -> str:
+        report = self.program.report
+        parts = [
+            f"# Compression report: {self.model}, recipe `{self.recipe['name']}`",
+            "",
+            self.recipe.get("description", ""),
+            "",
+            "```",
+            self.summary_table(),
+            "```",
+            "",
+            "```",
+            self.structure_table(),
+            "```",
+            "",
+        ]
+        if report is not None:
+            parts += ["```", report.table(), "```", ""]
+            for name, result in report.analyses.items():
+                parts += [f"## {name}", "", "```", result.table(), "```", ""]
+                if name in self.plots:
+                    parts += [f"![{name}](plots/{self.plots[name]})", ""]
+        return "\n".join(parts)
+
+    def write(self, directory: Path) -> None:
+        """Write report.md, report.json and plots/*.png into `directory`."""
+        dropped = [e["block"] for e in self.program.info.edits if e["op"] == "drop_mlp"]
+        report = self.program.report
+        for i, (name, result) in enumerate((report.analyses if report else {}).items()):
+            if hasattr(result, "plot"):
+                file = f"{i}-{name.split('(')[0]}.png"
+                kwargs = {"dropped": dropped} if name.startswith("moe_similarity") else {}
+                result.plot(str(directory / "plots" / file), **kwargs)
+                self.plots[name] = file
+        (directory / "report.md").write_text(self.markdown() + "\n", encoding="utf-8")
+        (directory / "report.json").write_text(json.dumps(self.to_dict(), indent=1, default=str) + "\n")
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{100 * (after / before - 1):+.1f}%" if before else ""
