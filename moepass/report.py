@@ -53,9 +53,8 @@ class CompressionReport:
                     ]
                 )
             b, a = self.before.overall.accuracy, self.after.overall.accuracy
-            rows.append(
-                ["next-token accuracy", f"{100 * b:.2f}%", f"{100 * a:.2f}%", f"{100 * a / b:.1f}% kept"]
-            )
+            kept = f"{100 * a / b:.1f}% kept" if b else ""
+            rows.append(["next-token accuracy", f"{100 * b:.2f}%", f"{100 * a:.2f}%", kept])
         return format_table(
             ["", "before", "after", "change"], rows, title=f"{self.model}: {self.recipe['name']}"
         )

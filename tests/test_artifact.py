@@ -1,0 +1,179 @@
+"""Save/load round trips (moepass and transformers formats), atomic writes, and `moepass compress`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import moepass
+from helpers import captured
+from moepass.artifact import ArtifactError, load, save, write_atomically
+from moepass.cli import main
+from moepass.data import TokenSet, corpus_dir
+from moepass.hf_export import NotExpressibleError
+from moepass.zoo import random_model
+
+ATOL = 1e-6  # reloaded weights can sit at other addresses, and BLAS results depend on alignment
+
+
+def _calibration(vocab: int = 128) -> TokenSet:
+    ids = torch.randint(3, vocab, (8, 17))
+    return TokenSet(ids[:, :-1], ids[:, 1:], ["x"] * 8)
+
+
+def _same_outputs(a, b, vocab: int = 128) -> None:
+    ids = torch.randint(3, vocab, (2, 9))
+    with torch.no_grad():
+        assert (a(ids) - b(ids)).abs().max() <= ATOL
+    assert torch.equal(a.generate(ids, 6), b.generate(ids, 6))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_moepass_format_round_trip(family, tmp_path):
+    _, original = captured(family, num_hidden_layers=4)
+    recipe = [
+        ("expert_drop", {"keep": 6, "selection": "layerwise"}),
+        ("layer_drop", {"count": 1}),
+        ("block_drop", {"count": 1}),
+    ]
+    program = moepass.compress(original, recipe, calibration=_calibration())
+    save(program, tmp_path / "artifact")
+    assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == ["manifest.json", "model.safetensors"]
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert manifest["edits"] == program.info.edits and manifest["history"][0]["recipe"]["passes"]
+    assert len(manifest["structure"]["dropped_blocks"]) == 1
+    kept = {
+        int(i): b["kept_original_experts"]
+        for i, b in manifest["structure"]["blocks"].items()
+        if b["mlp"] == "moe"
+    }
+    assert all(len(v) == 6 for v in kept.values())
+    load_file(str(tmp_path / "artifact" / "model.safetensors"))  # plain safetensors, no pickle
+    reloaded = load(tmp_path / "artifact")
+    reloaded.verify()
+    assert [b.index for b in reloaded.structure.blocks] == [b.index for b in program.structure.blocks]
+    _same_outputs(program, reloaded)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe"])
+def test_transformers_format_loads_in_stock_transformers(family, tmp_path):
+    _, original = captured(family, num_hidden_layers=4)
+    keep = 6 if family != "phimoe" else 4
+    program = moepass.compress(
+        original, [("expert_drop", {"keep": keep}), ("block_drop", {"count": 1})], calibration=_calibration()
+    )
+    save(program, tmp_path / "hf", format="hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.num_hidden_layers == 3
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
+
+
+def test_transformers_format_refuses_what_it_cannot_express(tmp_path):
+    _, original = captured("mixtral", num_hidden_layers=4)
+    layer_dropped = moepass.compress(original, [("layer_drop", {"count": 1})], calibration=_calibration())
+    with pytest.raises(NotExpressibleError, match=r"no MoE sub-layer left.*save in the moepass format"):
+        save(layer_dropped, tmp_path / "hf", format="hf")
+    uneven = moepass.compress(
+        original, [("expert_drop", {"keep": 6, "selection": "global"})], calibration=_calibration()
+    )
+    if len({b.mlp.num_experts for b in uneven.structure.moe_blocks}) > 1:
+        with pytest.raises(NotExpressibleError, match="different expert counts"):
+            save(uneven, tmp_path / "hf", format="hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_existing_targets_and_failed_writes(tmp_path):
+    _, program = captured("olmoe")
+    target = tmp_path / "out"
+    save(program, target)
+    before = (target / "manifest.json").read_text()
+    with pytest.raises(ArtifactError, match="already exists; pass overwrite=True"):
+        save(program, target)
+    save(program, target, overwrite=True)
+    assert (target / "manifest.json").read_text() == before
+
+    def broken(staging):
+        (staging / "half-written").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(tmp_path / "never", broken, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no target, no staging left behind
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ArtifactError, match=r"no manifest\.json: not a moepass artifact"):
+        load(tmp_path)
+    random_model("mixtral", seed=0).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ArtifactError, match="looks like a transformers checkpoint"):
+        load(tmp_path / "hf")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random model with the corpus tokenizer's vocabulary, saved as a transformers checkpoint."""
+    path = tmp_path_factory.mktemp("model")
+    random_model("qwen2_moe", seed=1, vocab_size=4096, num_hidden_layers=4).save_pretrained(path)
+    shutil.copy(corpus_dir() / "tokenizer.json", path / "tokenizer.json")
+    return path
+
+
+def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, capsys):
+    out = tmp_path / "result"
+    argv = [
+        "compress",
+        "--model",
+        str(checkpoint),
+        "--recipe",
+        "paper-layer-drop",
+        "--out",
+        str(out),
+        "--eval-per-source",
+        "2",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity overall" in printed and "MoE sub-layer dropped" in printed and "layer_drop" in printed
+    assert {p.name for p in out.iterdir()} == {
+        "manifest.json",
+        "model.safetensors",
+        "report.md",
+        "report.json",
+        "plots",
+    }
+    assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
+    report = json.loads((out / "report.json").read_text())
+    assert report["edits"] == [{"op": "drop_mlp", "block": report["edits"][0]["block"]}]
+    program = load(out)
+    assert len([b for b in program.structure.blocks if b.mlp is None]) == 1
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert main(argv) == 2  # exists: refused, untouched
+    assert "pass --force" in capsys.readouterr().err and (out / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("passes:\n  - layer_drop: {count: 1, depth: 3}\n")
+    out = tmp_path / "never"
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                str(checkpoint),
+                "--recipe",
+                str(tmp_path / "bad.yaml"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "layer_drop.depth: unknown option" in capsys.readouterr().err
+    assert not out.exists()
