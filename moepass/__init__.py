@@ -10,6 +10,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "ir")) and _os.path.isfile(
 ):
     __path__.append(_checkout)
 
+from moepass.artifact import load, save  # noqa: E402
 from moepass.compress import compress  # noqa: E402
 from moepass.errors import (  # noqa: E402
     IRVerificationError,
@@ -32,4 +33,6 @@ __all__ = [
     "capture",
     "compress",
     "evaluate",
+    "load",
+    "save",
 ]
