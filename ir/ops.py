@@ -204,23 +204,64 @@ def experts(
     weight copies), so a decode step reads only the k selected experts. Each (token, slot) result
     lands in its own row and the k slots are summed in slot order, in fp32, as transformers does.
     """
+
+    def expert_weights(e: int):
+        return (
+            gate_up[e],
+            down[e],
+            None if gate_up_bias is None else gate_up_bias[e],
+            None if down_bias is None else down_bias[e],
+        )
+
+    return run_experts(
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate_up.shape[0],
+        expert_weights,
+        ACTIVATIONS[activation],
+        alpha,
+        limit,
+    )
+
+
+ExpertWeights = Callable[[int], tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
+
+
+def run_experts(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    num_experts: int,
+    expert_weights: ExpertWeights,
+    act: ActivationFn,
+    alpha: float,
+    limit: float,
+    gate_up_input_scale: Tensor | None = None,
+    down_input_scale: Tensor | None = None,
+) -> Tensor:
+    """The experts computation for any weight storage: `expert_weights(e)` gives expert e's
+    (gate_up [2I, H], down [H, I], gate_up bias, down bias), views or freshly dequantized tensors.
+    Optional input scales multiply each projection's input (AWQ's folded activation scales)."""
     tokens, top_k = topk_ids.shape
-    act = ACTIVATIONS[activation]
-    num_experts = gate_up.shape[0]
+    hidden_in = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
+
+    def expert(e: int, x: Tensor) -> Tensor:
+        gate_up_e, down_e, gate_up_bias_e, down_bias_e = expert_weights(e)
+        h = act(F.linear(x, gate_up_e, gate_up_bias_e), alpha, limit)
+        if down_input_scale is not None:
+            h = h * down_input_scale[e]
+        return F.linear(h, down_e, down_bias_e)
+
     if tokens == 1:  # decode step: run the k experts on views, accumulate in slot order
         out = torch.zeros_like(hidden, dtype=torch.float32)
-        for slot, expert in enumerate(topk_ids[0].tolist()):
-            if expert >= num_experts:
-                continue
-            h = F.linear(hidden, gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert])
-            y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
-            out = out + y.float() * topk_weights[:, slot : slot + 1]
+        for slot, e in enumerate(topk_ids[0].tolist()):
+            if e < num_experts:
+                out = out + expert(e, hidden_in).float() * topk_weights[:, slot : slot + 1]
         return out.to(hidden.dtype)
     slot_out = hidden.new_zeros((tokens * top_k, hidden.shape[-1]))
-    for expert, slots, rows in _expert_groups(topk_ids, num_experts):
-        h = F.linear(hidden[rows], gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert])
-        y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
-        slot_out[slots] = y
+    for e, slots, rows in _expert_groups(topk_ids, num_experts):
+        slot_out[slots] = expert(e, hidden_in[rows])
     weighted = slot_out.float() * topk_weights.reshape(-1, 1).float()
     return weighted.view(tokens, top_k, hidden.shape[-1]).sum(dim=1).to(hidden.dtype)
 

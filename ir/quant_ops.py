@@ -1,0 +1,116 @@
+"""Canonical ops for compressed weights: quantized linear and quantized experts.
+
+Each has a reference implementation (dequantize, then the dense math) that runs on any device and
+is the ground truth for the kernels in `moepass.kernels`, plus a fake implementation so it stays
+one node under export and compile. Storage layout: `moepass.ir.quantized`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import ACTIVATIONS, run_experts
+from .quantized import dequantize, in_features
+
+
+@torch.library.custom_op("moepass::quantized_linear", mutates_args=())
+def quantized_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """F.linear(x * input_scale, dequantize(qweight, scales, zeros), bias); x [..., K] -> [..., N]."""
+    weight = dequantize(qweight, scales, zeros, bits, group_size, dtype=x.dtype)
+    return F.linear(x if input_scale is None else x * input_scale, weight, bias)
+
+
+@quantized_linear.register_fake
+def _(x, qweight, scales, zeros, bias, input_scale, bits, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[-2]))
+
+
+@torch.library.custom_op("moepass::quantized_experts", mutates_args=())
+def quantized_experts(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up_qweight: Tensor,
+    gate_up_scales: Tensor,
+    gate_up_zeros: Tensor | None,
+    down_qweight: Tensor,
+    down_scales: Tensor,
+    down_zeros: Tensor | None,
+    gate_up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    gate_up_input_scale: Tensor | None,
+    down_input_scale: Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """`moepass::experts` over quantized expert weights ([E, ...] in the stored layout).
+
+    Only the experts that receive tokens are dequantized. `gate_up_input_scale` [H] and
+    `down_input_scale` [E, I] multiply the projections' inputs (AWQ)."""
+
+    def expert_weights(e: int):
+        gate_up = dequantize(
+            gate_up_qweight[e], gate_up_scales[e], _at(gate_up_zeros, e), bits, group_size, hidden.dtype
+        )
+        down = dequantize(down_qweight[e], down_scales[e], _at(down_zeros, e), bits, group_size, hidden.dtype)
+        return gate_up, down, _at(gate_up_bias, e), _at(down_bias, e)
+
+    return run_experts(
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate_up_qweight.shape[0],
+        expert_weights,
+        ACTIVATIONS[activation],
+        alpha,
+        limit,
+        gate_up_input_scale,
+        down_input_scale,
+    )
+
+
+def _at(tensor: Tensor | None, e: int) -> Tensor | None:
+    return None if tensor is None else tensor[e]
+
+
+@quantized_experts.register_fake
+def _(
+    hidden,
+    topk_ids,
+    topk_weights,
+    gate_up_qweight,
+    gate_up_scales,
+    gate_up_zeros,
+    down_qweight,
+    down_scales,
+    down_zeros,
+    gate_up_bias,
+    down_bias,
+    gate_up_input_scale,
+    down_input_scale,
+    activation,
+    alpha,
+    limit,
+    bits,
+    group_size,
+):
+    return torch.empty_like(hidden)
+
+
+QUANTIZED_LINEAR = torch.ops.moepass.quantized_linear.default
+QUANTIZED_EXPERTS = torch.ops.moepass.quantized_experts.default
+__all__ = ["QUANTIZED_EXPERTS", "QUANTIZED_LINEAR", "in_features", "quantized_experts", "quantized_linear"]

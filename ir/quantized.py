@@ -1,0 +1,150 @@
+"""Weight-only integer formats: quantization codes, packing, and the float64-exact dequantizer.
+
+One layout per format, chosen to be onnxruntime's `MatMulNBits` / `QMoE` input layout (so ONNX
+export only reshapes) and easy for the Triton kernels to read. For a weight W [N, K] (F.linear
+layout: N outputs, K inputs) quantized with `bits` in groups of `group_size` along K (G = K / group):
+
+  qweight  uint8  4-bit: [N, K/2], two codes per byte along K, the even k in the low nibble
+                  8-bit: [N, K]
+  scales   [N, G] in the model's float dtype
+  zeros    uint8  4-bit: [N, ceil(G/2)], packed like qweight (low nibble = even group)
+                  8-bit: [N, G]
+                  None for symmetric formats: the zero point is 2^(bits-1) (8 or 128)
+  W[n, k] = (code[n, k] - zero[n, k // group]) * scale[n, k // group]
+
+Expert tensors add a leading expert dimension to all three. Symmetric scales follow GPTQ's
+convention (scale = 2 * absmax / (2^bits - 1), zero point 2^(bits-1)); asymmetric ones map
+[min, max] of each group onto [0, 2^bits - 1]. A group size that does not divide K is an error
+(no padding): every supported model has K a multiple of 128.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moepass.errors import MoepassError
+
+BITS = (4, 8)
+
+
+class FormatError(MoepassError):
+    """A quantization format that does not fit a tensor."""
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output channel (per-channel)
+    symmetric: bool = False
+
+    def groups(self, in_features: int, name: str = "weight") -> int:
+        """G for a K-input weight; raises naming the tensor when the format does not fit."""
+        if self.bits not in BITS:
+            raise FormatError(f"{name}: {self.bits}-bit quantization is not supported; choose one of {BITS}")
+        group = in_features if self.group_size == -1 else self.group_size
+        if group <= 0 or in_features % group:
+            raise FormatError(
+                f"{name}: group size {self.group_size} does not divide its {in_features} inputs; "
+                f"use a divisor of {in_features} or -1 (per-channel)"
+            )
+        if self.bits == 4 and group % 2:
+            raise FormatError(f"{name}: 4-bit groups must hold an even number of inputs, got {group}")
+        return in_features // group
+
+    def group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    @property
+    def max_code(self) -> int:
+        return 2**self.bits - 1
+
+    def describe(self) -> str:
+        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+
+def scales_and_zeros(weight: Tensor, fmt: QuantFormat) -> tuple[Tensor, Tensor]:
+    """Per-group scale and integer zero point ([..., N, G], both float) minimising nothing: min/max."""
+    *lead, n, k = weight.shape
+    groups = weight.reshape(*lead, n, -1, fmt.group(k)).float()
+    if fmt.symmetric:
+        absmax = groups.abs().amax(-1).clamp_min(1e-12)
+        scale = 2 * absmax / fmt.max_code
+        zero = torch.full_like(scale, 2 ** (fmt.bits - 1))
+    else:
+        low, high = groups.amin(-1).clamp_max(0), groups.amax(-1).clamp_min(0)
+        scale = ((high - low) / fmt.max_code).clamp_min(1e-12)
+        zero = torch.round(-low / scale).clamp(0, fmt.max_code)
+    return scale, zero
+
+
+def codes_for(weight: Tensor, scale: Tensor, zero: Tensor, fmt: QuantFormat) -> Tensor:
+    """Integer codes (int16) of `weight` [..., N, K] for per-group scale/zero [..., N, G]."""
+    group = fmt.group(weight.shape[-1])
+    s = scale.repeat_interleave(group, dim=-1)
+    z = zero.repeat_interleave(group, dim=-1)
+    return torch.clamp(torch.round(weight.float() / s) + z, 0, fmt.max_code).to(torch.int16)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """int codes [..., K] -> uint8 [..., K/2] (4-bit, low nibble = even index) or [..., K] (8-bit)."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of `pack`: uint8 -> int16 codes [..., K]."""
+    if bits == 8:
+        return packed.to(torch.int16)
+    low, high = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def quantize(weight: Tensor, fmt: QuantFormat, name: str = "weight") -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round-to-nearest: (qweight, scales, zeros-or-None) of `weight` [..., N, K] in `fmt`'s layout."""
+    fmt.groups(weight.shape[-1], name)
+    scale, zero = scales_and_zeros(weight, fmt)
+    return packed_triple(codes_for(weight, scale, zero, fmt), scale, zero, fmt, weight.dtype)
+
+
+def packed_triple(
+    codes: Tensor, scale: Tensor, zero: Tensor, fmt: QuantFormat, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Codes and per-group scale/zero in the stored layout (GPTQ and AWQ produce these too)."""
+    zeros = None
+    if not fmt.symmetric:
+        zero = zero.to(torch.int16)
+        if fmt.bits == 4 and zero.shape[-1] % 2:  # an odd group count: pad the last byte's high nibble
+            zero = torch.nn.functional.pad(zero, (0, 1))
+        zeros = pack(zero, fmt.bits)
+    return pack(codes, fmt.bits), scale.to(dtype).contiguous(), zeros
+
+
+def dequantize(
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """W [..., N, K] from the stored layout (`group_size` -1: per-channel)."""
+    codes = unpack(qweight, bits)
+    k = codes.shape[-1]
+    group = k if group_size == -1 else group_size
+    groups = k // group
+    if zeros is None:
+        zero = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int16, device=scales.device)
+    else:
+        zero = unpack(zeros, bits)[..., :groups]
+    weight = (codes - zero.repeat_interleave(group, dim=-1)).to(scales.dtype if dtype is None else dtype)
+    return weight * scales.repeat_interleave(group, dim=-1).to(weight.dtype)
+
+
+def in_features(qweight: Tensor, bits: int) -> int:
+    return qweight.shape[-1] * (2 if bits == 4 else 1)
