@@ -16,6 +16,9 @@ import torch
 from torch import fx
 
 from .ops import EXPERTS, ROUTE
+from .quant_ops import QUANTIZED_EXPERTS
+
+EXPERT_OPS = (EXPERTS, QUANTIZED_EXPERTS)
 
 # Module paths of the transformers causal-LM layout shared by every supported family.
 EMBEDDINGS, LAYERS, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
@@ -51,7 +54,8 @@ class AttentionEntry(Entry):
 
 @dataclass
 class MoEEntry(Entry):
-    """A canonical sparse-MoE sub-layer. Tensor fields hold FQNs (None where the family has none)."""
+    """A canonical sparse-MoE sub-layer. Tensor fields hold FQNs (None where the family has none);
+    for quantized experts `gate_up`/`down` name the packed codes (`*_qweight`)."""
 
     route_node: str = ""
     route_weights: str = ""  # getitem nodes unpacking the route op: top-k weights [T, k] fp32
@@ -73,6 +77,8 @@ class MoEEntry(Entry):
     down: str = ""
     gate_up_bias: str | None = None
     down_bias: str | None = None
+    expert_tensors: list[str] = field(default_factory=list)  # every tensor indexed by expert (dim 0)
+    quantization: dict | None = None  # {"bits", "group_size"} when the experts are quantized
     shared_experts: Entry | None = None
     shared_expert_gate: Entry | None = None
 
@@ -228,13 +234,23 @@ def _cache_entry(index: int, past: list[str]) -> CacheEntry | None:
     return CacheEntry(key, value, 1 + past.index(key), 1 + past.index(value))
 
 
+def op_args(node: fx.Node) -> dict:
+    """A call's arguments by schema name (positional and keyword alike)."""
+    names = [a.name for a in node.target._schema.arguments]
+    return {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+
+
 def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntry:
-    experts = next(u for getter in route.users for u in getter.users if u.target is EXPERTS)
+    experts = next(u for getter in route.users for u in getter.users if u.target in EXPERT_OPS)
     logits, correction, kind, top_k, n_group, topk_group = route.args[:6]
-    ex_args = experts.args
-    gate_up, down, gate_up_bias, down_bias = (
-        a.target if isinstance(a, fx.Node) else None for a in ex_args[3:7]
-    )
+    args = op_args(experts)
+    quantized = experts.target is not EXPERTS
+    suffix = "_qweight" if quantized else ""
+
+    def fqn(name: str) -> str | None:
+        value = args.get(name)
+        return value.target if isinstance(value, fx.Node) and value.op == "get_attr" else None
+
     router_linear = logits if isinstance(logits, fx.Node) else None
     router_weight = router_bias = None
     if router_linear is not None and router_linear.target is torch.ops.aten.linear.default:
@@ -248,14 +264,21 @@ def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntr
     getters = {u.args[1]: u.name for u in route.users if u.target is operator.getitem}
     moe.route_weights, moe.route_ids = getters.get(0, ""), getters.get(1, "")
     moe.router_linear_node = router_linear.name if router_linear is not None else None
-    moe.num_experts = graph_module.get_parameter(gate_up).shape[0]
+    moe.gate_up, moe.down = fqn("gate_up" + suffix), fqn("down" + suffix)
+    moe.gate_up_bias, moe.down_bias = fqn("gate_up_bias"), fqn("down_bias")
+    moe.num_experts = (
+        graph_module.get_buffer(moe.gate_up).shape[0]
+        if quantized
+        else (graph_module.get_parameter(moe.gate_up).shape[0])
+    )
     moe.router_rows = graph_module.get_parameter(router_weight).shape[0] if router_weight else 0
     moe.preserve_gate = bool(route.meta.get("moepass_preserve_gate", False))
     moe.top_k, moe.routing, moe.n_group, moe.topk_group = top_k, kind, n_group, topk_group
-    moe.activation = ex_args[7]
+    moe.activation = args["activation"]
     moe.router_weight, moe.router_bias = router_weight or "", router_bias
     moe.correction_bias = _tensor_name(correction)
-    moe.gate_up, moe.down, moe.gate_up_bias, moe.down_bias = gate_up, down, gate_up_bias, down_bias
+    moe.expert_tensors = [fqn(name) for name in args if name not in ("gate_up_input_scale",) and fqn(name)]
+    moe.quantization = {"bits": args["bits"], "group_size": args["group_size"]} if quantized else None
     moe.shared_experts = entry(shared) if entry(shared).nodes else None
     moe.shared_expert_gate = entry(gate) if entry(gate).nodes else None
     return moe

@@ -12,6 +12,9 @@ from torch import fx, nn
 from moepass.errors import MoepassError
 
 from .canonicalize import remove_dead_nodes
+from .quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from .quantized import QuantFormat
+from .structure import op_args
 
 
 def drop_block(program, index: int) -> None:
@@ -82,10 +85,11 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
         else experts
     )
     graph_module = program.graph_module
-    router_tensors = (moe.router_weight, moe.router_bias, moe.correction_bias)
-    for fqn in (*router_tensors, moe.gate_up, moe.down, moe.gate_up_bias, moe.down_bias):
+    for fqn in (moe.router_weight, moe.router_bias, moe.correction_bias):
         if fqn is not None:
-            _replace_tensor(graph_module, fqn, rows if fqn in router_tensors else experts)
+            _replace_tensor(graph_module, fqn, rows)
+    for fqn in moe.expert_tensors:  # weights, biases, and packed codes/scales/zeros when quantized
+        _replace_tensor(graph_module, fqn, experts)
     route = next(n for n in graph_module.graph.nodes if n.name == moe.route_node)
     if preserve_gate:
         route.meta["moepass_preserve_gate"] = True
@@ -104,8 +108,180 @@ def _replace_tensor(graph_module: fx.GraphModule, fqn: str, rows: torch.Tensor) 
     owner_path, _, name = fqn.rpartition(".")
     owner = graph_module.get_submodule(owner_path)
     old = getattr(owner, name)
-    selected = old.detach().index_select(0, rows.to(old.device))
-    if name in owner._parameters:
-        owner._parameters[name] = nn.Parameter(selected, requires_grad=False)
+    set_tensor(graph_module, fqn, old.detach().index_select(0, rows.to(old.device)))
+
+
+def set_tensor(graph_module: fx.GraphModule, fqn: str, tensor: torch.Tensor) -> None:
+    """Install `tensor` at `fqn`, replacing what is there (never editing it in place). An existing
+    buffer stays a buffer; otherwise floating tensors become frozen parameters, integer codes
+    buffers. Creates the owning submodule if needed."""
+    owner_path, _, name = fqn.rpartition(".")
+    owner = graph_module
+    for part in owner_path.split(".") if owner_path else []:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    was_buffer = owner._buffers.pop(name, None) is not None
+    owner._parameters.pop(name, None)
+    if tensor.is_floating_point() and not was_buffer:
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
     else:
-        owner._buffers[name] = selected
+        owner._buffers[name] = tensor
+
+
+def quantize_experts(
+    program,
+    index: int,
+    fmt: QuantFormat,
+    gate_up: tuple,
+    down: tuple,
+    *,
+    gate_up_input_scale: torch.Tensor | None = None,
+    down_input_scale: torch.Tensor | None = None,
+) -> None:
+    """Rewrite block `index`'s experts node into `moepass::quantized_experts`.
+
+    `gate_up` and `down` are (qweight, scales, zeros-or-None) in `moepass.ir.quantized`'s layout for
+    all experts; input scales (AWQ) multiply the projections' inputs. The float weights go."""
+    moe = program.structure.block(index).mlp
+    if moe is None or not hasattr(moe, "experts_node"):
+        raise MoepassError(f"block {index} has no MoE sub-layer to quantize")
+    if moe.quantization is not None:
+        raise MoepassError(f"block {index}: experts are already quantized ({moe.quantization})")
+    graph_module = program.graph_module
+    node = next(n for n in graph_module.graph.nodes if n.name == moe.experts_node)
+    args = op_args(node)
+    prefix = moe.gate_up.rpartition(".")[0]
+    tensors = {
+        "gate_up_qweight": gate_up[0],
+        "gate_up_scales": gate_up[1],
+        "gate_up_zeros": gate_up[2],
+        "down_qweight": down[0],
+        "down_scales": down[1],
+        "down_zeros": down[2],
+        "gate_up_input_scale": gate_up_input_scale,
+        "down_input_scale": down_input_scale,
+    }
+    with graph_module.graph.inserting_before(node):
+        attrs = {k: _install(graph_module, f"{prefix}.{_STORED[k]}", v) for k, v in tensors.items()}
+        new = graph_module.graph.call_function(
+            QUANTIZED_EXPERTS,
+            (
+                args["hidden"],
+                args["topk_ids"],
+                args["topk_weights"],
+                attrs["gate_up_qweight"],
+                attrs["gate_up_scales"],
+                attrs["gate_up_zeros"],
+                attrs["down_qweight"],
+                attrs["down_scales"],
+                attrs["down_zeros"],
+                args["gate_up_bias"],
+                args["down_bias"],
+                attrs["gate_up_input_scale"],
+                attrs["down_input_scale"],
+                args["activation"],
+                args["alpha"],
+                args["limit"],
+                fmt.bits,
+                fmt.group_size,
+            ),
+        )
+    _swap(node, new)
+    for fqn in (moe.gate_up, moe.down):
+        _delete_if_unused(graph_module, fqn)
+    program.info.edits.append(
+        {
+            "op": "quantize_experts",
+            "block": index,
+            **_format_record(fmt),
+            "input_scales": gate_up_input_scale is not None,
+        }
+    )
+    program.graph_changed()
+
+
+def quantize_linear(
+    program, weight: str, fmt: QuantFormat, packed: tuple, *, input_scale: torch.Tensor | None = None
+) -> None:
+    """Rewrite every `linear(x, <weight>, bias)` node into `moepass::quantized_linear`."""
+    graph_module = program.graph_module
+    nodes = [
+        n
+        for n in graph_module.graph.nodes
+        if n.target is torch.ops.aten.linear.default
+        and isinstance(n.args[1], fx.Node)
+        and n.args[1].op == "get_attr"
+        and n.args[1].target == weight
+    ]
+    if not nodes:
+        raise MoepassError(f"no linear reads {weight}")
+    prefix = weight.rpartition(".")[0]
+    for node in nodes:
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with graph_module.graph.inserting_before(node):
+            q, s, z, scale = (
+                _install(graph_module, f"{prefix}.{name}", t)
+                for name, t in (
+                    ("qweight", packed[0]),
+                    ("scales", packed[1]),
+                    ("zeros", packed[2]),
+                    ("input_scale", input_scale),
+                )
+            )
+            new = graph_module.graph.call_function(
+                QUANTIZED_LINEAR, (node.args[0], q, s, z, bias, scale, fmt.bits, fmt.group_size)
+            )
+        _swap(node, new)
+    _delete_if_unused(graph_module, weight)
+    program.info.edits.append(
+        {
+            "op": "quantize_linear",
+            "weight": weight,
+            **_format_record(fmt),
+            "input_scale": input_scale is not None,
+        }
+    )
+    program.graph_changed()
+
+
+# stored names of the quantized experts' tensors on the experts module
+_STORED = {
+    "gate_up_qweight": "gate_up_proj_qweight",
+    "gate_up_scales": "gate_up_proj_scales",
+    "gate_up_zeros": "gate_up_proj_zeros",
+    "down_qweight": "down_proj_qweight",
+    "down_scales": "down_proj_scales",
+    "down_zeros": "down_proj_zeros",
+    "gate_up_input_scale": "gate_up_input_scale",
+    "down_input_scale": "down_input_scale",
+}
+
+
+def _format_record(fmt: QuantFormat) -> dict:
+    return {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric}
+
+
+def _install(graph_module: fx.GraphModule, fqn: str, tensor: torch.Tensor | None) -> fx.Node | None:
+    if tensor is None:
+        return None
+    set_tensor(graph_module, fqn, tensor.detach())
+    return graph_module.graph.get_attr(fqn)
+
+
+def _swap(old: fx.Node, new: fx.Node) -> None:
+    new.meta = dict(old.meta)
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
+
+
+def _delete_if_unused(graph_module: fx.GraphModule, fqn: str) -> None:
+    """Remove a tensor no graph node reads any more (tied weights stay while their twin reads them)."""
+    if any(n.op == "get_attr" and n.target == fqn and n.users for n in graph_module.graph.nodes):
+        return
+    for n in [n for n in graph_module.graph.nodes if n.op == "get_attr" and n.target == fqn]:
+        graph_module.graph.erase_node(n)
+    owner_path, _, name = fqn.rpartition(".")
+    owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+    owner._parameters.pop(name, None)
+    owner._buffers.pop(name, None)

@@ -11,6 +11,7 @@ from torch import fx
 from moepass.errors import IRVerificationError
 
 from .ops import ACTIVATIONS, ROUTING_KINDS
+from .quantized import in_features
 from .structure import MoEEntry
 
 
@@ -63,6 +64,26 @@ def verify(program) -> None:
         raise IRVerificationError(problems)
 
 
+def _check_quantized_experts(where, moe, tensors, quant, num_experts, hidden, inter, problems) -> None:
+    """Scales [E, N, G]; zero points [E, N, G] (8-bit) or [E, N, ceil(G/2)] (4-bit), both projections."""
+    prefix = moe.gate_up.rpartition(".")[0]
+    for proj, (n, k) in {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}.items():
+        group = k if quant["group_size"] == -1 else quant["group_size"]
+        if k % group:
+            problems.append(f"{where}: {proj} group size {quant['group_size']} does not divide {k} inputs")
+            continue
+        g = k // group
+        for suffix, want in (
+            ("scales", (num_experts, n, g)),
+            ("zeros", (num_experts, n, (g + 1) // 2 if quant["bits"] == 4 else g)),
+        ):
+            name = f"{prefix}.{proj}_{suffix}"
+            if name in tensors and tuple(tensors[name].shape) != want:
+                problems.append(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {want}")
+        if f"{prefix}.{proj}_scales" not in tensors:
+            problems.append(f"{where}: quantized {proj} has no scales tensor")
+
+
 def _check_signature(graph_module: fx.GraphModule, problems: list[str]) -> None:
     placeholders = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
     if placeholders[:3] != ["input_ids", "attention_mask", "position_ids"]:
@@ -85,8 +106,16 @@ def _check_signature(graph_module: fx.GraphModule, problems: list[str]) -> None:
 
 
 def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) -> None:
+    quant = moe.quantization
+
     def shape(name: str | None):
-        return None if name is None or name not in tensors else tuple(tensors[name].shape)
+        """Logical shape: packed codes count their unpacked inputs."""
+        if name is None or name not in tensors:
+            return None
+        value = tuple(tensors[name].shape)
+        if quant is not None and name.endswith("_qweight"):
+            value = (*value[:-1], in_features(tensors[name], quant["bits"]))
+        return value
 
     for field in ("router_weight", "gate_up", "down"):
         name = getattr(moe, field)
@@ -102,8 +131,9 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
     counts = {
         f: shape(getattr(moe, f))[0] for f in (*router_fields, *expert_fields) if shape(getattr(moe, f))
     }
+    counts.update({t.rsplit(".", 1)[-1]: shape(t)[0] for t in moe.expert_tensors if shape(t)})
     rows = {f: n for f, n in counts.items() if f in router_fields}
-    experts = {f: n for f, n in counts.items() if f in expert_fields}
+    experts = {f: n for f, n in counts.items() if f not in router_fields}
     # preserve_gate routers keep rows for dropped experts: they must have at least one per expert
     agree = (
         len(set(rows.values())) <= 1
@@ -138,6 +168,8 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
                 f"{where}: {field} {name} has shape {shape(name)}, expected {want} "
                 f"(E={num_experts}, H={hidden}, I={inter})"
             )
+    if quant is not None:
+        _check_quantized_experts(where, moe, tensors, quant, num_experts, hidden, inter, problems)
     if not 1 <= moe.top_k <= moe.router_rows:
         problems.append(
             f"{where}: top_k={moe.top_k} must be between 1 and the number of experts ({moe.router_rows})"
