@@ -33,6 +33,7 @@ class ProgramInfo:
     capture_seconds: float = 0.0
     edits: list[dict] = field(default_factory=list)  # structural edits since capture, replayable in order
     history: list[dict] = field(default_factory=list)  # recipes applied, with their reports
+    pruned: dict[str, str] = field(default_factory=dict)  # weight FQN -> sparsity pattern, e.g. "2:4"
 
 
 class MoEProgram(nn.Module):

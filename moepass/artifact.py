@@ -26,15 +26,41 @@ from safetensors.torch import load_file, save_file
 
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram, capture
-from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
+from moepass.ir.quantized import QuantFormat, quantize
+from moepass.ir.surgery import drop_block, drop_mlp, keep_experts, quantize_experts, quantize_linear
 
 FORMAT, VERSION = "moepass-artifact", 1
+
+
+def _replay_quantize_experts(program: MoEProgram, edit: dict) -> None:
+    """Rebuild the op with placeholder values of the right shapes; the artifact's tensors follow."""
+    moe = program.structure.block(edit["block"]).mlp
+    fmt = QuantFormat(edit["bits"], edit["group_size"], edit["symmetric"])
+    gate_up, down = (program.graph_module.get_parameter(n) for n in (moe.gate_up, moe.down))
+    scales = {}
+    if edit["input_scales"]:
+        scales = {
+            "gate_up_input_scale": gate_up.new_ones(gate_up.shape[-1]),
+            "down_input_scale": down.new_ones(down.shape[0], down.shape[-1]),
+        }
+    quantize_experts(program, edit["block"], fmt, quantize(gate_up, fmt), quantize(down, fmt), **scales)
+
+
+def _replay_quantize_linear(program: MoEProgram, edit: dict) -> None:
+    fmt = QuantFormat(edit["bits"], edit["group_size"], edit["symmetric"])
+    weight = program.graph_module.get_parameter(edit["weight"])
+    scale = weight.new_ones(weight.shape[-1]) if edit["input_scale"] else None
+    quantize_linear(program, edit["weight"], fmt, quantize(weight, fmt), input_scale=scale)
+
+
 REPLAY = {
     "drop_block": lambda program, edit: drop_block(program, edit["block"]),
     "drop_mlp": lambda program, edit: drop_mlp(program, edit["block"]),
     "keep_experts": lambda program, edit: keep_experts(
         program, edit["block"], edit["keep"], preserve_gate=edit.get("preserve_gate", False)
     ),
+    "quantize_experts": _replay_quantize_experts,
+    "quantize_linear": _replay_quantize_linear,
 }
 
 
@@ -115,6 +141,7 @@ def manifest_of(program: MoEProgram, aliases: dict[str, str]) -> dict:
             "dropped_moe_layers": [b.index for b in structure.blocks if b.mlp is None],
         },
         "history": program.info.history,
+        "pruned": program.info.pruned,
         "aliases": aliases,
         "versions": {
             "moepass": _version(),
@@ -173,6 +200,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> MoEP
         for param in module.parameters(recurse=False):
             param.requires_grad_(False)
     program.info.history = manifest.get("history", [])
+    program.info.pruned = manifest.get("pruned", {})
     program.verify()
     return program.to(device)
 

@@ -101,12 +101,7 @@ def _run(stage: Stage, index: int, state: dict, batch: int, observers, wanted: s
     outputs = stage.module(*[state[name] for name in stage.inputs])
     produced = dict(zip(stage.outputs, outputs, strict=True))
     if stage.block is not None:
-        for name, value in produced.items():
-            if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-                raise CalibrationError(
-                    f"non-finite activations in block {stage.block} (node {name}) on "
-                    f"calibration batch {batch}; check the model weights and the data"
-                )
+        _check_finite(stage.block, produced, batch)
     seen = {k: v for k, v in produced.items() if k in wanted}
     if seen:
         for observer in observers:
@@ -116,3 +111,61 @@ def _run(stage: Stage, index: int, state: dict, batch: int, observers, wanted: s
     state.update({k: v for k, v in produced.items() if last_use.get(k, -1) > index})
     for name in [n for n in state if last_use.get(n, -1) <= index]:
         del state[name]
+
+
+class BlockwiseRunner:
+    """Walks a calibration set through a program one block at a time, keeping only the values at
+    the current block boundary (per batch). Blocks can be observed any number of times and edited
+    between observations: each call re-splits the (possibly rewritten) graph. Used by the slimming
+    passes: GPTQ/AWQ/Wanda/SparseGPT collect statistics for block i, compress it, then move on."""
+
+    def __init__(self, program: MoEProgram, data: TokenSet, batch_size: int = 8):
+        if len(data) == 0:
+            raise CalibrationError("the calibration set is empty")
+        self.program = program
+        batches = [slice(b, min(b + batch_size, len(data))) for b in range(0, len(data), batch_size)]
+        self.states = [_graph_inputs(program, data.input_ids[rows]) for rows in batches]
+        with torch.no_grad():
+            prelude = split_stages(program.graph_module)[0]
+            for state in self.states:
+                state.update(
+                    zip(prelude.outputs, prelude.module(*[state[n] for n in prelude.inputs]), strict=True)
+                )
+
+    def _stage(self, block: int, observe: set[str]) -> Stage:
+        stages = split_stages(self.program.graph_module, observe=observe)
+        return next(s for s in stages if s.block == block)
+
+    @torch.no_grad()
+    def observe(self, block: int, nodes: set[str]) -> Iterable[dict[str, Tensor]]:
+        """For each batch, the values of `nodes` (inside block `block`) from its current weights."""
+        stage = self._stage(block, nodes)
+        for batch, state in enumerate(self.states):
+            outputs = dict(zip(stage.outputs, stage.module(*[state[n] for n in stage.inputs]), strict=True))
+            _check_finite(block, outputs, batch)
+            yield {name: outputs[name] for name in nodes}
+
+    @torch.no_grad()
+    def outputs(self, block: int) -> list[dict[str, Tensor]]:
+        """Everything block `block` hands to later stages, per batch (to commit now or later)."""
+        stage = self._stage(block, set())
+        results = []
+        for batch, state in enumerate(self.states):
+            produced = dict(zip(stage.outputs, stage.module(*[state[n] for n in stage.inputs]), strict=True))
+            _check_finite(block, produced, batch)
+            results.append(produced)
+        return results
+
+    def commit(self, produced: list[dict[str, Tensor]]) -> None:
+        """Make a block's outputs the inputs of the next block."""
+        for state, values in zip(self.states, produced, strict=True):
+            state.update(values)
+
+
+def _check_finite(block: int, values: Mapping[str, Tensor], batch: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise CalibrationError(
+                f"non-finite activations in block {block} (node {name}) on calibration batch "
+                f"{batch}; check the model weights and the data"
+            )

@@ -49,7 +49,7 @@ def _needs_data(recipe: Recipe) -> bool:
 
     for name, config in recipe.passes:
         cls = PASSES[name]
-        if not issubclass(cls, TransformPass) or cls(config).required_analyses():
+        if not issubclass(cls, TransformPass) or cls.needs_calibration or cls(config).required_analyses():
             return True
     return False
 

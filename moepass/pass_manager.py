@@ -121,6 +121,10 @@ class PassManager:
             if isinstance(p, AnalysisPass):
                 self.analysis(program, p.name, p.config)
                 continue
+            if p.needs_calibration and self.calibration is None:
+                raise PassError(
+                    f"pass {p.name} needs calibration data, and none was given (pass calibration=...)"
+                )
             result = self._timed(p, lambda p=p: p.run(program, context))
             self.report.records[-1].modified = result.modified
             self.report.records[-1].summary = result.summary

@@ -1,6 +1,15 @@
 """All registered passes; importing this package registers them."""
 
-from . import block_drop, block_similarity, expert_drop, expert_importance, layer_drop, moe_similarity
+from . import (
+    block_drop,
+    block_similarity,
+    expert_drop,
+    expert_importance,
+    gptq,
+    layer_drop,
+    moe_similarity,
+    rtn,
+)
 from .base import (
     PASSES,
     AnalysisPass,
@@ -25,6 +34,8 @@ __all__ = [
     "create_pass",
     "expert_drop",
     "expert_importance",
+    "gptq",
     "layer_drop",
     "moe_similarity",
+    "rtn",
 ]

@@ -73,6 +73,7 @@ class AnalysisPass(Pass):
 class TransformPass(Pass):
     kind = "transform"
     preserves: ClassVar[frozenset[str]] = frozenset()  # analyses still valid after this pass
+    needs_calibration: ClassVar[bool] = False  # reads calibration data itself (GPTQ, AWQ, Wanda...)
 
     def required_analyses(self) -> list[tuple[str, PassConfig]]:
         """Analyses this transform will ask for, so a one-shot run can compute them up front."""

@@ -1,0 +1,203 @@
+"""GPTQ: quantize each weight column by column, spreading every rounding error onto the columns not
+yet quantized through the inverse Hessian of the layer's inputs (Frantar et al. 2023).
+
+MoE-aware: each routed expert gets its own Hessian from the tokens routed to it only; experts with
+fewer than `min_tokens` fall back to round-to-nearest (H = I). Blocks are processed in order and,
+inside a block, true-sequentially — attention q/k/v, then o, then every expert's gate/up (and the
+shared experts'), then every down projection — each group calibrated on the outputs of the groups
+already quantized. Groups are static (scales from the unquantized weight, contiguous along K) even
+with `act_order`, so the stored layout stays the plain group-wise one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moepass.calibration import BlockwiseRunner
+from moepass.ir.ops import ACTIVATIONS
+from moepass.ir.quantized import QuantFormat, dequantize, packed_triple, scales_and_zeros
+from moepass.quantization import (
+    QuantizeConfig,
+    check_formats,
+    install_experts,
+    install_linear,
+    rtn,
+    stack,
+    summary,
+)
+from moepass.slimming import coverage, expert_blocks, linear_targets, routed_rows
+
+from .base import ConfigError, TransformPass, TransformResult, check_range, register_pass
+
+# GPTQ's true-sequential order inside a block, by projection role
+SEQUENTIAL = [
+    ("q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"),
+    ("o_proj",),
+    ("gate_proj", "up_proj", "experts_gate_up"),
+    ("down_proj", "experts_down"),
+]
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantizeConfig):
+    damp: float = 0.01  # of the mean Hessian diagonal
+    block_size: int = 128
+    act_order: bool = False
+
+    def check(self) -> None:
+        super().check()
+        check_range("damp", self.damp, 0.0, 1.0)
+        if self.block_size < 1:
+            raise ConfigError(f"block_size: {self.block_size} is out of range; must be >= 1")
+
+
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    fmt: QuantFormat,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> tuple:
+    """GPTQ on one matrix [N, K] with input Hessian [K, K]; returns the stored (codes, scales, zeros)."""
+    w = weight.detach().double().clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scale, zero = scales_and_zeros(w, fmt)  # static groups
+    scale, zero = scale.double(), zero.double()
+    group = fmt.group(w.shape[1])
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    columns = w.shape[1]
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        w1, h1 = w[:, start:end].clone(), hinv[start:end, start:end]
+        errors = torch.zeros_like(w1)
+        for i in range(end - start):
+            g = int(perm[start + i]) // group
+            column = w1[:, i]
+            q = torch.clamp(torch.round(column / scale[:, g]) + zero[:, g], 0, fmt.max_code)
+            error = (column - (q - zero[:, g]) * scale[:, g]) / h1[i, i]
+            codes[:, start + i] = q
+            w1[:, i:] -= error.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, perm] = codes
+    return packed_triple(unpermuted.to(torch.int16), scale, zero, fmt, weight.dtype)
+
+
+class Hessian:
+    def __init__(self, size: int):
+        self.matrix, self.tokens = torch.zeros(size, size, dtype=torch.float64), 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.matrix += 2 * x.T @ x
+        self.tokens += x.shape[0]
+
+    def mean(self) -> Tensor:
+        return self.matrix / max(self.tokens, 1)
+
+
+@register_pass
+class GPTQPass(TransformPass):
+    name = "gptq"
+    config_class = GPTQConfig
+    needs_calibration = True
+
+    def run(self, program, context) -> TransformResult:
+        config, fmt = self.config, self.config.format
+        before = coverage(program)
+        linears = linear_targets(program, config.targets)
+        experts = expert_blocks(program) if "experts" in config.targets else []
+        check_formats(program, config, linears, experts)
+        runner = BlockwiseRunner(program, context.calibration, context.batch_size)
+        fallbacks: dict[int, list[int]] = {}
+        for block in [b.index for b in program.structure.blocks]:
+            for roles in SEQUENTIAL:
+                self._linears(
+                    program, runner, block, [t for t in linears if t.block == block and t.role in roles]
+                )
+                if block in experts and "experts_gate_up" in roles:
+                    fallbacks[block] = self._experts(program, runner, block)
+            known = {role for roles in SEQUENTIAL for role in roles}
+            self._linears(
+                program, runner, block, [t for t in linears if t.block == block and t.role not in known]
+            )
+            runner.commit(runner.outputs(block))
+        for target in [t for t in linears if t.block is None]:  # the LM head reads the final norm
+            install_linear(
+                program,
+                target,
+                fmt,
+                rtn(program.graph_module.get_parameter(target.weight), fmt, target.weight),
+            )
+        return TransformResult(bool(linears or experts), summary(program, before, fallbacks))
+
+    def _linears(self, program, runner: BlockwiseRunner, block: int, group) -> None:
+        if not group:
+            return
+        hessians = {t.input: Hessian(program.graph_module.get_parameter(t.weight).shape[-1]) for t in group}
+        for values in runner.observe(block, set(hessians)):
+            for name, hessian in hessians.items():
+                hessian.add(values[name])
+        c = self.config
+        for target in group:
+            weight = program.graph_module.get_parameter(target.weight)
+            packed = gptq_quantize(
+                weight, hessians[target.input].mean(), c.format, c.damp, c.block_size, c.act_order
+            )
+            install_linear(program, target, c.format, packed)
+
+    def _experts(self, program, runner: BlockwiseRunner, block: int) -> list[int]:
+        """Per-expert GPTQ on routed tokens: every gate/up first, then every down projection on the
+        quantized gate/up's outputs. Returns the experts that fell back to round-to-nearest."""
+        c = self.config
+        moe = program.structure.block(block).mlp
+        get = program.graph_module.get_parameter
+        node = next(n for n in program.graph_module.graph.nodes if n.name == moe.experts_node)
+        hidden, act, alpha, limit = node.args[0].name, ACTIVATIONS[moe.activation], node.args[8], node.args[9]
+        gate_up, down = get(moe.gate_up), get(moe.down)
+        gate_up_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
+
+        def routed_hessians(size: int, features) -> list[Hessian]:
+            result = [Hessian(size) for _ in range(moe.num_experts)]
+            for values in runner.observe(block, {hidden, moe.route_ids}):
+                x, ids = values[hidden], values[moe.route_ids]
+                for e in range(moe.num_experts):
+                    rows = routed_rows(ids, e)
+                    if rows.numel():
+                        result[e].add(features(e, x[rows]))
+            return result
+
+        def quantize_all(weights: Tensor, found: list[Hessian], name: str) -> tuple:
+            return stack(
+                [
+                    gptq_quantize(weights[e], h.mean(), c.format, c.damp, c.block_size, c.act_order)
+                    if h.tokens >= max(c.min_tokens, 1)
+                    else rtn(weights[e], c.format, f"{name}[{e}]")
+                    for e, h in enumerate(found)
+                ]
+            )
+
+        first = routed_hessians(gate_up.shape[-1], lambda e, x: x)
+        packed_gate_up = quantize_all(gate_up, first, moe.gate_up)
+        quantized = dequantize(*packed_gate_up, c.bits, c.group_size, dtype=gate_up.dtype)
+
+        def down_inputs(e: int, x: Tensor) -> Tensor:
+            bias = None if gate_up_bias is None else gate_up_bias[e]
+            return act(F.linear(x, quantized[e].to(x.dtype), bias), alpha, limit)
+
+        second = routed_hessians(down.shape[-1], down_inputs)
+        install_experts(program, block, c.format, packed_gate_up, quantize_all(down, second, moe.down))
+        return [e for e, h in enumerate(first) if h.tokens < max(c.min_tokens, 1)]

@@ -1,0 +1,34 @@
+"""RTN: round-to-nearest weight-only quantization — no calibration, the baseline the others beat."""
+
+from __future__ import annotations
+
+from moepass.quantization import QuantizeConfig, check_formats, install_experts, install_linear, rtn, summary
+from moepass.slimming import coverage, expert_blocks, linear_targets
+
+from .base import TransformPass, TransformResult, register_pass
+
+
+@register_pass
+class RTNPass(TransformPass):
+    name = "rtn"
+    config_class = QuantizeConfig
+
+    def run(self, program, context) -> TransformResult:
+        config, fmt = self.config, self.config.format
+        before = coverage(program)
+        linears = linear_targets(program, config.targets)
+        experts = expert_blocks(program) if "experts" in config.targets else []
+        check_formats(program, config, linears, experts)
+        get = program.graph_module.get_parameter
+        for target in linears:
+            install_linear(program, target, fmt, rtn(get(target.weight), fmt, target.weight))
+        for index in experts:
+            moe = program.structure.block(index).mlp
+            install_experts(
+                program,
+                index,
+                fmt,
+                rtn(get(moe.gate_up), fmt, moe.gate_up),
+                rtn(get(moe.down), fmt, moe.down),
+            )
+        return TransformResult(bool(linears or experts), summary(program, before, {}))

@@ -1,0 +1,104 @@
+"""What RTN, GPTQ and AWQ share: their config, the block-by-block driver, and the rewrite step.
+
+Every method turns a float weight into (codes, per-group scale, zero) in `moepass.ir.quantized`'s
+layout; the driver installs the result through `moepass.ir.surgery`, so the graph ends with
+quantized ops whatever the method. Routed experts are quantized one expert at a time on the tokens
+routed to it (calibrated methods); experts that receive fewer than `min_tokens` calibration tokens
+fall back to round-to-nearest and are listed in the pass summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moepass.ir.quantized import QuantFormat, codes_for, packed_triple, scales_and_zeros
+from moepass.ir.surgery import quantize_experts, quantize_linear
+from moepass.passes.base import ConfigError, PassConfig, check_range
+from moepass.slimming import CATEGORIES, DEFAULT_TARGETS, LinearTarget, coverage, coverage_table
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(PassConfig):
+    bits: int = 4
+    group_size: int = 128  # -1: per output channel
+    symmetric: bool = False
+    targets: tuple[str, ...] = (
+        DEFAULT_TARGETS  # among: experts, shared_experts, attention, dense_mlp, lm_head
+    )
+    min_tokens: int = 16  # experts with fewer calibration tokens fall back to round-to-nearest
+
+    def check(self) -> None:
+        if self.bits not in (4, 8):
+            raise ConfigError(f"bits: {self.bits} is not allowed; choose one of 4, 8")
+        if self.group_size != -1 and self.group_size < 2:
+            raise ConfigError(f"group_size: {self.group_size} is out of range; use -1 (per-channel) or >= 2")
+        unknown = [t for t in self.targets if t not in CATEGORIES]
+        if unknown:
+            raise ConfigError(f"targets: {unknown[0]!r} is not allowed; choose among {', '.join(CATEGORIES)}")
+        check_range("min_tokens", self.min_tokens, 0)
+
+    @property
+    def format(self) -> QuantFormat:
+        return QuantFormat(self.bits, self.group_size, self.symmetric)
+
+
+def rtn(weight: Tensor, fmt: QuantFormat, name: str) -> tuple:
+    """Round-to-nearest in the stored layout (validates the format against the tensor first)."""
+    fmt.groups(weight.shape[-1], name)
+    scale, zero = scales_and_zeros(weight, fmt)
+    return packed_triple(codes_for(weight, scale, zero, fmt), scale, zero, fmt, weight.dtype)
+
+
+def check_formats(program, config: QuantizeConfig, linears: list[LinearTarget], experts: list[int]) -> None:
+    """Validate the format against every target before the first rewrite (nothing half-quantized)."""
+    fmt = config.format
+    for target in linears:
+        fmt.groups(program.graph_module.get_parameter(target.weight).shape[-1], target.weight)
+    for index in experts:
+        moe = program.structure.block(index).mlp
+        for name in (moe.gate_up, moe.down):
+            fmt.groups(program.graph_module.get_parameter(name).shape[-1], name)
+
+
+def install_linear(
+    program, target: LinearTarget, fmt: QuantFormat, packed: tuple, input_scale: Tensor | None = None
+) -> None:
+    quantize_linear(program, target.weight, fmt, packed, input_scale=input_scale)
+
+
+def install_experts(
+    program,
+    index: int,
+    fmt: QuantFormat,
+    gate_up: tuple,
+    down: tuple,
+    gate_up_input_scale: Tensor | None = None,
+    down_input_scale: Tensor | None = None,
+) -> None:
+    quantize_experts(
+        program,
+        index,
+        fmt,
+        gate_up,
+        down,
+        gate_up_input_scale=gate_up_input_scale,
+        down_input_scale=down_input_scale,
+    )
+
+
+def stack(triples: list[tuple]) -> tuple:
+    """Per-expert (codes, scales, zeros) -> one stacked triple with a leading expert dimension."""
+    codes, scales, zeros = zip(*triples, strict=True)
+    return torch.stack(codes), torch.stack(scales), None if zeros[0] is None else torch.stack(zeros)
+
+
+def summary(program, before: dict, fallbacks: dict[int, list[int]]) -> dict:
+    table = coverage(program, before)
+    return {
+        "coverage": {k: {kk: vv for kk, vv in v.items()} for k, v in table.items()},
+        "coverage_table": coverage_table(table),
+        "rtn_fallback_experts": {str(k): v for k, v in fallbacks.items() if v},
+    }

@@ -1,0 +1,181 @@
+"""What Expert Slimming compresses, and what it covered.
+
+Targets are found through the structure map, never by module names: the routed experts of every
+MoE sub-layer (the fused 3-D tensors, each expert's gate/up and down projection), the shared
+experts, attention projections, dense MLPs and (opt-in) the LM head. Routers and shared-expert
+gates are never compressed. `coverage` tells, per category, how much was compressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from moepass.ir import MoEEntry, MoEProgram
+from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from moepass.ir.structure import op_args
+from moepass.table import format_table, human_bytes, human_count
+
+CATEGORIES = ("experts", "shared_experts", "attention", "dense_mlp", "lm_head")
+DEFAULT_TARGETS = ("experts", "shared_experts", "attention", "dense_mlp")
+_LINEAR = torch.ops.aten.linear.default
+
+
+@dataclass(frozen=True)
+class LinearTarget:
+    category: str
+    block: int | None
+    weight: str  # FQN
+    node: str  # the linear node
+    input: str  # the node it reads
+    role: str  # q/k/v/o, gate/up/down, head: used to order GPTQ's sequential groups
+
+
+def linear_targets(program: MoEProgram, categories: tuple[str, ...]) -> list[LinearTarget]:
+    structure = program.structure
+    nodes = {n.name: n for n in program.graph_module.graph.nodes}
+    found: list[LinearTarget] = []
+
+    def collect(category: str, block: int | None, names: list[str]) -> None:
+        for name in names:
+            node = nodes[name]
+            weight = node.args[1] if node.target is _LINEAR else None
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and node.args[0].op != "get_attr":
+                role = weight.target.rsplit(".", 2)[-2]
+                found.append(LinearTarget(category, block, weight.target, name, node.args[0].name, role))
+
+    for block in structure.blocks:
+        if "attention" in categories:
+            collect("attention", block.index, block.attention.nodes)
+        mlp = block.mlp
+        if isinstance(mlp, MoEEntry):
+            if "shared_experts" in categories and mlp.shared_experts is not None:
+                collect("shared_experts", block.index, mlp.shared_experts.nodes)
+        elif mlp is not None and "dense_mlp" in categories:
+            collect("dense_mlp", block.index, mlp.nodes)
+    if "lm_head" in categories:
+        collect("lm_head", None, structure.lm_head.nodes)
+    return found
+
+
+def expert_blocks(program: MoEProgram) -> list[int]:
+    """MoE blocks whose routed experts are still uncompressed."""
+    return [b.index for b in program.structure.moe_blocks if b.mlp.quantization is None]
+
+
+def routed_rows(ids: torch.Tensor, expert: int) -> torch.Tensor:
+    """Token rows routed to `expert` in any slot (each once)."""
+    return (ids == expert).any(dim=-1).nonzero(as_tuple=True)[0]
+
+
+def categorize(program: MoEProgram) -> dict[str, str]:
+    """Tensor FQN -> category, for coverage reports."""
+    structure = program.structure
+    out: dict[str, str] = {}
+
+    def mark(names, category):
+        for name in names or []:
+            if name:
+                out.setdefault(name, category)
+
+    for block in structure.blocks:
+        mark(block.attention.params, "attention")
+        mark(block.input_norm.params, "norms")
+        if block.post_attention_norm is not None:
+            mark(block.post_attention_norm.params, "norms")
+        if isinstance(block.mlp, MoEEntry):
+            moe = block.mlp
+            mark([moe.router_weight, moe.router_bias, moe.correction_bias], "router")
+            mark([moe.gate_up_bias, moe.down_bias], "biases")
+            if moe.shared_expert_gate is not None:
+                mark(moe.shared_expert_gate.params, "router")
+            mark(moe.expert_tensors, "routed experts")
+            if moe.shared_experts is not None:
+                mark(moe.shared_experts.params, "shared experts")
+        elif block.mlp is not None:
+            mark(block.mlp.params, "dense mlp")
+    mark(structure.embeddings.params, "embeddings")
+    mark(structure.lm_head.params, "lm_head")
+    mark(structure.final_norm.params, "norms")
+    return out
+
+
+def coverage(program: MoEProgram, before: dict[str, tuple[int, int]] | None = None) -> dict[str, dict]:
+    """Per category: logical parameters, compressed parameters, bytes (and bytes before, if given).
+
+    A parameter counts as compressed when it is stored in a quantized format (its packed codes,
+    counted at their logical size) or recorded as pruned in `program.info.compressed`."""
+    categories = categorize(program)
+    bits = _packed_bits(program)
+    pruned = set(program.info.pruned)
+    tensors = dict(program.graph_module.named_parameters())
+    tensors.update(program.graph_module.named_buffers())
+    table: dict[str, dict] = {}
+    seen = set()
+    for name, tensor in tensors.items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        category = categories.get(name, "other")
+        row = table.setdefault(category, {"params": 0, "compressed": 0, "bytes": 0})
+        row["bytes"] += tensor.numel() * tensor.element_size()
+        if name in bits:
+            logical = tensor.numel() * 8 // bits[name]
+            row["params"] += logical
+            row["compressed"] += logical
+        elif name.endswith(("_scales", "_zeros", ".scales", ".zeros", "input_scale")):
+            continue  # quantization metadata: bytes, not parameters
+        else:
+            row["params"] += tensor.numel()
+            row["compressed"] += tensor.numel() if name in pruned else 0
+    for category, row in table.items():
+        row["share"] = row["compressed"] / row["params"] if row["params"] else 0.0
+        if before is not None:
+            row["bytes_before"] = before.get(category, {}).get("bytes", row["bytes"])
+    return table
+
+
+def coverage_table(table: dict[str, dict], title: str = "Compression coverage") -> str:
+    order = [
+        "routed experts",
+        "shared experts",
+        "attention",
+        "dense mlp",
+        "router",
+        "biases",
+        "embeddings",
+        "lm_head",
+        "norms",
+        "other",
+    ]
+    rows = []
+    for category in sorted(table, key=lambda c: order.index(c) if c in order else len(order)):
+        row = table[category]
+        rows.append(
+            [
+                category,
+                human_count(row["params"]),
+                human_count(row["compressed"]),
+                f"{100 * row['share']:.1f}%",
+                human_bytes(row.get("bytes_before", row["bytes"])),
+                human_bytes(row["bytes"]),
+            ]
+        )
+    return format_table(
+        ["category", "params", "compressed", "share", "bytes before", "bytes after"], rows, title=title
+    )
+
+
+def _packed_bits(program: MoEProgram) -> dict[str, int]:
+    """FQN of every packed-code tensor -> its bit width, read off the quantized op nodes."""
+    out = {}
+    for node in program.graph_module.graph.nodes:
+        if node.target not in (QUANTIZED_LINEAR, QUANTIZED_EXPERTS):
+            continue
+        args = op_args(node)
+        for key, value in args.items():
+            if key.endswith("qweight") and isinstance(value, fx.Node):
+                out[value.target] = args["bits"]
+    return out
