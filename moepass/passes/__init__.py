@@ -1,14 +1,18 @@
 """All registered passes; importing this package registers them."""
 
 from . import (
+    awq,
     block_drop,
     block_similarity,
     expert_drop,
     expert_importance,
     gptq,
     layer_drop,
+    magnitude,
     moe_similarity,
     rtn,
+    sparsegpt,
+    wanda,
 )
 from .base import (
     PASSES,
@@ -29,6 +33,7 @@ __all__ = [
     "PassConfig",
     "TransformPass",
     "TransformResult",
+    "awq",
     "block_drop",
     "block_similarity",
     "create_pass",
@@ -36,6 +41,9 @@ __all__ = [
     "expert_importance",
     "gptq",
     "layer_drop",
+    "magnitude",
     "moe_similarity",
     "rtn",
+    "sparsegpt",
+    "wanda",
 ]

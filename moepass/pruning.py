@@ -1,0 +1,211 @@
+"""What magnitude, Wanda and SparseGPT pruning share: config, masks, and the block-by-block driver.
+
+Pruned weights are stored dense with zeros (the graph keeps its ops; an N:M-compressed op for
+sparse kernels is a lowering decision) and listed in `program.info.pruned`. Statistics are
+collected per block on the calibration set: each routed expert sees only the tokens routed to it
+(its down projection sees its own gate/up outputs), and an expert with fewer than `min_tokens`
+falls back (Wanda and SparseGPT to magnitude). The router is never a target; shared experts only
+when asked (the paper finds them less compressible). `propagation`: "dense" feeds each block the
+unpruned model's activations (the paper's code), "pruned" the pruned model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moepass.calibration import BlockwiseRunner
+from moepass.ir.ops import ACTIVATIONS
+from moepass.ir.surgery import set_tensor
+from moepass.passes.base import ConfigError, PassConfig, check_range
+from moepass.slimming import CATEGORIES, coverage, coverage_table, expert_blocks, linear_targets, routed_rows
+
+PATTERNS = ("unstructured", "2:4", "4:8")
+
+
+@dataclass(frozen=True)
+class PruneConfig(PassConfig):
+    sparsity: float = 0.5  # share of weights zeroed per output row (unstructured)
+    pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
+    targets: tuple[str, ...] = ("experts",)  # add "shared_experts", "attention", "dense_mlp" to widen
+    min_tokens: int = 16
+    propagation: Literal["dense", "pruned"] = "dense"
+
+    def check(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 1.0)
+        if self.sparsity >= 1.0:
+            raise ConfigError(f"sparsity: {self.sparsity} would remove every weight; must be < 1")
+        unknown = [t for t in self.targets if t not in CATEGORIES or t == "lm_head"]
+        if unknown:
+            raise ConfigError(
+                f"targets: {unknown[0]!r} is not allowed; choose among "
+                f"{', '.join(c for c in CATEGORIES if c != 'lm_head')}"
+            )
+        check_range("min_tokens", self.min_tokens, 0)
+
+    def nm(self) -> tuple[int, int] | None:
+        """(n zeros, per m) for N:M patterns."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(m) - int(n), int(m)  # 2:4 keeps 2 of 4 -> 2 zeros per 4
+
+
+def mask_lowest(score: Tensor, config: PruneConfig, name: str) -> Tensor:
+    """Boolean mask of the weights to zero: the lowest-scoring share per row, or per m-group (N:M)."""
+    rows, cols = score.shape
+    nm = config.nm()
+    if nm is None:
+        count = int(cols * config.sparsity)
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        if count:
+            mask.scatter_(1, torch.topk(score, count, dim=1, largest=False).indices, True)
+        return mask
+    zeros, m = nm
+    if cols % m:
+        raise ConfigError(
+            f"{name}: {config.pattern} sparsity needs the input dimension to be a multiple of {m}, got {cols}"
+        )
+    grouped = score.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(grouped, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(grouped, zeros, dim=2, largest=False).indices, True)
+    return mask.reshape(rows, cols)
+
+
+class InputStats:
+    """What pruning methods need about a projection's inputs: the sum of x_j^2 and X^T X."""
+
+    def __init__(self, size: int, hessian: bool):
+        self.squares = torch.zeros(size, dtype=torch.float64)
+        self.hessian = torch.zeros(size, size, dtype=torch.float64) if hessian else None
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.squares += (x * x).sum(0)
+        if self.hessian is not None:
+            self.hessian += 2 * x.T @ x
+        self.tokens += x.shape[0]
+
+
+# method(weight [N, K], stats or None (no calibration), config, name) -> pruned weight
+PruneFn = Callable[[Tensor, InputStats | None, PruneConfig, str], Tensor]
+
+
+def prune_program(
+    program, context, config: PruneConfig, method: PruneFn, needs_hessian: bool, calibrated: bool
+) -> dict:
+    """Apply `method` to every target; returns the pass summary (coverage, fallbacks)."""
+    before = coverage(program)
+    linears = linear_targets(program, config.targets)
+    experts = expert_blocks(program) if "experts" in config.targets else []
+    _check_targets(program, config, linears, experts)
+    get = program.graph_module.get_parameter
+    fallbacks: dict[int, list[int]] = {}
+    if not calibrated:
+        for target in linears:
+            _install(program, target.weight, method(get(target.weight), None, config, target.weight), config)
+        for index in experts:
+            moe = program.structure.block(index).mlp
+            for name in (moe.gate_up, moe.down):
+                weights = get(name)
+                _install(
+                    program,
+                    name,
+                    torch.stack([method(w, None, config, f"{name}[{e}]") for e, w in enumerate(weights)]),
+                    config,
+                )
+        return _summary(program, before, fallbacks)
+    runner = BlockwiseRunner(program, context.calibration, context.batch_size)
+    for block in [b.index for b in program.structure.blocks]:
+        dense_outputs = runner.outputs(block) if config.propagation == "dense" else None
+        block_linears = [t for t in linears if t.block == block]
+        stats = {t.input: InputStats(get(t.weight).shape[-1], needs_hessian) for t in block_linears}
+        moe = program.structure.block(block).mlp if block in experts else None
+        expert_stats = _expert_stats(program, runner, block, moe, needs_hessian) if moe is not None else None
+        if stats:
+            for values in runner.observe(block, set(stats)):
+                for name, s in stats.items():
+                    s.add(values[name])
+        for target in block_linears:
+            _install(
+                program,
+                target.weight,
+                method(get(target.weight), stats[target.input], config, target.weight),
+                config,
+            )
+        if moe is not None:
+            fallbacks[block] = []
+            for name, per_expert in zip((moe.gate_up, moe.down), expert_stats, strict=True):
+                weights = get(name)
+                pruned = []
+                for e, s in enumerate(per_expert):
+                    enough = s.tokens >= max(config.min_tokens, 1)
+                    if not enough and name == moe.gate_up:
+                        fallbacks[block].append(e)
+                    pruned.append(method(weights[e], s if enough else None, config, f"{name}[{e}]"))
+                _install(program, name, torch.stack(pruned), config)
+        runner.commit(dense_outputs if dense_outputs is not None else runner.outputs(block))
+    return _summary(program, before, fallbacks)
+
+
+def _expert_stats(program, runner: BlockwiseRunner, block: int, moe, needs_hessian: bool):
+    """Routed-token statistics of every expert's gate/up inputs and down inputs (dense weights)."""
+    get = program.graph_module.get_parameter
+    node = next(n for n in program.graph_module.graph.nodes if n.name == moe.experts_node)
+    hidden, act, alpha, limit = node.args[0].name, ACTIVATIONS[moe.activation], node.args[8], node.args[9]
+    gate_up = get(moe.gate_up)
+    gate_up_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
+    first = [InputStats(gate_up.shape[-1], needs_hessian) for _ in range(moe.num_experts)]
+    second = [InputStats(get(moe.down).shape[-1], needs_hessian) for _ in range(moe.num_experts)]
+    for values in runner.observe(block, {hidden, moe.route_ids}):
+        x, ids = values[hidden], values[moe.route_ids]
+        for e in range(moe.num_experts):
+            rows = routed_rows(ids, e)
+            if rows.numel():
+                first[e].add(x[rows])
+                bias = None if gate_up_bias is None else gate_up_bias[e]
+                second[e].add(act(F.linear(x[rows], gate_up[e], bias), alpha, limit))
+    return first, second
+
+
+def _check_targets(program, config: PruneConfig, linears, experts) -> None:
+    """N:M needs the input dimension to be a multiple of m: check every target before changing any."""
+    nm = config.nm()
+    get = program.graph_module.get_parameter
+    names = [t.weight for t in linears]
+    for index in experts:
+        moe = program.structure.block(index).mlp
+        names += [moe.gate_up, moe.down]
+    for name in names:
+        weight = get(name)
+        if not torch.isfinite(weight).all():
+            raise ConfigError(f"{name} holds NaN or inf values; prune a finite model")
+        if nm is not None and weight.shape[-1] % nm[1]:
+            raise ConfigError(
+                f"{name}: {config.pattern} sparsity needs the input dimension to be a multiple of "
+                f"{nm[1]}, got {weight.shape[-1]}"
+            )
+
+
+def _install(program, name: str, weight: Tensor, config: PruneConfig) -> None:
+    set_tensor(program.graph_module, name, weight)
+    program.info.pruned[name] = config.pattern if config.nm() else f"{config.sparsity:.0%} unstructured"
+
+
+def _summary(program, before, fallbacks) -> dict:
+    table = coverage(program, before)
+    return {
+        "coverage": table,
+        "coverage_table": coverage_table(table, "Pruning coverage"),
+        "magnitude_fallback_experts": {str(k): v for k, v in fallbacks.items() if v},
+    }
+
+
+def magnitude_prune(weight: Tensor, config: PruneConfig, name: str) -> Tensor:
+    return weight.masked_fill(mask_lowest(weight.abs().float(), config, name), 0)
