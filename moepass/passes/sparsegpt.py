@@ -18,7 +18,7 @@ DAMP = 0.01
 
 def sparsegpt_prune(weight, stats, config: PruneConfig, name: str):
     w = weight.detach().double().clone()
-    rows, cols = w.shape
+    cols = w.shape[1]
     h = (
         (stats.hessian / max(stats.tokens, 1)).clone()
         if stats is not None
