@@ -53,14 +53,18 @@ def rtn(weight: Tensor, fmt: QuantFormat, name: str) -> tuple:
 
 
 def check_formats(program, config: QuantizeConfig, linears: list[LinearTarget], experts: list[int]) -> None:
-    """Validate the format against every target before the first rewrite (nothing half-quantized)."""
+    """Validate the format and the values of every target before the first rewrite (nothing is left
+    half-quantized)."""
     fmt = config.format
-    for target in linears:
-        fmt.groups(program.graph_module.get_parameter(target.weight).shape[-1], target.weight)
+    names = [t.weight for t in linears]
     for index in experts:
         moe = program.structure.block(index).mlp
-        for name in (moe.gate_up, moe.down):
-            fmt.groups(program.graph_module.get_parameter(name).shape[-1], name)
+        names += [moe.gate_up, moe.down]
+    for name in names:
+        weight = program.graph_module.get_parameter(name)
+        fmt.groups(weight.shape[-1], name)
+        if not torch.isfinite(weight).all():
+            raise ConfigError(f"{name} holds NaN or inf values; quantize a finite model")
 
 
 def install_linear(

@@ -77,7 +77,7 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "deepseek_v3": (
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",
-        dict(_MLA, intermediate_size=96, q_lora_rank=24, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+        dict(_MLA, intermediate_size=96, q_lora_rank=32, n_group=2, topk_group=1, routed_scaling_factor=2.5),
     ),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
     "gpt_oss": (

@@ -1,0 +1,237 @@
+"""Expert Slimming: quantization and pruning as graph rewrites, on every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moepass
+from helpers import FAMILIES, captured
+from moepass.artifact import load, save
+from moepass.data import TokenSet
+from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from moepass.ir.quantized import QuantFormat, dequantize
+from moepass.pass_manager import PassError
+from moepass.passes import ConfigError
+from moepass.passes.gptq import gptq_quantize
+from moepass.passes.sparsegpt import sparsegpt_prune
+from moepass.passes.wanda import wanda_prune
+from moepass.pruning import InputStats, PruneConfig, magnitude_prune
+from moepass.quantization import rtn
+
+
+def _calibration(vocab: int = 128, samples: int = 16) -> TokenSet:
+    ids = torch.randint(3, vocab, (samples, 33))
+    return TokenSet(ids[:, :-1], ids[:, 1:], ["x"] * samples)
+
+
+def _correlated_inputs(tokens: int, features: int) -> torch.Tensor:
+    """Strongly correlated input channels: what GPTQ's and SparseGPT's error compensation exploits."""
+    mixing = torch.randn(features, features) / features**0.5
+    return (torch.randn(tokens, features) * torch.linspace(0.2, 3, features)) @ mixing
+
+
+def _outlier_inputs(tokens: int, features: int) -> torch.Tensor:
+    """Input channels of very different sizes: what Wanda's |W| * ||x|| exploits."""
+    return torch.randn(tokens, features) * torch.logspace(-1, 1, features)[torch.randperm(features)]
+
+
+def test_gptq_beats_rtn_on_correlated_inputs(seed):
+    x = _correlated_inputs(2048, 128)
+    weight = torch.randn(64, 128) / 128**0.5
+    fmt = QuantFormat(4, 32)
+    hessian = 2 * x.double().T @ x.double() / x.shape[0]
+    reference = F.linear(x, weight)
+    for act_order in (False, True):
+        ours = dequantize(*gptq_quantize(weight, hessian, fmt, act_order=act_order), 4, 32)
+        baseline = dequantize(*rtn(weight, fmt, "w"), 4, 32)
+        gptq_error = (F.linear(x, ours) - reference).pow(2).mean()
+        rtn_error = (F.linear(x, baseline) - reference).pow(2).mean()
+        assert gptq_error < 0.8 * rtn_error, (act_order, gptq_error, rtn_error)
+
+
+@pytest.mark.parametrize(
+    "inputs,method",
+    [
+        (_outlier_inputs, wanda_prune),
+        (_correlated_inputs, sparsegpt_prune),
+        (_outlier_inputs, sparsegpt_prune),
+    ],
+)
+def test_calibrated_pruning_beats_magnitude(inputs, method, seed):
+    x = inputs(2048, 128)
+    weight = torch.randn(64, 128) / 128**0.5
+    stats = InputStats(128, hessian=True)
+    stats.add(x)
+    reference = F.linear(x, weight)
+    for pattern in ("unstructured", "2:4"):
+        config = PruneConfig(pattern=pattern)
+
+        def error(pruned, config=config):
+            return (F.linear(x, pruned) - reference).pow(2).mean()
+
+        assert error(method(weight, stats, config, "w")) < 0.9 * error(magnitude_prune(weight, config, "w"))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_masks_have_the_requested_shape(pattern, seed):
+    x = torch.randn(256, 64)
+    stats = InputStats(64, hessian=True)
+    stats.add(x)
+    weight = torch.randn(24, 64)
+    config = PruneConfig(sparsity=0.375, pattern=pattern)
+    for pruned in (
+        magnitude_prune(weight, config, "w"),
+        wanda_prune(weight, stats, config, "w"),
+        sparsegpt_prune(weight, stats, config, "w"),
+    ):
+        zeros = pruned == 0
+        if pattern == "unstructured":
+            assert (zeros.sum(1) == int(64 * 0.375)).all(), "sparsity must equal the ratio in every row"
+        else:
+            n_kept, m = map(int, pattern.split(":"))
+            assert (zeros.view(24, -1, m).sum(-1) == m - n_kept).all(), f"exactly {m - n_kept} zeros per {m}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_four_bit_covers_every_routed_expert_parameter(family):
+    model, program = captured(family)
+    quantized = moepass.compress(program, [("rtn", {"bits": 4, "group_size": 16})])
+    quantized.verify()
+    coverage = quantized.report.records[-1].summary["coverage"]
+    assert coverage["routed experts"]["share"] == 1.0
+    assert coverage["routed experts"]["bytes"] < 0.4 * coverage["routed experts"]["bytes_before"]
+    assert "router" not in {c for c, row in coverage.items() if row["compressed"]}, "the router stays precise"
+    for block in quantized.structure.moe_blocks:
+        assert block.mlp.quantization == {"bits": 4, "group_size": 16}
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        error = (quantized(ids) - model(ids).logits).norm() / model(ids).logits.norm()
+    assert error < 0.25
+
+
+METHODS = ["gptq", "awq", "wanda", "sparsegpt", "magnitude", "gptq", "awq", "wanda"]
+
+
+@pytest.mark.parametrize("family,method", list(zip(FAMILIES, METHODS, strict=True)))
+def test_slimming_runs_on_every_family_and_stays_verified(family, method):
+    model, program = captured(family)
+    options = {"group_size": 16} if method in ("gptq", "awq") else {"pattern": "2:4"}
+    options["targets"] = (
+        ["experts", "shared_experts", "attention"]
+        if method in ("gptq", "awq")
+        else ["experts", "shared_experts"]
+    )
+    slim = moepass.compress(program, [(method, options)], calibration=_calibration())
+    slim.verify()
+    ops = {n.target for n in slim.graph_module.graph.nodes}
+    if method in ("gptq", "awq"):
+        assert QUANTIZED_EXPERTS in ops and QUANTIZED_LINEAR in ops
+    else:
+        for block in slim.structure.moe_blocks:
+            weight = slim.graph_module.get_parameter(block.mlp.gate_up)
+            assert (weight.view(*weight.shape[:-1], -1, 4) == 0).sum(-1).eq(2).all()
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        error = (slim(ids) - model(ids).logits).norm() / model(ids).logits.norm()
+    assert error < 0.5
+
+
+def test_awq_scales_are_moe_aware():
+    _, program = captured("qwen2_moe")
+    slim = moepass.compress(
+        program,
+        [("awq", {"group_size": 16, "targets": ["experts", "shared_experts"]})],
+        calibration=_calibration(),
+    )
+    for block in slim.structure.moe_blocks:
+        prefix = block.mlp.gate_up.rpartition(".")[0]
+        shared_scale = slim.graph_module.get_parameter(f"{prefix}.gate_up_input_scale")
+        down_scales = slim.graph_module.get_parameter(f"{prefix}.down_input_scale")
+        assert shared_scale.shape == (64,)  # one scale for every expert's gate/up (all MoE tokens)
+        assert down_scales.shape == (block.mlp.num_experts, 48)  # one per expert (its routed tokens)
+        shared_gate = f"{block.mlp.module}.shared_experts.gate_proj.input_scale"
+        assert torch.equal(slim.graph_module.get_parameter(shared_gate), shared_scale)
+
+
+@pytest.mark.parametrize("order", ["slim-then-trim", "trim-then-slim"])
+def test_slimming_composes_with_trimming(order, tmp_path):
+    model, program = captured("mixtral", num_hidden_layers=4)
+    slim = [("gptq", {"group_size": 16})]
+    trim = [("expert_drop", {"keep": 6}), ("layer_drop", {"count": 1})]
+    recipe = slim + trim if order == "slim-then-trim" else trim + slim
+    result = moepass.compress(program, recipe, calibration=_calibration())
+    result.verify()
+    assert sum(b.mlp is None for b in result.structure.blocks) == 1
+    assert all(b.mlp.num_experts == 6 and b.mlp.quantization for b in result.structure.moe_blocks)
+    save(result, tmp_path / "artifact")
+    reloaded = load(tmp_path / "artifact")
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert (reloaded(ids) - result(ids)).abs().max() <= 1e-5
+    assert torch.equal(reloaded.generate(ids, 6), result.generate(ids, 6))
+
+
+@pytest.mark.parametrize("method", ["awq", "sparsegpt"])
+def test_save_load_round_trip_of_slimmed_programs(method, tmp_path):
+    _, program = captured("deepseek_v3")
+    options = (
+        {"group_size": 8, "targets": ["experts", "shared_experts", "dense_mlp"]} if method == "awq" else {}
+    )
+    slim = moepass.compress(program, [(method, options)], calibration=_calibration())
+    save(slim, tmp_path / "a")
+    reloaded = load(tmp_path / "a")
+    assert reloaded.info.pruned == slim.info.pruned
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert (reloaded(ids) - slim(ids)).abs().max() <= 1e-5
+
+
+def test_starved_experts_fall_back_and_are_listed():
+    _, program = captured("mixtral")
+    slim = moepass.compress(
+        program, [("gptq", {"group_size": 16, "min_tokens": 10**6})], calibration=_calibration()
+    )
+    fallbacks = slim.report.records[-1].summary["rtn_fallback_experts"]
+    assert {int(k): sorted(v) for k, v in fallbacks.items()} == {
+        b.index: list(range(8)) for b in program.structure.moe_blocks
+    }
+
+
+@pytest.mark.parametrize(
+    "passes,error,message",
+    [
+        ([("rtn", {"bits": 3})], ConfigError, "bits: 3 is not allowed; choose one of 4, 8"),
+        ([("rtn", {"group_size": 48})], PassError, "group size 48 does not divide its 64 inputs"),
+        ([("wanda", {"sparsity": 1.0})], ConfigError, "would remove every weight"),
+        ([("gptq", {"targets": ["routers"]})], ConfigError, "targets: 'routers' is not allowed"),
+    ],
+)
+def test_bad_slimming_requests(passes, error, message):
+    _, program = captured("mixtral")
+    before = [n.name for n in program.graph_module.graph.nodes]
+    with pytest.raises(error, match=message):
+        moepass.compress(program, passes, calibration=_calibration())
+    assert [n.name for n in program.graph_module.graph.nodes] == before
+
+
+def test_nm_pattern_that_does_not_fit_and_non_finite_weights_name_the_tensor():
+    config = PruneConfig(pattern="4:8")
+    with pytest.raises(
+        ConfigError,
+        match=r"q_proj.weight: 4:8 sparsity needs the input dimension to be a "
+        r"multiple of 8, got 12",
+    ):
+        magnitude_prune(torch.randn(4, 12), config, "layers.0.self_attn.q_proj.weight")
+    model, program = captured("olmoe")
+    broken = program.fork()
+    moe = broken.structure.moe_blocks[0].mlp
+    weight = broken.graph_module.get_parameter(moe.gate_up).detach().clone()
+    weight[0, 0, 0] = float("nan")
+    from moepass.ir.surgery import set_tensor
+
+    set_tensor(broken.graph_module, moe.gate_up, weight)
+    for passes in ([("rtn", {"group_size": 16})], [("magnitude", {})]):
+        with pytest.raises(PassError, match=f"{moe.gate_up}.*NaN or inf"):
+            moepass.compress(broken, passes, calibration=_calibration())
