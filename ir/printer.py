@@ -4,21 +4,30 @@ from __future__ import annotations
 
 from moepass.table import format_table, human_bytes, human_count
 
+from .quant_ops import packed_code_bits
 from .structure import MoEEntry
+
+QUANT_METADATA = ("_scales", "_zeros", ".scales", ".zeros", "input_scale")
 
 
 def format_summary(program) -> str:
     structure, info = program.structure, program.info
     tensors = dict(program.graph_module.named_parameters(remove_duplicate=False))
     tensors.update(program.graph_module.named_buffers(remove_duplicate=False))
+    bits = packed_code_bits(program.graph_module)
 
     def size(prefix: str, names: list[str] | None = None) -> tuple[int, int]:
-        """Elements and bytes of the tensors under `prefix` (or the given FQNs), each counted once."""
+        """Logical parameters (packed codes at their unpacked count; quantization scales and zero
+        points are not parameters) and bytes of the tensors under `prefix` or with the given FQNs."""
         seen, count, nbytes = set(), 0, 0
         for name, t in tensors.items():
             if (name in names if names is not None else name.startswith(prefix)) and id(t) not in seen:
                 seen.add(id(t))
-                count, nbytes = count + t.numel(), nbytes + t.numel() * t.element_size()
+                nbytes += t.numel() * t.element_size()
+                if name in bits:
+                    count += t.numel() * 8 // bits[name]
+                elif not name.endswith(QUANT_METADATA):
+                    count += t.numel()
         return count, nbytes
 
     rows = []
@@ -70,6 +79,8 @@ def _mlp_description(block) -> str:
     if not isinstance(mlp, MoEEntry):
         return "dense MLP"
     text = f"MoE E={mlp.num_experts} top-{mlp.top_k} {mlp.routing}"
+    if mlp.quantization is not None:
+        text += f" int{mlp.quantization['bits']}"
     if mlp.n_group > 1:
         text += f" groups {mlp.topk_group}/{mlp.n_group}"
     if mlp.shared_experts is not None:

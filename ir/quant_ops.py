@@ -113,4 +113,26 @@ def _(
 
 QUANTIZED_LINEAR = torch.ops.moepass.quantized_linear.default
 QUANTIZED_EXPERTS = torch.ops.moepass.quantized_experts.default
-__all__ = ["QUANTIZED_EXPERTS", "QUANTIZED_LINEAR", "in_features", "quantized_experts", "quantized_linear"]
+
+
+def packed_code_bits(graph_module) -> dict[str, int]:
+    """FQN of every packed-code tensor the graph reads -> its bit width (from the quantized ops)."""
+    out = {}
+    for node in graph_module.graph.nodes:
+        if node.target in (QUANTIZED_LINEAR, QUANTIZED_EXPERTS):
+            names = [a.name for a in node.target._schema.arguments]
+            args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+            for name, value in args.items():
+                if name.endswith("qweight") and hasattr(value, "target"):
+                    out[value.target] = args["bits"]
+    return out
+
+
+__all__ = [
+    "QUANTIZED_EXPERTS",
+    "QUANTIZED_LINEAR",
+    "in_features",
+    "packed_code_bits",
+    "quantized_experts",
+    "quantized_linear",
+]

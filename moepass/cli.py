@@ -80,7 +80,10 @@ def _compress(args: argparse.Namespace) -> None:
     report = CompressionReport(
         args.model, recipe.to_dict(), before, after, program, original.info.num_layers, experts
     )
-    print(report.summary_table(), report.structure_table(), program.report.table(), sep="\n\n")
+    coverage = [r.summary["coverage_table"] for r in program.report.records if "coverage_table" in r.summary]
+    print(
+        report.summary_table(), report.structure_table(), program.report.table(), *coverage[-1:], sep="\n\n"
+    )
     if args.format == "hf":
         save(program, out, format="hf", overwrite=args.force)
         report.write(out)

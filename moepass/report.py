@@ -113,6 +113,16 @@ class CompressionReport:
         ]
         if report is not None:
             parts += ["```", report.table(), "```", ""]
+            for record in report.records:
+                if "coverage_table" in record.summary:
+                    parts += [
+                        f"## {record.name}: what was compressed",
+                        "",
+                        "```",
+                        record.summary["coverage_table"],
+                        "```",
+                        "",
+                    ]
             for name, result in report.analyses.items():
                 parts += [f"## {name}", "", "```", result.table(), "```", ""]
                 if name in self.plots:

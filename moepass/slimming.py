@@ -14,8 +14,8 @@ import torch
 from torch import fx
 
 from moepass.ir import MoEEntry, MoEProgram
-from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
-from moepass.ir.structure import op_args
+from moepass.ir.printer import QUANT_METADATA
+from moepass.ir.quant_ops import packed_code_bits
 from moepass.table import format_table, human_bytes, human_count
 
 CATEGORIES = ("experts", "shared_experts", "attention", "dense_mlp", "lm_head")
@@ -108,7 +108,7 @@ def coverage(program: MoEProgram, before: dict[str, tuple[int, int]] | None = No
     A parameter counts as compressed when it is stored in a quantized format (its packed codes,
     counted at their logical size) or recorded as pruned in `program.info.compressed`."""
     categories = categorize(program)
-    bits = _packed_bits(program)
+    bits = packed_code_bits(program.graph_module)
     pruned = set(program.info.pruned)
     tensors = dict(program.graph_module.named_parameters())
     tensors.update(program.graph_module.named_buffers())
@@ -125,7 +125,7 @@ def coverage(program: MoEProgram, before: dict[str, tuple[int, int]] | None = No
             logical = tensor.numel() * 8 // bits[name]
             row["params"] += logical
             row["compressed"] += logical
-        elif name.endswith(("_scales", "_zeros", ".scales", ".zeros", "input_scale")):
+        elif name.endswith(QUANT_METADATA):
             continue  # quantization metadata: bytes, not parameters
         else:
             row["params"] += tensor.numel()
@@ -166,16 +166,3 @@ def coverage_table(table: dict[str, dict], title: str = "Compression coverage") 
     return format_table(
         ["category", "params", "compressed", "share", "bytes before", "bytes after"], rows, title=title
     )
-
-
-def _packed_bits(program: MoEProgram) -> dict[str, int]:
-    """FQN of every packed-code tensor -> its bit width, read off the quantized op nodes."""
-    out = {}
-    for node in program.graph_module.graph.nodes:
-        if node.target not in (QUANTIZED_LINEAR, QUANTIZED_EXPERTS):
-            continue
-        args = op_args(node)
-        for key, value in args.items():
-            if key.endswith("qweight") and isinstance(value, fx.Node):
-                out[value.target] = args["bits"]
-    return out
