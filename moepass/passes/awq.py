@@ -36,6 +36,7 @@ from moepass.slimming import coverage, expert_blocks, linear_targets, routed_row
 from .base import TransformPass, TransformResult, check_range, register_pass
 
 SAMPLE_TOKENS = 2048  # tokens per group kept for the searches
+NO_CLIP = ("q_proj", "k_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,11 @@ class AWQPass(TransformPass):
 
         s = search_scale(x, weights, loss, c.format, c.grid).to(weights[0].dtype)
         scaled = [w * s for w in weights]
-        if c.clip:
-            scaled = [search_clip(w, x / s, c.format, c.clip_grid, c.max_shrink) for w in scaled]
+        if c.clip:  # queries and keys keep their range: clipping them distorts the attention softmax
+            scaled = [
+                w if t.role in NO_CLIP else search_clip(w, x / s, c.format, c.clip_grid, c.max_shrink)
+                for w, t in zip(scaled, group, strict=True)
+            ]
         packed = [rtn(w, c.format, t.weight) for w, t in zip(scaled, group, strict=True)]
 
         def apply():

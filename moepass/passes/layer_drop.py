@@ -8,6 +8,7 @@ candidates.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +37,7 @@ class LayerDropConfig(PassConfig):
 
 def drop_count(count: int | None, ratio: float | None, available: int, what: str, where: str) -> int:
     """How many to drop; refuses to drop everything (one must always remain)."""
-    n = count if count is not None else round(ratio * available)
+    n = count if count is not None else math.floor(ratio * available + 0.5)  # nearest, halves up
     if n >= available:
         raise ConfigError(
             f"{where}: dropping {n} of {available} {what} would leave none; drop at most {available - 1}"

@@ -1,0 +1,123 @@
+"""Expert Slimming quality on the bundled models: quantization and pruning methods, and the paper's
+recipe (drop 25% of MoE layers + 4-bit AWQ) in both orders.
+
+    python tools/quality_slimming.py                 # both bundled models -> RESULTS-slimming.md
+
+Test perplexity (token-weighted over the three domains), next-token accuracy and weight bytes, with
+the validation split as calibration data. One thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import moepass
+from moepass.data import calibration_set, evaluation_set
+from moepass.evaluate import model_size
+from moepass.table import format_table, human_bytes
+from moepass.zoo import load_model, load_tokenizer
+
+WIDE = ["experts", "shared_experts", "attention", "dense_mlp"]
+
+
+def settings(group: int) -> list[tuple[str, list]]:
+    q4 = {"bits": 4, "group_size": group, "targets": WIDE}
+    return [
+        ("int4 RTN", [("rtn", q4)]),
+        ("int4 GPTQ", [("gptq", q4)]),
+        ("int4 AWQ", [("awq", q4)]),
+        ("int8 RTN", [("rtn", {**q4, "bits": 8})]),
+        ("int8 GPTQ", [("gptq", {**q4, "bits": 8})]),
+        ("50% magnitude", [("magnitude", {})]),
+        ("50% Wanda", [("wanda", {})]),
+        ("50% SparseGPT", [("sparsegpt", {})]),
+        ("50% Wanda, pruned propagation", [("wanda", {"propagation": "pruned"})]),
+        ("50% SparseGPT, pruned propagation", [("sparsegpt", {"propagation": "pruned"})]),
+        ("2:4 magnitude", [("magnitude", {"pattern": "2:4"})]),
+        ("2:4 Wanda", [("wanda", {"pattern": "2:4"})]),
+        ("2:4 SparseGPT", [("sparsegpt", {"pattern": "2:4"})]),
+        ("paper: AWQ int4, then drop 25% MoE layers", [("awq", q4), ("layer_drop", {"ratio": 0.25})]),
+        ("paper: drop 25% MoE layers, then AWQ int4", [("layer_drop", {"ratio": 0.25}), ("awq", q4)]),
+    ]
+
+
+def run(model_name: str, group: int, calibration_samples: int, per_source: int) -> str:
+    model, tokenizer = load_model(model_name, dtype=torch.float32), load_tokenizer(model_name)
+    program = moepass.capture(model)
+    vocab = program.info.vocab_size
+    calibration = calibration_set(
+        "builtin:validation", tokenizer, samples=calibration_samples, vocab_size=vocab
+    )
+    test = evaluation_set("builtin:test", tokenizer, max_per_source=per_source, vocab_size=vocab)
+    base = moepass.evaluate(program, test).overall
+    rows = [
+        [
+            "original",
+            f"{base.perplexity:.3f}",
+            "",
+            f"{100 * base.accuracy:.2f}%",
+            "",
+            human_bytes(model_size(program)[1]),
+        ]
+    ]
+    start = time.perf_counter()
+    for label, passes in settings(group):
+        compressed = moepass.compress(program, passes, calibration=calibration)
+        score = moepass.evaluate(compressed, test).overall
+        rows.append(
+            [
+                label,
+                f"{score.perplexity:.3f}",
+                f"{100 * (score.perplexity / base.perplexity - 1):+.2f}%",
+                f"{100 * score.accuracy:.2f}%",
+                f"{100 * score.accuracy / base.accuracy:.1f}%",
+                human_bytes(model_size(compressed)[1]),
+            ]
+        )
+        print(
+            f"{model_name} {label}: ppl {score.perplexity:.3f} ({time.perf_counter() - start:.0f}s)",
+            flush=True,
+        )
+    title = (
+        f"{model_name}: test perplexity over {base.tokens} tokens ({per_source} windows of 256 per domain); "
+        f"calibration {calibration_samples} x 256 validation tokens; int4 groups of {group}"
+    )
+    return format_table(
+        ["setting", "perplexity", "vs original", "next-token acc", "acc kept", "weights"], rows, title=title
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["builtin:tiny-mixtral=128", "builtin:tiny-deepseek=64"],
+        help="model=int4 group size (the paper: 128 for Mixtral, 64 for fine-grained DeepSeek)",
+    )
+    parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--eval-per-source", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("RESULTS-slimming.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tables = []
+    for spec in args.models:
+        name, _, group = spec.partition("=")
+        tables.append(run(name, int(group or 128), args.calibration_samples, args.eval_per_source))
+    text = (
+        "# Expert Slimming on the bundled models\n\nRegenerate with `python tools/quality_slimming.py`. "
+        "Quantization targets experts, shared experts, attention and dense MLPs (router, embeddings and LM "
+        "head stay in full precision); pruning targets the routed experts (the paper's setting).\n\n"
+        + "\n\n".join(f"```\n{t}\n```" for t in tables)
+        + "\n"
+    )
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
