@@ -26,7 +26,9 @@ def test_builtin_recipes_load_and_include_the_papers():
     for name in names:
         recipe = load_recipe(name)
         assert recipe.passes and recipe.description
-    assert load_recipe("paper-layer-drop").passes[0][0] == "layer_drop"
+    paper = load_recipe("paper-layer-drop")
+    assert [name for name, _ in paper.passes] == ["awq", "layer_drop"]  # slim then trim, as the paper
+    assert paper.passes[0][1].bits == 4 and paper.passes[1][1].ratio == 0.25
 
 
 @pytest.mark.parametrize(

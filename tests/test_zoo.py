@@ -1,0 +1,120 @@
+"""The bundled trained models: offline loading, honest model cards, healthy routing, real importance."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moepass
+from helpers import hf_expert_counts, hf_keep_experts
+from moepass.cli import main
+from moepass.data import calibration_set, evaluation_set
+from moepass.zoo import TRAINED, load_model, load_tokenizer, models_dir
+
+
+@pytest.fixture(scope="module", params=TRAINED)
+def bundled(request):
+    name = request.param
+    card = json.loads((models_dir() / name / "card.json").read_text())
+    return name, load_model(f"builtin:{name}"), load_tokenizer(f"builtin:{name}"), card
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_loads_offline_in_a_fresh_process(name, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = (
+        "from moepass.zoo import load_model, load_tokenizer; "
+        f"m = load_model('builtin:{name}'); t = load_tokenizer('builtin:{name}'); "
+        "ids = t.encode('def main():').ids; "
+        "print(type(m).__name__, m.config.vocab_size, len(ids) > 0, next(m.parameters()).dtype)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    model_class = {"tiny-mixtral": "MixtralForCausalLM", "tiny-deepseek": "DeepseekV3ForCausalLM"}[name]
+    assert out.stdout.split() == [model_class, "4096", "True", "torch.float32"]
+
+
+def test_perplexity_matches_the_model_card(bundled):
+    name, model, tokenizer, card = bundled
+    result = moepass.evaluate(model, "builtin:test", tokenizer=tokenizer)
+    expected = card["default_eval"]
+    for domain, score in result.domains.items():
+        assert math.isclose(score.perplexity, expected["domains"][domain]["perplexity"], rel_tol=0.01), domain
+    assert math.isclose(result.overall.perplexity, expected["overall"]["perplexity"], rel_tol=0.01)
+
+
+def test_routing_is_not_collapsed(bundled):
+    name, model, tokenizer, card = bundled
+    data = evaluation_set("builtin:test", tokenizer, max_per_source=16)
+    counts = hf_expert_counts(model, data.input_ids.split(8))
+    for layer, count in counts.items():
+        p = count.double() / count.sum()
+        entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+        assert entropy >= 0.8 * math.log(len(count)), f"{name} layer {layer}: usage {count.tolist()}"
+
+
+def test_dropping_least_used_experts_beats_random_drops():
+    """Importance is real: the two least-used experts per layer matter less than random ones."""
+    model, tokenizer = load_model("builtin:tiny-mixtral"), load_tokenizer("builtin:tiny-mixtral")
+    calibration = calibration_set("builtin:validation", tokenizer, samples=32, seq_len=256)
+    counts = hf_expert_counts(model, calibration.input_ids.split(8))
+    test = evaluation_set("builtin:test", tokenizer, max_per_source=16)
+
+    def perplexity_keeping(keep: dict[int, list[int]]) -> float:
+        return moepass.evaluate(hf_keep_experts(model, keep), test).overall.perplexity
+
+    guided = perplexity_keeping(
+        {layer: sorted(c.argsort(descending=True)[:-2].tolist()) for layer, c in counts.items()}
+    )
+    generator = torch.Generator().manual_seed(0)
+    random_drops = [
+        perplexity_keeping(
+            {
+                layer: sorted(torch.randperm(len(c), generator=generator)[:-2].tolist())
+                for layer, c in counts.items()
+            }
+        )
+        for _ in range(5)
+    ]
+    assert guided < sorted(random_drops)[2], (guided, random_drops)
+
+
+def test_cli_eval_prints_a_table_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "eval.json"
+    assert main(["eval", "builtin:tiny-mixtral", "--max-per-source", "4", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "python-docs" in out and "overall" in out and "next-token acc" in out
+    payload = json.loads(path.read_text())
+    assert set(payload["domains"]) == {"austen", "bible", "python-docs"}
+    assert payload["overall"]["tokens"] == 3 * 4 * 256
+
+
+@pytest.mark.parametrize(
+    "passes",
+    [
+        [("expert_drop", {"keep": 6})],
+        [("layer_drop", {"count": 2})],
+        [("block_drop", {"count": 1})],
+    ],
+)
+def test_guided_trimming_beats_random_trimming(passes):
+    """On the trained model 1, each importance-guided drop beats the median of 5 random drops of its size."""
+    model, tokenizer = load_model("builtin:tiny-mixtral"), load_tokenizer("builtin:tiny-mixtral")
+    program = moepass.capture(model)
+    calibration = calibration_set("builtin:validation", tokenizer, samples=32)
+    test = evaluation_set("builtin:test", tokenizer, max_per_source=16)
+
+    def perplexity(recipe) -> float:
+        return moepass.evaluate(
+            moepass.compress(program, recipe, calibration=calibration), test
+        ).overall.perplexity
+
+    name, options = passes[0]
+    random_metric = {"expert_drop": {"score": "random"}}.get(name, {"metric": "random"})
+    random = sorted(perplexity([(name, {**options, **random_metric, "seed": s})]) for s in range(5))
+    assert perplexity(passes) < random[2], random
