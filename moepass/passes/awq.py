@@ -22,6 +22,7 @@ from torch import Tensor
 from moepass.calibration import BlockwiseRunner
 from moepass.ir.ops import ACTIVATIONS, run_experts
 from moepass.ir.quantized import QuantFormat, codes_for, dequantize, packed_triple, scales_and_zeros
+from moepass.ir.surgery import set_tensor
 from moepass.quantization import (
     QuantizeConfig,
     check_formats,
@@ -37,6 +38,7 @@ from .base import TransformPass, TransformResult, check_range, register_pass
 
 SAMPLE_TOKENS = 2048  # tokens per group kept for the searches
 NO_CLIP = ("q_proj", "k_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
+LOSS_BATCHES = 2  # calibration batches run through the graph per candidate attention scale
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,9 @@ class AWQPass(TransformPass):
             for values in runner.observe(block, inputs | extra):
                 for name, value in values.items():
                     observed[name].append(value)
-            plan = self._plan(program, group_linears, observed, moe, fallbacks.setdefault(block, []))
+            plan = self._plan(
+                program, runner, block, group_linears, observed, moe, fallbacks.setdefault(block, [])
+            )
             for apply in plan:  # every search ran on full-precision weights; now rewrite
                 apply()
             runner.commit(runner.outputs(block))
@@ -150,7 +154,7 @@ class AWQPass(TransformPass):
             install_linear(program, target, config.format, rtn(weight, config.format, target.weight))
         return TransformResult(bool(linears or experts), summary(program, before, fallbacks))
 
-    def _plan(self, program, linears, observed, moe, fallback) -> list:
+    def _plan(self, program, runner, block, linears, observed, moe, fallback) -> list:
         plan = []
         by_input: dict[str, list] = {}
         for target in linears:
@@ -159,26 +163,63 @@ class AWQPass(TransformPass):
         if moe is not None:
             node = next(n for n in program.graph_module.graph.nodes if n.name == moe.experts_node)
             hidden = node.args[0].name
+        attention = program.structure.block(block)
+        attention_out = next(
+            n for n in program.graph_module.graph.nodes if n.name == attention.attention_residual
+        )
         for name, group in by_input.items():
             if name == hidden:
                 continue  # the shared experts' gate/up join the routed experts' group
-            plan.append(self._linear_group(program, group, _sample(observed[name])))
+            loss = None
+            if all(t.category == "attention" and t.role != "o_proj" for t in group):
+                loss = self._sublayer_loss(program, runner, block, group, attention_out.args[1].name)
+            plan.append(self._linear_group(program, group, _sample(observed[name]), loss))
         if moe is not None:
             shared = by_input.get(hidden, [])
             plan += self._experts(program, moe, observed, shared, fallback)
         return plan
 
-    def _linear_group(self, program, group, x):
+    def _sublayer_loss(self, program, runner, block: int, group, output: str):
+        """Score candidate weights by the attention sub-layer's output (through softmax and o_proj),
+        running the block's graph on a few calibration batches: what AutoAWQ measures, for any family."""
+        weights = [program.graph_module.get_parameter(t.weight) for t in group]
+        batches = runner.states[:LOSS_BATCHES]
+
+        def run() -> list[Tensor]:
+            saved, runner.states = runner.states, batches
+            try:
+                return [values[output].float() for values in runner.observe(block, {output})]
+            finally:
+                runner.states = saved
+
+        reference = run()
+
+        def loss(candidate):
+            for target, weight in zip(group, candidate, strict=True):
+                set_tensor(program.graph_module, target.weight, weight)
+            try:
+                return sum(
+                    (out - ref).pow(2).mean().item() for out, ref in zip(run(), reference, strict=True)
+                )
+            finally:
+                for target, weight in zip(group, weights, strict=True):
+                    set_tensor(program.graph_module, target.weight, weight)
+
+        return loss
+
+    def _linear_group(self, program, group, x, loss=None):
         c, get = self.config, program.graph_module.get_parameter
         weights = [get(t.weight) for t in group]
         x = x.to(weights[0].dtype)
         reference = [F.linear(x, w) for w in weights]
 
-        def loss(candidate):
+        def direct_loss(candidate):
             return sum(
                 (F.linear(x, w) - r).float().pow(2).mean().item()
                 for w, r in zip(candidate, reference, strict=True)
             )
+
+        loss = loss or direct_loss
 
         s = search_scale(x, weights, loss, c.format, c.grid).to(weights[0].dtype)
         scaled = [w * s for w in weights]
