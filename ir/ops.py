@@ -15,6 +15,7 @@ Canonical expert layout (all families are converted to it at capture time):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -239,19 +240,21 @@ def run_experts(
     limit: float,
     gate_up_input_scale: Tensor | None = None,
     down_input_scale: Tensor | None = None,
+    linear: Callable[[Tensor, Any, Tensor | None], Tensor] = F.linear,
 ) -> Tensor:
     """The experts computation for any weight storage: `expert_weights(e)` gives expert e's
-    (gate_up [2I, H], down [H, I], gate_up bias, down bias), views or freshly dequantized tensors.
+    (gate_up [2I, H], down [H, I], gate_up bias, down bias), views or freshly dequantized tensors —
+    or, with a matching `linear(x, weight, bias)`, weights in a kernel's packed form.
     Optional input scales multiply each projection's input (AWQ's folded activation scales)."""
     tokens, top_k = topk_ids.shape
     hidden_in = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
 
     def expert(e: int, x: Tensor) -> Tensor:
         gate_up_e, down_e, gate_up_bias_e, down_bias_e = expert_weights(e)
-        h = act(F.linear(x, gate_up_e, gate_up_bias_e), alpha, limit)
+        h = act(linear(x, gate_up_e, gate_up_bias_e), alpha, limit)
         if down_input_scale is not None:
             h = h * down_input_scale[e]
-        return F.linear(h, down_e, down_bias_e)
+        return linear(h, down_e, down_bias_e)
 
     if tokens == 1:  # decode step: run the k experts on views, accumulate in slot order
         out = torch.zeros_like(hidden, dtype=torch.float32)

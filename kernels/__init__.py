@@ -1,1 +1,20 @@
-"""moepass.kernels — Triton kernels for the canonical MoE and quantized ops (added by the kernels issue)."""
+"""Triton kernels for moepass's ops, with the fastest CPU paths beside them.
+
+Importing the package registers the kernels as the CUDA implementations of the canonical ops
+(`moepass.kernels.ops`). Kernels: weight-only quantized GEMM (`quant_gemm`), fused MoE
+(`fused_moe`), 2:4 sparse GEMM (`sparse24`); CPU paths: `cpu`.
+"""
+
+from . import ops
+from .cpu import CpuPacked, pack_for_cpu, why_not_packable
+from .sparse24 import SparsityPatternError, compress_24, decompress_24
+
+__all__ = [
+    "CpuPacked",
+    "SparsityPatternError",
+    "compress_24",
+    "decompress_24",
+    "ops",
+    "pack_for_cpu",
+    "why_not_packable",
+]

@@ -20,6 +20,7 @@ from moepass.errors import (  # noqa: E402
 )
 from moepass.evaluate import EvalResult, evaluate  # noqa: E402
 from moepass.ir import MoEProgram, capture  # noqa: E402
+from moepass.kernels import ops as _kernel_ops  # noqa: E402, F401  (CUDA kernels of the canonical ops)
 
 __version__ = "0.1.0"
 

@@ -22,6 +22,7 @@ from moepass.ir.capture import cache_keyword
 from moepass.ir.ops import EXPERTS, ROUTE
 from moepass.table import format_table
 from moepass.zoo import RANDOM_FAMILIES, random_model
+from timing import interleaved_times
 
 
 def capture_table() -> str:
@@ -47,17 +48,6 @@ def capture_table() -> str:
         rows,
         title="Capture (tiny random models, 3 layers, 8 experts)",
     )
-
-
-def _interleaved_times(steps: dict, repeats: int) -> dict[str, list[float]]:
-    """Run the paths in lockstep, one step each in turn, so machine noise hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def speed_table(tokens: int, prompt: int, prefill_tokens: int = 128, prefill_runs: int = 5) -> str:
@@ -94,9 +84,9 @@ def speed_table(tokens: int, prompt: int, prefill_tokens: int = 128, prefill_run
             ours["next"] = logits[:, -1:].argmax(-1)
             ours["pos"] += 1
 
-        decode = _interleaved_times({"hf": hf_step, "moepass": moepass_step}, repeats=tokens)
+        decode = interleaved_times({"hf": hf_step, "moepass": moepass_step}, repeats=tokens)
         long_ids = torch.randint(0, 32000, (1, prefill_tokens))
-        prefill = _interleaved_times(
+        prefill = interleaved_times(
             {"hf": lambda: model(long_ids), "moepass": lambda: program(long_ids)}, repeats=prefill_runs
         )
     dec = {name: statistics.median(t) * 1e3 for name, t in decode.items()}

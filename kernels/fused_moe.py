@@ -1,0 +1,385 @@
+"""Fused MoE in Triton: routed experts as two grouped GEMMs over expert-sorted token slots.
+
+  1. align     (token, slot) pairs are sorted by expert and each expert's run is padded to a
+               multiple of BLOCK_M, so every row block belongs to one expert (any expert count;
+               experts that get no tokens cost nothing);
+  2. gate/up   one grouped GEMM computes each row's gate and up tiles together and applies the
+               activation (SwiGLU, GELU/ReLU-GLU, GPT-OSS's clamped SwiGLU) in the epilogue;
+  3. down      a second grouped GEMM multiplies by each slot's routing weight in its epilogue;
+  4. combine   the k slots of every token are summed in fp32.
+Weights are dense (fp32/fp16/bf16) or W4A16/W8A16 in the stored quantized layout, dequantized in
+registers. Block sizes come from a shape heuristic, so expert counts produced by expert drop
+(5, 6, 7, 48, 96...) need no tuning entry.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .quant_gemm import _dequantized_tile, _dot, dot_half, k_block, workspace
+
+ACTIVATIONS = {
+    "silu": 0,
+    "swish": 0,
+    "gelu": 1,
+    "gelu_pytorch_tanh": 2,
+    "gelu_new": 2,
+    "relu": 3,
+    "clamped_swiglu": 4,
+}
+
+
+@triton.jit
+def _weight_tile(
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    expert,
+    offs_n,
+    offs_k,
+    mask,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_ze,
+    stride_zn,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+):
+    if QUANT == 0:
+        tile = tl.load(
+            w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
+    else:
+        tile = _dequantized_tile(
+            w_ptr + expert * stride_we,
+            s_ptr + expert * stride_se,
+            z_ptr + expert * stride_ze,
+            offs_n,
+            offs_k,
+            mask,
+            stride_wn,
+            stride_sn,
+            stride_zn,
+            QUANT,
+            GROUP,
+            HAS_ZEROS,
+        )
+    return tile
+
+
+@triton.jit
+def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
+    if ACT == 0:
+        out = gate * tl.sigmoid(gate) * up
+    elif ACT == 1:
+        out = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)) * up
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        out = 0.5 * gate * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0)) * up
+    elif ACT == 3:
+        out = tl.maximum(gate, 0.0) * up
+    else:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    return out
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    bias_ptr,
+    in_scale_ptr,
+    route_w_ptr,
+    out_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    num_slots,
+    num_experts,
+    top_k,
+    N,
+    K,
+    alpha,
+    limit,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_ze,
+    stride_zn,
+    stride_be,
+    stride_ie,
+    stride_om,
+    GATED: tl.constexpr,
+    ACT: tl.constexpr,
+    A_BY_TOKEN: tl.constexpr,
+    MUL_ROUTE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_IN_SCALE: tl.constexpr,
+    IN_SCALE_PER_EXPERT: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    DIRECT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_HALF: tl.constexpr,
+):
+    """out[slot, n] for the BLOCK_M expert-sorted slots of this program; gated: the gate rows are
+    [0, N) and the up rows [N, 2N) of the expert's weight, combined by the activation.
+
+    DIRECT (one token): program m serves slot m alone and reads its expert from the routing itself,
+    so a decode step needs no alignment kernels."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    live = (expert >= 0) & (expert < num_experts)  # unused blocks of `align`, dropped experts
+    k_end = tl.where(live, K, 0)
+    expert = tl.where(live, expert, 0)
+    if DIRECT:
+        slots = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_slots)
+    else:
+        slots = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    slots = tl.where(live, slots, num_slots)
+    valid = slots < num_slots
+    rows = slots // top_k if A_BY_TOKEN else slots
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + offs_k[None, :],
+            mask=valid[:, None] & (offs_k[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_IN_SCALE:
+            scale_ptr = in_scale_ptr + expert * stride_ie if IN_SCALE_PER_EXPERT else in_scale_ptr
+            a = a * tl.load(scale_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        w = _weight_tile(
+            w_ptr,
+            s_ptr,
+            z_ptr,
+            expert,
+            offs_n,
+            offs_k,
+            mask,
+            stride_we,
+            stride_wn,
+            stride_se,
+            stride_sn,
+            stride_ze,
+            stride_zn,
+            QUANT,
+            GROUP,
+            HAS_ZEROS,
+        )
+        acc += _dot(a, w, DOT_HALF)
+        if GATED:
+            w_up = _weight_tile(
+                w_ptr,
+                s_ptr,
+                z_ptr,
+                expert,
+                offs_n + N,
+                offs_k,
+                mask,
+                stride_we,
+                stride_wn,
+                stride_se,
+                stride_sn,
+                stride_ze,
+                stride_zn,
+                QUANT,
+                GROUP,
+                HAS_ZEROS,
+            )
+            acc_up += _dot(a, w_up, DOT_HALF)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[
+            None, :
+        ]
+        if GATED:
+            acc_up += tl.load(bias_ptr + expert * stride_be + N + offs_n, mask=offs_n < N, other=0.0).to(
+                tl.float32
+            )[None, :]
+    if GATED:
+        acc = _activate(acc, acc_up, ACT, alpha, limit)
+    if MUL_ROUTE:
+        acc = acc * tl.load(route_w_ptr + slots, mask=valid, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        out_ptr + slots[:, None] * stride_om + offs_n[None, :],
+        acc,
+        mask=valid[:, None] & (offs_n[None, :] < N),
+    )
+
+
+def align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """(slot indices sorted by expert, each expert's run padded to BLOCK_M with a sentinel; the
+    expert of every BLOCK_M row block, -1 for unused blocks).
+
+    Shapes depend only on the routing's shape and the expert count (an upper bound of blocks), so no
+    device-to-host sync is needed and the launch is CUDA-graph friendly. Slots routed to ids >=
+    num_experts (dropped experts under preserve_gate) are left out."""
+    flat = topk_ids.reshape(-1).clamp(max=num_experts)  # id num_experts collects the dropped slots
+    num_slots = flat.numel()
+    device = flat.device
+    max_blocks = triton.cdiv(num_slots, block_m) + num_experts
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_experts] = 0
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    experts = flat[order]
+    first = torch.cumsum(counts, 0) - counts
+    position = (ends - padded)[experts] + torch.arange(num_slots, device=device) - first[experts]
+    position = torch.where(experts < num_experts, position, max_blocks * block_m)  # dropped: out of range
+    sorted_slots = torch.full((max_blocks * block_m + 1,), num_slots, dtype=torch.int64, device=device)
+    sorted_slots.scatter_(0, position, order)
+    block_start = torch.arange(max_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(ends[:num_experts], block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
+    return sorted_slots[:-1], block_expert
+
+
+def _blocks(slots: int, num_experts: int, n: int, k: int, group: int) -> tuple[int, int, int]:
+    per_expert = slots / max(num_experts, 1)
+    block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
+    block_n = 64 if n >= 64 else 32
+    return block_m, block_n, k_block(group)
+
+
+def fused_moe(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    gate_up_bias: Tensor | None = None,
+    down_bias: Tensor | None = None,
+    activation: str = "silu",
+    alpha: float = 0.0,
+    limit: float = 0.0,
+    *,
+    quant: dict | None = None,
+    gate_up_input_scale: Tensor | None = None,
+    down_input_scale: Tensor | None = None,
+) -> Tensor:
+    """The `moepass::experts` / `moepass::quantized_experts` computation as two grouped GEMMs.
+
+    Dense: `gate_up` [E, 2I, H] and `down` [E, H, I]. Quantized (`quant` = {"bits", "group_size",
+    "gate_up_scales", "gate_up_zeros", "down_scales", "down_zeros"}): `gate_up`/`down` are the
+    packed codes."""
+    tokens, top_k = topk_ids.shape
+    hidden = hidden.contiguous()
+    num_experts, two_inter = gate_up.shape[0], gate_up.shape[1]
+    inter, h = two_inter // 2, hidden.shape[-1]
+    bits = 0 if quant is None else quant["bits"]
+    group_h = h if quant is None or quant["group_size"] == -1 else quant["group_size"]
+    group_i = inter if quant is None or quant["group_size"] == -1 else quant["group_size"]
+    num_slots = tokens * top_k
+    block_m, block_n, block_k = _blocks(num_slots, num_experts, inter, h, group_h)
+    direct = tokens == 1
+    if direct:
+        sorted_slots, block_expert = topk_ids, topk_ids.reshape(-1)
+    else:
+        sorted_slots, block_expert = align(topk_ids, num_experts, block_m)
+    act = workspace((num_slots, inter), hidden.device)
+    out = workspace((num_slots, h), hidden.device)
+    route = topk_weights.reshape(-1).float().contiguous()
+
+    def run(a, w, scales, zeros, bias, in_scale, target, n, k, group, gated, by_token, mul_route, bk):
+        grid = (block_expert.numel(), triton.cdiv(n, block_n))
+        _grouped_gemm_kernel[grid](
+            a,
+            w,
+            scales if scales is not None else w,
+            zeros if zeros is not None else w,
+            bias if bias is not None else a,
+            in_scale if in_scale is not None else a,
+            route,
+            target,
+            sorted_slots,
+            block_expert,
+            num_slots,
+            num_experts,
+            top_k,
+            n,
+            k,
+            float(alpha),
+            float(limit),
+            a.stride(0),
+            w.stride(0),
+            w.stride(1),
+            scales.stride(0) if scales is not None else 0,
+            scales.stride(1) if scales is not None else 0,
+            zeros.stride(0) if zeros is not None else 0,
+            zeros.stride(1) if zeros is not None else 0,
+            bias.stride(0) if bias is not None else 0,
+            in_scale.stride(0) if in_scale is not None and in_scale.dim() == 2 else 0,
+            target.stride(0),
+            GATED=gated,
+            ACT=ACTIVATIONS[activation],
+            A_BY_TOKEN=by_token,
+            MUL_ROUTE=mul_route,
+            HAS_BIAS=bias is not None,
+            HAS_IN_SCALE=in_scale is not None,
+            IN_SCALE_PER_EXPERT=in_scale is not None and in_scale.dim() == 2,
+            QUANT=bits,
+            GROUP=group,
+            HAS_ZEROS=zeros is not None,
+            DIRECT=direct,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=bk,
+            DOT_HALF=dot_half(hidden.dtype),
+        )
+
+    q = quant or {}
+    run(
+        hidden,
+        gate_up,
+        q.get("gate_up_scales"),
+        q.get("gate_up_zeros"),
+        gate_up_bias,
+        gate_up_input_scale,
+        act,
+        inter,
+        h,
+        group_h,
+        True,
+        True,
+        False,
+        block_k,
+    )
+    down_block_k = _blocks(num_slots, num_experts, h, inter, group_i)[2]
+    run(
+        act,
+        down,
+        q.get("down_scales"),
+        q.get("down_zeros"),
+        down_bias,
+        down_input_scale,
+        out,
+        h,
+        inter,
+        group_i,
+        False,
+        False,
+        True,
+        down_block_k,
+    )
+    routed = (topk_ids < num_experts).unsqueeze(-1)  # slots of dropped experts were never written
+    return torch.where(routed, out.view(tokens, top_k, h), 0.0).sum(dim=1).to(hidden.dtype)

@@ -1,0 +1,220 @@
+"""Kernels as torch ops: CUDA implementations of the canonical ops, plus ops for kernel-only layouts.
+
+Importing this module registers the Triton kernels as the CUDA implementations of
+`moepass::quantized_linear`, `moepass::experts` and `moepass::quantized_experts`: a captured or
+compiled program on a GPU runs them with no graph change, and the ops stay single nodes with fake
+implementations under export and compile (ops launched through `torch.library.triton_op` did not
+survive compile/export here; `custom_op` does).
+
+Layouts only kernels read get their own ops, each with a reference implementation:
+  moepass::sparse24_linear  2:4-compressed weights, optionally int4/int8 (Triton on CUDA);
+  moepass::packed_linear    ATen's prepacked int4/int8 CPU layout (`moepass.kernels.cpu`);
+  moepass::packed_experts   the experts op over weights in that layout.
+The `triton_*` functions take the ops' arguments and launch the kernels on any Triton device — on CPU
+under `TRITON_INTERPRET=1`, which is how the tests check exactly what a GPU runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moepass.ir.ops import ACTIVATIONS, experts, run_experts
+from moepass.ir.quant_ops import quantized_experts, quantized_linear
+from moepass.ir.quantized import dequantize
+
+from .cpu import packed_linear as _aten_packed_linear
+from .fused_moe import fused_moe
+from .quant_gemm import quant_gemm
+from .sparse24 import decompress_24, sparse24_gemm
+
+
+def triton_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size):
+    return quant_gemm(x, qweight, scales, zeros, bits, group_size, input_scale, bias)
+
+
+def triton_experts(
+    hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit
+):
+    return fused_moe(
+        hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit
+    )
+
+
+def triton_quantized_experts(
+    hidden,
+    topk_ids,
+    topk_weights,
+    gate_up_qweight,
+    gate_up_scales,
+    gate_up_zeros,
+    down_qweight,
+    down_scales,
+    down_zeros,
+    gate_up_bias,
+    down_bias,
+    gate_up_input_scale,
+    down_input_scale,
+    activation,
+    alpha,
+    limit,
+    bits,
+    group_size,
+):
+    quant = {
+        "bits": bits,
+        "group_size": group_size,
+        "gate_up_scales": gate_up_scales,
+        "gate_up_zeros": gate_up_zeros,
+        "down_scales": down_scales,
+        "down_zeros": down_zeros,
+    }
+    return fused_moe(
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate_up_qweight,
+        down_qweight,
+        gate_up_bias,
+        down_bias,
+        activation,
+        alpha,
+        limit,
+        quant=quant,
+        gate_up_input_scale=gate_up_input_scale,
+        down_input_scale=down_input_scale,
+    )
+
+
+def triton_sparse24_linear(x, values, meta, scales, zeros, bias, bits, group_size):
+    return sparse24_gemm(x, values, meta, scales, zeros, bits, group_size, bias)
+
+
+quantized_linear.register_kernel("cuda")(triton_quantized_linear)
+experts.register_kernel("cuda")(triton_experts)
+quantized_experts.register_kernel("cuda")(triton_quantized_experts)
+
+
+@torch.library.custom_op("moepass::sparse24_linear", mutates_args=())
+def sparse24_linear(
+    x: Tensor,
+    values: Tensor,
+    meta: Tensor,
+    scales: Tensor | None,
+    zeros: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """F.linear(x, W, bias) for a 2:4-compressed W (`moepass.kernels.sparse24`); bits 0 = dense values."""
+    if bits:
+        half_group = -1 if group_size == -1 else group_size // 2
+        values = dequantize(values, scales, zeros, bits, half_group, dtype=x.dtype)
+    return F.linear(x, decompress_24(values.to(x.dtype), meta), bias)
+
+
+@sparse24_linear.register_fake
+def _(x, values, meta, scales, zeros, bias, bits, group_size):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+sparse24_linear.register_kernel("cuda")(triton_sparse24_linear)
+
+
+@torch.library.custom_op("moepass::packed_linear", mutates_args=())
+def packed_linear(
+    x: Tensor,
+    weight: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """`moepass::quantized_linear` on weights prepacked for ATen's CPU kernels (`pack_for_cpu`)."""
+    return _aten_packed_linear(
+        x if input_scale is None else x * input_scale, weight, scales, bias, bits, group_size
+    )
+
+
+@packed_linear.register_fake
+def _(x, weight, scales, bias, input_scale, bits, group_size):
+    return x.new_empty((*x.shape[:-1], weight.shape[-2]))
+
+
+@torch.library.custom_op("moepass::packed_experts", mutates_args=())
+def packed_experts(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up_weight: Tensor,
+    gate_up_scales: Tensor,
+    down_weight: Tensor,
+    down_scales: Tensor,
+    gate_up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    gate_up_input_scale: Tensor | None,
+    down_input_scale: Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    bits: int,
+    gate_up_group: int,
+    down_group: int,
+) -> Tensor:
+    """`moepass::quantized_experts` on expert weights prepacked for ATen's CPU kernels."""
+
+    def expert_weights(e: int):
+        return (
+            (gate_up_weight[e], gate_up_scales[e], gate_up_group),
+            (down_weight[e], down_scales[e], down_group),
+            None if gate_up_bias is None else gate_up_bias[e],
+            None if down_bias is None else down_bias[e],
+        )
+
+    def linear(x: Tensor, packed: tuple[Tensor, Tensor, int], bias: Tensor | None) -> Tensor:
+        weight, scales, group = packed
+        return _aten_packed_linear(x, weight, scales, bias, bits, group)
+
+    return run_experts(
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate_up_weight.shape[0],
+        expert_weights,
+        ACTIVATIONS[activation],
+        alpha,
+        limit,
+        gate_up_input_scale,
+        down_input_scale,
+        linear,
+    )
+
+
+@packed_experts.register_fake
+def _(
+    hidden,
+    topk_ids,
+    topk_weights,
+    gate_up_weight,
+    gate_up_scales,
+    down_weight,
+    down_scales,
+    gate_up_bias,
+    down_bias,
+    gate_up_input_scale,
+    down_input_scale,
+    activation,
+    alpha,
+    limit,
+    bits,
+    gate_up_group,
+    down_group,
+):
+    return torch.empty_like(hidden)
+
+
+SPARSE24_LINEAR = torch.ops.moepass.sparse24_linear.default
+PACKED_LINEAR = torch.ops.moepass.packed_linear.default
+PACKED_EXPERTS = torch.ops.moepass.packed_experts.default

@@ -1,0 +1,224 @@
+"""Weight-only quantized GEMM (W4A16 / W8A16) in Triton, on the layout of `moepass.ir.quantized`.
+
+One kernel serves prefill and decode: output tiles of BLOCK_M x BLOCK_N, the K loop in steps of
+BLOCK_K that never straddle a quantization group (BLOCK_K divides the group), codes unpacked and
+dequantized in registers (`(code - zero) * scale`), fp32 accumulation. For few rows (decode, M <= 16)
+the K dimension is additionally split across programs (split-K) so that enough programs stream the
+weight: partial sums land in an fp32 workspace [SPLIT_K, M, N] that is reduced afterwards.
+Block sizes come from a heuristic over the shapes — no tuning file whose absence makes a shape slow.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+POISON_ENV = "MOEPASS_POISON_BUFFERS"
+
+
+def workspace(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """An fp32 buffer a kernel fills; NaN-filled when MOEPASS_POISON_BUFFERS=1, so that an element a
+    kernel forgot to write shows up in the result instead of passing by luck."""
+    if os.environ.get(POISON_ENV) == "1":
+        return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
+@triton.jit
+def _dequantized_tile(
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    offs_n,
+    offs_k,
+    mask,
+    stride_qn,
+    stride_sn,
+    stride_zn,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+):
+    """W[offs_n, offs_k] in fp32 from packed codes, per-group scales and (packed) zero points."""
+    if BITS == 4:
+        packed = tl.load(q_ptr + offs_n[:, None] * stride_qn + (offs_k[None, :] // 2), mask=mask, other=0)
+        codes = (packed.to(tl.int32) >> ((offs_k[None, :] % 2) * 4)) & 0xF
+    else:
+        codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], mask=mask, other=0).to(
+            tl.int32
+        )
+    group = offs_k // GROUP
+    scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        if BITS == 4:
+            zbyte = tl.load(z_ptr + offs_n[:, None] * stride_zn + group[None, :] // 2, mask=mask, other=0)
+            zero = (zbyte.to(tl.int32) >> ((group[None, :] % 2) * 4)) & 0xF
+        else:
+            zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + group[None, :], mask=mask, other=0).to(
+                tl.int32
+            )
+    else:
+        zero = 1 << (BITS - 1)
+    return (codes - zero).to(tl.float32) * scale
+
+
+@triton.jit
+def _dot(a, w, DOT_HALF: tl.constexpr):
+    """a @ w^T on tensor cores: operands in bf16 (1) or fp16 (2) when the activations are, fp32 (0)
+    otherwise — and always under the interpreter, whose 16-bit float math is wrong."""
+    if DOT_HALF == 1:
+        out = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+    elif DOT_HALF == 2:
+        out = tl.dot(a.to(tl.float16), tl.trans(w.to(tl.float16)))
+    else:
+        out = tl.dot(a, tl.trans(w))
+    return out
+
+
+def dot_half(dtype: torch.dtype) -> int:
+    """The `DOT_HALF` flag for activations of `dtype`."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+
+
+@triton.jit
+def _quant_gemm_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    in_scale_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_zn,
+    stride_om,
+    stride_split,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_IN_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,
+    DOT_HALF: tl.constexpr,
+):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0).to(
+            tl.float32
+        )
+        if HAS_IN_SCALE:
+            x = x * tl.load(in_scale_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
+        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        w = _dequantized_tile(
+            q_ptr,
+            s_ptr,
+            z_ptr,
+            offs_n,
+            offs_k,
+            w_mask,
+            stride_qn,
+            stride_sn,
+            stride_zn,
+            BITS,
+            GROUP,
+            HAS_ZEROS,
+        )
+        acc += _dot(x, w, DOT_HALF)
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(
+        out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=out_mask
+    )
+
+
+def k_block(group: int) -> int:
+    """The largest power of two <= 64 that divides the quantization group, so a tile reads one scale
+    per row; 32 when none >= 16 does (the dequantizer indexes groups per element, so a tile may
+    straddle groups — correct, only less efficient)."""
+    return next((b for b in (64, 32, 16) if group % b == 0), 32)
+
+
+def blocks_for(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for an [m, k] x [n, k]^T product.
+
+    Decode-sized m gets the smallest row tile and splits K
+    so that roughly 4 programs per 128 output columns stream the weight."""
+    block_k = k_block(group)
+    block_m = 16 if m <= 16 else (32 if m <= 64 else 64)
+    block_n = 64 if n >= 64 else 32
+    split = 1
+    if m <= 16:
+        k_tiles = triton.cdiv(k, block_k)
+        split = max(1, min(8, k_tiles // 4))
+        while k_tiles % split:
+            split -= 1
+    return block_m, block_n, block_k, split
+
+
+def quant_gemm(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bits: int,
+    group_size: int,
+    input_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = (x * input_scale) @ dequantize(W)^T + bias, for x [..., K] on any Triton device."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    m, k = x2.shape
+    n = qweight.shape[0]
+    group = k if group_size == -1 else group_size
+    block_m, block_n, block_k, split = blocks_for(m, n, k, group)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    out = workspace((split, m, n), x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    _quant_gemm_kernel[grid](
+        x2,
+        qweight,
+        scales,
+        zeros if zeros is not None else scales,
+        input_scale if input_scale is not None else x2,
+        out,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
+        zeros.stride(0) if zeros is not None else 0,
+        out.stride(1),
+        out.stride(0),
+        BITS=bits,
+        GROUP=group,
+        HAS_ZEROS=zeros is not None,
+        HAS_IN_SCALE=input_scale is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        K_PER_SPLIT=k_per_split,
+        DOT_HALF=dot_half(x.dtype),
+    )
+    y = out.sum(0) if split > 1 else out[0]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], n)

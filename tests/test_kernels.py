@@ -1,0 +1,332 @@
+"""Triton kernels (run by the interpreter) and the CPU paths, against float64 references of their ops.
+
+Every kernel runs with NaN-poisoned workspaces (MOEPASS_POISON_BUFFERS), so an output element a
+kernel does not write fails the comparison. Inputs are fresh random values each run; shapes are
+ragged (not multiples of the block sizes), expert counts include those expert drop produces, and
+routings leave some experts without tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moepass.ir.ops import ACTIVATIONS, experts
+from moepass.ir.quant_ops import quantized_experts, quantized_linear
+from moepass.ir.quantized import QuantFormat, quantize
+from moepass.kernels import (
+    SparsityPatternError,
+    compress_24,
+    decompress_24,
+    ops,
+    pack_for_cpu,
+    why_not_packable,
+)
+from moepass.kernels.fused_moe import align
+from moepass.kernels.quant_gemm import POISON_ENV
+
+FP32_BOUND = 1e-5  # fp32 accumulation over K <= 256 against float64
+BF16_BOUND = 1.5e-2  # bf16 activations (the CPU ATen paths, bf16 inputs)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    monkeypatch.setenv(POISON_ENV, "1")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite outputs"
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or not t.is_floating_point() else t.double()
+
+
+def routing(
+    tokens: int, num_experts: int, top_k: int, dropped: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skewed top-k routing (later experts often get no token); `dropped` sends a few slots to ids >=
+    num_experts, as a router that preserved the rows of dropped experts does (the first token keeps
+    at least one live slot)."""
+    logits = torch.randn(tokens, num_experts) - torch.linspace(0, 3, num_experts)
+    weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    if dropped and tokens > 1:
+        ids[0, -1] = num_experts + 2
+        ids[-1, 0] = num_experts
+    return weights, ids
+
+
+def quantized(weight: torch.Tensor, bits: int, group: int, symmetric: bool):
+    return quantize(weight, QuantFormat(bits=bits, group_size=group, symmetric=symmetric))
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight-only quantized GEMM
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bits,group,symmetric", [(4, 32, False), (4, 64, True), (8, 32, False), (8, -1, True)]
+)
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 70])
+def test_quant_gemm_matches_float64_reference(seed, bits, group, symmetric, rows):
+    n, k = 100, 192
+    weight = torch.randn(n, k) / k**0.5
+    qweight, scales, zeros = quantized(weight, bits, group, symmetric)
+    x = torch.randn(rows, k)
+    bias, input_scale = torch.randn(n), torch.rand(k) + 0.5
+    ref = quantized_linear(x.double(), qweight, f64(scales), zeros, f64(bias), f64(input_scale), bits, group)
+    out = ops.triton_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel_err(out, ref) < FP32_BOUND
+    plain = ops.triton_quantized_linear(x, qweight, scales, zeros, None, None, bits, group)
+    assert rel_err(
+        plain, quantized_linear(x.double(), qweight, f64(scales), zeros, None, None, bits, group)
+    ) < (FP32_BOUND)
+
+
+def test_quant_gemm_half_precision_inputs(seed):
+    weight = torch.randn(64, 128) / 12
+    qweight, scales, zeros = quantized(weight, 4, 32, False)
+    x = torch.randn(2, 5, 128)
+    for dtype in (torch.bfloat16, torch.float16):
+        ref = quantized_linear(x.double(), qweight, f64(scales), zeros, None, None, 4, 32)
+        out = ops.triton_quantized_linear(x.to(dtype), qweight, scales.to(dtype), zeros, None, None, 4, 32)
+        assert out.dtype == dtype and out.shape == (2, 5, 64)
+        assert rel_err(out, ref) < BF16_BOUND
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused MoE
+# ------------------------------------------------------------------------------------------------
+def test_align_groups_every_slot_under_its_expert(seed):
+    for num_experts, top_k, tokens in [(1, 1, 1), (5, 2, 9), (7, 3, 40), (16, 4, 3)]:
+        _, ids = routing(tokens, num_experts, top_k, dropped=num_experts > 1)
+        block_m = 16
+        sorted_slots, block_expert = align(ids, num_experts, block_m)
+        flat = ids.reshape(-1)
+        kept = [s for s in range(flat.numel()) if flat[s] < num_experts]
+        seen = sorted(int(s) for s in sorted_slots if s < flat.numel())
+        assert seen == kept, "every routed slot exactly once, dropped slots never"
+        for block, expert in enumerate(block_expert.tolist()):
+            slots = sorted_slots[block * block_m : (block + 1) * block_m]
+            slots = slots[slots < flat.numel()]
+            if expert < 0:
+                assert slots.numel() == 0
+            else:
+                assert (flat[slots] == expert).all()
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize(
+    "num_experts,top_k,tokens", [(1, 1, 5), (2, 2, 1), (5, 2, 37), (7, 3, 19), (16, 4, 33), (6, 1, 70)]
+)
+def test_fused_moe_matches_float64_reference(seed, activation, num_experts, top_k, tokens):
+    hidden, inter = 96, 80
+    x = torch.randn(tokens, hidden)
+    weights, ids = routing(tokens, num_experts, top_k, dropped=num_experts > 2)
+    gate_up = torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5
+    down = torch.randn(num_experts, hidden, inter) / inter**0.5
+    biased = num_experts % 2 == 1
+    gate_up_bias = torch.randn(num_experts, 2 * inter) if biased else None
+    down_bias = torch.randn(num_experts, hidden) if biased else None
+    args = (activation, 1.702, 7.0)
+    ref = experts(
+        x.double(),
+        ids,
+        weights.double(),
+        gate_up.double(),
+        down.double(),
+        f64(gate_up_bias),
+        f64(down_bias),
+        *args,
+    )
+    out = ops.triton_experts(x, ids, weights, gate_up, down, gate_up_bias, down_bias, *args)
+    assert out.shape == x.shape
+    assert rel_err(out, ref) < FP32_BOUND
+
+
+@pytest.mark.parametrize(
+    "bits,group,symmetric", [(4, 32, False), (4, -1, True), (8, 32, True), (8, -1, False)]
+)
+@pytest.mark.parametrize("num_experts,top_k,tokens", [(3, 1, 1), (5, 2, 21), (16, 4, 9)])
+def test_fused_moe_quantized_matches_float64_reference(
+    seed, bits, group, symmetric, num_experts, top_k, tokens
+):
+    hidden, inter = 128, 64
+    x = torch.randn(tokens, hidden)
+    weights, ids = routing(tokens, num_experts, top_k, dropped=True)
+    gate_up = quantized(torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5, bits, group, symmetric)
+    down = quantized(torch.randn(num_experts, hidden, inter) / inter**0.5, bits, group, symmetric)
+    gate_up_scale, down_scale = torch.rand(hidden) + 0.5, torch.rand(num_experts, inter) + 0.5  # AWQ
+    down_bias = torch.randn(num_experts, hidden)
+    tail = ("silu", 0.0, 0.0, bits, group)
+    ref = quantized_experts(
+        x.double(),
+        ids,
+        weights.double(),
+        gate_up[0],
+        f64(gate_up[1]),
+        gate_up[2],
+        down[0],
+        f64(down[1]),
+        down[2],
+        None,
+        f64(down_bias),
+        f64(gate_up_scale),
+        f64(down_scale),
+        *tail,
+    )
+    out = ops.triton_quantized_experts(
+        x, ids, weights, *gate_up, *down, None, down_bias, gate_up_scale, down_scale, *tail
+    )
+    assert rel_err(out, ref) < FP32_BOUND
+
+
+def test_fused_moe_bf16(seed):
+    x = torch.randn(11, 64).bfloat16()
+    weights, ids = routing(11, 6, 2)
+    gate_up, down = torch.randn(6, 96, 64) / 8, torch.randn(6, 64, 48) / 7
+    ref = experts(
+        x.double(), ids, weights.double(), gate_up.double(), down.double(), None, None, "silu", 0.0, 0.0
+    )
+    out = ops.triton_experts(
+        x, ids, weights.bfloat16(), gate_up.bfloat16(), down.bfloat16(), None, None, "silu", 0.0, 0.0
+    )
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < BF16_BOUND
+
+
+# ------------------------------------------------------------------------------------------------
+# 2:4 sparse
+# ------------------------------------------------------------------------------------------------
+def sparse_24(n: int, k: int) -> torch.Tensor:
+    """A random 2:4 weight, with some runs holding fewer than 2 non-zeros."""
+    runs = torch.randn(n, k // 4, 4)
+    keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, runs.abs().topk(2, dim=-1).indices, True)
+    keep &= torch.rand_like(runs) > 0.1
+    return (runs * keep).reshape(n, k)
+
+
+def test_compress_24_round_trip_and_bad_patterns(seed):
+    weight = sparse_24(48, 64)
+    values, meta = compress_24(weight)
+    assert values.shape == (48, 32) and meta.shape == (48, 8) and meta.dtype == torch.uint8
+    assert torch.equal(decompress_24(values, meta), weight)
+    dense = weight.clone()
+    dense[7, 12:16] = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    with pytest.raises(SparsityPatternError, match=r"layers.0.w1: row 7, inputs 12..15"):
+        compress_24(dense, "layers.0.w1")
+    with pytest.raises(SparsityPatternError, match="divisible by 8"):
+        compress_24(torch.zeros(4, 12))
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 40])
+@pytest.mark.parametrize(
+    "bits,group,symmetric", [(0, -1, False), (4, 64, False), (4, 32, True), (8, -1, True)]
+)
+def test_sparse24_gemm_matches_float64_reference(seed, rows, bits, group, symmetric):
+    n, k = 80, 192
+    weight = sparse_24(n, k) / k**0.5
+    values, meta = compress_24(weight)
+    scales = zeros = None
+    if bits:
+        values, scales, zeros = quantized(values, bits, group if group == -1 else group // 2, symmetric)
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    ref = ops.sparse24_linear(
+        x.double(), values if bits else values.double(), meta, f64(scales), zeros, bias.double(), bits, group
+    )
+    if not bits:
+        assert torch.allclose(ref, x.double() @ weight.double().T + bias.double())
+    out = ops.triton_sparse24_linear(x, values, meta, scales, zeros, bias, bits, group)
+    assert rel_err(out, ref) < FP32_BOUND
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU paths and op registration
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bits,group,symmetric", [(4, 32, False), (4, 128, True), (4, -1, False), (8, -1, True)]
+)
+def test_cpu_packed_ops_match_reference(seed, bits, group, symmetric):
+    n, k, experts_n, inter = 64, 256, 5, 64
+    assert why_not_packable(n, k, bits, group, symmetric) is None
+    weight = quantized(torch.randn(n, k) / 16, bits, group, symmetric)
+    packed = pack_for_cpu(*weight, bits, group)
+    x, bias, scale = torch.randn(2, 3, k), torch.randn(n), torch.rand(k) + 0.5
+    ref = quantized_linear(
+        x.double(), weight[0], f64(weight[1]), weight[2], f64(bias), f64(scale), bits, group
+    )
+    out = ops.packed_linear(x, packed.weight, packed.scales, bias, scale, packed.bits, packed.group_size)
+    assert out.dtype == x.dtype and rel_err(out, ref) < BF16_BOUND
+
+    down_group = group if group == -1 else min(group, inter)
+    gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, bits, down_group, symmetric)
+    down = quantized(torch.randn(experts_n, k, inter) / 8, bits, down_group, symmetric)
+    tokens = torch.randn(9, k)
+    weights, ids = routing(9, experts_n, 2, dropped=True)
+    tail = ("silu", 0.0, 0.0)
+    ref = quantized_experts(
+        tokens.double(),
+        ids,
+        weights.double(),
+        gate_up[0],
+        f64(gate_up[1]),
+        gate_up[2],
+        down[0],
+        f64(down[1]),
+        down[2],
+        None,
+        None,
+        None,
+        None,
+        *tail,
+        bits,
+        down_group,
+    )
+    gate_up_packed, down_packed = (
+        pack_for_cpu(*gate_up, bits, down_group),
+        pack_for_cpu(*down, bits, down_group),
+    )
+    out = ops.packed_experts(
+        tokens,
+        ids,
+        weights,
+        gate_up_packed.weight,
+        gate_up_packed.scales,
+        down_packed.weight,
+        down_packed.scales,
+        None,
+        None,
+        None,
+        None,
+        *tail,
+        bits,
+        gate_up_packed.group_size,
+        down_packed.group_size,
+    )
+    assert rel_err(out, ref) < BF16_BOUND
+
+
+def test_cpu_packing_says_why_a_format_cannot_use_aten():
+    assert "divisible by 16" in why_not_packable(100, 128, 4, 32, False)
+    assert "32/64/128/256" in why_not_packable(64, 128, 4, 16, False)
+    assert "per-channel symmetric" in why_not_packable(64, 128, 8, 32, True)
+
+
+def test_kernels_are_the_cuda_implementations_and_trace_as_single_nodes(seed):
+    for name in ("quantized_linear", "experts", "quantized_experts", "sparse24_linear"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"moepass::{name}", "CUDA"), name
+
+    weight = quantized(torch.randn(32, 64), 4, 32, True)
+    values, meta = compress_24(sparse_24(16, 32))
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            y = torch.ops.moepass.quantized_linear(x, weight[0], weight[1], None, None, None, 4, 32)
+            return torch.ops.moepass.sparse24_linear(y, values, meta, None, None, None, 0, -1)
+
+    x = torch.randn(3, 64)
+    exported = torch.export.export(Tiny(), (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.moepass.quantized_linear.default, ops.SPARSE24_LINEAR]
+    assert torch.allclose(exported.module()(x), Tiny()(x))
