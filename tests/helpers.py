@@ -71,19 +71,26 @@ def hf_keep_experts(model, keep: dict[int, list[int]]):
     return ref
 
 
-def hf_expert_counts(model, batches) -> dict[int, torch.Tensor]:
-    """Per MoE layer (by index): how many (token, slot) pairs the transformers model sends to each expert."""
-    counts: dict[int, torch.Tensor] = {}
+def hf_expert_usage(model, batches) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per MoE layer (by index), measured on the transformers model itself: (how many (token, slot)
+    pairs go to each expert, the routing weight each expert receives in total)."""
+    usage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = []
     for index, layer in enumerate(model.model.layers):
         experts = getattr(layer.mlp, "experts", None)
         if experts is None:
             continue
-        counts[index] = torch.zeros(experts.gate_up_proj.shape[0], dtype=torch.long)
+        num_experts = experts.gate_up_proj.shape[0]
+        usage[index] = (
+            torch.zeros(num_experts, dtype=torch.long),
+            torch.zeros(num_experts, dtype=torch.float64),
+        )
 
         def record(module, args, kwargs, index=index):
-            ids = args[1] if len(args) > 1 else next(iter(kwargs.values()))
-            counts[index] += torch.bincount(ids.reshape(-1), minlength=counts[index].numel())
+            ids, weights = args[1], args[2]
+            counts, mass = usage[index]
+            counts += torch.bincount(ids.reshape(-1), minlength=counts.numel())
+            mass.index_add_(0, ids.reshape(-1), weights.reshape(-1).double())
 
         hooks.append(experts.register_forward_pre_hook(record, with_kwargs=True))
     try:
@@ -93,7 +100,7 @@ def hf_expert_counts(model, batches) -> dict[int, torch.Tensor]:
     finally:
         for hook in hooks:
             hook.remove()
-    return counts
+    return usage
 
 
 _CAPTURED: dict[tuple, tuple] = {}
