@@ -10,25 +10,38 @@ from .structure import MoEEntry
 QUANT_METADATA = ("_scales", "_zeros", ".scales", ".zeros", "input_scale")
 
 
+def tensor_sizes(graph_module) -> dict[str, tuple[int, int]]:
+    """FQN -> (logical parameters, bytes) of every tensor a program holds, shared tensors once.
+
+    Packed codes count at their unpacked size; quantization scales and zero points, and buffers that
+    are not weights (rotary frequencies), hold bytes but no parameters."""
+    bits = packed_code_bits(graph_module)
+    parameters = {id(p) for p in graph_module.parameters()}
+    tensors = dict(graph_module.named_parameters(remove_duplicate=False))
+    tensors.update(graph_module.named_buffers(remove_duplicate=False))
+    sizes, seen = {}, set()
+    for name, t in tensors.items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if name in bits:
+            count = t.numel() * 8 // bits[name]
+        elif id(t) in parameters and not name.endswith(QUANT_METADATA):
+            count = t.numel()
+        else:
+            count = 0
+        sizes[name] = (count, t.numel() * t.element_size())
+    return sizes
+
+
 def format_summary(program) -> str:
     structure, info = program.structure, program.info
-    tensors = dict(program.graph_module.named_parameters(remove_duplicate=False))
-    tensors.update(program.graph_module.named_buffers(remove_duplicate=False))
-    bits = packed_code_bits(program.graph_module)
+    sizes = tensor_sizes(program.graph_module)
 
     def size(prefix: str, names: list[str] | None = None) -> tuple[int, int]:
-        """Logical parameters (packed codes at their unpacked count; quantization scales and zero
-        points are not parameters) and bytes of the tensors under `prefix` or with the given FQNs."""
-        seen, count, nbytes = set(), 0, 0
-        for name, t in tensors.items():
-            if (name in names if names is not None else name.startswith(prefix)) and id(t) not in seen:
-                seen.add(id(t))
-                nbytes += t.numel() * t.element_size()
-                if name in bits:
-                    count += t.numel() * 8 // bits[name]
-                elif not name.endswith(QUANT_METADATA):
-                    count += t.numel()
-        return count, nbytes
+        """Logical parameters and bytes of the tensors under `prefix` or with the given FQNs."""
+        chosen = [v for n, v in sizes.items() if (n in names if names is not None else n.startswith(prefix))]
+        return sum(c for c, _ in chosen), sum(b for _, b in chosen)
 
     rows = []
     for block in structure.blocks:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moepass.data import TokenSet, evaluation_set
+from moepass.ir.printer import tensor_sizes
 from moepass.table import format_table, human_bytes, human_count
 
 
@@ -128,7 +129,12 @@ def evaluate(
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
-    """Parameter count and bytes of parameters and buffers, shared tensors counted once."""
+    """Parameter count and bytes of parameters and buffers, shared tensors counted once; for a
+    program, quantized weights count at their logical size (`tensor_sizes`)."""
+    graph_module = getattr(model, "graph_module", None)
+    if graph_module is not None:
+        sizes = tensor_sizes(graph_module).values()
+        return sum(c for c, _ in sizes), sum(b for _, b in sizes)
     seen, count, nbytes = set(), 0, 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) in seen:

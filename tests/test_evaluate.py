@@ -10,6 +10,7 @@ import torch
 import moepass
 from helpers import model_for
 from moepass.data import TokenSet
+from moepass.evaluate import model_size
 
 
 def _token_set(vocab: int, rows: int, seq_len: int, sources: list[str]) -> TokenSet:
@@ -46,6 +47,10 @@ def test_model_and_program_score_identically(family, seed):
         assert math.isclose(score.perplexity, on_program.domains[source].perplexity, rel_tol=1e-5)
         assert score.correct == on_program.domains[source].correct
     assert on_program.parameters == on_model.parameters
+    quantized = moepass.compress(moepass.capture(model), [("rtn", {"bits": 4, "group_size": 16})])
+    params, nbytes = model_size(quantized)
+    assert params == on_model.parameters, "packed codes count at their logical size, scales not at all"
+    assert nbytes < on_model.weight_bytes
 
 
 def test_result_table_and_json(seed):

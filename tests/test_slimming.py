@@ -28,8 +28,10 @@ def _calibration(vocab: int = 128, samples: int = 16) -> TokenSet:
 
 def _correlated_inputs(tokens: int, features: int) -> torch.Tensor:
     """Strongly correlated input channels: what GPTQ's and SparseGPT's error compensation exploits."""
-    mixing = torch.randn(features, features) / features**0.5
-    return (torch.randn(tokens, features) * torch.linspace(0.2, 3, features)) @ mixing
+    latent = features // 4  # channels are mixtures of a few sources, plus a little noise of their own
+    mixing = torch.randn(latent, features) / latent**0.5
+    sources = torch.randn(tokens, latent) * torch.linspace(0.2, 3, latent)
+    return sources @ mixing + 0.05 * torch.randn(tokens, features)
 
 
 def _outlier_inputs(tokens: int, features: int) -> torch.Tensor:
