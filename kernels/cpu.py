@@ -10,20 +10,10 @@ They need weights converted once, ahead of time (`pack_for_cpu`): int4 codes int
 layout with (scale, offset) pairs per group, int8 per-channel symmetric codes as int8. Formats ATen
 cannot express (int4 with groups of 16 or output counts not divisible by 16; int8 with groups or zero
 points) keep the reference path — `pack_for_cpu` says why.
-
-ATen's packed kernels pick their code path from the CPU they run on, and on some CPUs they crash the
-process (a segfault seen in CI on a machine other than the development one). So before the first
-use, `aten_kernels_fault` runs them once on every shape class we use in a child process; if the child
-dies, every weight keeps the reference path. MOEPASS_ATEN_PACKED=0 turns the paths off, =1 skips the
-probe.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,45 +34,8 @@ class CpuPacked:
     group_size: int  # the group ATen sees (int4), -1 for int8
 
 
-_PROBE = """
-import torch
-for m in (1, 6, 16, 64, 300):
-    x = torch.randn(m, 256, dtype=torch.bfloat16)
-    for group in (32, 128):
-        codes = torch.randint(0, 16, (64, 256), dtype=torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        pairs = torch.rand(256 // group, 64, 2).to(torch.bfloat16)
-        torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, pairs)
-    codes8 = torch.randint(-128, 128, (64, 256), dtype=torch.int8)
-    torch.ops.aten._weight_int8pack_mm(x, codes8, torch.rand(64).to(torch.bfloat16))
-"""
-
-
-@functools.cache
-def aten_kernels_fault() -> str | None:
-    """None when ATen's packed kernels ran in a child process on this CPU, else why they are off."""
-    switch = os.environ.get("MOEPASS_ATEN_PACKED", "")
-    if switch == "0":
-        return "ATen packed CPU kernels turned off (MOEPASS_ATEN_PACKED=0)"
-    if switch == "1":
-        return None
-    try:
-        child = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"ATen packed CPU kernels could not be probed ({error})"
-    if child.returncode != 0:
-        tail = (child.stderr.strip().splitlines() or ["no output"])[-1]
-        return (
-            f"ATen packed CPU kernels failed on this CPU in a probe (exit {child.returncode}: {tail}); "
-            "set MOEPASS_ATEN_PACKED=1 to use them anyway"
-        )
-    return None
-
-
 def why_not_packable(n: int, k: int, bits: int, group_size: int, symmetric: bool) -> str | None:
-    """None when ATen's CPU kernels can run this format on this CPU, else the reason."""
-    if fault := aten_kernels_fault():
-        return fault
+    """None when ATen's CPU kernels can run this format, else the reason."""
     group = k if group_size == -1 else group_size
     if bits == 4:
         if n % 16:

@@ -8,8 +8,6 @@ routings leave some experts without tokens.
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 
@@ -19,13 +17,11 @@ from moepass.ir.quantized import QuantFormat, quantize
 from moepass.kernels import (
     SparsityPatternError,
     compress_24,
-    cpu,
     decompress_24,
     ops,
     pack_for_cpu,
     why_not_packable,
 )
-from moepass.kernels.cpu import aten_kernels_fault
 from moepass.kernels.fused_moe import align
 from moepass.kernels.quant_gemm import POISON_ENV
 
@@ -252,8 +248,6 @@ def test_sparse24_gemm_matches_float64_reference(seed, rows, bits, group, symmet
     "bits,group,symmetric", [(4, 32, False), (4, 128, True), (4, -1, False), (8, -1, True)]
 )
 def test_cpu_packed_ops_match_reference(seed, bits, group, symmetric):
-    if fault := aten_kernels_fault():
-        pytest.skip(fault)
     n, k, experts_n, inter = 64, 256, 5, 64
     assert why_not_packable(n, k, bits, group, symmetric) is None
     weight = quantized(torch.randn(n, k) / 16, bits, group, symmetric)
@@ -313,25 +307,10 @@ def test_cpu_packed_ops_match_reference(seed, bits, group, symmetric):
     assert rel_err(out, ref) < BF16_BOUND
 
 
-def test_cpu_packing_says_why_a_format_cannot_use_aten(monkeypatch):
-    monkeypatch.setenv("MOEPASS_ATEN_PACKED", "1")
+def test_cpu_packing_says_why_a_format_cannot_use_aten():
     assert "divisible by 16" in why_not_packable(100, 128, 4, 32, False)
     assert "32/64/128/256" in why_not_packable(64, 128, 4, 16, False)
     assert "per-channel symmetric" in why_not_packable(64, 128, 8, 32, True)
-
-
-def test_a_cpu_whose_aten_kernels_crash_keeps_the_reference_path(monkeypatch):
-    """The probe runs ATen's kernels in a child process, so a crash there only turns them off."""
-    monkeypatch.delenv("MOEPASS_ATEN_PACKED", raising=False)
-    monkeypatch.setattr(cpu, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
-    aten_kernels_fault.cache_clear()
-    try:
-        reason = why_not_packable(64, 256, 4, 32, True)
-    finally:
-        aten_kernels_fault.cache_clear()
-    assert f"exit {-signal.SIGSEGV}" in reason and "MOEPASS_ATEN_PACKED=1" in reason
-    monkeypatch.setenv("MOEPASS_ATEN_PACKED", "0")
-    assert "turned off" in why_not_packable(64, 256, 4, 32, True)
 
 
 def test_kernels_are_the_cuda_implementations_and_trace_as_single_nodes(seed):
