@@ -11,6 +11,7 @@ from torch import Tensor, fx, nn
 from moepass.errors import MoepassError
 
 from .canonicalize import remove_dead_nodes
+from .generation import StepGeneration
 from .printer import format_summary
 from .structure import StructureMap, build_structure
 from .verifier import verify
@@ -34,9 +35,10 @@ class ProgramInfo:
     edits: list[dict] = field(default_factory=list)  # structural edits since capture, replayable in order
     history: list[dict] = field(default_factory=list)  # recipes applied, with their reports
     pruned: dict[str, str] = field(default_factory=dict)  # weight FQN -> sparsity pattern, e.g. "2:4"
+    lowered: str | None = None  # device type the program was lowered for (`moepass.lower`), if any
 
 
-class MoEProgram(nn.Module):
+class MoEProgram(nn.Module, StepGeneration):
     """A captured MoE causal LM.
 
     The graph computes one decoder step:
@@ -51,6 +53,7 @@ class MoEProgram(nn.Module):
         self.info = info
         self.report = None  # the PassReport of the last recipe applied by moepass.compress
         self._structure: StructureMap | None = None
+        self._last_token_graph: fx.GraphModule | None = None
 
     # -- graph and structure ------------------------------------------------------------------
     @property
@@ -67,6 +70,7 @@ class MoEProgram(nn.Module):
         self.graph_module.recompile()
         self.graph_module.delete_all_unused_submodules()
         self._structure = None
+        self._last_token_graph = None
 
     def fork(self) -> MoEProgram:
         """An independent program: its own graph, modules and Parameter objects over the same weight
@@ -138,11 +142,42 @@ class MoEProgram(nn.Module):
         return next(self.graph_module.parameters()).device
 
     def step(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        past: list[Tensor],
+        *,
+        last_token_only: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
-        """One decoder step. attention_mask covers past and new tokens: [batch, past_len + seq]."""
-        outputs = self.graph_module(input_ids, attention_mask, position_ids, *past)
+        """One decoder step. attention_mask covers past and new tokens: [batch, past_len + seq].
+
+        `last_token_only` returns logits for the last position only ([batch, 1, vocab]): generation
+        needs no more, and a prompt's LM head then costs one row instead of one per token."""
+        graph_module = self._last_token_module() if last_token_only else self.graph_module
+        outputs = graph_module(input_ids, attention_mask, position_ids, *past)
         return outputs[0], list(outputs[1:])
+
+    def _last_token_module(self) -> fx.GraphModule:
+        """The step graph with the final hidden states cut to the last position before the LM head;
+        shares every tensor with `graph_module`."""
+        if self._last_token_graph is None:
+            graph = fx.Graph()
+            graph.output(graph.graph_copy(self.graph_module.graph, {}))
+            inside = set(self.structure.lm_head.nodes)
+            head = next(  # the LM head's first op: the one reading from outside the head
+                n
+                for n in graph.nodes
+                if n.name in inside
+                and n.op == "call_function"
+                and isinstance(n.args[0], fx.Node)
+                and n.args[0].name not in inside
+            )
+            with graph.inserting_before(head):
+                last = graph.call_function(torch.ops.aten.slice.Tensor, (head.args[0], 1, -1, 2**63 - 1))
+            head.replace_input_with(head.args[0], last)
+            self._last_token_graph = fx.GraphModule(self.graph_module, graph)
+        return self._last_token_graph
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -154,53 +189,6 @@ class MoEProgram(nn.Module):
         logits, _ = self.step(input_ids, attention_mask, positions, self.empty_cache(batch))
         return logits
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int,
-        attention_mask: Tensor | None = None,
-        *,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        eos_token_id: int | list[int] | None = ...,  # default: the model's generation config
-        pad_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Greedy (or sampled) generation with the KV cache: prompt plus up to `max_new_tokens`.
-
-        Matches transformers `generate`: left padding via `attention_mask`, positions from the mask,
-        finished sequences padded with `pad_token_id` (default: the first EOS id).
-        """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        eos = self.info.eos_token_ids if eos_token_id is ... else eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        pad = pad_token_id if pad_token_id is not None else self.info.pad_token_id
-        if pad is None and eos:
-            pad = eos[0]
-        batch = input_ids.shape[0]
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
-        positions = mask.cumsum(-1) - 1
-        positions = positions.masked_fill(mask == 0, 1)
-        eos_ids = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
-        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        tokens, past, step_ids = input_ids, self.empty_cache(batch), input_ids
-        for i in range(max_new_tokens):
-            logits, past = self.step(step_ids, mask, positions, past)
-            next_tokens = _pick(logits[:, -1].float(), do_sample, temperature, top_k, generator)
-            if eos:
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-                unfinished &= ~torch.isin(next_tokens, eos_ids)
-            tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
-            if not unfinished.any() or i == max_new_tokens - 1:
-                break
-            step_ids = next_tokens[:, None]
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-            positions = positions[:, -1:] + 1
-        return tokens
-
 
 def _retarget_devices(graph_module: fx.GraphModule, device: torch.device) -> None:
     def swap(value):
@@ -210,15 +198,3 @@ def _retarget_devices(graph_module: fx.GraphModule, device: torch.device) -> Non
         node.args = fx.node.map_aggregate(node.args, swap)
         node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
     graph_module.recompile()
-
-
-def _pick(
-    logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> Tensor:
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits / max(temperature, 1e-5)
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

@@ -115,20 +115,30 @@ QUANTIZED_LINEAR = torch.ops.moepass.quantized_linear.default
 QUANTIZED_EXPERTS = torch.ops.moepass.quantized_experts.default
 
 
+# Ops reading packed codes -> the arguments holding them; each op has an int argument `bits`.
+# Lowering registers its kernels' ops (other packed layouts) here.
+CODE_ARGUMENTS: dict = {
+    QUANTIZED_LINEAR: ("qweight",),
+    QUANTIZED_EXPERTS: ("gate_up_qweight", "down_qweight"),
+}
+
+
 def packed_code_bits(graph_module) -> dict[str, int]:
-    """FQN of every packed-code tensor the graph reads -> its bit width (from the quantized ops)."""
+    """FQN of every packed-code tensor the graph reads -> its bit width (from the ops reading it)."""
     out = {}
     for node in graph_module.graph.nodes:
-        if node.target in (QUANTIZED_LINEAR, QUANTIZED_EXPERTS):
+        if node.target in CODE_ARGUMENTS:
             names = [a.name for a in node.target._schema.arguments]
             args = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
-            for name, value in args.items():
-                if name.endswith("qweight") and hasattr(value, "target"):
+            for name in CODE_ARGUMENTS[node.target]:
+                value = args.get(name)
+                if hasattr(value, "target"):
                     out[value.target] = args["bits"]
     return out
 
 
 __all__ = [
+    "CODE_ARGUMENTS",
     "QUANTIZED_EXPERTS",
     "QUANTIZED_LINEAR",
     "in_features",

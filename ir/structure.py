@@ -18,7 +18,27 @@ from torch import fx
 from .ops import EXPERTS, ROUTE
 from .quant_ops import QUANTIZED_EXPERTS
 
-EXPERT_OPS = (EXPERTS, QUANTIZED_EXPERTS)
+
+@dataclass(frozen=True)
+class ExpertsOp:
+    """How an experts op holds its weights: the arguments with the gate/up and down tensors, and
+    their layout — "dense", "quantized" (`moepass.ir.quantized`) or a kernel's own (lowered) layout."""
+
+    gate_up: str
+    down: str
+    layout: str = "dense"
+
+
+# Every op that computes a MoE layer's routed experts; lowering registers its kernels' ops here.
+EXPERT_OPS: dict = {
+    EXPERTS: ExpertsOp("gate_up", "down"),
+    QUANTIZED_EXPERTS: ExpertsOp("gate_up_qweight", "down_qweight", "quantized"),
+}
+
+
+def register_experts_op(op, spec: ExpertsOp) -> None:
+    EXPERT_OPS[op] = spec
+
 
 # Module paths of the transformers causal-LM layout shared by every supported family.
 EMBEDDINGS, LAYERS, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
@@ -78,7 +98,7 @@ class MoEEntry(Entry):
     gate_up_bias: str | None = None
     down_bias: str | None = None
     expert_tensors: list[str] = field(default_factory=list)  # every tensor indexed by expert (dim 0)
-    quantization: dict | None = None  # {"bits", "group_size"} when the experts are quantized
+    quantization: dict | None = None  # {"bits", "group_size", "layout"} when the experts are quantized
     shared_experts: Entry | None = None
     shared_expert_gate: Entry | None = None
 
@@ -244,8 +264,7 @@ def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntr
     experts = next(u for getter in route.users for u in getter.users if u.target in EXPERT_OPS)
     logits, correction, kind, top_k, n_group, topk_group = route.args[:6]
     args = op_args(experts)
-    quantized = experts.target is not EXPERTS
-    suffix = "_qweight" if quantized else ""
+    spec = EXPERT_OPS[experts.target]
 
     def fqn(name: str) -> str | None:
         value = args.get(name)
@@ -264,24 +283,31 @@ def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntr
     getters = {u.args[1]: u.name for u in route.users if u.target is operator.getitem}
     moe.route_weights, moe.route_ids = getters.get(0, ""), getters.get(1, "")
     moe.router_linear_node = router_linear.name if router_linear is not None else None
-    moe.gate_up, moe.down = fqn("gate_up" + suffix), fqn("down" + suffix)
+    moe.gate_up, moe.down = fqn(spec.gate_up), fqn(spec.down)
     moe.gate_up_bias, moe.down_bias = fqn("gate_up_bias"), fqn("down_bias")
-    moe.num_experts = (
-        graph_module.get_buffer(moe.gate_up).shape[0]
-        if quantized
-        else (graph_module.get_parameter(moe.gate_up).shape[0])
-    )
-    moe.router_rows = graph_module.get_parameter(router_weight).shape[0] if router_weight else 0
+    moe.num_experts = tensor_at(graph_module, moe.gate_up).shape[0]
+    moe.router_rows = tensor_at(graph_module, router_weight).shape[0] if router_weight else 0
     moe.preserve_gate = bool(route.meta.get("moepass_preserve_gate", False))
     moe.top_k, moe.routing, moe.n_group, moe.topk_group = top_k, kind, n_group, topk_group
     moe.activation = args["activation"]
     moe.router_weight, moe.router_bias = router_weight or "", router_bias
     moe.correction_bias = _tensor_name(correction)
     moe.expert_tensors = [fqn(name) for name in args if name not in ("gate_up_input_scale",) and fqn(name)]
-    moe.quantization = {"bits": args["bits"], "group_size": args["group_size"]} if quantized else None
+    moe.quantization = (
+        None
+        if spec.layout == "dense"
+        else {"bits": args["bits"], "group_size": args.get("group_size", -1), "layout": spec.layout}
+    )
     moe.shared_experts = entry(shared) if entry(shared).nodes else None
     moe.shared_expert_gate = entry(gate) if entry(gate).nodes else None
     return moe
+
+
+def tensor_at(graph_module: fx.GraphModule, fqn: str) -> torch.Tensor:
+    """A parameter or buffer by FQN (quantized and lowered weights are buffers)."""
+    module_path, _, name = fqn.rpartition(".")
+    module = graph_module.get_submodule(module_path)
+    return getattr(module, name)
 
 
 def _tensor_name(node) -> str | None:

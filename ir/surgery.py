@@ -163,7 +163,7 @@ def quantize_experts(
         "down_input_scale": down_input_scale,
     }
     with graph_module.graph.inserting_before(node):
-        attrs = {k: _install(graph_module, f"{prefix}.{_STORED[k]}", v) for k, v in tensors.items()}
+        attrs = {k: install_tensor(graph_module, f"{prefix}.{_STORED[k]}", v) for k, v in tensors.items()}
         new = graph_module.graph.call_function(
             QUANTIZED_EXPERTS,
             (
@@ -187,9 +187,9 @@ def quantize_experts(
                 fmt.group_size,
             ),
         )
-    _swap(node, new)
+    swap_node(node, new)
     for fqn in (moe.gate_up, moe.down):
-        _delete_if_unused(graph_module, fqn)
+        delete_if_unused(graph_module, fqn)
     program.info.edits.append(
         {
             "op": "quantize_experts",
@@ -221,7 +221,7 @@ def quantize_linear(
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         with graph_module.graph.inserting_before(node):
             q, s, z, scale = (
-                _install(graph_module, f"{prefix}.{name}", t)
+                install_tensor(graph_module, f"{prefix}.{name}", t)
                 for name, t in (
                     ("qweight", packed[0]),
                     ("scales", packed[1]),
@@ -232,8 +232,8 @@ def quantize_linear(
             new = graph_module.graph.call_function(
                 QUANTIZED_LINEAR, (node.args[0], q, s, z, bias, scale, fmt.bits, fmt.group_size)
             )
-        _swap(node, new)
-    _delete_if_unused(graph_module, weight)
+        swap_node(node, new)
+    delete_if_unused(graph_module, weight)
     program.info.edits.append(
         {
             "op": "quantize_linear",
@@ -262,20 +262,22 @@ def _format_record(fmt: QuantFormat) -> dict:
     return {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric}
 
 
-def _install(graph_module: fx.GraphModule, fqn: str, tensor: torch.Tensor | None) -> fx.Node | None:
+def install_tensor(graph_module: fx.GraphModule, fqn: str, tensor: torch.Tensor | None) -> fx.Node | None:
+    """Store `tensor` at `fqn` and return a get_attr node for it (inserted at the current point)."""
     if tensor is None:
         return None
     set_tensor(graph_module, fqn, tensor.detach())
     return graph_module.graph.get_attr(fqn)
 
 
-def _swap(old: fx.Node, new: fx.Node) -> None:
+def swap_node(old: fx.Node, new: fx.Node) -> None:
+    """Replace `old` by `new` everywhere, keeping its metadata (module stack, value)."""
     new.meta = dict(old.meta)
     old.replace_all_uses_with(new)
     old.graph.erase_node(old)
 
 
-def _delete_if_unused(graph_module: fx.GraphModule, fqn: str) -> None:
+def delete_if_unused(graph_module: fx.GraphModule, fqn: str) -> None:
     """Remove a tensor no graph node reads any more (tied weights stay while their twin reads them)."""
     if any(n.op == "get_attr" and n.target == fqn and n.users for n in graph_module.graph.nodes):
         return

@@ -113,7 +113,7 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
         if name is None or name not in tensors:
             return None
         value = tuple(tensors[name].shape)
-        if quant is not None and name.endswith("_qweight"):
+        if quant is not None and name in (moe.gate_up, moe.down):
             value = (*value[:-1], in_features(tensors[name], quant["bits"]))
         return value
 
@@ -168,7 +168,7 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
                 f"{where}: {field} {name} has shape {shape(name)}, expected {want} "
                 f"(E={num_experts}, H={hidden}, I={inter})"
             )
-    if quant is not None:
+    if quant is not None and quant["layout"] == "quantized":
         _check_quantized_experts(where, moe, tensors, quant, num_experts, hidden, inter, problems)
     if not 1 <= moe.top_k <= moe.router_rows:
         problems.append(

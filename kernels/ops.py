@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moepass.ir.ops import ACTIVATIONS, experts, run_experts
-from moepass.ir.quant_ops import quantized_experts, quantized_linear
+from moepass.ir.quant_ops import CODE_ARGUMENTS, quantized_experts, quantized_linear
 from moepass.ir.quantized import dequantize
+from moepass.ir.structure import ExpertsOp, register_experts_op
 
 from .cpu import packed_linear as _aten_packed_linear
 from .fused_moe import fused_moe
@@ -218,3 +219,8 @@ def _(
 SPARSE24_LINEAR = torch.ops.moepass.sparse24_linear.default
 PACKED_LINEAR = torch.ops.moepass.packed_linear.default
 PACKED_EXPERTS = torch.ops.moepass.packed_experts.default
+
+# The IR learns these ops' layouts: structure maps, verifier and size counts read them like its own.
+register_experts_op(PACKED_EXPERTS, ExpertsOp("gate_up_weight", "down_weight", "cpu-packed"))
+CODE_ARGUMENTS[PACKED_LINEAR] = ("weight",)
+CODE_ARGUMENTS[PACKED_EXPERTS] = ("gate_up_weight", "down_weight")

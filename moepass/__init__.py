@@ -24,16 +24,34 @@ from moepass.kernels import ops as _kernel_ops  # noqa: E402, F401  (CUDA kernel
 
 __version__ = "0.1.0"
 
+_LAZY = {  # heavy imports (the ONNX exporter) load on first use
+    "export_onnx": "moepass.onnx_export",
+    "OnnxProgram": "moepass.onnx_export",
+    "lower": "moepass.lower",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moepass' has no attribute {name!r}")
+
+
 __all__ = [
     "EvalResult",
     "IRVerificationError",
     "MoEProgram",
     "MoepassError",
     "NotAnMoEModelError",
+    "OnnxProgram",
     "UnsupportedModelError",
     "capture",
     "compress",
     "evaluate",
+    "export_onnx",
     "load",
+    "lower",
     "save",
 ]

@@ -74,6 +74,11 @@ def save(
     """Write `program` to directory `path`; `format="hf"` writes a stock transformers checkpoint instead,
     where the program's structure allows it."""
     path = Path(path)
+    if program.info.lowered is not None:
+        raise ArtifactError(
+            f"this program is lowered for {program.info.lowered} (kernel-specific weight layouts); save the "
+            "program before lowering it — moepass.load lowers on load"
+        )
     if format not in ("moepass", "hf"):
         raise ArtifactError(f"unknown format {format!r}; choose 'moepass' or 'hf'")
     if path.exists() and not overwrite:
@@ -162,8 +167,12 @@ def kept_original_experts(program: MoEProgram, index: int) -> list[int]:
     return kept
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> MoEProgram:
-    """A runnable program from a directory written by `save` (moepass format)."""
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", lower: bool = True) -> MoEProgram:
+    """A runnable program from a directory written by `save` (moepass format).
+
+    By default it is lowered for `device` (`moepass.lower`: the fast kernels, outputs equal within
+    the kernels' precision); `lower=False` gives the program exactly as saved, which can be
+    compressed further or saved again."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -202,7 +211,12 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> MoEP
     program.info.history = manifest.get("history", [])
     program.info.pruned = manifest.get("pruned", {})
     program.verify()
-    return program.to(device)
+    program.to(device)
+    if lower:
+        from moepass.lower import lower as lower_program
+
+        program = lower_program(program, copy=False)
+    return program
 
 
 def _skeleton(manifest: dict):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,9 +35,13 @@ def _eval(args: argparse.Namespace) -> None:
     from moepass.zoo import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=_DTYPES[args.dtype] if args.dtype else None)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    subject = capture(model) if args.program else model
+    artifact = os.path.isfile(os.path.join(args.model, "manifest.json"))
+    if artifact:  # a compressed moepass artifact: evaluated as saved (canonical ops)
+        subject = _load_program(args.model, lower=False)
+    else:
+        model = load_model(args.model, dtype=_DTYPES[args.dtype] if args.dtype else None)
+        subject = capture(model) if args.program else model
     per_source = None if args.max_per_source == 0 else args.max_per_source
     result = evaluate(
         subject,
@@ -46,7 +52,7 @@ def _eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    what = "captured program" if args.program else "transformers model"
+    what = "moepass artifact" if artifact else ("captured program" if args.program else "transformers model")
     print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {args.seq_len} tokens"))
     if args.json:
         _write_atomically(args.json, result.to_json() + "\n")
@@ -62,7 +68,7 @@ def _compress(args: argparse.Namespace) -> None:
     from moepass.ir import capture
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
-    from moepass.zoo import load_model, load_tokenizer
+    from moepass.zoo import load_model, load_tokenizer, save_tokenizer
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)  # validate before any work
@@ -86,16 +92,105 @@ def _compress(args: argparse.Namespace) -> None:
     )
     if args.format == "hf":
         save(program, out, format="hf", overwrite=args.force)
+        save_tokenizer(tokenizer, out)
         report.write(out)
     else:
         tensors, aliases = unique_tensors(program)
 
         def fill(staging: Path) -> None:
             write_checkpoint(staging, "manifest.json", manifest_of(program, aliases), tensors)
+            save_tokenizer(tokenizer, staging)
             report.write(staging)
 
         write_atomically(out, fill, overwrite=args.force)
-    print(f"\nwrote {out}/ (model.safetensors, manifest.json, report.md, report.json, plots/)")
+    print(f"\nwrote {out}/ (model.safetensors, manifest.json, tokenizer, report.md, report.json, plots/)")
+
+
+def _load_program(name_or_path: str, lower: bool = True):
+    """A moepass artifact directory (loaded, lowered), or a model (captured, lowered)."""
+    from moepass.artifact import load
+    from moepass.ir import capture
+    from moepass.lower import lower as lower_program
+    from moepass.zoo import load_model
+
+    if os.path.isfile(os.path.join(name_or_path, "manifest.json")):
+        return load(name_or_path, lower=lower)
+    program = capture(load_model(name_or_path))
+    return lower_program(program, copy=False) if lower else program
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from tokenizers import Tokenizer
+
+    from moepass.zoo import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if isinstance(tokenizer, Tokenizer):
+        prompt_ids = tokenizer.encode(args.prompt).ids
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+    if not prompt_ids:
+        raise MoepassError("the prompt is empty after tokenization; pass --prompt TEXT")
+    if args.onnx:
+        from moepass.onnx_export.runtime import OnnxProgram
+
+        program = OnnxProgram(args.model)
+    else:
+        program = _load_program(args.model, lower=not args.no_lower)
+    generated: list[int] = []
+    shown = ""
+
+    def stream(next_tokens: torch.Tensor) -> None:
+        nonlocal shown
+        generated.append(int(next_tokens[0]))
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+
+    generator = torch.Generator().manual_seed(args.seed)
+    print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    program.generate(
+        torch.tensor([prompt_ids]),
+        args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        generator=generator,
+        streamer=stream,
+    )
+    seconds = time.perf_counter() - start
+    engine = "onnxruntime" if args.onnx else "PyTorch"
+    print(
+        f"\n\n[{len(generated)} tokens in {seconds:.2f}s ({len(generated) / seconds:.1f} tokens/s), "
+        f"prompt {len(prompt_ids)} tokens, {engine}]",
+        file=sys.stderr,
+    )
+
+
+def _export_onnx(args: argparse.Namespace) -> None:
+    from moepass.onnx_export import export_onnx
+    from moepass.table import format_table
+    from moepass.zoo import load_tokenizer
+
+    program = _load_program(args.model, lower=False)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except (MoepassError, OSError, ValueError):
+        tokenizer = None
+        print(f"note: {args.model} has no tokenizer; the export holds none", file=sys.stderr)
+    start = time.perf_counter()
+    print(
+        f"exporting {program.info.model_class} ({len(program.structure.blocks)} blocks) ...", file=sys.stderr
+    )
+    export_onnx(program, args.out, tokenizer=tokenizer, overwrite=args.force)
+    manifest = json.loads((Path(args.out) / "onnx_manifest.json").read_text(encoding="utf-8"))
+    rows = [[kind, count] for kind, count in manifest["rewrites"].items()]
+    print(format_table(["rewrite", "count"], rows))
+    seconds = time.perf_counter() - start
+    print(f"\nwrote {args.out}/ in {seconds:.1f}s; run it: moepass generate {args.out} --onnx")
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -169,6 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--threads", type=int, default=1)
     comp.set_defaults(run=_compress)
+
+    gen = commands.add_parser("generate", help="stream text from a compressed artifact or a model")
+    gen.add_argument("model", help="moepass artifact directory, built-in name or checkpoint directory")
+    gen.add_argument("--prompt", default="The ", help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--tokenizer", help="tokenizer.json or directory (default: the model's)")
+    gen.add_argument(
+        "--onnx",
+        action="store_true",
+        help="MODEL is an exported ONNX directory (moepass export-onnx): run it in onnxruntime",
+    )
+    gen.add_argument("--no-lower", action="store_true", help="run the canonical ops, not the lowered kernels")
+    gen.add_argument("--threads", type=int, default=1)
+    gen.set_defaults(run=_generate)
+
+    onnx = commands.add_parser("export-onnx", help="export a program as an ONNX decoder for onnxruntime")
+    onnx.add_argument("model", help="moepass artifact directory, built-in name or checkpoint directory")
+    onnx.add_argument("out", help="output directory (model.onnx, onnx_manifest.json, tokenizer)")
+    onnx.add_argument("--force", action="store_true", help="replace an existing output directory")
+    onnx.set_defaults(run=_export_onnx)
 
     recipes = commands.add_parser("recipes", help="list the built-in recipes")
     recipes.set_defaults(run=_recipes)

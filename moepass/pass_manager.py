@@ -19,7 +19,7 @@ from moepass.data import TokenSet
 from moepass.errors import MoepassError
 from moepass.table import format_table, human_bytes
 
-from .passes.base import AnalysisPass, Pass, PassConfig, TransformPass, create_pass
+from .passes.base import STAGES, AnalysisPass, Pass, PassConfig, TransformPass, create_pass
 
 SCORING = ("one-shot", "iterative")
 
@@ -111,6 +111,7 @@ class PassManager:
         self._done: list[str] = []
 
     def run(self, program) -> PassReport:
+        self._check_stages(program)
         context = PassContext(self, program)
         if self.scoring == "one-shot":
             for transform in (p for p in self.passes if isinstance(p, TransformPass)):
@@ -140,6 +141,23 @@ class PassManager:
             if not self._pinned:
                 self.invalidate(keep=p.preserves)
         return self.report
+
+    def _check_stages(self, program) -> None:
+        """Compression passes run before lowering passes, and never on a lowered program."""
+        lowered = getattr(program.info, "lowered", None)
+        compressing = [p.name for p in self.passes if p.stage != "lower"]
+        if lowered is not None and compressing:
+            raise PassError(
+                f"this program is lowered for {lowered}; pass {compressing[0]} needs the program before "
+                "lowering (compress first, then moepass.lower; moepass.load(dir, lower=False) loads an "
+                "artifact unlowered)"
+            )
+        for before, after in zip(self.passes, self.passes[1:], strict=False):
+            if STAGES.index(before.stage) > STAGES.index(after.stage):
+                raise PassError(
+                    f"pass {after.name} (stage {after.stage}) cannot follow {before.name} "
+                    f"(stage {before.stage}); stages run in the order {', '.join(STAGES)}"
+                )
 
     def analysis(self, program, name: str, config: PassConfig | None = None):
         analysis = create_pass(name, config)

@@ -172,10 +172,18 @@ def load_tokenizer(name_or_path: str):
             )
         with resources.as_file(models_dir() / name / "tokenizer.json") as path:
             return Tokenizer.from_file(str(path))
+    if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):  # checkpoint or moepass artifact
+        return Tokenizer.from_file(os.path.join(name_or_path, "tokenizer.json"))
     path = _checkpoint_dir(name_or_path)
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+    """Write `tokenizer` (a `tokenizers.Tokenizer` or a transformers tokenizer) into `directory`."""
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    else:
+        tokenizer.save_pretrained(directory)
 
 
 def _checkpoint_dir(path: str) -> str:

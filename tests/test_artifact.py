@@ -54,7 +54,7 @@ def test_moepass_format_round_trip(family, tmp_path):
     }
     assert all(len(v) == 6 for v in kept.values())
     load_file(str(tmp_path / "artifact" / "model.safetensors"))  # plain safetensors, no pickle
-    reloaded = load(tmp_path / "artifact")
+    reloaded = load(tmp_path / "artifact", lower=False)
     reloaded.verify()
     assert [b.index for b in reloaded.structure.blocks] == [b.index for b in program.structure.blocks]
     _same_outputs(program, reloaded)
@@ -150,6 +150,7 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         "report.md",
         "report.json",
         "plots",
+        "tokenizer.json",
     }
     assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
     report = json.loads((out / "report.json").read_text())
@@ -160,6 +161,18 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert main(argv) == 2  # exists: refused, untouched
     assert "pass --force" in capsys.readouterr().err and (out / "manifest.json").stat().st_mtime_ns == stamp
+
+    # the artifact streams text through the lowered PyTorch program and, exported, through onnxruntime
+    onnx_dir = tmp_path / "onnx"
+    assert main(["export-onnx", str(out), str(onnx_dir)]) == 0
+    assert "MatMulNBits int4" in capsys.readouterr().out
+    texts = {}
+    for engine, argv in {"torch": [str(out)], "onnx": [str(onnx_dir), "--onnx"]}.items():
+        assert main(["generate", *argv, "--prompt", "It is", "--max-new-tokens", "6"]) == 0
+        captured_io = capsys.readouterr()
+        texts[engine] = captured_io.out
+        assert "tokens in" in captured_io.err
+    assert texts["torch"] == texts["onnx"] and texts["torch"].startswith("It is")
 
 
 def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path, capsys):

@@ -50,3 +50,23 @@ def test_source_checkout_imports_without_install(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
     ).stdout
     assert Path(out.strip()) == ROOT / "ir" / "__init__.py"
+
+
+def test_transformers_probing_for_its_kernels_package_leaves_our_ops_intact():
+    """`python -m pytest` from the repo root puts the checkout on sys.path, where transformers' probe
+    for its hub `kernels` library finds and imports our kernels/ folder; that must not re-register
+    moepass's ops (it did, and the next packed-op call segfaulted)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "import torch, moepass; from moepass.ir.quantized import QuantFormat, quantize; "
+        "from moepass.kernels import ops, pack_for_cpu; "
+        "from transformers.utils.import_utils import is_kernels_available; "
+        "assert not is_kernels_available(); "
+        "assert 'kernels.ops' not in sys.modules, 'our ops were registered a second time'; "
+        "q = quantize(torch.randn(64, 128), QuantFormat(4, 32)); p = pack_for_cpu(*q, 4, 32); "
+        "x = torch.randn(3, 128); "
+        "print(ops.PACKED_LINEAR(x, p.weight, p.scales, None, None, 4, p.group_size).shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([3, 64])" in out.stdout

@@ -48,10 +48,14 @@ class TransformResult:
     summary: dict = field(default_factory=dict)
 
 
+STAGES = ("compress", "lower")  # pipelines run stages in this order
+
+
 class Pass:
     name: ClassVar[str]
     kind: ClassVar[str]  # "analysis" or "transform"
     config_class: ClassVar[type[PassConfig]]
+    stage: ClassVar[str] = "compress"  # "lower": rewrites into a device's kernels (`moepass.lower`)
 
     def __init__(self, config: PassConfig | None = None):
         self.config = config if config is not None else self.config_class()

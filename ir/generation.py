@@ -1,0 +1,76 @@
+"""Token generation over any decoder step — the PyTorch program's and onnxruntime's alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+class StepGeneration:
+    """`generate` for classes with `step(ids, mask, positions, past, last_token_only=...)`,
+    `empty_cache(batch)` and `info` (eos_token_ids, pad_token_id)."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        attention_mask: Tensor | None = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | list[int] | None = ...,  # default: the model's generation config
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer: Callable[[Tensor], None] | None = None,
+    ) -> Tensor:
+        """Greedy (or sampled) generation with the KV cache: prompt plus up to `max_new_tokens`.
+
+        Matches transformers `generate`: left padding via `attention_mask`, positions from the mask,
+        finished sequences padded with `pad_token_id` (default: the first EOS id). `streamer` is
+        called with each step's new tokens [batch] as soon as they are chosen.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        eos = self.info.eos_token_ids if eos_token_id is ... else eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = pad_token_id if pad_token_id is not None else self.info.pad_token_id
+        if pad is None and eos:
+            pad = eos[0]
+        batch = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        positions = mask.cumsum(-1) - 1
+        positions = positions.masked_fill(mask == 0, 1)
+        eos_ids = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        tokens, past, step_ids = input_ids, self.empty_cache(batch), input_ids
+        for i in range(max_new_tokens):
+            logits, past = self.step(step_ids, mask, positions, past, last_token_only=True)
+            next_tokens = _pick(logits[:, -1].float(), do_sample, temperature, top_k, generator)
+            if eos:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+                unfinished &= ~torch.isin(next_tokens, eos_ids)
+            tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
+            if streamer is not None:
+                streamer(next_tokens)
+            if not unfinished.any() or i == max_new_tokens - 1:
+                break
+            step_ids = next_tokens[:, None]
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            positions = positions[:, -1:] + 1
+        return tokens
+
+
+def _pick(
+    logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / max(temperature, 1e-5)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

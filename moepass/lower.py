@@ -1,0 +1,48 @@
+"""`moepass.lower`: a program rewritten onto a device's fastest ops — the optimized PyTorch program.
+
+Lowering is the last stage: it runs the `lower`-stage passes registered for the device, each verified
+like any transform. On CPU: quantized weights onto ATen's packed int4/int8 kernels
+(`cpu_packed_weights`), dense weights stored input-major (`kn_weight_layout`). On CUDA the canonical
+ops already dispatch to the Triton kernels (`moepass.kernels`), so nothing needs rewriting.
+The input program is left as it is; the lowered one can run, evaluate and generate, but not be
+compressed further or saved (save the program before lowering; `moepass.load` lowers on load).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moepass.errors import MoepassError
+from moepass.ir import MoEProgram
+from moepass.pass_manager import PassManager, PassReport
+
+logger = logging.getLogger("moepass")
+
+# device type -> lowering passes, in order
+PIPELINES: dict[str, list[str]] = {
+    "cpu": ["cpu_packed_weights", "kn_weight_layout"],
+    "cuda": [],
+}
+
+
+def lower(program: MoEProgram, device: str | torch.device | None = None, *, copy: bool = True) -> MoEProgram:
+    """A copy of `program` lowered for `device` (default: where the program is); `copy=False`
+    lowers the program itself (no second set of weights while converting)."""
+    if not isinstance(program, MoEProgram):
+        raise MoepassError(f"lower takes a MoEProgram (see moepass.capture), got {type(program).__name__}")
+    device_type = torch.device(device).type if device is not None else program.device.type
+    if device_type not in PIPELINES:
+        raise MoepassError(f"no lowering for device {device_type!r}; supported: {', '.join(PIPELINES)}")
+    if program.info.lowered is not None:
+        raise MoepassError(f"this program is already lowered for {program.info.lowered}")
+    lowered = program.fork() if copy else program
+    if device is not None:
+        lowered.to(device)
+    manager = PassManager([(name, None) for name in PIPELINES[device_type]])
+    report: PassReport = manager.run(lowered)
+    lowered.info.lowered = device_type
+    lowered.report = report
+    logger.info("lowered for %s: %s", device_type, ", ".join(PIPELINES[device_type]) or "no rewrite needed")
+    return lowered

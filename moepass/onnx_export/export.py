@@ -1,0 +1,230 @@
+"""`moepass.export_onnx`: a program as an ONNX decoder step with past key/values, for onnxruntime.
+
+The exported graph is the program's step graph — (input_ids, attention_mask, position_ids, *past) ->
+(logits, *present) — with batch, sequence and past lengths dynamic. Before export a copy of the graph
+has its moepass ops replaced: quantized linears by `com.microsoft::MatMulNBits` (`contrib.py`),
+routing and experts by standard-op forms that keep every expert (`decompose.py`). Dropped layers
+and blocks are simply absent. The directory written holds `model.onnx`, `onnx_manifest.json`
+(the program's info and the I/O contract) and, when given, the tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxscript.optimizer
+import torch
+from torch import fx
+
+from moepass.artifact import ArtifactError, write_atomically
+from moepass.errors import MoepassError
+from moepass.ir import MoEProgram
+from moepass.ir.ops import EXPERTS, ROUTE
+from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from moepass.ir.quantized import in_features
+from moepass.ir.structure import op_args, tensor_at
+from moepass.ir.surgery import delete_if_unused, install_tensor, swap_node
+
+from . import decompose
+from .contrib import MATMUL_NBITS, TRANSLATIONS, fits_matmul_nbits
+
+logger = logging.getLogger("moepass")
+
+MODEL_FILE, MANIFEST_FILE = "model.onnx", "onnx_manifest.json"
+OPSET = 20
+_FOLD_LIMIT = 256  # elements: shapes and scalars
+# canonical op -> its standard-op form (same arguments)
+DECOMPOSITIONS = {
+    ROUTE: decompose.route,
+    EXPERTS: decompose.experts,
+    QUANTIZED_EXPERTS: decompose.quantized_experts,
+}
+# ops of complex-number rotary embeddings (DeepSeek-V2), which the ONNX exporter cannot express
+_COMPLEX_OPS = {"aten::view_as_complex", "aten::view_as_real", "aten::polar"}
+
+
+class OnnxExportError(MoepassError):
+    """A program that cannot be exported to ONNX as asked."""
+
+
+def export_onnx(
+    program: MoEProgram, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False
+) -> Path:
+    """Write `program` as an ONNX decoder to directory `path` (model.onnx + onnx_manifest.json)."""
+    if not isinstance(program, MoEProgram):
+        raise OnnxExportError(
+            f"export_onnx takes a MoEProgram (see moepass.capture), got {type(program).__name__}"
+        )
+    if program.info.lowered is not None:
+        raise OnnxExportError(
+            f"this program is lowered for {program.info.lowered} (kernel-specific weight layouts); export "
+            "the program before lowering it (moepass.load(path, lower=False))"
+        )
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    graph_module, rewrites = exportable_graph(program)
+    start = time.perf_counter()
+    onnx_program = _export(graph_module, program)
+
+    def fill(staging: Path) -> None:
+        onnx_program.save(str(staging / MODEL_FILE))
+        onnx.checker.check_model(str(staging / MODEL_FILE))
+        manifest = {
+            "format": "moepass-onnx",
+            "version": 1,
+            "opset": OPSET,
+            "info": dataclasses.asdict(program.info),
+            "inputs": [n.name for n in graph_module.graph.nodes if n.op == "placeholder"],
+            "outputs": output_names(program),
+            "rewrites": rewrites,
+        }
+        (staging / MANIFEST_FILE).write_text(
+            json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8"
+        )
+        if tokenizer is not None:
+            from moepass.zoo import save_tokenizer
+
+            save_tokenizer(tokenizer, staging)
+
+    write_atomically(path, fill, overwrite)
+    logger.info("exported %s in %.1fs: %s", path, time.perf_counter() - start, rewrites)
+    return path
+
+
+def output_names(program: MoEProgram) -> list[str]:
+    return ["logits", *(name.replace("past_", "present_", 1) for name in program.cache_names)]
+
+
+def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int]]:
+    """A copy of the program's graph with every moepass op in a form the ONNX exporter translates;
+    also the count of each rewrite."""
+    graph_module = program.fork().graph_module
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and hasattr(node.target, "name") and node.target.name() in _COMPLEX_OPS:
+            raise OnnxExportError(
+                f"{program.info.model_class}: node {node.name} computes with complex numbers "
+                f"({node.target.name()}, in the rotary embedding), which ONNX cannot express; this family "
+                "is not exportable yet"
+            )
+    rewrites: dict[str, int] = {}
+    for node in list(graph_module.graph.nodes):
+        if node.target is QUANTIZED_LINEAR:
+            kind = _quantized_linear(graph_module, node)
+        elif node.target in DECOMPOSITIONS:
+            node.target = DECOMPOSITIONS[node.target]
+            kind = f"{node.target.__name__} (standard ops)"
+        elif node.op == "call_function" and str(getattr(node.target, "namespace", "")) == "moepass":
+            raise OnnxExportError(f"node {node.name}: no ONNX form for {node.target}")
+        else:
+            continue
+        rewrites[kind] = rewrites.get(kind, 0) + 1
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module, rewrites
+
+
+def _quantized_linear(graph_module: fx.GraphModule, node: fx.Node) -> str:
+    args = op_args(node)
+    qweight = tensor_at(graph_module, args["qweight"].target)
+    bits, group = args["bits"], args["group_size"]
+    n, k = qweight.shape[0], in_features(qweight, bits)
+    if fits_matmul_nbits(k, group, bits) is not None:
+        node.target = decompose.quantized_linear
+        return "quantized_linear (dequantized in the graph)"
+    block = k if group == -1 else group
+    graph, prefix = graph_module.graph, args["qweight"].target.rpartition(".")[0]
+    tensors = {
+        "b": qweight.reshape(n, k // block, block * bits // 8),
+        "scales": tensor_at(graph_module, args["scales"].target).reshape(-1),
+        "zero_points": None
+        if args["zeros"] is None
+        else tensor_at(graph_module, args["zeros"].target).reshape(-1),
+    }
+    with graph.inserting_before(node):
+        x = args["x"]
+        if args["input_scale"] is not None:
+            x = graph.call_function(torch.ops.aten.mul.Tensor, (x, args["input_scale"]))
+        consts = {
+            name: install_tensor(graph_module, f"{prefix}.onnx_{name}", t) for name, t in tensors.items()
+        }
+        new = graph.call_function(
+            MATMUL_NBITS,
+            (x, consts["b"], consts["scales"], consts["zero_points"], args["bias"], k, n, bits, block),
+        )
+    swap_node(node, new)
+    for name in ("qweight", "scales", "zeros"):  # now held in MatMulNBits' shapes
+        if args[name] is not None:
+            getter = args[name].target
+            if not args[name].users:
+                graph.erase_node(args[name])
+            delete_if_unused(graph_module, getter)
+    return f"quantized_linear -> MatMulNBits int{bits}"
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a library's logger below ERROR (the exporter logs every optional op it skips)."""
+    library, level = logging.getLogger(logger_name), logging.getLogger(logger_name).level
+    library.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
+def _export(graph_module: fx.GraphModule, program: MoEProgram):
+    """torch.onnx.export with a batch-2 sample (a batch-1 sample would fix the batch size)."""
+    batch, seq, past_len = 2, 3, 4
+    device = program.device
+    input_ids = torch.randint(0, program.info.vocab_size, (batch, seq), device=device)
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long, device=device)
+    positions = torch.arange(past_len, past_len + seq, device=device).expand(batch, -1)
+    past = [
+        torch.randn(batch, t.shape[1], past_len, t.shape[3], dtype=t.dtype, device=device)
+        for t in program.empty_cache(batch)
+    ]
+    names = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
+    b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    total, past_dim = torch.export.Dim("total"), torch.export.Dim("past", min=0)
+    dynamic = {names[0]: {0: b, 1: s}, names[1]: {0: b, 1: total}, names[2]: {0: b, 1: s}}
+    dynamic.update({name: {0: b, 2: past_dim} for name in names[3:]})
+    log = io.StringIO()
+    try:
+        with (
+            contextlib.redirect_stdout(log),
+            warnings.catch_warnings(),
+            _quiet("torch.onnx"),
+            torch.no_grad(),
+        ):
+            warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
+            onnx_program = torch.onnx.export(
+                graph_module,
+                (input_ids, mask, positions, *past),
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                input_names=names,
+                output_names=output_names(program),
+                custom_translation_table=TRANSLATIONS,
+                opset_version=OPSET,
+                optimize=False,
+                verbose=False,
+            )
+            # fold shape arithmetic, never weight-sized tensors: folding the dequantization of packed
+            # codes would store the weights as floats again
+            onnxscript.optimizer.optimize_ir(onnx_program.model, output_size_limit=_FOLD_LIMIT)
+            return onnx_program
+    except Exception as error:  # the exporter's own errors are long; keep its report for the user
+        raise OnnxExportError(
+            f"{program.info.model_class}: torch.onnx.export failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); exporter log:\n{log.getvalue()[-2000:]}"
+        ) from error

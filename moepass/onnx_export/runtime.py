@@ -1,0 +1,85 @@
+"""`OnnxProgram`: an exported decoder (`moepass.export_onnx`) run by onnxruntime's CPU provider, with
+the same `step`/`generate` interface as the PyTorch program."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor
+
+from moepass.errors import MoepassError
+from moepass.ir.generation import StepGeneration
+from moepass.ir.program import ProgramInfo
+
+from .export import MANIFEST_FILE, MODEL_FILE
+
+
+class OnnxProgram(StepGeneration):
+    """An exported moepass decoder in an onnxruntime session (threads: torch's current setting)."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        path = Path(path)
+        if not (path / MODEL_FILE).is_file() or not (path / MANIFEST_FILE).is_file():
+            raise MoepassError(
+                f"{path} is not an exported moepass ONNX directory (needs {MODEL_FILE} and {MANIFEST_FILE}; "
+                "write one with `moepass export-onnx`)"
+            )
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        if manifest.get("format") != "moepass-onnx":
+            raise MoepassError(f"{path / MANIFEST_FILE} is not a moepass ONNX manifest")
+        self.info = ProgramInfo(**manifest["info"])
+        self.input_names, self.output_names = manifest["inputs"], manifest["outputs"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"]
+        )
+        self._cache_shapes = {
+            i.name: (i.shape[1], i.shape[3], i.type)
+            for i in self.session.get_inputs()
+            if i.name.startswith("past_")
+        }
+
+    @property
+    def cache_names(self) -> list[str]:
+        return self.input_names[3:]
+
+    def empty_cache(self, batch_size: int) -> list[Tensor]:
+        dtype = getattr(torch, self.info.dtype)
+        return [
+            torch.empty(batch_size, self._cache_shapes[n][0], 0, self._cache_shapes[n][1], dtype=dtype)
+            for n in self.cache_names
+        ]
+
+    def step(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        past: list[Tensor],
+        *,
+        last_token_only: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """One decoder step in onnxruntime (the contract of `MoEProgram.step`)."""
+        feeds = {
+            name: np.ascontiguousarray(tensor.detach().cpu().numpy())
+            for name, tensor in zip(
+                self.input_names, (input_ids, attention_mask, position_ids, *past), strict=True
+            )
+        }
+        outputs = [torch.from_numpy(array) for array in self.session.run(self.output_names, feeds)]
+        logits = outputs[0][:, -1:] if last_token_only else outputs[0]
+        return logits, outputs[1:]
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits [batch, seq, vocab] of a full sequence."""
+        batch, seq = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        positions = torch.arange(seq).expand(batch, -1)
+        return self.step(input_ids, mask, positions, self.empty_cache(batch))[0]

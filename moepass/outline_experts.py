@@ -1,0 +1,211 @@
+"""Outline each transformers experts module of a Dynamo graph into one `moepass::experts` call.
+
+transformers' experts code (sort, histc, grouped_mm, index scatter) reaches a torch.compile backend as
+dozens of generic ops per layer. Replacing each experts module's region by the canonical op makes the
+quantization recipes and CPU kernels apply to one node per layer, as on a captured `MoEProgram`.
+
+Dynamo marks every node with `nn_module_stack` (module path as a Dynamo source such as
+`L['self'].model.layers.0.mlp.experts`, and module class). A family's MoE block class (`ir/families.py`)
+tells which paths are experts modules; the path resolves against the compiled frame's locals to the
+real module, whose family converter gives the canonical expert tensors (GPT-OSS's transposed and
+interleaved weights included) and activation. Weights already in canonical layout stay graph inputs;
+converted ones become constants of the graph module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+
+from torch import Tensor, fx, nn
+
+from moepass.errors import MoepassError
+from moepass.ir.families import FAMILIES, Family
+from moepass.ir.ops import EXPERTS
+from moepass.ir.surgery import install_tensor
+
+# MoE block class name -> family: the experts module is the block's `experts` child.
+_BLOCK_FAMILIES: dict[str, Family] = {
+    name: family for family in FAMILIES.values() for name in family.moe_block_classes
+}
+_SOURCE = re.compile(r"^(L|G)\['([^']+)'\]\.?(.*)$")
+
+
+class OutlineError(MoepassError):
+    """An experts module of the compiled graph cannot be replaced by the canonical op."""
+
+
+@dataclass
+class OutlineResult:
+    outlined: list[str] = field(default_factory=list)  # experts module paths now one `moepass::experts`
+    skipped: dict[str, str] = field(default_factory=dict)  # experts module path -> why it was left as is
+
+
+@dataclass
+class _Region:
+    block_path: str
+    family: Family
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+def outline_experts(
+    graph_module: fx.GraphModule, example_inputs: list, frame_scopes: tuple[dict, dict] | None
+) -> OutlineResult:
+    """Replace every complete experts-module region of `graph_module` by one `moepass::experts` node.
+
+    `frame_scopes` is the compiled frame's (locals, globals), which the module paths refer to.
+    A region that cannot be replaced (cut by a graph break, unresolvable module) is skipped with the
+    reason. Graphs Dynamo resumes inside an experts module (transformers' `"eager"` experts loop breaks
+    the graph) carry no MoE block in their stacks: nothing is found there, and they run as traced."""
+    result = OutlineResult()
+    regions = _regions(graph_module)
+    if not regions:
+        return result
+    if frame_scopes is None:
+        raise OutlineError(
+            "the compiled frame is unknown, so its transformers experts modules cannot be resolved; "
+            "call the backend through torch.compile"
+        )
+    inputs = {
+        node: value
+        for node, value in zip(
+            [n for n in graph_module.graph.nodes if n.op == "placeholder"], example_inputs, strict=False
+        )
+    }
+    for path, region in regions.items():
+        try:
+            reason = _outline(graph_module, path, region, inputs, frame_scopes)
+        except OutlineError as error:
+            reason = str(error)
+        if reason is None:
+            result.outlined.append(path)
+        else:
+            result.skipped[path] = reason
+    if result.outlined:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return result
+
+
+def _class_name(module_class) -> str:
+    return module_class.__name__ if isinstance(module_class, type) else str(module_class).rpartition(".")[2]
+
+
+def _regions(graph_module: fx.GraphModule) -> dict[str, _Region]:
+    """Experts module path -> the nodes traced inside it, in graph order."""
+    regions: dict[str, _Region] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":  # the module's weights carry its stack too; they stay inputs
+            continue
+        entries = list((node.meta.get("nn_module_stack") or {}).values())
+        for (path, module_class), (child, _) in itertools.pairwise(entries):
+            family = _BLOCK_FAMILIES.get(_class_name(module_class))
+            if family is not None and child == f"{path}.experts":
+                regions.setdefault(child, _Region(path, family)).nodes.append(node)
+                break
+    return regions
+
+
+def _resolve(path: str, frame_scopes: tuple[dict, dict]) -> tuple[nn.Module, nn.Module]:
+    """(root module the path starts from, module at the path) for a Dynamo source path."""
+    match = _SOURCE.match(path)
+    if match is None:
+        raise OutlineError(f"cannot resolve module path {path!r} of the compiled graph")
+    scope, name, rest = match.groups()
+    root = frame_scopes[0 if scope == "L" else 1].get(name)
+    rest = re.sub(r"\._modules\['([^']+)'\]|\[(\d+)\]", lambda m: f".{m.group(1) or m.group(2)}", rest)
+    if not isinstance(root, nn.Module):
+        raise OutlineError(f"{path!r}: {name!r} is not a module in the compiled frame")
+    return root, root.get_submodule(rest.lstrip("."))
+
+
+def _outline(graph_module, path, region: _Region, inputs: dict, frame_scopes) -> str | None:
+    root, block = _resolve(region.block_path, frame_scopes)
+    config = getattr(root, "config", None)
+    if config is None:
+        return f"{type(root).__name__} has no transformers config"
+    own = {id(t) for t in (*block.experts.parameters(), *block.experts.buffers())}
+    inside = set(region.nodes)
+    external = []
+    for node in region.nodes:
+        for arg in node.all_input_nodes:
+            is_weight = arg.op == "placeholder" and id(inputs.get(arg)) in own
+            if arg not in inside and not is_weight and arg not in external and _is_tensor(arg):
+                external.append(arg)
+    escaping = [n for n in region.nodes if any(user not in inside for user in n.users)]
+    # sizes computed inside and reused after (dynamic shapes) stay, with what they are computed from
+    keep = _ancestors([n for n in escaping if not _is_tensor(n)], inside)
+    escaping = [n for n in escaping if n not in keep]
+    if any(_is_tensor(n) for n in keep):
+        return "a size it computes from an intermediate tensor is used outside it"
+    if len(external) != 3 or len(escaping) != 1:
+        return (
+            f"its traced region has {len(external)} activation inputs and {len(escaping)} outputs "
+            f"(expected 3 and 1): a graph break inside the experts; use experts_implementation='grouped_mm'"
+        )
+    canonical = region.family.convert(block, config).experts
+    hidden, ids, weights = _activation_inputs(external, canonical.gate_up_proj.shape[-1])
+    by_identity = {id(value): node for node, value in inputs.items() if isinstance(value, Tensor)}
+    prefix = "moepass_outlined." + path.partition("].")[2].replace(".", "_")
+
+    def weight(name: str):
+        tensor = getattr(canonical, name)
+        if tensor is None:
+            return None
+        return by_identity.get(id(tensor)) or install_tensor(graph_module, f"{prefix}.{name}", tensor)
+
+    output = escaping[0]
+    with graph_module.graph.inserting_before(output):
+        tensors = [weight(n) for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")]
+        new = graph_module.graph.call_function(
+            EXPERTS,
+            (hidden, ids, weights, *tensors, canonical.activation, canonical.alpha, canonical.limit),
+        )
+    new.meta = dict(output.meta)
+    output.replace_all_uses_with(new)
+    for node in reversed(region.nodes):
+        if node not in keep:
+            graph_module.graph.erase_node(node)
+    return None
+
+
+def _ancestors(nodes: list[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
+    """`nodes` and every node of the region they are computed from."""
+    found: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(arg for arg in node.all_input_nodes if arg in inside)
+    return found
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("example_value"), Tensor)
+
+
+def _activation_inputs(external: list[fx.Node], hidden_size: int) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(hidden [T, H], top-k ids [T, k], top-k weights [T, k]) among the region's three inputs."""
+    ids = [n for n in external if not n.meta["example_value"].is_floating_point()]
+    floats = [n for n in external if n.meta["example_value"].is_floating_point()]
+    hidden = [n for n in floats if n.meta["example_value"].shape[-1] == hidden_size]
+    if len(ids) != 1 or len(hidden) != 1:
+        raise OutlineError(
+            "cannot tell the experts' inputs apart (hidden states, top-k ids, top-k weights): "
+            f"dtypes {[str(n.meta['example_value'].dtype) for n in external]}, hidden size {hidden_size}"
+        )
+    weights = next(n for n in floats if n is not hidden[0])
+    return hidden[0], ids[0], weights
+
+
+def frame_scopes() -> tuple[dict, dict] | None:
+    """(locals, globals) of the frame Dynamo is compiling, which `nn_module_stack` paths refer to."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    return None if tx is None else (tx.f_locals, tx.f_globals)
+
+
+__all__ = ["OutlineError", "OutlineResult", "frame_scopes", "outline_experts"]

@@ -1,0 +1,90 @@
+"""Lowering (`moepass.lower`): the optimized PyTorch program against the canonical one it came from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moepass
+from helpers import FAMILIES, captured
+from moepass.artifact import ArtifactError, load, save
+from moepass.kernels.ops import PACKED_EXPERTS, PACKED_LINEAR
+from moepass.lower import lower
+from moepass.pass_manager import PassError
+
+ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"]
+BF16_REL = 2e-2  # the packed CPU kernels compute in bf16
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _rtn(program, bits: int = 4, group_size: int = 32, symmetric: bool = False, targets=ALL_TARGETS):
+    config = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "targets": list(targets)}
+    return moepass.compress(program, [("rtn", config)])
+
+
+def _ops(program) -> dict:
+    counts: dict = {}
+    for node in program.graph_module.graph.nodes:
+        counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lossless_lowering_equals_the_canonical_program(family):
+    _, program = captured(family)
+    lowered = lower(program)
+    assert lowered.info.lowered == "cpu" and program.info.lowered is None  # the input is left as it was
+    ids = torch.randint(0, program.info.vocab_size, (2, 7))
+    assert torch.allclose(lowered(ids), program(ids), atol=1e-5, rtol=1e-4)
+    assert torch.equal(
+        lowered.generate(ids, 6, eos_token_id=None), program.generate(ids, 6, eos_token_id=None)
+    )
+    # dense weights are stored input-major (the decode-speed layout), same values
+    changed = lowered.report.records[-1].summary["weights"]
+    assert changed > 0
+
+
+@pytest.mark.parametrize("family,bits", [("mixtral", 4), ("qwen2_moe", 8), ("deepseek_v3", 4)])
+def test_quantized_programs_run_on_aten_packed_kernels(family, bits):
+    _, program = captured(family)
+    targets = ["experts", "lm_head"] if family == "deepseek_v3" else ALL_TARGETS  # its MLA has 16 inputs
+    quantized = _rtn(program, bits, -1 if bits == 8 else 32, symmetric=bits == 8, targets=targets)
+    ops = _ops(lower(quantized))
+    assert ops.get(PACKED_LINEAR, 0) > 0
+    assert ops.get(PACKED_EXPERTS, 0) == len(program.structure.moe_blocks)
+    lowered = lower(quantized)
+    ids = torch.randint(0, program.info.vocab_size, (2, 7))
+    assert _rel(lowered(ids), quantized(ids)) < BF16_REL
+
+
+def test_formats_the_kernels_cannot_take_keep_the_reference_op():
+    _, program = captured("mixtral")
+    quantized = _rtn(program, 4, group_size=16)  # ATen's int4 kernel needs groups of 32+
+    lowered = lower(quantized)
+    summary = lowered.report.records[0].summary
+    assert summary["converted"] == 0 and all(
+        "32/64/128/256" in r or "MOEPASS" in r for r in summary["kept reference"].values()
+    )
+    ids = torch.randint(0, program.info.vocab_size, (1, 5))
+    assert torch.allclose(lowered(ids), quantized(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_load_lowers_and_lowered_programs_refuse_compression_and_saving(tmp_path):
+    _, program = captured("mixtral")
+    quantized = _rtn(program)
+    save(quantized, tmp_path / "artifact")
+    loaded = load(tmp_path / "artifact")
+    assert loaded.info.lowered == "cpu" and load(tmp_path / "artifact", lower=False).info.lowered is None
+    ids = torch.randint(0, program.info.vocab_size, (2, 6))
+    assert _rel(loaded(ids), quantized(ids)) < BF16_REL
+    with pytest.raises(PassError, match="lowered for cpu; pass rtn needs the program before lowering"):
+        _rtn(loaded)
+    with pytest.raises(ArtifactError, match="save the program before lowering"):
+        save(loaded, tmp_path / "again")
+    with pytest.raises(moepass.MoepassError, match="already lowered"):
+        lower(loaded)
+    with pytest.raises(moepass.MoepassError, match="no lowering for device 'meta'"):
+        lower(program, "meta")

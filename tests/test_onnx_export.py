@@ -1,0 +1,122 @@
+"""ONNX export: onnxruntime (CPU provider) against the PyTorch program, on every exportable family,
+uncompressed and quantized, with and without past key/values, on inputs unlike the export sample."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+import moepass
+from helpers import captured
+from moepass.artifact import ArtifactError
+from moepass.errors import MoepassError
+from moepass.ir.surgery import drop_mlp, keep_experts
+from moepass.onnx_export import OnnxExportError, OnnxProgram, export_onnx
+
+REL_TOL = 1e-5  # fp32 end to end; ORT's kernels sum in other orders than ATen's
+# (batch, new tokens, past tokens): prefill, batched decode, chunked prefill on a cache
+SHAPES = [(1, 5, 0), (3, 1, 7), (2, 4, 3)]
+ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"]
+
+
+def _rtn(program, bits: int, group_size: int, symmetric: bool):
+    config = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "targets": ALL_TARGETS}
+    return moepass.compress(program, [("rtn", config)])
+
+
+def _matches(program, exported: OnnxProgram) -> None:
+    vocab = program.info.vocab_size
+    for batch, seq, past_len in SHAPES:
+        ids = torch.randint(0, vocab, (batch, seq))
+        mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+        mask[0, 0] = 0 if past_len else 1  # a padded cache slot
+        positions = torch.arange(past_len, past_len + seq).expand(batch, -1)
+        past = [torch.randn(batch, t.shape[1], past_len, t.shape[3]) for t in program.empty_cache(batch)]
+        ref_logits, ref_present = program.step(ids, mask, positions, past)
+        logits, present = exported.step(ids, mask, positions, past)
+        assert float((logits - ref_logits).norm() / ref_logits.norm()) < REL_TOL, (batch, seq, past_len)
+        for ours, ref in zip(present, ref_present, strict=True):
+            assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    prompt = torch.randint(0, vocab, (2, 4))
+    assert torch.equal(
+        exported.generate(prompt, 8, eos_token_id=None), program.generate(prompt, 8, eos_token_id=None)
+    )
+
+
+def _op_counts(path) -> dict[str, int]:
+    model = onnx.load(str(path / "model.onnx"))
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+_EXPORTS: dict[str, object] = {}
+
+
+def _exported(family: str, tmp_path_factory):
+    """Each uncompressed family exported once per session (exports take seconds)."""
+    if family not in _EXPORTS:
+        _EXPORTS[family] = export_onnx(captured(family)[1], tmp_path_factory.mktemp(family) / "onnx")
+    return _EXPORTS[family]
+
+
+# mixtral is covered by the trimmed and quantized tests, deepseek_v3 and gpt_oss by the quantized ones
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "phimoe"])
+def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
+    program = captured(family)[1]
+    path = _exported(family, tmp_path_factory)
+    _matches(program, OnnxProgram(path))
+    # one If (decode gathers k experts / prefill runs all) per MoE layer: no routing baked in
+    assert _op_counts(path).get("If", 0) == len(program.structure.moe_blocks)
+
+
+@pytest.mark.parametrize(
+    "family,bits,group_size,symmetric",
+    [("mixtral", 4, 32, False), ("deepseek_v3", 4, 16, True), ("gpt_oss", 8, -1, True)],
+)
+def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size, symmetric, tmp_path):
+    _, program = captured(family)
+    quantized = _rtn(program, bits, group_size, symmetric)
+    export_onnx(quantized, tmp_path / "onnx")
+    counts = _op_counts(tmp_path / "onnx")
+    linears = sum(1 for n in quantized.graph_module.graph.nodes if "quantized_linear" in str(n.target))
+    assert counts.get("MatMulNBits", 0) == linears > 0
+    _matches(quantized, OnnxProgram(tmp_path / "onnx"))
+    # codes stay packed: the file is about as large as the program's own tensors, not a float copy
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    onnx_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    tensors = {id(t): t for t in [*quantized.graph_module.parameters(), *quantized.graph_module.buffers()]}
+    program_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert onnx_bytes < 1.1 * program_bytes
+
+
+def test_trimmed_programs_export_what_is_left(tmp_path):
+    _, program = captured("mixtral", num_hidden_layers=3)
+    first, second, *_ = program.structure.moe_blocks
+    trimmed = program.fork()
+    drop_mlp(trimmed, first.index)
+    keep_experts(trimmed, second.index, [0, 2, 3], preserve_gate=True)
+    export_onnx(trimmed, tmp_path / "onnx")
+    assert _op_counts(tmp_path / "onnx").get("If", 0) == len(program.structure.moe_blocks) - 1
+    _matches(trimmed, OnnxProgram(tmp_path / "onnx"))  # routes to dropped experts contribute nothing
+
+
+def test_export_writes_manifest_and_refuses_what_it_cannot_do(tmp_path, tmp_path_factory):
+    _, program = captured("olmoe")
+    path = _exported("olmoe", tmp_path_factory)
+    manifest = json.loads((path / "onnx_manifest.json").read_text())
+    assert manifest["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert manifest["outputs"][0] == "logits" and len(manifest["outputs"]) == len(manifest["inputs"]) - 2
+    with pytest.raises(ArtifactError, match="already exists"):
+        export_onnx(program, path)
+    with pytest.raises(OnnxExportError, match="lowered for cpu"):
+        export_onnx(moepass.lower(program), tmp_path / "lowered")
+    with pytest.raises(OnnxExportError, match="complex numbers"):
+        export_onnx(captured("deepseek_v2")[1], tmp_path / "v2")
+    assert not (tmp_path / "lowered").exists() and not (tmp_path / "v2").exists()
+    with pytest.raises(MoepassError, match="not an exported moepass ONNX directory"):
+        OnnxProgram(tmp_path)

@@ -1,0 +1,230 @@
+"""End-to-end CPU speed: transformers eager vs the lowered moepass program vs onnxruntime (one thread).
+
+    python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral] [--work build/bench-e2e]
+
+Models: the bundled tiny-mixtral, and a mid-size random Mixtral (hidden 512, intermediate 1024,
+8 layers, 8 experts top-2; speed depends on shapes, not values). Variants: uncompressed, int4 (RTN,
+groups of 128, every linear), and the paper recipe's shape (25% of MoE sub-layers dropped + int4;
+which layers and how the codes were found do not change the speed, so the benchmark drops by a
+fixed seed and rounds to nearest instead of calibrating). Each (model, variant, engine) runs in its
+own process, loading what a user would load (a transformers checkpoint, a moepass artifact lowered on
+load, an exported ONNX directory), so peak memory is that of one engine: the max RSS of the process,
+imports included. Prefill: one 128-token prompt; decode: 32 tokens after a 16-token prompt, KV
+cache. Times are medians; ratios are against transformers eager on the uncompressed model, measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT, DECODE_PROMPT, DECODE_TOKENS, REPEATS = 128, 16, 32, 3
+MID_MIXTRAL = dict(
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=1024,
+)
+INT4 = {
+    "bits": 4,
+    "group_size": 128,
+    "targets": ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"],
+}
+VARIANTS = {
+    "uncompressed": [],
+    "int4": [("rtn", INT4)],
+    "paper recipe": [("rtn", INT4), ("layer_drop", {"ratio": 0.25, "metric": "random", "seed": 0})],
+}
+ENGINES = ("transformers eager", "moepass PyTorch", "onnxruntime")
+
+
+# ------------------------------------------------------------------------------------------------
+# preparation (parent process): checkpoints, artifacts, ONNX exports
+# ------------------------------------------------------------------------------------------------
+def prepare(model_name: str, work: Path) -> dict[str, Path]:
+    import moepass
+    from moepass.onnx_export import export_onnx
+    from moepass.zoo import load_model, random_model
+
+    hf_dir = work / model_name / "hf"
+    if not hf_dir.exists():
+        model = (
+            load_model("builtin:tiny-mixtral")
+            if model_name == "tiny-mixtral"
+            else random_model("mixtral", seed=0, **MID_MIXTRAL)
+        )
+        model.save_pretrained(hf_dir)
+    model = load_model(str(hf_dir))
+    program = moepass.capture(model)
+    paths = {"hf": hf_dir}
+    for variant, recipe in VARIANTS.items():
+        slug = variant.replace(" ", "-")
+        artifact, onnx_dir = work / model_name / slug, work / model_name / f"{slug}.onnx"
+        if not artifact.exists() or not onnx_dir.exists():
+            compressed = moepass.compress(program, recipe) if recipe else program
+            print(f"  {model_name} {variant}: saving and exporting ...", file=sys.stderr, flush=True)
+            moepass.save(compressed, artifact, overwrite=True)
+            export_onnx(compressed, onnx_dir, overwrite=True)
+        paths[variant], paths[f"{variant}.onnx"] = artifact, onnx_dir
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# one measurement (child process)
+# ------------------------------------------------------------------------------------------------
+def _hf_engine(path: Path):
+    from transformers import DynamicCache
+
+    from moepass.zoo import load_model
+
+    model = load_model(str(path))
+
+    def prefill(ids):
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits
+
+    def decode(ids, steps):
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            out = model(ids, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                times.append(time.perf_counter() - start)
+            return times
+
+    return prefill, decode
+
+
+def _step_engine(program):
+    """Prefill/decode through any object with the MoEProgram step contract."""
+
+    def prefill(ids):
+        mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+        return program.step(ids, mask, positions, program.empty_cache(1), last_token_only=True)[0]
+
+    def decode(ids, steps):
+        mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+        logits, past = program.step(ids, mask, positions, program.empty_cache(1), last_token_only=True)
+        token, times = logits[:, -1:].argmax(-1), []
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
+            positions = positions[:, -1:] + 1
+            start = time.perf_counter()
+            logits, past = program.step(token, mask, positions, past, last_token_only=True)
+            token = logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - start)
+        return times
+
+    return prefill, decode
+
+
+def measure(engine: str, path: Path) -> dict:
+    torch.set_num_threads(1)
+    if engine == "transformers eager":
+        prefill, decode = _hf_engine(path)
+    elif engine == "moepass PyTorch":
+        import moepass
+
+        prefill, decode = _step_engine(moepass.load(path))
+    else:
+        from moepass.onnx_export import OnnxProgram
+
+        prefill, decode = _step_engine(OnnxProgram(path, threads=1))
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 4096, (1, PROMPT), generator=generator)
+    prefill(prompt)  # warm-up
+    prefill_s = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        prefill(prompt)
+        prefill_s.append(time.perf_counter() - start)
+    decode(prompt[:, :DECODE_PROMPT], 4)  # warm-up
+    step_s = [statistics.median(decode(prompt[:, :DECODE_PROMPT], DECODE_TOKENS)) for _ in range(REPEATS)]
+    return {
+        "prefill tok/s": PROMPT / statistics.median(prefill_s),
+        "decode tok/s": 1 / statistics.median(step_s),
+        "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _run_child(engine: str, path: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure", engine, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{engine} on {path} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "mid-mixtral"])
+    parser.add_argument("--work", type=Path, default=Path("build/bench-e2e"))
+    parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], Path(args.measure[1]))))
+        return
+
+    from moepass.table import format_table
+
+    torch.set_num_threads(1)
+    rows = []
+    for model_name in args.models:
+        print(f"preparing {model_name} ...", file=sys.stderr, flush=True)
+        paths = prepare(model_name, args.work)
+        base = _run_child("transformers eager", paths["hf"])
+        for variant in VARIANTS:
+            runs = {"transformers eager": base} if variant == "uncompressed" else {}
+            runs["moepass PyTorch"] = _run_child("moepass PyTorch", paths[variant])
+            runs["onnxruntime"] = _run_child("onnxruntime", paths[f"{variant}.onnx"])
+            for engine, r in runs.items():
+                print(f"  {model_name} {variant} {engine}: {r}", file=sys.stderr, flush=True)
+                rows.append(
+                    [
+                        model_name,
+                        variant,
+                        engine,
+                        f"{r['prefill tok/s']:.0f}",
+                        f"{r['prefill tok/s'] / base['prefill tok/s']:.2f}x",
+                        f"{r['decode tok/s']:.1f}",
+                        f"{r['decode tok/s'] / base['decode tok/s']:.2f}x",
+                        f"{r['peak RSS MB']:.0f}",
+                    ]
+                )
+    header = [
+        "model",
+        "variant",
+        "engine",
+        "prefill tok/s",
+        "vs eager",
+        "decode tok/s",
+        "vs eager",
+        "peak RSS MB",
+    ]
+    print(format_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
