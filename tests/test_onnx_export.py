@@ -83,8 +83,12 @@ def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size,
     quantized = _rtn(program, bits, group_size, symmetric)
     export_onnx(quantized, tmp_path / "onnx")
     counts = _op_counts(tmp_path / "onnx")
+    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    stacked = sum(n for kind, n in rewrites.items() if kind.startswith("quantized_experts -> 2 MatMulNBits"))
     linears = sum(1 for n in quantized.graph_module.graph.nodes if "quantized_linear" in str(n.target))
-    assert counts.get("MatMulNBits", 0) == linears > 0
+    assert counts.get("MatMulNBits", 0) == linears + 2 * stacked and linears > 0
+    if family == "mixtral":  # experts with power-of-two blocks run on MatMulNBits too
+        assert stacked == len(program.structure.moe_blocks)
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
     # codes stay packed: the file is about as large as the program's own tensors, not a float copy
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -161,8 +160,16 @@ def measure(engine: str, path: Path) -> dict:
     return {
         "prefill tok/s": PROMPT / statistics.median(prefill_s),
         "decode tok/s": 1 / statistics.median(step_s),
-        "peak RSS MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak RSS MB": _peak_rss_mb(),
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: getrusage's ru_maxrss carries the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _run_child(engine: str, path: Path) -> dict:

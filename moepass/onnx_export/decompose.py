@@ -20,6 +20,8 @@ from torch import Tensor
 from moepass.ir.ops import ACTIVATIONS, ROUTING_KINDS
 from moepass.ir.quantized import dequantize
 
+from .contrib import matmul_nbits
+
 
 def route(logits, correction_bias, kind, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
     weights, ids = ROUTING_KINDS[kind](
@@ -141,3 +143,39 @@ def quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_s
     """Formats MatMulNBits cannot take: dequantize in the graph, then a MatMul."""
     weight = dequantize(qweight, scales, zeros, bits, group_size, x.dtype)
     return torch.nn.functional.linear(x if input_scale is None else x * input_scale, weight, bias)
+
+
+def _routing_matrix(ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:
+    """[T, E] routing weights (zero for experts not chosen; ids >= E dropped)."""
+    one_hot = (ids.unsqueeze(-1) == torch.arange(num_experts, device=ids.device)).float()
+    return (one_hot * weights.float().unsqueeze(-1)).sum(dim=1)
+
+
+def stacked_quantized_experts(
+    hidden, topk_ids, topk_weights, gate_up_b, gate_up_scales, gate_up_zeros, down_b, down_scales, down_zeros,
+    gate_up_bias, down_bias, gate_up_input_scale, down_input_scale, activation, alpha, limit,
+    num_experts, hidden_size, intermediate, bits, gate_up_block, down_block,
+):  # fmt: skip
+    """Quantized experts as two MatMulNBits over all experts, the codes never unpacked in the graph.
+
+    gate_up: the experts' rows stacked ([E*2I, H]); down: the experts' inputs concatenated
+    ([H, E*I]), fed with each expert's activation times its routing weight, so one product sums the
+    experts. Every expert runs on every token — E/k times the arithmetic of the chosen ones, but
+    reading int4/int8 codes in onnxruntime's kernel beats gathering and dequantizing them in graph ops."""
+    tokens = hidden.shape[0]
+    routing = _routing_matrix(topk_ids, topk_weights, num_experts)  # [T, E]
+    x = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
+    h = matmul_nbits(x, gate_up_b, gate_up_scales, gate_up_zeros, None, hidden_size,
+                     num_experts * 2 * intermediate, bits, gate_up_block)  # fmt: skip
+    h = h.reshape(tokens, num_experts, 2 * intermediate)
+    if gate_up_bias is not None:
+        h = h + gate_up_bias
+    h = ACTIVATIONS[activation](h, alpha, limit)  # [T, E, I]
+    if down_input_scale is not None:
+        h = h * down_input_scale
+    h = (h * routing.unsqueeze(-1).to(h.dtype)).reshape(tokens, num_experts * intermediate)
+    out = matmul_nbits(h, down_b, down_scales, down_zeros, None, num_experts * intermediate, hidden_size,
+                       bits, down_block)  # fmt: skip
+    if down_bias is not None:
+        out = out + routing.to(down_bias.dtype) @ down_bias
+    return out.to(hidden.dtype)

@@ -30,7 +30,7 @@ from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
 from moepass.ir.ops import EXPERTS, ROUTE
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
-from moepass.ir.quantized import in_features
+from moepass.ir.quantized import in_features, pack, unpack
 from moepass.ir.structure import op_args, tensor_at
 from moepass.ir.surgery import delete_if_unused, install_tensor, swap_node
 
@@ -41,6 +41,7 @@ logger = logging.getLogger("moepass")
 
 MODEL_FILE, MANIFEST_FILE = "model.onnx", "onnx_manifest.json"
 OPSET = 20
+TRIPLE = ("qweight", "scales", "zeros")
 _FOLD_LIMIT = 256  # elements: shapes and scalars
 # canonical op -> its standard-op form (same arguments)
 DECOMPOSITIONS = {
@@ -120,6 +121,8 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
     for node in list(graph_module.graph.nodes):
         if node.target is QUANTIZED_LINEAR:
             kind = _quantized_linear(graph_module, node)
+        elif node.target is QUANTIZED_EXPERTS and (stacked := _stacked_experts(graph_module, node)):
+            kind = stacked
         elif node.target in DECOMPOSITIONS:
             node.target = DECOMPOSITIONS[node.target]
             kind = f"{node.target.__name__} (standard ops)"
@@ -161,13 +164,7 @@ def _quantized_linear(graph_module: fx.GraphModule, node: fx.Node) -> str:
             MATMUL_NBITS,
             (x, consts["b"], consts["scales"], consts["zero_points"], args["bias"], k, n, bits, block),
         )
-    swap_node(node, new)
-    for name in ("qweight", "scales", "zeros"):  # now held in MatMulNBits' shapes
-        if args[name] is not None:
-            getter = args[name].target
-            if not args[name].users:
-                graph.erase_node(args[name])
-            delete_if_unused(graph_module, getter)
+    _replace(graph_module, node, new, list(TRIPLE))
     return f"quantized_linear -> MatMulNBits int{bits}"
 
 
@@ -180,6 +177,76 @@ def _quiet(logger_name: str):
         yield
     finally:
         library.setLevel(level)
+
+
+def _stacked_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
+    """Quantized experts onto two MatMulNBits over all experts (`decompose.stacked_quantized_experts`)
+    when both projections' blocks fit the op; None leaves the node to the standard-op form."""
+    args = op_args(node)
+    bits, group = args["bits"], args["group_size"]
+    gate_up, down = (
+        [
+            None if args[f"{p}_{t}"] is None else tensor_at(graph_module, args[f"{p}_{t}"].target)
+            for t in TRIPLE
+        ]
+        for p in ("gate_up", "down")
+    )
+    experts, hidden, intermediate = (
+        gate_up[0].shape[0],
+        in_features(gate_up[0], bits),
+        in_features(down[0], bits),
+    )
+    gate_up_block = hidden if group == -1 else group
+    down_block = intermediate if group == -1 else group
+    if fits_matmul_nbits(hidden, gate_up_block, bits) or fits_matmul_nbits(intermediate, down_block, bits):
+        return None
+    qweight, scales, zeros = gate_up
+    stacked = {
+        "gate_up_b": qweight.reshape(-1, hidden // gate_up_block, gate_up_block * bits // 8),
+        "gate_up_scales": scales.reshape(-1),
+        "gate_up_zeros": None if zeros is None else zeros.reshape(-1),
+    }
+    qweight, scales, zeros = (None if t is None else t.transpose(0, 1) for t in down)  # [H, E, ...]
+    stacked["down_b"] = qweight.reshape(qweight.shape[0], -1, down_block * bits // 8)
+    stacked["down_scales"] = scales.reshape(-1)
+    if zeros is not None:  # packed per row: the experts' zero points re-packed into one row
+        codes = unpack(zeros, bits)[..., : intermediate // down_block].reshape(zeros.shape[0], -1)
+        stacked["down_zeros"] = pack(
+            torch.nn.functional.pad(codes, (0, codes.shape[-1] % (8 // bits))), bits
+        ).reshape(-1)
+    else:
+        stacked["down_zeros"] = None
+    graph, prefix = graph_module.graph, args["gate_up_qweight"].target.rpartition(".")[0]
+    with graph.inserting_before(node):
+        consts = {
+            name: install_tensor(graph_module, f"{prefix}.onnx_{name}", t) for name, t in stacked.items()
+        }
+        new = graph.call_function(
+            decompose.stacked_quantized_experts,
+            (
+                args["hidden"], args["topk_ids"], args["topk_weights"],
+                *(consts[f"gate_up_{t}"] for t in ("b", "scales", "zeros")),
+                *(consts[f"down_{t}"] for t in ("b", "scales", "zeros")),
+                args["gate_up_bias"], args["down_bias"],
+                args["gate_up_input_scale"], args["down_input_scale"],
+                args["activation"], args["alpha"], args["limit"],
+                experts, hidden, intermediate, bits, gate_up_block, down_block,
+            ),
+        )  # fmt: skip
+    _replace(graph_module, node, new, [f"{p}_{t}" for p in ("gate_up", "down") for t in TRIPLE])
+    return f"quantized_experts -> 2 MatMulNBits int{bits} (all experts)"
+
+
+def _replace(graph_module: fx.GraphModule, node: fx.Node, new: fx.Node, tensor_args: list[str]) -> None:
+    """Swap `node` for `new` and drop the tensors only `node` read (now held in new layouts)."""
+    args = op_args(node)
+    swap_node(node, new)
+    for name in tensor_args:
+        if args[name] is not None:
+            target = args[name].target
+            if not args[name].users:
+                graph_module.graph.erase_node(args[name])
+            delete_if_unused(graph_module, target)
 
 
 def _export(graph_module: fx.GraphModule, program: MoEProgram):
