@@ -46,11 +46,16 @@ def _matches(program, exported: OnnxProgram) -> None:
     )
 
 
-def _op_counts(path) -> dict[str, int]:
+def _op_counts(path, *, inside_if: bool = False) -> dict[str, int]:
+    """Node counts of the main graph, or of the If branches (the experts' decode/prefill paths)."""
     model = onnx.load(str(path / "model.onnx"))
     counts: dict[str, int] = {}
     for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        nodes = [node]
+        if inside_if:
+            nodes = [n for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node]
+        for n in nodes:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
 
 
@@ -82,13 +87,15 @@ def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size,
     _, program = captured(family)
     quantized = _rtn(program, bits, group_size, symmetric)
     export_onnx(quantized, tmp_path / "onnx")
-    counts = _op_counts(tmp_path / "onnx")
     rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
-    stacked = sum(n for kind, n in rewrites.items() if kind.startswith("quantized_experts -> 2 MatMulNBits"))
+    on_nbits = sum(n for kind, n in rewrites.items() if kind.startswith("quantized_experts -> MatMulNBits"))
     linears = sum(1 for n in quantized.graph_module.graph.nodes if "quantized_linear" in str(n.target))
-    assert counts.get("MatMulNBits", 0) == linears + 2 * stacked and linears > 0
-    if family == "mixtral":  # experts with power-of-two blocks run on MatMulNBits too
-        assert stacked == len(program.structure.moe_blocks)
+    assert _op_counts(tmp_path / "onnx").get("MatMulNBits", 0) == linears > 0
+    if family == "mixtral":  # power-of-two blocks: experts on MatMulNBits too, in both paths of each layer
+        moe = program.structure.moe_blocks
+        assert on_nbits == len(moe)
+        per_layer = 2 * moe[0].mlp.top_k + 1 + moe[0].mlp.num_experts  # decode: 2 per slot; prefill: 1 + E
+        assert _op_counts(tmp_path / "onnx", inside_if=True)["MatMulNBits"] == per_layer * len(moe)
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
     # codes stay packed: the file is about as large as the program's own tensors, not a float copy
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))

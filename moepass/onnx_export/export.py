@@ -30,7 +30,7 @@ from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
 from moepass.ir.ops import EXPERTS, ROUTE
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
-from moepass.ir.quantized import in_features, pack, unpack
+from moepass.ir.quantized import in_features
 from moepass.ir.structure import op_args, tensor_at
 from moepass.ir.surgery import delete_if_unused, install_tensor, swap_node
 
@@ -121,7 +121,7 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
     for node in list(graph_module.graph.nodes):
         if node.target is QUANTIZED_LINEAR:
             kind = _quantized_linear(graph_module, node)
-        elif node.target is QUANTIZED_EXPERTS and (stacked := _stacked_experts(graph_module, node)):
+        elif node.target is QUANTIZED_EXPERTS and (stacked := _nbits_experts(graph_module, node)):
             kind = stacked
         elif node.target in DECOMPOSITIONS:
             node.target = DECOMPOSITIONS[node.target]
@@ -179,9 +179,9 @@ def _quiet(logger_name: str):
         library.setLevel(level)
 
 
-def _stacked_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
-    """Quantized experts onto two MatMulNBits over all experts (`decompose.stacked_quantized_experts`)
-    when both projections' blocks fit the op; None leaves the node to the standard-op form."""
+def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
+    """Quantized experts onto MatMulNBits (`decompose.nbits_experts`) when both projections' blocks
+    fit the op; None leaves the node to the standard-op form."""
     args = op_args(node)
     bits, group = args["bits"], args["group_size"]
     gate_up, down = (
@@ -200,29 +200,22 @@ def _stacked_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     down_block = intermediate if group == -1 else group
     if fits_matmul_nbits(hidden, gate_up_block, bits) or fits_matmul_nbits(intermediate, down_block, bits):
         return None
-    qweight, scales, zeros = gate_up
-    stacked = {
-        "gate_up_b": qweight.reshape(-1, hidden // gate_up_block, gate_up_block * bits // 8),
-        "gate_up_scales": scales.reshape(-1),
-        "gate_up_zeros": None if zeros is None else zeros.reshape(-1),
-    }
-    qweight, scales, zeros = (None if t is None else t.transpose(0, 1) for t in down)  # [H, E, ...]
-    stacked["down_b"] = qweight.reshape(qweight.shape[0], -1, down_block * bits // 8)
-    stacked["down_scales"] = scales.reshape(-1)
-    if zeros is not None:  # packed per row: the experts' zero points re-packed into one row
-        codes = unpack(zeros, bits)[..., : intermediate // down_block].reshape(zeros.shape[0], -1)
-        stacked["down_zeros"] = pack(
-            torch.nn.functional.pad(codes, (0, codes.shape[-1] % (8 // bits))), bits
-        ).reshape(-1)
-    else:
-        stacked["down_zeros"] = None
+    per_expert = {}
+    for proj, (qweight, scales, zeros), block in (
+        ("gate_up", gate_up, gate_up_block),
+        ("down", down, down_block),
+    ):
+        k = in_features(qweight, bits)
+        per_expert[f"{proj}_b"] = qweight.reshape(experts, qweight.shape[1], k // block, block * bits // 8)
+        per_expert[f"{proj}_scales"] = scales.reshape(experts, -1)
+        per_expert[f"{proj}_zeros"] = None if zeros is None else zeros.reshape(experts, -1)
     graph, prefix = graph_module.graph, args["gate_up_qweight"].target.rpartition(".")[0]
     with graph.inserting_before(node):
         consts = {
-            name: install_tensor(graph_module, f"{prefix}.onnx_{name}", t) for name, t in stacked.items()
+            name: install_tensor(graph_module, f"{prefix}.onnx_{name}", t) for name, t in per_expert.items()
         }
         new = graph.call_function(
-            decompose.stacked_quantized_experts,
+            decompose.nbits_experts,
             (
                 args["hidden"], args["topk_ids"], args["topk_weights"],
                 *(consts[f"gate_up_{t}"] for t in ("b", "scales", "zeros")),
@@ -230,11 +223,11 @@ def _stacked_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
                 args["gate_up_bias"], args["down_bias"],
                 args["gate_up_input_scale"], args["down_input_scale"],
                 args["activation"], args["alpha"], args["limit"],
-                experts, hidden, intermediate, bits, gate_up_block, down_block,
+                hidden, intermediate, bits, gate_up_block, down_block,
             ),
         )  # fmt: skip
     _replace(graph_module, node, new, [f"{p}_{t}" for p in ("gate_up", "down") for t in TRIPLE])
-    return f"quantized_experts -> 2 MatMulNBits int{bits} (all experts)"
+    return f"quantized_experts -> MatMulNBits int{bits}"
 
 
 def _replace(graph_module: fx.GraphModule, node: fx.Node, new: fx.Node, tensor_args: list[str]) -> None:
