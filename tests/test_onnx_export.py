@@ -13,6 +13,7 @@ import moepass
 from helpers import captured
 from moepass.artifact import ArtifactError
 from moepass.errors import MoepassError
+from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import drop_mlp, keep_experts
 from moepass.onnx_export import OnnxExportError, OnnxProgram, export_onnx
 
@@ -77,6 +78,12 @@ def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
     _matches(program, OnnxProgram(path))
     # one If (decode gathers k experts / prefill runs all) per MoE layer: no routing baked in
     assert _op_counts(path).get("If", 0) == len(program.structure.moe_blocks)
+    # every expert's weights are in the file, whatever the export sample routed to
+    initializers = {t.name: list(t.dims) for t in onnx.load(str(path / "model.onnx")).graph.initializer}
+    for block in program.structure.moe_blocks:
+        for fqn in (block.mlp.gate_up, block.mlp.down):
+            expected = list(tensor_at(program.graph_module, fqn).shape)
+            assert initializers.get(fqn) == expected and expected[0] == block.mlp.num_experts, fqn
 
 
 @pytest.mark.parametrize(
