@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 _LAZY = {  # heavy imports (the ONNX exporter) load on first use
     "export_onnx": "moepass.onnx_export",
     "OnnxProgram": "moepass.onnx_export",
-    "lower": "moepass.lower",
+    "lower": "moepass.lowering",
 }
 
 

@@ -213,7 +213,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", lower: 
     program.verify()
     program.to(device)
     if lower:
-        from moepass.lower import lower as lower_program
+        from moepass.lowering import lower as lower_program
 
         program = lower_program(program, copy=False)
     return program

@@ -110,7 +110,7 @@ def _load_program(name_or_path: str, lower: bool = True):
     """A moepass artifact directory (loaded, lowered), or a model (captured, lowered)."""
     from moepass.artifact import load
     from moepass.ir import capture
-    from moepass.lower import lower as lower_program
+    from moepass.lowering import lower as lower_program
     from moepass.zoo import load_model
 
     if os.path.isfile(os.path.join(name_or_path, "manifest.json")):

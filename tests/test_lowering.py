@@ -9,7 +9,7 @@ import moepass
 from helpers import FAMILIES, captured
 from moepass.artifact import ArtifactError, load, save
 from moepass.kernels.ops import PACKED_EXPERTS, PACKED_LINEAR
-from moepass.lower import lower
+from moepass.lowering import lower
 from moepass.pass_manager import PassError
 
 ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"]
@@ -86,5 +86,6 @@ def test_load_lowers_and_lowered_programs_refuse_compression_and_saving(tmp_path
         save(loaded, tmp_path / "again")
     with pytest.raises(moepass.MoepassError, match="already lowered"):
         lower(loaded)
+    assert moepass.lower is lower  # the package attribute stays the function beside moepass.lowering
     with pytest.raises(moepass.MoepassError, match="no lowering for device 'meta'"):
         lower(program, "meta")
