@@ -152,86 +152,45 @@ def _routing_matrix(ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:
 
 
 def nbits_experts(
-    hidden, topk_ids, topk_weights, gate_up_b, gate_up_scales, gate_up_zeros, down_b, down_scales, down_zeros,
-    gate_up_bias, down_bias, gate_up_input_scale, down_input_scale, activation, alpha, limit,
-    hidden_size, intermediate, bits, gate_up_block, down_block,
+    hidden, topk_ids, topk_weights, experts, gate_up_bias, down_bias, gate_up_input_scale, down_input_scale,
+    activation, alpha, limit, hidden_size, intermediate, bits, gate_up_block, down_block,
 ):  # fmt: skip
-    """Quantized experts on MatMulNBits, codes never unpacked in the graph. Expert tensors are the
-    stored ones reshaped per expert (b [E, N, K/block, block*bits/8], scales [E, N*K/block], zeros
-    [E, N*ceil(...)]): one decode token runs its k experts on their gathered codes (reading k of E);
-    several tokens run the experts' stacked gate/up rows as one MatMulNBits and each expert's down
-    projection on its routing-weighted activations."""
-    num_experts, top_k = gate_up_b.shape[0], topk_ids.shape[1]
-    ids, weights = topk_ids, topk_weights.float()
-    valid = ids < num_experts
-    ids, weights = (
-        torch.where(valid, ids, torch.zeros_like(ids)),
-        torch.where(valid, weights, torch.zeros_like(weights)),
-    )
-    tensors = dict(
-        hidden=hidden, ids=ids, weights=weights, gate_up_b=gate_up_b, gate_up_scales=gate_up_scales,
-        gate_up_zeros=gate_up_zeros, down_b=down_b, down_scales=down_scales, down_zeros=down_zeros,
-        gate_up_bias=gate_up_bias, down_bias=down_bias, gate_up_input_scale=gate_up_input_scale,
-        down_input_scale=down_input_scale,
-    )  # fmt: skip
-    tensors = {name: t for name, t in tensors.items() if t is not None}
-    names, act = list(tensors), ACTIVATIONS[activation]
-    shapes = (num_experts, top_k, hidden_size, intermediate, bits, gate_up_block, down_block)
+    """Quantized experts on MatMulNBits with constant per-expert codes, never unpacked in the graph.
 
-    def branch(path):
-        return lambda *operands: path(dict(zip(names, operands, strict=True)), act, alpha, limit, *shapes)
+    `experts` holds, per expert, (gate_up b, scales, zeros, down b, scales, zeros) in MatMulNBits'
+    shapes. Each expert runs under its own `torch.cond` (ONNX `If`) only when some token chose it, on
+    all tokens, weighted by its routing column: a decode step runs its k experts and reads k of E;
+    onnxruntime's kernel needs constant weights to run fast, so codes are never gathered."""
+    num_experts = len(experts)
+    routing = _routing_matrix(topk_ids, topk_weights, num_experts)  # [T, E], zero where not chosen
+    x = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
+    act = ACTIVATIONS[activation]
+    out = torch.zeros_like(hidden, dtype=torch.float32)
+    for e, (gu_b, gu_s, gu_z, d_b, d_s, d_z) in enumerate(experts):
+        extras = {
+            "gate_up_bias": None if gate_up_bias is None else gate_up_bias[e],
+            "down_bias": None if down_bias is None else down_bias[e],
+            "down_input_scale": None if down_input_scale is None else down_input_scale[e],
+            "gu_z": gu_z,
+            "d_z": d_z,
+        }
+        extras = {name: t for name, t in extras.items() if t is not None}
+        names = list(extras)
 
-    return torch.cond(
-        hidden.shape[0] == 1, branch(_nbits_decode), branch(_nbits_prefill), tuple(tensors.values())
-    )
+        def run(x, weight, gu_b, gu_s, d_b, d_s, *rest, names=names):
+            t = dict(zip(names, rest, strict=True))
+            h = matmul_nbits(x, gu_b, gu_s, t.get("gu_z"), t.get("gate_up_bias"), hidden_size,
+                             2 * intermediate, bits, gate_up_block)  # fmt: skip
+            h = act(h, alpha, limit)
+            if "down_input_scale" in t:
+                h = h * t["down_input_scale"]
+            y = matmul_nbits(h, d_b, d_s, t.get("d_z"), t.get("down_bias"), intermediate, hidden_size, bits,
+                             down_block)  # fmt: skip
+            return y.float() * weight
 
+        def skip(x, weight, *rest):
+            return torch.zeros_like(x, dtype=torch.float32)
 
-def _input(t: dict[str, Tensor]) -> Tensor:
-    return t["hidden"] if "gate_up_input_scale" not in t else t["hidden"] * t["gate_up_input_scale"]
-
-
-def _nbits_decode(t, act, alpha, limit, experts, top_k, hidden_size, intermediate, bits, gu_block, d_block):
-    x, out = _input(t), None
-    for slot in range(top_k):
-        e = t["ids"][0, slot : slot + 1]  # a 1-element index: gathers, no data-dependent shape
-        gate_up = [_row(t, f"gate_up_{name}", e) for name in ("b", "scales", "zeros", "bias")]
-        h = act(matmul_nbits(x, *gate_up, hidden_size, 2 * intermediate, bits, gu_block), alpha, limit)
-        if "down_input_scale" in t:
-            h = h * _row(t, "down_input_scale", e)
-        down = [_row(t, f"down_{name}", e) for name in ("b", "scales", "zeros", "bias")]
-        y = matmul_nbits(h, *down, intermediate, hidden_size, bits, d_block)
-        y = y.float() * t["weights"][:, slot : slot + 1]
-        out = y if out is None else out + y
-    return out.to(t["hidden"].dtype)
-
-
-def _nbits_prefill(t, act, alpha, limit, experts, top_k, hidden_size, intermediate, bits, gu_block, d_block):
-    tokens = t["hidden"].shape[0]
-    routing = _routing_matrix(t["ids"], t["weights"], experts)  # [T, E]
-    zeros = t.get("gate_up_zeros")
-    stacked = (
-        t["gate_up_b"].flatten(0, 1),
-        t["gate_up_scales"].reshape(-1),
-        None if zeros is None else zeros.reshape(-1),
-    )
-    h = matmul_nbits(_input(t), *stacked, None, hidden_size, experts * 2 * intermediate, bits, gu_block)
-    h = h.reshape(tokens, experts, 2 * intermediate)
-    if "gate_up_bias" in t:
-        h = h + t["gate_up_bias"]
-    h = act(h, alpha, limit)  # [T, E, I]
-    if "down_input_scale" in t:
-        h = h * t["down_input_scale"]
-    h = h * routing.unsqueeze(-1).to(h.dtype)
-    out = None
-    for e in range(experts):
-        down = [t["down_b"][e], t["down_scales"][e], t["down_zeros"][e] if "down_zeros" in t else None]
-        y = matmul_nbits(h[:, e], *down, None, intermediate, hidden_size, bits, d_block)
-        out = y if out is None else out + y
-    if "down_bias" in t:
-        out = out + routing.to(t["down_bias"].dtype) @ t["down_bias"]
-    return out.to(t["hidden"].dtype)
-
-
-def _row(t: dict[str, Tensor], name: str, e: Tensor) -> Tensor | None:
-    """Expert `e`'s slice ([1] index tensor) of a per-expert tensor, or None when absent."""
-    return t[name][e].squeeze(0) if name in t else None
+        operands = (x, routing[:, e : e + 1], gu_b, gu_s, d_b, d_s, *extras.values())
+        out = out + torch.cond((topk_ids == e).any(), run, skip, operands)
+    return out.to(hidden.dtype)

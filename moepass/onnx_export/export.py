@@ -200,26 +200,26 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     down_block = intermediate if group == -1 else group
     if fits_matmul_nbits(hidden, gate_up_block, bits) or fits_matmul_nbits(intermediate, down_block, bits):
         return None
-    per_expert = {}
-    for proj, (qweight, scales, zeros), block in (
-        ("gate_up", gate_up, gate_up_block),
-        ("down", down, down_block),
-    ):
-        k = in_features(qweight, bits)
-        per_expert[f"{proj}_b"] = qweight.reshape(experts, qweight.shape[1], k // block, block * bits // 8)
-        per_expert[f"{proj}_scales"] = scales.reshape(experts, -1)
-        per_expert[f"{proj}_zeros"] = None if zeros is None else zeros.reshape(experts, -1)
     graph, prefix = graph_module.graph, args["gate_up_qweight"].target.rpartition(".")[0]
+    shaped = []  # per projection: (b, scales, zeros) stacked over experts, in MatMulNBits' shapes
+    for (qweight, scales, zeros), block in ((gate_up, gate_up_block), (down, down_block)):
+        k = in_features(qweight, bits)
+        shaped += [
+            qweight.reshape(experts, qweight.shape[1], k // block, block * bits // 8),
+            scales.reshape(experts, -1),
+            None if zeros is None else zeros.reshape(experts, -1),
+        ]
+    names = ("gate_up_b", "gate_up_scales", "gate_up_zeros", "down_b", "down_scales", "down_zeros")
     with graph.inserting_before(node):
-        consts = {
-            name: install_tensor(graph_module, f"{prefix}.onnx_{name}", t) for name, t in per_expert.items()
-        }
+        per_expert = [
+            [install_tensor(graph_module, f"{prefix}.onnx_{name}_{e}", None if t is None else t[e])
+             for name, t in zip(names, shaped, strict=True)]
+            for e in range(experts)
+        ]  # fmt: skip
         new = graph.call_function(
             decompose.nbits_experts,
             (
-                args["hidden"], args["topk_ids"], args["topk_weights"],
-                *(consts[f"gate_up_{t}"] for t in ("b", "scales", "zeros")),
-                *(consts[f"down_{t}"] for t in ("b", "scales", "zeros")),
+                args["hidden"], args["topk_ids"], args["topk_weights"], per_expert,
                 args["gate_up_bias"], args["down_bias"],
                 args["gate_up_input_scale"], args["down_input_scale"],
                 args["activation"], args["alpha"], args["limit"],
