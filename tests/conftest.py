@@ -13,6 +13,8 @@ import torch
 from helpers import SESSION_SEED, seed_for
 
 torch.set_num_threads(1)
+# pytest-xdist workers start after this and inherit the environment: one seed for the whole run
+os.environ.setdefault("MOEPASS_TEST_SEED", str(SESSION_SEED))
 
 
 def pytest_report_header(config):
