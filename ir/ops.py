@@ -99,6 +99,26 @@ def _sparsemixer(logits, bias, top_k, n_group, topk_group, renormalize, jitter_e
     return torch.cat([w1, w2], dim=-1), torch.cat([e1, e2], dim=-1)
 
 
+def routing(
+    logits: Tensor,
+    correction_bias: Tensor | None,
+    kind: str,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scale: float,
+    jitter_eps: float,
+) -> tuple[Tensor, Tensor]:
+    """`moepass::route` as plain tensor code (the op's body; also what ONNX export traces)."""
+    weights, ids = ROUTING_KINDS[kind](
+        logits, correction_bias, top_k, n_group, topk_group, renormalize, jitter_eps
+    )
+    if scale != 1.0:
+        weights = weights * scale
+    return weights.float().contiguous(), ids.long().contiguous()
+
+
 @torch.library.custom_op("moepass::route", mutates_args=())
 def route(
     logits: Tensor,
@@ -112,12 +132,7 @@ def route(
     jitter_eps: float,
 ) -> tuple[Tensor, Tensor]:
     """Router logits [T, E] -> (top-k weights [T, k] fp32, top-k expert ids [T, k] int64)."""
-    weights, ids = ROUTING_KINDS[kind](
-        logits, correction_bias, top_k, n_group, topk_group, renormalize, jitter_eps
-    )
-    if scale != 1.0:
-        weights = weights * scale
-    return weights.float().contiguous(), ids.long().contiguous()
+    return routing(logits, correction_bias, kind, top_k, n_group, topk_group, renormalize, scale, jitter_eps)
 
 
 @route.register_fake

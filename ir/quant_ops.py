@@ -15,6 +15,21 @@ from .ops import ACTIVATIONS, run_experts
 from .quantized import dequantize, in_features
 
 
+def dequantized_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """`moepass::quantized_linear` as plain tensor code (the op's body; also what ONNX export traces)."""
+    weight = dequantize(qweight, scales, zeros, bits, group_size, dtype=x.dtype)
+    return F.linear(x if input_scale is None else x * input_scale, weight, bias)
+
+
 @torch.library.custom_op("moepass::quantized_linear", mutates_args=())
 def quantized_linear(
     x: Tensor,
@@ -27,8 +42,7 @@ def quantized_linear(
     group_size: int,
 ) -> Tensor:
     """F.linear(x * input_scale, dequantize(qweight, scales, zeros), bias); x [..., K] -> [..., N]."""
-    weight = dequantize(qweight, scales, zeros, bits, group_size, dtype=x.dtype)
-    return F.linear(x if input_scale is None else x * input_scale, weight, bias)
+    return dequantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size)
 
 
 @quantized_linear.register_fake

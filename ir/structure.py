@@ -310,6 +310,11 @@ def tensor_at(graph_module: fx.GraphModule, fqn: str) -> torch.Tensor:
     return getattr(module, name)
 
 
+def arg_tensors(graph_module: fx.GraphModule, args: dict, *names: str) -> list[torch.Tensor | None]:
+    """The tensors behind a call's get_attr arguments `names` (None where an argument is None)."""
+    return [None if args[n] is None else tensor_at(graph_module, args[n].target) for n in names]
+
+
 def _tensor_name(node) -> str | None:
     """FQN behind a get_attr node, looking through dtype casts (fp32 routers cast their weight)."""
     while isinstance(node, fx.Node) and node.op == "call_function" and node.args:

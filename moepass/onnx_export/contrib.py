@@ -12,10 +12,9 @@ from __future__ import annotations
 import onnx
 import onnxscript
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from moepass.ir.quantized import dequantize
+from moepass.ir.quant_ops import dequantized_linear
 
 MICROSOFT = onnxscript.values.Opset("com.microsoft", 1)
 
@@ -76,15 +75,8 @@ def matmul_nbits(
     bits: int,
     block_size: int,
 ) -> Tensor:
-    weight = dequantize(
-        b.reshape(n, -1),
-        scales.reshape(n, -1),
-        None if zero_points is None else zero_points.reshape(n, -1),
-        bits,
-        block_size,
-        a.dtype,
-    )
-    return F.linear(a, weight, bias)
+    zeros = None if zero_points is None else zero_points.reshape(n, -1)
+    return dequantized_linear(a, b.reshape(n, -1), scales.reshape(n, -1), zeros, bias, None, bits, block_size)
 
 
 @matmul_nbits.register_fake

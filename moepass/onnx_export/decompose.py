@@ -1,7 +1,8 @@
 """Standard-op forms of moepass's canonical ops, substituted into a graph copy before ONNX export.
 
-Routing and experts stay in the exported graph as computations, never as the sample's choices:
-  route    the family's routing function (`ROUTING_KINDS`), scaled, exactly as `moepass::route`.
+Routing and experts stay in the exported graph as computations, never as the sample's choices
+(routing and quantized linears that MatMulNBits cannot take trace the ops' own bodies,
+`moepass.ir.ops.routing` and `moepass.ir.quant_ops.dequantized_linear`):
   experts  every expert kept. One decode token (T == 1) gathers its k experts' weights and runs
            them — reading k of E experts; longer inputs run all experts on all tokens and weight
            each by its routing weight (zero for experts not chosen). `torch.cond` keeps both paths
@@ -17,19 +18,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moepass.ir.ops import ACTIVATIONS, ROUTING_KINDS
+from moepass.ir.ops import ACTIVATIONS
 from moepass.ir.quantized import dequantize
 
 from .contrib import matmul_nbits
-
-
-def route(logits, correction_bias, kind, top_k, n_group, topk_group, renormalize, scale, jitter_eps):
-    weights, ids = ROUTING_KINDS[kind](
-        logits, correction_bias, top_k, n_group, topk_group, renormalize, jitter_eps
-    )
-    if scale != 1.0:
-        weights = weights * scale
-    return weights.float(), ids.long()
 
 
 def _projection(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -70,8 +62,7 @@ def _all_experts(
     if "down_input_scale" in tensors:
         h = h * tensors["down_input_scale"].unsqueeze(1)
     out = _projection(h, down, tensors.get("down_bias"))  # [E, T, H]
-    one_hot = (ids.unsqueeze(-1) == torch.arange(gate_up.shape[0], device=ids.device)).float()  # [T, k, E]
-    routing = (one_hot * weights.unsqueeze(-1)).sum(dim=1)  # [T, E]
+    routing = _routing_matrix(ids, weights, gate_up.shape[0])
     return torch.einsum("te,eth->th", routing, out.float()).to(hidden.dtype)
 
 
@@ -137,12 +128,6 @@ def quantized_experts(
     )  # fmt: skip
     weights_for = _quantized_weights(bits, group_size, hidden.dtype)
     return _run(tensors, gate_up_qweight.shape[0], weights_for, activation, alpha, limit)
-
-
-def quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size):
-    """Formats MatMulNBits cannot take: dequantize in the graph, then a MatMul."""
-    weight = dequantize(qweight, scales, zeros, bits, group_size, x.dtype)
-    return torch.nn.functional.linear(x if input_scale is None else x * input_scale, weight, bias)
 
 
 def _routing_matrix(ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:

@@ -28,10 +28,10 @@ from torch import fx
 from moepass.artifact import ArtifactError, write_atomically
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
-from moepass.ir.ops import EXPERTS, ROUTE
-from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from moepass.ir.ops import EXPERTS, ROUTE, routing
+from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, dequantized_linear
 from moepass.ir.quantized import in_features
-from moepass.ir.structure import op_args, tensor_at
+from moepass.ir.structure import arg_tensors, op_args
 from moepass.ir.surgery import delete_if_unused, install_tensor, swap_node
 
 from . import decompose
@@ -45,7 +45,7 @@ TRIPLE = ("qweight", "scales", "zeros")
 _FOLD_LIMIT = 256  # elements: shapes and scalars
 # canonical op -> its standard-op form (same arguments)
 DECOMPOSITIONS = {
-    ROUTE: decompose.route,
+    ROUTE: routing,
     EXPERTS: decompose.experts,
     QUANTIZED_EXPERTS: decompose.quantized_experts,
 }
@@ -121,11 +121,11 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
     for node in list(graph_module.graph.nodes):
         if node.target is QUANTIZED_LINEAR:
             kind = _quantized_linear(graph_module, node)
-        elif node.target is QUANTIZED_EXPERTS and (stacked := _nbits_experts(graph_module, node)):
-            kind = stacked
+        elif node.target is QUANTIZED_EXPERTS and (nbits := _nbits_experts(graph_module, node)):
+            kind = nbits
         elif node.target in DECOMPOSITIONS:
+            kind = f"{node.target._opname} (standard ops)"
             node.target = DECOMPOSITIONS[node.target]
-            kind = f"{node.target.__name__} (standard ops)"
         elif node.op == "call_function" and str(getattr(node.target, "namespace", "")) == "moepass":
             raise OnnxExportError(f"node {node.name}: no ONNX form for {node.target}")
         else:
@@ -138,21 +138,17 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
 
 def _quantized_linear(graph_module: fx.GraphModule, node: fx.Node) -> str:
     args = op_args(node)
-    qweight = tensor_at(graph_module, args["qweight"].target)
+    qweight, scales, zeros = arg_tensors(graph_module, args, *TRIPLE)
     bits, group = args["bits"], args["group_size"]
     n, k = qweight.shape[0], in_features(qweight, bits)
     if fits_matmul_nbits(k, group, bits) is not None:
-        node.target = decompose.quantized_linear
+        node.target = dequantized_linear
         return "quantized_linear (dequantized in the graph)"
     block = k if group == -1 else group
     graph, prefix = graph_module.graph, args["qweight"].target.rpartition(".")[0]
-    tensors = {
-        "b": qweight.reshape(n, k // block, block * bits // 8),
-        "scales": tensor_at(graph_module, args["scales"].target).reshape(-1),
-        "zero_points": None
-        if args["zeros"] is None
-        else tensor_at(graph_module, args["zeros"].target).reshape(-1),
-    }
+    tensors = dict(
+        zip(("b", "scales", "zero_points"), _nbits_layout(qweight, scales, zeros, bits, block), strict=True)
+    )
     with graph.inserting_before(node):
         x = args["x"]
         if args["input_scale"] is not None:
@@ -185,11 +181,7 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     args = op_args(node)
     bits, group = args["bits"], args["group_size"]
     gate_up, down = (
-        [
-            None if args[f"{p}_{t}"] is None else tensor_at(graph_module, args[f"{p}_{t}"].target)
-            for t in TRIPLE
-        ]
-        for p in ("gate_up", "down")
+        arg_tensors(graph_module, args, *(f"{p}_{t}" for t in TRIPLE)) for p in ("gate_up", "down")
     )
     experts, hidden, intermediate = (
         gate_up[0].shape[0],
@@ -202,13 +194,8 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         return None
     graph, prefix = graph_module.graph, args["gate_up_qweight"].target.rpartition(".")[0]
     shaped = []  # per projection: (b, scales, zeros) stacked over experts, in MatMulNBits' shapes
-    for (qweight, scales, zeros), block in ((gate_up, gate_up_block), (down, down_block)):
-        k = in_features(qweight, bits)
-        shaped += [
-            qweight.reshape(experts, qweight.shape[1], k // block, block * bits // 8),
-            scales.reshape(experts, -1),
-            None if zeros is None else zeros.reshape(experts, -1),
-        ]
+    for triple, block in ((gate_up, gate_up_block), (down, down_block)):
+        shaped += _nbits_layout(*triple, bits, block)
     names = ("gate_up_b", "gate_up_scales", "gate_up_zeros", "down_b", "down_scales", "down_zeros")
     with graph.inserting_before(node):
         per_expert = [
@@ -228,6 +215,17 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         )  # fmt: skip
     _replace(graph_module, node, new, [f"{p}_{t}" for p in ("gate_up", "down") for t in TRIPLE])
     return f"quantized_experts -> MatMulNBits int{bits}"
+
+
+def _nbits_layout(qweight, scales, zeros, bits: int, block: int) -> list:
+    """Stored codes/scales/zeros ([..., N, ...]; leading dims kept) in MatMulNBits' input shapes:
+    b [..., N, K/block, block*bits/8], scales and packed zeros flattened per leading index."""
+    lead, k = qweight.shape[:-2], in_features(qweight, bits)
+    return [
+        qweight.reshape(*lead, qweight.shape[-2], k // block, block * bits // 8),
+        scales.reshape(*lead, -1),
+        None if zeros is None else zeros.reshape(*lead, -1),
+    ]
 
 
 def _replace(graph_module: fx.GraphModule, node: fx.Node, new: fx.Node, tensor_args: list[str]) -> None:

@@ -14,7 +14,7 @@ from torch import fx
 
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import in_features
-from moepass.ir.structure import op_args, tensor_at
+from moepass.ir.structure import arg_tensors, op_args
 from moepass.ir.surgery import delete_if_unused, install_tensor, swap_node
 from moepass.kernels import pack_for_cpu, why_not_packable
 from moepass.kernels.ops import PACKED_EXPERTS, PACKED_LINEAR
@@ -52,14 +52,10 @@ class CpuPackedWeights(TransformPass):
         return TransformResult(converted > 0, {"converted": converted, "kept reference": kept})
 
 
-def _tensors(graph_module: fx.GraphModule, args: dict, *names: str) -> list:
-    return [None if args[n] is None else tensor_at(graph_module, args[n].target) for n in names]
-
-
 def lower_linear_node(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     args = op_args(node)
     bits, group = args["bits"], args["group_size"]
-    qweight, scales, zeros = _tensors(graph_module, args, "qweight", "scales", "zeros")
+    qweight, scales, zeros = arg_tensors(graph_module, args, "qweight", "scales", "zeros")
     n, k = qweight.shape[0], in_features(qweight, bits)
     reason = why_not_packable(n, k, bits, group, zeros is None)
     if reason is not None:
@@ -85,7 +81,7 @@ def lower_experts_node(graph_module: fx.GraphModule, node: fx.Node) -> str | Non
     bits, group = args["bits"], args["group_size"]
     projections = {}
     for proj in ("gate_up", "down"):
-        qweight, scales, zeros = _tensors(
+        qweight, scales, zeros = arg_tensors(
             graph_module, args, f"{proj}_qweight", f"{proj}_scales", f"{proj}_zeros"
         )
         n, k = qweight.shape[-2], in_features(qweight, bits)
