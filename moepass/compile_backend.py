@@ -132,6 +132,7 @@ def moepass_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     inputs = dict(zip(placeholders, example_inputs, strict=False))
     fmt = opts.format()
     if fmt is not None:
+        _refuse_eager_experts(frame_scopes())
         report.quantized = _quantize_experts(gm, inputs, fmt)
     if opts.lower:
         _lower(gm, inputs, report)
@@ -180,6 +181,21 @@ def _checking_snapshots(compiled: Callable, snapshots: dict[int, tuple[Tensor, i
 def _version(tensor: Tensor) -> int:
     """In-place edits count (inference-mode tensors keep no count: only their identity is checked)."""
     return -1 if tensor.is_inference() else tensor._version
+
+
+def _refuse_eager_experts(scopes: tuple[dict, dict] | None) -> None:
+    """`quantize` on a model whose experts run transformers' "eager" loop would silently quantize
+    nothing: the loop breaks the graph, so no experts region is ever outlined."""
+    from transformers import PreTrainedModel
+
+    for value in (scopes or ({}, {}))[0].values():
+        implementation = getattr(getattr(value, "config", None), "_experts_implementation", None)
+        if isinstance(value, PreTrainedModel) and implementation == "eager":
+            raise CompileOptionError(
+                f"option 'quantize': {type(value).__name__} runs its experts with "
+                "experts_implementation='eager', whose per-expert loop breaks the graph, so no experts "
+                "would be quantized; call model.set_experts_implementation('grouped_mm') first"
+            )
 
 
 def _tensor(gm: fx.GraphModule, inputs: dict, node: fx.Node | None) -> Tensor | None:

@@ -14,6 +14,7 @@ from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, dequantize
 from moepass.pass_manager import PassError
 from moepass.passes import ConfigError
+from moepass.passes.awq import search_scale
 from moepass.passes.gptq import gptq_quantize
 from moepass.passes.sparsegpt import sparsegpt_prune
 from moepass.passes.wanda import wanda_prune
@@ -51,6 +52,24 @@ def test_gptq_beats_rtn_on_correlated_inputs(seed):
         gptq_error = (F.linear(x, ours) - reference).pow(2).mean()
         rtn_error = (F.linear(x, baseline) - reference).pow(2).mean()
         assert gptq_error < 0.8 * rtn_error, (act_order, gptq_error, rtn_error)
+
+
+def test_awq_scales_protect_outlier_input_channels(seed):
+    """LLM-like activations (a few channels 30x the rest): AWQ's scale search must cut the output
+    error of plain rounding by more than half — the effect it exists for."""
+    x = torch.randn(2048, 128)
+    x[:, torch.randperm(128)[:4]] *= 30
+    weight = torch.randn(64, 128) / 128**0.5
+    fmt = QuantFormat(4, 32)
+    reference = F.linear(x, weight)
+
+    def error(candidates):
+        return (F.linear(x, candidates[0]) - reference).pow(2).mean().item()
+
+    s = search_scale(x, [weight], error, fmt, grid=20)
+    awq = dequantize(*rtn(weight * s, fmt, "w"), 4, 32) / s
+    baseline = dequantize(*rtn(weight, fmt, "w"), 4, 32)
+    assert error([awq]) < 0.5 * error([baseline])
 
 
 @pytest.mark.parametrize(

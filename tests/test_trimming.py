@@ -265,6 +265,17 @@ def test_layer_drop_matches_skipping_the_sublayer(family):
     assert torch.equal(program.generate(ids, 8), reference.generate(ids, max_new_tokens=8, do_sample=False))
 
 
+@pytest.mark.parametrize(("ratio", "dropped"), [(0.25, 1), (0.34, 2), (0.5, 3)])
+def test_a_drop_ratio_never_removes_more_than_it_asks(ratio, dropped):
+    model, original = captured("mixtral", num_hidden_layers=6)
+    data = _calibration(model.config.vocab_size, samples=4)
+    for pass_name in ("layer_drop", "block_drop"):
+        program = moepass.compress(original, [(pass_name, {"ratio": ratio})], calibration=data)
+        assert len(program.info.edits) == dropped, pass_name
+    with pytest.raises(moepass.MoepassError, match=r"ratio 0\.1 of 6 MoE sub-layers rounds to 0"):
+        moepass.compress(original, [("layer_drop", {"ratio": 0.1})], calibration=data)
+
+
 def _without_blocks(model, blocks: list[int]):
     ref = copy.deepcopy(model)
     for index in sorted(blocks, reverse=True):

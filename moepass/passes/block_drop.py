@@ -25,7 +25,7 @@ from .layer_drop import drop_count
 @dataclass(frozen=True)
 class BlockDropConfig(PassConfig):
     count: int | None = None
-    ratio: float | None = None  # or: share of the blocks (rounded)
+    ratio: float | None = None  # or: share of the blocks (rounded down)
     method: Literal["discrete", "consecutive"] = "discrete"
     metric: Literal["similarity", "random"] = "similarity"
     seed: int = 0

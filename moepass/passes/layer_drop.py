@@ -23,7 +23,7 @@ from .moe_similarity import MoESimilarityConfig
 @dataclass(frozen=True)
 class LayerDropConfig(PassConfig):
     count: int | None = None  # MoE sub-layers to drop
-    ratio: float | None = None  # or: share of the MoE sub-layers to drop (rounded)
+    ratio: float | None = None  # or: share of the MoE sub-layers to drop (rounded down)
     metric: Literal["S_NM", "S_M", "random"] = "S_NM"
     seed: int = 0  # for metric: random
     iterative: bool = False
@@ -36,8 +36,11 @@ class LayerDropConfig(PassConfig):
 
 
 def drop_count(count: int | None, ratio: float | None, available: int, what: str, where: str) -> int:
-    """How many to drop; refuses to drop everything (one must always remain)."""
-    n = count if count is not None else math.floor(ratio * available + 0.5)  # nearest, halves up
+    """How many to drop; refuses to drop everything (one must always remain).
+
+    A ratio rounds down: it never removes more than the share it asks for (25% of 6 layers drops 1,
+    not 2 = 33%); ask with `count` for more."""
+    n = count if count is not None else math.floor(ratio * available + 1e-9)
     if n >= available:
         raise ConfigError(
             f"{where}: dropping {n} of {available} {what} would leave none; drop at most {available - 1}"
