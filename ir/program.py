@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
+from torch._dynamo.exc import BackendCompilerFailed
 
 from moepass.errors import MoepassError
 
@@ -36,6 +38,7 @@ class ProgramInfo:
     history: list[dict] = field(default_factory=list)  # recipes applied, with their reports
     pruned: dict[str, str] = field(default_factory=dict)  # weight FQN -> sparsity pattern, e.g. "2:4"
     lowered: str | None = None  # device type the program was lowered for (`moepass.lower`), if any
+    compiled: bool = False  # steps run through torch.compile (Inductor): `moepass.lower(compile=True)`
 
 
 class MoEProgram(nn.Module, StepGeneration):
@@ -54,6 +57,7 @@ class MoEProgram(nn.Module, StepGeneration):
         self.report = None  # the PassReport of the last recipe applied by moepass.compress
         self._structure: StructureMap | None = None
         self._last_token_graph: fx.GraphModule | None = None
+        self._compiled_steps: dict[bool, Callable] = {}
 
     # -- graph and structure ------------------------------------------------------------------
     @property
@@ -71,6 +75,7 @@ class MoEProgram(nn.Module, StepGeneration):
         self.graph_module.delete_all_unused_submodules()
         self._structure = None
         self._last_token_graph = None
+        self._compiled_steps = {}
 
     def fork(self) -> MoEProgram:
         """An independent program: its own graph, modules and Parameter objects over the same weight
@@ -155,7 +160,20 @@ class MoEProgram(nn.Module, StepGeneration):
         `last_token_only` returns logits for the last position only ([batch, 1, vocab]): generation
         needs no more, and a prompt's LM head then costs one row instead of one per token."""
         graph_module = self._last_token_module() if last_token_only else self.graph_module
-        outputs = graph_module(input_ids, attention_mask, position_ids, *past)
+        if not self.info.compiled:
+            outputs = graph_module(input_ids, attention_mask, position_ids, *past)
+            return outputs[0], list(outputs[1:])
+        if last_token_only not in self._compiled_steps:
+            # dynamic lengths: one graph for prompts and one for single tokens, not one per cache length
+            self._compiled_steps[last_token_only] = torch.compile(graph_module, dynamic=True)
+        try:
+            outputs = self._compiled_steps[last_token_only](input_ids, attention_mask, position_ids, *past)
+        except BackendCompilerFailed as error:
+            raise MoepassError(
+                f"torch.compile (Inductor) could not compile this program's step: "
+                f"{type(error.inner_exception).__name__}: {str(error.inner_exception).splitlines()[0]}; "
+                "lower it without compile=True (Inductor needs a C++ compiler on CPU)"
+            ) from error
         return outputs[0], list(outputs[1:])
 
     def _last_token_module(self) -> fx.GraphModule:

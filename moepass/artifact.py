@@ -167,12 +167,18 @@ def kept_original_experts(program: MoEProgram, index: int) -> list[int]:
     return kept
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", lower: bool = True) -> MoEProgram:
+def load(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    lower: bool = True,
+    compile: bool = False,
+) -> MoEProgram:
     """A runnable program from a directory written by `save` (moepass format).
 
     By default it is lowered for `device` (`moepass.lower`: the fast kernels, outputs equal within
-    the kernels' precision); `lower=False` gives the program exactly as saved, which can be
-    compressed further or saved again."""
+    the kernels' precision; `compile=True` adds torch.compile); `lower=False` gives the program
+    exactly as saved, which can be compressed further or saved again."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -215,7 +221,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", lower: 
     if lower:
         from moepass.lowering import lower as lower_program
 
-        program = lower_program(program, copy=False)
+        program = lower_program(program, copy=False, compile=compile)
+    elif compile:
+        raise ArtifactError("compile=True needs lower=True: only the lowered program is compiled")
     return program
 
 

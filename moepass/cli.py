@@ -106,7 +106,7 @@ def _compress(args: argparse.Namespace) -> None:
     print(f"\nwrote {out}/ (model.safetensors, manifest.json, tokenizer, report.md, report.json, plots/)")
 
 
-def _load_program(name_or_path: str, lower: bool = True):
+def _load_program(name_or_path: str, lower: bool = True, compile: bool = False):
     """A moepass artifact directory (loaded, lowered), or a model (captured, lowered)."""
     from moepass.artifact import load
     from moepass.ir import capture
@@ -114,9 +114,9 @@ def _load_program(name_or_path: str, lower: bool = True):
     from moepass.zoo import load_model
 
     if os.path.isfile(os.path.join(name_or_path, "manifest.json")):
-        return load(name_or_path, lower=lower)
+        return load(name_or_path, lower=lower, compile=compile)
     program = capture(load_model(name_or_path))
-    return lower_program(program, copy=False) if lower else program
+    return lower_program(program, copy=False, compile=compile) if lower else program
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -137,7 +137,9 @@ def _generate(args: argparse.Namespace) -> None:
 
         program = OnnxProgram(args.model)
     else:
-        program = _load_program(args.model, lower=not args.no_lower)
+        if args.compile and args.no_lower:
+            raise MoepassError("--compile compiles the lowered program; drop --no-lower")
+        program = _load_program(args.model, lower=not args.no_lower, compile=args.compile)
     generated: list[int] = []
     shown = ""
 
@@ -162,7 +164,7 @@ def _generate(args: argparse.Namespace) -> None:
         streamer=stream,
     )
     seconds = time.perf_counter() - start
-    engine = "onnxruntime" if args.onnx else "PyTorch"
+    engine = "onnxruntime" if args.onnx else "PyTorch, torch.compile" if args.compile else "PyTorch"
     print(
         f"\n\n[{len(generated)} tokens in {seconds:.2f}s ({len(generated) / seconds:.1f} tokens/s), "
         f"prompt {len(prompt_ids)} tokens, {engine}]",
@@ -280,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="MODEL is an exported ONNX directory (moepass export-onnx): run it in onnxruntime",
     )
     gen.add_argument("--no-lower", action="store_true", help="run the canonical ops, not the lowered kernels")
+    gen.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the lowered program through torch.compile (faster decode; compiles ~1 min first)",
+    )
     gen.add_argument("--threads", type=int, default=1)
     gen.set_defaults(run=_generate)
 

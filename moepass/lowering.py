@@ -1,9 +1,10 @@
 """`moepass.lower`: a program rewritten onto a device's fastest ops — the optimized PyTorch program.
 
 Lowering is the last stage: it runs the `lower`-stage passes registered for the device, each verified
-like any transform. On CPU: quantized weights onto ATen's packed int4/int8 kernels
-(`cpu_packed_weights`), dense weights stored input-major (`kn_weight_layout`). On CUDA the canonical
-ops already dispatch to the Triton kernels (`moepass.kernels`), so nothing needs rewriting.
+like any transform. On CPU: linears sharing an input into one matmul (`fuse_sibling_linears`),
+quantized weights onto ATen's packed int4/int8 kernels (`cpu_packed_weights`), dense weights stored
+input-major (`kn_weight_layout`). On CUDA the canonical ops already dispatch to the Triton kernels
+(`moepass.kernels`), so nothing needs rewriting.
 The input program is left as it is; the lowered one can run, evaluate and generate, but not be
 compressed further or saved (save the program before lowering; `moepass.load` lowers on load).
 """
@@ -22,14 +23,24 @@ logger = logging.getLogger("moepass")
 
 # device type -> lowering passes, in order
 PIPELINES: dict[str, list[str]] = {
-    "cpu": ["cpu_packed_weights", "kn_weight_layout"],
+    "cpu": ["fuse_sibling_linears", "cpu_packed_weights", "kn_weight_layout"],
     "cuda": [],
 }
 
 
-def lower(program: MoEProgram, device: str | torch.device | None = None, *, copy: bool = True) -> MoEProgram:
+def lower(
+    program: MoEProgram,
+    device: str | torch.device | None = None,
+    *,
+    copy: bool = True,
+    compile: bool = False,
+) -> MoEProgram:
     """A copy of `program` lowered for `device` (default: where the program is); `copy=False`
-    lowers the program itself (no second set of weights while converting)."""
+    lowers the program itself (no second set of weights while converting).
+
+    `compile=True` also runs each step through `torch.compile` (Inductor, dynamic lengths): it fuses
+    the small ops between the matmuls (1.4x faster decode on CPU in `tools/bench_e2e.py`) at the
+    cost of compiling on the first prompt and the first decoded token (~30 s each on one core)."""
     if not isinstance(program, MoEProgram):
         raise MoepassError(f"lower takes a MoEProgram (see moepass.capture), got {type(program).__name__}")
     device_type = torch.device(device).type if device is not None else program.device.type
@@ -43,6 +54,7 @@ def lower(program: MoEProgram, device: str | torch.device | None = None, *, copy
     manager = PassManager([(name, None) for name in PIPELINES[device_type]])
     report: PassReport = manager.run(lowered)
     lowered.info.lowered = device_type
+    lowered.info.compiled = compile
     lowered.report = report
     logger.info("lowered for %s: %s", device_type, ", ".join(PIPELINES[device_type]) or "no rewrite needed")
     return lowered

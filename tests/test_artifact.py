@@ -173,6 +173,10 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         texts[engine] = captured_io.out
         assert "tokens in" in captured_io.err
     assert texts["torch"] == texts["onnx"] and texts["torch"].startswith("It is")
+    assert main(["generate", str(out), "--compile", "--no-lower"]) == 2
+    assert "drop --no-lower" in capsys.readouterr().err
+    with pytest.raises(ArtifactError, match="compile=True needs lower=True"):
+        load(out, lower=False, compile=True)
 
 
 def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path, capsys):

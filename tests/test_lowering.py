@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import moepass
 from helpers import FAMILIES, captured
 from moepass.artifact import ArtifactError, load, save
+from moepass.ir.quant_ops import QUANTIZED_LINEAR
 from moepass.kernels.ops import PACKED_EXPERTS, PACKED_LINEAR
 from moepass.lowering import lower
 from moepass.pass_manager import PassError
@@ -23,6 +25,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _rtn(program, bits: int = 4, group_size: int = 32, symmetric: bool = False, targets=ALL_TARGETS):
     config = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "targets": list(targets)}
     return moepass.compress(program, [("rtn", config)])
+
+
+def _summary(program, pass_name: str) -> dict:
+    return next(r.summary for r in program.report.records if r.name == pass_name)
 
 
 def _ops(program) -> dict:
@@ -43,8 +49,9 @@ def test_lossless_lowering_equals_the_canonical_program(family):
         lowered.generate(ids, 6, eos_token_id=None), program.generate(ids, 6, eos_token_id=None)
     )
     # dense weights are stored input-major (the decode-speed layout), same values
-    changed = lowered.report.records[-1].summary["weights"]
-    assert changed > 0
+    assert _summary(lowered, "kn_weight_layout")["weights"] > 0
+    # every attention's projections of the block input (q/k/v; MLA's q_a/kv_a) became one matmul
+    assert _summary(lowered, "fuse_sibling_linears")["groups"] >= len(program.structure.blocks)
 
 
 @pytest.mark.parametrize("family,bits", [("mixtral", 4), ("qwen2_moe", 8), ("deepseek_v3", 4)])
@@ -54,6 +61,8 @@ def test_quantized_programs_run_on_aten_packed_kernels(family, bits):
     quantized = _rtn(program, bits, -1 if bits == 8 else 32, symmetric=bits == 8, targets=targets)
     ops = _ops(lower(quantized))
     assert ops.get(PACKED_LINEAR, 0) > 0
+    if "attention" in targets:  # quantized q/k/v fuse before packing: fewer packed matmuls
+        assert ops[PACKED_LINEAR] < _ops(quantized)[QUANTIZED_LINEAR]
     assert ops.get(PACKED_EXPERTS, 0) == len(program.structure.moe_blocks)
     lowered = lower(quantized)
     ids = torch.randint(0, program.info.vocab_size, (2, 7))
@@ -64,7 +73,7 @@ def test_formats_the_kernels_cannot_take_keep_the_reference_op():
     _, program = captured("mixtral")
     quantized = _rtn(program, 4, group_size=16)  # ATen's int4 kernel needs groups of 32+
     lowered = lower(quantized)
-    summary = lowered.report.records[0].summary
+    summary = _summary(lowered, "cpu_packed_weights")
     assert summary["converted"] == 0 and all(
         "32/64/128/256" in r or "MOEPASS" in r for r in summary["kept reference"].values()
     )
@@ -89,3 +98,20 @@ def test_load_lowers_and_lowered_programs_refuse_compression_and_saving(tmp_path
     assert moepass.lower is lower  # the package attribute stays the function beside moepass.lowering
     with pytest.raises(moepass.MoepassError, match="no lowering for device 'meta'"):
         lower(program, "meta")
+
+
+def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token():
+    _, program = captured("mixtral")
+    quantized = _rtn(program, 4, 32)
+    eager, compiled = lower(quantized), lower(quantized, compile=True)
+    assert compiled.info.compiled and not eager.info.compiled
+    ids = torch.randint(0, program.info.vocab_size, (2, 7))
+    assert _rel(compiled(ids), eager(ids)) < 1e-4  # the same kernels; Inductor fuses what lies between
+    expected = eager.generate(ids, 8, eos_token_id=None)
+    assert torch.equal(compiled.generate(ids, 8, eos_token_id=None), expected)
+    graphs = counters["stats"]["unique_graphs"]
+    longer = torch.randint(0, program.info.vocab_size, (2, 11))
+    assert torch.equal(
+        compiled.generate(longer, 12, eos_token_id=None), eager.generate(longer, 12, eos_token_id=None)
+    )
+    assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the dynamic graphs

@@ -8,14 +8,17 @@ import json
 import onnx
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import moepass
 from helpers import captured
 from moepass.artifact import ArtifactError
+from moepass.data import TokenSet
 from moepass.errors import MoepassError
 from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import drop_mlp, keep_experts
 from moepass.onnx_export import OnnxExportError, OnnxProgram, export_onnx
+from moepass.onnx_export.complex_to_real import complex_to_real
 
 REL_TOL = 1e-5  # fp32 end to end; ORT's kernels sum in other orders than ATen's
 # (batch, new tokens, past tokens): prefill, batched decode, chunked prefill on a cache
@@ -70,25 +73,35 @@ def _exported(family: str, tmp_path_factory):
     return _EXPORTS[family]
 
 
-# mixtral is covered by the trimmed and quantized tests, deepseek_v3 and gpt_oss by the quantized ones
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "phimoe"])
+# mixtral is covered by the trimmed and quantized tests, deepseek_v3 and gpt_oss by the quantized ones;
+# deepseek_v2's complex-number rotary embedding is exported on real (re, im) pairs
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2"])
 def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
     program = captured(family)[1]
     path = _exported(family, tmp_path_factory)
     _matches(program, OnnxProgram(path))
-    # one If (decode gathers k experts / prefill runs all) per MoE layer: no routing baked in
-    assert _op_counts(path).get("If", 0) == len(program.structure.moe_blocks)
+    # routing computed at run time: softmax top-k families run onnxruntime's fused MoE op (it routes
+    # itself); the others one If per MoE layer (decode gathers k experts / prefill runs all)
+    fused = family in ("qwen2_moe", "qwen3_moe", "olmoe")
+    counts, layers = _op_counts(path), len(program.structure.moe_blocks)
+    assert (counts.get("MoE", 0), counts.get("If", 0)) == ((layers, 0) if fused else (0, layers))
     # every expert's weights are in the file, whatever the export sample routed to
     initializers = {t.name: list(t.dims) for t in onnx.load(str(path / "model.onnx")).graph.initializer}
     for block in program.structure.moe_blocks:
-        for fqn in (block.mlp.gate_up, block.mlp.down):
+        for fqn, onnx_name in ((block.mlp.gate_up, "onnx_fc1"), (block.mlp.down, "onnx_fc2")):
             expected = list(tensor_at(program.graph_module, fqn).shape)
-            assert initializers.get(fqn) == expected and expected[0] == block.mlp.num_experts, fqn
+            name = f"{fqn.rpartition('.')[0]}.{onnx_name}" if fused else fqn
+            assert initializers.get(name) == expected and expected[0] == block.mlp.num_experts, fqn
 
 
 @pytest.mark.parametrize(
     "family,bits,group_size,symmetric",
-    [("mixtral", 4, 32, False), ("deepseek_v3", 4, 16, True), ("gpt_oss", 8, -1, True)],
+    [
+        ("mixtral", 4, 32, False),
+        ("qwen2_moe", 4, 16, False),
+        ("deepseek_v3", 4, 16, True),
+        ("gpt_oss", 8, -1, True),
+    ],
 )
 def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size, symmetric, tmp_path):
     _, program = captured(family)
@@ -97,11 +110,13 @@ def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size,
     rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
     on_nbits = sum(n for kind, n in rewrites.items() if kind.startswith("quantized_experts -> MatMulNBits"))
     linears = sum(1 for n in quantized.graph_module.graph.nodes if "quantized_linear" in str(n.target))
-    assert _op_counts(tmp_path / "onnx").get("MatMulNBits", 0) == linears > 0
-    if family == "mixtral":  # power-of-two blocks: each expert on two MatMulNBits under its own If
-        moe = program.structure.moe_blocks
+    counts, moe = _op_counts(tmp_path / "onnx"), program.structure.moe_blocks
+    assert counts.get("MatMulNBits", 0) == linears > 0
+    # int4 experts with renormalized softmax top-k routing: onnxruntime's fused QMoE routes and runs them
+    assert counts.get("QMoE", 0) == (len(moe) if family == "mixtral" else 0)
+    if family in ("qwen2_moe", "deepseek_v3"):  # power-of-two blocks: each expert on MatMulNBits under an If
         experts = sum(b.mlp.num_experts for b in moe)
-        assert on_nbits == len(moe) and _op_counts(tmp_path / "onnx")["If"] == experts
+        assert on_nbits == len(moe) and counts["If"] == experts
         assert _op_counts(tmp_path / "onnx", inside_if=True)["MatMulNBits"] == 2 * experts
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
     # codes stay packed: the file is about as large as the program's own tensors, not a float copy
@@ -119,7 +134,10 @@ def test_trimmed_programs_export_what_is_left(tmp_path):
     drop_mlp(trimmed, first.index)
     keep_experts(trimmed, second.index, [0, 2, 3], preserve_gate=True)
     export_onnx(trimmed, tmp_path / "onnx")
-    assert _op_counts(tmp_path / "onnx").get("If", 0) == len(program.structure.moe_blocks) - 1
+    # the layer whose router kept its rows for dropped experts routes in the graph (If); the intact
+    # ones on the fused MoE op; the dropped one is absent
+    counts = _op_counts(tmp_path / "onnx")
+    assert (counts.get("If", 0), counts.get("MoE", 0)) == (1, len(program.structure.moe_blocks) - 2)
     _matches(trimmed, OnnxProgram(tmp_path / "onnx"))  # routes to dropped experts contribute nothing
 
 
@@ -133,8 +151,42 @@ def test_export_writes_manifest_and_refuses_what_it_cannot_do(tmp_path, tmp_path
         export_onnx(program, path)
     with pytest.raises(OnnxExportError, match="lowered for cpu"):
         export_onnx(moepass.lower(program), tmp_path / "lowered")
-    with pytest.raises(OnnxExportError, match="complex numbers"):
-        export_onnx(captured("deepseek_v2")[1], tmp_path / "v2")
-    assert not (tmp_path / "lowered").exists() and not (tmp_path / "v2").exists()
+    assert not (tmp_path / "lowered").exists()
     with pytest.raises(MoepassError, match="not an exported moepass ONNX directory"):
         OnnxProgram(tmp_path)
+
+
+def test_complex_ops_without_a_real_rewrite_are_refused_by_name():
+    def rotate_and_exp(x):
+        return torch.view_as_real(torch.exp(torch.view_as_complex(x)))
+
+    graph_module = make_fx(rotate_and_exp, tracing_mode="fake")(torch.randn(3, 4, 2))
+    with pytest.raises(MoepassError, match=r"exp.*computes with complex numbers"):
+        complex_to_real(graph_module)
+
+
+def test_complex_rotation_on_real_pairs_equals_complex_math(seed):
+    def rotate(x, angle):
+        scaled = torch.polar(torch.ones_like(angle), angle) * 0.5
+        return torch.view_as_real(torch.view_as_complex(x) * scaled.unsqueeze(0))
+
+    x, angle = torch.randn(2, 5, 4, 2, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    graph_module = make_fx(rotate, tracing_mode="fake")(x, angle)
+    assert complex_to_real(graph_module) > 0
+    assert not any(
+        isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex()
+        for n in graph_module.graph.nodes
+        if n.op == "call_function"
+    )
+    torch.testing.assert_close(graph_module(x, angle), rotate(x, angle), rtol=1e-12, atol=1e-12)
+
+
+def test_awq_scales_fold_into_the_fused_qmoe_op(tmp_path):
+    _, program = captured("mixtral")
+    ids = torch.randint(3, program.info.vocab_size, (8, 17))
+    calibration = TokenSet(ids[:, :-1], ids[:, 1:], ["x"] * 8)
+    config = {"bits": 4, "group_size": 16, "targets": ALL_TARGETS}
+    quantized = moepass.compress(program, [("awq", config)], calibration=calibration)
+    export_onnx(quantized, tmp_path / "onnx")
+    assert _op_counts(tmp_path / "onnx")["QMoE"] == len(program.structure.moe_blocks)
+    _matches(quantized, OnnxProgram(tmp_path / "onnx"))

@@ -1,4 +1,5 @@
-"""End-to-end CPU speed: transformers eager vs the lowered moepass program vs onnxruntime (one thread).
+"""End-to-end CPU speed: transformers eager vs the lowered moepass program (as it is, and through
+torch.compile) vs onnxruntime (one thread).
 
     python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral] [--work build/bench-e2e]
 
@@ -6,12 +7,13 @@ Models: the bundled tiny-mixtral, and a mid-size random Mixtral (hidden 512, int
 8 layers, 8 experts top-2; speed depends on shapes, not values). Variants: uncompressed, int4 (RTN,
 groups of 128, every linear), and the paper recipe's shape (25% of MoE sub-layers dropped + int4;
 which layers and how the codes were found do not change the speed, so the benchmark drops by a
-fixed seed and rounds to nearest instead of calibrating). Each (model, variant, engine) runs in its
+fixed seed instead of calibrating). Each (model, variant, engine) runs in its
 own process, loading what a user would load (a transformers checkpoint, a moepass artifact lowered on
 load, an exported ONNX directory), so peak memory is that of one engine: the max RSS of the process,
 imports included. Prefill: one 128-token prompt; decode: 32 tokens after a 16-token prompt, KV
 cache. Times are medians; ratios are against transformers eager on the uncompressed model, measured
-in the same run.
+in the same run. "warm-up s" is the first prompt plus the first decode steps: for the compiled engine,
+its compilation time.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ VARIANTS = {
     "int4": [("rtn", INT4)],
     "paper recipe": [("rtn", INT4), ("layer_drop", {"ratio": 0.25, "metric": "random", "seed": 0})],
 }
-ENGINES = ("transformers eager", "moepass PyTorch", "onnxruntime")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,28 +140,31 @@ def measure(engine: str, path: Path) -> dict:
     torch.set_num_threads(1)
     if engine == "transformers eager":
         prefill, decode = _hf_engine(path)
-    elif engine == "moepass PyTorch":
+    elif engine.startswith("moepass PyTorch"):
         import moepass
 
-        prefill, decode = _step_engine(moepass.load(path))
+        prefill, decode = _step_engine(moepass.load(path, compile=engine.endswith("compiled")))
     else:
         from moepass.onnx_export import OnnxProgram
 
         prefill, decode = _step_engine(OnnxProgram(path, threads=1))
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 4096, (1, PROMPT), generator=generator)
-    prefill(prompt)  # warm-up
+    start = time.perf_counter()
+    prefill(prompt)  # warm-up (compiles the prompt graph where the engine compiles)
+    decode(prompt[:, :DECODE_PROMPT], 4)  # and the one-token graph
+    warm_up = time.perf_counter() - start
     prefill_s = []
     for _ in range(REPEATS):
         start = time.perf_counter()
         prefill(prompt)
         prefill_s.append(time.perf_counter() - start)
-    decode(prompt[:, :DECODE_PROMPT], 4)  # warm-up
     step_s = [statistics.median(decode(prompt[:, :DECODE_PROMPT], DECODE_TOKENS)) for _ in range(REPEATS)]
     return {
         "prefill tok/s": PROMPT / statistics.median(prefill_s),
         "decode tok/s": 1 / statistics.median(step_s),
         "peak RSS MB": _peak_rss_mb(),
+        "warm-up s": warm_up,
     }
 
 
@@ -204,7 +208,8 @@ def main() -> None:
         base = _run_child("transformers eager", paths["hf"])
         for variant in VARIANTS:
             runs = {"transformers eager": base} if variant == "uncompressed" else {}
-            runs["moepass PyTorch"] = _run_child("moepass PyTorch", paths[variant])
+            for engine in ("moepass PyTorch", "moepass PyTorch compiled"):
+                runs[engine] = _run_child(engine, paths[variant])
             runs["onnxruntime"] = _run_child("onnxruntime", paths[f"{variant}.onnx"])
             for engine, r in runs.items():
                 print(f"  {model_name} {variant} {engine}: {r}", file=sys.stderr, flush=True)
@@ -218,6 +223,7 @@ def main() -> None:
                         f"{r['decode tok/s']:.1f}",
                         f"{r['decode tok/s'] / base['decode tok/s']:.2f}x",
                         f"{r['peak RSS MB']:.0f}",
+                        f"{r['warm-up s']:.1f}",
                     ]
                 )
     header = [
@@ -229,6 +235,7 @@ def main() -> None:
         "decode tok/s",
         "vs eager",
         "peak RSS MB",
+        "warm-up s",
     ]
     print(format_table(header, rows))
 

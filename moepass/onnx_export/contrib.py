@@ -5,6 +5,15 @@ reference implementation is the op's definition and whose ONNX translation is th
       Y = A @ dequantize(B)^T + bias; B [N, K/block, block*bits/8] uint8 (low nibble first),
       scales [N * K/block], zero_points packed uint8 [N * ceil((K/block) * bits / 8)] or absent
       (2^(bits-1)). This is `moepass.ir.quantized`'s layout reshaped: no repacking.
+  moepass_onnx::moe  ->  com.microsoft::MoE
+      Softmax over all experts' router logits, top-k (renormalized or not), SwiGLU experts on fc1 rows
+      interleaved (gate_0, up_0, gate_1, ...: `swiglu_fusion=1`, the layout the CPU kernel takes) and
+      fc2; only the chosen experts run, token by token.
+  moepass_onnx::qmoe  ->  com.microsoft::QMoE
+      The same on 4-bit codes in the stored layout ([E, N, K/2] uint8, scales [E, N, K/block], packed
+      zero points [E, N, K/block/2] or absent); onnxruntime 1.32 matches the dequantized math to 1e-6
+      for 4 bits with renormalized top-k weights; 8 bits (1% off) and unrenormalized routing (its CPU
+      kernel renormalizes anyway) keep the MatMulNBits form.
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ import onnxscript
 import torch
 from torch import Tensor
 
+from moepass.ir.ops import experts, routing
 from moepass.ir.quant_ops import dequantized_linear
+from moepass.ir.quantized import dequantize
 
 MICROSOFT = onnxscript.values.Opset("com.microsoft", 1)
 
@@ -38,6 +49,7 @@ def _schema(
 
 
 _INT = onnx.defs.OpSchema.AttrType.INT
+_STRING = onnx.defs.OpSchema.AttrType.STRING
 _MATMUL_NBITS_OP = onnxscript.values.Op(
     MICROSOFT,
     "MatMulNBits",
@@ -88,5 +100,106 @@ def _matmul_nbits_onnx(a, b, scales, zero_points=None, bias=None, k=0, n=0, bits
     return _MATMUL_NBITS_OP(a, b, scales, zero_points, None, bias, K=k, N=n, bits=bits, block_size=block_size)
 
 
+_MOE_ATTRIBUTES = [("k", _INT), ("activation_type", _STRING), ("normalize_routing_weights", _INT),
+                   ("swiglu_fusion", _INT)]  # fmt: skip
+_MOE_OP = onnxscript.values.Op(
+    MICROSOFT,
+    "MoE",
+    _schema(
+        "MoE",
+        [("input", "T", False), ("router_probs", "T", False), ("fc1_experts_weights", "T", False),
+         ("fc1_experts_bias", "T", True), ("fc2_experts_weights", "T", False),
+         ("fc2_experts_bias", "T", True)],
+        [("output", "T")],
+        [("T", ["tensor(float)", "tensor(float16)"])],
+        _MOE_ATTRIBUTES,
+    ),
+)  # fmt: skip
+_QMOE_OP = onnxscript.values.Op(
+    MICROSOFT,
+    "QMoE",
+    _schema(
+        "QMoE",
+        [("input", "T", False), ("router_probs", "T", False), ("fc1_experts_weights", "T1", False),
+         ("fc1_scales", "T2", False), ("fc1_experts_bias", "T", True), ("fc2_experts_weights", "T1", False),
+         ("fc2_scales", "T2", False), ("fc2_experts_bias", "T", True), ("fc3_experts_weights", "T1", True),
+         ("fc3_scales", "T2", True), ("fc3_experts_bias", "T", True), ("fc1_zero_points", "T1", True),
+         ("fc2_zero_points", "T1", True)],
+        [("output", "T")],
+        [("T", ["tensor(float)", "tensor(float16)"]), ("T1", ["tensor(uint8)"]),
+         ("T2", ["tensor(float)", "tensor(float16)"])],
+        [*_MOE_ATTRIBUTES, ("expert_weight_bits", _INT), ("block_size", _INT)],
+    ),
+)  # fmt: skip
+
+
+def interleave_gate_up(tensor: Tensor) -> Tensor:
+    """[E, 2I, ...] gate rows then up rows -> rows gate_0, up_0, gate_1, up_1, ... (what MoE/QMoE take)."""
+    experts_, rows = tensor.shape[:2]
+    gate, up = tensor[:, : rows // 2], tensor[:, rows // 2 :]
+    return torch.stack([gate, up], dim=2).reshape(experts_, rows, *tensor.shape[2:])
+
+
+def _deinterleave_gate_up(tensor: Tensor) -> Tensor:
+    experts_, rows = tensor.shape[:2]
+    return tensor.reshape(experts_, rows // 2, 2, *tensor.shape[2:]).transpose(1, 2).reshape(tensor.shape)
+
+
+@torch.library.custom_op("moepass_onnx::moe", mutates_args=())
+def moe(x: Tensor, router_logits: Tensor, fc1: Tensor, fc2: Tensor, k: int, normalize: bool) -> Tensor:
+    weights, ids = routing(router_logits, None, "softmax_topk", k, 1, 1, normalize, 1.0, 0.0)
+    return experts(x, ids, weights, _deinterleave_gate_up(fc1), fc2, None, None, "silu", 1.0, 0.0)
+
+
+@moe.register_fake
+def _(x, router_logits, fc1, fc2, k, normalize):
+    return torch.empty_like(x)
+
+
+def _moe_onnx(x, router_logits, fc1, fc2, k=2, normalize=True):
+    return _MOE_OP(
+        x, router_logits, fc1, None, fc2, None,
+        k=k, activation_type="swiglu", normalize_routing_weights=int(normalize), swiglu_fusion=1,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("moepass_onnx::qmoe", mutates_args=())
+def qmoe(
+    x: Tensor,
+    router_logits: Tensor,
+    fc1: Tensor,
+    fc1_scales: Tensor,
+    fc1_zeros: Tensor | None,
+    fc2: Tensor,
+    fc2_scales: Tensor,
+    fc2_zeros: Tensor | None,
+    k: int,
+    normalize: bool,
+    bits: int,
+    block_size: int,
+) -> Tensor:
+    fc1_dense = dequantize(fc1, fc1_scales, fc1_zeros, bits, block_size, x.dtype)
+    fc2_dense = dequantize(fc2, fc2_scales, fc2_zeros, bits, block_size, x.dtype)
+    return moe(x, router_logits, fc1_dense, fc2_dense, k, normalize)
+
+
+@qmoe.register_fake
+def _(x, router_logits, fc1, fc1_scales, fc1_zeros, fc2, fc2_scales, fc2_zeros, *attributes):
+    return torch.empty_like(x)
+
+
+def _qmoe_onnx(
+    x, router_logits, fc1, fc1_scales, fc1_zeros=None, fc2=None, fc2_scales=None, fc2_zeros=None,
+    k=2, normalize=True, bits=4, block_size=32,
+):  # fmt: skip
+    return _QMOE_OP(
+        x, router_logits, fc1, fc1_scales, None, fc2, fc2_scales, None, None, None, None,
+        fc1_zeros, fc2_zeros, k=k, activation_type="swiglu", normalize_routing_weights=int(normalize),
+        swiglu_fusion=1, expert_weight_bits=bits, block_size=block_size,
+    )  # fmt: skip
+
+
 MATMUL_NBITS = torch.ops.moepass_onnx.matmul_nbits.default
-TRANSLATIONS = {MATMUL_NBITS: _matmul_nbits_onnx}
+MOE = torch.ops.moepass_onnx.moe.default
+QMOE = torch.ops.moepass_onnx.qmoe.default
+TRANSLATIONS = {MATMUL_NBITS: _matmul_nbits_onnx, MOE: _moe_onnx, QMOE: _qmoe_onnx}

@@ -3,8 +3,9 @@
 The exported graph is the program's step graph — (input_ids, attention_mask, position_ids, *past) ->
 (logits, *present) — with batch, sequence and past lengths dynamic. Before export a copy of the graph
 has its moepass ops replaced: quantized linears by `com.microsoft::MatMulNBits` (`contrib.py`),
-routing and experts by standard-op forms that keep every expert (`decompose.py`). Dropped layers
-and blocks are simply absent. The directory written holds `model.onnx`, `onnx_manifest.json`
+routing and experts by standard-op forms that keep every expert (`decompose.py`), complex
+arithmetic (DeepSeek-V2's rotary embedding) by real (re, im) pairs (`complex_to_real.py`). Dropped
+layers and blocks are simply absent. The directory written holds `model.onnx`, `onnx_manifest.json`
 (the program's info and the I/O contract) and, when given, the tokenizer.
 """
 
@@ -15,6 +16,7 @@ import dataclasses
 import io
 import json
 import logging
+import operator
 import os
 import time
 import warnings
@@ -31,11 +33,12 @@ from moepass.ir import MoEProgram
 from moepass.ir.ops import EXPERTS, ROUTE, routing
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, dequantized_linear
 from moepass.ir.quantized import in_features
-from moepass.ir.structure import arg_tensors, op_args
+from moepass.ir.structure import arg_tensors, op_args, tensor_at
 from moepass.ir.surgery import delete_if_unused, install_tensor, swap_node
 
 from . import decompose
-from .contrib import MATMUL_NBITS, TRANSLATIONS, fits_matmul_nbits
+from .complex_to_real import complex_to_real
+from .contrib import MATMUL_NBITS, MOE, QMOE, TRANSLATIONS, fits_matmul_nbits, interleave_gate_up
 
 logger = logging.getLogger("moepass")
 
@@ -49,8 +52,6 @@ DECOMPOSITIONS = {
     EXPERTS: decompose.experts,
     QUANTIZED_EXPERTS: decompose.quantized_experts,
 }
-# ops of complex-number rotary embeddings (DeepSeek-V2), which the ONNX exporter cannot express
-_COMPLEX_OPS = {"aten::view_as_complex", "aten::view_as_real", "aten::polar"}
 
 
 class OnnxExportError(MoepassError):
@@ -110,14 +111,15 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
     """A copy of the program's graph with every moepass op in a form the ONNX exporter translates;
     also the count of each rewrite."""
     graph_module = program.fork().graph_module
-    for node in graph_module.graph.nodes:
-        if node.op == "call_function" and hasattr(node.target, "name") and node.target.name() in _COMPLEX_OPS:
-            raise OnnxExportError(
-                f"{program.info.model_class}: node {node.name} computes with complex numbers "
-                f"({node.target.name()}, in the rotary embedding), which ONNX cannot express; this family "
-                "is not exportable yet"
-            )
     rewrites: dict[str, int] = {}
+    try:
+        if complex_nodes := complex_to_real(graph_module):
+            rewrites["complex rotary -> real pairs"] = complex_nodes
+    except MoepassError as error:
+        raise OnnxExportError(f"{program.info.model_class}: {error}") from None
+    for node in list(graph_module.graph.nodes):  # first, while routes are still moepass ops
+        if node.target in (EXPERTS, QUANTIZED_EXPERTS) and (kind := _contrib_moe(graph_module, node)):
+            rewrites[kind] = rewrites.get(kind, 0) + 1
     for node in list(graph_module.graph.nodes):
         if node.target is QUANTIZED_LINEAR:
             kind = _quantized_linear(graph_module, node)
@@ -173,6 +175,84 @@ def _quiet(logger_name: str):
         yield
     finally:
         library.setLevel(level)
+
+
+def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
+    """Experts onto onnxruntime's fused `MoE` (fp32 weights) or `QMoE` (int4, power-of-two blocks) when
+    the op can compute the routing itself: softmax top-k over exactly these experts, no correction
+    bias, groups or scaling, SwiGLU without biases. None leaves the node to the other forms.
+
+    AWQ's input scales fold in exactly: the shared gate/up one multiplies the op's input, each
+    expert's down-projection one scales its up-projection rows (silu(g) * u * s = silu(g) * (s u))."""
+    args = op_args(node)
+    route = args["topk_ids"].args[0] if args["topk_ids"].target is operator.getitem else None
+    if route is None or route.target is not ROUTE:
+        return None
+    r = op_args(route)
+    getters = list(route.users)
+    hidden_value = args["hidden"].meta.get("val")
+    if (
+        r["kind"] != "softmax_topk"
+        or r["correction_bias"] is not None
+        or r["n_group"] > 1
+        or r["scale"] != 1.0
+        or args["activation"] not in ("silu", "swish")
+        or args["gate_up_bias"] is not None
+        or args["down_bias"] is not None
+        or any(set(g.users) != {node} for g in getters)
+        or hidden_value is None
+        or hidden_value.dtype != torch.float32
+    ):
+        return None
+    graph, quantized = graph_module.graph, node.target is QUANTIZED_EXPERTS
+    weight_name = "gate_up_qweight" if quantized else "gate_up"
+    prefix = args[weight_name].target.rpartition(".")[0]
+    (gate_up,) = arg_tensors(graph_module, args, weight_name)
+    if r["logits"].meta["val"].shape[-1] != gate_up.shape[0]:
+        return None  # a router kept whole for dropped experts (preserve_gate): the op would pick them
+    if quantized:
+        bits, group = args["bits"], args["group_size"]
+        gate_up_q, down_q = (
+            arg_tensors(graph_module, args, *(f"{p}_{t}" for t in TRIPLE)) for p in ("gate_up", "down")
+        )
+        if not r["renormalize"]:
+            return None  # onnxruntime 1.32's CPU QMoE renormalizes the top-k weights whatever it is told
+        if bits != 4 or group == -1 or fits_matmul_nbits(in_features(gate_up_q[0], bits), group, bits):
+            return None
+        if fits_matmul_nbits(in_features(down_q[0], bits), group, bits):
+            return None
+        scales = gate_up_q[1].float()
+        if args["down_input_scale"] is not None:
+            down_scale = tensor_at(graph_module, args["down_input_scale"].target).float()
+            rows = scales.shape[1] // 2
+            scales = torch.cat([scales[:, :rows], scales[:, rows:] * down_scale.unsqueeze(-1)], dim=1)
+        tensors = {
+            "fc1": interleave_gate_up(gate_up_q[0]),
+            "fc1_scales": interleave_gate_up(scales),
+            "fc1_zeros": None if gate_up_q[2] is None else interleave_gate_up(gate_up_q[2]),
+            "fc2": down_q[0],
+            "fc2_scales": down_q[1].float(),
+            "fc2_zeros": down_q[2],
+        }
+        op, stored, kind = QMOE, [f"{p}_{t}" for p in ("gate_up", "down") for t in TRIPLE], f"QMoE int{bits}"
+    else:
+        (down,) = arg_tensors(graph_module, args, "down")
+        tensors = {"fc1": interleave_gate_up(gate_up), "fc2": down}
+        op, stored, kind = MOE, ["gate_up", "down"], "MoE"
+    with graph.inserting_before(node):
+        x = args["hidden"]
+        if quantized and args["gate_up_input_scale"] is not None:
+            x = graph.call_function(torch.ops.aten.mul.Tensor, (x, args["gate_up_input_scale"]))
+        consts = {n: install_tensor(graph_module, f"{prefix}.onnx_{n}", t) for n, t in tensors.items()}
+        extra = (args["bits"], args["group_size"]) if quantized else ()
+        new = graph.call_function(
+            op, (x, r["logits"], *consts.values(), r["top_k"], r["renormalize"], *extra)
+        )
+    _replace(graph_module, node, new, stored)
+    for getter in getters:
+        graph.erase_node(getter)
+    graph.erase_node(route)
+    return f"{node.target._opname} -> com.microsoft::{kind}"
 
 
 def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
