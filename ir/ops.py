@@ -324,4 +324,8 @@ def _(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, ac
 
 
 ROUTE = torch.ops.moepass.route.default
+# op -> its body as plain tensor code Dynamo can trace. Steps run through torch.compile call these
+# inline (`MoEProgram` with `compile=True`), so Inductor fuses them with their neighbours: on CPU a
+# custom op is an opaque call costing ~25 µs, which at decode is as much as the arithmetic.
+TRACEABLE_BODIES: dict[Any, Callable] = {ROUTE: routing}
 EXPERTS = torch.ops.moepass.experts.default

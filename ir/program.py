@@ -14,6 +14,7 @@ from moepass.errors import MoepassError
 
 from .canonicalize import remove_dead_nodes
 from .generation import StepGeneration
+from .ops import TRACEABLE_BODIES
 from .printer import format_summary
 from .structure import StructureMap, build_structure
 from .verifier import verify
@@ -165,7 +166,8 @@ class MoEProgram(nn.Module, StepGeneration):
             return outputs[0], list(outputs[1:])
         if last_token_only not in self._compiled_steps:
             # dynamic lengths: one graph for prompts and one for single tokens, not one per cache length
-            self._compiled_steps[last_token_only] = torch.compile(graph_module, dynamic=True)
+            traceable = _with_traceable_bodies(graph_module)
+            self._compiled_steps[last_token_only] = torch.compile(traceable, dynamic=True)
         try:
             outputs = self._compiled_steps[last_token_only](input_ids, attention_mask, position_ids, *past)
         except BackendCompilerFailed as error:
@@ -206,6 +208,17 @@ class MoEProgram(nn.Module, StepGeneration):
         positions = torch.arange(seq, device=input_ids.device).expand(batch, -1)
         logits, _ = self.step(input_ids, attention_mask, positions, self.empty_cache(batch))
         return logits
+
+
+def _with_traceable_bodies(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the step graph calling ops' traceable bodies (`TRACEABLE_BODIES`) instead of the ops,
+    sharing every tensor: what torch.compile gets, so Inductor can fuse across them."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(graph_module.graph, {}))
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in TRACEABLE_BODIES:
+            node.target = TRACEABLE_BODIES[node.target]
+    return fx.GraphModule(graph_module, graph)
 
 
 def _retarget_devices(graph_module: fx.GraphModule, device: torch.device) -> None:

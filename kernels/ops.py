@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moepass.ir.ops import ACTIVATIONS, experts, run_experts
+from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, experts, run_experts
 from moepass.ir.quant_ops import CODE_ARGUMENTS, quantized_experts, quantized_linear
 from moepass.ir.quantized import dequantize
 from moepass.ir.structure import ExpertsOp, register_experts_op
@@ -134,6 +134,11 @@ def packed_linear(
     group_size: int,
 ) -> Tensor:
     """`moepass::quantized_linear` on weights prepacked for ATen's CPU kernels (`pack_for_cpu`)."""
+    return packed_linear_body(x, weight, scales, bias, input_scale, bits, group_size)
+
+
+def packed_linear_body(x, weight, scales, bias, input_scale, bits: int, group_size: int) -> Tensor:
+    """`moepass::packed_linear` as traceable tensor code (`TRACEABLE_BODIES`)."""
     return _aten_packed_linear(
         x if input_scale is None else x * input_scale, weight, scales, bias, bits, group_size
     )
@@ -218,6 +223,7 @@ def _(
 
 SPARSE24_LINEAR = torch.ops.moepass.sparse24_linear.default
 PACKED_LINEAR = torch.ops.moepass.packed_linear.default
+TRACEABLE_BODIES[PACKED_LINEAR] = packed_linear_body
 PACKED_EXPERTS = torch.ops.moepass.packed_experts.default
 
 # The IR learns these ops' layouts: structure maps, verifier and size counts read them like its own.

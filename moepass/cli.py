@@ -164,7 +164,9 @@ def _generate(args: argparse.Namespace) -> None:
         streamer=stream,
     )
     seconds = time.perf_counter() - start
-    engine = "onnxruntime" if args.onnx else "PyTorch, torch.compile" if args.compile else "PyTorch"
+    engine = "onnxruntime" if args.onnx else "PyTorch"
+    if args.compile:
+        engine += ", torch.compile: the time includes compiling for the prompt and for one token"
     print(
         f"\n\n[{len(generated)} tokens in {seconds:.2f}s ({len(generated) / seconds:.1f} tokens/s), "
         f"prompt {len(prompt_ids)} tokens, {engine}]",
