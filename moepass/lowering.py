@@ -39,8 +39,9 @@ def lower(
     lowers the program itself (no second set of weights while converting).
 
     `compile=True` also runs each step through `torch.compile` (Inductor, dynamic lengths): it fuses
-    the small ops between the matmuls (1.4x faster decode on CPU in `tools/bench_e2e.py`) at the
-    cost of compiling on the first prompt and the first decoded token (~30 s each on one core)."""
+    the small ops between the matmuls (1.6-1.8x faster paper-recipe decode on CPU in
+    `tools/bench_e2e.py`) at the cost of compiling for the first prompt and the first decoded token
+    (20-50 s in all on one core)."""
     if not isinstance(program, MoEProgram):
         raise MoepassError(f"lower takes a MoEProgram (see moepass.capture), got {type(program).__name__}")
     device_type = torch.device(device).type if device is not None else program.device.type
