@@ -211,6 +211,7 @@ def load(
             f"unexpected {unexpected[:5]}"
         )
     program.graph_module.load_state_dict(state, strict=True, assign=True)
+    del state  # lowering replaces tensors: the originals must not stay alive here (peak memory)
     for module in program.graph_module.modules():
         for param in module.parameters(recurse=False):
             param.requires_grad_(False)
@@ -228,7 +229,9 @@ def load(
 
 
 def _skeleton(manifest: dict):
-    """The manifest's transformers model, zero-initialised (its weights come from the artifact)."""
+    """The manifest's transformers model with its parameters allocated but never written (their pages
+    stay unmapped until the artifact's tensors replace them, so they cost no resident memory) and its
+    buffers zeroed."""
     config_dict = dict(manifest["config"])
     model_type = config_dict.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
@@ -241,7 +244,7 @@ def _skeleton(manifest: dict):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device="cpu")
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
+        for tensor in model.buffers():
             tensor.zero_()
     return model.eval()
 
