@@ -81,9 +81,7 @@ class MoEProgram(nn.Module, StepGeneration):
     def fork(self) -> MoEProgram:
         """An independent program: its own graph, modules and Parameter objects over the same weight
         storage (passes replace tensors rather than edit them, so neither program sees the other's edits)."""
-        graph = fx.Graph()
-        graph.output(graph.graph_copy(self.graph_module.graph, {}))
-        graph_module = fx.GraphModule(self.graph_module, graph)
+        graph_module = fx.GraphModule(self.graph_module, _graph_copy(self.graph_module))
         owned: dict[int, nn.Parameter] = {}
         for module in graph_module.modules():
             for name, param in list(module._parameters.items()):
@@ -182,8 +180,7 @@ class MoEProgram(nn.Module, StepGeneration):
         """The step graph with the final hidden states cut to the last position before the LM head;
         shares every tensor with `graph_module`."""
         if self._last_token_graph is None:
-            graph = fx.Graph()
-            graph.output(graph.graph_copy(self.graph_module.graph, {}))
+            graph = _graph_copy(self.graph_module)
             inside = set(self.structure.lm_head.nodes)
             head = next(  # the LM head's first op: the one reading from outside the head
                 n
@@ -210,11 +207,17 @@ class MoEProgram(nn.Module, StepGeneration):
         return logits
 
 
+def _graph_copy(graph_module: fx.GraphModule) -> fx.Graph:
+    """A new graph with the same nodes (a copy to edit; the tensors stay the module's)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(graph_module.graph, {}))
+    return graph
+
+
 def _with_traceable_bodies(graph_module: fx.GraphModule) -> fx.GraphModule:
     """A copy of the step graph calling ops' traceable bodies (`TRACEABLE_BODIES`) instead of the ops,
     sharing every tensor: what torch.compile gets, so Inductor can fuse across them."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(graph_module.graph, {}))
+    graph = _graph_copy(graph_module)
     for node in graph.nodes:
         if node.op == "call_function" and node.target in TRACEABLE_BODIES:
             node.target = TRACEABLE_BODIES[node.target]

@@ -45,6 +45,8 @@ logger = logging.getLogger("moepass")
 MODEL_FILE, MANIFEST_FILE = "model.onnx", "onnx_manifest.json"
 OPSET = 20
 TRIPLE = ("qweight", "scales", "zeros")
+# quantized experts' code arguments, per projection, in TRIPLE order
+EXPERT_CODES = {proj: [f"{proj}_{part}" for part in TRIPLE] for proj in ("gate_up", "down")}
 _FOLD_LIMIT = 256  # elements: shapes and scalars
 # canonical op -> its standard-op form (same arguments)
 DECOMPOSITIONS = {
@@ -212,14 +214,12 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         return None  # a router kept whole for dropped experts (preserve_gate): the op would pick them
     if quantized:
         bits, group = args["bits"], args["group_size"]
-        gate_up_q, down_q = (
-            arg_tensors(graph_module, args, *(f"{p}_{t}" for t in TRIPLE)) for p in ("gate_up", "down")
-        )
         if not r["renormalize"]:
             return None  # onnxruntime 1.32's CPU QMoE renormalizes the top-k weights whatever it is told
-        if bits != 4 or group == -1 or fits_matmul_nbits(in_features(gate_up_q[0], bits), group, bits):
+        if bits != 4 or group == -1:
             return None
-        if fits_matmul_nbits(in_features(down_q[0], bits), group, bits):
+        gate_up_q, down_q = (arg_tensors(graph_module, args, *names) for names in EXPERT_CODES.values())
+        if any(fits_matmul_nbits(in_features(q[0], bits), group, bits) for q in (gate_up_q, down_q)):
             return None
         scales = gate_up_q[1].float()
         if args["down_input_scale"] is not None:
@@ -234,7 +234,7 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
             "fc2_scales": down_q[1].float(),
             "fc2_zeros": down_q[2],
         }
-        op, stored, kind = QMOE, [f"{p}_{t}" for p in ("gate_up", "down") for t in TRIPLE], f"QMoE int{bits}"
+        op, stored, kind = QMOE, [*EXPERT_CODES["gate_up"], *EXPERT_CODES["down"]], f"QMoE int{bits}"
     else:
         (down,) = arg_tensors(graph_module, args, "down")
         tensors = {"fc1": interleave_gate_up(gate_up), "fc2": down}
@@ -260,9 +260,7 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     fit the op; None leaves the node to the standard-op form."""
     args = op_args(node)
     bits, group = args["bits"], args["group_size"]
-    gate_up, down = (
-        arg_tensors(graph_module, args, *(f"{p}_{t}" for t in TRIPLE)) for p in ("gate_up", "down")
-    )
+    gate_up, down = (arg_tensors(graph_module, args, *names) for names in EXPERT_CODES.values())
     experts, hidden, intermediate = (
         gate_up[0].shape[0],
         in_features(gate_up[0], bits),
@@ -293,7 +291,7 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
                 hidden, intermediate, bits, gate_up_block, down_block,
             ),
         )  # fmt: skip
-    _replace(graph_module, node, new, [f"{p}_{t}" for p in ("gate_up", "down") for t in TRIPLE])
+    _replace(graph_module, node, new, [*EXPERT_CODES["gate_up"], *EXPERT_CODES["down"]])
     return f"quantized_experts -> MatMulNBits int{bits}"
 
 

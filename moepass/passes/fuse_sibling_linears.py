@@ -32,6 +32,7 @@ _STACKED = {
     _LINEAR: {"weight": 0, "bias": 0},
     QUANTIZED_LINEAR: {"qweight": 0, "scales": 0, "zeros": 0, "bias": 0},
 }
+_WEIGHT = {_LINEAR: "weight", QUANTIZED_LINEAR: "qweight"}  # the argument whose rows are the outputs
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _fusion_key(graph_module: fx.GraphModule, node: fx.Node) -> tuple | None:
         value = args.get(name)
         if value is not None and (value.op != "get_attr" or len(value.users) != 1):
             return None  # computed or shared (tied) weights stay as they are
-    weight = tensor_at(graph_module, _weight(node).target)
+    weight = tensor_at(graph_module, args[_WEIGHT[node.target]].target)
     rest = []
     for name, value in args.items():
         if name in stacked:
@@ -88,10 +89,6 @@ def _fusion_key(graph_module: fx.GraphModule, node: fx.Node) -> tuple | None:
     return (node.target, present, weight.dtype, weight.shape[1:], tuple(rest))
 
 
-def _weight(node: fx.Node) -> fx.Node:
-    return _args(node)["weight" if node.target is _LINEAR else "qweight"]
-
-
 def _args(node: fx.Node) -> dict:
     if node.target is _LINEAR:
         return dict(zip(("input", "weight", "bias"), node.args, strict=False))
@@ -101,10 +98,11 @@ def _args(node: fx.Node) -> dict:
 def _fuse(graph_module: fx.GraphModule, group: list[fx.Node]) -> None:
     graph = graph_module.graph
     first, args = group[0], _args(group[0])
-    owners = [_weight(node).target.rpartition(".")[0] for node in group]
+    weights = [_args(node)[_WEIGHT[first.target]].target for node in group]
+    owners = [fqn.rpartition(".")[0] for fqn in weights]
     parent = owners[0].rpartition(".")[0]
     prefix = f"{parent}.fused_{'_'.join(o.rpartition('.')[2] for o in owners)}".lstrip(".")
-    sizes = [tensor_at(graph_module, _weight(node).target).shape[0] for node in group]
+    sizes = [tensor_at(graph_module, fqn).shape[0] for fqn in weights]
     stored = []
     with graph.inserting_before(first):
         fused_args = dict(args)
