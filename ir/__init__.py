@@ -1,7 +1,7 @@
 """moepass.ir — the graph IR: capture of HF MoE models, canonical MoE ops, structure map, verifier,
 printer."""
 
-from . import ops  # registers torch.ops.moepass.*
+from . import ops, sparse  # register torch.ops.moepass.*
 from .capture import capture
 from .families import FAMILIES, supported_families
 from .moe_block import RoutingSpec, SparseMoE
@@ -23,6 +23,7 @@ __all__ = [
     "StructureMap",
     "capture",
     "ops",
+    "sparse",
     "supported_families",
     "verify",
 ]

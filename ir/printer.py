@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from moepass.table import format_table, human_bytes, human_count
 
-from .quant_ops import packed_code_bits
+from .quant_ops import logical_count, packed_code_bits
 from .structure import MoEEntry
 
-QUANT_METADATA = ("_scales", "_zeros", ".scales", ".zeros", "input_scale")
+QUANT_METADATA = ("_scales", "_zeros", ".scales", ".zeros", "input_scale", "_meta", ".meta")
 
 
 def tensor_sizes(graph_module) -> dict[str, tuple[int, int]]:
@@ -25,7 +25,7 @@ def tensor_sizes(graph_module) -> dict[str, tuple[int, int]]:
             continue
         seen.add(id(t))
         if name in bits:
-            count = t.numel() * 8 // bits[name]
+            count = logical_count(t, bits[name])
         elif id(t) in parameters and not name.endswith(QUANT_METADATA):
             count = t.numel()
         else:
@@ -93,7 +93,8 @@ def _mlp_description(block) -> str:
         return "dense MLP"
     text = f"MoE E={mlp.num_experts} top-{mlp.top_k} {mlp.routing}"
     if mlp.quantization is not None:
-        text += f" int{mlp.quantization['bits']}"
+        bits, sparse = mlp.quantization["bits"], mlp.quantization["layout"] == "sparse24"
+        text += "".join((f" int{bits}" if bits else "", " 2:4" if sparse else ""))
     if mlp.n_group > 1:
         text += f" groups {mlp.topk_group}/{mlp.n_group}"
     if mlp.shared_experts is not None:

@@ -135,10 +135,13 @@ CODE_ARGUMENTS: dict = {
     QUANTIZED_LINEAR: ("qweight",),
     QUANTIZED_EXPERTS: ("gate_up_qweight", "down_qweight"),
 }
+# Ops storing only a share of their weights' entries (2:4 keeps half) -> that share.
+KEPT_SHARE: dict = {}
 
 
-def packed_code_bits(graph_module) -> dict[str, int]:
-    """FQN of every packed-code tensor the graph reads -> its bit width (from the ops reading it)."""
+def packed_code_bits(graph_module) -> dict[str, float]:
+    """FQN of every packed weight tensor the graph reads -> bits stored per logical weight: the code
+    width (`bits`; 0 means float values of the tensor's dtype), times the share of entries kept."""
     out = {}
     for node in graph_module.graph.nodes:
         if node.target in CODE_ARGUMENTS:
@@ -147,15 +150,26 @@ def packed_code_bits(graph_module) -> dict[str, int]:
             for name in CODE_ARGUMENTS[node.target]:
                 value = args.get(name)
                 if hasattr(value, "target"):
-                    out[value.target] = args["bits"]
+                    bits = args["bits"]
+                    if not bits:
+                        owner, _, attr = value.target.rpartition(".")
+                        bits = 8 * getattr(graph_module.get_submodule(owner), attr).element_size()
+                    out[value.target] = bits * KEPT_SHARE.get(node.target, 1)
     return out
+
+
+def logical_count(tensor, bits_per_weight: float) -> int:
+    """Weights a packed tensor holds (see `packed_code_bits`)."""
+    return round(tensor.numel() * tensor.element_size() * 8 / bits_per_weight)
 
 
 __all__ = [
     "CODE_ARGUMENTS",
+    "KEPT_SHARE",
     "QUANTIZED_EXPERTS",
     "QUANTIZED_LINEAR",
     "in_features",
+    "logical_count",
     "packed_code_bits",
     "quantized_experts",
     "quantized_linear",

@@ -12,9 +12,11 @@ from torch import fx, nn
 from moepass.errors import MoepassError
 
 from .canonicalize import remove_dead_nodes
+from .ops import EXPERTS
 from .quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from .quantized import QuantFormat
-from .structure import op_args
+from .sparse import SPARSE24_EXPERTS, SPARSE24_LINEAR, decompress_24, decompress_codes_24
+from .structure import op_args, tensor_at
 
 
 def drop_block(program, index: int) -> None:
@@ -243,6 +245,196 @@ def quantize_linear(
         }
     )
     program.graph_changed()
+
+
+def linear_nodes(graph_module: fx.GraphModule, weight: str) -> list[fx.Node]:
+    """The linear and quantized-linear nodes whose weight (or codes) is the tensor at `weight`."""
+    return [
+        n
+        for n in graph_module.graph.nodes
+        if n.target in (torch.ops.aten.linear.default, QUANTIZED_LINEAR)
+        and isinstance(n.args[1], fx.Node)
+        and n.args[1].op == "get_attr"
+        and n.args[1].target == weight
+    ]
+
+
+def sparsify_linear(program, weight: str, values: torch.Tensor, meta: torch.Tensor) -> None:
+    """Rewrite the linears reading `weight` (float weight or quantized codes) into
+    `moepass::sparse24_linear` over its 2:4-compressed `values` and `meta` (`moepass.ir.sparse`)."""
+    graph_module = program.graph_module
+    nodes = linear_nodes(graph_module, weight)
+    if not nodes:
+        raise MoepassError(f"no linear reads {weight}")
+    prefix = weight.rpartition(".")[0]
+    for node in nodes:
+        if node.target is QUANTIZED_LINEAR:
+            args = op_args(node)
+            x, scales, zeros, bias, input_scale = (
+                args[k] for k in ("x", "scales", "zeros", "bias", "input_scale")
+            )
+            bits, group_size = args["bits"], args["group_size"]
+        else:
+            x, bias = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            scales = zeros = input_scale = None
+            bits, group_size = 0, -1
+        with graph_module.graph.inserting_before(node):
+            v = install_tensor(graph_module, f"{prefix}.values", values)
+            m = install_tensor(graph_module, f"{prefix}.meta", meta)
+            new = graph_module.graph.call_function(
+                SPARSE24_LINEAR, (x, v, m, scales, zeros, bias, input_scale, bits, group_size)
+            )
+        swap_node(node, new)
+    delete_if_unused(graph_module, weight)
+    program.info.edits.append({"op": "sparsify_linear", "weight": weight})
+    program.graph_changed()
+
+
+def sparsify_experts(program, index: int, gate_up: tuple, down: tuple) -> None:
+    """Rewrite block `index`'s experts node (float or quantized) into `moepass::sparse24_experts` over
+    (values, meta) of every expert's gate/up and down projections."""
+    moe = program.structure.block(index).mlp
+    if moe is None or not hasattr(moe, "experts_node"):
+        raise MoepassError(f"block {index} has no MoE sub-layer")
+    if moe.quantization is not None and moe.quantization["layout"] != "quantized":
+        raise MoepassError(f"block {index}: experts are stored as {moe.quantization['layout']}")
+    graph_module = program.graph_module
+    node = next(n for n in graph_module.graph.nodes if n.name == moe.experts_node)
+    args = op_args(node)
+    quantized = node.target is QUANTIZED_EXPERTS
+    prefix = moe.gate_up.rpartition(".")[0]
+    with graph_module.graph.inserting_before(node):
+        stored = {
+            f"{proj}_{part}": install_tensor(graph_module, f"{prefix}.{proj}_proj_{part}", tensor)
+            for proj, pair in (("gate_up", gate_up), ("down", down))
+            for part, tensor in zip(("values", "meta"), pair, strict=True)
+        }
+        new = graph_module.graph.call_function(
+            SPARSE24_EXPERTS,
+            (
+                args["hidden"],
+                args["topk_ids"],
+                args["topk_weights"],
+                stored["gate_up_values"],
+                stored["gate_up_meta"],
+                args.get("gate_up_scales"),
+                args.get("gate_up_zeros"),
+                stored["down_values"],
+                stored["down_meta"],
+                args.get("down_scales"),
+                args.get("down_zeros"),
+                args["gate_up_bias"],
+                args["down_bias"],
+                args.get("gate_up_input_scale"),
+                args.get("down_input_scale"),
+                args["activation"],
+                args["alpha"],
+                args["limit"],
+                args["bits"] if quantized else 0,
+                args["group_size"] if quantized else -1,
+            ),
+        )
+    swap_node(node, new)
+    for fqn in (moe.gate_up, moe.down):
+        delete_if_unused(graph_module, fqn)
+    program.info.edits.append({"op": "sparsify_experts", "block": index})
+    program.graph_changed()
+
+
+def expand_sparse24(program, ops: tuple = (SPARSE24_LINEAR, SPARSE24_EXPERTS)) -> int:
+    """Rewrite every 2:4-compressed op back into its dense-storage op (float or quantized) with the
+    same outputs: for devices or formats without a 2:4 kernel. Returns the number of ops rewritten.
+    Not an edit of the saved structure (it is not recorded for replay)."""
+    graph_module, count = program.graph_module, 0
+    for node in [n for n in graph_module.graph.nodes if n.target in ops]:
+        args = op_args(node)
+        bits, group_size = args["bits"], args["group_size"]
+
+        def dense(values: fx.Node, meta: fx.Node, zeros: fx.Node | None) -> torch.Tensor:
+            return _expanded(graph_module, values, meta, zeros, bits, group_size)  # noqa: B023 (called now)
+
+        with graph_module.graph.inserting_before(node):
+            if node.target is SPARSE24_LINEAR:
+                prefix = args["values"].target.rpartition(".")[0]
+                weight = install_tensor(
+                    graph_module,
+                    f"{prefix}.{'qweight' if bits else 'weight'}",
+                    dense(args["values"], args["meta"], args["zeros"]),
+                )
+                if bits:
+                    call = (
+                        QUANTIZED_LINEAR,
+                        (
+                            args["x"],
+                            weight,
+                            args["scales"],
+                            args["zeros"],
+                            args["bias"],
+                            args["input_scale"],
+                            bits,
+                            group_size,
+                        ),
+                    )
+                else:
+                    if args["input_scale"] is not None:
+                        raise MoepassError(f"node {node.name}: float 2:4 weights with an input scale")
+                    call = (torch.ops.aten.linear.default, (args["x"], weight, args["bias"]))
+            else:
+                prefix = args["gate_up_values"].target.rpartition(".")[0]
+                suffix = "_qweight" if bits else ""
+                gate_up, down = (
+                    install_tensor(
+                        graph_module,
+                        f"{prefix}.{proj}_proj{suffix}",
+                        dense(args[f"{proj}_values"], args[f"{proj}_meta"], args[f"{proj}_zeros"]),
+                    )
+                    for proj in ("gate_up", "down")
+                )
+                common = (args["hidden"], args["topk_ids"], args["topk_weights"])
+                tail = (args["activation"], args["alpha"], args["limit"])
+                if bits:
+                    call = (
+                        QUANTIZED_EXPERTS,
+                        (
+                            *common,
+                            gate_up,
+                            args["gate_up_scales"],
+                            args["gate_up_zeros"],
+                            down,
+                            args["down_scales"],
+                            args["down_zeros"],
+                            args["gate_up_bias"],
+                            args["down_bias"],
+                            args["gate_up_input_scale"],
+                            args["down_input_scale"],
+                            *tail,
+                            bits,
+                            group_size,
+                        ),
+                    )
+                else:
+                    call = (EXPERTS, (*common, gate_up, down, args["gate_up_bias"], args["down_bias"], *tail))
+            new = graph_module.graph.call_function(*call)
+        stored = [a.target for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        swap_node(node, new)
+        for fqn in stored:
+            if fqn.endswith(("values", "meta")):
+                delete_if_unused(graph_module, fqn)
+        count += 1
+    if count:
+        program.graph_changed()
+    return count
+
+
+def _expanded(
+    graph_module, values: fx.Node, meta: fx.Node, zeros: fx.Node | None, bits: int, group_size: int
+):
+    """The dense float weight (bits 0) or dense quantized codes behind 2:4-compressed tensors."""
+    v, m = tensor_at(graph_module, values.target), tensor_at(graph_module, meta.target)
+    if not bits:
+        return decompress_24(v, m)
+    z = None if zeros is None else tensor_at(graph_module, zeros.target)
+    return decompress_codes_24(v, m, z, bits, group_size)
 
 
 # stored names of the quantized experts' tensors on the experts module

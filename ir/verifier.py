@@ -114,7 +114,9 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
             return None
         value = tuple(tensors[name].shape)
         if quant is not None and name in (moe.gate_up, moe.down):
-            value = (*value[:-1], in_features(tensors[name], quant["bits"]))
+            bits, kept = quant["bits"], 0.5 if quant["layout"] == "sparse24" else 1
+            stored = in_features(tensors[name], bits) if bits else value[-1]
+            value = (*value[:-1], int(stored / kept))
         return value
 
     for field in ("router_weight", "gate_up", "down"):
@@ -168,7 +170,7 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
                 f"{where}: {field} {name} has shape {shape(name)}, expected {want} "
                 f"(E={num_experts}, H={hidden}, I={inter})"
             )
-    if quant is not None and quant["layout"] == "quantized":
+    if quant is not None and quant["layout"] in ("quantized", "sparse24") and quant["bits"]:
         _check_quantized_experts(where, moe, tensors, quant, num_experts, hidden, inter, problems)
     if not 1 <= moe.top_k <= moe.router_rows:
         problems.append(

@@ -1,13 +1,13 @@
 """Kernels as torch ops: CUDA implementations of the canonical ops, plus ops for kernel-only layouts.
 
 Importing this module registers the Triton kernels as the CUDA implementations of
-`moepass::quantized_linear`, `moepass::experts` and `moepass::quantized_experts`: a captured or
+`moepass::quantized_linear`, `moepass::experts`, `moepass::quantized_experts` and
+`moepass::sparse24_linear` (2:4-compressed weights, `moepass.ir.sparse`): a captured or
 compiled program on a GPU runs them with no graph change, and the ops stay single nodes with fake
 implementations under export and compile (ops launched through `torch.library.triton_op` did not
 survive compile/export here; `custom_op` does).
 
 Layouts only kernels read get their own ops, each with a reference implementation:
-  moepass::sparse24_linear  2:4-compressed weights, optionally int4/int8 (Triton on CUDA);
   moepass::packed_linear    ATen's prepacked int4/int8 CPU layout (`moepass.kernels.cpu`);
   moepass::packed_experts   the experts op over weights in that layout.
 The `triton_*` functions take the ops' arguments and launch the kernels on any Triton device — on CPU
@@ -17,18 +17,17 @@ under `TRITON_INTERPRET=1`, which is how the tests check exactly what a GPU runs
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, experts, run_experts
 from moepass.ir.quant_ops import CODE_ARGUMENTS, quantized_experts, quantized_linear
-from moepass.ir.quantized import dequantize
+from moepass.ir.sparse import sparse24_linear
 from moepass.ir.structure import ExpertsOp, register_experts_op
 
 from .cpu import packed_linear as _aten_packed_linear
 from .fused_moe import fused_moe
 from .quant_gemm import quant_gemm
-from .sparse24 import decompress_24, sparse24_gemm
+from .sparse24 import sparse24_gemm
 
 
 def triton_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size):
@@ -88,36 +87,14 @@ def triton_quantized_experts(
     )
 
 
-def triton_sparse24_linear(x, values, meta, scales, zeros, bias, bits, group_size):
+def triton_sparse24_linear(x, values, meta, scales, zeros, bias, input_scale, bits, group_size):
+    x = x if input_scale is None else x * input_scale
     return sparse24_gemm(x, values, meta, scales, zeros, bits, group_size, bias)
 
 
 quantized_linear.register_kernel("cuda")(triton_quantized_linear)
 experts.register_kernel("cuda")(triton_experts)
 quantized_experts.register_kernel("cuda")(triton_quantized_experts)
-
-
-@torch.library.custom_op("moepass::sparse24_linear", mutates_args=())
-def sparse24_linear(
-    x: Tensor,
-    values: Tensor,
-    meta: Tensor,
-    scales: Tensor | None,
-    zeros: Tensor | None,
-    bias: Tensor | None,
-    bits: int,
-    group_size: int,
-) -> Tensor:
-    """F.linear(x, W, bias) for a 2:4-compressed W (`moepass.kernels.sparse24`); bits 0 = dense values."""
-    if bits:
-        half_group = -1 if group_size == -1 else group_size // 2
-        values = dequantize(values, scales, zeros, bits, half_group, dtype=x.dtype)
-    return F.linear(x, decompress_24(values.to(x.dtype), meta), bias)
-
-
-@sparse24_linear.register_fake
-def _(x, values, meta, scales, zeros, bias, bits, group_size):
-    return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 sparse24_linear.register_kernel("cuda")(triton_sparse24_linear)
@@ -221,7 +198,6 @@ def _(
     return torch.empty_like(hidden)
 
 
-SPARSE24_LINEAR = torch.ops.moepass.sparse24_linear.default
 PACKED_LINEAR = torch.ops.moepass.packed_linear.default
 TRACEABLE_BODIES[PACKED_LINEAR] = packed_linear_body
 PACKED_EXPERTS = torch.ops.moepass.packed_experts.default

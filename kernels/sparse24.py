@@ -1,13 +1,8 @@
 """2:4 semi-structured sparse GEMM in Triton: compressed values + 2-bit position metadata.
 
-Storage for a weight W [N, K] in which every run of 4 consecutive inputs holds at most 2 non-zeros
-(what `PruneConfig(pattern="2:4")` produces):
-  values [N, K/2]  the two kept entries of each run, in input order (dense dtype), or their int4/int8
-                   codes in the layout of `moepass.ir.quantized` with groups of group_size / 2 values;
-  meta   [N, K/8]  uint8, one nibble per run (low nibble: even run): position of the first kept entry
-                   in bits 0-1, of the second in bits 2-3.
-Half the values plus 1/8 byte of metadata per input: a bf16 matrix shrinks 1.78x, and 2:4 + int4 reads
-5/16 of a byte per weight — what a memory-bound decode step pays for.
+Reads the storage layout of `moepass.ir.sparse` (values, or their int4/int8 codes with groups of
+group_size / 2 values, plus 2-bit positions): 2:4 + int4 reads 5/16 of a byte per weight — what a
+memory-bound decode step pays for.
 
 Two kernels: a GEMV for up to 8 rows that reads each compressed value once and gathers the matching
 inputs, and a GEMM that expands each tile to dense in registers and calls `tl.dot`.
@@ -15,51 +10,13 @@ inputs, and a GEMM that expands each tile to dense in registers and calls `tl.do
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from moepass.errors import MoepassError
+from moepass.ir.sparse import SparsityPatternError, compress_24, decompress_24
 
 from .quant_gemm import _dequantized_tile, _dot, dot_half, workspace
-
-
-class SparsityPatternError(MoepassError):
-    """A weight does not follow the 2:4 pattern (more than 2 non-zeros in a run of 4 inputs)."""
-
-
-def compress_24(weight: Tensor, name: str = "weight") -> tuple[Tensor, Tensor]:
-    """(values [N, K/2], meta [N, K/8]) of a 2:4-sparse `weight` [N, K]; K must be a multiple of 8."""
-    n, k = weight.shape
-    if k % 8:
-        raise SparsityPatternError(f"{name}: 2:4 storage needs in_features divisible by 8, got {k}")
-    runs = weight.reshape(n, k // 4, 4)
-    nonzero = runs != 0
-    bad = nonzero.sum(-1) > 2
-    if bad.any():
-        row, run = (int(i) for i in bad.nonzero()[0])
-        raise SparsityPatternError(
-            f"{name}: row {row}, inputs {4 * run}..{4 * run + 3} hold more than 2 non-zeros; "
-            "prune with pattern '2:4' before compressing"
-        )
-    # the two kept positions: non-zeros first (stable, so in input order), padded with zeros' positions
-    order = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :2]
-    positions = order.sort(dim=-1).values
-    values = runs.gather(-1, positions).reshape(n, k // 2)
-    nibbles = (positions[..., 0] | (positions[..., 1] << 2)).to(torch.uint8)
-    meta = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-    return values.contiguous(), meta.contiguous()
-
-
-def decompress_24(values: Tensor, meta: Tensor) -> Tensor:
-    """The dense [N, K] matrix of compressed `values` (dense dtype) and `meta`."""
-    n = values.shape[0]
-    nibbles = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(n, -1).long()
-    positions = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)
-    dense = values.new_zeros((n, nibbles.shape[1], 4))
-    dense.scatter_(-1, positions, values.reshape(n, -1, 2))
-    return dense.reshape(n, -1)
 
 
 @triton.jit
@@ -297,3 +254,6 @@ def sparse24_gemm(
             *args, **flags, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, DOT_HALF=dot_half(x.dtype)
         )
     return out.to(x.dtype).reshape(*shape[:-1], n)
+
+
+__all__ = ["SparsityPatternError", "compress_24", "decompress_24", "sparse24_gemm"]

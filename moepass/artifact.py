@@ -26,8 +26,19 @@ from safetensors.torch import load_file, save_file
 
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram, capture
-from moepass.ir.quantized import QuantFormat, quantize
-from moepass.ir.surgery import drop_block, drop_mlp, keep_experts, quantize_experts, quantize_linear
+from moepass.ir.quant_ops import QUANTIZED_LINEAR
+from moepass.ir.quantized import QuantFormat, in_features, quantize
+from moepass.ir.structure import op_args, tensor_at
+from moepass.ir.surgery import (
+    drop_block,
+    drop_mlp,
+    keep_experts,
+    linear_nodes,
+    quantize_experts,
+    quantize_linear,
+    sparsify_experts,
+    sparsify_linear,
+)
 
 FORMAT, VERSION = "moepass-artifact", 1
 
@@ -53,6 +64,29 @@ def _replay_quantize_linear(program: MoEProgram, edit: dict) -> None:
     quantize_linear(program, edit["weight"], fmt, quantize(weight, fmt), input_scale=scale)
 
 
+def _placeholder_24(stored: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero (values, meta) shaped for a weight stored as `stored` (float, or codes of `bits`)."""
+    k = in_features(stored, bits) if bits else stored.shape[-1]
+    lead = stored.shape[:-1]
+    return stored.new_zeros((*lead, stored.shape[-1] // 2)), torch.zeros((*lead, k // 8), dtype=torch.uint8)
+
+
+def _replay_sparsify_linear(program: MoEProgram, edit: dict) -> None:
+    node = linear_nodes(program.graph_module, edit["weight"])[0]
+    bits = op_args(node)["bits"] if node.target is QUANTIZED_LINEAR else 0
+    stored = tensor_at(program.graph_module, edit["weight"])
+    sparsify_linear(program, edit["weight"], *_placeholder_24(stored, bits))
+
+
+def _replay_sparsify_experts(program: MoEProgram, edit: dict) -> None:
+    moe = program.structure.block(edit["block"]).mlp
+    bits = 0 if moe.quantization is None else moe.quantization["bits"]
+    gate_up, down = (
+        _placeholder_24(tensor_at(program.graph_module, n), bits) for n in (moe.gate_up, moe.down)
+    )
+    sparsify_experts(program, edit["block"], gate_up, down)
+
+
 REPLAY = {
     "drop_block": lambda program, edit: drop_block(program, edit["block"]),
     "drop_mlp": lambda program, edit: drop_mlp(program, edit["block"]),
@@ -61,6 +95,8 @@ REPLAY = {
     ),
     "quantize_experts": _replay_quantize_experts,
     "quantize_linear": _replay_quantize_linear,
+    "sparsify_linear": _replay_sparsify_linear,
+    "sparsify_experts": _replay_sparsify_experts,
 }
 
 

@@ -15,6 +15,10 @@ import torch
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
 from moepass.ir.families import FAMILIES
+from moepass.ir.quant_ops import CODE_ARGUMENTS
+from moepass.ir.sparse import SPARSE24_OPS
+from moepass.ir.structure import op_args
+from moepass.ir.surgery import expand_sparse24
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -26,8 +30,21 @@ class NotExpressibleError(MoepassError):
 
 def hf_checkpoint(program: MoEProgram) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, state dict in transformers names) for `program`, or NotExpressibleError."""
-    structure, family = program.structure, FAMILIES[program.info.family]
     hint = "; save in the moepass format instead (moepass.save(program, dir))"
+    nodes = list(program.graph_module.graph.nodes)
+    quantized = [
+        n
+        for n in nodes
+        if n.target in CODE_ARGUMENTS and (n.target not in SPARSE24_OPS or op_args(n)["bits"])
+    ]
+    if quantized:
+        raise NotExpressibleError(
+            f"node {quantized[0].name} reads quantized weights, which no transformers checkpoint holds{hint}"
+        )
+    if any(n.target in SPARSE24_OPS for n in nodes):  # the checkpoint holds the pruned weights dense
+        program = program.fork()
+        expand_sparse24(program)
+    structure, family = program.structure, FAMILIES[program.info.family]
     dropped_mlp = [b.index for b in structure.blocks if b.mlp is None]
     if dropped_mlp:
         raise NotExpressibleError(

@@ -1,10 +1,11 @@
 """`moepass.lower`: a program rewritten onto a device's fastest ops — the optimized PyTorch program.
 
 Lowering is the last stage: it runs the `lower`-stage passes registered for the device, each verified
-like any transform. On CPU: linears sharing an input into one matmul (`fuse_sibling_linears`),
+like any transform. On CPU: 2:4-compressed weights back to dense storage (`expand_sparse24`),
+linears sharing an input into one matmul (`fuse_sibling_linears`),
 quantized weights onto ATen's packed int4/int8 kernels (`cpu_packed_weights`), dense weights stored
 input-major (`kn_weight_layout`). On CUDA the canonical ops already dispatch to the Triton kernels
-(`moepass.kernels`), so nothing needs rewriting.
+(`moepass.kernels`); only 2:4 experts expand (the fused MoE kernel reads dense or quantized experts).
 The input program is left as it is; the lowered one can run, evaluate and generate, but not be
 compressed further or saved (save the program before lowering; `moepass.load` lowers on load).
 """
@@ -21,10 +22,15 @@ from moepass.pass_manager import PassManager, PassReport
 
 logger = logging.getLogger("moepass")
 
-# device type -> lowering passes, in order
-PIPELINES: dict[str, list[str]] = {
-    "cpu": ["fuse_sibling_linears", "cpu_packed_weights", "kn_weight_layout"],
-    "cuda": [],
+# device type -> lowering passes (name, options), in order
+PIPELINES: dict[str, list[tuple[str, dict | None]]] = {
+    "cpu": [
+        ("expand_sparse24", None),
+        ("fuse_sibling_linears", None),
+        ("cpu_packed_weights", None),
+        ("kn_weight_layout", None),
+    ],
+    "cuda": [("expand_sparse24", {"keep_linears": True})],
 }
 
 
@@ -52,10 +58,10 @@ def lower(
     lowered = program.fork() if copy else program
     if device is not None:
         lowered.to(device)
-    manager = PassManager([(name, None) for name in PIPELINES[device_type]])
+    manager = PassManager(PIPELINES[device_type])
     report: PassReport = manager.run(lowered)
     lowered.info.lowered = device_type
     lowered.info.compiled = compile
     lowered.report = report
-    logger.info("lowered for %s: %s", device_type, ", ".join(PIPELINES[device_type]) or "no rewrite needed")
+    logger.info("lowered for %s: %s", device_type, ", ".join(name for name, _ in PIPELINES[device_type]))
     return lowered

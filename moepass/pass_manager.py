@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from moepass.data import TokenSet
 from moepass.errors import MoepassError
+from moepass.ir.sparse import SPARSE24_OPS
 from moepass.table import format_table, human_bytes
 
 from .passes.base import STAGES, AnalysisPass, Pass, PassConfig, TransformPass, create_pass
@@ -151,6 +152,12 @@ class PassManager:
                 f"this program is lowered for {lowered}; pass {compressing[0]} needs the program before "
                 "lowering (compress first, then moepass.lower; moepass.load(dir, lower=False) loads an "
                 "artifact unlowered)"
+            )
+        stored = [p.name for p in self.passes if p.stage == "compress"]
+        if stored and any(n.target in SPARSE24_OPS for n in program.graph_module.graph.nodes):
+            raise PassError(
+                f"this program stores 2:4-compressed weights (sparse24_storage); pass {stored[0]} needs "
+                "them uncompressed: run compression passes before sparse24_storage"
             )
         for before, after in zip(self.passes, self.passes[1:], strict=False):
             if STAGES.index(before.stage) > STAGES.index(after.stage):

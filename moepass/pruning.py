@@ -1,7 +1,8 @@
 """What magnitude, Wanda and SparseGPT pruning share: config, masks, and the block-by-block driver.
 
-Pruned weights are stored dense with zeros (the graph keeps its ops; an N:M-compressed op for
-sparse kernels is a lowering decision) and listed in `program.info.pruned`. Statistics are
+Pruned weights stay dense with zeros (the graph keeps its ops, so any later pass can read them) and
+are listed in `program.info.pruned`; `sparse24_storage`, run after the last compression pass, stores
+2:4 ones compressed (`moepass.ir.sparse`). Statistics are
 collected per block on the calibration set: each routed expert sees only the tokens routed to it
 (its down projection sees its own gate/up outputs), and an expert with fewer than `min_tokens`
 falls back (Wanda and SparseGPT to magnitude). The router is never a target; shared experts only

@@ -15,7 +15,7 @@ from torch import fx
 
 from moepass.ir import MoEEntry, MoEProgram
 from moepass.ir.printer import QUANT_METADATA
-from moepass.ir.quant_ops import packed_code_bits
+from moepass.ir.quant_ops import logical_count, packed_code_bits
 from moepass.table import format_table, human_bytes, human_count
 
 CATEGORIES = ("experts", "shared_experts", "attention", "dense_mlp", "lm_head")
@@ -122,7 +122,7 @@ def coverage(program: MoEProgram, before: dict[str, tuple[int, int]] | None = No
         row = table.setdefault(category, {"params": 0, "compressed": 0, "bytes": 0})
         row["bytes"] += tensor.numel() * tensor.element_size()
         if name in bits:
-            logical = tensor.numel() * 8 // bits[name]
+            logical = logical_count(tensor, bits[name])
             row["params"] += logical
             row["compressed"] += logical
         elif name.endswith(QUANT_METADATA):

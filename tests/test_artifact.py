@@ -86,7 +86,21 @@ def test_transformers_format_refuses_what_it_cannot_express(tmp_path):
     if len({b.mlp.num_experts for b in uneven.structure.moe_blocks}) > 1:
         with pytest.raises(NotExpressibleError, match="different expert counts"):
             save(uneven, tmp_path / "hf", format="hf")
+    quantized = moepass.compress(original, [("rtn", {"group_size": 16})])
+    with pytest.raises(NotExpressibleError, match=r"quantized_linear.* reads quantized weights"):
+        save(quantized, tmp_path / "hf", format="hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_transformers_format_holds_2_4_weights_dense(tmp_path):
+    _, original = captured("qwen2_moe")
+    stored = moepass.compress(original, [("magnitude", {"pattern": "2:4"}), ("sparse24_storage", {})])
+    save(stored, tmp_path / "hf", format="hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - stored(ids)).abs().max() <= 1e-5
+    assert stored.report.records[-1].modified, "the program itself keeps its 2:4 storage"
 
 
 def test_existing_targets_and_failed_writes(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from moepass.ir.ops import ACTIVATIONS, experts
 from moepass.ir.quant_ops import quantized_experts, quantized_linear
 from moepass.ir.quantized import QuantFormat, quantize
+from moepass.ir.sparse import SPARSE24_LINEAR
 from moepass.kernels import (
     SparsityPatternError,
     compress_24,
@@ -233,11 +234,19 @@ def test_sparse24_gemm_matches_float64_reference(seed, rows, bits, group, symmet
         values, scales, zeros = quantized(values, bits, group if group == -1 else group // 2, symmetric)
     x, bias = torch.randn(rows, k), torch.randn(n)
     ref = ops.sparse24_linear(
-        x.double(), values if bits else values.double(), meta, f64(scales), zeros, bias.double(), bits, group
+        x.double(),
+        values if bits else values.double(),
+        meta,
+        f64(scales),
+        zeros,
+        bias.double(),
+        None,
+        bits,
+        group,
     )
     if not bits:
         assert torch.allclose(ref, x.double() @ weight.double().T + bias.double())
-    out = ops.triton_sparse24_linear(x, values, meta, scales, zeros, bias, bits, group)
+    out = ops.triton_sparse24_linear(x, values, meta, scales, zeros, bias, None, bits, group)
     assert rel_err(out, ref) < FP32_BOUND
 
 
@@ -323,10 +332,10 @@ def test_kernels_are_the_cuda_implementations_and_trace_as_single_nodes(seed):
     class Tiny(torch.nn.Module):
         def forward(self, x):
             y = torch.ops.moepass.quantized_linear(x, weight[0], weight[1], None, None, None, 4, 32)
-            return torch.ops.moepass.sparse24_linear(y, values, meta, None, None, None, 0, -1)
+            return torch.ops.moepass.sparse24_linear(y, values, meta, None, None, None, None, 0, -1)
 
     x = torch.randn(3, 64)
     exported = torch.export.export(Tiny(), (x,))
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
-    assert targets == [torch.ops.moepass.quantized_linear.default, ops.SPARSE24_LINEAR]
+    assert targets == [torch.ops.moepass.quantized_linear.default, SPARSE24_LINEAR]
     assert torch.allclose(exported.module()(x), Tiny()(x))

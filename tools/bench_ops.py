@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from moepass.ir.ops import EXPERTS
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, quantize
+from moepass.ir.sparse import SPARSE24_LINEAR
 from moepass.kernels import compress_24, pack_for_cpu
-from moepass.kernels.ops import PACKED_EXPERTS, PACKED_LINEAR, SPARSE24_LINEAR
+from moepass.kernels.ops import PACKED_EXPERTS, PACKED_LINEAR
 from moepass.table import format_table
 from timing import median_ms
 
@@ -44,7 +45,7 @@ def linear_rows(n: int, k: int, rows: int, repeats: int) -> list[list[str]]:
         "int4 g128 reference": lambda: QUANTIZED_LINEAR(x, *int4, None, None, 4, 128),
         "int4 g128 ATen packed": lambda: PACKED_LINEAR(x, p4.weight, p4.scales, None, None, 4, p4.group_size),
         "int8 per-channel ATen packed": lambda: PACKED_LINEAR(x, p8.weight, p8.scales, None, None, 8, -1),
-        "2:4 sparse reference": lambda: SPARSE24_LINEAR(x, values, meta, None, None, None, 0, -1),
+        "2:4 sparse reference": lambda: SPARSE24_LINEAR(x, values, meta, None, None, None, None, 0, -1),
     }
     ms = median_ms(steps, repeats)
     base = ms["dense fp32"]

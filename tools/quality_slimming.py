@@ -3,6 +3,10 @@ recipe (drop 25% of MoE layers + 4-bit AWQ) in both orders.
 
     python tools/quality_slimming.py                 # both bundled models -> RESULTS-slimming.md
 
+2:4 rows store the pruned weights compressed (`sparse24_storage`), so their size is what an
+artifact holds. A last table reruns int4 RTN/GPTQ/AWQ on tiny-mixtral given LLM-like outlier
+activation channels by a function-preserving rewrite (what AWQ exists for).
+
 Test perplexity (token-weighted over the three domains), next-token accuracy and weight bytes, with
 the validation split as calibration data. One thread.
 """
@@ -24,6 +28,9 @@ from moepass.zoo import load_model, load_tokenizer
 WIDE = ["experts", "shared_experts", "attention", "dense_mlp"]
 
 
+STORE_24 = ("sparse24_storage", {})  # 2:4 rows keep the pruned weights compressed
+
+
 def settings(group: int) -> list[tuple[str, list]]:
     q4 = {"bits": 4, "group_size": group, "targets": WIDE}
     return [
@@ -37,13 +44,36 @@ def settings(group: int) -> list[tuple[str, list]]:
         ("50% SparseGPT", [("sparsegpt", {})]),
         ("50% Wanda, pruned propagation", [("wanda", {"propagation": "pruned"})]),
         ("50% SparseGPT, pruned propagation", [("sparsegpt", {"propagation": "pruned"})]),
-        ("2:4 magnitude", [("magnitude", {"pattern": "2:4"})]),
-        ("2:4 Wanda", [("wanda", {"pattern": "2:4"})]),
-        ("2:4 SparseGPT", [("sparsegpt", {"pattern": "2:4"})]),
+        ("2:4 magnitude", [("magnitude", {"pattern": "2:4"}), STORE_24]),
+        ("2:4 Wanda", [("wanda", {"pattern": "2:4"}), STORE_24]),
+        ("2:4 SparseGPT", [("sparsegpt", {"pattern": "2:4"}), STORE_24]),
+        ("2:4 SparseGPT, then int4 GPTQ", [("sparsegpt", {"pattern": "2:4"}), ("gptq", q4), STORE_24]),
         ("paper: AWQ int4, then drop 25% MoE layers", [("awq", q4), ("layer_drop", {"ratio": 0.25})]),
         ("paper: drop 25% MoE layers, then AWQ int4", [("layer_drop", {"ratio": 0.25}), ("awq", q4)]),
         ("AWQ int4, then drop 2 MoE layers (count)", [("awq", q4), ("layer_drop", {"count": 2})]),
     ]
+
+
+def with_outlier_channels(model, channels: int = 4, factor: float = 40.0, seed: int = 0):
+    """The same function with LLM-like outlier activation channels: in every layer a few RMSNorm gains
+    grow `factor` times and the matching input columns of the projections reading that norm shrink as
+    much (trained LLMs carry their massive channels in norm gains just so). Mixtral layout only."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for norm, readers in (
+                (
+                    layer.input_layernorm,
+                    [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight],
+                ),
+                (layer.post_attention_layernorm, [mlp.gate.weight, mlp.experts.gate_up_proj]),
+            ):
+                picked = torch.randperm(norm.weight.shape[0], generator=generator)[:channels]
+                norm.weight[picked] *= factor
+                for weight in readers:
+                    weight[..., picked] /= factor
+    return model
 
 
 def activation_spread(model, calibration, model_name: str) -> str:
@@ -76,8 +106,17 @@ def activation_spread(model, calibration, model_name: str) -> str:
     )
 
 
-def run(model_name: str, group: int, calibration_samples: int, per_source: int) -> tuple[str, str]:
+def run(
+    model_name: str, group: int, calibration_samples: int, per_source: int, outliers: bool = False
+) -> tuple[str, str]:
     model, tokenizer = load_model(model_name, dtype=torch.float32), load_tokenizer(model_name)
+    if outliers:
+        probe = torch.randint(0, model.config.vocab_size, (2, 32))
+        with torch.no_grad():
+            before = model(probe).logits
+            after = with_outlier_channels(model)(probe).logits
+        assert (after - before).norm() / before.norm() < 1e-4, "the outlier rewrite must keep the function"
+        model_name = f"{model_name} with outlier channels"
     program = moepass.capture(model)
     vocab = program.info.vocab_size
     calibration = calibration_set(
@@ -97,7 +136,7 @@ def run(model_name: str, group: int, calibration_samples: int, per_source: int) 
         ]
     ]
     start = time.perf_counter()
-    for label, passes in settings(group):
+    for label, passes in settings(group)[:3] if outliers else settings(group):
         compressed = moepass.compress(program, passes, calibration=calibration)
         score = moepass.evaluate(compressed, test).overall
         rows.append(
@@ -134,6 +173,11 @@ def main() -> None:
     )
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--eval-per-source", type=int, default=32)
+    parser.add_argument(
+        "--outliers",
+        default="builtin:tiny-mixtral=128",
+        help="model=group to rerun int4 RTN/GPTQ/AWQ on with LLM-like outlier channels ('' to skip)",
+    )
     parser.add_argument("--out", type=Path, default=Path("RESULTS-slimming.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -143,11 +187,19 @@ def main() -> None:
         table, spread = run(name, int(group or 128), args.calibration_samples, args.eval_per_source)
         tables.append(table)
         spreads.append(spread)
+    outlier_tables = []
+    if args.outliers:
+        name, _, group = args.outliers.partition("=")
+        outlier_tables = list(
+            run(name, int(group or 128), args.calibration_samples, args.eval_per_source, outliers=True)
+        )
     text = (
         "# Expert Slimming on the bundled models\n\nRegenerate with `python tools/quality_slimming.py`. "
         "Quantization targets experts, shared experts, attention and dense MLPs (router, embeddings and LM "
         "head stay in full precision); pruning targets the routed experts (the paper's setting). A drop "
-        "ratio rounds down: 25% of tiny-mixtral's 6 MoE layers drops 1; the `count` row drops 2 (33%).\n\n"
+        "ratio rounds down: 25% of tiny-mixtral's 6 MoE layers drops 1; the `count` row drops 2 (33%). "
+        "2:4 rows keep their pruned weights compressed (`sparse24_storage`): the size is what an "
+        "artifact holds.\n\n"
         + "\n\n".join(f"```\n{t}\n```" for t in tables)
         + "\n\n## Why AWQ barely beats rounding here\n\n"
         "AWQ scales up the input channels that carry large activations so rounding spares them. The "
@@ -156,7 +208,11 @@ def main() -> None:
         "with outlier channels the same search cuts rounding's output error 4-5x "
         "(`tests/test_slimming.py::test_awq_scales_protect_outlier_input_channels`).\n\n"
         + "\n\n".join(f"```\n{t}\n```" for t in spreads)
-        + "\n"
+        + "\n\n## The same model with LLM-like outlier channels\n\n"
+        "`with_outlier_channels` multiplies 4 RMSNorm gains per norm by 40 and divides the matching input "
+        "columns of the projections that read them: the function is unchanged (checked), but the activations "
+        "now carry massive channels the way trained LLMs do, and the small weights in those columns are "
+        "what round-to-nearest destroys.\n\n" + "\n\n".join(f"```\n{t}\n```" for t in outlier_tables) + "\n"
     )
     args.out.write_text(text)
     print(text)

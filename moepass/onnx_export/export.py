@@ -34,7 +34,7 @@ from moepass.ir.ops import EXPERTS, ROUTE, routing
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, dequantized_linear
 from moepass.ir.quantized import in_features
 from moepass.ir.structure import arg_tensors, op_args, tensor_at
-from moepass.ir.surgery import delete_if_unused, install_tensor, swap_node
+from moepass.ir.surgery import delete_if_unused, expand_sparse24, install_tensor, swap_node
 
 from . import decompose
 from .complex_to_real import complex_to_real
@@ -112,8 +112,11 @@ def output_names(program: MoEProgram) -> list[str]:
 def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of the program's graph with every moepass op in a form the ONNX exporter translates;
     also the count of each rewrite."""
-    graph_module = program.fork().graph_module
+    program = program.fork()
     rewrites: dict[str, int] = {}
+    if expanded := expand_sparse24(program):  # onnxruntime has no 2:4 operator
+        rewrites["2:4 storage -> dense (onnxruntime has no 2:4 kernel)"] = expanded
+    graph_module = program.graph_module
     try:
         if complex_nodes := complex_to_real(graph_module):
             rewrites["complex rotary -> real pairs"] = complex_nodes

@@ -5,6 +5,7 @@ from . import (
     block_drop,
     block_similarity,
     cpu_packed_weights,
+    expand_sparse24,
     expert_drop,
     expert_importance,
     fuse_sibling_linears,
@@ -14,6 +15,7 @@ from . import (
     magnitude,
     moe_similarity,
     rtn,
+    sparse24_storage,
     sparsegpt,
     wanda,
 )
@@ -41,6 +43,7 @@ __all__ = [
     "block_similarity",
     "cpu_packed_weights",
     "create_pass",
+    "expand_sparse24",
     "expert_drop",
     "expert_importance",
     "fuse_sibling_linears",
@@ -50,6 +53,7 @@ __all__ = [
     "magnitude",
     "moe_similarity",
     "rtn",
+    "sparse24_storage",
     "sparsegpt",
     "wanda",
 ]

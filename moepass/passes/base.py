@@ -48,14 +48,15 @@ class TransformResult:
     summary: dict = field(default_factory=dict)
 
 
-STAGES = ("compress", "lower")  # pipelines run stages in this order
+STAGES = ("compress", "store", "lower")  # pipelines run stages in this order
 
 
 class Pass:
     name: ClassVar[str]
     kind: ClassVar[str]  # "analysis" or "transform"
     config_class: ClassVar[type[PassConfig]]
-    stage: ClassVar[str] = "compress"  # "lower": rewrites into a device's kernels (`moepass.lower`)
+    # "store": storage formats after all compression (2:4); "lower": a device's kernels (`moepass.lower`)
+    stage: ClassVar[str] = "compress"
 
     def __init__(self, config: PassConfig | None = None):
         self.config = config if config is not None else self.config_class()

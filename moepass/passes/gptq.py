@@ -62,8 +62,12 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    pruned: Tensor | None = None,
 ) -> tuple:
-    """GPTQ on one matrix [N, K] with input Hessian [K, K]; returns the stored (codes, scales, zeros)."""
+    """GPTQ on one matrix [N, K] with input Hessian [K, K]; returns the stored (codes, scales, zeros).
+
+    `pruned` [N, K] marks entries that must stay exactly zero (a pruned weight): they are "rounded"
+    to zero and their error is compensated like any rounding error, so the sparsity pattern survives."""
     w = weight.detach().double().clone()
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
@@ -74,6 +78,7 @@ def gptq_quantize(
     group = fmt.group(w.shape[1])
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
     w, h = w[:, perm], h[perm][:, perm]
+    pruned = None if pruned is None else pruned[:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
@@ -86,6 +91,8 @@ def gptq_quantize(
             g = int(perm[start + i]) // group
             column = w1[:, i]
             q = torch.clamp(torch.round(column / scale[:, g]) + zero[:, g], 0, fmt.max_code)
+            if pruned is not None:
+                q = torch.where(pruned[:, start + i], zero[:, g], q)
             error = (column - (q - zero[:, g]) * scale[:, g]) / h1[i, i]
             codes[:, start + i] = q
             w1[:, i:] -= error.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
@@ -155,7 +162,13 @@ class GPTQPass(TransformPass):
         for target in group:
             weight = program.graph_module.get_parameter(target.weight)
             packed = gptq_quantize(
-                weight, hessians[target.input].mean(), c.format, c.damp, c.block_size, c.act_order
+                weight,
+                hessians[target.input].mean(),
+                c.format,
+                c.damp,
+                c.block_size,
+                c.act_order,
+                _pruned(program, target.weight, weight),
             )
             install_linear(program, target, c.format, packed)
 
@@ -181,9 +194,18 @@ class GPTQPass(TransformPass):
             return result
 
         def quantize_all(weights: Tensor, found: list[Hessian], name: str) -> tuple:
+            pruned = _pruned(program, name, weights)
             return stack(
                 [
-                    gptq_quantize(weights[e], h.mean(), c.format, c.damp, c.block_size, c.act_order)
+                    gptq_quantize(
+                        weights[e],
+                        h.mean(),
+                        c.format,
+                        c.damp,
+                        c.block_size,
+                        c.act_order,
+                        None if pruned is None else pruned[e],
+                    )
                     if h.tokens >= max(c.min_tokens, 1)
                     else rtn(weights[e], c.format, f"{name}[{e}]")
                     for e, h in enumerate(found)
@@ -201,3 +223,8 @@ class GPTQPass(TransformPass):
         second = routed_hessians(down.shape[-1], down_inputs)
         install_experts(program, block, c.format, packed_gate_up, quantize_all(down, second, moe.down))
         return [e for e, h in enumerate(first) if h.tokens < max(c.min_tokens, 1)]
+
+
+def _pruned(program, name: str, weight: Tensor) -> Tensor | None:
+    """The zeros of a weight a pruning pass left (`program.info.pruned`), which GPTQ must keep."""
+    return weight == 0 if name in program.info.pruned else None

@@ -1,0 +1,229 @@
+"""2:4 semi-structured storage of pruned weights, and the ops that read it.
+
+For a weight W [N, K] (F.linear layout) in which every run of 4 consecutive inputs holds at most 2
+non-zeros (what `PruneConfig(pattern="2:4")` produces):
+  values [N, K/2]  the two kept entries of each run, in input order (the model's dtype); for a
+                   quantized weight their codes, packed as in `moepass.ir.quantized` (4-bit: [N, K/4])
+  meta   [N, K/8]  uint8, one nibble per run (low nibble: even run): position of the first kept
+                   entry in bits 0-1, of the second in bits 2-3
+Quantized weights keep their scales and zero points unchanged: a group of g inputs is a group of g/2
+kept codes, and a pruned entry is the zero-point code, which dequantizes to exactly 0. Expert
+tensors add a leading expert dimension. A bf16 matrix shrinks 1.78x; 2:4 + int4 stores 5/16 of a byte
+per weight. The Triton kernels (`moepass.kernels.sparse24`) read this layout directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moepass.errors import MoepassError
+
+from .ops import ACTIVATIONS, run_experts
+from .quant_ops import CODE_ARGUMENTS, KEPT_SHARE
+from .quantized import dequantize, pack, unpack
+from .structure import ExpertsOp, register_experts_op
+
+
+class SparsityPatternError(MoepassError):
+    """A weight does not follow the 2:4 pattern (more than 2 non-zeros in a run of 4 inputs)."""
+
+
+def follows_24(nonzero: Tensor) -> bool:
+    """Whether a [..., K] mask of non-zero entries holds at most 2 per run of 4 inputs (K % 8 == 0)."""
+    k = nonzero.shape[-1]
+    return k % 8 == 0 and bool((nonzero.reshape(*nonzero.shape[:-1], k // 4, 4).sum(-1) <= 2).all())
+
+
+def _positions(nonzero: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """(kept positions [..., K/4, 2] in input order, meta [..., K/8]) of a [..., K] non-zero mask."""
+    *lead, k = nonzero.shape
+    if k % 8:
+        raise SparsityPatternError(f"{name}: 2:4 storage needs in_features divisible by 8, got {k}")
+    runs = nonzero.reshape(*lead, k // 4, 4)
+    bad = runs.sum(-1) > 2
+    if bad.any():
+        *where, run = (int(i) for i in bad.nonzero()[0])
+        raise SparsityPatternError(
+            f"{name}: row {tuple(where) if len(where) > 1 else where[0]}, inputs {4 * run}..{4 * run + 3} "
+            "hold more than 2 non-zeros; prune with pattern '2:4' before compressing"
+        )
+    # the two kept positions: non-zeros first (stable, so in input order), padded with zeros' positions
+    order = torch.argsort((~runs).to(torch.int8), dim=-1, stable=True)[..., :2]
+    positions = order.sort(dim=-1).values
+    nibbles = (positions[..., 0] | (positions[..., 1] << 2)).to(torch.uint8)
+    meta = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return positions, meta.contiguous()
+
+
+def _gather(dense: Tensor, positions: Tensor) -> Tensor:
+    *lead, k = dense.shape
+    return dense.reshape(*lead, k // 4, 4).gather(-1, positions).reshape(*lead, k // 2).contiguous()
+
+
+def _scatter(kept: Tensor, meta: Tensor, fill: Tensor | float) -> Tensor:
+    """The [..., K] tensor with `kept` [..., K/2] at the positions `meta` names, `fill` elsewhere."""
+    *lead, half = kept.shape
+    nibbles = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(*lead, half // 2).long()
+    positions = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)
+    if isinstance(fill, Tensor):
+        dense = fill.reshape(*lead, half // 2, 4).clone()
+    else:
+        dense = kept.new_full((*lead, half // 2, 4), fill)
+    dense.scatter_(-1, positions, kept.reshape(*lead, half // 2, 2))
+    return dense.reshape(*lead, 2 * half)
+
+
+def compress_24(weight: Tensor, name: str = "weight") -> tuple[Tensor, Tensor]:
+    """(values [..., N, K/2], meta [..., N, K/8]) of a 2:4-sparse `weight` [..., N, K]."""
+    positions, meta = _positions(weight != 0, name)
+    return _gather(weight, positions), meta
+
+
+def decompress_24(values: Tensor, meta: Tensor) -> Tensor:
+    """The dense [..., N, K] matrix of compressed `values` (model dtype) and `meta`."""
+    return _scatter(values, meta, 0.0)
+
+
+def _zero_codes(qweight: Tensor, zeros: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """The code of 0.0 for every input of a stored quantized weight ([..., N, K] int16)."""
+    codes_shape = (*qweight.shape[:-1], qweight.shape[-1] * (2 if bits == 4 else 1))
+    if zeros is None:
+        return torch.full(codes_shape, 2 ** (bits - 1), dtype=torch.int16, device=qweight.device)
+    k = codes_shape[-1]
+    group = k if group_size == -1 else group_size
+    return unpack(zeros, bits)[..., : k // group].repeat_interleave(group, dim=-1)
+
+
+def compress_codes_24(
+    qweight: Tensor, zeros: Tensor | None, bits: int, group_size: int, name: str = "weight"
+) -> tuple[Tensor, Tensor]:
+    """(packed kept codes, meta) of a quantized weight whose pruned entries hold the zero-point code."""
+    codes = unpack(qweight, bits)
+    positions, meta = _positions(codes != _zero_codes(qweight, zeros, bits, group_size), name)
+    return pack(_gather(codes, positions), bits), meta
+
+
+def decompress_codes_24(
+    values: Tensor, meta: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> Tensor:
+    """The stored dense qweight of compressed codes: pruned entries get their group's zero point."""
+    shape = (*values.shape[:-1], values.shape[-1] * 2)  # packed bytes: twice as many for the dense row
+    fill = _zero_codes(values.new_empty(shape), zeros, bits, group_size)
+    return pack(_scatter(unpack(values, bits), meta, fill), bits)
+
+
+def sparse_weight(values, meta, scales, zeros, bits: int, group_size: int, dtype: torch.dtype) -> Tensor:
+    """The dense float weight of stored 2:4 tensors (bits 0: `values` are floats)."""
+    if not bits:
+        return decompress_24(values.to(dtype), meta)
+    return dequantize(
+        decompress_codes_24(values, meta, zeros, bits, group_size), scales, zeros, bits, group_size, dtype
+    )
+
+
+def sparse24_linear_body(
+    x, values, meta, scales, zeros, bias, input_scale, bits: int, group_size: int
+) -> Tensor:
+    """`moepass::sparse24_linear` as plain tensor code (the op's body)."""
+    weight = sparse_weight(values, meta, scales, zeros, bits, group_size, x.dtype)
+    return F.linear(x if input_scale is None else x * input_scale, weight, bias)
+
+
+@torch.library.custom_op("moepass::sparse24_linear", mutates_args=())
+def sparse24_linear(
+    x: Tensor,
+    values: Tensor,
+    meta: Tensor,
+    scales: Tensor | None,
+    zeros: Tensor | None,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """F.linear(x * input_scale, W, bias) for a 2:4-compressed W; bits 0: float values, 4/8: codes."""
+    return sparse24_linear_body(x, values, meta, scales, zeros, bias, input_scale, bits, group_size)
+
+
+@sparse24_linear.register_fake
+def _(x, values, meta, scales, zeros, bias, input_scale, bits, group_size):
+    return x.new_empty((*x.shape[:-1], values.shape[-2]))
+
+
+@torch.library.custom_op("moepass::sparse24_experts", mutates_args=())
+def sparse24_experts(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up_values: Tensor,
+    gate_up_meta: Tensor,
+    gate_up_scales: Tensor | None,
+    gate_up_zeros: Tensor | None,
+    down_values: Tensor,
+    down_meta: Tensor,
+    down_scales: Tensor | None,
+    down_zeros: Tensor | None,
+    gate_up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    gate_up_input_scale: Tensor | None,
+    down_input_scale: Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+    bits: int,
+    group_size: int,
+) -> Tensor:
+    """`moepass::experts` over 2:4-compressed expert weights ([E, ...]); only routed experts expand."""
+
+    def at(tensor: Tensor | None, e: int) -> Tensor | None:
+        return None if tensor is None else tensor[e]
+
+    def expert_weights(e: int):
+        gate_up = sparse_weight(
+            gate_up_values[e],
+            gate_up_meta[e],
+            at(gate_up_scales, e),
+            at(gate_up_zeros, e),
+            bits,
+            group_size,
+            hidden.dtype,
+        )
+        down = sparse_weight(
+            down_values[e],
+            down_meta[e],
+            at(down_scales, e),
+            at(down_zeros, e),
+            bits,
+            group_size,
+            hidden.dtype,
+        )
+        return gate_up, down, at(gate_up_bias, e), at(down_bias, e)
+
+    return run_experts(
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate_up_values.shape[0],
+        expert_weights,
+        ACTIVATIONS[activation],
+        alpha,
+        limit,
+        gate_up_input_scale,
+        down_input_scale,
+    )
+
+
+@sparse24_experts.register_fake
+def _(hidden, topk_ids, topk_weights, *rest):
+    return torch.empty_like(hidden)
+
+
+SPARSE24_LINEAR = torch.ops.moepass.sparse24_linear.default
+SPARSE24_EXPERTS = torch.ops.moepass.sparse24_experts.default
+SPARSE24_OPS = (SPARSE24_LINEAR, SPARSE24_EXPERTS)
+register_experts_op(SPARSE24_EXPERTS, ExpertsOp("gate_up_values", "down_values", "sparse24"))
+CODE_ARGUMENTS[SPARSE24_LINEAR] = ("values",)
+CODE_ARGUMENTS[SPARSE24_EXPERTS] = ("gate_up_values", "down_values")
+KEPT_SHARE.update({SPARSE24_LINEAR: 0.5, SPARSE24_EXPERTS: 0.5})
