@@ -165,7 +165,10 @@ class MoEProgram(nn.Module, StepGeneration):
         if last_token_only not in self._compiled_steps:
             # dynamic lengths: one graph for prompts and one for single tokens, not one per cache length
             traceable = _with_traceable_bodies(graph_module)
-            self._compiled_steps[last_token_only] = torch.compile(traceable, dynamic=True)
+            # on CPU a C++ wrapper calls the kernels: a decode step is ~100 small calls, and Python's
+            # per-call cost was 15-20% of a tiny-mixtral step (`tools/bench_e2e.py`)
+            options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+            self._compiled_steps[last_token_only] = torch.compile(traceable, dynamic=True, options=options)
         try:
             outputs = self._compiled_steps[last_token_only](input_ids, attention_mask, position_ids, *past)
         except BackendCompilerFailed as error:

@@ -316,6 +316,55 @@ def test_cpu_packed_ops_match_reference(seed, bits, group, symmetric):
     assert rel_err(out, ref) < BF16_BOUND
 
 
+def test_cpu_packed_experts_decode_path_matches_reference(seed):
+    """One token (the decode step) takes a shorter path through the packed experts: same math."""
+    k, experts_n, inter, group = 256, 6, 128, 64
+    gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, 4, group, False)
+    down = quantized(torch.randn(experts_n, k, inter) / 8, 4, group, False)
+    packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
+    scale, down_scale = torch.rand(k) + 0.5, torch.rand(experts_n, inter) + 0.5
+    weights, ids = routing(4, experts_n, 2, dropped=True)  # token 0 has a slot on a dropped expert
+    tail = ("silu", 0.0, 0.0)
+    for t in range(4):
+        x = torch.randn(1, k)
+        ref = quantized_experts(
+            x.double(),
+            ids[t : t + 1],
+            weights[t : t + 1].double(),
+            gate_up[0],
+            f64(gate_up[1]),
+            gate_up[2],
+            down[0],
+            f64(down[1]),
+            down[2],
+            None,
+            None,
+            f64(scale),
+            f64(down_scale),
+            *tail,
+            4,
+            group,
+        )
+        out = ops.packed_experts(
+            x,
+            ids[t : t + 1],
+            weights[t : t + 1],
+            packed[0].weight,
+            packed[0].scales,
+            packed[1].weight,
+            packed[1].scales,
+            None,
+            None,
+            scale,
+            down_scale,
+            *tail,
+            4,
+            packed[0].group_size,
+            packed[1].group_size,
+        )
+        assert out.dtype == x.dtype and rel_err(out, ref) < BF16_BOUND
+
+
 def test_cpu_packing_says_why_a_format_cannot_use_aten():
     assert "divisible by 16" in why_not_packable(100, 128, 4, 32, False)
     assert "32/64/128/256" in why_not_packable(64, 128, 4, 16, False)
