@@ -44,10 +44,10 @@ def lower(
     """A copy of `program` lowered for `device` (default: where the program is); `copy=False`
     lowers the program itself (no second set of weights while converting).
 
-    `compile=True` also runs each step through `torch.compile` (Inductor, dynamic lengths): it fuses
-    the small ops between the matmuls (1.6-1.8x faster paper-recipe decode on CPU in
-    `tools/bench_e2e.py`) at the cost of compiling for the first prompt and the first decoded token
-    (20-50 s in all on one core)."""
+    `compile=True` also runs each step through `torch.compile` (Inductor, dynamic lengths; on CPU with
+    its C++ wrapper): it fuses the small ops between the matmuls and drops Python's per-call cost
+    (1.5-2.4x faster paper-recipe decode on CPU in `tools/bench_e2e.py`) at the cost of compiling for
+    the first prompt and the first decoded token (30-90 s on one core; 8-10 s from Inductor's cache)."""
     if not isinstance(program, MoEProgram):
         raise MoepassError(f"lower takes a MoEProgram (see moepass.capture), got {type(program).__name__}")
     device_type = torch.device(device).type if device is not None else program.device.type
