@@ -350,16 +350,13 @@ def expand_sparse24(program, ops: tuple = (SPARSE24_LINEAR, SPARSE24_EXPERTS)) -
         args = op_args(node)
         bits, group_size = args["bits"], args["group_size"]
 
-        def dense(values: fx.Node, meta: fx.Node, zeros: fx.Node | None) -> torch.Tensor:
-            return _expanded(graph_module, values, meta, zeros, bits, group_size)  # noqa: B023 (called now)
-
         with graph_module.graph.inserting_before(node):
             if node.target is SPARSE24_LINEAR:
                 prefix = args["values"].target.rpartition(".")[0]
                 weight = install_tensor(
                     graph_module,
                     f"{prefix}.{'qweight' if bits else 'weight'}",
-                    dense(args["values"], args["meta"], args["zeros"]),
+                    _expanded(graph_module, args, "", bits, group_size),
                 )
                 if bits:
                     call = (
@@ -386,7 +383,7 @@ def expand_sparse24(program, ops: tuple = (SPARSE24_LINEAR, SPARSE24_EXPERTS)) -
                     install_tensor(
                         graph_module,
                         f"{prefix}.{proj}_proj{suffix}",
-                        dense(args[f"{proj}_values"], args[f"{proj}_meta"], args[f"{proj}_zeros"]),
+                        _expanded(graph_module, args, f"{proj}_", bits, group_size),
                     )
                     for proj in ("gate_up", "down")
                 )
@@ -426,15 +423,14 @@ def expand_sparse24(program, ops: tuple = (SPARSE24_LINEAR, SPARSE24_EXPERTS)) -
     return count
 
 
-def _expanded(
-    graph_module, values: fx.Node, meta: fx.Node, zeros: fx.Node | None, bits: int, group_size: int
-):
-    """The dense float weight (bits 0) or dense quantized codes behind 2:4-compressed tensors."""
-    v, m = tensor_at(graph_module, values.target), tensor_at(graph_module, meta.target)
+def _expanded(graph_module, args: dict, proj: str, bits: int, group_size: int) -> torch.Tensor:
+    """The dense float weight (bits 0) or dense quantized codes behind a 2:4 op's `{proj}values`."""
+    values, meta = (tensor_at(graph_module, args[f"{proj}{part}"].target) for part in ("values", "meta"))
     if not bits:
-        return decompress_24(v, m)
-    z = None if zeros is None else tensor_at(graph_module, zeros.target)
-    return decompress_codes_24(v, m, z, bits, group_size)
+        return decompress_24(values, meta)
+    zeros = args[f"{proj}zeros"]
+    zeros = None if zeros is None else tensor_at(graph_module, zeros.target)
+    return decompress_codes_24(values, meta, zeros, bits, group_size)
 
 
 # stored names of the quantized experts' tensors on the experts module
