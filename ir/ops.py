@@ -225,8 +225,8 @@ def experts(
         return (
             gate_up[e],
             down[e],
-            None if gate_up_bias is None else gate_up_bias[e],
-            None if down_bias is None else down_bias[e],
+            expert_at(gate_up_bias, e),
+            expert_at(down_bias, e),
         )
 
     return run_experts(
@@ -242,6 +242,11 @@ def experts(
 
 
 ExpertWeights = Callable[[int], tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
+
+
+def expert_at(tensor: Tensor | None, e: int) -> Tensor | None:
+    """Expert `e`'s slice of an optional per-expert tensor ([E, ...])."""
+    return None if tensor is None else tensor[e]
 
 
 def run_experts(

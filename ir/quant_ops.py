@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import ACTIVATIONS, run_experts
+from .ops import ACTIVATIONS, expert_at, run_experts
 from .quantized import dequantize, in_features
 
 
@@ -78,10 +78,12 @@ def quantized_experts(
 
     def expert_weights(e: int):
         gate_up = dequantize(
-            gate_up_qweight[e], gate_up_scales[e], _at(gate_up_zeros, e), bits, group_size, hidden.dtype
+            gate_up_qweight[e], gate_up_scales[e], expert_at(gate_up_zeros, e), bits, group_size, hidden.dtype
         )
-        down = dequantize(down_qweight[e], down_scales[e], _at(down_zeros, e), bits, group_size, hidden.dtype)
-        return gate_up, down, _at(gate_up_bias, e), _at(down_bias, e)
+        down = dequantize(
+            down_qweight[e], down_scales[e], expert_at(down_zeros, e), bits, group_size, hidden.dtype
+        )
+        return gate_up, down, expert_at(gate_up_bias, e), expert_at(down_bias, e)
 
     return run_experts(
         hidden,
@@ -95,10 +97,6 @@ def quantized_experts(
         gate_up_input_scale,
         down_input_scale,
     )
-
-
-def _at(tensor: Tensor | None, e: int) -> Tensor | None:
-    return None if tensor is None else tensor[e]
 
 
 @quantized_experts.register_fake

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moepass.errors import MoepassError
 
-from .ops import ACTIVATIONS, run_experts
+from .ops import ACTIVATIONS, expert_at, run_experts
 from .quant_ops import CODE_ARGUMENTS, KEPT_SHARE
 from .quantized import dequantize, pack, unpack
 from .structure import ExpertsOp, register_experts_op
@@ -28,12 +28,6 @@ from .structure import ExpertsOp, register_experts_op
 
 class SparsityPatternError(MoepassError):
     """A weight does not follow the 2:4 pattern (more than 2 non-zeros in a run of 4 inputs)."""
-
-
-def follows_24(nonzero: Tensor) -> bool:
-    """Whether a [..., K] mask of non-zero entries holds at most 2 per run of 4 inputs (K % 8 == 0)."""
-    k = nonzero.shape[-1]
-    return k % 8 == 0 and bool((nonzero.reshape(*nonzero.shape[:-1], k // 4, 4).sum(-1) <= 2).all())
 
 
 def _positions(nonzero: Tensor, name: str) -> tuple[Tensor, Tensor]:
@@ -177,15 +171,12 @@ def sparse24_experts(
 ) -> Tensor:
     """`moepass::experts` over 2:4-compressed expert weights ([E, ...]); only routed experts expand."""
 
-    def at(tensor: Tensor | None, e: int) -> Tensor | None:
-        return None if tensor is None else tensor[e]
-
     def expert_weights(e: int):
         gate_up = sparse_weight(
             gate_up_values[e],
             gate_up_meta[e],
-            at(gate_up_scales, e),
-            at(gate_up_zeros, e),
+            expert_at(gate_up_scales, e),
+            expert_at(gate_up_zeros, e),
             bits,
             group_size,
             hidden.dtype,
@@ -193,13 +184,13 @@ def sparse24_experts(
         down = sparse_weight(
             down_values[e],
             down_meta[e],
-            at(down_scales, e),
-            at(down_zeros, e),
+            expert_at(down_scales, e),
+            expert_at(down_zeros, e),
             bits,
             group_size,
             hidden.dtype,
         )
-        return gate_up, down, at(gate_up_bias, e), at(down_bias, e)
+        return gate_up, down, expert_at(gate_up_bias, e), expert_at(down_bias, e)
 
     return run_experts(
         hidden,

@@ -16,7 +16,7 @@ from .ops import EXPERTS
 from .quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from .quantized import QuantFormat
 from .sparse import SPARSE24_EXPERTS, SPARSE24_LINEAR, decompress_24, decompress_codes_24
-from .structure import op_args, tensor_at
+from .structure import arg_tensors, op_args
 
 
 def drop_block(program, index: int) -> None:
@@ -268,21 +268,16 @@ def sparsify_linear(program, weight: str, values: torch.Tensor, meta: torch.Tens
         raise MoepassError(f"no linear reads {weight}")
     prefix = weight.rpartition(".")[0]
     for node in nodes:
-        if node.target is QUANTIZED_LINEAR:
-            args = op_args(node)
-            x, scales, zeros, bias, input_scale = (
-                args[k] for k in ("x", "scales", "zeros", "bias", "input_scale")
-            )
-            bits, group_size = args["bits"], args["group_size"]
-        else:
-            x, bias = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            scales = zeros = input_scale = None
-            bits, group_size = 0, -1
+        args = op_args(node)  # aten.linear names its input `input`, the quantized op `x`
         with graph_module.graph.inserting_before(node):
-            v = install_tensor(graph_module, f"{prefix}.values", values)
-            m = install_tensor(graph_module, f"{prefix}.meta", meta)
-            new = graph_module.graph.call_function(
-                SPARSE24_LINEAR, (x, v, m, scales, zeros, bias, input_scale, bits, group_size)
+            stored = {
+                part: install_tensor(graph_module, f"{prefix}.{part}", tensor)
+                for part, tensor in (("values", values), ("meta", meta))
+            }
+            new = _call_by_name(
+                graph_module.graph,
+                SPARSE24_LINEAR,
+                {"x": args.get("input"), "bits": 0, "group_size": -1, **args, **stored},
             )
         swap_node(node, new)
     delete_if_unused(graph_module, weight)
@@ -301,7 +296,6 @@ def sparsify_experts(program, index: int, gate_up: tuple, down: tuple) -> None:
     graph_module = program.graph_module
     node = next(n for n in graph_module.graph.nodes if n.name == moe.experts_node)
     args = op_args(node)
-    quantized = node.target is QUANTIZED_EXPERTS
     prefix = moe.gate_up.rpartition(".")[0]
     with graph_module.graph.inserting_before(node):
         stored = {
@@ -309,30 +303,8 @@ def sparsify_experts(program, index: int, gate_up: tuple, down: tuple) -> None:
             for proj, pair in (("gate_up", gate_up), ("down", down))
             for part, tensor in zip(("values", "meta"), pair, strict=True)
         }
-        new = graph_module.graph.call_function(
-            SPARSE24_EXPERTS,
-            (
-                args["hidden"],
-                args["topk_ids"],
-                args["topk_weights"],
-                stored["gate_up_values"],
-                stored["gate_up_meta"],
-                args.get("gate_up_scales"),
-                args.get("gate_up_zeros"),
-                stored["down_values"],
-                stored["down_meta"],
-                args.get("down_scales"),
-                args.get("down_zeros"),
-                args["gate_up_bias"],
-                args["down_bias"],
-                args.get("gate_up_input_scale"),
-                args.get("down_input_scale"),
-                args["activation"],
-                args["alpha"],
-                args["limit"],
-                args["bits"] if quantized else 0,
-                args["group_size"] if quantized else -1,
-            ),
+        new = _call_by_name(
+            graph_module.graph, SPARSE24_EXPERTS, {"bits": 0, "group_size": -1, **args, **stored}
         )
     swap_node(node, new)
     for fqn in (moe.gate_up, moe.down):
@@ -352,66 +324,25 @@ def expand_sparse24(program, ops: tuple = (SPARSE24_LINEAR, SPARSE24_EXPERTS)) -
 
         with graph_module.graph.inserting_before(node):
             if node.target is SPARSE24_LINEAR:
-                prefix = args["values"].target.rpartition(".")[0]
-                weight = install_tensor(
-                    graph_module,
-                    f"{prefix}.{'qweight' if bits else 'weight'}",
-                    _expanded(graph_module, args, "", bits, group_size),
+                if not bits and args["input_scale"] is not None:
+                    raise MoepassError(f"node {node.name}: float 2:4 weights with an input scale")
+                prefix, name = args["values"].target.rpartition(".")[0], "qweight" if bits else "weight"
+                named = {"input": args["x"], **args}
+                named[name] = install_tensor(
+                    graph_module, f"{prefix}.{name}", _expanded(graph_module, args, "", bits, group_size)
                 )
-                if bits:
-                    call = (
-                        QUANTIZED_LINEAR,
-                        (
-                            args["x"],
-                            weight,
-                            args["scales"],
-                            args["zeros"],
-                            args["bias"],
-                            args["input_scale"],
-                            bits,
-                            group_size,
-                        ),
-                    )
-                else:
-                    if args["input_scale"] is not None:
-                        raise MoepassError(f"node {node.name}: float 2:4 weights with an input scale")
-                    call = (torch.ops.aten.linear.default, (args["x"], weight, args["bias"]))
+                op = QUANTIZED_LINEAR if bits else torch.ops.aten.linear.default
             else:
-                prefix = args["gate_up_values"].target.rpartition(".")[0]
-                suffix = "_qweight" if bits else ""
-                gate_up, down = (
-                    install_tensor(
+                prefix, suffix = args["gate_up_values"].target.rpartition(".")[0], "_qweight" if bits else ""
+                named = dict(args)
+                for proj in ("gate_up", "down"):
+                    named[f"{proj}{suffix}"] = install_tensor(
                         graph_module,
                         f"{prefix}.{proj}_proj{suffix}",
                         _expanded(graph_module, args, f"{proj}_", bits, group_size),
                     )
-                    for proj in ("gate_up", "down")
-                )
-                common = (args["hidden"], args["topk_ids"], args["topk_weights"])
-                tail = (args["activation"], args["alpha"], args["limit"])
-                if bits:
-                    call = (
-                        QUANTIZED_EXPERTS,
-                        (
-                            *common,
-                            gate_up,
-                            args["gate_up_scales"],
-                            args["gate_up_zeros"],
-                            down,
-                            args["down_scales"],
-                            args["down_zeros"],
-                            args["gate_up_bias"],
-                            args["down_bias"],
-                            args["gate_up_input_scale"],
-                            args["down_input_scale"],
-                            *tail,
-                            bits,
-                            group_size,
-                        ),
-                    )
-                else:
-                    call = (EXPERTS, (*common, gate_up, down, args["gate_up_bias"], args["down_bias"], *tail))
-            new = graph_module.graph.call_function(*call)
+                op = QUANTIZED_EXPERTS if bits else EXPERTS
+            new = _call_by_name(graph_module.graph, op, named)
         stored = [a.target for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
         swap_node(node, new)
         for fqn in stored:
@@ -425,12 +356,16 @@ def expand_sparse24(program, ops: tuple = (SPARSE24_LINEAR, SPARSE24_EXPERTS)) -
 
 def _expanded(graph_module, args: dict, proj: str, bits: int, group_size: int) -> torch.Tensor:
     """The dense float weight (bits 0) or dense quantized codes behind a 2:4 op's `{proj}values`."""
-    values, meta = (tensor_at(graph_module, args[f"{proj}{part}"].target) for part in ("values", "meta"))
+    values, meta, zeros = arg_tensors(graph_module, args, f"{proj}values", f"{proj}meta", f"{proj}zeros")
     if not bits:
         return decompress_24(values, meta)
-    zeros = args[f"{proj}zeros"]
-    zeros = None if zeros is None else tensor_at(graph_module, zeros.target)
     return decompress_codes_24(values, meta, zeros, bits, group_size)
+
+
+def _call_by_name(graph: fx.Graph, op, named: dict) -> fx.Node:
+    """A call of `op` taking each schema argument from `named` by name (None where absent): rewrites
+    between ops that share argument names need not list them in order."""
+    return graph.call_function(op, tuple(named.get(a.name) for a in op._schema.arguments))
 
 
 # stored names of the quantized experts' tensors on the experts module

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, experts, run_experts
+from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, expert_at, experts, run_experts
 from moepass.ir.quant_ops import CODE_ARGUMENTS, quantized_experts, quantized_linear
 from moepass.ir.sparse import sparse24_linear
 from moepass.ir.structure import ExpertsOp, register_experts_op
@@ -165,8 +165,8 @@ def packed_experts(
         return (
             (gate_up_weight[e], gate_up_scales[e], gate_up_group),
             (down_weight[e], down_scales[e], down_group),
-            None if gate_up_bias is None else gate_up_bias[e],
-            None if down_bias is None else down_bias[e],
+            expert_at(gate_up_bias, e),
+            expert_at(down_bias, e),
         )
 
     def linear(x: Tensor, packed: tuple[Tensor, Tensor, int], bias: Tensor | None) -> Tensor:

@@ -71,7 +71,7 @@ def _fusion_key(graph_module: fx.GraphModule, node: fx.Node) -> tuple | None:
         return None
     if any(user.target is ROUTE for user in node.users):
         return None  # a router stays a linear of its own: the structure map and trimming passes find it
-    args = _args(node)
+    args = op_args(node)
     stacked = _STACKED[node.target]
     for name in stacked:
         value = args.get(name)
@@ -89,16 +89,10 @@ def _fusion_key(graph_module: fx.GraphModule, node: fx.Node) -> tuple | None:
     return (node.target, present, weight.dtype, weight.shape[1:], tuple(rest))
 
 
-def _args(node: fx.Node) -> dict:
-    if node.target is _LINEAR:
-        return dict(zip(("input", "weight", "bias"), node.args, strict=False))
-    return op_args(node)
-
-
 def _fuse(graph_module: fx.GraphModule, group: list[fx.Node]) -> None:
     graph = graph_module.graph
-    first, args = group[0], _args(group[0])
-    weights = [_args(node)[_WEIGHT[first.target]].target for node in group]
+    first, args = group[0], op_args(group[0])
+    weights = [op_args(node)[_WEIGHT[first.target]].target for node in group]
     owners = [fqn.rpartition(".")[0] for fqn in weights]
     parent = owners[0].rpartition(".")[0]
     prefix = f"{parent}.fused_{'_'.join(o.rpartition('.')[2] for o in owners)}".lstrip(".")
@@ -109,7 +103,7 @@ def _fuse(graph_module: fx.GraphModule, group: list[fx.Node]) -> None:
         for name, dim in _STACKED[first.target].items():
             if args.get(name) is None:
                 continue
-            targets = [_args(node)[name].target for node in group]
+            targets = [op_args(node)[name].target for node in group]
             stored += targets
             stacked = torch.cat([tensor_at(graph_module, t) for t in targets], dim=dim)
             fused_args[name] = install_tensor(graph_module, f"{prefix}.{name}", stacked)

@@ -18,9 +18,8 @@ import torch
 from torch import fx
 
 from moepass.ir.quant_ops import QUANTIZED_LINEAR
-from moepass.ir.quantized import unpack
-from moepass.ir.sparse import SparsityPatternError, compress_24, compress_codes_24, follows_24
-from moepass.ir.structure import op_args, tensor_at
+from moepass.ir.sparse import SparsityPatternError, compress_24, compress_codes_24
+from moepass.ir.structure import arg_tensors, op_args, tensor_at
 from moepass.ir.surgery import linear_nodes, sparsify_experts, sparsify_linear
 from moepass.slimming import coverage, coverage_table
 
@@ -101,14 +100,10 @@ def _compress(graph_module, quantized: dict | None, fqn: str, proj: str = ""):
     """(values, meta) of the weight at `fqn` if it follows 2:4, else None. `quantized`: the quantized
     op's arguments (codes are compressed, pruned entries being the zero-point code)."""
     weight = tensor_at(graph_module, fqn)
-    if quantized is None:
-        return compress_24(weight, fqn) if follows_24(weight != 0) else None
-    bits, group_size = quantized["bits"], quantized["group_size"]
-    zeros = quantized[f"{proj}_zeros" if proj else "zeros"]
-    zeros = None if zeros is None else tensor_at(graph_module, zeros.target)
-    if unpack(weight, bits).shape[-1] % 8:
-        return None
     try:
-        return compress_codes_24(weight, zeros, bits, group_size, fqn)
-    except SparsityPatternError:
+        if quantized is None:
+            return compress_24(weight, fqn)
+        (zeros,) = arg_tensors(graph_module, quantized, f"{proj}_zeros" if proj else "zeros")
+        return compress_codes_24(weight, zeros, quantized["bits"], quantized["group_size"], fqn)
+    except SparsityPatternError:  # off the pattern (checked before any sorting, so cheap to try)
         return None
