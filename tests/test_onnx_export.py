@@ -112,9 +112,10 @@ def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size,
     linears = sum(1 for n in quantized.graph_module.graph.nodes if "quantized_linear" in str(n.target))
     counts, moe = _op_counts(tmp_path / "onnx"), program.structure.moe_blocks
     assert counts.get("MatMulNBits", 0) == linears > 0
-    # int4 experts with renormalized softmax top-k routing: onnxruntime's fused QMoE routes and runs them
-    assert counts.get("QMoE", 0) == (len(moe) if family == "mixtral" else 0)
-    if family in ("qwen2_moe", "deepseek_v3"):  # power-of-two blocks: each expert on MatMulNBits under an If
+    # int4 experts with softmax top-k routing (renormalized or not): onnxruntime's fused QMoE routes
+    # and runs them
+    assert counts.get("QMoE", 0) == (len(moe) if family in ("mixtral", "qwen2_moe") else 0)
+    if family == "deepseek_v3":  # grouped routing, power-of-two blocks: each expert on MatMulNBits in an If
         experts = sum(b.mlp.num_experts for b in moe)
         assert on_nbits == len(moe) and counts["If"] == experts
         assert _op_counts(tmp_path / "onnx", inside_if=True)["MatMulNBits"] == 2 * experts

@@ -6,14 +6,15 @@ reference implementation is the op's definition and whose ONNX translation is th
       scales [N * K/block], zero_points packed uint8 [N * ceil((K/block) * bits / 8)] or absent
       (2^(bits-1)). This is `moepass.ir.quantized`'s layout reshaped: no repacking.
   moepass_onnx::moe  ->  com.microsoft::MoE
-      Softmax over all experts' router logits, top-k (renormalized or not), SwiGLU experts on fc1 rows
+      Softmax over all experts' router logits, top-k, renormalized, SwiGLU experts on fc1 rows
       interleaved (gate_0, up_0, gate_1, ...: `swiglu_fusion=1`, the layout the CPU kernel takes) and
       fc2; only the chosen experts run, token by token.
   moepass_onnx::qmoe  ->  com.microsoft::QMoE
       The same on 4-bit codes in the stored layout ([E, N, K/2] uint8, scales [E, N, K/block], packed
       zero points [E, N, K/block/2] or absent); onnxruntime 1.32 matches the dequantized math to 1e-6
-      for 4 bits with renormalized top-k weights; 8 bits (1% off) and unrenormalized routing (its CPU
-      kernel renormalizes anyway) keep the MatMulNBits form.
+      for 4 bits; 8 bits (1% off) keep the MatMulNBits form.
+Both always renormalize the top-k weights (`normalize_routing_weights=1`): onnxruntime does not
+honour 0, so the exporter rescales the output for routing that does not renormalize.
 """
 
 from __future__ import annotations
@@ -146,20 +147,20 @@ def _deinterleave_gate_up(tensor: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("moepass_onnx::moe", mutates_args=())
-def moe(x: Tensor, router_logits: Tensor, fc1: Tensor, fc2: Tensor, k: int, normalize: bool) -> Tensor:
-    weights, ids = routing(router_logits, None, "softmax_topk", k, 1, 1, normalize, 1.0, 0.0)
+def moe(x: Tensor, router_logits: Tensor, fc1: Tensor, fc2: Tensor, k: int) -> Tensor:
+    weights, ids = routing(router_logits, None, "softmax_topk", k, 1, 1, True, 1.0, 0.0)
     return experts(x, ids, weights, _deinterleave_gate_up(fc1), fc2, None, None, "silu", 1.0, 0.0)
 
 
 @moe.register_fake
-def _(x, router_logits, fc1, fc2, k, normalize):
+def _(x, router_logits, fc1, fc2, k):
     return torch.empty_like(x)
 
 
-def _moe_onnx(x, router_logits, fc1, fc2, k=2, normalize=True):
+def _moe_onnx(x, router_logits, fc1, fc2, k=2):
     return _MOE_OP(
         x, router_logits, fc1, None, fc2, None,
-        k=k, activation_type="swiglu", normalize_routing_weights=int(normalize), swiglu_fusion=1,
+        k=k, activation_type="swiglu", normalize_routing_weights=1, swiglu_fusion=1,
     )  # fmt: skip
 
 
@@ -174,13 +175,12 @@ def qmoe(
     fc2_scales: Tensor,
     fc2_zeros: Tensor | None,
     k: int,
-    normalize: bool,
     bits: int,
     block_size: int,
 ) -> Tensor:
     fc1_dense = dequantize(fc1, fc1_scales, fc1_zeros, bits, block_size, x.dtype)
     fc2_dense = dequantize(fc2, fc2_scales, fc2_zeros, bits, block_size, x.dtype)
-    return moe(x, router_logits, fc1_dense, fc2_dense, k, normalize)
+    return moe(x, router_logits, fc1_dense, fc2_dense, k)
 
 
 @qmoe.register_fake
@@ -190,11 +190,11 @@ def _(x, router_logits, fc1, fc1_scales, fc1_zeros, fc2, fc2_scales, fc2_zeros, 
 
 def _qmoe_onnx(
     x, router_logits, fc1, fc1_scales, fc1_zeros=None, fc2=None, fc2_scales=None, fc2_zeros=None,
-    k=2, normalize=True, bits=4, block_size=32,
+    k=2, bits=4, block_size=32,
 ):  # fmt: skip
     return _QMOE_OP(
         x, router_logits, fc1, fc1_scales, None, fc2, fc2_scales, None, None, None, None,
-        fc1_zeros, fc2_zeros, k=k, activation_type="swiglu", normalize_routing_weights=int(normalize),
+        fc1_zeros, fc2_zeros, k=k, activation_type="swiglu", normalize_routing_weights=1,
         swiglu_fusion=1, expert_weight_bits=bits, block_size=block_size,
     )  # fmt: skip
 

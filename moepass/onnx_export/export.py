@@ -188,7 +188,9 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     bias, groups or scaling, SwiGLU without biases. None leaves the node to the other forms.
 
     AWQ's input scales fold in exactly: the shared gate/up one multiplies the op's input, each
-    expert's down-projection one scales its up-projection rows (silu(g) * u * s = silu(g) * (s u))."""
+    expert's down-projection one scales its up-projection rows (silu(g) * u * s = silu(g) * (s u)).
+    The ops always renormalise the top-k weights; routing that does not (Qwen2-MoE, OLMoE) gets the
+    op's output times the top-k probability mass, which is the same sum (`_times_topk_mass`)."""
     args = op_args(node)
     route = args["topk_ids"].args[0] if args["topk_ids"].target is operator.getitem else None
     if route is None or route.target is not ROUTE:
@@ -217,8 +219,6 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         return None  # a router kept whole for dropped experts (preserve_gate): the op would pick them
     if quantized:
         bits, group = args["bits"], args["group_size"]
-        if not r["renormalize"]:
-            return None  # onnxruntime 1.32's CPU QMoE renormalizes the top-k weights whatever it is told
         if bits != 4 or group == -1:
             return None
         gate_up_q, down_q = (arg_tensors(graph_module, args, *names) for names in EXPERT_CODES.values())
@@ -248,9 +248,9 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
             x = graph.call_function(torch.ops.aten.mul.Tensor, (x, args["gate_up_input_scale"]))
         consts = {n: install_tensor(graph_module, f"{prefix}.onnx_{n}", t) for n, t in tensors.items()}
         extra = (args["bits"], args["group_size"]) if quantized else ()
-        new = graph.call_function(
-            op, (x, r["logits"], *consts.values(), r["top_k"], r["renormalize"], *extra)
-        )
+        new = graph.call_function(op, (x, r["logits"], *consts.values(), r["top_k"], *extra))
+        if not r["renormalize"]:
+            new = _times_topk_mass(graph, new, r["logits"], r["top_k"])
     _replace(graph_module, node, new, stored)
     for getter in getters:
         graph.erase_node(getter)
@@ -307,6 +307,21 @@ def _nbits_layout(qweight, scales, zeros, bits: int, block: int) -> list:
         scales.reshape(*lead, -1),
         None if zeros is None else zeros.reshape(*lead, -1),
     ]
+
+
+def _times_topk_mass(graph: fx.Graph, output: fx.Node, logits: fx.Node, k: int) -> fx.Node:
+    """output * sum of the k largest softmax probabilities, per token: turns experts weighted by
+    renormalised top-k probabilities into experts weighted by the probabilities themselves.
+
+    The fused ops are told to renormalise even where the model does not, because onnxruntime does
+    not honour `normalize_routing_weights=0`: 1.32's CPU QMoE ignores it, and 1.30's MoE gives wrong
+    outputs (2% off in the logits) once the graph around it lets it share buffers."""
+    aten = torch.ops.aten
+    probabilities = graph.call_function(aten._softmax.default, (logits, -1, False))
+    top_k = graph.call_function(aten.topk.default, (probabilities, k))
+    top = graph.call_function(operator.getitem, (top_k, 0))
+    mass = graph.call_function(aten.sum.dim_IntList, (top, [-1], True))
+    return graph.call_function(aten.mul.Tensor, (output, mass))
 
 
 def _replace(graph_module: fx.GraphModule, node: fx.Node, new: fx.Node, tensor_args: list[str]) -> None:
