@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from moepass.ir.quantized import QuantFormat, codes_for, packed_triple, scales_and_zeros
-from moepass.ir.surgery import quantize_experts, quantize_linear
 from moepass.passes.base import ConfigError, PassConfig, check_range
 from moepass.slimming import CATEGORIES, DEFAULT_TARGETS, LinearTarget, coverage, coverage_table
 
@@ -65,32 +64,6 @@ def check_formats(program, config: QuantizeConfig, linears: list[LinearTarget], 
         fmt.groups(weight.shape[-1], name)
         if not torch.isfinite(weight).all():
             raise ConfigError(f"{name} holds NaN or inf values; quantize a finite model")
-
-
-def install_linear(
-    program, target: LinearTarget, fmt: QuantFormat, packed: tuple, input_scale: Tensor | None = None
-) -> None:
-    quantize_linear(program, target.weight, fmt, packed, input_scale=input_scale)
-
-
-def install_experts(
-    program,
-    index: int,
-    fmt: QuantFormat,
-    gate_up: tuple,
-    down: tuple,
-    gate_up_input_scale: Tensor | None = None,
-    down_input_scale: Tensor | None = None,
-) -> None:
-    quantize_experts(
-        program,
-        index,
-        fmt,
-        gate_up,
-        down,
-        gate_up_input_scale=gate_up_input_scale,
-        down_input_scale=down_input_scale,
-    )
 
 
 def stack(triples: list[tuple]) -> tuple:

@@ -22,12 +22,10 @@ from torch import Tensor
 from moepass.calibration import BlockwiseRunner
 from moepass.ir.ops import ACTIVATIONS, run_experts
 from moepass.ir.quantized import QuantFormat, codes_for, dequantize, packed_triple, scales_and_zeros
-from moepass.ir.surgery import set_tensor
+from moepass.ir.surgery import quantize_experts, quantize_linear, set_tensor
 from moepass.quantization import (
     QuantizeConfig,
     check_formats,
-    install_experts,
-    install_linear,
     rtn,
     stack,
     summary,
@@ -151,7 +149,7 @@ class AWQPass(TransformPass):
             runner.commit(runner.outputs(block))
         for target in [t for t in linears if t.block is None]:  # the LM head: after the last block
             weight = program.graph_module.get_parameter(target.weight)
-            install_linear(program, target, config.format, rtn(weight, config.format, target.weight))
+            quantize_linear(program, target.weight, config.format, rtn(weight, config.format, target.weight))
         return TransformResult(bool(linears or experts), summary(program, before, fallbacks))
 
     def _plan(self, program, runner, block, linears, observed, moe, fallback) -> list:
@@ -232,7 +230,7 @@ class AWQPass(TransformPass):
 
         def apply():
             for target, triple in zip(group, packed, strict=True):
-                install_linear(program, target, c.format, triple, input_scale=1 / s)
+                quantize_linear(program, target.weight, c.format, triple, input_scale=1 / s)
 
         return apply
 
@@ -303,7 +301,7 @@ class AWQPass(TransformPass):
         index = next(b.index for b in program.structure.moe_blocks if b.mlp.experts_node == moe.experts_node)
 
         def apply():
-            install_experts(
+            quantize_experts(
                 program,
                 index,
                 c.format,
@@ -313,6 +311,6 @@ class AWQPass(TransformPass):
                 down_input_scale=torch.stack(down_scales),
             )
             for target, triple in zip(shared, shared_packed, strict=True):
-                install_linear(program, target, c.format, triple, input_scale=1 / s)
+                quantize_linear(program, target.weight, c.format, triple, input_scale=1 / s)
 
         return [apply]

@@ -20,11 +20,10 @@ from torch import Tensor
 from moepass.calibration import BlockwiseRunner
 from moepass.ir.ops import ACTIVATIONS
 from moepass.ir.quantized import QuantFormat, dequantize, packed_triple, scales_and_zeros
+from moepass.ir.surgery import quantize_experts, quantize_linear
 from moepass.quantization import (
     QuantizeConfig,
     check_formats,
-    install_experts,
-    install_linear,
     rtn,
     stack,
     summary,
@@ -143,12 +142,8 @@ class GPTQPass(TransformPass):
             )
             runner.commit(runner.outputs(block))
         for target in [t for t in linears if t.block is None]:  # the LM head reads the final norm
-            install_linear(
-                program,
-                target,
-                fmt,
-                rtn(program.graph_module.get_parameter(target.weight), fmt, target.weight),
-            )
+            weight = program.graph_module.get_parameter(target.weight)
+            quantize_linear(program, target.weight, fmt, rtn(weight, fmt, target.weight))
         return TransformResult(bool(linears or experts), summary(program, before, fallbacks))
 
     def _linears(self, program, runner: BlockwiseRunner, block: int, group) -> None:
@@ -170,7 +165,7 @@ class GPTQPass(TransformPass):
                 c.act_order,
                 _pruned(program, target.weight, weight),
             )
-            install_linear(program, target, c.format, packed)
+            quantize_linear(program, target.weight, c.format, packed)
 
     def _experts(self, program, runner: BlockwiseRunner, block: int) -> list[int]:
         """Per-expert GPTQ on routed tokens: every gate/up first, then every down projection on the
@@ -221,7 +216,7 @@ class GPTQPass(TransformPass):
             return act(F.linear(x, quantized[e].to(x.dtype), bias), alpha, limit)
 
         second = routed_hessians(down.shape[-1], down_inputs)
-        install_experts(program, block, c.format, packed_gate_up, quantize_all(down, second, moe.down))
+        quantize_experts(program, block, c.format, packed_gate_up, quantize_all(down, second, moe.down))
         return [e for e, h in enumerate(first) if h.tokens < max(c.min_tokens, 1)]
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from moepass.quantization import QuantizeConfig, check_formats, install_experts, install_linear, rtn, summary
+from moepass.ir.surgery import quantize_experts, quantize_linear
+from moepass.quantization import QuantizeConfig, check_formats, rtn, summary
 from moepass.slimming import coverage, expert_blocks, linear_targets
 
 from .base import TransformPass, TransformResult, register_pass
@@ -21,10 +22,10 @@ class RTNPass(TransformPass):
         check_formats(program, config, linears, experts)
         get = program.graph_module.get_parameter
         for target in linears:
-            install_linear(program, target, fmt, rtn(get(target.weight), fmt, target.weight))
+            quantize_linear(program, target.weight, fmt, rtn(get(target.weight), fmt, target.weight))
         for index in experts:
             moe = program.structure.block(index).mlp
-            install_experts(
+            quantize_experts(
                 program,
                 index,
                 fmt,
