@@ -1,8 +1,8 @@
-"""What RTN, GPTQ and AWQ share: their config, the block-by-block driver, and the rewrite step.
+"""What RTN, GPTQ and AWQ share: their config, round-to-nearest, the format checks and the summary.
 
 Every method turns a float weight into (codes, per-group scale, zero) in `moepass.ir.quantized`'s
-layout; the driver installs the result through `moepass.ir.surgery`, so the graph ends with
-quantized ops whatever the method. Routed experts are quantized one expert at a time on the tokens
+layout and installs it through `moepass.ir.surgery`, so the graph ends with quantized ops whatever
+the method. Routed experts are quantized one expert at a time on the tokens
 routed to it (calibrated methods); experts that receive fewer than `min_tokens` calibration tokens
 fall back to round-to-nearest and are listed in the pass summary.
 """
