@@ -57,6 +57,15 @@ class PruneConfig(PassConfig):
         return int(m) - int(n), int(m)  # 2:4 keeps 2 of 4 -> 2 zeros per 4
 
 
+def check_groups(cols: int, config: PruneConfig, name: str) -> None:
+    """N:M patterns need whole groups of m inputs."""
+    m = config.nm()[1]
+    if cols % m:
+        raise ConfigError(
+            f"{name}: {config.pattern} sparsity needs the input dimension to be a multiple of {m}, got {cols}"
+        )
+
+
 def mask_lowest(score: Tensor, config: PruneConfig, name: str) -> Tensor:
     """Boolean mask of the weights to zero: the lowest-scoring share per row, or per m-group (N:M)."""
     rows, cols = score.shape
@@ -68,10 +77,7 @@ def mask_lowest(score: Tensor, config: PruneConfig, name: str) -> Tensor:
             mask.scatter_(1, torch.topk(score, count, dim=1, largest=False).indices, True)
         return mask
     zeros, m = nm
-    if cols % m:
-        raise ConfigError(
-            f"{name}: {config.pattern} sparsity needs the input dimension to be a multiple of {m}, got {cols}"
-        )
+    check_groups(cols, config, name)
     grouped = score.reshape(rows, cols // m, m)
     mask = torch.zeros_like(grouped, dtype=torch.bool)
     mask.scatter_(2, torch.topk(grouped, zeros, dim=2, largest=False).indices, True)

@@ -1,6 +1,8 @@
 """SparseGPT (Frantar & Alistarh 2023): prune column block by column block, choosing in each block
-the weights with the smallest W^2 / [H^-1]_jj^2 per row (every m columns for N:M), and updating the
-remaining weights to compensate through the inverse Hessian of the layer's inputs (OBS update).
+the weights with the smallest W^2 / [H^-1]_jj^2 per row, and updating the remaining weights to
+compensate through the inverse Hessian of the layer's inputs (OBS update). N:M masks are chosen every
+m columns from the weights as updated so far (choosing a whole block's up front wastes most of the
+compensation: 2.3x the output error on correlated inputs).
 Dead input channels (zero Hessian diagonal) are zeroed. Experts with too few routed tokens use
 H = I, which is magnitude pruning."""
 
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moepass.pruning import PruneConfig, mask_lowest, prune_program
+from moepass.pruning import PruneConfig, check_groups, mask_lowest, prune_program
 
 from .base import TransformPass, TransformResult, register_pass
 
@@ -30,13 +32,22 @@ def sparsegpt_prune(weight, stats, config: PruneConfig, name: str):
     h += DAMP * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     nm = config.nm()
+    if nm is not None:
+        check_groups(cols, config, name)
     block = BLOCK if nm is None else max(BLOCK // nm[1], 1) * nm[1]
     for start in range(0, cols, block):
         end = min(start + block, cols)
         w1, h1 = w[:, start:end].clone(), hinv[start:end, start:end]
         errors = torch.zeros_like(w1)
-        mask = mask_lowest(w1.pow(2) / torch.diag(h1).pow(2), config, name)
+        scale = torch.diag(h1).pow(2)
+        if nm is None:
+            mask = mask_lowest(w1.pow(2) / scale, config, name)
+        else:
+            mask = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(end - start):
+            if nm is not None and i % nm[1] == 0:  # each group's mask from the weights updated so far
+                group = slice(i, i + nm[1])
+                mask[:, group] = mask_lowest(w1[:, group].pow(2) / scale[group], config, name)
             column = w1[:, i]
             pruned = torch.where(mask[:, i], torch.zeros_like(column), column)
             error = (column - pruned) / h1[i, i]
