@@ -66,17 +66,29 @@ class QuantFormat:
         return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
 
 
-def scales_and_zeros(weight: Tensor, fmt: QuantFormat) -> tuple[Tensor, Tensor]:
-    """Per-group scale and integer zero point ([..., N, G], both float) minimising nothing: min/max."""
+def scales_and_zeros(
+    weight: Tensor, fmt: QuantFormat, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-group scale and integer zero point ([..., N, G], both float) minimising nothing: min/max.
+
+    The scale is rounded up to `dtype` (the stored one; default the weight's) before the zero point
+    and the codes are derived from it, so a bf16 model's codes fit the scale it will be dequantized
+    with and the group's range still fits the codes."""
     *lead, n, k = weight.shape
+    dtype = dtype or weight.dtype
     groups = weight.reshape(*lead, n, -1, fmt.group(k)).float()
     if fmt.symmetric:
-        absmax = groups.abs().amax(-1).clamp_min(1e-12)
-        scale = 2 * absmax / fmt.max_code
-        zero = torch.full_like(scale, 2 ** (fmt.bits - 1))
+        scale = 2 * groups.abs().amax(-1) / fmt.max_code
     else:
         low, high = groups.amin(-1).clamp_max(0), groups.amax(-1).clamp_min(0)
-        scale = ((high - low) / fmt.max_code).clamp_min(1e-12)
+        scale = (high - low) / fmt.max_code
+    stored = scale.to(dtype)
+    up = torch.nextafter(stored, stored.new_tensor(torch.inf))
+    stored = torch.where(stored.float() < scale, up, stored)
+    scale = stored.float().clamp_min(torch.finfo(dtype).tiny)
+    if fmt.symmetric:
+        zero = torch.full_like(scale, 2 ** (fmt.bits - 1))
+    else:
         zero = torch.round(-low / scale).clamp(0, fmt.max_code)
     return scale, zero
 

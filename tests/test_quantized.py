@@ -45,23 +45,25 @@ def numpy_dequantize(qweight, scales, zeros, bits, group_size):
     group=st.sampled_from([2, 8, 32]),
     symmetric=st.booleans(),
     experts=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     data=st.data(),
 )
 def test_pack_unpack_and_dequantize_match_the_numpy_reference(
-    bits, n, groups, group, symmetric, experts, data
+    bits, n, groups, group, symmetric, experts, dtype, data
 ):
     k = groups * group
     codes = torch.randint(0, 2**bits, ((experts,) if experts else ()) + (n, k))
     assert torch.equal(unpack(pack(codes, bits), bits), codes)
     seed = data.draw(st.integers(0, 2**31 - 1))
-    weight = torch.randn(codes.shape, generator=torch.Generator().manual_seed(seed))
+    weight = torch.randn(codes.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     fmt = QuantFormat(bits, group, symmetric)
     qweight, scales, zeros = quantize(weight, fmt)
     assert qweight.dtype == torch.uint8 and qweight.shape[-1] == (k // 2 if bits == 4 else k)
-    assert scales.shape[-1] == groups and (zeros is None) == symmetric
+    assert scales.shape[-1] == groups and (zeros is None) == symmetric and scales.dtype == dtype
     ours = dequantize(qweight, scales, zeros, bits, group, dtype=torch.float64)
     np.testing.assert_allclose(ours.numpy(), numpy_dequantize(qweight, scales, zeros, bits, group), rtol=1e-6)
-    # round-to-nearest: every weight within half a step of its group's scale (plus clipping at the ends)
+    # round-to-nearest: every weight within half a step of its group's stored scale (plus clipping at
+    # the ends), also where the scale is stored in bf16/fp16
     step = scales.double().repeat_interleave(group, dim=-1)
     error = (ours - weight.double()).abs()
     assert (error <= 0.5 * step + 1e-6).float().mean() > 0.97

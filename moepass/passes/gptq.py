@@ -72,7 +72,7 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scale, zero = scales_and_zeros(w, fmt)  # static groups
+    scale, zero = scales_and_zeros(w, fmt, weight.dtype)  # static groups
     scale, zero = scale.double(), zero.double()
     group = fmt.group(w.shape[1])
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
