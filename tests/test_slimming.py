@@ -12,6 +12,7 @@ from moepass.artifact import load, save
 from moepass.data import TokenSet
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, dequantize
+from moepass.ir.structure import tensor_at
 from moepass.pass_manager import PassError
 from moepass.passes import ConfigError
 from moepass.passes.awq import search_scale
@@ -199,8 +200,12 @@ def test_awq_scales_are_moe_aware():
         down_scales = slim.graph_module.get_parameter(f"{prefix}.down_input_scale")
         assert shared_scale.shape == (64,)  # one scale for every expert's gate/up (all MoE tokens)
         assert down_scales.shape == (block.mlp.num_experts, 48)  # one per expert (its routed tokens)
-        shared_gate = f"{block.mlp.module}.shared_experts.gate_proj.input_scale"
-        assert torch.equal(slim.graph_module.get_parameter(shared_gate), shared_scale)
+        shared_gate = f"{block.mlp.module}.shared_experts.gate_proj"
+        assert torch.equal(slim.graph_module.get_parameter(f"{shared_gate}.input_scale"), shared_scale)
+        # the shared experts' ranges are clipped like every other projection's, not just rounded
+        weight = program.graph_module.get_parameter(f"{shared_gate}.weight")
+        plain_scales = rtn(weight / shared_scale, QuantFormat(4, 16), shared_gate)[1]
+        assert (tensor_at(slim.graph_module, f"{shared_gate}.scales") < 0.99 * plain_scales).any()
 
 
 @pytest.mark.parametrize("order", ["slim-then-trim", "trim-then-slim"])

@@ -297,6 +297,9 @@ class AWQPass(TransformPass):
             packed_gate_up.append(rtn(w, c.format, f"{moe.gate_up}[{e}]"))
             packed_down.append(rtn(wd, c.format, f"{moe.down}[{e}]"))
             down_scales.append(1 / sd)
+        if c.clip:
+            clip = c.clip_grid, c.max_shrink
+            shared_scaled = [search_clip(w, x / s, c.format, *clip) for w in shared_scaled]
         shared_packed = [rtn(w, c.format, t.weight) for w, t in zip(shared_scaled, shared, strict=True)]
         index = next(b.index for b in program.structure.moe_blocks if b.mlp.experts_node == moe.experts_node)
 
