@@ -133,7 +133,7 @@ def coverage(program: MoEProgram, before: dict[str, tuple[int, int]] | None = No
     for category, row in table.items():
         row["share"] = row["compressed"] / row["params"] if row["params"] else 0.0
         if before is not None:
-            row["bytes_before"] = before.get(category, {}).get("bytes", row["bytes"])
+            row["bytes_before"] = before.get(category, {}).get("bytes", 0)  # new: a tied head's copy
     return table
 
 

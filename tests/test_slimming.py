@@ -10,6 +10,7 @@ import moepass
 from helpers import FAMILIES, captured
 from moepass.artifact import load, save
 from moepass.data import TokenSet
+from moepass.evaluate import model_size
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, dequantize
 from moepass.ir.structure import tensor_at
@@ -185,6 +186,16 @@ def test_slimming_runs_on_every_family_and_stays_verified(family, method):
     with torch.no_grad():
         error = (slim(ids) - model(ids).logits).norm() / model(ids).logits.norm()
     assert error < 0.5
+
+
+def test_coverage_bytes_add_up_when_a_tied_lm_head_is_quantized():
+    """Quantizing a head tied to the embeddings stores a new copy: the report must show it."""
+    _, program = captured("mixtral", tie_word_embeddings=True)
+    quantized = moepass.compress(program, [("rtn", {"group_size": 16, "targets": ["lm_head"]})])
+    coverage = quantized.report.records[-1].summary["coverage"]
+    assert sum(row["bytes_before"] for row in coverage.values()) == model_size(program)[1]
+    assert sum(row["bytes"] for row in coverage.values()) == model_size(quantized)[1]
+    assert coverage["lm_head"]["bytes_before"] == 0 < coverage["lm_head"]["bytes"]
 
 
 def test_awq_scales_are_moe_aware():
