@@ -106,16 +106,22 @@ def _compress(args: argparse.Namespace) -> None:
     print(f"\nwrote {out}/ (model.safetensors, manifest.json, tokenizer, report.md, report.json, plots/)")
 
 
-def _load_program(name_or_path: str, lower: bool = True, compile: bool = False):
-    """A moepass artifact directory (loaded, lowered), or a model (captured, lowered)."""
+def _load_program(
+    name_or_path: str, lower: bool = True, compile: bool = False, dtype: torch.dtype | None = None
+):
+    """A moepass artifact directory (loaded, lowered), or a model (captured in `dtype`, lowered)."""
     from moepass.artifact import load
     from moepass.ir import capture
     from moepass.lowering import lower as lower_program
     from moepass.zoo import load_model
 
     if os.path.isfile(os.path.join(name_or_path, "manifest.json")):
+        if dtype is not None:
+            raise MoepassError(
+                f"--dtype applies to a model; the artifact {name_or_path} keeps its compressed dtype"
+            )
         return load(name_or_path, lower=lower, compile=compile)
-    program = capture(load_model(name_or_path))
+    program = capture(load_model(name_or_path, dtype=dtype))
     return lower_program(program, copy=False, compile=compile) if lower else program
 
 
@@ -125,7 +131,15 @@ def _generate(args: argparse.Namespace) -> None:
     from moepass.zoo import load_tokenizer
 
     torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except MoepassError:
+        if args.onnx and not args.tokenizer:
+            raise MoepassError(
+                f"{args.model} holds no tokenizer (exported without one); pass --tokenizer with the "
+                "model's checkpoint directory or tokenizer.json"
+            ) from None
+        raise
     if isinstance(tokenizer, Tokenizer):
         prompt_ids = tokenizer.encode(args.prompt).ids
     else:
@@ -179,11 +193,15 @@ def _export_onnx(args: argparse.Namespace) -> None:
     from moepass.table import format_table
     from moepass.zoo import load_tokenizer
 
-    program = _load_program(args.model, lower=False)
+    if Path(args.out).exists() and not args.force:  # before minutes of loading and capturing
+        raise MoepassError(f"{args.out} already exists; pass --force to replace it")
+    program = _load_program(args.model, lower=False, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    run = f"moepass generate {args.out} --onnx"
     try:
         tokenizer = load_tokenizer(args.model)
     except (MoepassError, OSError, ValueError):
         tokenizer = None
+        run += " --tokenizer TOKENIZER"
         print(f"note: {args.model} has no tokenizer; the export holds none", file=sys.stderr)
     start = time.perf_counter()
     print(
@@ -194,7 +212,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
     rows = [[kind, count] for kind, count in manifest["rewrites"].items()]
     print(format_table(["rewrite", "count"], rows))
     seconds = time.perf_counter() - start
-    print(f"\nwrote {args.out}/ in {seconds:.1f}s; run it: moepass generate {args.out} --onnx")
+    print(f"\nwrote {args.out}/ in {seconds:.1f}s; run it: {run}")
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -296,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("model", help="moepass artifact directory, built-in name or checkpoint directory")
     onnx.add_argument("out", help="output directory (model.onnx, onnx_manifest.json, tokenizer)")
     onnx.add_argument("--force", action="store_true", help="replace an existing output directory")
+    onnx.add_argument(
+        "--dtype", choices=sorted(_DTYPES), help="load a model's weights in this dtype (not bfloat16: ONNX)"
+    )
     onnx.set_defaults(run=_export_onnx)
 
     recipes = commands.add_parser("recipes", help="list the built-in recipes")

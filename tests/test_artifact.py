@@ -187,6 +187,14 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         texts[engine] = captured_io.out
         assert "tokens in" in captured_io.err
     assert texts["torch"] == texts["onnx"] and texts["torch"].startswith("It is")
+    assert main(["export-onnx", str(out), str(onnx_dir)]) == 2  # refused before loading anything
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["export-onnx", str(out), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 2
+    assert "keeps its compressed dtype" in capsys.readouterr().err
+    bare = tmp_path / "onnx-without-tokenizer"
+    shutil.copytree(onnx_dir, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert main(["generate", str(bare), "--onnx", "--prompt", "It is"]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err
     assert main(["generate", str(out), "--compile", "--no-lower"]) == 2
     assert "drop --no-lower" in capsys.readouterr().err
     with pytest.raises(ArtifactError, match="compile=True needs lower=True"):

@@ -19,6 +19,7 @@ from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import drop_mlp, keep_experts
 from moepass.onnx_export import OnnxExportError, OnnxProgram, export_onnx
 from moepass.onnx_export.complex_to_real import complex_to_real
+from moepass.zoo import random_model
 
 REL_TOL = 1e-5  # fp32 end to end; ORT's kernels sum in other orders than ATen's
 # (batch, new tokens, past tokens): prefill, batched decode, chunked prefill on a cache
@@ -155,6 +156,16 @@ def test_export_writes_manifest_and_refuses_what_it_cannot_do(tmp_path, tmp_path
     assert not (tmp_path / "lowered").exists()
     with pytest.raises(MoepassError, match="not an exported moepass ONNX directory"):
         OnnxProgram(tmp_path)
+    with pytest.raises(OnnxExportError, match="computes in bfloat16"):
+        export_onnx(moepass.capture(random_model("olmoe", dtype=torch.bfloat16)), tmp_path / "bf16")
+    assert not (tmp_path / "bf16").exists()
+    # int32 token ids and a bool mask, as the PyTorch program takes them
+    exported, prompt = OnnxProgram(path), torch.randint(0, program.info.vocab_size, (2, 4))
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    assert torch.equal(
+        exported.generate(prompt.int(), 3, attention_mask=mask, eos_token_id=None),
+        program.generate(prompt, 3, eos_token_id=None),
+    )
 
 
 def test_complex_ops_without_a_real_rewrite_are_refused_by_name():

@@ -73,6 +73,11 @@ def export_onnx(
             f"this program is lowered for {program.info.lowered} (kernel-specific weight layouts); export "
             "the program before lowering it (moepass.load(path, lower=False))"
         )
+    if program.info.dtype == "bfloat16":
+        raise OnnxExportError(
+            "this program computes in bfloat16, which onnxruntime's CPU provider cannot run (no bf16 "
+            "Mul, MatMul, ...); capture the model in float32 or float16 (CLI: --dtype float32)"
+        )
     path = Path(path)
     if path.exists() and not overwrite:
         raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")

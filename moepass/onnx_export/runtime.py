@@ -45,6 +45,8 @@ class OnnxProgram(StepGeneration):
             for i in self.session.get_inputs()
             if i.name.startswith("past_")
         }
+        # ids, mask and positions are int64 in the graph; the PyTorch program also takes int32/bool
+        self._feed_dtypes = [np.int64] * 3 + [getattr(np, self.info.dtype)] * len(self.cache_names)
 
     @property
     def cache_names(self) -> list[str]:
@@ -67,11 +69,10 @@ class OnnxProgram(StepGeneration):
         last_token_only: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """One decoder step in onnxruntime (the contract of `MoEProgram.step`)."""
+        tensors = (input_ids, attention_mask, position_ids, *past)
         feeds = {
-            name: np.ascontiguousarray(tensor.detach().cpu().numpy())
-            for name, tensor in zip(
-                self.input_names, (input_ids, attention_mask, position_ids, *past), strict=True
-            )
+            name: np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
+            for name, tensor, dtype in zip(self.input_names, tensors, self._feed_dtypes, strict=True)
         }
         outputs = [torch.from_numpy(array) for array in self.session.run(self.output_names, feeds)]
         logits = outputs[0][:, -1:] if last_token_only else outputs[0]
