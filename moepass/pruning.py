@@ -110,7 +110,7 @@ def prune_program(
     """Apply `method` to every target; returns the pass summary (coverage, fallbacks)."""
     before = coverage(program)
     linears = linear_targets(program, config.targets)
-    experts = expert_blocks(program) if "experts" in config.targets else []
+    experts = expert_blocks(program, config.targets)
     _check_targets(program, config, linears, experts)
     get = program.graph_module.get_parameter
     fallbacks: dict[int, list[int]] = {}
@@ -193,11 +193,8 @@ def _check_targets(program, config: PruneConfig, linears, experts) -> None:
         weight = get(name)
         if not torch.isfinite(weight).all():
             raise ConfigError(f"{name} holds NaN or inf values; prune a finite model")
-        if nm is not None and weight.shape[-1] % nm[1]:
-            raise ConfigError(
-                f"{name}: {config.pattern} sparsity needs the input dimension to be a multiple of "
-                f"{nm[1]}, got {weight.shape[-1]}"
-            )
+        if nm is not None:
+            check_groups(weight.shape[-1], config, name)
 
 
 def _install(program, name: str, weight: Tensor, config: PruneConfig) -> None:

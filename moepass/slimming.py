@@ -15,7 +15,9 @@ from torch import fx
 
 from moepass.ir import MoEEntry, MoEProgram
 from moepass.ir.printer import QUANT_METADATA
-from moepass.ir.quant_ops import logical_count, packed_code_bits
+from moepass.ir.quant_ops import QUANTIZED_LINEAR, logical_count, packed_code_bits
+from moepass.ir.sparse import SPARSE24_LINEAR
+from moepass.passes.base import ConfigError
 from moepass.table import format_table, human_bytes, human_count
 
 CATEGORIES = ("experts", "shared_experts", "attention", "dense_mlp", "lm_head")
@@ -41,6 +43,13 @@ def linear_targets(program: MoEProgram, categories: tuple[str, ...]) -> list[Lin
     def collect(category: str, block: int | None, names: list[str]) -> None:
         for name in names:
             node = nodes[name]
+            if node.target in (QUANTIZED_LINEAR, SPARSE24_LINEAR):
+                where = f"layer {block}" if block is not None else "after the last layer"
+                module = node.args[1].target.rpartition(".")[0]  # the packed weight's owner
+                raise ConfigError(
+                    f"{module} ({category}, {where}) is already compressed ({node.target.name()}); "
+                    f"prune before quantizing, quantize once, or leave {category!r} out of targets"
+                )
             weight = node.args[1] if node.target is _LINEAR else None
             if isinstance(weight, fx.Node) and weight.op == "get_attr" and node.args[0].op != "get_attr":
                 role = weight.target.rsplit(".", 2)[-2]
@@ -60,9 +69,19 @@ def linear_targets(program: MoEProgram, categories: tuple[str, ...]) -> list[Lin
     return found
 
 
-def expert_blocks(program: MoEProgram) -> list[int]:
-    """MoE blocks whose routed experts are still uncompressed."""
-    return [b.index for b in program.structure.moe_blocks if b.mlp.quantization is None]
+def expert_blocks(program: MoEProgram, categories: tuple[str, ...]) -> list[int]:
+    """The MoE blocks whose routed experts a pass targeting `categories` compresses: all of them, or
+    none without "experts". Experts already quantized are an error, not skipped: a recipe that
+    quantizes and then prunes or quantizes again would otherwise report work it did not do."""
+    if "experts" not in categories:
+        return []
+    for block in program.structure.moe_blocks:
+        if block.mlp.quantization is not None:
+            raise ConfigError(
+                f"layer {block.index}'s routed experts are already stored as {block.mlp.quantization}; "
+                "prune before quantizing, quantize once, or leave 'experts' out of targets"
+            )
+    return [b.index for b in program.structure.moe_blocks]
 
 
 def routed_rows(ids: torch.Tensor, expert: int) -> torch.Tensor:

@@ -270,6 +270,18 @@ def test_starved_experts_fall_back_and_are_listed():
         ([("rtn", {"group_size": 48})], PassError, "group size 48 does not divide its 64 inputs"),
         ([("wanda", {"sparsity": 1.0})], ConfigError, "would remove every weight"),
         ([("gptq", {"targets": ["routers"]})], ConfigError, "targets: 'routers' is not allowed"),
+        ([("gptq", {"damp": 0.0})], ConfigError, "damp: 0.0 is out of range; must be > 0"),
+        # a second compression of quantized weights would skip them yet report the pass as done
+        (
+            [("rtn", {"group_size": 16}), ("magnitude", {"pattern": "2:4"})],
+            PassError,
+            r"layer 0's routed experts are already stored as .*prune before quantizing",
+        ),
+        (
+            [("rtn", {"group_size": 16, "targets": ["attention"]}), ("gptq", {"targets": ["attention"]})],
+            PassError,
+            r"q_proj.*\(attention, layer 0\) is already compressed",
+        ),
     ],
 )
 def test_bad_slimming_requests(passes, error, message):

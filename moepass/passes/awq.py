@@ -125,7 +125,7 @@ class AWQPass(TransformPass):
         config = self.config
         before = coverage(program)
         linears = linear_targets(program, config.targets)
-        experts = expert_blocks(program) if "experts" in config.targets else []
+        experts = expert_blocks(program, config.targets)
         check_formats(program, config, linears, experts)
         runner = BlockwiseRunner(program, context.calibration, context.batch_size)
         fallbacks: dict[int, list[int]] = {}

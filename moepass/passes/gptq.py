@@ -49,7 +49,7 @@ class GPTQConfig(QuantizeConfig):
 
     def check(self) -> None:
         super().check()
-        check_range("damp", self.damp, 0.0, 1.0)
+        check_range("damp", self.damp, 0.0, 1.0, inclusive_low=False)  # 0: H may be singular
         if self.block_size < 1:
             raise ConfigError(f"block_size: {self.block_size} is out of range; must be >= 1")
 
@@ -125,7 +125,7 @@ class GPTQPass(TransformPass):
         config, fmt = self.config, self.config.format
         before = coverage(program)
         linears = linear_targets(program, config.targets)
-        experts = expert_blocks(program) if "experts" in config.targets else []
+        experts = expert_blocks(program, config.targets)
         check_formats(program, config, linears, experts)
         runner = BlockwiseRunner(program, context.calibration, context.batch_size)
         fallbacks: dict[int, list[int]] = {}

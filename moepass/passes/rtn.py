@@ -18,7 +18,7 @@ class RTNPass(TransformPass):
         config, fmt = self.config, self.config.format
         before = coverage(program)
         linears = linear_targets(program, config.targets)
-        experts = expert_blocks(program) if "experts" in config.targets else []
+        experts = expert_blocks(program, config.targets)
         check_formats(program, config, linears, experts)
         get = program.graph_module.get_parameter
         for target in linears:
