@@ -149,6 +149,9 @@ def _generate(args: argparse.Namespace) -> None:
     if args.onnx:
         from moepass.onnx_export.runtime import OnnxProgram
 
+        if args.compile or args.no_lower:
+            raise MoepassError("--compile and --no-lower choose how PyTorch runs; drop them with --onnx")
+
         program = OnnxProgram(args.model)
     else:
         if args.compile and args.no_lower:

@@ -195,6 +195,8 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     shutil.copytree(onnx_dir, bare, ignore=shutil.ignore_patterns("tokenizer*"))
     assert main(["generate", str(bare), "--onnx", "--prompt", "It is"]) == 2
     assert "holds no tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(onnx_dir), "--onnx", "--compile"]) == 2
+    assert "drop them with --onnx" in capsys.readouterr().err
     assert main(["generate", str(out), "--compile", "--no-lower"]) == 2
     assert "drop --no-lower" in capsys.readouterr().err
     with pytest.raises(ArtifactError, match="compile=True needs lower=True"):
