@@ -274,6 +274,8 @@ def test_a_drop_ratio_never_removes_more_than_it_asks(ratio, dropped):
         assert len(program.info.edits) == dropped, pass_name
     with pytest.raises(moepass.MoepassError, match=r"ratio 0\.1 of 6 MoE sub-layers rounds to 0"):
         moepass.compress(original, [("layer_drop", {"ratio": 0.1})], calibration=data)
+    with pytest.raises(moepass.MoepassError, match=r"expert_drop.ratio: 0\.05 of the experts rounds to none"):
+        moepass.compress(original, [("expert_drop", {"ratio": 0.05, "score": "random"})])
 
 
 def _without_blocks(model, blocks: list[int]):

@@ -75,6 +75,11 @@ class ExpertDropPass(TransformPass):
             if len(kept) < moe[index].num_experts:
                 dropped[index] = sorted(set(range(moe[index].num_experts)) - set(kept))
                 keep_experts(program, index, kept, preserve_gate=config.preserve_gate)
+        if not dropped and config.ratio is not None:  # before any edit: none was made
+            raise ConfigError(
+                f"expert_drop.ratio: {config.ratio} of the experts rounds to none dropped; raise it or "
+                "give keep"
+            )
         return TransformResult(
             bool(dropped),
             {
