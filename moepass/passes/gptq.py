@@ -3,10 +3,11 @@ yet quantized through the inverse Hessian of the layer's inputs (Frantar et al. 
 
 MoE-aware: each routed expert gets its own Hessian from the tokens routed to it only; experts with
 fewer than `min_tokens` fall back to round-to-nearest (H = I). Blocks are processed in order and,
-inside a block, true-sequentially — attention q/k/v, then o, then every expert's gate/up (and the
-shared experts'), then every down projection — each group calibrated on the outputs of the groups
-already quantized. Groups are static (scales from the unquantized weight, contiguous along K) even
-with `act_order`, so the stored layout stays the plain group-wise one.
+inside a block, true-sequentially — attention q/k/v (MLA: the low-rank projections, then q_b/kv_b),
+then o, then every expert's gate/up (and the shared experts'), then every down projection — each
+group calibrated on the outputs of the groups already quantized. Groups are static (scales from the
+unquantized weight, contiguous along K) even with `act_order`, so the stored layout stays the plain
+group-wise one.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .base import ConfigError, TransformPass, TransformResult, check_range, regi
 
 # GPTQ's true-sequential order inside a block, by projection role
 SEQUENTIAL = [
-    ("q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"),
+    ("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"),
+    ("q_b_proj", "kv_b_proj"),  # MLA: they read the (quantized) low-rank projections' outputs
     ("o_proj",),
     ("gate_proj", "up_proj", "experts_gate_up"),
     ("down_proj", "experts_down"),
