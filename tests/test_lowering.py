@@ -22,6 +22,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _greedy_under(reference, sequences: torch.Tensor, prompt: int) -> None:
+    """Every generated token is the reference's greedy choice on that prefix, up to a near tie (fused
+    kernels sum in another order: two logits within 1e-4 of the scale may swap)."""
+    logits = reference(sequences)[:, prompt - 1 : -1]
+    chosen = logits.gather(-1, sequences[:, prompt:, None]).squeeze(-1)
+    assert (logits.amax(-1) - chosen <= 1e-4 * logits.abs().amax()).all()
+
+
 def _rtn(program, bits: int = 4, group_size: int = 32, symmetric: bool = False, targets=ALL_TARGETS):
     config = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "targets": list(targets)}
     return moepass.compress(program, [("rtn", config)])
@@ -107,11 +115,8 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     assert compiled.info.compiled and not eager.info.compiled
     ids = torch.randint(0, program.info.vocab_size, (2, 7))
     assert _rel(compiled(ids), eager(ids)) < 1e-4  # the same kernels; Inductor fuses what lies between
-    expected = eager.generate(ids, 8, eos_token_id=None)
-    assert torch.equal(compiled.generate(ids, 8, eos_token_id=None), expected)
+    _greedy_under(eager, compiled.generate(ids, 8, eos_token_id=None), prompt=7)
     graphs = counters["stats"]["unique_graphs"]
     longer = torch.randint(0, program.info.vocab_size, (2, 11))
-    assert torch.equal(
-        compiled.generate(longer, 12, eos_token_id=None), eager.generate(longer, 12, eos_token_id=None)
-    )
+    _greedy_under(eager, compiled.generate(longer, 12, eos_token_id=None), prompt=11)
     assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the dynamic graphs
