@@ -146,6 +146,31 @@ def test_fused_moe_matches_float64_reference(seed, activation, num_experts, top_
     assert rel_err(out, ref) < FP32_BOUND
 
 
+def reference_quantized_experts(
+    x, ids, weights, gate_up, down, bits, group, down_bias=None, scales=(None, None)
+):
+    """The quantized experts op in float64 (SiLU experts; `scales`: AWQ input scales of gate/up, down)."""
+    return quantized_experts(
+        x.double(),
+        ids,
+        weights.double(),
+        gate_up[0],
+        f64(gate_up[1]),
+        gate_up[2],
+        down[0],
+        f64(down[1]),
+        down[2],
+        None,
+        None if down_bias is None else f64(down_bias),
+        *(None if s is None else f64(s) for s in scales),
+        "silu",
+        0.0,
+        0.0,
+        bits,
+        group,
+    )
+
+
 @pytest.mark.parametrize(
     "bits,group,symmetric", [(4, 32, False), (4, -1, True), (8, 32, True), (8, -1, False)]
 )
@@ -161,21 +186,8 @@ def test_fused_moe_quantized_matches_float64_reference(
     gate_up_scale, down_scale = torch.rand(hidden) + 0.5, torch.rand(num_experts, inter) + 0.5  # AWQ
     down_bias = torch.randn(num_experts, hidden)
     tail = ("silu", 0.0, 0.0, bits, group)
-    ref = quantized_experts(
-        x.double(),
-        ids,
-        weights.double(),
-        gate_up[0],
-        f64(gate_up[1]),
-        gate_up[2],
-        down[0],
-        f64(down[1]),
-        down[2],
-        None,
-        f64(down_bias),
-        f64(gate_up_scale),
-        f64(down_scale),
-        *tail,
+    ref = reference_quantized_experts(
+        x, ids, weights, gate_up, down, bits, group, down_bias, (gate_up_scale, down_scale)
     )
     out = ops.triton_quantized_experts(
         x, ids, weights, *gate_up, *down, None, down_bias, gate_up_scale, down_scale, *tail
@@ -253,6 +265,29 @@ def test_sparse24_gemm_matches_float64_reference(seed, rows, bits, group, symmet
 # ------------------------------------------------------------------------------------------------
 # CPU paths and op registration
 # ------------------------------------------------------------------------------------------------
+def run_packed_experts(x, ids, weights, packed, scales=(None, None)):
+    """The CPU packed experts op (SiLU) on `packed` = [gate_up, down] from `pack_for_cpu`."""
+    gate_up, down = packed
+    return ops.packed_experts(
+        x,
+        ids,
+        weights,
+        gate_up.weight,
+        gate_up.scales,
+        down.weight,
+        down.scales,
+        None,
+        None,
+        *scales,
+        "silu",
+        0.0,
+        0.0,
+        gate_up.bits,
+        gate_up.group_size,
+        down.group_size,
+    )
+
+
 @pytest.mark.parametrize(
     "bits,group,symmetric", [(4, 32, False), (4, 128, True), (4, -1, False), (8, -1, True)]
 )
@@ -273,46 +308,9 @@ def test_cpu_packed_ops_match_reference(seed, bits, group, symmetric):
     down = quantized(torch.randn(experts_n, k, inter) / 8, bits, down_group, symmetric)
     tokens = torch.randn(9, k)
     weights, ids = routing(9, experts_n, 2, dropped=True)
-    tail = ("silu", 0.0, 0.0)
-    ref = quantized_experts(
-        tokens.double(),
-        ids,
-        weights.double(),
-        gate_up[0],
-        f64(gate_up[1]),
-        gate_up[2],
-        down[0],
-        f64(down[1]),
-        down[2],
-        None,
-        None,
-        None,
-        None,
-        *tail,
-        bits,
-        down_group,
-    )
-    gate_up_packed, down_packed = (
-        pack_for_cpu(*gate_up, bits, down_group),
-        pack_for_cpu(*down, bits, down_group),
-    )
-    out = ops.packed_experts(
-        tokens,
-        ids,
-        weights,
-        gate_up_packed.weight,
-        gate_up_packed.scales,
-        down_packed.weight,
-        down_packed.scales,
-        None,
-        None,
-        None,
-        None,
-        *tail,
-        bits,
-        gate_up_packed.group_size,
-        down_packed.group_size,
-    )
+    ref = reference_quantized_experts(tokens, ids, weights, gate_up, down, bits, down_group)
+    packed = [pack_for_cpu(*w, bits, down_group) for w in (gate_up, down)]
+    out = run_packed_experts(tokens, ids, weights, packed)
     assert rel_err(out, ref) < BF16_BOUND
 
 
@@ -324,44 +322,12 @@ def test_cpu_packed_experts_decode_path_matches_reference(seed):
     packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
     scale, down_scale = torch.rand(k) + 0.5, torch.rand(experts_n, inter) + 0.5
     weights, ids = routing(4, experts_n, 2, dropped=True)  # token 0 has a slot on a dropped expert
-    tail = ("silu", 0.0, 0.0)
     for t in range(4):
-        x = torch.randn(1, k)
-        ref = quantized_experts(
-            x.double(),
-            ids[t : t + 1],
-            weights[t : t + 1].double(),
-            gate_up[0],
-            f64(gate_up[1]),
-            gate_up[2],
-            down[0],
-            f64(down[1]),
-            down[2],
-            None,
-            None,
-            f64(scale),
-            f64(down_scale),
-            *tail,
-            4,
-            group,
+        x, rows = torch.randn(1, k), slice(t, t + 1)
+        ref = reference_quantized_experts(
+            x, ids[rows], weights[rows], gate_up, down, 4, group, scales=(scale, down_scale)
         )
-        out = ops.packed_experts(
-            x,
-            ids[t : t + 1],
-            weights[t : t + 1],
-            packed[0].weight,
-            packed[0].scales,
-            packed[1].weight,
-            packed[1].scales,
-            None,
-            None,
-            scale,
-            down_scale,
-            *tail,
-            4,
-            packed[0].group_size,
-            packed[1].group_size,
-        )
+        out = run_packed_experts(x, ids[rows], weights[rows], packed, (scale, down_scale))
         assert out.dtype == x.dtype and rel_err(out, ref) < BF16_BOUND
 
 

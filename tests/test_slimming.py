@@ -9,19 +9,22 @@ import torch.nn.functional as F
 import moepass
 from helpers import FAMILIES, captured
 from moepass.artifact import load, save
+from moepass.calibration import BlockwiseRunner
 from moepass.data import TokenSet
 from moepass.evaluate import model_size
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, dequantize
 from moepass.ir.structure import tensor_at
+from moepass.ir.surgery import set_tensor
 from moepass.pass_manager import PassError
 from moepass.passes import ConfigError
-from moepass.passes.awq import search_scale
-from moepass.passes.gptq import gptq_quantize
+from moepass.passes.awq import fake_quantize, search_scale
+from moepass.passes.gptq import Hessian, gptq_quantize
 from moepass.passes.sparsegpt import sparsegpt_prune
 from moepass.passes.wanda import wanda_prune
 from moepass.pruning import InputStats, PruneConfig, magnitude_prune
 from moepass.quantization import rtn
+from moepass.slimming import DEFAULT_TARGETS, expert_blocks, linear_targets
 
 
 def _calibration(vocab: int = 128, samples: int = 16) -> TokenSet:
@@ -155,10 +158,18 @@ def test_four_bit_covers_every_routed_expert_parameter(family):
     assert "router" not in {c for c, row in coverage.items() if row["compressed"]}, "the router stays precise"
     for block in quantized.structure.moe_blocks:
         assert block.mlp.quantization == {"bits": 4, "group_size": 16, "layout": "quantized"}
+    # reference: the float program with every targeted weight replaced by its rounded values
+    fmt, rounded = QuantFormat(4, 16), program.fork()
+    names = [t.weight for t in linear_targets(program, DEFAULT_TARGETS)]
+    for index in expert_blocks(program, DEFAULT_TARGETS):
+        names += [program.structure.block(index).mlp.gate_up, program.structure.block(index).mlp.down]
+    for name in names:
+        set_tensor(rounded.graph_module, name, fake_quantize(program.graph_module.get_parameter(name), fmt))
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
-        error = (quantized(ids) - model(ids).logits).norm() / model(ids).logits.norm()
-    assert error < 0.25
+        expected = rounded(ids)
+        assert (quantized(ids) - expected).norm() / expected.norm() < 1e-4
+        assert (expected - model(ids).logits).norm() / model(ids).logits.norm() < 0.4, "int4 keeps the model"
 
 
 METHODS = ["gptq", "awq", "wanda", "sparsegpt", "magnitude", "gptq", "awq", "wanda"]
@@ -250,6 +261,28 @@ def test_save_load_round_trip_of_slimmed_programs(method, tmp_path):
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         assert (reloaded(ids) - slim(ids)).abs().max() <= 1e-5
+
+
+def test_gptq_calibrates_mla_up_projections_on_the_quantized_low_rank_outputs():
+    """True-sequential inside MLA attention: q_b_proj is quantized after q_a_proj, with the Hessian of
+    what the quantized q_a_proj feeds it — not of the float model's activations."""
+    _, program = captured("deepseek_v3")
+    data = _calibration()
+    slim = moepass.compress(
+        program, [("gptq", {"group_size": 16, "targets": ["attention"]})], calibration=data
+    )
+    target = next(t for t in linear_targets(program, ("attention",)) if t.role == "q_b_proj")
+    weight = program.graph_module.get_parameter(target.weight)
+
+    def codes_from(source) -> torch.Tensor:
+        hessian = Hessian(weight.shape[-1])
+        for values in BlockwiseRunner(source, data).observe(target.block, {target.input}):
+            hessian.add(values[target.input])
+        return gptq_quantize(weight, hessian.mean(), QuantFormat(4, 16))[0]
+
+    stored = slim.graph_module.get_buffer(target.weight.rpartition(".")[0] + ".qweight")
+    assert torch.equal(stored, codes_from(slim))
+    assert not torch.equal(stored, codes_from(program)), "the float activations give other codes"
 
 
 def test_starved_experts_fall_back_and_are_listed():
