@@ -33,6 +33,11 @@ def test_wheel_installs_only_the_moepass_package(tmp_path):
     top_level = {name.split("/")[0] for name in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"moepass"}
     assert "moepass/ir/capture.py" in names and "moepass/kernels/__init__.py" in names
+    bundled = {name for name in names if name.startswith("moepass/assets/")}  # builtin: models need them
+    on_disk = {
+        p.relative_to(ROOT).as_posix() for p in (ROOT / "moepass" / "assets").rglob("*") if p.is_file()
+    }
+    assert bundled == on_disk
 
 
 def test_source_checkout_imports_without_install(tmp_path):
