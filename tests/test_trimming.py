@@ -276,6 +276,23 @@ def test_a_drop_ratio_never_removes_more_than_it_asks(ratio, dropped):
         moepass.compress(original, [("layer_drop", {"ratio": 0.1})], calibration=data)
     with pytest.raises(moepass.MoepassError, match=r"expert_drop.ratio: 0\.05 of the experts rounds to none"):
         moepass.compress(original, [("expert_drop", {"ratio": 0.05, "score": "random"})])
+    for selection in ("layerwise", "global"):
+        options = {"ratio": ratio, "score": "random", "selection": selection}
+        program = moepass.compress(original, [("expert_drop", options)])
+        left = [b.mlp.num_experts for b in program.structure.moe_blocks]
+        assert 48 - sum(left) == (6 * int(8 * ratio) if selection == "layerwise" else int(48 * ratio))
+
+
+def test_a_layerwise_drop_ratio_applies_to_each_layers_own_experts():
+    """After a global drop left layers with different counts, each layer loses its own share."""
+    _, original = captured("mixtral", num_hidden_layers=6)
+    uneven = moepass.compress(
+        original, [("expert_drop", {"keep": 5, "selection": "global", "score": "random"})]
+    )
+    before = [b.mlp.num_experts for b in uneven.structure.moe_blocks]
+    assert len(set(before)) > 1
+    halved = moepass.compress(uneven, [("expert_drop", {"ratio": 0.5, "score": "random"})])
+    assert [b.mlp.num_experts for b in halved.structure.moe_blocks] == [n - n // 2 for n in before]
 
 
 def _without_blocks(model, blocks: list[int]):

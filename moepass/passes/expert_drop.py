@@ -1,16 +1,19 @@
 """Expert Drop: remove the least important routed experts (METHOD.md §2.1).
 
-Layer-wise keeps the `keep` best experts of every MoE layer; global concatenates all layers' scores
-and drops the round((mean E - keep) * layers) lowest, so layers end with different counts (the
+Layer-wise keeps the `keep` best experts of every MoE layer; global concatenates all layers'
+scores and drops the (mean E - keep) * layers lowest, so layers end with different counts (the
 paper's choice for combined results). `ratio` is the alternative: the share of routed experts to
-drop. Router rows and expert tensors are sliced together and top-k becomes min(k, kept)
-(`preserve_gate` instead keeps the full router). Shared experts are never routed, so never
-dropped; dense layers are untouched. Group-limited routers (DeepSeek-V2/V3 `n_group` > 1) lose
-the same number of experts from every group, so their grouping stays valid.
+drop — of each layer's own experts (layer-wise) or of all of them (global), rounded down (a ratio
+never drops more than it asks), so layers left with different counts by an earlier drop each lose
+their own share. Router rows and expert tensors are sliced together and top-k becomes
+min(k, kept) (`preserve_gate` instead keeps the full router). Shared experts are never routed, so
+never dropped; dense layers are untouched. Group-limited routers (DeepSeek-V2/V3 `n_group` > 1)
+lose the same number of experts from every group, so their grouping stays valid.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,11 +67,11 @@ class ExpertDropPass(TransformPass):
         scores = self._scores(program, context, moe)
         if config.reverse:
             scores = {k: -v for k, v in scores.items()}
-        target = self._kept_per_layer(moe)
+        targets = self._kept_per_layer(moe)
         keep = (
-            _layerwise(scores, target, moe)
+            _layerwise(scores, targets, moe)
             if config.selection == "layerwise"
-            else _global(scores, target, moe)
+            else _global(scores, targets, moe)
         )
         dropped = {}
         for index, kept in keep.items():
@@ -98,17 +101,16 @@ class ExpertDropPass(TransformPass):
             "expert_importance", ExpertImportanceConfig(score=self.config.score)
         ).per_layer
 
-    def _kept_per_layer(self, moe) -> float:
-        mean = sum(m.num_experts for m in moe.values()) / len(moe)
+    def _kept_per_layer(self, moe) -> dict[int, float]:
         if self.config.keep is not None:
-            return float(self.config.keep)
-        return mean * (1 - self.config.ratio)
+            return {index: float(self.config.keep) for index in moe}
+        return {index: m.num_experts * (1 - self.config.ratio) for index, m in moe.items()}
 
 
-def _layerwise(scores, target: float, moe) -> dict[int, list[int]]:
+def _layerwise(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
     keep = {}
     for index, m in moe.items():
-        count = max(1, round(target))
+        count = max(1, math.ceil(targets[index] - 1e-9))
         if count > m.num_experts:
             raise ConfigError(
                 f"expert_drop.keep: {count} experts per layer exceeds the {m.num_experts} experts of "
@@ -118,7 +120,7 @@ def _layerwise(scores, target: float, moe) -> dict[int, list[int]]:
     return keep
 
 
-def _global(scores, target: float, moe) -> dict[int, list[int]]:
+def _global(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
     grouped = [i for i, m in moe.items() if m.n_group > 1]
     if grouped:
         raise ConfigError(
@@ -126,10 +128,11 @@ def _global(scores, target: float, moe) -> dict[int, list[int]]:
             f"group-limited routing (n_group={moe[grouped[0]].n_group}); use selection: layerwise"
         )
     total = sum(m.num_experts for m in moe.values())
-    drop = round(total - target * len(moe))
+    kept = sum(targets.values())
+    drop = math.floor(total - kept + 1e-9)
     if drop < 0:
         raise ConfigError(
-            f"expert_drop.keep: {target:g} experts per layer on average exceeds the program's "
+            f"expert_drop.keep: {kept / len(moe):g} experts per layer on average exceeds the program's "
             f"{total / len(moe):g}; this recipe was written for a model with more experts"
         )
     ranked = sorted(((float(scores[i][e]), i, e) for i, m in moe.items() for e in range(m.num_experts)))
