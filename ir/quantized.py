@@ -15,12 +15,15 @@ layout: N outputs, K inputs) quantized with `bits` in groups of `group_size` alo
 Expert tensors add a leading expert dimension to all three. Symmetric scales follow GPTQ's
 convention (scale = 2 * absmax / (2^bits - 1), zero point 2^(bits-1)); asymmetric ones map
 [min, max] of each group onto [0, 2^bits - 1]. A group size that does not divide K is an error
-(no padding): every supported model has K a multiple of 128.
+(no padding): every supported model has K a multiple of 128. A weight whose rows are shorter than
+the group (a small model's MLA kv_b_proj under a g128 recipe) is fitted by the passes to one
+group per row (`QuantFormat.fitted`), stored with group_size K.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -53,6 +56,14 @@ class QuantFormat:
         if self.bits == 4 and group % 2:
             raise FormatError(f"{name}: 4-bit groups must hold an even number of inputs, got {group}")
         return in_features // group
+
+    def fitted(self, *in_features: int) -> QuantFormat:
+        """This format for the weights of one op, with these input counts: a group longer than a row
+        becomes the largest group dividing them all (one group per row for a single weight), so a
+        recipe's group size fits every tensor of a model with short rows."""
+        if self.group_size > min(in_features):
+            return replace(self, group_size=math.gcd(*in_features))
+        return self
 
     def group(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size

@@ -43,6 +43,10 @@ class QuantizeConfig(PassConfig):
     def format(self) -> QuantFormat:
         return QuantFormat(self.bits, self.group_size, self.symmetric)
 
+    def format_for(self, *weights: Tensor) -> QuantFormat:
+        """The format of these weights (one op's), fitted to rows shorter than the group."""
+        return self.format.fitted(*(w.shape[-1] for w in weights))
+
 
 def rtn(weight: Tensor, fmt: QuantFormat, name: str) -> tuple:
     """Round-to-nearest in the stored layout (validates the format against the tensor first)."""
@@ -54,16 +58,18 @@ def rtn(weight: Tensor, fmt: QuantFormat, name: str) -> tuple:
 def check_formats(program, config: QuantizeConfig, linears: list[LinearTarget], experts: list[int]) -> None:
     """Validate the format and the values of every target before the first rewrite (nothing is left
     half-quantized)."""
-    fmt = config.format
-    names = [t.weight for t in linears]
+    get = program.graph_module.get_parameter
+    groups = [[t.weight] for t in linears]
     for index in experts:
         moe = program.structure.block(index).mlp
-        names += [moe.gate_up, moe.down]
-    for name in names:
-        weight = program.graph_module.get_parameter(name)
-        fmt.groups(weight.shape[-1], name)
-        if not torch.isfinite(weight).all():
-            raise ConfigError(f"{name} holds NaN or inf values; quantize a finite model")
+        groups.append([moe.gate_up, moe.down])
+    for names in groups:
+        fmt = config.format_for(*(get(name) for name in names))
+        for name in names:
+            weight = get(name)
+            fmt.groups(weight.shape[-1], name)
+            if not torch.isfinite(weight).all():
+                raise ConfigError(f"{name} holds NaN or inf values; quantize a finite model")
 
 
 def stack(triples: list[tuple]) -> tuple:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,6 +149,21 @@ def test_masks_have_the_requested_shape(pattern, seed):
             assert (zeros.view(24, -1, m).sum(-1) == m - n_kept).all(), f"exactly {m - n_kept} zeros per {m}"
 
 
+def _rounded(program, group_size: int):
+    """The float program with every default int4 target replaced by its rounded values: the reference
+    of RTN. An op's weights with rows shorter than the group share the largest group dividing them."""
+    rounded, get = program.fork(), program.graph_module.get_parameter
+    ops = [[t.weight] for t in linear_targets(program, DEFAULT_TARGETS)]
+    for index in expert_blocks(program, DEFAULT_TARGETS):
+        ops.append([program.structure.block(index).mlp.gate_up, program.structure.block(index).mlp.down])
+    for names in ops:
+        inputs = [get(name).shape[-1] for name in names]
+        fmt = QuantFormat(4, group_size if group_size <= min(inputs) else math.gcd(*inputs))
+        for name in names:
+            set_tensor(rounded.graph_module, name, fake_quantize(get(name), fmt))
+    return rounded
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_four_bit_covers_every_routed_expert_parameter(family):
     model, program = captured(family)
@@ -158,18 +175,26 @@ def test_four_bit_covers_every_routed_expert_parameter(family):
     assert "router" not in {c for c, row in coverage.items() if row["compressed"]}, "the router stays precise"
     for block in quantized.structure.moe_blocks:
         assert block.mlp.quantization == {"bits": 4, "group_size": 16, "layout": "quantized"}
-    # reference: the float program with every targeted weight replaced by its rounded values
-    fmt, rounded = QuantFormat(4, 16), program.fork()
-    names = [t.weight for t in linear_targets(program, DEFAULT_TARGETS)]
-    for index in expert_blocks(program, DEFAULT_TARGETS):
-        names += [program.structure.block(index).mlp.gate_up, program.structure.block(index).mlp.down]
-    for name in names:
-        set_tensor(rounded.graph_module, name, fake_quantize(program.graph_module.get_parameter(name), fmt))
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
-        expected = rounded(ids)
+        expected = _rounded(program, 16)(ids)
         assert (quantized(ids) - expected).norm() / expected.norm() < 1e-4
         assert (expected - model(ids).logits).norm() / model(ids).logits.norm() < 0.4, "int4 keeps the model"
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "qwen2_moe"])
+def test_groups_longer_than_a_row_fit_the_row(family):
+    """A g128 recipe on a model whose rows are shorter (MLA's kv_b_proj reads 16 inputs; experts read
+    64 and 48) quantizes instead of failing: each op's group becomes the largest dividing its rows."""
+    _, program = captured(family)
+    quantized = moepass.compress(program, [("rtn", {"group_size": 128})])
+    quantized.verify()
+    groups = {n.args[-1] for n in quantized.graph_module.graph.nodes if n.target == QUANTIZED_LINEAR}
+    assert max(groups) < 128 and len(groups) > 1
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        expected = _rounded(program, 128)(ids)
+        assert (quantized(ids) - expected).norm() / expected.norm() < 1e-4
 
 
 METHODS = ["gptq", "awq", "wanda", "sparsegpt", "magnitude", "gptq", "awq", "wanda"]

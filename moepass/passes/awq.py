@@ -118,6 +118,7 @@ def _sample(chunks: list[Tensor]) -> Tensor:
 @register_pass
 class AWQPass(TransformPass):
     name = "awq"
+    not_in_hf_checkpoints = "quantized weights"
     config_class = AWQConfig
     needs_calibration = True
 
@@ -149,7 +150,8 @@ class AWQPass(TransformPass):
             runner.commit(runner.outputs(block))
         for target in [t for t in linears if t.block is None]:  # the LM head: after the last block
             weight = program.graph_module.get_parameter(target.weight)
-            quantize_linear(program, target.weight, config.format, rtn(weight, config.format, target.weight))
+            fmt = config.format_for(weight)
+            quantize_linear(program, target.weight, fmt, rtn(weight, fmt, target.weight))
         return TransformResult(bool(linears or experts), summary(program, before, fallbacks))
 
     def _plan(self, program, runner, block, linears, observed, moe, fallback) -> list:
@@ -208,6 +210,7 @@ class AWQPass(TransformPass):
     def _linear_group(self, program, group, x, loss=None):
         c, get = self.config, program.graph_module.get_parameter
         weights = [get(t.weight) for t in group]
+        fmt = c.format_for(*weights)
         x = x.to(weights[0].dtype)
         reference = [F.linear(x, w) for w in weights]
 
@@ -219,18 +222,18 @@ class AWQPass(TransformPass):
 
         loss = loss or direct_loss
 
-        s = search_scale(x, weights, loss, c.format, c.grid).to(weights[0].dtype)
+        s = search_scale(x, weights, loss, fmt, c.grid).to(weights[0].dtype)
         scaled = [w * s for w in weights]
         if c.clip:  # queries and keys keep their range: clipping them distorts the attention softmax
             scaled = [
-                w if t.role in NO_CLIP else search_clip(w, x / s, c.format, c.clip_grid, c.max_shrink)
+                w if t.role in NO_CLIP else search_clip(w, x / s, fmt, c.clip_grid, c.max_shrink)
                 for w, t in zip(scaled, group, strict=True)
             ]
-        packed = [rtn(w, c.format, t.weight) for w, t in zip(scaled, group, strict=True)]
+        packed = [rtn(w, fmt, t.weight) for w, t in zip(scaled, group, strict=True)]
 
         def apply():
             for target, triple in zip(group, packed, strict=True):
-                quantize_linear(program, target.weight, c.format, triple, input_scale=1 / s)
+                quantize_linear(program, target.weight, fmt, triple, input_scale=1 / s)
 
         return apply
 
@@ -247,6 +250,7 @@ class AWQPass(TransformPass):
         gu_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
         dn_bias = None if moe.down_bias is None else get(moe.down_bias)
         shared_weights = [get(t.weight) for t in shared]
+        fmt = c.format_for(gate_up, down)  # the shared experts' gate/up share the routed ones' scale
 
         def moe_out(gate_up_weights, shared_weights_now):
             def weights_of(e):
@@ -270,7 +274,7 @@ class AWQPass(TransformPass):
                 (p - r).float().pow(2).mean().item() for p, r in zip(parts, reference[1], strict=True)
             )
 
-        s = search_scale(x, [*gate_up.unbind(0), *shared_weights], loss, c.format, c.grid).to(gate_up.dtype)
+        s = search_scale(x, [*gate_up.unbind(0), *shared_weights], loss, fmt, c.grid).to(gate_up.dtype)
         gate_up_scaled = gate_up * s
         shared_scaled = [w * s for w in shared_weights]
         down_scales, packed_down, packed_gate_up = [], [], []
@@ -280,40 +284,40 @@ class AWQPass(TransformPass):
             w = gate_up_scaled[e]
             if rows.numel() >= max(c.min_tokens, 1):
                 if c.clip:
-                    w = search_clip(w, xe / s, c.format, c.clip_grid, c.max_shrink)
+                    w = search_clip(w, xe / s, fmt, c.clip_grid, c.max_shrink)
                 h = act(F.linear(xe, gate_up[e], None if gu_bias is None else gu_bias[e]), alpha, limit)
                 reference_down = F.linear(h, down[e])
 
                 def down_loss(candidate, h=h, reference_down=reference_down):
                     return (F.linear(h, candidate[0]) - reference_down).float().pow(2).mean().item()
 
-                sd = search_scale(h, [down[e]], down_loss, c.format, c.grid).to(down.dtype)
+                sd = search_scale(h, [down[e]], down_loss, fmt, c.grid).to(down.dtype)
                 wd = down[e] * sd
                 if c.clip:
-                    wd = search_clip(wd, h / sd, c.format, c.clip_grid, c.max_shrink)
+                    wd = search_clip(wd, h / sd, fmt, c.clip_grid, c.max_shrink)
             else:  # too few routed tokens to trust a search: plain round-to-nearest
                 fallback.append(e)
                 sd, wd = torch.ones(down.shape[-1], dtype=down.dtype), down[e]
-            packed_gate_up.append(rtn(w, c.format, f"{moe.gate_up}[{e}]"))
-            packed_down.append(rtn(wd, c.format, f"{moe.down}[{e}]"))
+            packed_gate_up.append(rtn(w, fmt, f"{moe.gate_up}[{e}]"))
+            packed_down.append(rtn(wd, fmt, f"{moe.down}[{e}]"))
             down_scales.append(1 / sd)
         if c.clip:
             clip = c.clip_grid, c.max_shrink
-            shared_scaled = [search_clip(w, x / s, c.format, *clip) for w in shared_scaled]
-        shared_packed = [rtn(w, c.format, t.weight) for w, t in zip(shared_scaled, shared, strict=True)]
+            shared_scaled = [search_clip(w, x / s, fmt, *clip) for w in shared_scaled]
+        shared_packed = [rtn(w, fmt, t.weight) for w, t in zip(shared_scaled, shared, strict=True)]
         index = next(b.index for b in program.structure.moe_blocks if b.mlp.experts_node == moe.experts_node)
 
         def apply():
             quantize_experts(
                 program,
                 index,
-                c.format,
+                fmt,
                 stack(packed_gate_up),
                 stack(packed_down),
                 gate_up_input_scale=1 / s,
                 down_input_scale=torch.stack(down_scales),
             )
             for target, triple in zip(shared, shared_packed, strict=True):
-                quantize_linear(program, target.weight, c.format, triple, input_scale=1 / s)
+                quantize_linear(program, target.weight, fmt, triple, input_scale=1 / s)
 
         return [apply]

@@ -120,11 +120,12 @@ class Hessian:
 @register_pass
 class GPTQPass(TransformPass):
     name = "gptq"
+    not_in_hf_checkpoints = "quantized weights"
     config_class = GPTQConfig
     needs_calibration = True
 
     def run(self, program, context) -> TransformResult:
-        config, fmt = self.config, self.config.format
+        config = self.config
         before = coverage(program)
         linears = linear_targets(program, config.targets)
         experts = expert_blocks(program, config.targets)
@@ -145,6 +146,7 @@ class GPTQPass(TransformPass):
             runner.commit(runner.outputs(block))
         for target in [t for t in linears if t.block is None]:  # the LM head reads the final norm
             weight = program.graph_module.get_parameter(target.weight)
+            fmt = config.format_for(weight)
             quantize_linear(program, target.weight, fmt, rtn(weight, fmt, target.weight))
         return TransformResult(bool(linears or experts), summary(program, before, fallbacks))
 
@@ -158,16 +160,17 @@ class GPTQPass(TransformPass):
         c = self.config
         for target in group:
             weight = program.graph_module.get_parameter(target.weight)
+            fmt = c.format_for(weight)
             packed = gptq_quantize(
                 weight,
                 hessians[target.input].mean(),
-                c.format,
+                fmt,
                 c.damp,
                 c.block_size,
                 c.act_order,
                 _pruned(program, target.weight, weight),
             )
-            quantize_linear(program, target.weight, c.format, packed)
+            quantize_linear(program, target.weight, fmt, packed)
 
     def _experts(self, program, runner: BlockwiseRunner, block: int) -> list[int]:
         """Per-expert GPTQ on routed tokens: every gate/up first, then every down projection on the
@@ -179,6 +182,7 @@ class GPTQPass(TransformPass):
         hidden, act, alpha, limit = node.args[0].name, ACTIVATIONS[moe.activation], node.args[8], node.args[9]
         gate_up, down = get(moe.gate_up), get(moe.down)
         gate_up_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
+        fmt = c.format_for(gate_up, down)
 
         def routed_hessians(size: int, features) -> list[Hessian]:
             result = [Hessian(size) for _ in range(moe.num_experts)]
@@ -197,28 +201,28 @@ class GPTQPass(TransformPass):
                     gptq_quantize(
                         weights[e],
                         h.mean(),
-                        c.format,
+                        fmt,
                         c.damp,
                         c.block_size,
                         c.act_order,
                         None if pruned is None else pruned[e],
                     )
                     if h.tokens >= max(c.min_tokens, 1)
-                    else rtn(weights[e], c.format, f"{name}[{e}]")
+                    else rtn(weights[e], fmt, f"{name}[{e}]")
                     for e, h in enumerate(found)
                 ]
             )
 
         first = routed_hessians(gate_up.shape[-1], lambda e, x: x)
         packed_gate_up = quantize_all(gate_up, first, moe.gate_up)
-        quantized = dequantize(*packed_gate_up, c.bits, c.group_size, dtype=gate_up.dtype)
+        quantized = dequantize(*packed_gate_up, fmt.bits, fmt.group_size, dtype=gate_up.dtype)
 
         def down_inputs(e: int, x: Tensor) -> Tensor:
             bias = None if gate_up_bias is None else gate_up_bias[e]
             return act(F.linear(x, quantized[e].to(x.dtype), bias), alpha, limit)
 
         second = routed_hessians(down.shape[-1], down_inputs)
-        quantize_experts(program, block, c.format, packed_gate_up, quantize_all(down, second, moe.down))
+        quantize_experts(program, block, fmt, packed_gate_up, quantize_all(down, second, moe.down))
         return [e for e, h in enumerate(first) if h.tokens < max(c.min_tokens, 1)]
 
 

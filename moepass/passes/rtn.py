@@ -12,24 +12,23 @@ from .base import TransformPass, TransformResult, register_pass
 @register_pass
 class RTNPass(TransformPass):
     name = "rtn"
+    not_in_hf_checkpoints = "quantized weights"
     config_class = QuantizeConfig
 
     def run(self, program, context) -> TransformResult:
-        config, fmt = self.config, self.config.format
+        config = self.config
         before = coverage(program)
         linears = linear_targets(program, config.targets)
         experts = expert_blocks(program, config.targets)
         check_formats(program, config, linears, experts)
         get = program.graph_module.get_parameter
         for target in linears:
-            quantize_linear(program, target.weight, fmt, rtn(get(target.weight), fmt, target.weight))
+            weight = get(target.weight)
+            fmt = config.format_for(weight)
+            quantize_linear(program, target.weight, fmt, rtn(weight, fmt, target.weight))
         for index in experts:
             moe = program.structure.block(index).mlp
-            quantize_experts(
-                program,
-                index,
-                fmt,
-                rtn(get(moe.gate_up), fmt, moe.gate_up),
-                rtn(get(moe.down), fmt, moe.down),
-            )
+            gate_up, down = get(moe.gate_up), get(moe.down)
+            fmt = config.format_for(gate_up, down)
+            quantize_experts(program, index, fmt, rtn(gate_up, fmt, moe.gate_up), rtn(down, fmt, moe.down))
         return TransformResult(bool(linears or experts), summary(program, before, {}))
