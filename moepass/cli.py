@@ -72,6 +72,16 @@ def _compress(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)  # validate before any work
+    if args.format == "hf":
+        from moepass.passes import PASSES
+
+        for name, _ in recipe.passes:
+            if PASSES[name].not_in_hf_checkpoints:
+                raise MoepassError(
+                    f"--format hf: pass {name} of recipe {recipe.name} leaves "
+                    f"{PASSES[name].not_in_hf_checkpoints}, which no transformers checkpoint holds; "
+                    "use --format moepass (the default)"
+                )
     out = Path(args.out or f"out/{args.model.removeprefix('builtin:').replace('/', '_')}-{recipe.name}")
     if out.exists() and not args.force:
         raise MoepassError(f"{out} already exists; pass --force to replace it")
@@ -94,6 +104,7 @@ def _compress(args: argparse.Namespace) -> None:
         save(program, out, format="hf", overwrite=args.force)
         save_tokenizer(tokenizer, out)
         report.write(out)
+        print(f"\nwrote {out}/ (transformers checkpoint: config.json, model.safetensors; tokenizer, report)")
     else:
         tensors, aliases = unique_tensors(program)
 
@@ -103,7 +114,7 @@ def _compress(args: argparse.Namespace) -> None:
             report.write(staging)
 
         write_atomically(out, fill, overwrite=args.force)
-    print(f"\nwrote {out}/ (model.safetensors, manifest.json, tokenizer, report.md, report.json, plots/)")
+        print(f"\nwrote {out}/ (model.safetensors, manifest.json, tokenizer, report.md, report.json, plots/)")
 
 
 def _load_program(

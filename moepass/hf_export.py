@@ -69,8 +69,14 @@ def hf_checkpoint(program: MoEProgram) -> tuple[dict, dict[str, torch.Tensor]]:
             name = f"model.layers.{renumber[old]}.{_moe_name(rest, family)}"
         state[name] = tensor
     state = _experts_layout(state, family)
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
+    if config.get("tie_word_embeddings"):  # one tensor; the program may hold it under either name
+        head = state.pop("lm_head.weight", None)
+        if state.get("model.embed_tokens.weight") is None:
+            state["model.embed_tokens.weight"] = head
+    floating = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(floating) == 1:  # the weights' dtype, not the source config's: from_pretrained casts to it
+        config["dtype"] = str(floating.pop()).removeprefix("torch.")
+        config.pop("torch_dtype", None)
     return config, state
 
 

@@ -75,6 +75,20 @@ def test_transformers_format_loads_in_stock_transformers(family, tmp_path):
         assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
 
 
+def test_transformers_format_keeps_tied_embeddings_and_the_weights_dtype(tmp_path):
+    """A tied model (one tensor for embeddings and LM head) whose config says bf16 but whose weights
+    were loaded in fp32 — the bundled tiny-deepseek — reloads as the same fp32 function."""
+    _, original = captured("deepseek_v2", tie_word_embeddings=True)
+    program = moepass.compress(original, [("expert_drop", {"keep": 4, "score": "random"})])
+    program.info.config["dtype"] = "bfloat16"
+    save(program, tmp_path / "hf", format="hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.dtype == torch.float32
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
+
+
 def test_transformers_format_refuses_what_it_cannot_express(tmp_path):
     _, original = captured("mixtral", num_hidden_layers=4)
     layer_dropped = moepass.compress(original, [("layer_drop", {"count": 1})], calibration=_calibration())
@@ -222,3 +236,7 @@ def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path,
     )
     assert "layer_drop.depth: unknown option" in capsys.readouterr().err
     assert not out.exists()
+    # a transformers checkpoint cannot hold quantized weights: refused before the model is even read
+    argv = ["compress", "--model", str(tmp_path / "no-model"), "--recipe", "int4-gptq", "--format", "hf"]
+    assert main(argv) == 2
+    assert "--format hf: pass gptq of recipe int4-gptq leaves quantized weights" in capsys.readouterr().err

@@ -79,6 +79,8 @@ class TransformPass(Pass):
     kind = "transform"
     preserves: ClassVar[frozenset[str]] = frozenset()  # analyses still valid after this pass
     needs_calibration: ClassVar[bool] = False  # reads calibration data itself (GPTQ, AWQ, Wanda...)
+    # what this pass leaves that no stock transformers checkpoint can hold (None: nothing)
+    not_in_hf_checkpoints: ClassVar[str | None] = None
 
     def required_analyses(self) -> list[tuple[str, PassConfig]]:
         """Analyses this transform will ask for, so a one-shot run can compute them up front."""
