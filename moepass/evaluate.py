@@ -55,6 +55,9 @@ class EvalResult:
             sum(d.correct for d in self.domains.values()),
         )
 
+    def __str__(self) -> str:  # print(result) shows the table; repr() keeps the fields
+        return self.table()
+
     def table(self, title: str | None = None) -> str:
         rows = [
             [name, score.tokens, f"{score.perplexity:.3f}", f"{100 * score.accuracy:.2f}%"]

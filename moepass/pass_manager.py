@@ -49,6 +49,10 @@ class PassReport:
     records: list[PassRecord] = field(default_factory=list)
     analyses: dict[str, object] = field(default_factory=dict)  # "name(config)" -> result
 
+    def __str__(self) -> str:  # print(report) shows the tables; repr() keeps the fields
+        coverage = [r.summary["coverage_table"] for r in self.records if "coverage_table" in r.summary]
+        return "\n\n".join([self.table(), *coverage])
+
     def table(self) -> str:
         rows = [
             [
