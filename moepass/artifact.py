@@ -217,42 +217,14 @@ def load(
     exactly as saved, which can be compressed further or saved again."""
     path = Path(path)
     manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        hint = (
-            " (it looks like a transformers checkpoint: load it with transformers)"
-            if (path / "config.json").is_file()
-            else ""
-        )
-        raise ArtifactError(f"{path} has no manifest.json: not a moepass artifact{hint}")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ArtifactError(
-            f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('version')!r} "
-            f"is not {FORMAT!r} version {VERSION}"
-        )
-    program = capture(_skeleton(manifest))
-    for edit in manifest["edits"]:
-        if edit["op"] not in REPLAY:
-            raise ArtifactError(f"{manifest_path}: unknown edit {edit['op']!r}; written by a newer moepass?")
-        REPLAY[edit["op"]](program, edit)
-    state = load_file(str(path / "model.safetensors"))
-    for alias, name in manifest.get("aliases", {}).items():
-        state[alias] = state[name]
-    expected = {name for name, _ in program.graph_module.named_parameters(remove_duplicate=False)}
-    expected |= {name for name, _ in program.graph_module.named_buffers(remove_duplicate=False)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ArtifactError(
-            f"{path / 'model.safetensors'} does not match its manifest: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
+    manifest = _read_manifest(path)
+    program = _rebuild(manifest, manifest_path)
+    state = _read_tensors(path / "model.safetensors", manifest_path, program, manifest.get("aliases", {}))
     program.graph_module.load_state_dict(state, strict=True, assign=True)
     del state  # lowering replaces tensors: the originals must not stay alive here (peak memory)
     for module in program.graph_module.modules():
         for param in module.parameters(recurse=False):
             param.requires_grad_(False)
-    program.info.history = manifest.get("history", [])
-    program.info.pruned = manifest.get("pruned", {})
     program.verify()
     program.to(device)
     if lower:
@@ -262,6 +234,97 @@ def load(
     elif compile:
         raise ArtifactError("compile=True needs lower=True: only the lowered program is compiled")
     return program
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise ArtifactError(f"{path} does not exist or is not a directory")
+    if not manifest_path.is_file():
+        hint = (
+            " (it looks like a transformers checkpoint: load it with transformers)"
+            if (path / "config.json").is_file()
+            else " (an ONNX export? run it with moepass.OnnxProgram)"
+            if (path / "model.onnx").is_file()
+            else ""
+        )
+        raise ArtifactError(f"{path} has no manifest.json: not a moepass artifact{hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({error}): the artifact is damaged") from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or manifest.get("version") != VERSION
+    ):
+        found = manifest if isinstance(manifest, dict) else {}
+        raise ArtifactError(
+            f"{manifest_path}: format {found.get('format')!r} version {found.get('version')!r} "
+            f"is not {FORMAT!r} version {VERSION}"
+        )
+    missing = [key for key in ("config", "dtype", "edits", "structure") if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{manifest_path} lacks {', '.join(missing)}: the artifact is damaged")
+    return manifest
+
+
+def _rebuild(manifest: dict, manifest_path: Path) -> MoEProgram:
+    """The saved program's graph, without its tensors: the config's model, captured, with the
+    manifest's edits replayed; its structure must be the one the manifest records."""
+    try:
+        program = capture(_skeleton(manifest))
+    except (MoepassError, TypeError, ValueError, AttributeError) as error:
+        raise ArtifactError(f"{manifest_path}: its config does not build a model ({error})") from None
+    for number, edit in enumerate(manifest["edits"]):
+        op = edit.get("op") if isinstance(edit, dict) else None
+        if op not in REPLAY:
+            raise ArtifactError(f"{manifest_path}: unknown edit {op!r}; written by a newer moepass?")
+        try:
+            REPLAY[op](program, edit)
+        except (MoepassError, KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            raise ArtifactError(
+                f"{manifest_path}: edit {number} ({op}) does not apply to the model its config builds "
+                f"({type(error).__name__}: {error}): the artifact is damaged"
+            ) from None
+    structure = json.loads(json.dumps(manifest_of(program, {})["structure"]))
+    if structure != manifest["structure"]:
+        raise ArtifactError(
+            f"{manifest_path}: the structure it records differs from what its edits give: "
+            "the artifact is damaged"
+        )
+    program.info.history = manifest.get("history", [])
+    program.info.pruned = manifest.get("pruned", {})
+    return program
+
+
+def _read_tensors(
+    file: Path, manifest_path: Path, program: MoEProgram, aliases: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """The artifact's tensors, checked name by name and shape by shape against the rebuilt program."""
+    if not file.is_file():
+        raise ArtifactError(f"{file} is missing: the artifact is incomplete")
+    try:
+        state = load_file(str(file))
+    except Exception as error:  # safetensors raises its own error type for truncated or foreign files
+        raise ArtifactError(f"{file} is unreadable ({error}): the artifact is damaged") from None
+    for alias, name in aliases.items():
+        if name in state:
+            state[alias] = state[name]
+    expected = dict(program.graph_module.named_parameters(remove_duplicate=False))
+    expected |= dict(program.graph_module.named_buffers(remove_duplicate=False))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{file} does not match {manifest_path.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise ArtifactError(
+                f"{file}: {name} has shape {tuple(state[name].shape)} where {manifest_path.name} "
+                f"gives {tuple(tensor.shape)}: the artifact is damaged"
+            )
+    return state
 
 
 def _skeleton(manifest: dict):

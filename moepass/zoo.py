@@ -193,7 +193,15 @@ def _checkpoint_dir(path: str) -> str:
             f"directory; moepass loads models offline only"
         )
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise MoepassError(f"{path!r} has no config.json: not a transformers checkpoint directory")
+        hint = (
+            " (it holds an ONNX export: run it with --onnx / moepass.OnnxProgram)"
+            if os.path.isfile(os.path.join(path, "model.onnx"))
+            else ""
+        )
+        raise MoepassError(
+            f"{path!r} has no config.json nor manifest.json: neither a transformers checkpoint nor a "
+            f"moepass artifact{hint}"
+        )
     return path
 
 

@@ -142,6 +142,58 @@ def test_load_errors(tmp_path):
     random_model("mixtral", seed=0).save_pretrained(tmp_path / "hf")
     with pytest.raises(ArtifactError, match="looks like a transformers checkpoint"):
         load(tmp_path / "hf")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load(tmp_path / "nowhere")
+
+
+def _damage_manifest(change):
+    def damage(directory):
+        manifest = json.loads((directory / "manifest.json").read_text())
+        change(manifest)
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+
+    return damage
+
+
+def _truncate(directory):
+    data = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: (d / "manifest.json").write_text("{"), r"manifest\.json is not valid JSON"),
+        (_damage_manifest(lambda m: m.pop("edits")), r"manifest\.json lacks edits"),
+        (
+            _damage_manifest(lambda m: m["edits"][0].update(block=17)),
+            r"edit 0 \(keep_experts\) does not apply",
+        ),
+        (
+            _damage_manifest(lambda m: m["config"].update(num_hidden_layers=2)),
+            r"edit \d \(\w+\) does not apply",
+        ),
+        (
+            _damage_manifest(lambda m: m["config"].update(hidden_size=48)),
+            r"has shape .* where manifest\.json",
+        ),
+        (
+            _damage_manifest(lambda m: next(iter(m["structure"]["blocks"].values())).update(experts=8)),
+            "structure it records differs",
+        ),
+        (_truncate, r"model\.safetensors is unreadable"),
+        (lambda d: (d / "model.safetensors").unlink(), r"model\.safetensors is missing"),
+    ],
+)
+def test_a_damaged_artifact_is_refused_naming_the_damage(damage, message, tmp_path):
+    _, original = captured("mixtral", num_hidden_layers=4)
+    program = moepass.compress(
+        original, [("expert_drop", {"keep": 6}), ("block_drop", {"count": 1})], calibration=_calibration()
+    )
+    save(program, tmp_path / "a")
+    damage(tmp_path / "a")
+    with pytest.raises(ArtifactError, match=message):
+        load(tmp_path / "a", lower=False)
 
 
 @pytest.fixture(scope="module")
