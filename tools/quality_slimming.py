@@ -31,7 +31,12 @@ WIDE = ["experts", "shared_experts", "attention", "dense_mlp"]
 STORE_24 = ("sparse24_storage", {})  # 2:4 rows keep the pruned weights compressed
 
 
-def settings(group: int) -> list[tuple[str, list]]:
+def slim_then_trim(passes: list) -> dict:
+    """The paper's S+T: the layers are scored on the quantized model, after the slimming pass."""
+    return {"name": "slim-then-trim", "scoring": "iterative", "passes": passes}
+
+
+def settings(group: int) -> list[tuple[str, list | dict]]:
     q4 = {"bits": 4, "group_size": group, "targets": WIDE}
     return [
         ("int4 RTN", [("rtn", q4)]),
@@ -48,9 +53,15 @@ def settings(group: int) -> list[tuple[str, list]]:
         ("2:4 Wanda", [("wanda", {"pattern": "2:4"}), STORE_24]),
         ("2:4 SparseGPT", [("sparsegpt", {"pattern": "2:4"}), STORE_24]),
         ("2:4 SparseGPT, then int4 GPTQ", [("sparsegpt", {"pattern": "2:4"}), ("gptq", q4), STORE_24]),
-        ("paper: AWQ int4, then drop 25% MoE layers", [("awq", q4), ("layer_drop", {"ratio": 0.25})]),
+        (
+            "paper: AWQ int4, then drop 25% MoE layers",
+            slim_then_trim([("awq", q4), ("layer_drop", {"ratio": 0.25})]),
+        ),
         ("paper: drop 25% MoE layers, then AWQ int4", [("layer_drop", {"ratio": 0.25}), ("awq", q4)]),
-        ("AWQ int4, then drop 2 MoE layers (count)", [("awq", q4), ("layer_drop", {"count": 2})]),
+        (
+            "AWQ int4, then drop 2 MoE layers (count)",
+            slim_then_trim([("awq", q4), ("layer_drop", {"count": 2})]),
+        ),
     ]
 
 
@@ -198,6 +209,8 @@ def main() -> None:
         "Quantization targets experts, shared experts, attention and dense MLPs (router, embeddings and LM "
         "head stay in full precision); pruning targets the routed experts (the paper's setting). A drop "
         "ratio rounds down: 25% of tiny-mixtral's 6 MoE layers drops 1; the `count` row drops 2 (33%). "
+        "Rows that quantize, then drop, score the layers on the quantized model (the paper's "
+        "slim-then-trim; `scoring: iterative`). "
         "2:4 rows keep their pruned weights compressed (`sparse24_storage`): the size is what an "
         "artifact holds.\n\n"
         + "\n\n".join(f"```\n{t}\n```" for t in tables)
