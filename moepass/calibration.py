@@ -119,10 +119,11 @@ class BlockwiseRunner:
     between observations: each call re-splits the (possibly rewritten) graph. Used by the slimming
     passes: GPTQ/AWQ/Wanda/SparseGPT collect statistics for block i, compress it, then move on."""
 
-    def __init__(self, program: MoEProgram, data: TokenSet, batch_size: int = 8):
+    def __init__(self, program: MoEProgram, data: TokenSet, batch_size: int = 8, label: str = "calibrate"):
         if len(data) == 0:
             raise CalibrationError("the calibration set is empty")
-        self.program = program
+        self.program, self.label = program, label
+        self._committed, self._start = 0, time.perf_counter()
         batches = [slice(b, min(b + batch_size, len(data))) for b in range(0, len(data), batch_size)]
         self.states = [_graph_inputs(program, data.input_ids[rows]) for rows in batches]
         with torch.no_grad():
@@ -157,9 +158,18 @@ class BlockwiseRunner:
         return results
 
     def commit(self, produced: list[dict[str, Tensor]]) -> None:
-        """Make a block's outputs the inputs of the next block."""
+        """Make a block's outputs the inputs of the next block (and log the progress: a pass over a
+        large model spends minutes per block)."""
         for state, values in zip(self.states, produced, strict=True):
             state.update(values)
+        self._committed += 1
+        logger.info(
+            "%s: block %d/%d (%.1fs)",
+            self.label,
+            self._committed,
+            len(self.program.structure.blocks),
+            time.perf_counter() - self._start,
+        )
 
 
 def _check_finite(block: int, values: Mapping[str, Tensor], batch: int) -> None:

@@ -7,6 +7,7 @@ logits), so compressed and original models are compared on identical tokens with
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import time
@@ -19,6 +20,8 @@ from torch import nn
 from moepass.data import TokenSet, evaluation_set
 from moepass.ir.printer import tensor_sizes
 from moepass.table import format_table, human_bytes, human_count
+
+logger = logging.getLogger("moepass")
 
 
 @dataclass
@@ -125,6 +128,13 @@ def evaluate(
             score.correct += int((logits.argmax(-1) == labels).sum())
             score.tokens += labels.numel()
         domains[source] = score
+        logger.info(
+            "evaluate: %s, %d tokens, perplexity %.3f (%.1fs)",
+            source,
+            score.tokens,
+            score.perplexity,
+            time.perf_counter() - start,
+        )
     parameters, weight_bytes = model_size(model)
     return EvalResult(
         domains, parameters, weight_bytes, _peak_rss(), time.perf_counter() - start, data.seq_len

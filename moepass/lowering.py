@@ -64,4 +64,6 @@ def lower(
     lowered.info.compiled = compile
     lowered.report = report
     logger.info("lowered for %s: %s", device_type, ", ".join(name for name, _ in PIPELINES[device_type]))
+    if compile:
+        logger.info("torch.compile: the first prompt and the first decoded token compile (30-90 s cold)")
     return lowered

@@ -128,7 +128,8 @@ def prune_program(
                     config,
                 )
         return _summary(program, before, fallbacks)
-    runner = BlockwiseRunner(program, context.calibration, context.batch_size)
+    label = method.__name__.removesuffix("_prune")
+    runner = BlockwiseRunner(program, context.calibration, context.batch_size, label)
     for block in [b.index for b in program.structure.blocks]:
         dense_outputs = runner.outputs(block) if config.propagation == "dense" else None
         block_linears = [t for t in linears if t.block == block]

@@ -128,7 +128,7 @@ class AWQPass(TransformPass):
         linears = linear_targets(program, config.targets)
         experts = expert_blocks(program, config.targets)
         check_formats(program, config, linears, experts)
-        runner = BlockwiseRunner(program, context.calibration, context.batch_size)
+        runner = BlockwiseRunner(program, context.calibration, context.batch_size, self.name)
         fallbacks: dict[int, list[int]] = {}
         for block in [b.index for b in program.structure.blocks]:
             group_linears = [t for t in linears if t.block == block]
