@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -233,12 +234,17 @@ def _recipes(args: argparse.Namespace) -> None:
     from moepass.recipes import builtin_recipes, load_recipe
     from moepass.table import format_table
 
-    rows = []
-    for name in sorted(builtin_recipes()):
-        recipe = load_recipe(name)
-        passes = "; ".join(f"{n}({c.describe()})" for n, c in recipe.passes)
-        rows.append([name, passes, recipe.description[:70] + ("..." if len(recipe.description) > 70 else "")])
-    print(format_table(["recipe", "passes", "description"], rows))
+    recipes = [load_recipe(name) for name in sorted(builtin_recipes())]
+    rows = [
+        [r.name, "; ".join(f"{n}({c.describe() or 'defaults'})" for n, c in r.passes), r.scoring]
+        for r in recipes
+    ]
+    print(format_table(["recipe", "passes (options that differ from the defaults)", "scoring"], rows))
+    for recipe in recipes:
+        print(
+            f"\n{recipe.name}:\n"
+            + textwrap.fill(recipe.description, 100, initial_indent="  ", subsequent_indent="  ")
+        )
 
 
 def _write_atomically(path: str, text: str) -> None:

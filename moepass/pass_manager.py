@@ -58,7 +58,7 @@ class PassReport:
             [
                 r.name,
                 r.kind,
-                r.config or "-",
+                r.config or "defaults",
                 f"{r.seconds:.2f}",
                 human_bytes(r.peak_rss),
                 "" if r.modified is None else ("yes" if r.modified else "no"),
@@ -139,8 +139,7 @@ class PassManager:
                     program.verify()
                 except MoepassError as error:
                     raise PassError(
-                        f"pass {p.name} ({p.config.describe()}) left an invalid program, after "
-                        f"{self._done_text()}: {error}",
+                        f"pass {_label(p)} left an invalid program, after {self._done_text()}: {error}",
                         error,
                     ) from None
             if not self._pinned:
@@ -197,8 +196,7 @@ class PassManager:
                 raise
             except Exception as error:
                 raise PassError(
-                    f"pass {p.name} ({p.config.describe()}) failed after {self._done_text()}: "
-                    f"{type(error).__name__}: {error}",
+                    f"pass {_label(p)} failed after {self._done_text()}: {type(error).__name__}: {error}",
                     error,
                 ) from None
         self.report.records.append(
@@ -209,6 +207,11 @@ class PassManager:
 
     def _done_text(self) -> str:
         return f"[{', '.join(self._done)}]" if self._done else "no other pass"
+
+
+def _label(p: Pass) -> str:
+    options = p.config.describe()
+    return f"{p.name} ({options})" if options else p.name
 
 
 class _PeakRSS:

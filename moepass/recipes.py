@@ -88,7 +88,9 @@ def load_recipe(spec) -> Recipe:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+            mark = getattr(error, "problem_mark", None)
+            at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ConfigError(f"{at}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
         return recipe_from_dict(data, where=f"{path.name}: ")
     raise ConfigError(f"cannot use a {type(spec).__name__} as a recipe")
 

@@ -36,7 +36,7 @@ def test_builtin_recipes_load_and_include_the_papers():
     [
         (
             {"passes": [{"expert_dorp": {}}]},
-            "passes\\[0\\].unknown pass 'expert_dorp'; known passes: .*expert_drop",
+            "passes\\[0\\]: unknown pass 'expert_dorp'; known passes: .*expert_drop",
         ),
         (
             {"passes": [{"layer_drop": {"count": 1, "metrc": "S_NM"}}]},
@@ -49,10 +49,13 @@ def test_builtin_recipes_load_and_include_the_papers():
         ),
         (
             {"passes": [{"expert_drop": {"ratio": 1.5}}]},
-            "expert_drop.ratio: 1.5 is out of range; must be <= 1.0",
+            "passes\\[0\\].expert_drop.ratio: 1.5 is out of range; must be <= 1.0",
         ),
         ({"passes": [{"expert_drop": {"keep": 0}}]}, "keep: 0 would drop every expert of a layer"),
-        ({"passes": [{"expert_drop": {}}]}, "give exactly one of keep .* or ratio"),
+        (
+            {"passes": [{"expert_drop": {}}]},
+            "passes\\[0\\].expert_drop: give exactly one of keep .* or ratio",
+        ),
         (
             {"passes": [{"block_drop": {"count": 1, "iterative": True, "method": "consecutive"}}]},
             "only the discrete method re-scores",
@@ -84,7 +87,7 @@ def test_yaml_recipe_files(tmp_path):
     assert [name for name, _ in recipe.passes] == ["expert_drop", "layer_drop"]
     assert recipe.passes[0][1].selection == "global"
     (tmp_path / "bad.yaml").write_text("passes: [\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:1: not valid YAML \(expected the node content"):
         load_recipe(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="neither a built-in"):
         load_recipe("no-such-recipe")

@@ -102,7 +102,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 def create_pass(name: str, config: PassConfig | dict | None = None, where: str = "") -> Pass:
     if name not in PASSES:
-        raise ConfigError(f"{where}unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
+        at = f"{where.rstrip('.')}: " if where else ""
+        raise ConfigError(f"{at}unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
     cls = PASSES[name]
     if isinstance(config, dict) or config is None:
         config = config_from_dict(cls.config_class, config or {}, where=f"{where}{name}.")
@@ -120,7 +121,17 @@ def config_from_dict(cls: type[PassConfig], data: dict, where: str = "") -> Pass
     hints = typing.get_type_hints(cls)
     values = {name: _coerce(value, hints[name], f"{where}{name}") for name, value in data.items()}
     config = cls(**values)
-    config.check()
+    try:
+        config.check()
+    except ConfigError as error:  # name the recipe entry, as the key and type errors above do
+        scope = where.rstrip(".").rpartition(".")[2]  # "x.yaml: passes[0].awq." -> "awq"
+        message = str(error)
+        for separator in (".", ": "):
+            if scope and message.startswith(scope + separator):
+                message = message[len(scope) + len(separator) :]
+                if separator == ": ":
+                    raise ConfigError(f"{where.rstrip('.')}: {message}") from None
+        raise ConfigError(f"{where}{message}") from None
     return config
 
 
