@@ -31,3 +31,15 @@ def test_inspect_local_checkpoint(tmp_path, capsys, seed):
 def test_inspect_bad_model(name, message, capsys):
     assert main(["inspect", name]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_recipes_lists_every_builtin_recipe_with_its_passes_and_description(capsys):
+    from moepass.recipes import builtin_recipes, load_recipe
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in builtin_recipes():
+        recipe = load_recipe(name)
+        assert f"\n{name}:\n" in out
+        assert " ".join(recipe.description.split()[-6:]) in " ".join(out.split())  # not cut short
+    assert "layer_drop(ratio=0.25)" in out and "awq(defaults)" in out
