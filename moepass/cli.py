@@ -65,7 +65,7 @@ def _compress(args: argparse.Namespace) -> None:
 
     from moepass.artifact import manifest_of, save, unique_tensors, write_atomically, write_checkpoint
     from moepass.compress import compress
-    from moepass.evaluate import evaluate
+    from moepass.evaluate import evaluate, model_size
     from moepass.ir import capture
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
@@ -83,7 +83,7 @@ def _compress(args: argparse.Namespace) -> None:
                     f"{PASSES[name].not_in_hf_checkpoints}, which no transformers checkpoint holds; "
                     "use --format moepass (the default)"
                 )
-    out = Path(args.out or f"out/{args.model.removeprefix('builtin:').replace('/', '_')}-{recipe.name}")
+    out = Path(args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}")
     if out.exists() and not args.force:
         raise MoepassError(f"{out} already exists; pass --force to replace it")
     model = load_model(args.model)
@@ -95,7 +95,14 @@ def _compress(args: argparse.Namespace) -> None:
     program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
     after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
     report = CompressionReport(
-        args.model, recipe.to_dict(), before, after, program, original.info.num_layers, experts
+        args.model,
+        recipe.to_dict(),
+        before,
+        after,
+        program,
+        original.info.num_layers,
+        experts,
+        model_size(original),
     )
     coverage = [r.summary["coverage_table"] for r in program.report.records if "coverage_table" in r.summary]
     print(

@@ -37,7 +37,8 @@ def compress(
         calibration_mode=recipe.calibration.mode,
         batch_size=recipe.calibration.batch_size,
     )
-    logger.info("compress: recipe %s, %d passes", recipe.name, len(recipe.passes))
+    count = len(recipe.passes)
+    logger.info("compress: recipe %s, %d pass%s", recipe.name, count, "" if count == 1 else "es")
     report = manager.run(program)
     program.info.history.append({"recipe": recipe.to_dict(), "report": report.to_dict()})
     program.report = report

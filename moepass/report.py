@@ -20,26 +20,16 @@ class CompressionReport:
     program: MoEProgram
     original_blocks: int
     original_experts: dict[int, int]
+    original_size: tuple[int, int]  # (parameters, weight bytes) before compression
     plots: dict[str, str] = field(default_factory=dict)  # analysis -> png file name
 
     def summary_table(self) -> str:
         params, nbytes = model_size(self.program)
-        rows = []
-        if self.before is not None:
-            rows += [
-                [
-                    "parameters",
-                    human_count(self.before.parameters),
-                    human_count(params),
-                    _ratio(params, self.before.parameters),
-                ],
-                [
-                    "weight bytes",
-                    human_bytes(self.before.weight_bytes),
-                    human_bytes(nbytes),
-                    _ratio(nbytes, self.before.weight_bytes),
-                ],
-            ]
+        params_before, bytes_before = self.original_size
+        rows = [
+            ["parameters", human_count(params_before), human_count(params), _ratio(params, params_before)],
+            ["weight bytes", human_bytes(bytes_before), human_bytes(nbytes), _ratio(nbytes, bytes_before)],
+        ]
         if self.before is not None and self.after is not None:
             for name in [*sorted(self.before.domains), "overall"]:
                 b = self.before.overall if name == "overall" else self.before.domains[name]

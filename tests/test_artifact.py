@@ -269,6 +269,17 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         load(out, lower=False, compile=True)
 
 
+def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / "rtn.yaml").write_text("name: rtn\npasses:\n  - rtn: {group_size: 16}\n")
+    monkeypatch.chdir(tmp_path)  # the default output: out/<model directory name>-<recipe>
+    assert (
+        main(["compress", "--model", str(checkpoint), "--recipe", "rtn.yaml", "--eval-per-source", "0"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "weight bytes" in printed and "perplexity" not in printed
+    assert (tmp_path / "out" / f"{checkpoint.name}-rtn" / "manifest.json").is_file()
+
+
 def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("passes:\n  - layer_drop: {count: 1, depth: 3}\n")
     out = tmp_path / "never"
