@@ -184,15 +184,7 @@ class MoEProgram(nn.Module, StepGeneration):
         shares every tensor with `graph_module`."""
         if self._last_token_graph is None:
             graph = _graph_copy(self.graph_module)
-            inside = set(self.structure.lm_head.nodes)
-            head = next(  # the LM head's first op: the one reading from outside the head
-                n
-                for n in graph.nodes
-                if n.name in inside
-                and n.op == "call_function"
-                and isinstance(n.args[0], fx.Node)
-                and n.args[0].name not in inside
-            )
+            head = lm_head_entry(graph, self.structure)
             with graph.inserting_before(head):
                 last = graph.call_function(torch.ops.aten.slice.Tensor, (head.args[0], 1, -1, 2**63 - 1))
             head.replace_input_with(head.args[0], last)
@@ -235,3 +227,17 @@ def _retarget_devices(graph_module: fx.GraphModule, device: torch.device) -> Non
         node.args = fx.node.map_aggregate(node.args, swap)
         node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
     graph_module.recompile()
+
+
+def lm_head_entry(graph: fx.Graph, structure) -> fx.Node:
+    """The LM head's first op (the final norm's): the one node of the head reading from outside it,
+    where the final hidden states can be cut to the positions whose logits are wanted."""
+    inside = set(structure.lm_head.nodes)
+    return next(
+        n
+        for n in graph.nodes
+        if n.name in inside
+        and n.op == "call_function"
+        and isinstance(n.args[0], fx.Node)
+        and n.args[0].name not in inside
+    )

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import moepass
-from helpers import captured
+from helpers import captured, seed_for
 from moepass.artifact import ArtifactError
 from moepass.data import TokenSet
 from moepass.errors import MoepassError
@@ -19,6 +20,7 @@ from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import drop_mlp, keep_experts
 from moepass.onnx_export import OnnxExportError, OnnxProgram, export_onnx
 from moepass.onnx_export.complex_to_real import complex_to_real
+from moepass.onnx_export.export import exportable_graph
 from moepass.zoo import random_model
 
 REL_TOL = 1e-5  # fp32 end to end; ORT's kernels sum in other orders than ATen's
@@ -202,3 +204,93 @@ def test_awq_scales_fold_into_the_fused_qmoe_op(tmp_path):
     export_onnx(quantized, tmp_path / "onnx")
     assert _op_counts(tmp_path / "onnx")["QMoE"] == len(program.structure.moe_blocks)
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
+
+
+def _fp16_overflowing_expert(seed: int):
+    """An fp16 Mixtral whose layer-0 expert 7 overflows to inf on exactly the tokens that do not
+    choose it (router row -20 d; gate = up = 4 x.d: silu(g) u is large only where x.d > 0)."""
+    model = random_model("mixtral", seed=seed, dtype=torch.float16)
+    mlp = model.model.layers[0].mlp
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    direction = (direction / direction.norm()).half()
+    with torch.no_grad():
+        mlp.gate.weight[7] = -20 * direction
+        mlp.experts.gate_up_proj[7] = 4 * direction
+        mlp.experts.down_proj[7] = 300.0
+    return model, mlp.experts
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp16", "int4"])
+def test_fp16_experts_overflowing_on_tokens_that_did_not_choose_them_stay_out(quantized, tmp_path):
+    model, experts = _fp16_overflowing_expert(seed_for("fp16-overflow"))
+    ids = torch.randint(3, model.config.vocab_size, (2, 16))
+    seen = {}
+    hook = experts.register_forward_pre_hook(lambda _, args: seen.update(x=args[0], ids=args[1]))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    with torch.no_grad():  # the premise: expert 7 is chosen by some tokens and overflows on others
+        h = torch.nn.functional.linear(seen["x"], experts.gate_up_proj[7])
+        gate, up = h.chunk(2, dim=-1)
+        out = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, experts.down_proj[7])
+    chose = (seen["ids"] == 7).any(dim=-1)
+    assert chose.any() and out[~chose].isinf().any() and out[chose].isfinite().all()
+    program = moepass.capture(model)
+    if quantized:  # int4 experts on MatMulNBits, one If per expert; fp16 keeps them off the fused ops
+        program = moepass.compress(program, [("rtn", {"bits": 4, "group_size": 16, "targets": ["experts"]})])
+    export_onnx(program, tmp_path / "onnx")
+    reference = program(ids)
+    assert reference.isfinite().all()
+    # onnxruntime's CPU provider happens to run some fp16 ops in fp32 (no overflow there): the
+    # standard-op graph itself, run by PyTorch, is checked too
+    graph_module, _ = exportable_graph(program)
+    mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    standard_ops = graph_module(ids, mask, positions, *program.empty_cache(ids.shape[0]), torch.tensor(0))[0]
+    for logits in (OnnxProgram(tmp_path / "onnx")(ids), standard_ops):
+        assert logits.isfinite().all()
+        # fp16 rounding may flip a near-tie routing choice (6% off for that token): most tokens match
+        error = (logits.float() - reference.float()).norm(dim=-1) / reference.float().norm(dim=-1)
+        assert (error < 5e-3).float().mean() >= 0.9, error
+
+
+def test_prefill_runs_the_lm_head_only_on_the_positions_asked_for(tmp_path_factory):
+    _, program = captured("olmoe")
+    exported, vocab = OnnxProgram(_exported("olmoe", tmp_path_factory)), program.info.vocab_size
+    ids = torch.randint(0, vocab, (3, 6))
+    mask, positions, past = torch.ones_like(ids), torch.arange(6).expand(3, -1), program.empty_cache(3)
+    reference = program.step(ids, mask, positions, past)[0]
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    feeds.update({name: t.numpy() for name, t in zip(exported.cache_names, past, strict=True)})
+    # the optional `logits_to_keep` input: absent (the decoder contract without it) or 0, every position
+    for extra in ({}, {"logits_to_keep": np.array(0)}, {"logits_to_keep": np.array(2)}):
+        logits = torch.from_numpy(exported.session.run(["logits"], {**feeds, **extra})[0])
+        kept = int(extra.get("logits_to_keep", 0)) or 6
+        assert logits.shape == (3, kept, vocab)
+        torch.testing.assert_close(logits, reference[:, -kept:], rtol=1e-4, atol=1e-5)
+    last, _ = exported.step(ids, mask, positions, past, last_token_only=True)
+    torch.testing.assert_close(last, program.step(ids, mask, positions, past, last_token_only=True)[0])
+
+
+def test_runtime_refuses_inputs_onnxruntime_would_misread(tmp_path_factory):
+    _, program = captured("olmoe")
+    exported = OnnxProgram(_exported("olmoe", tmp_path_factory))
+    ids = torch.randint(0, program.info.vocab_size, (2, 5))
+    ids[1, 3] = -1  # PyTorch raises; onnxruntime's Gather would read the last embedding row
+    with pytest.raises(IndexError):
+        program(ids)
+    with pytest.raises(MoepassError, match=r"input_ids\[1, 3\] is -1: token ids must lie in \[0, "):
+        exported(ids)
+    ids[1, 3] = 0
+    past = [torch.zeros(2, t.shape[1], 3, t.shape[3]) for t in exported.empty_cache(2)]
+    positions = torch.arange(3, 8).expand(2, -1)
+    with pytest.raises(
+        MoepassError, match=r"attention_mask must be \[batch, past \+ new tokens\] = \[2, 8\]"
+    ):
+        exported.step(ids, torch.ones(2, 5, dtype=torch.long), positions, past)
+    with pytest.raises(MoepassError, match="position_ids must be"):
+        exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions[:, :1], past)
+    with pytest.raises(MoepassError, match=f"takes {len(past)} past tensors"):
+        exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions, past[:-1])
+    past[-1] = past[-1][:1]
+    with pytest.raises(MoepassError, match=f"{exported.cache_names[-1]} is .*: past tensors must all be"):
+        exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions, past)

@@ -1,5 +1,6 @@
 """onnxruntime contrib ops (domain `com.microsoft`) the exporter emits, each a torch custom op whose
-reference implementation is the op's definition and whose ONNX translation is the contrib op itself.
+reference implementation is the op's definition and whose ONNX translation is the contrib op itself
+(and `moepass_onnx::last_positions`, a data-dependent `Slice`: `logits_to_keep`).
 
   moepass_onnx::matmul_nbits  ->  com.microsoft::MatMulNBits
       Y = A @ dequantize(B)^T + bias; B [N, K/block, block*bits/8] uint8 (low nibble first),
@@ -22,6 +23,7 @@ from __future__ import annotations
 import onnx
 import onnxscript
 import torch
+from onnxscript import opset20
 from torch import Tensor
 
 from moepass.ir.ops import experts, routing
@@ -199,7 +201,31 @@ def _qmoe_onnx(
     )  # fmt: skip
 
 
+@torch.library.custom_op("moepass_onnx::last_positions", mutates_args=())
+def last_positions(x: Tensor, count: Tensor) -> Tensor:
+    """x[:, -count:] for x [batch, seq, ...] and an int64 scalar `count`; 0 (or >= seq) keeps every
+    position. The length is data-dependent: an ONNX `Slice` reading `count` at run time."""
+    return x[:, -int(count) :].clone()
+
+
+@last_positions.register_fake
+def _(x, count):
+    return x.new_empty((x.shape[0], torch.library.get_ctx().new_dynamic_size(), *x.shape[2:]))
+
+
+def _last_positions_onnx(x, count):
+    starts = opset20.Neg(opset20.Reshape(count, opset20.Constant(value_ints=[1])))
+    ends = opset20.Constant(value_ints=[2**63 - 1])
+    return opset20.Slice(x, starts, ends, opset20.Constant(value_ints=[1]))
+
+
 MATMUL_NBITS = torch.ops.moepass_onnx.matmul_nbits.default
 MOE = torch.ops.moepass_onnx.moe.default
 QMOE = torch.ops.moepass_onnx.qmoe.default
-TRANSLATIONS = {MATMUL_NBITS: _matmul_nbits_onnx, MOE: _moe_onnx, QMOE: _qmoe_onnx}
+LAST_POSITIONS = torch.ops.moepass_onnx.last_positions.default
+TRANSLATIONS = {
+    MATMUL_NBITS: _matmul_nbits_onnx,
+    MOE: _moe_onnx,
+    QMOE: _qmoe_onnx,
+    LAST_POSITIONS: _last_positions_onnx,
+}

@@ -4,11 +4,15 @@ Routing and experts stay in the exported graph as computations, never as the sam
 (routing and quantized linears that MatMulNBits cannot take trace the ops' own bodies,
 `moepass.ir.ops.routing` and `moepass.ir.quant_ops.dequantized_linear`):
   experts  every expert kept. One decode token (T == 1) gathers its k experts' weights and runs
-           them — reading k of E experts; longer inputs run all experts on all tokens and weight
-           each by its routing weight (zero for experts not chosen). `torch.cond` keeps both paths
-           in the graph (an ONNX `If`), chosen by the token count at run time.
+           them — reading k of E experts; longer inputs run all experts on all tokens and keep, per
+           token, the outputs of the experts it chose, weighted by their routing weights.
+           `torch.cond` keeps both paths in the graph (an ONNX `If`), chosen by the token count at
+           run time.
   quantized experts  the same, with codes unpacked and dequantized in the graph (weights stay int4/int8).
-Ids >= E (experts dropped with `preserve_gate`) contribute nothing, as in the op.
+Ids >= E (experts dropped with `preserve_gate`) contribute nothing, as in the op. Outputs computed
+for a token that did not choose the expert are masked out (`Where`), never multiplied by a zero
+weight: in fp16 such an output may overflow, and 0 * inf would be NaN where the op, which never
+computes it, is finite.
 """
 
 from __future__ import annotations
@@ -40,42 +44,44 @@ def _take(tensors: dict[str, Tensor], name: str, ids: Tensor | None) -> Tensor |
 
 
 def _gathered(tensors: dict[str, Tensor], weights_for: WeightsFn, act, alpha: float, limit: float) -> Tensor:
-    """One token: each slot's expert weights gathered ([T, k, N, K]), then two batched matmuls."""
-    hidden, ids, weights = tensors["hidden"], tensors["ids"], tensors["weights"]
+    """One token: each slot's expert weights gathered ([T, k, N, K]), then two batched matmuls; slots
+    routed to dropped experts (ids >= E) read expert 0 and are masked out."""
+    hidden, weights, valid = tensors["hidden"], tensors["weights"], tensors["valid"]
+    ids = torch.where(valid, tensors["ids"], torch.zeros_like(tensors["ids"]))
     gate_up, down = weights_for(tensors, ids)
     x = hidden if "gate_up_input_scale" not in tensors else hidden * tensors["gate_up_input_scale"]
     h = act(_projection(x[:, None, None, :], gate_up, _take(tensors, "gate_up_bias", ids)), alpha, limit)
     if "down_input_scale" in tensors:
         h = h * tensors["down_input_scale"][ids].unsqueeze(-2)
     out = _projection(h, down, _take(tensors, "down_bias", ids)).squeeze(-2)  # [T, k, H]
-    return (out.float() * weights.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
+    weighted = torch.where(valid.unsqueeze(-1), out.float() * weights.unsqueeze(-1), 0.0)
+    return weighted.sum(dim=1).to(hidden.dtype)
 
 
 def _all_experts(
     tensors: dict[str, Tensor], weights_for: WeightsFn, act, alpha: float, limit: float
 ) -> Tensor:
     """Several tokens: every expert on every token ([E, T, ...]), combined by a [T, E] routing matrix."""
-    hidden, ids, weights = tensors["hidden"], tensors["ids"], tensors["weights"]
+    hidden = tensors["hidden"]
     gate_up, down = weights_for(tensors, None)
     x = hidden if "gate_up_input_scale" not in tensors else hidden * tensors["gate_up_input_scale"]
     h = act(_projection(x.unsqueeze(0), gate_up, tensors.get("gate_up_bias")), alpha, limit)  # [E, T, I]
     if "down_input_scale" in tensors:
         h = h * tensors["down_input_scale"].unsqueeze(1)
     out = _projection(h, down, tensors.get("down_bias"))  # [E, T, H]
-    routing = _routing_matrix(ids, weights, gate_up.shape[0])
-    return torch.einsum("te,eth->th", routing, out.float()).to(hidden.dtype)
+    routing, chosen = _routing_matrix(tensors["ids"], tensors["weights"], gate_up.shape[0])
+    out = torch.where(chosen.t().unsqueeze(-1), out.float(), 0.0)
+    return torch.einsum("te,eth->th", routing, out).to(hidden.dtype)
 
 
 def _run(
     tensors: dict[str, Tensor | None], num_experts: int, weights_for: WeightsFn, activation, alpha, limit
 ):
     """Both paths in the graph (`torch.cond` -> ONNX `If`), chosen by the token count at run time."""
-    ids, weights = tensors["ids"], tensors["weights"].float()
-    valid = ids < num_experts
     tensors = {
         **{name: t for name, t in tensors.items() if t is not None},
-        "ids": torch.where(valid, ids, torch.zeros_like(ids)),
-        "weights": torch.where(valid, weights, torch.zeros_like(weights)),
+        "weights": tensors["weights"].float(),
+        "valid": tensors["ids"] < num_experts,
     }
     names, act = list(tensors), ACTIVATIONS[activation]
 
@@ -130,10 +136,11 @@ def quantized_experts(
     return _run(tensors, gate_up_qweight.shape[0], weights_for, activation, alpha, limit)
 
 
-def _routing_matrix(ids: Tensor, weights: Tensor, num_experts: int) -> Tensor:
-    """[T, E] routing weights (zero for experts not chosen; ids >= E dropped)."""
-    one_hot = (ids.unsqueeze(-1) == torch.arange(num_experts, device=ids.device)).float()
-    return (one_hot * weights.float().unsqueeze(-1)).sum(dim=1)
+def _routing_matrix(ids: Tensor, weights: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """[T, E] routing weights (zero for experts not chosen; ids >= E dropped) and [T, E] whether
+    the token chose the expert."""
+    one_hot = ids.unsqueeze(-1) == torch.arange(num_experts, device=ids.device)
+    return (one_hot.float() * weights.float().unsqueeze(-1)).sum(dim=1), one_hot.any(dim=1)
 
 
 def nbits_experts(
@@ -144,10 +151,11 @@ def nbits_experts(
 
     `experts` holds, per expert, (gate_up b, scales, zeros, down b, scales, zeros) in MatMulNBits'
     shapes. Each expert runs under its own `torch.cond` (ONNX `If`) only when some token chose it, on
-    all tokens, weighted by its routing column: a decode step runs its k experts and reads k of E;
-    onnxruntime's kernel needs constant weights to run fast, so codes are never gathered."""
+    all tokens, kept for the tokens that chose it and weighted by its routing column: a decode step
+    runs its k experts and reads k of E; onnxruntime's kernel needs constant weights to run fast, so
+    codes are never gathered."""
     num_experts = len(experts)
-    routing = _routing_matrix(topk_ids, topk_weights, num_experts)  # [T, E], zero where not chosen
+    routing, chosen = _routing_matrix(topk_ids, topk_weights, num_experts)
     x = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
     act = ACTIVATIONS[activation]
     out = torch.zeros_like(hidden, dtype=torch.float32)
@@ -162,7 +170,7 @@ def nbits_experts(
         extras = {name: t for name, t in extras.items() if t is not None}
         names = list(extras)
 
-        def run(x, weight, gu_b, gu_s, d_b, d_s, *rest, names=names):
+        def run(x, weight, chose, gu_b, gu_s, d_b, d_s, *rest, names=names):
             t = dict(zip(names, rest, strict=True))
             h = matmul_nbits(x, gu_b, gu_s, t.get("gu_z"), t.get("gate_up_bias"), hidden_size,
                              2 * intermediate, bits, gate_up_block)  # fmt: skip
@@ -171,11 +179,11 @@ def nbits_experts(
                 h = h * t["down_input_scale"]
             y = matmul_nbits(h, d_b, d_s, t.get("d_z"), t.get("down_bias"), intermediate, hidden_size, bits,
                              down_block)  # fmt: skip
-            return y.float() * weight
+            return torch.where(chose, y.float() * weight, 0.0)
 
-        def skip(x, weight, *rest):
+        def skip(x, *rest):
             return torch.zeros_like(x, dtype=torch.float32)
 
-        operands = (x, routing[:, e : e + 1], gu_b, gu_s, d_b, d_s, *extras.values())
+        operands = (x, routing[:, e : e + 1], chosen[:, e : e + 1], gu_b, gu_s, d_b, d_s, *extras.values())
         out = out + torch.cond((topk_ids == e).any(), run, skip, operands)
     return out.to(hidden.dtype)

@@ -1,7 +1,9 @@
 """`moepass.export_onnx`: a program as an ONNX decoder step with past key/values, for onnxruntime.
 
 The exported graph is the program's step graph — (input_ids, attention_mask, position_ids, *past) ->
-(logits, *present) — with batch, sequence and past lengths dynamic. Before export a copy of the graph
+(logits, *present) — with batch, sequence and past lengths dynamic, plus one optional input,
+`logits_to_keep` (int64 scalar, default 0: every position; N: the last N positions only, so a prompt's
+prefill runs the LM head on one row when generating). Before export a copy of the graph
 has its moepass ops replaced: quantized linears by `com.microsoft::MatMulNBits` (`contrib.py`),
 routing and experts by standard-op forms that keep every expert (`decompose.py`), complex
 arithmetic (DeepSeek-V2's rotary embedding) by real (re, im) pairs (`complex_to_real.py`). Dropped
@@ -25,12 +27,14 @@ from pathlib import Path
 import onnx
 import onnxscript.optimizer
 import torch
+from onnxscript import ir as onnx_ir
 from torch import fx
 
 from moepass.artifact import ArtifactError, write_atomically
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
 from moepass.ir.ops import EXPERTS, ROUTE, routing
+from moepass.ir.program import lm_head_entry
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, dequantized_linear
 from moepass.ir.quantized import in_features
 from moepass.ir.structure import arg_tensors, op_args, tensor_at
@@ -38,11 +42,22 @@ from moepass.ir.surgery import delete_if_unused, expand_sparse24, install_tensor
 
 from . import decompose
 from .complex_to_real import complex_to_real
-from .contrib import MATMUL_NBITS, MOE, QMOE, TRANSLATIONS, fits_matmul_nbits, interleave_gate_up
+from .contrib import (
+    LAST_POSITIONS,
+    MATMUL_NBITS,
+    MOE,
+    QMOE,
+    TRANSLATIONS,
+    fits_matmul_nbits,
+    interleave_gate_up,
+)
 
 logger = logging.getLogger("moepass")
 
 MODEL_FILE, MANIFEST_FILE = "model.onnx", "onnx_manifest.json"
+# optional int64 scalar input: logits for the last N positions only (the LM head runs on N rows);
+# its default, 0, keeps every position, so the (ids, mask, positions, *past) contract holds without it
+LOGITS_TO_KEEP = "logits_to_keep"
 OPSET = 20
 TRIPLE = ("qweight", "scales", "zeros")
 # quantized experts' code arguments, per projection, in TRIPLE order
@@ -93,7 +108,8 @@ def export_onnx(
             "version": 1,
             "opset": OPSET,
             "info": dataclasses.asdict(program.info),
-            "inputs": [n.name for n in graph_module.graph.nodes if n.op == "placeholder"],
+            "inputs": input_names(graph_module),
+            "optional_inputs": {LOGITS_TO_KEEP: 0},
             "outputs": output_names(program),
             "rewrites": rewrites,
         }
@@ -106,8 +122,13 @@ def export_onnx(
             save_tokenizer(tokenizer, staging)
 
     write_atomically(path, fill, overwrite)
-    logger.info("exported %s in %.1fs: %s", path, time.perf_counter() - start, rewrites)
+    logger.info("exported %s in %.1fs", path, time.perf_counter() - start)
     return path
+
+
+def input_names(graph_module: fx.GraphModule) -> list[str]:
+    """The inputs every call feeds: input_ids, attention_mask, position_ids, *past."""
+    return [n.name for n in graph_module.graph.nodes if n.op == "placeholder" and n.name != LOGITS_TO_KEEP]
 
 
 def output_names(program: MoEProgram) -> list[str]:
@@ -118,6 +139,7 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
     """A copy of the program's graph with every moepass op in a form the ONNX exporter translates;
     also the count of each rewrite."""
     program = program.fork()
+    _logits_to_keep(program)
     rewrites: dict[str, int] = {}
     if expanded := expand_sparse24(program):  # onnxruntime has no 2:4 operator
         rewrites["2:4 storage -> dense (onnxruntime has no 2:4 kernel)"] = expanded
@@ -146,6 +168,21 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
     graph_module.graph.lint()
     graph_module.recompile()
     return graph_module, rewrites
+
+
+def _logits_to_keep(program: MoEProgram) -> None:
+    """A last input, `logits_to_keep`, cutting the final hidden states to that many last positions
+    before the LM head (as `MoEProgram.step(last_token_only=True)` does): a prompt's prefill then
+    computes one row of logits, not one per token."""
+    graph = program.graph_module.graph
+    head = lm_head_entry(graph, program.structure)
+    *_, last_input = (n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(last_input):
+        count = graph.placeholder(LOGITS_TO_KEEP)
+    with graph.inserting_before(head):
+        kept = graph.call_function(LAST_POSITIONS, (head.args[0], count))
+    head.replace_input_with(head.args[0], kept)
+    program.graph_changed()
 
 
 def _quantized_linear(graph_module: fx.GraphModule, node: fx.Node) -> str:
@@ -195,7 +232,8 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     AWQ's input scales fold in exactly: the shared gate/up one multiplies the op's input, each
     expert's down-projection one scales its up-projection rows (silu(g) * u * s = silu(g) * (s u)).
     The ops always renormalise the top-k weights; routing that does not (Qwen2-MoE, OLMoE) gets the
-    op's output times the top-k probability mass, which is the same sum (`_times_topk_mass`)."""
+    op's output times the top-k probability mass, which is the same sum (`_times_topk_mass`): the
+    route op stays in the graph for it, as standard ops."""
     args = op_args(node)
     route = args["topk_ids"].args[0] if args["topk_ids"].target is operator.getitem else None
     if route is None or route.target is not ROUTE:
@@ -255,11 +293,12 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         extra = (args["bits"], args["group_size"]) if quantized else ()
         new = graph.call_function(op, (x, r["logits"], *consts.values(), r["top_k"], *extra))
         if not r["renormalize"]:
-            new = _times_topk_mass(graph, new, r["logits"], r["top_k"])
+            new = _times_topk_mass(graph, new, route)
     _replace(graph_module, node, new, stored)
     for getter in getters:
         graph.erase_node(getter)
-    graph.erase_node(route)
+    if not route.users:
+        graph.erase_node(route)
     return f"{node.target._opname} -> com.microsoft::{kind}"
 
 
@@ -314,19 +353,17 @@ def _nbits_layout(qweight, scales, zeros, bits: int, block: int) -> list:
     ]
 
 
-def _times_topk_mass(graph: fx.Graph, output: fx.Node, logits: fx.Node, k: int) -> fx.Node:
-    """output * sum of the k largest softmax probabilities, per token: turns experts weighted by
-    renormalised top-k probabilities into experts weighted by the probabilities themselves.
+def _times_topk_mass(graph: fx.Graph, output: fx.Node, route: fx.Node) -> fx.Node:
+    """output * the sum of the route's top-k weights (the k largest softmax probabilities, not
+    renormalised), per token: turns experts weighted by renormalised top-k probabilities into experts
+    weighted by the probabilities themselves.
 
     The fused ops are told to renormalise even where the model does not, because onnxruntime does
     not honour `normalize_routing_weights=0`: 1.32's CPU QMoE ignores it, and 1.30's MoE gives wrong
     outputs (2% off in the logits) once the graph around it lets it share buffers."""
-    aten = torch.ops.aten
-    probabilities = graph.call_function(aten._softmax.default, (logits, -1, False))
-    top_k = graph.call_function(aten.topk.default, (probabilities, k))
-    top = graph.call_function(operator.getitem, (top_k, 0))
-    mass = graph.call_function(aten.sum.dim_IntList, (top, [-1], True))
-    return graph.call_function(aten.mul.Tensor, (output, mass))
+    weights = graph.call_function(operator.getitem, (route, 0))
+    mass = graph.call_function(torch.ops.aten.sum.dim_IntList, (weights, [-1], True))
+    return graph.call_function(torch.ops.aten.mul.Tensor, (output, mass))
 
 
 def _replace(graph_module: fx.GraphModule, node: fx.Node, new: fx.Node, tensor_args: list[str]) -> None:
@@ -352,11 +389,12 @@ def _export(graph_module: fx.GraphModule, program: MoEProgram):
         torch.randn(batch, t.shape[1], past_len, t.shape[3], dtype=t.dtype, device=device)
         for t in program.empty_cache(batch)
     ]
-    names = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
+    names = input_names(graph_module)
     b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
     total, past_dim = torch.export.Dim("total"), torch.export.Dim("past", min=0)
     dynamic = {names[0]: {0: b, 1: s}, names[1]: {0: b, 1: total}, names[2]: {0: b, 1: s}}
     dynamic.update({name: {0: b, 2: past_dim} for name in names[3:]})
+    dynamic[LOGITS_TO_KEEP] = None  # a scalar
     log = io.StringIO()
     try:
         with (
@@ -368,10 +406,10 @@ def _export(graph_module: fx.GraphModule, program: MoEProgram):
             warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
             onnx_program = torch.onnx.export(
                 graph_module,
-                (input_ids, mask, positions, *past),
+                (input_ids, mask, positions, *past, torch.tensor(0, device=device)),
                 dynamo=True,
                 dynamic_shapes=dynamic,
-                input_names=names,
+                input_names=[*names, LOGITS_TO_KEEP],
                 output_names=output_names(program),
                 custom_translation_table=TRANSLATIONS,
                 opset_version=OPSET,
@@ -381,6 +419,13 @@ def _export(graph_module: fx.GraphModule, program: MoEProgram):
             # fold shape arithmetic, never weight-sized tensors: folding the dequantization of packed
             # codes would store the weights as floats again
             onnxscript.optimizer.optimize_ir(onnx_program.model, output_size_limit=_FOLD_LIMIT)
+            graph = onnx_program.model.graph
+            # an input with an initializer of its name is optional, that value its default
+            (count,) = (v for v in graph.inputs if v.name == LOGITS_TO_KEEP)
+            count.const_value = onnx_ir.tensor(0, dtype=onnx_ir.DataType.INT64, name=LOGITS_TO_KEEP)
+            graph.register_initializer(count)
+            logits = graph.outputs[0]  # its length axis is named after an exporter symbol ("u0")
+            logits.shape = onnx_ir.Shape([logits.shape[0], "kept_positions", logits.shape[2]])
             return onnx_program
     except Exception as error:  # the exporter's own errors are long; keep its report for the user
         raise OnnxExportError(

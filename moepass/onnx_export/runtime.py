@@ -16,7 +16,7 @@ from moepass.errors import MoepassError
 from moepass.ir.generation import StepGeneration
 from moepass.ir.program import ProgramInfo
 
-from .export import MANIFEST_FILE, MODEL_FILE
+from .export import LOGITS_TO_KEEP, MANIFEST_FILE, MODEL_FILE
 
 
 class OnnxProgram(StepGeneration):
@@ -34,9 +34,14 @@ class OnnxProgram(StepGeneration):
             raise MoepassError(f"{path / MANIFEST_FILE} is not a moepass ONNX manifest")
         self.info = ProgramInfo(**manifest["info"])
         self.input_names, self.output_names = manifest["inputs"], manifest["outputs"]
+        # exports before this input existed compute every position's logits, cut here instead
+        self._keeps_logits = LOGITS_TO_KEEP in manifest.get("optional_inputs", {})
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # errors only: onnxruntime warns on every load that `logits_to_keep` has a default (an
+        # initializer), which is what makes that input optional
+        options.log_severity_level = 3
         self.session = ort.InferenceSession(
             str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"]
         )
@@ -69,14 +74,52 @@ class OnnxProgram(StepGeneration):
         last_token_only: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """One decoder step in onnxruntime (the contract of `MoEProgram.step`)."""
+        self._check_inputs(input_ids, attention_mask, position_ids, past)
         tensors = (input_ids, attention_mask, position_ids, *past)
         feeds = {
             name: np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
             for name, tensor, dtype in zip(self.input_names, tensors, self._feed_dtypes, strict=True)
         }
+        if last_token_only and self._keeps_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)
         outputs = [torch.from_numpy(array) for array in self.session.run(self.output_names, feeds)]
         logits = outputs[0][:, -1:] if last_token_only else outputs[0]
         return logits, outputs[1:]
+
+    def _check_inputs(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]
+    ) -> None:
+        """Refuse, by name, what onnxruntime would run wrong or fail on deep in the graph: its Gather
+        takes negative token ids as counted from the end of the vocabulary (PyTorch raises), a mask
+        of the wrong length fails in an anonymous Add node, one of length 1 broadcasts silently."""
+        if len(past) != len(self.cache_names):
+            raise MoepassError(
+                f"this decoder takes {len(self.cache_names)} past tensors ({', '.join(self.cache_names)}), "
+                f"got {len(past)}; start from empty_cache(batch)"
+            )
+        batch, seq = input_ids.shape
+        past_len = past[0].shape[2] if past else 0
+        for name, tensor in zip(self.cache_names, past, strict=True):
+            if tensor.shape[0] != batch or tensor.shape[2] != past_len:
+                raise MoepassError(
+                    f"{name} is {list(tensor.shape)}: past tensors must all be [batch = {batch}, heads, "
+                    f"past length = {past_len}, head dim]"
+                )
+        if tuple(attention_mask.shape) != (batch, past_len + seq):
+            raise MoepassError(
+                f"attention_mask must be [batch, past + new tokens] = [{batch}, {past_len + seq}], "
+                f"got {list(attention_mask.shape)}"
+            )
+        if tuple(position_ids.shape) != (batch, seq):
+            raise MoepassError(
+                f"position_ids must be [{batch}, {seq}] like input_ids, got {list(position_ids.shape)}"
+            )
+        vocab = self.info.vocab_size
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
+            bad = ((input_ids < 0) | (input_ids >= vocab)).nonzero()[0].tolist()
+            raise MoepassError(
+                f"input_ids{bad} is {int(input_ids[tuple(bad)])}: token ids must lie in [0, {vocab})"
+            )
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, seq, vocab] of a full sequence."""
