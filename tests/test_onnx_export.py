@@ -294,3 +294,24 @@ def test_runtime_refuses_inputs_onnxruntime_would_misread(tmp_path_factory):
     past[-1] = past[-1][:1]
     with pytest.raises(MoepassError, match=f"{exported.cache_names[-1]} is .*: past tensors must all be"):
         exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions, past)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda m: m["info"].update(newer_field=1), "is damaged or from another moepass .*newer_field"),
+        (lambda m: m.update(version=2), "version 2 is not a moepass ONNX manifest of version 1"),
+        (lambda m: m.pop("inputs"), "is damaged or from another moepass"),
+    ],
+)
+def test_a_damaged_onnx_manifest_is_refused_naming_the_file(damage, message, tmp_path, tmp_path_factory):
+    source = _exported("olmoe", tmp_path_factory)
+    copy = tmp_path / "onnx"
+    copy.mkdir()
+    for name in ("model.onnx", "onnx_manifest.json"):
+        (copy / name).write_bytes((source / name).read_bytes())
+    manifest = json.loads((copy / "onnx_manifest.json").read_text())
+    damage(manifest)
+    (copy / "onnx_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MoepassError, match=f"onnx_manifest.json.*{message}"):
+        OnnxProgram(copy)

@@ -29,11 +29,20 @@ class OnnxProgram(StepGeneration):
                 f"{path} is not an exported moepass ONNX directory (needs {MODEL_FILE} and {MANIFEST_FILE}; "
                 "write one with `moepass export-onnx`)"
             )
-        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-        if manifest.get("format") != "moepass-onnx":
-            raise MoepassError(f"{path / MANIFEST_FILE} is not a moepass ONNX manifest")
-        self.info = ProgramInfo(**manifest["info"])
-        self.input_names, self.output_names = manifest["inputs"], manifest["outputs"]
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+            if manifest.get("format") != "moepass-onnx" or manifest.get("version") != 1:
+                raise MoepassError(
+                    f"{path / MANIFEST_FILE}: format {manifest.get('format')!r} version "
+                    f"{manifest.get('version')!r} is not a moepass ONNX manifest of version 1"
+                )
+            self.info = ProgramInfo(**manifest["info"])
+            self.input_names, self.output_names = manifest["inputs"], manifest["outputs"]
+        except (ValueError, TypeError, KeyError, AttributeError) as error:  # JSON errors are ValueErrors
+            raise MoepassError(
+                f"{path / MANIFEST_FILE} is damaged or from another moepass "
+                f"({type(error).__name__}: {error}); export the model again"
+            ) from None
         # exports before this input existed compute every position's logits, cut here instead
         self._keeps_logits = LOGITS_TO_KEEP in manifest.get("optional_inputs", {})
         options = ort.SessionOptions()
