@@ -118,6 +118,14 @@ def categorize(program: MoEProgram) -> dict[str, str]:
     mark(structure.embeddings.params, "embeddings")
     mark(structure.lm_head.params, "lm_head")
     mark(structure.final_norm.params, "norms")
+    # tensors a pass installed beside known ones (AWQ's input scales) belong to the same module
+    owners: dict[str, str] = {}
+    for name, category in out.items():
+        owners.setdefault(name.rpartition(".")[0], category)
+    graph_module = program.graph_module
+    for name, _ in [*graph_module.named_parameters(), *graph_module.named_buffers()]:
+        if name not in out and name.rpartition(".")[0] in owners:
+            out[name] = owners[name.rpartition(".")[0]]
     return out
 
 

@@ -214,6 +214,8 @@ def test_slimming_runs_on_every_family_and_stays_verified(family, method):
     ops = {n.target for n in slim.graph_module.graph.nodes}
     if method in ("gptq", "awq"):
         assert QUANTIZED_EXPERTS in ops and QUANTIZED_LINEAR in ops
+        other = slim.report.records[-1].summary["coverage"].get("other", {"bytes": 0, "bytes_before": 0})
+        assert other["bytes"] == other["bytes_before"], "AWQ's input scales count with their layer"
     else:
         for block in slim.structure.moe_blocks:
             weight = slim.graph_module.get_parameter(block.mlp.gate_up)
