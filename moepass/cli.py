@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -254,11 +255,38 @@ def _recipes(args: argparse.Namespace) -> None:
         )
 
 
+def _passes(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from moepass.passes import PASSES
+
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().split("\n\n")[0]
+        print(f"{name} ({cls.kind}, stage {cls.stage})")
+        print(textwrap.fill(" ".join(doc.split()), 100, initial_indent="  ", subsequent_indent="  "))
+        for field in dataclasses.fields(cls.config_class):
+            default = "required" if field.default is dataclasses.MISSING else repr(field.default)
+            hint = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", field.type)
+            print(f"    {field.name}: {hint} = {default}")
+        print()
+
+
 def _write_atomically(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
         f.write(text)
     os.replace(f.name, path)
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's --help line ends with its default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moepass", description="Compress Mixture-of-Experts language models."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser = functools.partial(commands.add_parser, formatter_class=_HelpWithDefaults)
     inspect = commands.add_parser("inspect", help="capture a model and print its IR summary")
     inspect.add_argument("model", help=f"local checkpoint directory or one of: {', '.join(builtin_names())}")
     inspect.add_argument("--dtype", choices=sorted(_DTYPES), help="load the weights in this dtype")
@@ -285,11 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--tokenizer", help="tokenizer.json or checkpoint directory (default: the model's)"
     )
-    evaluation.add_argument("--seq-len", type=int, default=256)
+    evaluation.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window")
     evaluation.add_argument("--max-per-source", type=int, default=64, help="windows per domain; 0 = all")
-    evaluation.add_argument("--batch-size", type=int, default=8)
-    evaluation.add_argument("--seed", type=int, default=0)
-    evaluation.add_argument("--threads", type=int, default=1)
+    evaluation.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    evaluation.add_argument("--seed", type=int, default=0, help="which windows are drawn")
+    evaluation.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     evaluation.add_argument("--dtype", choices=sorted(_DTYPES), help="load the weights in this dtype")
     evaluation.add_argument("--program", action="store_true", help="evaluate the captured program instead")
     evaluation.add_argument("--json", help="also write the result as JSON to this file")
@@ -305,22 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--tokenizer", help="tokenizer.json or checkpoint directory (default: the model's)")
     comp.add_argument("--out", help="output directory (default: out/<model>-<recipe>)")
-    comp.add_argument("--format", choices=["moepass", "hf"], default="moepass")
+    comp.add_argument(
+        "--format",
+        choices=["moepass", "hf"],
+        default="moepass",
+        help="moepass: artifact for moepass.load (any recipe); hf: stock transformers checkpoint "
+        "(expert drop, block drop, pruning)",
+    )
     comp.add_argument("--force", action="store_true", help="replace an existing output directory")
-    comp.add_argument("--eval-data", default="builtin:test")
+    comp.add_argument("--eval-data", default="builtin:test", help="held-out text scored before and after")
     comp.add_argument(
         "--eval-per-source", type=int, default=64, help="evaluation windows per domain; 0 = skip"
     )
-    comp.add_argument("--threads", type=int, default=1)
+    comp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     comp.set_defaults(run=_compress)
 
     gen = commands.add_parser("generate", help="stream text from a compressed artifact or a model")
     gen.add_argument("model", help="moepass artifact directory, built-in name or checkpoint directory")
     gen.add_argument("--prompt", default="The ", help="text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=1.0, help="with --sample: softmax temperature")
+    gen.add_argument(
+        "--top-k", type=int, default=None, help="with --sample: draw among the k likeliest tokens"
+    )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--tokenizer", help="tokenizer.json or directory (default: the model's)")
     gen.add_argument(
@@ -334,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the lowered program through torch.compile (faster decode; compiles ~1 min first)",
     )
-    gen.add_argument("--threads", type=int, default=1)
+    gen.add_argument("--threads", type=int, default=1, help="torch / onnxruntime CPU threads")
     gen.set_defaults(run=_generate)
 
     onnx = commands.add_parser("export-onnx", help="export a program as an ONNX decoder for onnxruntime")
@@ -348,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipes = commands.add_parser("recipes", help="list the built-in recipes")
     recipes.set_defaults(run=_recipes)
+
+    passes = commands.add_parser("passes", help="list the passes a recipe can name, with their options")
+    passes.set_defaults(run=_passes)
     return parser
 
 

@@ -43,3 +43,17 @@ def test_recipes_lists_every_builtin_recipe_with_its_passes_and_description(caps
         assert f"\n{name}:\n" in out
         assert " ".join(recipe.description.split()[-6:]) in " ".join(out.split())  # not cut short
     assert "layer_drop(ratio=0.25)" in out and "awq(defaults)" in out
+
+
+def test_passes_lists_every_registered_pass_with_its_options(capsys):
+    import dataclasses
+
+    from moepass.passes import PASSES
+
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in PASSES.items():
+        assert f"\n{name} ({cls.kind}, stage {cls.stage})\n" in f"\n{out}"
+        for field in dataclasses.fields(cls.config_class):
+            assert f"    {field.name}: " in out
+    assert "    group_size: int = 128\n" in out
