@@ -218,8 +218,9 @@ def load(
     path = Path(path)
     manifest_path = path / "manifest.json"
     manifest = _read_manifest(path)
+    state = _read_tensors(path / "model.safetensors")  # before the slow rebuild: fail fast
     program = _rebuild(manifest, manifest_path)
-    state = _read_tensors(path / "model.safetensors", manifest_path, program, manifest.get("aliases", {}))
+    _check_tensors(state, path / "model.safetensors", manifest_path, program, manifest.get("aliases", {}))
     program.graph_module.load_state_dict(state, strict=True, assign=True)
     del state  # lowering replaces tensors: the originals must not stay alive here (peak memory)
     for module in program.graph_module.modules():
@@ -298,16 +299,20 @@ def _rebuild(manifest: dict, manifest_path: Path) -> MoEProgram:
     return program
 
 
-def _read_tensors(
-    file: Path, manifest_path: Path, program: MoEProgram, aliases: dict[str, str]
-) -> dict[str, torch.Tensor]:
-    """The artifact's tensors, checked name by name and shape by shape against the rebuilt program."""
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise ArtifactError(f"{file} is missing: the artifact is incomplete")
     try:
-        state = load_file(str(file))
+        return load_file(str(file))
     except Exception as error:  # safetensors raises its own error type for truncated or foreign files
         raise ArtifactError(f"{file} is unreadable ({error}): the artifact is damaged") from None
+
+
+def _check_tensors(
+    state: dict[str, torch.Tensor], file: Path, manifest_path: Path, program: MoEProgram, aliases: dict
+) -> None:
+    """The artifact's tensors against the rebuilt program, name by name and shape by shape; aliases
+    (one tensor under several names) are filled in."""
     for alias, name in aliases.items():
         if name in state:
             state[alias] = state[name]
@@ -324,7 +329,6 @@ def _read_tensors(
                 f"{file}: {name} has shape {tuple(state[name].shape)} where {manifest_path.name} "
                 f"gives {tuple(tensor.shape)}: the artifact is damaged"
             )
-    return state
 
 
 def _skeleton(manifest: dict):
