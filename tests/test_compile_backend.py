@@ -133,7 +133,8 @@ def test_int4_equals_quantize_dequantize_reference(family, options, tolerance, o
         eager = model(ids).logits
     compiled = _compiled_logits(model, ids, {**ATEN, **options})
     torch.testing.assert_close(compiled, reference, rtol=tolerance, atol=tolerance)
-    assert (compiled - eager).abs().max() > 10 * (compiled - reference).abs().max()  # it did quantize
+    # it did quantize: rounding moved the logits well beyond the kernel's own error (bf16 for ATen's)
+    assert (reference - eager).norm() > 3 * (compiled - reference).norm()
     (report,) = compile_reports()
     assert report.quantized == _moe_layers(model)
     assert report.ops == {f"moepass.{op}.default": _moe_layers(model)}
