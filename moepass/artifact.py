@@ -217,7 +217,7 @@ def load(
     exactly as saved, which can be compressed further or saved again."""
     path = Path(path)
     manifest_path = path / "manifest.json"
-    manifest = _read_manifest(path)
+    manifest = _read_manifest(manifest_path)
     state = _read_tensors(path / "model.safetensors")  # before the slow rebuild: fail fast
     program = _rebuild(manifest, manifest_path)
     _check_tensors(state, path / "model.safetensors", manifest_path, program, manifest.get("aliases", {}))
@@ -237,8 +237,8 @@ def load(
     return program
 
 
-def _read_manifest(path: Path) -> dict:
-    manifest_path = path / "manifest.json"
+def _read_manifest(manifest_path: Path) -> dict:
+    path = manifest_path.parent
     if not path.is_dir():
         raise ArtifactError(f"{path} does not exist or is not a directory")
     if not manifest_path.is_file():

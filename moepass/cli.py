@@ -105,7 +105,7 @@ def _compress(args: argparse.Namespace) -> None:
         experts,
         model_size(original),
     )
-    coverage = [r.summary["coverage_table"] for r in program.report.records if "coverage_table" in r.summary]
+    coverage = [table for _, table in program.report.coverage_tables()]
     print(
         report.summary_table(), report.structure_table(), program.report.table(), *coverage[-1:], sep="\n\n"
     )

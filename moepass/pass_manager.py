@@ -50,8 +50,11 @@ class PassReport:
     analyses: dict[str, object] = field(default_factory=dict)  # "name(config)" -> result
 
     def __str__(self) -> str:  # print(report) shows the tables; repr() keeps the fields
-        coverage = [r.summary["coverage_table"] for r in self.records if "coverage_table" in r.summary]
-        return "\n\n".join([self.table(), *coverage])
+        return "\n\n".join([self.table(), *(table for _, table in self.coverage_tables())])
+
+    def coverage_tables(self) -> list[tuple[str, str]]:
+        """(pass name, what it compressed by category) for each slimming pass, in order."""
+        return [(r.name, r.summary["coverage_table"]) for r in self.records if "coverage_table" in r.summary]
 
     def table(self) -> str:
         rows = [

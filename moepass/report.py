@@ -103,16 +103,8 @@ class CompressionReport:
         ]
         if report is not None:
             parts += ["```", report.table(), "```", ""]
-            for record in report.records:
-                if "coverage_table" in record.summary:
-                    parts += [
-                        f"## {record.name}: what was compressed",
-                        "",
-                        "```",
-                        record.summary["coverage_table"],
-                        "```",
-                        "",
-                    ]
+            for name, table in report.coverage_tables():
+                parts += [f"## {name}: what was compressed", "", "```", table, "```", ""]
             for name, result in report.analyses.items():
                 parts += [f"## {name}", "", "```", result.table(), "```", ""]
                 if name in self.plots:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
+import helpers
 import moepass
 from helpers import FAMILIES, hf_router_choices, model_for, seed_for
 from moepass.ir import MoEEntry
@@ -15,17 +17,40 @@ from moepass.ir.ops import EXPERTS, ROUTE
 TOL = 1e-5
 
 
+def _model_state(model) -> dict:
+    """What capture must leave alone: mode, config, module tree, forward, tensors (objects and values)."""
+    return {
+        "training": model.training,
+        "config": copy.deepcopy(model.config.to_dict()),
+        "modules": [(name, type(m)) for name, m in model.named_modules()],
+        "forward": (model.forward, "forward" in vars(model)),
+        "tensors": {k: (v, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()},
+    }
+
+
+@functools.cache
+def _capture(family: str):
+    """(family, transformers model, program, sample, model state before and after capture), once per
+    family and worker: captures dominate this suite's time.
+
+    The sample is a constant prompt: one repeated token routes every layer-0 token to the same experts,
+    so the inputs used below exercise routings the capture sample never saw. The model is captured in
+    train mode (capture must not flip it) and compared in eval mode.
+    """
+    model = model_for(family, seed=seed_for(family))
+    model.train()
+    sample = torch.full((2, 4), 5, dtype=torch.long)
+    before = _model_state(model)
+    program = moepass.capture(model, example_inputs=sample)
+    after = _model_state(model)
+    model.eval()
+    return family, model, program, sample, (before, after)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def captured(request):
-    """(family, transformers model, program) captured from a constant prompt.
-
-    A prompt of one repeated token routes every layer-0 token to the same experts, so the inputs
-    used below exercise routings the capture sample never saw.
-    """
-    family = request.param
-    model = model_for(family, seed=seed_for(family))
-    sample = torch.full((2, 4), 5, dtype=torch.long)
-    return family, model, moepass.capture(model, example_inputs=sample), sample
+    """(family, transformers model, program, capture sample)."""
+    return _capture(request.param)[:4]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -135,32 +160,24 @@ def test_printer_lists_every_block(captured):
     assert f"E={program.structure.moe_blocks[0].mlp.num_experts}" in text
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_node_count_does_not_depend_on_expert_count(family, seed):
-    small = moepass.capture(model_for(family, seed=seed, num_experts=4))
+def test_node_count_does_not_depend_on_expert_count(captured, seed):
+    family, _, program, _ = captured
     large = moepass.capture(model_for(family, seed=seed, num_experts=16))
+    assert {b.mlp.num_experts for b in program.structure.moe_blocks} != {16}
     assert {b.mlp.num_experts for b in large.structure.moe_blocks} == {16}
-    assert len(small.graph_module.graph.nodes) == len(large.graph_module.graph.nodes)
+    assert len(program.graph_module.graph.nodes) == len(large.graph_module.graph.nodes)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_user_model_is_not_modified(family, seed):
-    model = model_for(family, seed=seed)
-    model.train()  # capture must not flip it
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    config = copy.deepcopy(model.config.to_dict())
-    modules = [(name, type(m)) for name, m in model.named_modules()]
-    forward = model.forward
-    program = moepass.capture(model)
-    assert model.training
-    assert model.config.to_dict() == config
-    assert [(name, type(m)) for name, m in model.named_modules()] == modules
-    assert model.forward == forward and "forward" not in vars(model)
-    after = model.state_dict(keep_vars=True)
-    assert after.keys() == before.keys()
-    for key, value in after.items():
-        assert value is tensors[key] and torch.equal(value, before[key]), key
+def test_user_model_is_not_modified(family):
+    *_, program, _, (before, after) = _capture(family)
+    assert after["training"] and before["training"]
+    assert after["config"] == before["config"]
+    assert after["modules"] == before["modules"]
+    assert after["forward"] == before["forward"] and not after["forward"][1]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, (tensor, value) in after["tensors"].items():
+        assert tensor is before["tensors"][key][0] and torch.equal(value, before["tensors"][key][1]), key
     program.verify()
 
 
@@ -193,8 +210,7 @@ def test_decode_step_cost_grows_only_through_attention(seed):
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_torch_compile_fullgraph(family, seed):
-    model = model_for(family, seed=seed)
-    program = moepass.capture(model)
+    _, model, program, *_ = _capture(family)
     compiled = torch.compile(program.graph_module, fullgraph=True, dynamic=True)
     ids = torch.randint(0, 128, (2, 5))
     args = (ids, torch.ones_like(ids), torch.arange(5).expand(2, -1), *program.empty_cache(2))
@@ -205,17 +221,15 @@ def test_torch_compile_fullgraph(family, seed):
 
 
 def test_program_device_moves_never_touch_the_user_model(seed):
-    model = model_for("mixtral", seed=seed, tie_word_embeddings=True)
-    program = moepass.capture(model)
+    model, program = helpers.captured("mixtral", tie_word_embeddings=True)
     assert program.structure.embeddings.params == program.structure.lm_head.params  # tied, stored once
     assert "embeddings (tied)" in program.summary()
-    program.to("meta")
-    assert program.device.type == "meta"
+    moved = program.fork().to("meta")
+    assert moved.device.type == "meta"
     assert not any(
-        n.kwargs.get("device", torch.device("meta")).type == "cpu" for n in program.graph_module.graph.nodes
+        n.kwargs.get("device", torch.device("meta")).type == "cpu" for n in moved.graph_module.graph.nodes
     ), "graph constants still on the old device"
-    assert all(p.device.type == "cpu" for p in model.parameters())
-    program = moepass.capture(model)
+    assert all(p.device.type == "cpu" for p in [*model.parameters(), *program.graph_module.parameters()])
     with pytest.raises(moepass.MoepassError, match="captured in float32 and cannot be converted to bfloat16"):
         program.to(torch.bfloat16)
     ids = torch.randint(3, 128, (2, 6))

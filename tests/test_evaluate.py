@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moepass
-from helpers import model_for
+from helpers import captured, model_for
 from moepass.data import TokenSet
 from moepass.evaluate import model_size
 
@@ -39,15 +39,15 @@ def test_perplexity_and_accuracy_match_float64_reference(seed):
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_model_and_program_score_identically(family, seed):
-    model = model_for(family, seed=seed)
+    model, program = captured(family)
     data = _token_set(model.config.vocab_size, rows=6, seq_len=16, sources=["x", "y", "z"])
     on_model = moepass.evaluate(model, data)
-    on_program = moepass.evaluate(moepass.capture(model), data)
+    on_program = moepass.evaluate(program, data)
     for source, score in on_model.domains.items():
         assert math.isclose(score.perplexity, on_program.domains[source].perplexity, rel_tol=1e-5)
         assert score.correct == on_program.domains[source].correct
     assert on_program.parameters == on_model.parameters
-    quantized = moepass.compress(moepass.capture(model), [("rtn", {"bits": 4, "group_size": 16})])
+    quantized = moepass.compress(program, [("rtn", {"bits": 4, "group_size": 16})])
     params, nbytes = model_size(quantized)
     assert params == on_model.parameters, "packed codes count at their logical size, scales not at all"
     assert nbytes < on_model.weight_bytes

@@ -132,7 +132,7 @@ def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size,
 
 
 def test_trimmed_programs_export_what_is_left(tmp_path):
-    _, program = captured("mixtral", num_hidden_layers=3)
+    _, program = captured("mixtral")
     first, second, *_ = program.structure.moe_blocks
     trimmed = program.fork()
     drop_mlp(trimmed, first.index)

@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-import moepass
-from helpers import FAMILIES, hf_keep_experts, model_for
+from helpers import FAMILIES, captured, hf_keep_experts
 from moepass.errors import MoepassError
 from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
 
@@ -42,8 +41,8 @@ def _reference_without(model, block: int | None = None, mlp: int | None = None):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_drop_block_and_mlp_match_module_surgery(family, seed):
-    model = model_for(family, seed=seed)
-    program = moepass.capture(model)
+    model, captured_program = captured(family)
+    program = captured_program.fork()
     params_before = sum(p.numel() for p in program.parameters())
     drop_block(program, 1)
     drop_mlp(program, 2)
@@ -61,8 +60,8 @@ def test_drop_block_and_mlp_match_module_surgery(family, seed):
     assert torch.equal(program.generate(ids, max_new_tokens=12), expected)
 
 
-def test_surgery_rejects_impossible_edits(seed):
-    program = moepass.capture(model_for("mixtral", seed=seed))
+def test_surgery_rejects_impossible_edits():
+    program = captured("mixtral")[1].fork()
     drop_mlp(program, 0)
     with pytest.raises(MoepassError, match="block 0 has no MLP sub-layer left"):
         drop_mlp(program, 0)
@@ -77,8 +76,8 @@ def test_surgery_rejects_impossible_edits(seed):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_experts_matches_module_surgery(family, seed):
-    model = model_for(family, seed=seed)
-    program = moepass.capture(model)
+    model, captured_program = captured(family)
+    program = captured_program.fork()
     block = program.structure.moe_blocks[-1].index
     # one expert dropped from each group of 4, so group-limited routers keep equal groups
     keep = sorted(torch.randperm(4)[:3].tolist() + (4 + torch.randperm(4)[:3]).tolist())
@@ -93,8 +92,8 @@ def test_keep_experts_matches_module_surgery(family, seed):
 
 
 def test_keeping_one_expert_lowers_top_k(seed):
-    model = model_for("mixtral", seed=seed)
-    program = moepass.capture(model)
+    model, captured_program = captured("mixtral")
+    program = captured_program.fork()
     keep_experts(program, 0, [5])
     assert program.structure.block(0).mlp.top_k == 1
     reference = hf_keep_experts(model, {0: [5]})
@@ -109,8 +108,8 @@ def test_keeping_one_expert_lowers_top_k(seed):
 def test_keep_experts_preserving_the_gate_matches_zeroed_experts(family, seed):
     """preserve_gate: routing unchanged, dropped experts contribute nothing (= their output zeroed)."""
     ungrouped = {"n_group": 1, "topk_group": 1} if family == "deepseek_v3" else {}
-    model = model_for(family, seed=seed, **ungrouped)
-    program = moepass.capture(model)
+    model, captured_program = captured(family, **ungrouped)
+    program = captured_program.fork()
     block = program.structure.moe_blocks[-1].index
     keep = [0, 2, 3, 5, 6, 7]
     keep_experts(program, block, keep, preserve_gate=True)
@@ -129,7 +128,7 @@ def test_keep_experts_preserving_the_gate_matches_zeroed_experts(family, seed):
         assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
 
 
-def test_preserve_gate_refuses_group_limited_routing(seed):
-    program = moepass.capture(model_for("deepseek_v3", seed=seed))
+def test_preserve_gate_refuses_group_limited_routing():
+    program = captured("deepseek_v3")[1].fork()
     with pytest.raises(MoepassError, match="regroup the experts of its group-limited routing"):
         keep_experts(program, 1, [0, 1, 2, 4, 5, 6], preserve_gate=True)

@@ -250,11 +250,12 @@ class _ZeroMLP(torch.nn.Module):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_drop_matches_skipping_the_sublayer(family):
-    model, original = captured(family, num_hidden_layers=4)
+    model, original = captured(family)
+    count = min(2, len(original.structure.moe_blocks) - 1)  # DeepSeek's first layer is dense
     data = _calibration(model.config.vocab_size)
-    program = moepass.compress(original, [("layer_drop", {"count": 2})], calibration=data)
+    program = moepass.compress(original, [("layer_drop", {"count": count})], calibration=data)
     scores = program.report.analyses["moe_similarity()"].per_layer
-    expected = sorted(sorted(scores, key=scores.get, reverse=True)[:2])
+    expected = sorted(sorted(scores, key=scores.get, reverse=True)[:count])
     assert sorted(e["block"] for e in program.info.edits) == expected
     reference = copy.deepcopy(model)
     for index in expected:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moepass
-from helpers import model_for
+from helpers import captured
 from moepass.errors import IRVerificationError
 
 
 @pytest.fixture
-def program(seed):
-    return moepass.capture(model_for("deepseek_v3", seed=seed))
+def program():
+    return captured("deepseek_v3")[1].fork()  # forks edit their own modules and graph
 
 
 def _expert_module(program, block):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -98,6 +99,14 @@ def test_cli_eval_prints_a_table_and_writes_json(tmp_path, capsys):
     assert payload["overall"]["tokens"] == 3 * 4 * 256
 
 
+@functools.cache
+def _trimming_setup(model_name: str):
+    """(captured program, calibration set, test set) of a bundled model, once per worker."""
+    model, tokenizer = load_model(f"builtin:{model_name}"), load_tokenizer(f"builtin:{model_name}")
+    calibration = calibration_set("builtin:validation", tokenizer, samples=32)
+    return moepass.capture(model), calibration, evaluation_set("builtin:test", tokenizer, max_per_source=16)
+
+
 @pytest.mark.parametrize(
     "model_name,passes",
     [
@@ -111,10 +120,7 @@ def test_cli_eval_prints_a_table_and_writes_json(tmp_path, capsys):
 )
 def test_guided_trimming_beats_random_trimming(model_name, passes):
     """On the trained models, each importance-guided drop beats the median of 5 random drops of its size."""
-    model, tokenizer = load_model(f"builtin:{model_name}"), load_tokenizer(f"builtin:{model_name}")
-    program = moepass.capture(model)
-    calibration = calibration_set("builtin:validation", tokenizer, samples=32)
-    test = evaluation_set("builtin:test", tokenizer, max_per_source=16)
+    program, calibration, test = _trimming_setup(model_name)
 
     def perplexity(recipe) -> float:
         return moepass.evaluate(
