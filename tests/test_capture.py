@@ -208,10 +208,14 @@ def test_decode_step_cost_grows_only_through_attention(seed):
     assert long["aten.bmm"] - short["aten.bmm"] == 2 * 2 * heads * head_dim * (36 - 4) * layers
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
-def test_torch_compile_fullgraph(family, seed):
+# Inductor on one family (its CPU codegen dominates the time); the others' own ops (MLA, attention
+# sinks, clamped experts with biases) through Dynamo's full graph and AOT autograd
+@pytest.mark.parametrize(
+    "family,backend", [("mixtral", "inductor"), ("deepseek_v3", "aot_eager"), ("gpt_oss", "aot_eager")]
+)
+def test_torch_compile_fullgraph(family, backend, seed):
     _, model, program, *_ = _capture(family)
-    compiled = torch.compile(program.graph_module, fullgraph=True, dynamic=True)
+    compiled = torch.compile(program.graph_module, fullgraph=True, dynamic=True, backend=backend)
     ids = torch.randint(0, 128, (2, 5))
     args = (ids, torch.ones_like(ids), torch.arange(5).expand(2, -1), *program.empty_cache(2))
     with torch.no_grad():
