@@ -94,6 +94,10 @@ def _compress(args: argparse.Namespace) -> None:
     evaluation = {"tokenizer": tokenizer, "max_per_source": args.eval_per_source}
     before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
     program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
+    if args.format == "hf":  # what the recipe's passes cannot tell up front (uneven expert counts)
+        from moepass.hf_export import hf_config
+
+        hf_config(program)
     after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
     report = CompressionReport(
         args.model,

@@ -28,23 +28,20 @@ class NotExpressibleError(MoepassError):
     """The program cannot be written as a stock transformers checkpoint."""
 
 
-def hf_checkpoint(program: MoEProgram) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, state dict in transformers names) for `program`, or NotExpressibleError."""
+def hf_config(program: MoEProgram) -> dict:
+    """The transformers config dict `program` is written with, or NotExpressibleError: the checks
+    alone, cheap enough to run before an expensive step whose result would then be refused."""
     hint = "; save in the moepass format instead (moepass.save(program, dir))"
-    nodes = list(program.graph_module.graph.nodes)
     quantized = [
         n
-        for n in nodes
+        for n in program.graph_module.graph.nodes
         if n.target in CODE_ARGUMENTS and (n.target not in SPARSE24_OPS or op_args(n)["bits"])
     ]
     if quantized:
         raise NotExpressibleError(
             f"node {quantized[0].name} reads quantized weights, which no transformers checkpoint holds{hint}"
         )
-    if any(n.target in SPARSE24_OPS for n in nodes):  # the checkpoint holds the pruned weights dense
-        program = program.fork()
-        expand_sparse24(program)
-    structure, family = program.structure, FAMILIES[program.info.family]
+    structure = program.structure
     dropped_mlp = [b.index for b in structure.blocks if b.mlp is None]
     if dropped_mlp:
         raise NotExpressibleError(
@@ -59,7 +56,16 @@ def hf_checkpoint(program: MoEProgram) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     if any(m.preserve_gate for m in moe):
         raise NotExpressibleError(f"a router kept rows for dropped experts (preserve_gate){hint}")
-    config = _config(program, [b.index for b in structure.blocks], moe[0] if moe else None, hint)
+    return _config(program, [b.index for b in structure.blocks], moe[0] if moe else None, hint)
+
+
+def hf_checkpoint(program: MoEProgram) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict in transformers names) for `program`, or NotExpressibleError."""
+    config = hf_config(program)
+    if any(n.target in SPARSE24_OPS for n in program.graph_module.graph.nodes):
+        program = program.fork()  # the checkpoint holds the pruned weights dense
+        expand_sparse24(program)
+    structure, family = program.structure, FAMILIES[program.info.family]
     renumber = {b.index: new for new, b in enumerate(structure.blocks)}
     state = {}
     for name, tensor in _named_tensors(program):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -16,6 +17,7 @@ from moepass.artifact import ArtifactError, load, save, write_atomically
 from moepass.cli import main
 from moepass.data import TokenSet, corpus_dir
 from moepass.hf_export import NotExpressibleError, hf_checkpoint
+from moepass.ir.surgery import keep_experts
 from moepass.passes import PASSES, TransformPass
 from moepass.zoo import random_model
 
@@ -95,12 +97,10 @@ def test_transformers_format_refuses_what_it_cannot_express(tmp_path):
     layer_dropped = moepass.compress(original, [("layer_drop", {"count": 1})], calibration=_calibration())
     with pytest.raises(NotExpressibleError, match=r"no MoE sub-layer left.*save in the moepass format"):
         save(layer_dropped, tmp_path / "hf", format="hf")
-    uneven = moepass.compress(
-        original, [("expert_drop", {"keep": 6, "selection": "global"})], calibration=_calibration()
-    )
-    if len({b.mlp.num_experts for b in uneven.structure.moe_blocks}) > 1:
-        with pytest.raises(NotExpressibleError, match="different expert counts"):
-            save(uneven, tmp_path / "hf", format="hf")
+    uneven = original.fork()  # what a global expert drop may leave
+    keep_experts(uneven, uneven.structure.moe_blocks[0].index, [0, 2, 5])
+    with pytest.raises(NotExpressibleError, match="different expert counts"):
+        save(uneven, tmp_path / "hf", format="hf")
     quantized = moepass.compress(original, [("rtn", {"group_size": 16})])
     with pytest.raises(NotExpressibleError, match=r"quantized_linear.* reads quantized weights"):
         save(quantized, tmp_path / "hf", format="hf")
@@ -290,6 +290,27 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     assert "drop --no-lower" in capsys.readouterr().err
     with pytest.raises(ArtifactError, match="compile=True needs lower=True"):
         load(out, lower=False, compile=True)
+
+
+def test_cli_compress_format_hf_refuses_an_inexpressible_result_before_evaluating_it(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Some refusals depend on the result, not on the recipe's passes (here a router that keeps the
+    dropped experts' rows): they come right after compression, before the result's evaluation, and
+    nothing is written."""
+    recipe = tmp_path / "keep.yaml"
+    recipe.write_text(
+        "name: keep\ncalibration: {samples: 8, seq_len: 64}\n"
+        "passes:\n  - expert_drop: {keep: 4, preserve_gate: true}\n"
+    )
+    evaluated, module = [], importlib.import_module("moepass.evaluate")  # moepass.evaluate: the function
+    evaluate = module.evaluate
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: evaluated.append(a) or evaluate(*a, **k))
+    out = tmp_path / "never"
+    argv = ["compress", "--model", str(checkpoint), "--recipe", str(recipe), "--format", "hf"]
+    assert main([*argv, "--out", str(out), "--eval-per-source", "1"]) == 2
+    assert "a router kept rows for dropped experts (preserve_gate)" in capsys.readouterr().err
+    assert len(evaluated) == 1 and not out.exists()  # the original was scored, the result was not
 
 
 def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, capsys, monkeypatch):
