@@ -48,12 +48,14 @@ class OnnxProgram(StepGeneration):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
-        # errors only: onnxruntime warns on every load that `logits_to_keep` has a default (an
-        # initializer), which is what makes that input optional
+        # errors only while loading: onnxruntime warns on every load that `logits_to_keep` has a
+        # default (an initializer), which is what makes that input optional; runs warn as usual
         options.log_severity_level = 3
         self.session = ort.InferenceSession(
             str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"]
         )
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 2
         self._cache_shapes = {
             i.name: (i.shape[1], i.shape[3], i.type)
             for i in self.session.get_inputs()
@@ -91,7 +93,9 @@ class OnnxProgram(StepGeneration):
         }
         if last_token_only and self._keeps_logits:
             feeds[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)
-        outputs = [torch.from_numpy(array) for array in self.session.run(self.output_names, feeds)]
+        outputs = [
+            torch.from_numpy(array) for array in self.session.run(self.output_names, feeds, self._run_options)
+        ]
         logits = outputs[0][:, -1:] if last_token_only else outputs[0]
         return logits, outputs[1:]
 
