@@ -16,18 +16,21 @@ from moepass.pass_manager import PassError
 
 ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"]
 BF16_REL = 5e-2  # the packed CPU kernels compute in bf16: ~4e-3 per op, compounding over layers (3e-2 seen)
+# Compiled against eager lowered: the same kernels, but Inductor may keep bf16 values between them in
+# fp32 (CPU-dependent: 0 here, 4.4e-4 on the CI host), so they agree to well under one bf16 rounding.
+COMPILED_REL = 2**-9
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _greedy_under(reference, sequences: torch.Tensor, prompt: int) -> None:
+def _greedy_under(reference, sequences: torch.Tensor, prompt: int, tie: float = 1e-4) -> None:
     """Every generated token is the reference's greedy choice on that prefix, up to a near tie (fused
-    kernels sum in another order: two logits within 1e-4 of the scale may swap)."""
+    kernels sum in another order: two logits within `tie` of the scale may swap)."""
     logits = reference(sequences)[:, prompt - 1 : -1]
     chosen = logits.gather(-1, sequences[:, prompt:, None]).squeeze(-1)
-    assert (logits.amax(-1) - chosen <= 1e-4 * logits.abs().amax()).all()
+    assert (logits.amax(-1) - chosen <= tie * logits.abs().amax()).all()
 
 
 def _rtn(program, bits: int = 4, group_size: int = 32, symmetric: bool = False, targets=ALL_TARGETS):
@@ -114,9 +117,9 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     eager, compiled = lower(quantized), lower(quantized, compile=True)
     assert compiled.info.compiled and not eager.info.compiled
     ids = torch.randint(0, program.info.vocab_size, (2, 7))
-    assert _rel(compiled(ids), eager(ids)) < 1e-4  # the same kernels; Inductor fuses what lies between
-    _greedy_under(eager, compiled.generate(ids, 8, eos_token_id=None), prompt=7)
+    assert _rel(compiled(ids), eager(ids)) < COMPILED_REL
+    _greedy_under(eager, compiled.generate(ids, 8, eos_token_id=None), prompt=7, tie=COMPILED_REL)
     graphs = counters["stats"]["unique_graphs"]
     longer = torch.randint(0, program.info.vocab_size, (2, 11))
-    _greedy_under(eager, compiled.generate(longer, 12, eos_token_id=None), prompt=11)
+    _greedy_under(eager, compiled.generate(longer, 12, eos_token_id=None), prompt=11, tie=COMPILED_REL)
     assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the dynamic graphs
