@@ -59,8 +59,7 @@ def lower(
     if device is not None:
         lowered.to(device)
     manager = PassManager(PIPELINES[device_type])
-    report: PassReport = manager.run(lowered)
-    lowered.info.lowered = device_type
+    report: PassReport = manager.run(lowered)  # marks the program lowered for its device
     lowered.info.compiled = compile
     lowered.report = report
     logger.info("lowered for %s: %s", device_type, ", ".join(name for name, _ in PIPELINES[device_type]))

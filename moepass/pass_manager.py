@@ -20,7 +20,7 @@ from moepass.errors import MoepassError
 from moepass.ir.sparse import SPARSE24_OPS
 from moepass.table import format_table, human_bytes
 
-from .passes.base import STAGES, AnalysisPass, Pass, PassConfig, TransformPass, create_pass
+from .passes.base import AnalysisPass, Pass, PassConfig, TransformPass, create_pass, out_of_stage_order
 
 SCORING = ("one-shot", "iterative")
 
@@ -137,6 +137,8 @@ class PassManager:
             result = self._timed(p, lambda p=p: p.run(program, context))
             self.report.records[-1].modified = result.modified
             self.report.records[-1].summary = result.summary
+            if p.stage == "lower":  # kernel-specific layouts: what saving and compressing refuse
+                program.info.lowered = program.device.type
             if self.verify:
                 try:
                     program.verify()
@@ -165,12 +167,9 @@ class PassManager:
                 f"this program stores 2:4-compressed weights (sparse24_storage); pass {stored[0]} needs "
                 "them uncompressed: run compression passes before sparse24_storage"
             )
-        for before, after in zip(self.passes, self.passes[1:], strict=False):
-            if STAGES.index(before.stage) > STAGES.index(after.stage):
-                raise PassError(
-                    f"pass {after.name} (stage {after.stage}) cannot follow {before.name} "
-                    f"(stage {before.stage}); stages run in the order {', '.join(STAGES)}"
-                )
+        disorder = out_of_stage_order(self.passes)
+        if disorder:
+            raise PassError(disorder[1])
 
     def analysis(self, program, name: str, config: PassConfig | None = None):
         analysis = create_pass(name, config)

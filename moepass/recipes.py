@@ -24,7 +24,7 @@ import yaml
 
 from .pass_manager import SCORING
 from .passes import PASSES, ConfigError, PassConfig, create_pass
-from .passes.base import check_range, config_from_dict
+from .passes.base import Pass, check_range, config_from_dict, out_of_stage_order
 
 TOP_LEVEL = ("name", "description", "scoring", "calibration", "passes")
 
@@ -86,13 +86,29 @@ def load_recipe(spec) -> Recipe:
                 f"recipe {str(spec)!r} is neither a built-in ({', '.join(sorted(builtins))}) nor a file"
             )
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             raise ConfigError(f"{at}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
         return recipe_from_dict(data, where=f"{path.name}: ")
     raise ConfigError(f"cannot use a {type(spec).__name__} as a recipe")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key written twice in one mapping is an error (YAML keeps the last,
+    silently dropping the first setting)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def recipe_from_dict(data, where: str = "") -> Recipe:
@@ -109,16 +125,19 @@ def recipe_from_dict(data, where: str = "") -> Recipe:
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where}passes: a recipe needs a non-empty list of passes")
     passes = [_pass_entry(entry, f"{where}passes[{i}].") for i, entry in enumerate(entries)]
+    disorder = out_of_stage_order(passes)
+    if disorder:
+        raise ConfigError(f"{where}passes[{disorder[0]}]: {disorder[1]}")
     return Recipe(
         str(data.get("name", "custom")),
-        passes,
+        [(p.name, p.config) for p in passes],
         str(data.get("description", "")).strip(),
         scoring,
         calibration,
     )
 
 
-def _pass_entry(entry, where: str) -> tuple[str, PassConfig]:
+def _pass_entry(entry, where: str) -> Pass:
     if isinstance(entry, tuple) and len(entry) == 2:
         name, options = entry
     elif isinstance(entry, PassConfig):
@@ -130,8 +149,15 @@ def _pass_entry(entry, where: str) -> tuple[str, PassConfig]:
         ((name, options),) = entry.items()
     else:
         raise ConfigError(f"{where[:-1]}: each pass is written as `- pass_name: {{options}}`; got {entry!r}")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where[:-1]}: a pass name is a string; got {name!r}")
     instance = create_pass(name, options, where=where)
-    return instance.name, instance.config
+    if instance.stage == "lower":
+        raise ConfigError(
+            f"{where}{name}: a lowering pass (kernel-specific layouts, which artifacts do not store); "
+            "moepass.load and moepass.lower run it, a recipe does not"
+        )
+    return instance
 
 
 def _plain(value):

@@ -12,7 +12,7 @@ from moepass.artifact import ArtifactError, load, save
 from moepass.ir.quant_ops import QUANTIZED_LINEAR
 from moepass.kernels.ops import PACKED_EXPERTS, PACKED_LINEAR
 from moepass.lowering import lower
-from moepass.pass_manager import PassError
+from moepass.pass_manager import PassError, PassManager
 
 ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"]
 BF16_REL = 5e-2  # the packed CPU kernels compute in bf16: ~4e-3 per op, compounding over layers (3e-2 seen)
@@ -109,6 +109,11 @@ def test_load_lowers_and_lowered_programs_refuse_compression_and_saving(tmp_path
     assert moepass.lower is lower  # the package attribute stays the function beside moepass.lowering
     with pytest.raises(moepass.MoepassError, match="no lowering for device 'meta'"):
         lower(program, "meta")
+    by_hand = quantized.fork()  # a lowering pass run outside moepass.lower marks the program too
+    PassManager([("cpu_packed_weights", None)]).run(by_hand)
+    assert by_hand.info.lowered == "cpu"
+    with pytest.raises(ArtifactError, match="save the program before lowering"):
+        save(by_hand, tmp_path / "by-hand")
 
 
 def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token():

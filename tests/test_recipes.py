@@ -42,7 +42,21 @@ def test_builtin_recipes_load_and_include_the_papers():
             {"passes": [{"layer_drop": {"count": 1, "metrc": "S_NM"}}]},
             "passes\\[0\\].layer_drop.metrc: unknown option; allowed: count, ratio, metric",
         ),
-        ({"passes": [{"layer_drop": {"count": "two"}}]}, "layer_drop.count: 'two' does not fit"),
+        ({"passes": [{"layer_drop": {"count": "two"}}]}, "layer_drop.count: expected int, got str 'two'"),
+        (
+            {"passes": [{"layer_drop": {"ratio": float("nan")}}]},
+            r"passes\[0\].layer_drop.ratio: nan is not a finite number",
+        ),
+        ({"passes": [{"awq": [1, 2]}]}, r"passes\[0\].awq: expected a mapping of options, got list"),
+        ({"passes": [{1: {}}]}, r"passes\[0\]: a pass name is a string; got 1"),
+        (
+            {"passes": [{"rtn": {}}, {"cpu_packed_weights": {}}]},
+            r"passes\[1\].cpu_packed_weights: a lowering pass .* moepass.load and moepass.lower run it",
+        ),
+        (
+            {"passes": [{"rtn": {}}, {"sparse24_storage": {}}, {"magnitude": {}}]},
+            r"passes\[2\]: pass magnitude \(stage compress\) cannot follow sparse24_storage \(stage store\)",
+        ),
         (
             {"passes": [{"layer_drop": {"count": 1, "metric": "cosine"}}]},
             "layer_drop.metric: 'cosine' is not allowed; choose one of 'S_NM', 'S_M', 'random'",
@@ -91,6 +105,9 @@ def test_yaml_recipe_files(tmp_path):
         load_recipe(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="neither a built-in"):
         load_recipe("no-such-recipe")
+    (tmp_path / "twice.yaml").write_text("passes:\n  - rtn: {bits: 4, bits: 8}\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml:2:\d+: not valid YAML \(key 'bits' is given twice"):
+        load_recipe(tmp_path / "twice.yaml")
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ their fields (names, types, ranges) before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -93,6 +95,17 @@ class TransformPass(Pass):
 PASSES: dict[str, type[Pass]] = {}
 
 
+def out_of_stage_order(passes: list[Pass]) -> tuple[int, str] | None:
+    """(index, why) of the first pass that runs before a stage it belongs after, or None."""
+    for index, (before, after) in enumerate(itertools.pairwise(passes), start=1):
+        if STAGES.index(before.stage) > STAGES.index(after.stage):
+            return index, (
+                f"pass {after.name} (stage {after.stage}) cannot follow {before.name} "
+                f"(stage {before.stage}); stages run in the order {', '.join(STAGES)}"
+            )
+    return None
+
+
 def register_pass(cls: type[Pass]) -> type[Pass]:
     if cls.name in PASSES:
         raise ValueError(f"pass {cls.name!r} is registered twice")
@@ -105,8 +118,8 @@ def create_pass(name: str, config: PassConfig | dict | None = None, where: str =
         at = f"{where.rstrip('.')}: " if where else ""
         raise ConfigError(f"{at}unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
     cls = PASSES[name]
-    if isinstance(config, dict) or config is None:
-        config = config_from_dict(cls.config_class, config or {}, where=f"{where}{name}.")
+    if not isinstance(config, PassConfig):
+        config = config_from_dict(cls.config_class, {} if config is None else config, where=f"{where}{name}.")
     return cls(config)
 
 
@@ -152,11 +165,13 @@ def _coerce(value: Any, hint, where: str):
                 return _coerce(value, option, where)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(f"{where}: {value!r} does not fit {_name(hint)}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} does not fit {_name(hint)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (
@@ -173,6 +188,8 @@ def _name(hint) -> str:
 def check_range(where: str, value, low=None, high=None, *, inclusive_low: bool = True) -> None:
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
     if low is not None and (value < low if inclusive_low else value <= low):
         raise ConfigError(
             f"{where}: {value!r} is out of range; must be {'>=' if inclusive_low else '>'} {low}"
