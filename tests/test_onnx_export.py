@@ -133,13 +133,14 @@ def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size,
 
 def test_trimmed_programs_export_what_is_left(tmp_path):
     _, program = captured("mixtral")
-    first, second, *_ = program.structure.moe_blocks
+    first, second, third, *_ = program.structure.moe_blocks
     trimmed = program.fork()
     drop_mlp(trimmed, first.index)
     keep_experts(trimmed, second.index, [0, 2, 3], preserve_gate=True)
+    keep_experts(trimmed, third.index, [1, 4, 5, 7])
     export_onnx(trimmed, tmp_path / "onnx")
-    # the layer whose router kept its rows for dropped experts routes in the graph (If); the intact
-    # ones on the fused MoE op; the dropped one is absent
+    # the layer whose router kept its rows for dropped experts routes in the graph (If); the others,
+    # whole or with router and experts sliced alike, on the fused MoE op; the dropped one is absent
     counts = _op_counts(tmp_path / "onnx")
     assert (counts.get("If", 0), counts.get("MoE", 0)) == (1, len(program.structure.moe_blocks) - 2)
     _matches(trimmed, OnnxProgram(tmp_path / "onnx"))  # routes to dropped experts contribute nothing
@@ -158,7 +159,9 @@ def test_export_writes_manifest_and_refuses_what_it_cannot_do(tmp_path, tmp_path
     assert not (tmp_path / "lowered").exists()
     with pytest.raises(MoepassError, match="not an exported moepass ONNX directory"):
         OnnxProgram(tmp_path)
-    with pytest.raises(OnnxExportError, match="computes in bfloat16"):
+    with pytest.raises(
+        OnnxExportError, match=r"computes in bfloat16.*artifact keeps its dtype: compress --dtype"
+    ):
         export_onnx(moepass.capture(random_model("olmoe", dtype=torch.bfloat16)), tmp_path / "bf16")
     assert not (tmp_path / "bf16").exists()
     # int32 token ids and a bool mask, as the PyTorch program takes them
@@ -294,6 +297,28 @@ def test_runtime_refuses_inputs_onnxruntime_would_misread(tmp_path_factory):
     past[-1] = past[-1][:1]
     with pytest.raises(MoepassError, match=f"{exported.cache_names[-1]} is .*: past tensors must all be"):
         exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions, past)
+    past[-1] = torch.zeros(2, 3, 8)  # 3-D
+    with pytest.raises(MoepassError, match=f"{exported.cache_names[-1]} is \\[2, 3, 8\\]: past tensors"):
+        exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions, past)
+    with pytest.raises(
+        MoepassError, match=r"input_ids must be integer token ids \[batch, tokens\], got float32"
+    ):
+        exported(ids.float() + 0.5)  # onnxruntime would be fed truncated ids
+    with pytest.raises(MoepassError, match="input_ids holds no tokens"):
+        exported(ids[:, :0])
+
+
+def test_a_truncated_onnx_model_is_refused_naming_the_file(tmp_path, tmp_path_factory):
+    source = _exported("olmoe", tmp_path_factory)
+    copy = tmp_path / "onnx"
+    copy.mkdir()
+    (copy / "onnx_manifest.json").write_bytes((source / "onnx_manifest.json").read_bytes())
+    model = (source / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(model[: len(model) // 2])
+    with pytest.raises(
+        MoepassError, match=r"model.onnx does not load in onnxruntime .*export the model again"
+    ):
+        OnnxProgram(copy)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ import torch
 from onnxscript import ir as onnx_ir
 from torch import fx
 
-from moepass.artifact import ArtifactError, write_atomically
+from moepass.artifact import output_directory, write_atomically
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
 from moepass.ir.ops import EXPERTS, ROUTE, routing
@@ -91,11 +91,10 @@ def export_onnx(
     if program.info.dtype == "bfloat16":
         raise OnnxExportError(
             "this program computes in bfloat16, which onnxruntime's CPU provider cannot run (no bf16 "
-            "Mul, MatMul, ...); capture the model in float32 or float16 (CLI: --dtype float32)"
+            "Mul, MatMul, ...); capture the model in float32 or float16 (CLI: export-onnx MODEL --dtype "
+            "float32; an artifact keeps its dtype: compress --dtype float32)"
         )
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    path = output_directory(path, overwrite)
     graph_module, rewrites = exportable_graph(program)
     start = time.perf_counter()
     onnx_program = _export(graph_module, program)
@@ -258,8 +257,8 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     weight_name = "gate_up_qweight" if quantized else "gate_up"
     prefix = args[weight_name].target.rpartition(".")[0]
     (gate_up,) = arg_tensors(graph_module, args, weight_name)
-    if r["logits"].meta["val"].shape[-1] != gate_up.shape[0]:
-        return None  # a router kept whole for dropped experts (preserve_gate): the op would pick them
+    if route.meta.get("moepass_preserve_gate"):
+        return None  # a router kept whole for dropped experts: the op would pick them
     if quantized:
         bits, group = args["bits"], args["group_size"]
         if bits != 4 or group == -1:

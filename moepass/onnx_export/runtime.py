@@ -51,9 +51,15 @@ class OnnxProgram(StepGeneration):
         # errors only while loading: onnxruntime warns on every load that `logits_to_keep` has a
         # default (an initializer), which is what makes that input optional; runs warn as usual
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(path / MODEL_FILE), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
+            raise MoepassError(
+                f"{path / MODEL_FILE} does not load in onnxruntime {ort.__version__} "
+                f"({type(error).__name__}: {str(error).strip()[:300]}); export the model again"
+            ) from None
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 2
         self._cache_shapes = {
@@ -105,15 +111,22 @@ class OnnxProgram(StepGeneration):
         """Refuse, by name, what onnxruntime would run wrong or fail on deep in the graph: its Gather
         takes negative token ids as counted from the end of the vocabulary (PyTorch raises), a mask
         of the wrong length fails in an anonymous Add node, one of length 1 broadcasts silently."""
+        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise MoepassError(
+                f"input_ids must be integer token ids [batch, tokens], got {str(input_ids.dtype)[6:]} "
+                f"{list(input_ids.shape)}"
+            )
+        if input_ids.shape[1] == 0:
+            raise MoepassError("input_ids holds no tokens: each step feeds at least one")
         if len(past) != len(self.cache_names):
             raise MoepassError(
                 f"this decoder takes {len(self.cache_names)} past tensors ({', '.join(self.cache_names)}), "
                 f"got {len(past)}; start from empty_cache(batch)"
             )
         batch, seq = input_ids.shape
-        past_len = past[0].shape[2] if past else 0
+        past_len = past[0].shape[2] if past and past[0].dim() == 4 else 0
         for name, tensor in zip(self.cache_names, past, strict=True):
-            if tensor.shape[0] != batch or tensor.shape[2] != past_len:
+            if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[2] != past_len:
                 raise MoepassError(
                     f"{name} is {list(tensor.shape)}: past tensors must all be [batch = {batch}, heads, "
                     f"past length = {past_len}, head dim]"
