@@ -109,7 +109,6 @@ def save(
 ) -> Path:
     """Write `program` to directory `path`; `format="hf"` writes a stock transformers checkpoint instead,
     where the program's structure allows it."""
-    path = Path(path)
     if program.info.lowered is not None:
         raise ArtifactError(
             f"this program is lowered for {program.info.lowered} (kernel-specific weight layouts); save the "
@@ -117,8 +116,7 @@ def save(
         )
     if format not in ("moepass", "hf"):
         raise ArtifactError(f"unknown format {format!r}; choose 'moepass' or 'hf'")
-    if path.exists() and not overwrite:
-        raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    path = output_directory(path, overwrite)
     if format == "hf":
         from moepass.hf_export import hf_checkpoint
 
@@ -267,6 +265,13 @@ def _read_manifest(manifest_path: Path) -> dict:
     missing = [key for key in ("config", "dtype", "edits", "structure") if key not in manifest]
     if missing:
         raise ArtifactError(f"{manifest_path} lacks {', '.join(missing)}: the artifact is damaged")
+    kinds = {"config": dict, "dtype": str, "edits": list, "structure": dict, "aliases": dict}
+    for key, kind in kinds.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise ArtifactError(
+                f"{manifest_path}: {key} is a {type(manifest[key]).__name__}, not a {kind.__name__}: "
+                "the artifact is damaged"
+            )
     return manifest
 
 
@@ -324,11 +329,15 @@ def _check_tensors(
             f"{file} does not match {manifest_path.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, tensor in expected.items():
-        if state[name].shape != tensor.shape:
+        if state[name].shape != tensor.shape or state[name].dtype != tensor.dtype:
             raise ArtifactError(
-                f"{file}: {name} has shape {tuple(state[name].shape)} where {manifest_path.name} "
-                f"gives {tuple(tensor.shape)}: the artifact is damaged"
+                f"{file}: {name} is {_describe(state[name])} where {manifest_path.name} "
+                f"gives {_describe(tensor)}: the artifact is damaged"
             )
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
 
 
 def _skeleton(manifest: dict):
@@ -346,32 +355,70 @@ def _skeleton(manifest: dict):
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives each parameter its own storage, untying embeddings and LM head
     with torch.no_grad():
         for tensor in model.buffers():
             tensor.zero_()
     return model.eval()
 
 
-def write_atomically(path: Path, fill: Callable[[Path], None], overwrite: bool) -> Path:
-    """Let `fill` write a temporary directory beside `path`, then rename it to `path` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
+    """`path` made absolute, once it is known that a directory can be written there — checked before
+    any work so that minutes of compression do not end in an unwritable target."""
+    path = Path(os.path.abspath(path))  # "." and "x/.." name no directory to stage beside
+    if Path.cwd().is_relative_to(path):
+        raise ArtifactError(f"{path} is the current directory or holds it; name a directory inside it")
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{path} is a file; name a directory")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write {path}: {parent} is not a writable directory")
+    return path
+
+
+def write_atomically(path: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool) -> Path:
+    """Let `fill` write a temporary directory beside `path`, then rename it to `path` in one step;
+    whatever fails, `path` is either untouched or complete."""
+    path = output_directory(path, overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as error:
+        raise ArtifactError(f"cannot write {path}: {error}") from None
     try:
         fill(staging)
         _normal_permissions(staging)
         if path.exists():
             if not overwrite:
                 raise ArtifactError(f"{path} appeared while writing; not replacing it")
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace(path, staging)
         else:
             os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _replace(path: Path, staging: Path) -> None:
+    """Swap `staging` in for the existing `path`; if that fails, the old `path` is put back."""
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    try:
+        os.replace(path, old / path.name)
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(old / path.name, path)
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _normal_permissions(root: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,12 +38,19 @@ def _eval(args: argparse.Namespace) -> None:
     from moepass.zoo import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
+    if args.json:  # before the evaluation, not after it
+        directory = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK) or os.path.isdir(args.json):
+            raise MoepassError(
+                f"--json {args.json}: cannot write a file there ({directory} must be a writable directory)"
+            )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     artifact = os.path.isfile(os.path.join(args.model, "manifest.json"))
-    if artifact:  # a compressed moepass artifact: evaluated as saved (canonical ops)
-        subject = _load_program(args.model, lower=False)
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    if artifact:  # a compressed moepass artifact (a program already): evaluated as saved (canonical ops)
+        subject = _load_program(args.model, lower=False, dtype=dtype)
     else:
-        model = load_model(args.model, dtype=_DTYPES[args.dtype] if args.dtype else None)
+        model = load_model(args.model, dtype=dtype)
         subject = capture(model) if args.program else model
     per_source = None if args.max_per_source == 0 else args.max_per_source
     result = evaluate(
@@ -62,11 +70,16 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from moepass.artifact import manifest_of, save, unique_tensors, write_atomically, write_checkpoint
+    from moepass.artifact import (
+        manifest_of,
+        output_directory,
+        unique_tensors,
+        write_atomically,
+        write_checkpoint,
+    )
     from moepass.compress import compress
     from moepass.evaluate import evaluate, model_size
+    from moepass.hf_export import hf_checkpoint, hf_config
     from moepass.ir import capture
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
@@ -84,10 +97,10 @@ def _compress(args: argparse.Namespace) -> None:
                     f"{PASSES[name].not_in_hf_checkpoints}, which no transformers checkpoint holds; "
                     "use --format moepass (the default)"
                 )
-    out = Path(args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}")
-    if out.exists() and not args.force:
-        raise MoepassError(f"{out} already exists; pass --force to replace it")
-    model = load_model(args.model)
+    out = output_directory(
+        args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}", args.force
+    )
+    model = load_model(args.model, dtype=_DTYPES[args.dtype] if args.dtype else None)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     original = capture(model)
     experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
@@ -95,8 +108,6 @@ def _compress(args: argparse.Namespace) -> None:
     before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
     program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
     if args.format == "hf":  # what the recipe's passes cannot tell up front (uneven expert counts)
-        from moepass.hf_export import hf_config
-
         hf_config(program)
     after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
     report = CompressionReport(
@@ -114,20 +125,22 @@ def _compress(args: argparse.Namespace) -> None:
         report.summary_table(), report.structure_table(), program.report.table(), *coverage[-1:], sep="\n\n"
     )
     if args.format == "hf":
-        save(program, out, format="hf", overwrite=args.force)
-        save_tokenizer(tokenizer, out)
-        report.write(out)
-        print(f"\nwrote {out}/ (transformers checkpoint: config.json, model.safetensors; tokenizer, report)")
+        config, tensors = hf_checkpoint(program)
+        first_file, what = ("config.json", config), "transformers checkpoint: config.json, model.safetensors"
     else:
         tensors, aliases = unique_tensors(program)
+        first_file, what = (
+            ("manifest.json", manifest_of(program, aliases)),
+            "model.safetensors, manifest.json",
+        )
 
-        def fill(staging: Path) -> None:
-            write_checkpoint(staging, "manifest.json", manifest_of(program, aliases), tensors)
-            save_tokenizer(tokenizer, staging)
-            report.write(staging)
+    def fill(staging: Path) -> None:
+        write_checkpoint(staging, *first_file, tensors)
+        save_tokenizer(tokenizer, staging)
+        report.write(staging)
 
-        write_atomically(out, fill, overwrite=args.force)
-        print(f"\nwrote {out}/ (model.safetensors, manifest.json, tokenizer, report.md, report.json, plots/)")
+    write_atomically(out, fill, overwrite=args.force)
+    print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json, plots/)")
 
 
 def _load_program(
@@ -155,15 +168,7 @@ def _generate(args: argparse.Namespace) -> None:
     from moepass.zoo import load_tokenizer
 
     torch.set_num_threads(args.threads)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except MoepassError:
-        if args.onnx and not args.tokenizer:
-            raise MoepassError(
-                f"{args.model} holds no tokenizer (exported without one); pass --tokenizer with the "
-                "model's checkpoint directory or tokenizer.json"
-            ) from None
-        raise
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     if isinstance(tokenizer, Tokenizer):
         prompt_ids = tokenizer.encode(args.prompt).ids
     else:
@@ -216,12 +221,12 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
+    from moepass.artifact import output_directory
     from moepass.onnx_export import export_onnx
     from moepass.table import format_table
     from moepass.zoo import load_tokenizer
 
-    if Path(args.out).exists() and not args.force:  # before minutes of loading and capturing
-        raise MoepassError(f"{args.out} already exists; pass --force to replace it")
+    output_directory(args.out, args.force)  # before minutes of loading and capturing
     program = _load_program(args.model, lower=False, dtype=_DTYPES[args.dtype] if args.dtype else None)
     run = f"moepass generate {args.out} --onnx"
     try:
@@ -283,6 +288,30 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(f.name, path)
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum` (bad values get argparse's usage error,
+    not a traceback from deep inside torch after the model has loaded)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's "invalid integer value: 'x'"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+_positive_float.__name__ = "number"
+
+
 class _HelpWithDefaults(argparse.HelpFormatter):
     """Each option's --help line ends with its default, where it has one worth showing."""
 
@@ -318,11 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--tokenizer", help="tokenizer.json or checkpoint directory (default: the model's)"
     )
-    evaluation.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window")
-    evaluation.add_argument("--max-per-source", type=int, default=64, help="windows per domain; 0 = all")
-    evaluation.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    evaluation.add_argument("--seq-len", type=_at_least(2), default=256, help="tokens per evaluation window")
+    evaluation.add_argument(
+        "--max-per-source", type=_at_least(0), default=64, help="windows per domain; 0 = all"
+    )
+    evaluation.add_argument("--batch-size", type=_at_least(1), default=8, help="windows per forward pass")
     evaluation.add_argument("--seed", type=int, default=0, help="which windows are drawn")
-    evaluation.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    evaluation.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads")
     evaluation.add_argument("--dtype", choices=sorted(_DTYPES), help="load the weights in this dtype")
     evaluation.add_argument("--program", action="store_true", help="evaluate the captured program instead")
     evaluation.add_argument("--json", help="also write the result as JSON to this file")
@@ -345,22 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="moepass: artifact for moepass.load (any recipe); hf: stock transformers checkpoint "
         "(expert drop, block drop, pruning)",
     )
+    comp.add_argument(
+        "--dtype", choices=sorted(_DTYPES), help="load the weights in this dtype (the artifact keeps it)"
+    )
     comp.add_argument("--force", action="store_true", help="replace an existing output directory")
     comp.add_argument("--eval-data", default="builtin:test", help="held-out text scored before and after")
     comp.add_argument(
-        "--eval-per-source", type=int, default=64, help="evaluation windows per domain; 0 = skip"
+        "--eval-per-source", type=_at_least(0), default=64, help="evaluation windows per domain; 0 = skip"
     )
-    comp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    comp.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads")
     comp.set_defaults(run=_compress)
 
     gen = commands.add_parser("generate", help="stream text from a compressed artifact or a model")
     gen.add_argument("model", help="moepass artifact directory, built-in name or checkpoint directory")
     gen.add_argument("--prompt", default="The ", help="text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    gen.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="tokens to generate")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0, help="with --sample: softmax temperature")
     gen.add_argument(
-        "--top-k", type=int, default=None, help="with --sample: draw among the k likeliest tokens"
+        "--temperature", type=_positive_float, default=1.0, help="with --sample: softmax temperature"
+    )
+    gen.add_argument(
+        "--top-k", type=_at_least(1), default=None, help="with --sample: draw among the k likeliest tokens"
     )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--tokenizer", help="tokenizer.json or directory (default: the model's)")
@@ -375,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the lowered program through torch.compile (faster decode; compiles ~1 min first)",
     )
-    gen.add_argument("--threads", type=int, default=1, help="torch / onnxruntime CPU threads")
+    gen.add_argument("--threads", type=_at_least(1), default=1, help="torch / onnxruntime CPU threads")
     gen.set_defaults(run=_generate)
 
     onnx = commands.add_parser("export-onnx", help="export a program as an ONNX decoder for onnxruntime")

@@ -174,6 +174,13 @@ def load_tokenizer(name_or_path: str):
             return Tokenizer.from_file(str(path))
     if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):  # checkpoint or moepass artifact
         return Tokenizer.from_file(os.path.join(name_or_path, "tokenizer.json"))
+    if not os.path.isfile(os.path.join(name_or_path, "config.json")) and any(
+        os.path.isfile(os.path.join(name_or_path, f)) for f in ("manifest.json", "model.onnx")
+    ):
+        raise MoepassError(
+            f"{name_or_path!r} holds no tokenizer (written without one); load the original model's "
+            "(its checkpoint directory or tokenizer.json; CLI: --tokenizer)"
+        )
     path = _checkpoint_dir(name_or_path)
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import moepass
 from helpers import captured
@@ -92,6 +92,16 @@ def test_transformers_format_keeps_tied_embeddings_and_the_weights_dtype(tmp_pat
         assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
 
 
+def test_moepass_format_keeps_tied_embeddings(tmp_path):
+    """Loading allocates the model before filling it; the tie between embeddings and LM head (one
+    tensor, stored once) must survive that."""
+    _, program = captured("deepseek_v2", tie_word_embeddings=True)
+    save(program, tmp_path / "tied")
+    reloaded = load(tmp_path / "tied", lower=False)
+    reloaded.verify()
+    _same_outputs(program, reloaded)
+
+
 def test_transformers_format_refuses_what_it_cannot_express(tmp_path):
     _, original = captured("mixtral")
     layer_dropped = moepass.compress(original, [("layer_drop", {"count": 1})], calibration=_calibration())
@@ -142,7 +152,7 @@ def test_transformers_format_holds_2_4_weights_dense(tmp_path):
     assert stored.report.records[-1].modified, "the program itself keeps its 2:4 storage"
 
 
-def test_existing_targets_and_failed_writes(tmp_path):
+def test_existing_targets_and_failed_writes(tmp_path, monkeypatch):
     _, program = captured("olmoe")
     target = tmp_path / "out"
     save(program, target)
@@ -159,6 +169,19 @@ def test_existing_targets_and_failed_writes(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         write_atomically(tmp_path / "never", broken, overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no target, no staging left behind
+    (tmp_path / "file").write_text("x")
+    for bad, message in [
+        (tmp_path / "file" / "out", "file is not a writable directory"),  # checked before any work
+        (tmp_path / "file", "already exists"),
+    ]:
+        with pytest.raises(ArtifactError, match=message):
+            save(program, bad)
+    monkeypatch.chdir(target)
+    for here in (".", "../out"):  # replacing it would leave the process in a deleted directory
+        with pytest.raises(ArtifactError, match="is the current directory or holds it"):
+            save(program, here, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
+    assert (target / "manifest.json").read_text() == before
 
 
 def test_load_errors(tmp_path):
@@ -178,6 +201,14 @@ def _damage_manifest(change):
         (directory / "manifest.json").write_text(json.dumps(manifest))
 
     return damage
+
+
+def _retype(directory):
+    """Right names and shapes, wrong dtype: loading it would compute with other numbers."""
+    tensors = load_file(str(directory / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].double()
+    save_file(tensors, str(directory / "model.safetensors"))
 
 
 def _truncate(directory):
@@ -200,12 +231,14 @@ def _truncate(directory):
         ),
         (
             _damage_manifest(lambda m: m["config"].update(hidden_size=48)),
-            r"has shape .* where manifest\.json",
+            r"is float32 \(.*\) where manifest\.json gives float32 \(",
         ),
         (
             _damage_manifest(lambda m: next(iter(m["structure"]["blocks"].values())).update(experts=8)),
             "structure it records differs",
         ),
+        (_retype, r"model\.safetensors: \S+ is float64 \(.*\) where manifest\.json gives float32 \("),
+        (_damage_manifest(lambda m: m.update(aliases=[])), r"manifest\.json: aliases is a list, not a dict"),
         (_truncate, r"model\.safetensors is unreadable"),
         (lambda d: (d / "model.safetensors").unlink(), r"model\.safetensors is missing"),
     ],
@@ -263,7 +296,7 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     assert "quantize_experts" in [e["op"] for e in report["edits"]]
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert main(argv) == 2  # exists: refused, untouched
-    assert "pass --force" in capsys.readouterr().err and (out / "manifest.json").stat().st_mtime_ns == stamp
+    assert "(CLI: --force)" in capsys.readouterr().err and (out / "manifest.json").stat().st_mtime_ns == stamp
 
     # the artifact streams text through the lowered PyTorch program and, exported, through onnxruntime
     onnx_dir = tmp_path / "onnx"
@@ -277,13 +310,18 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         assert "tokens in" in captured_io.err
     assert texts["torch"] == texts["onnx"] and texts["torch"].startswith("It is")
     assert main(["export-onnx", str(out), str(onnx_dir)]) == 2  # refused before loading anything
-    assert "pass --force" in capsys.readouterr().err
+    assert "(CLI: --force)" in capsys.readouterr().err
     assert main(["export-onnx", str(out), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 2
     assert "keeps its compressed dtype" in capsys.readouterr().err
     bare = tmp_path / "onnx-without-tokenizer"
     shutil.copytree(onnx_dir, bare, ignore=shutil.ignore_patterns("tokenizer*"))
-    assert main(["generate", str(bare), "--onnx", "--prompt", "It is"]) == 2
-    assert "holds no tokenizer" in capsys.readouterr().err
+    bare_artifact = tmp_path / "artifact-without-tokenizer"
+    shutil.copytree(out, bare_artifact, ignore=shutil.ignore_patterns("tokenizer*"))
+    for argv in ([str(bare), "--onnx"], [str(bare_artifact)]):
+        assert main(["generate", *argv, "--prompt", "It is"]) == 2
+        assert "holds no tokenizer (written without one)" in capsys.readouterr().err
+    assert main(["eval", str(out), "--dtype", "float32"]) == 2  # not ignored silently
+    assert "keeps its compressed dtype" in capsys.readouterr().err
     assert main(["generate", str(onnx_dir), "--onnx", "--compile"]) == 2
     assert "drop them with --onnx" in capsys.readouterr().err
     assert main(["generate", str(out), "--compile", "--no-lower"]) == 2

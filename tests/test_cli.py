@@ -1,4 +1,5 @@
-"""`moepass inspect` on built-in models and local checkpoints; errors exit with status 2."""
+"""The `moepass` command line: `inspect` on built-in models and local checkpoints, option checks; errors
+exit with status 2."""
 
 from __future__ import annotations
 
@@ -57,3 +58,34 @@ def test_passes_lists_every_registered_pass_with_its_options(capsys):
         for field in dataclasses.fields(cls.config_class):
             assert f"    {field.name}: " in out
     assert "    group_size: int = 128\n" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["generate", "builtin:tiny-mixtral", "--max-new-tokens", "-1"],
+            "--max-new-tokens: must be at least 1",
+        ),
+        (["generate", "builtin:tiny-mixtral", "--top-k", "0"], "--top-k: must be at least 1, got 0"),
+        (
+            ["generate", "builtin:tiny-mixtral", "--temperature", "0"],
+            "--temperature: must be a positive number",
+        ),
+        (["generate", "builtin:tiny-mixtral", "--threads", "two"], "--threads: invalid integer value: 'two'"),
+        (["eval", "builtin:tiny-mixtral", "--seq-len", "1"], "--seq-len: must be at least 2"),
+        (["compress", "--eval-per-source", "-2"], "--eval-per-source: must be at least 0"),
+    ],
+)
+def test_numeric_options_are_checked_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["compress", "--out", str(tmp_path / "file" / "out")]) == 2
+    assert "file is not a writable directory" in capsys.readouterr().err
+    assert main(["eval", "builtin:tiny-mixtral", "--json", str(tmp_path / "missing" / "r.json")]) == 2
+    assert "--json" in capsys.readouterr().err and "missing" not in str(list(tmp_path.iterdir()))
