@@ -21,11 +21,15 @@ from moepass.errors import MoepassError
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return _DTYPES[args.dtype] if args.dtype else None
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from moepass.ir import capture
     from moepass.zoo import load_model
 
-    model = load_model(args.model, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    model = load_model(args.model, dtype=_dtype(args))
     start = time.perf_counter()
     program = capture(model)
     print(f"captured {args.model} in {time.perf_counter() - start:.1f}s; verifier: ok\n")
@@ -46,11 +50,10 @@ def _eval(args: argparse.Namespace) -> None:
             )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     artifact = os.path.isfile(os.path.join(args.model, "manifest.json"))
-    dtype = _DTYPES[args.dtype] if args.dtype else None
     if artifact:  # a compressed moepass artifact (a program already): evaluated as saved (canonical ops)
-        subject = _load_program(args.model, lower=False, dtype=dtype)
+        subject = _load_program(args.model, lower=False, dtype=_dtype(args))
     else:
-        model = load_model(args.model, dtype=dtype)
+        model = load_model(args.model, dtype=_dtype(args))
         subject = capture(model) if args.program else model
     per_source = None if args.max_per_source == 0 else args.max_per_source
     result = evaluate(
@@ -100,7 +103,7 @@ def _compress(args: argparse.Namespace) -> None:
     out = output_directory(
         args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}", args.force
     )
-    model = load_model(args.model, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    model = load_model(args.model, dtype=_dtype(args))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     original = capture(model)
     experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
@@ -227,7 +230,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
     from moepass.zoo import load_tokenizer
 
     output_directory(args.out, args.force)  # before minutes of loading and capturing
-    program = _load_program(args.model, lower=False, dtype=_DTYPES[args.dtype] if args.dtype else None)
+    program = _load_program(args.model, lower=False, dtype=_dtype(args))
     run = f"moepass generate {args.out} --onnx"
     try:
         tokenizer = load_tokenizer(args.model)
