@@ -12,6 +12,7 @@ unpruned model's activations (the paper's code), "pruned" the pruned model's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -38,7 +39,7 @@ class PruneConfig(PassConfig):
     propagation: Literal["dense", "pruned"] = "dense"
 
     def check(self) -> None:
-        check_range("sparsity", self.sparsity, 0.0, 1.0)
+        check_range("sparsity", self.sparsity, 0.0, 1.0, inclusive_low=False)
         if self.sparsity >= 1.0:
             raise ConfigError(f"sparsity: {self.sparsity} would remove every weight; must be < 1")
         unknown = [t for t in self.targets if t not in CATEGORIES or t == "lm_head"]
@@ -66,16 +67,40 @@ def check_groups(cols: int, config: PruneConfig, name: str) -> None:
         )
 
 
+def zeros_before(cols: int, sparsity: float) -> int:
+    """Weights zeroed among a row's first `cols` inputs (unstructured): the row total for the whole row,
+    and a column block's share is the difference at its ends, so blocks add up to the same total."""
+    return int(cols * sparsity)
+
+
+def check_zeroes(cols: int, config: PruneConfig, name: str) -> None:
+    """An unstructured ratio must zero at least one weight per row: otherwise the tensor would be
+    listed as pruned while left unchanged."""
+    if config.nm() is None and zeros_before(cols, config.sparsity) == 0:
+        smallest = float(f"{1 / cols:.3g}")  # the least 3-digit ratio that zeroes one
+        if zeros_before(cols, smallest) == 0:
+            smallest = float(f"{smallest + 10.0 ** (math.floor(math.log10(smallest)) - 2):.3g}")
+        raise ConfigError(
+            f"{name}: sparsity {config.sparsity} zeroes none of the {cols} weights in a row; "
+            f"use at least {smallest:g}"
+        )
+
+
+def mask_lowest_count(score: Tensor, count: int) -> Tensor:
+    """Boolean mask of the `count` lowest-scoring weights of each row."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if count:
+        mask.scatter_(1, torch.topk(score, count, dim=1, largest=False).indices, True)
+    return mask
+
+
 def mask_lowest(score: Tensor, config: PruneConfig, name: str) -> Tensor:
     """Boolean mask of the weights to zero: the lowest-scoring share per row, or per m-group (N:M)."""
     rows, cols = score.shape
     nm = config.nm()
     if nm is None:
-        count = int(cols * config.sparsity)
-        mask = torch.zeros_like(score, dtype=torch.bool)
-        if count:
-            mask.scatter_(1, torch.topk(score, count, dim=1, largest=False).indices, True)
-        return mask
+        check_zeroes(cols, config, name)
+        return mask_lowest_count(score, zeros_before(cols, config.sparsity))
     zeros, m = nm
     check_groups(cols, config, name)
     grouped = score.reshape(rows, cols // m, m)
@@ -183,7 +208,7 @@ def _expert_stats(program, runner: BlockwiseRunner, block: int, moe, needs_hessi
 
 
 def _check_targets(program, config: PruneConfig, linears, experts) -> None:
-    """N:M needs the input dimension to be a multiple of m: check every target before changing any."""
+    """Check every target before changing any: finite, whole m-groups (N:M), at least one zero per row."""
     nm = config.nm()
     get = program.graph_module.get_parameter
     names = [t.weight for t in linears]
@@ -196,6 +221,9 @@ def _check_targets(program, config: PruneConfig, linears, experts) -> None:
             raise ConfigError(f"{name} holds NaN or inf values; prune a finite model")
         if nm is not None:
             check_groups(weight.shape[-1], config, name)
+    if names:  # the narrowest rows need the largest ratio: naming theirs fits every target at once
+        narrowest = min(names, key=lambda name: get(name).shape[-1])
+        check_zeroes(get(narrowest).shape[-1], config, narrowest)
 
 
 def _install(program, name: str, weight: Tensor, config: PruneConfig) -> None:

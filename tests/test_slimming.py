@@ -149,6 +149,24 @@ def test_masks_have_the_requested_shape(pattern, seed):
             assert (zeros.view(24, -1, m).sum(-1) == m - n_kept).all(), f"exactly {m - n_kept} zeros per {m}"
 
 
+@pytest.mark.parametrize("cols", [384, 1000])
+@pytest.mark.parametrize("ratio", [0.3, 0.005])
+def test_sparsegpt_zeroes_as_many_per_row_as_the_whole_row_methods(cols, ratio, seed):
+    """SparseGPT chooses its mask 128 columns at a time; rounding each block's share on its own lost
+    up to a weight per block (and pruned nothing below 1/128)."""
+    stats = InputStats(cols, hessian=True)
+    stats.add(torch.randn(2 * cols, cols))
+    weight = torch.randn(8, cols)
+    config = PruneConfig(sparsity=ratio)
+    expected = int(cols * ratio)  # floor: 115 of 384 at 0.3, 1 at 0.005
+    for pruned in (
+        magnitude_prune(weight, config, "w"),
+        wanda_prune(weight, stats, config, "w"),
+        sparsegpt_prune(weight, stats, config, "w"),
+    ):
+        assert ((pruned == 0).sum(1) == expected).all()
+
+
 def _rounded(program, group_size: int):
     """The float program with every default int4 target replaced by its rounded values: the reference
     of RTN. An op's weights with rows shorter than the group share the largest group dividing them."""
@@ -371,3 +389,18 @@ def test_nm_pattern_that_does_not_fit_and_non_finite_weights_name_the_tensor():
     for passes in ([("rtn", {"group_size": 16})], [("magnitude", {})]):
         with pytest.raises(PassError, match=f"{moe.gate_up}.*NaN or inf"):
             moepass.compress(broken, passes, calibration=_calibration())
+
+
+def test_a_sparsity_that_zeroes_nothing_is_refused_before_any_change():
+    """0.012 zeroes one of the experts' 96 down inputs per row but none of their 64 gate/up inputs: the
+    narrowest target names the smallest ratio that prunes every target."""
+    refusal = r"sparsity {} zeroes none of the 64 weights in a row; use at least 0\.0157$"
+    with pytest.raises(ConfigError, match=r"^w: " + refusal.format(0.01)):
+        magnitude_prune(torch.randn(4, 64), PruneConfig(sparsity=0.01), "w")
+    _, program = captured("mixtral")
+    before = {n: p.detach().clone() for n, p in program.graph_module.named_parameters()}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        with pytest.raises(PassError, match=r"experts\.gate_up_proj: " + refusal.format(0.012)):
+            moepass.compress(program, [(method, {"sparsity": 0.012})], calibration=_calibration())
+    assert all(torch.equal(p, before[n]) for n, p in program.graph_module.named_parameters())
+    assert not program.info.pruned

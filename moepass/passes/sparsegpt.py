@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from moepass.pruning import PruneConfig, check_groups, mask_lowest, prune_program
+from moepass.pruning import (
+    PruneConfig,
+    check_groups,
+    check_zeroes,
+    mask_lowest,
+    mask_lowest_count,
+    prune_program,
+    zeros_before,
+)
 
 from .base import TransformPass, TransformResult, register_pass
 
@@ -34,14 +42,16 @@ def sparsegpt_prune(weight, stats, config: PruneConfig, name: str):
     nm = config.nm()
     if nm is not None:
         check_groups(cols, config, name)
+    check_zeroes(cols, config, name)
     block = BLOCK if nm is None else max(BLOCK // nm[1], 1) * nm[1]
     for start in range(0, cols, block):
         end = min(start + block, cols)
         w1, h1 = w[:, start:end].clone(), hinv[start:end, start:end]
         errors = torch.zeros_like(w1)
         scale = torch.diag(h1).pow(2)
-        if nm is None:
-            mask = mask_lowest(w1.pow(2) / scale, config, name)
+        if nm is None:  # the block's share of the row total: rounding each block alone loses zeros
+            count = zeros_before(end, config.sparsity) - zeros_before(start, config.sparsity)
+            mask = mask_lowest_count(w1.pow(2) / scale, count)
         else:
             mask = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(end - start):
