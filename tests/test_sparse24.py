@@ -29,7 +29,8 @@ from moepass.ir.sparse import (
 )
 from moepass.lowering import lower
 from moepass.onnx_export import OnnxProgram, export_onnx
-from moepass.pass_manager import PassError
+from moepass.pass_manager import PassError, PassManager
+from moepass.passes import ConfigError
 
 TARGETS = ["experts", "shared_experts", "attention", "dense_mlp"]
 
@@ -231,8 +232,10 @@ def test_gptq_after_pruning_keeps_the_pattern():
 
 def test_storage_runs_after_compression_and_says_so(caplog):
     _, program = captured("qwen3_moe")
+    with pytest.raises(ConfigError, match=r"passes\[1\]: .*stages run in the order compress, store, lower"):
+        moepass.compress(program, [("sparse24_storage", {}), ("rtn", {})])  # refused as a recipe
     with pytest.raises(PassError, match="stages run in the order compress, store, lower"):
-        moepass.compress(program, [("sparse24_storage", {}), ("rtn", {})])
+        PassManager([("sparse24_storage", None), ("rtn", None)]).run(program.fork())
     stored = moepass.compress(program, [("magnitude", {"pattern": "2:4"}), ("sparse24_storage", {})])
     with pytest.raises(PassError, match=r"stores 2:4-compressed weights.*pass rtn needs them uncompressed"):
         moepass.compress(stored, [("rtn", {})])
