@@ -100,6 +100,9 @@ def _compress(args: argparse.Namespace) -> None:
                     f"{PASSES[name].not_in_hf_checkpoints}, which no transformers checkpoint holds; "
                     "use --format moepass (the default)"
                 )
+    for flag, data in (("--calib", args.calib), ("--eval-data", args.eval_data)):
+        if data and not data.startswith("builtin:") and not os.path.exists(data):
+            raise MoepassError(f"{flag} {data}: no such file or directory")
     out = output_directory(
         args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}", args.force
     )

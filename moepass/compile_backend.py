@@ -68,6 +68,10 @@ class CompileOptions:
     def parse(cls, options: dict | None) -> CompileOptions:
         """Validated options; errors name the bad key and what it accepts."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        if options is not None and not isinstance(options, dict):
+            raise CompileOptionError(
+                f"torch.compile backend 'moepass' takes options as a dict, got {type(options).__name__}"
+            )
         for key, value in (options or {}).items():
             if key not in fields:
                 raise CompileOptionError(
@@ -87,7 +91,10 @@ class CompileOptions:
 
 _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
     "inductor": (lambda v: isinstance(v, bool), "expected True or False"),
-    "quantize": (lambda v: v is None or v in QUANTIZE_BITS, f"expected None or one of {list(QUANTIZE_BITS)}"),
+    "quantize": (
+        lambda v: v is None or (isinstance(v, str) and v in QUANTIZE_BITS),
+        f"expected None or one of {list(QUANTIZE_BITS)}",
+    ),
     "group_size": (
         lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v > 0),
         "expected a positive int dividing the weights' input features, or -1 (per channel)",

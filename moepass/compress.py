@@ -6,7 +6,7 @@ import logging
 
 from torch import nn
 
-from moepass.data import TokenSet, calibration_set
+from moepass.data import TokenSet, calibration_set, check_fits
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram, capture
 from moepass.pass_manager import PassManager, PassReport
@@ -56,8 +56,16 @@ def _needs_data(recipe: Recipe) -> bool:
 
 
 def _calibration_tokens(recipe: Recipe, calibration, tokenizer, program: MoEProgram) -> TokenSet:
-    if isinstance(calibration, TokenSet):
-        return calibration
+    tokens = (
+        calibration
+        if isinstance(calibration, TokenSet)
+        else _tokenized(recipe, calibration, tokenizer, program)
+    )
+    check_fits(tokens, program.info.vocab_size, program.info.config.get("max_position_embeddings"))
+    return tokens
+
+
+def _tokenized(recipe: Recipe, calibration, tokenizer, program: MoEProgram) -> TokenSet:
     spec = recipe.calibration
     if tokenizer is None:
         raise MoepassError(

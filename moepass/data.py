@@ -11,9 +11,12 @@ never mix sources, so every sample belongs to one domain (per-domain perplexity)
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
-from collections.abc import Iterable, Sequence
+import logging
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,8 +26,12 @@ from torch import Tensor
 
 from moepass.errors import MoepassError
 
+logger = logging.getLogger(__name__)
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SPLITS = ("validation", "test")
+# document separators of the supported families' tokenizers (bundled, Mixtral, Qwen, OLMoE, DeepSeek)
+END_OF_TEXT = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 
 
 class DataError(MoepassError):
@@ -44,6 +51,30 @@ class TokenSet:
     input_ids: Tensor  # [N, seq_len] int64
     labels: Tensor  # [N, seq_len] int64: input shifted by one
     sources: list[str]
+
+    def __post_init__(self) -> None:
+        ids, labels = self.input_ids, self.labels
+        if (
+            not isinstance(ids, Tensor)
+            or ids.dim() != 2
+            or ids.is_floating_point()
+            or ids.dtype == torch.bool
+        ):
+            raise DataError(
+                "TokenSet.input_ids must be a 2-D integer tensor [windows, seq_len], got "
+                + (f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__)
+            )
+        if not isinstance(labels, Tensor) or labels.shape != ids.shape or labels.dtype != ids.dtype:
+            raise DataError(
+                f"TokenSet.labels must match input_ids ({ids.dtype} {list(ids.shape)}), got "
+                + (
+                    f"{labels.dtype} {list(labels.shape)}"
+                    if isinstance(labels, Tensor)
+                    else type(labels).__name__
+                )
+            )
+        if len(self.sources) != ids.shape[0]:
+            raise DataError(f"TokenSet has {ids.shape[0]} windows but {len(self.sources)} source names")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -85,7 +116,10 @@ def load_documents(data, *, text_key: str = "text") -> list[Document]:
             return [doc for f in files for doc in load_documents(f, text_key=text_key)]
         if path.name.endswith((".jsonl", ".jsonl.gz")):
             return _from_records(_read_jsonl(path), text_key, str(path))
-        return [Document(path.read_text(encoding="utf-8"), path.stem)]
+        with _readable(path):
+            return [Document(path.read_text(encoding="utf-8"), path.stem)]
+    if isinstance(data, Mapping):
+        raise DataError("data is one mapping; pass a list of records ({'text': ...} each) or a path")
     if isinstance(data, Iterable):
         return _from_records(data, text_key, type(data).__name__)
     raise DataError(
@@ -99,7 +133,7 @@ def _is_data_file(path: Path) -> bool:
 
 def _read_jsonl(path: Path) -> Iterable[dict]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with _readable(path), opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -108,19 +142,32 @@ def _read_jsonl(path: Path) -> Iterable[dict]:
                     raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
 
 
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x})") from None
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
+
+
 def _from_records(records: Iterable, text_key: str, where: str) -> list[Document]:
     docs = []
     for i, record in enumerate(records):
-        if isinstance(record, str):
-            docs.append(Document(record, "text"))
+        if isinstance(record, (str, Document)):
+            docs.append(record if isinstance(record, Document) else Document(record, "text"))
             continue
         if not isinstance(record, dict) or text_key not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(
-                f"{where}: record {i} has no {text_key!r} field (has {keys}); "
-                f"pass text_key= to name the text field"
+                f"{where}: record {i} has no {text_key!r} field (has {keys}); name the text field "
+                "with moepass.data.load_documents(data, text_key=...) and pass its documents"
             )
-        docs.append(Document(str(record[text_key]), str(record.get("source", "text"))))
+        text, source = record[text_key], record.get("source") or "text"
+        if not isinstance(text, str):
+            raise DataError(f"{where}: record {i}'s {text_key!r} is a {type(text).__name__}, not a string")
+        docs.append(Document(text, str(source)))
     return docs
 
 
@@ -135,6 +182,14 @@ def tokenize(docs: Sequence[Document], tokenizer, seq_len: int) -> TokenSet:
     streams: dict[str, list[int]] = {}
     for doc, ids in zip(docs, encode([d.text for d in docs]), strict=True):
         streams.setdefault(doc.source, []).extend([*ids, eos])
+    short = [source for source, ids in streams.items() if len(ids) <= seq_len]
+    if short and len(short) < len(streams):
+        logger.warning(
+            "left out %d source(s) shorter than one window of %d tokens: %s",
+            len(short),
+            seq_len,
+            ", ".join(short[:10]),
+        )
     for source, ids in streams.items():
         windows = (len(ids) - 1) // seq_len
         if windows == 0:
@@ -147,7 +202,7 @@ def tokenize(docs: Sequence[Document], tokenizer, seq_len: int) -> TokenSet:
         longest = max(len(ids) for ids in streams.values())
         raise DataError(
             f"the data is too short: its longest source has {longest} tokens, fewer than "
-            f"seq_len + 1 = {seq_len + 1}"
+            f"seq_len + 1 = {seq_len + 1} (windows never mix sources; each plain-text file is one)"
         )
     return TokenSet(torch.cat(inputs), torch.cat(labels), sources)
 
@@ -183,7 +238,7 @@ def calibration_set(
 ) -> TokenSet:
     """The paper's calibration set: `samples` random packed windows of `seq_len` tokens."""
     tokens = tokenize(load_documents(data), tokenizer, seq_len)
-    check_vocab(tokens, vocab_size)
+    check_fits(tokens, vocab_size)
     return sample(tokens, samples, seed=seed)
 
 
@@ -198,30 +253,49 @@ def evaluation_set(
 ) -> TokenSet:
     """Held-out windows, at most `max_per_source` from each domain."""
     tokens = tokenize(load_documents(data), tokenizer, seq_len)
-    check_vocab(tokens, vocab_size)
+    check_fits(tokens, vocab_size)
     return sample(tokens, max_per_source, seed=seed, per_source=True)
 
 
-def check_vocab(tokens: TokenSet, vocab_size: int | None) -> None:
-    """Token ids beyond the model's vocabulary mean the tokenizer belongs to another model."""
-    if vocab_size is not None and len(tokens) and int(tokens.input_ids.max()) >= vocab_size:
+def check_fits(tokens: TokenSet, vocab_size: int | None, max_positions: int | None = None) -> None:
+    """Token ids beyond the model's vocabulary mean the tokenizer belongs to another model; windows
+    longer than its position range run, but score positions it was never trained on."""
+    if not len(tokens):
+        raise DataError("the data holds no windows")
+    if int(tokens.input_ids.min()) < 0:
+        raise DataError(f"token id {int(tokens.input_ids.min())} is negative")
+    if vocab_size is not None and int(tokens.input_ids.max()) >= vocab_size:
         raise DataError(
             f"token id {int(tokens.input_ids.max())} is outside the model's vocabulary of "
             f"{vocab_size}: the tokenizer does not belong to this model"
+        )
+    if max_positions is not None and tokens.seq_len > max_positions:
+        raise DataError(
+            f"windows of {tokens.seq_len} tokens exceed the model's {max_positions} positions "
+            "(max_position_embeddings); use a shorter seq_len"
         )
 
 
 def _encoder(tokenizer):
     """(encode texts -> id lists, end-of-sequence id) for a `tokenizers.Tokenizer` or a transformers one."""
-    if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
-        eos = tokenizer.token_to_id("<eos>")
-        if eos is None:
-            eos = tokenizer.token_to_id("</s>")
-        return (lambda texts: [e.ids for e in tokenizer.encode_batch(texts)]), (0 if eos is None else eos)
+    if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer: no eos attribute, look it up
+        ids = (tokenizer.token_to_id(token) for token in END_OF_TEXT)
+        eos = next((i for i in ids if i is not None), None)
+        return (lambda texts: [e.ids for e in tokenizer.encode_batch(texts)]), _separator(eos)
     if callable(tokenizer) and hasattr(tokenizer, "eos_token_id"):  # transformers tokenizer
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        return (lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]), eos
+        encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
+        return encode, _separator(tokenizer.eos_token_id)
     raise DataError(
         f"unsupported tokenizer type {type(tokenizer).__name__}: pass a tokenizers.Tokenizer "
         f"or a transformers tokenizer"
     )
+
+
+def _separator(eos: int | None) -> int:
+    """Documents are packed with end-of-text between them; guessing one (id 0) would insert a word."""
+    if eos is None:
+        raise DataError(
+            "the tokenizer has no end-of-text token to put between documents (looked for "
+            f"{', '.join(END_OF_TEXT)}); load it with transformers.AutoTokenizer and set its eos_token"
+        )
+    return eos

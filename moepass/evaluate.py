@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moepass.data import TokenSet, evaluation_set
+from moepass.data import DataError, TokenSet, check_fits, evaluation_set
 from moepass.ir.printer import tensor_sizes
 from moepass.table import format_table, human_bytes, human_count
 
@@ -105,17 +105,20 @@ def evaluate(
     `seq_len` tokens per domain, chosen with `seed`.
     """
     start = time.perf_counter()
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if not isinstance(data, TokenSet):
         if tokenizer is None:
-            raise ValueError("evaluate() needs a tokenizer to read text data (or pass a TokenSet)")
+            raise DataError("evaluate() needs a tokenizer to read text data (or pass a TokenSet)")
         data = evaluation_set(
             "builtin:test" if data is None else data,
             tokenizer,
             seq_len=seq_len,
             max_per_source=max_per_source,
             seed=seed,
-            vocab_size=_vocab_size(model),
+            vocab_size=model_config(model, "vocab_size"),
         )
+    check_fits(data, model_config(model, "vocab_size"), model_config(model, "max_position_embeddings"))
     device = next(model.parameters()).device
     domains: dict[str, DomainScore] = {}
     for source, rows in data.by_source().items():
@@ -164,12 +167,12 @@ def _logits(model, input_ids):
     return out.logits if hasattr(out, "logits") else out
 
 
-def _vocab_size(model) -> int | None:
+def model_config(model, key: str):
+    """A config value of a transformers model or a MoEProgram (whose info keeps the config dict)."""
     info = getattr(model, "info", None)
     if info is not None:
-        return info.vocab_size
-    config = getattr(model, "config", None)
-    return getattr(config, "vocab_size", None)
+        return info.config.get(key)
+    return getattr(getattr(model, "config", None), key, None)
 
 
 def _peak_rss() -> int:

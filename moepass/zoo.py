@@ -9,8 +9,10 @@ A local directory holding a transformers checkpoint loads offline.
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import os
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
@@ -138,12 +140,13 @@ def builtin_names() -> list[str]:
     return [f"{BUILTIN_PREFIX}{name}" for name in TRAINED] + random
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype | None = None) -> nn.Module:
+def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> nn.Module:
     """A built-in model (`builtin:<name>`) or a local transformers checkpoint, loaded offline, eval mode.
 
     Bundled models are stored in bf16 and load as float32 unless `dtype` says otherwise (fp32 is
     about 3x faster than bf16 on CPUs without native bf16).
     """
+    name_or_path = os.fspath(name_or_path)
     if name_or_path.startswith(BUILTIN_PREFIX):
         name = name_or_path[len(BUILTIN_PREFIX) :]
         if name in TRAINED:
@@ -155,14 +158,32 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = None) -> nn.Mod
             )
         return random_model(family, dtype=dtype or torch.float32)
     path = _checkpoint_dir(name_or_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=dtype or "auto"
-    )
+    with _readable(path, "a transformers causal LM checkpoint"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype or "auto"
+        )
     return model.eval()
 
 
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a built-in model or of a local checkpoint directory."""
+@contextlib.contextmanager
+def _readable(path: str, what: str) -> Iterator[None]:
+    """transformers, safetensors and tokenizers raise their own error types for a damaged or foreign
+    checkpoint (bad JSON, unknown model_type, missing or truncated weights): name the directory."""
+    try:
+        yield
+    except MoepassError:
+        raise
+    except Exception as error:
+        message = " ".join(str(error).split())[:400]
+        raise MoepassError(f"{path} cannot be read as {what} ({type(error).__name__}: {message})") from None
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer of a built-in model, of a local checkpoint directory, or a tokenizer.json file."""
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isfile(name_or_path):
+        with _readable(name_or_path, "a tokenizers JSON file"):
+            return Tokenizer.from_file(name_or_path)
     if name_or_path.startswith(BUILTIN_PREFIX):
         name = name_or_path[len(BUILTIN_PREFIX) :]
         if name not in TRAINED:
@@ -173,7 +194,7 @@ def load_tokenizer(name_or_path: str):
         with resources.as_file(models_dir() / name / "tokenizer.json") as path:
             return Tokenizer.from_file(str(path))
     if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):  # checkpoint or moepass artifact
-        return Tokenizer.from_file(os.path.join(name_or_path, "tokenizer.json"))
+        return load_tokenizer(os.path.join(name_or_path, "tokenizer.json"))
     if not os.path.isfile(os.path.join(name_or_path, "config.json")) and any(
         os.path.isfile(os.path.join(name_or_path, f)) for f in ("manifest.json", "model.onnx")
     ):
@@ -182,7 +203,8 @@ def load_tokenizer(name_or_path: str):
             "(its checkpoint directory or tokenizer.json; CLI: --tokenizer)"
         )
     path = _checkpoint_dir(name_or_path)
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with _readable(path, "a tokenizer (no tokenizer.json; pass another with --tokenizer)"):
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:

@@ -3,6 +3,8 @@ exit with status 2."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from helpers import model_for
@@ -89,3 +91,32 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
     assert "file is not a writable directory" in capsys.readouterr().err
     assert main(["eval", "builtin:tiny-mixtral", "--json", str(tmp_path / "missing" / "r.json")]) == 2
     assert "--json" in capsys.readouterr().err and "missing" not in str(list(tmp_path.iterdir()))
+
+
+def test_damaged_checkpoints_and_tokenizers_are_named(tmp_path, capsys):
+    model = model_for("mixtral", seed=0)
+    model.save_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").write_bytes(b"\x08\x00")  # truncated
+    (tmp_path / "bad-config").mkdir()
+    (tmp_path / "bad-config" / "config.json").write_text("{not json")
+    (tmp_path / "tokenizer.json").write_text("{bad")
+    for argv, message in [
+        (["inspect", str(tmp_path / "ck")], "ck cannot be read as a transformers causal LM checkpoint"),
+        (["inspect", str(tmp_path / "bad-config")], "bad-config cannot be read as a transformers causal LM"),
+        (
+            ["eval", "builtin:tiny-mixtral", "--tokenizer", str(tmp_path / "tokenizer.json")],
+            "tokenizer.json cannot be read as a tokenizers JSON file",
+        ),
+        (["compress", "--calib", str(tmp_path / "nowhere.txt")], "--calib .*nowhere.txt: no such file"),
+    ]:
+        assert main(argv) == 2
+        assert re.search(message, capsys.readouterr().err), argv
+
+
+def test_a_tokenizer_json_file_is_a_tokenizer(tmp_path):
+    from moepass.zoo import load_tokenizer, models_dir
+
+    path = str(models_dir() / "tiny-mixtral" / "tokenizer.json")
+    assert (
+        load_tokenizer(path).encode("It is").ids == load_tokenizer("builtin:tiny-mixtral").encode("It is").ids
+    )

@@ -193,6 +193,8 @@ def test_quantized_program_is_lowered_onto_packed_cpu_kernels(seed):
         ),
         ({"inductor": "no"}, "option 'inductor'='no' is invalid: expected True or False"),
         ({"group_size": 0}, "option 'group_size'=0 is invalid"),
+        ({"quantize": ["int4"]}, "option 'quantize'=['int4'] is invalid"),  # unhashable: no TypeError
+        ("int4", "torch.compile backend 'moepass' takes options as a dict, got str"),
     ],
 )
 def test_bad_option_names_the_key_and_allowed_values(options, message):

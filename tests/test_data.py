@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from moepass.data import (
     DataError,
     Document,
+    TokenSet,
     calibration_set,
     corpus_dir,
     evaluation_set,
@@ -104,11 +105,62 @@ def test_sampling_is_deterministic_and_seeded(tokenizer):
         (lambda tok: evaluation_set("builtin:test", tok, vocab_size=128), "tokenizer does not belong"),
         (lambda tok: tokenize([Document("text", "a")], object(), 8), "unsupported tokenizer type object"),
         (lambda tok: load_documents(42), "cannot read data of type int"),
+        (lambda tok: load_documents({"text": "hello"}), "data is one mapping; pass a list of records"),
+        (lambda tok: load_documents([{"text": None}]), "record 0's 'text' is a NoneType, not a string"),
+        (lambda tok: load_documents([{"body": "x"}]), r"has no 'text' field \(has \['body'\]\)"),
+        (lambda tok: TokenSet(torch.ones(2, 4), torch.ones(2, 4), ["a"] * 2), "2-D integer tensor"),
+        (
+            lambda tok: TokenSet(
+                torch.ones(3, 4, dtype=torch.long), torch.ones(3, 2, dtype=torch.long), ["a"] * 3
+            ),
+            r"labels must match input_ids \(torch.int64 \[3, 4\]\), got torch.int64 \[3, 2\]",
+        ),
+        (
+            lambda tok: TokenSet(
+                torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), ["a"]
+            ),
+            "3 windows but 1 source",
+        ),
     ],
 )
 def test_bad_data_errors(tokenizer, call, message):
     with pytest.raises(DataError, match=message):
         call(tokenizer)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 " * 10)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not gzipped"}\n')
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
+    for name, message in [
+        ("latin1.txt", r"latin1\.txt: not UTF-8 text \(byte 0xe9\)"),
+        ("latin1.jsonl", r"latin1\.jsonl: not UTF-8 text"),
+        ("plain.jsonl.gz", r"plain\.jsonl\.gz: unreadable \(BadGzipFile"),
+        ("cut.jsonl.gz", r"cut\.jsonl\.gz: unreadable \(EOFError"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            load_documents(tmp_path / name)
+
+
+def test_documents_are_separated_by_the_tokenizers_end_of_text_never_a_guess():
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"!": 0, "<|endoftext|>": 1, "hello": 2, "world": 3, "[UNK]": 4}
+    qwen_like = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    qwen_like.pre_tokenizer = pre_tokenizers.Whitespace()  # id 0 is a word, as "!" is in Qwen's vocabulary
+    docs = [Document("hello world", "a"), Document("world hello", "a")]
+    assert tokenize(docs, qwen_like, 5).input_ids.tolist() == [[2, 3, 1, 3, 2]]
+    no_end = Tokenizer(models.WordLevel({k: v for k, v in vocab.items() if v != 1}, unk_token="[UNK]"))
+    with pytest.raises(DataError, match="no end-of-text token to put between documents"):
+        tokenize(docs, no_end, 5)
+
+
+def test_sources_shorter_than_a_window_are_reported(tokenizer, caplog):
+    docs = [Document("a long text " * 40, "long"), Document("short", "brief")]
+    tokens = tokenize(docs, tokenizer, 16)
+    assert set(tokens.sources) == {"long"} and "left out 1 source(s) shorter than one window" in caplog.text
+    assert "brief" in caplog.text
 
 
 def test_invalid_jsonl_line_is_named(tmp_path):

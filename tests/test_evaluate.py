@@ -9,7 +9,7 @@ import torch
 
 import moepass
 from helpers import captured, model_for
-from moepass.data import TokenSet
+from moepass.data import DataError, TokenSet
 from moepass.evaluate import model_size
 
 
@@ -64,5 +64,25 @@ def test_result_table_and_json(seed):
 
 
 def test_text_data_needs_a_tokenizer(seed):
-    with pytest.raises(ValueError, match="needs a tokenizer"):
+    with pytest.raises(DataError, match="needs a tokenizer"):
         moepass.evaluate(model_for("mixtral", seed=seed), "builtin:test")
+
+
+def test_data_the_model_cannot_score_is_refused(seed):
+    """Windows beyond the model's positions run (RoPE extrapolates) but score it where it was never
+    trained; ids beyond its vocabulary, or an empty set, are no evaluation either."""
+    model, program = captured("mixtral", max_position_embeddings=16)
+    ids = torch.randint(0, 128, (2, 17))
+    too_long = TokenSet(ids, ids, ["a", "a"])
+    for subject in (model, program):
+        with pytest.raises(DataError, match="windows of 17 tokens exceed the model's 16 positions"):
+            moepass.evaluate(subject, too_long)
+    with pytest.raises(DataError, match="windows of 17 tokens exceed the model's 16 positions"):
+        moepass.compress(program, [("expert_drop", {"keep": 4})], calibration=too_long)
+    outside = TokenSet(ids[:, :8] + 128, ids[:, :8], ["a", "a"])
+    with pytest.raises(DataError, match=r"token id 2\d\d is outside the model's vocabulary of 128"):
+        moepass.evaluate(program, outside)
+    with pytest.raises(DataError, match="holds no windows"):
+        moepass.evaluate(program, TokenSet(ids[:0], ids[:0], []))
+    with pytest.raises(DataError, match="batch_size must be at least 1, got 0"):
+        moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8], ["a", "a"]), batch_size=0)
