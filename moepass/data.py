@@ -117,7 +117,7 @@ def load_documents(data, *, text_key: str = "text") -> list[Document]:
         if path.name.endswith((".jsonl", ".jsonl.gz")):
             return _from_records(_read_jsonl(path), text_key, str(path))
         with _readable(path):
-            return [Document(path.read_text(encoding="utf-8"), path.stem)]
+            return [Document(path.read_text(encoding="utf-8-sig"), path.stem)]
     if isinstance(data, Mapping):
         raise DataError("data is one mapping; pass a list of records ({'text': ...} each) or a path")
     if isinstance(data, Iterable):
@@ -133,7 +133,7 @@ def _is_data_file(path: Path) -> bool:
 
 def _read_jsonl(path: Path) -> Iterable[dict]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with _readable(path), opener(path, "rt", encoding="utf-8") as f:
+    with _readable(path), opener(path, "rt", encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -173,8 +173,8 @@ def _from_records(records: Iterable, text_key: str, where: str) -> list[Document
 
 def tokenize(docs: Sequence[Document], tokenizer, seq_len: int) -> TokenSet:
     """Pack each source's documents (EOS-separated) into windows of `seq_len` tokens."""
-    if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+        raise DataError(f"seq_len must be an integer of at least 2, got {seq_len!r}")
     if not docs or not any(d.text.strip() for d in docs):
         raise DataError("the data holds no text")
     encode, eos = _encoder(tokenizer)

@@ -99,7 +99,14 @@ def test_sampling_is_deterministic_and_seeded(tokenizer):
         (lambda tok: load_documents("/no/such/file.txt"), "does not exist"),
         (lambda tok: tokenize([Document("   ", "a")], tok, 8), "holds no text"),
         (lambda tok: tokenize([Document("two words", "a")], tok, 64), "too short"),
-        (lambda tok: tokenize([Document("text", "a")], tok, 1), "seq_len must be at least 2"),
+        (
+            lambda tok: tokenize([Document("text", "a")], tok, 1),
+            "seq_len must be an integer of at least 2, got 1",
+        ),
+        (
+            lambda tok: tokenize([Document("text", "a")], tok, 8.5),
+            "seq_len must be an integer of at least 2, got 8.5",
+        ),
         (lambda tok: calibration_set("builtin:validation", tok, samples=10**6, seq_len=256), "holds only"),
         (lambda tok: calibration_set("builtin:validation", tok, samples=0), "must be positive"),
         (lambda tok: evaluation_set("builtin:test", tok, vocab_size=128), "tokenizer does not belong"),
@@ -161,6 +168,12 @@ def test_sources_shorter_than_a_window_are_reported(tokenizer, caplog):
     tokens = tokenize(docs, tokenizer, 16)
     assert set(tokens.sources) == {"long"} and "left out 1 source(s) shorter than one window" in caplog.text
     assert "brief" in caplog.text
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffHello".encode())
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"text": "Hello"}\n'.encode())
+    assert [d.text for d in load_documents(tmp_path)] == ["Hello", "Hello"]
 
 
 def test_invalid_jsonl_line_is_named(tmp_path):
