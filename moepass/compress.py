@@ -56,16 +56,12 @@ def _needs_data(recipe: Recipe) -> bool:
 
 
 def _calibration_tokens(recipe: Recipe, calibration, tokenizer, program: MoEProgram) -> TokenSet:
-    tokens = (
-        calibration
-        if isinstance(calibration, TokenSet)
-        else _tokenized(recipe, calibration, tokenizer, program)
-    )
+    tokens = calibration if isinstance(calibration, TokenSet) else _tokenized(recipe, calibration, tokenizer)
     check_fits(tokens, program.info.vocab_size, program.info.config.get("max_position_embeddings"))
     return tokens
 
 
-def _tokenized(recipe: Recipe, calibration, tokenizer, program: MoEProgram) -> TokenSet:
+def _tokenized(recipe: Recipe, calibration, tokenizer) -> TokenSet:
     spec = recipe.calibration
     if tokenizer is None:
         raise MoepassError(
@@ -78,7 +74,6 @@ def _tokenized(recipe: Recipe, calibration, tokenizer, program: MoEProgram) -> T
         samples=spec.samples,
         seq_len=spec.seq_len,
         seed=spec.seed,
-        vocab_size=program.info.vocab_size,
     )
 
 

@@ -61,17 +61,11 @@ class TokenSet:
             or ids.dtype == torch.bool
         ):
             raise DataError(
-                "TokenSet.input_ids must be a 2-D integer tensor [windows, seq_len], got "
-                + (f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__)
+                f"TokenSet.input_ids must be a 2-D integer tensor [windows, seq_len], got {_describe(ids)}"
             )
         if not isinstance(labels, Tensor) or labels.shape != ids.shape or labels.dtype != ids.dtype:
             raise DataError(
-                f"TokenSet.labels must match input_ids ({ids.dtype} {list(ids.shape)}), got "
-                + (
-                    f"{labels.dtype} {list(labels.shape)}"
-                    if isinstance(labels, Tensor)
-                    else type(labels).__name__
-                )
+                f"TokenSet.labels must match input_ids ({_describe(ids)}), got {_describe(labels)}"
             )
         if len(self.sources) != ids.shape[0]:
             raise DataError(f"TokenSet has {ids.shape[0]} windows but {len(self.sources)} source names")
@@ -88,6 +82,10 @@ class TokenSet:
         for i, source in enumerate(self.sources):
             rows.setdefault(source, []).append(i)
         return rows
+
+
+def _describe(value) -> str:
+    return f"{value.dtype} {list(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
 
 def corpus_dir():
@@ -155,8 +153,11 @@ def _readable(path: Path) -> Iterator[None]:
 def _from_records(records: Iterable, text_key: str, where: str) -> list[Document]:
     docs = []
     for i, record in enumerate(records):
-        if isinstance(record, (str, Document)):
-            docs.append(record if isinstance(record, Document) else Document(record, "text"))
+        if isinstance(record, Document):
+            docs.append(record)
+            continue
+        if isinstance(record, str):
+            docs.append(Document(record, "text"))
             continue
         if not isinstance(record, dict) or text_key not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
@@ -182,22 +183,23 @@ def tokenize(docs: Sequence[Document], tokenizer, seq_len: int) -> TokenSet:
     streams: dict[str, list[int]] = {}
     for doc, ids in zip(docs, encode([d.text for d in docs]), strict=True):
         streams.setdefault(doc.source, []).extend([*ids, eos])
-    short = [source for source, ids in streams.items() if len(ids) <= seq_len]
-    if short and len(short) < len(streams):
+    short = []
+    for source, ids in streams.items():
+        windows = (len(ids) - 1) // seq_len
+        if windows == 0:
+            short.append(source)
+            continue
+        stream = torch.tensor(ids[: windows * seq_len + 1])
+        inputs.append(stream[:-1].view(windows, seq_len))
+        labels.append(stream[1:].view(windows, seq_len))
+        sources += [source] * windows
+    if short and sources:
         logger.warning(
             "left out %d source(s) shorter than one window of %d tokens: %s",
             len(short),
             seq_len,
             ", ".join(short[:10]),
         )
-    for source, ids in streams.items():
-        windows = (len(ids) - 1) // seq_len
-        if windows == 0:
-            continue
-        stream = torch.tensor(ids[: windows * seq_len + 1])
-        inputs.append(stream[:-1].view(windows, seq_len))
-        labels.append(stream[1:].view(windows, seq_len))
-        sources += [source] * windows
     if not sources:
         longest = max(len(ids) for ids in streams.values())
         raise DataError(

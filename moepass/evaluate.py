@@ -116,7 +116,6 @@ def evaluate(
             seq_len=seq_len,
             max_per_source=max_per_source,
             seed=seed,
-            vocab_size=model_config(model, "vocab_size"),
         )
     check_fits(data, model_config(model, "vocab_size"), model_config(model, "max_position_embeddings"))
     device = next(model.parameters()).device
