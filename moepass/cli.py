@@ -12,12 +12,14 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from moepass.errors import MoepassError
 
+TEXT_KEY_HELP = "the text field of JSON records (default: text)"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +66,7 @@ def _eval(args: argparse.Namespace) -> None:
         max_per_source=per_source,
         batch_size=args.batch_size,
         seed=args.seed,
+        text_key=args.text_key,
     )
     what = "moepass artifact" if artifact else ("captured program" if args.program else "transformers model")
     print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {args.seq_len} tokens"))
@@ -90,6 +93,8 @@ def _compress(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)  # validate before any work
+    if args.text_key:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, text_key=args.text_key))
     if args.format == "hf":
         from moepass.passes import PASSES
 
@@ -110,7 +115,11 @@ def _compress(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     original = capture(model)
     experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
-    evaluation = {"tokenizer": tokenizer, "max_per_source": args.eval_per_source}
+    evaluation = {
+        "tokenizer": tokenizer,
+        "max_per_source": args.eval_per_source,
+        "text_key": args.text_key or "text",
+    }
     before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
     program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
     if args.format == "hf":  # what the recipe's passes cannot tell up front (uneven expert counts)
@@ -348,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--data",
         default="builtin:test",
-        help="builtin:test, builtin:validation, a .txt/.jsonl(.gz) file or a directory",
+        help="builtin:test, builtin:validation, a .txt/.jsonl(.gz)/.json file or a directory",
     )
+    evaluation.add_argument("--text-key", default="text", help=TEXT_KEY_HELP)
     evaluation.add_argument(
         "--tokenizer", help="tokenizer.json or checkpoint directory (default: the model's)"
     )
@@ -387,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--force", action="store_true", help="replace an existing output directory")
     comp.add_argument("--eval-data", default="builtin:test", help="held-out text scored before and after")
+    comp.add_argument("--text-key", help=TEXT_KEY_HELP + " (--calib and --eval-data; default: the recipe's)")
     comp.add_argument(
         "--eval-per-source", type=_at_least(0), default=64, help="evaluation windows per domain; 0 = skip"
     )

@@ -74,6 +74,7 @@ def _tokenized(recipe: Recipe, calibration, tokenizer) -> TokenSet:
         samples=spec.samples,
         seq_len=spec.seq_len,
         seed=spec.seed,
+        text_key=spec.text_key,
     )
 
 

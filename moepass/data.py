@@ -1,8 +1,10 @@
 """Calibration and evaluation text: loading, tokenizing, packing, deterministic sampling.
 
 Sources: the bundled corpus splits (`builtin:validation`, `builtin:test`), plain-text files (one
-document per file), JSON Lines (`{"text": ..., "source": ...}` per line, optionally gzipped), a
-directory of those, or any iterable of such records (a `datasets.Dataset` works as is).
+document per file), JSON Lines (`{"text": ..., "source": ...}` per line, optionally gzipped), JSON
+files holding an array of such records, a directory of those, or any iterable of such records (a
+`datasets.Dataset` works as is). The text field's name is `text` unless `text_key` says otherwise.
+Tabular and binary formats (Parquet, Arrow, CSV) are refused rather than read as text.
 
 Packing follows the paper: documents are concatenated with an end-of-sequence token between them,
 then cut into equal windows; samples are drawn from the windows with a seeded generator. Windows
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SPLITS = ("validation", "test")
 # document separators of the supported families' tokenizers (bundled, Mixtral, Qwen, OLMoE, DeepSeek)
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
+TEXT_SUFFIXES = (".txt",)
+# formats that would tokenize as garbage if read as text: say how to convert them instead
+UNREADABLE_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv", ".gz", ".zip", ".bz2", ".xz", ".zst")
 END_OF_TEXT = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 
 
@@ -93,7 +99,10 @@ def corpus_dir():
 
 
 def load_documents(data, *, text_key: str = "text") -> list[Document]:
-    """Documents from a `builtin:<split>` name, a file or directory path, or an iterable of records."""
+    """Documents from a `builtin:<split>` name, a file or directory path, or an iterable of records.
+
+    `text_key` names the records' text field in files and iterables (the built-in splits use `text`).
+    """
     if isinstance(data, str) and data.startswith(BUILTIN_PREFIX):
         split = data[len(BUILTIN_PREFIX) :]
         if split not in BUILTIN_SPLITS:
@@ -102,20 +111,14 @@ def load_documents(data, *, text_key: str = "text") -> list[Document]:
                 + ", ".join(BUILTIN_PREFIX + s for s in BUILTIN_SPLITS)
             )
         with resources.as_file(corpus_dir() / f"{split}.jsonl.gz") as path:
-            return _from_records(_read_jsonl(path), text_key, str(path))
+            return _from_records(_read_jsonl(path), "text", str(path))
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.exists():
             raise DataError(f"data path {str(path)!r} does not exist")
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if _is_data_file(p))
-            if not files:
-                raise DataError(f"directory {str(path)!r} holds no .txt, .jsonl or .jsonl.gz files")
-            return [doc for f in files for doc in load_documents(f, text_key=text_key)]
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            return _from_records(_read_jsonl(path), text_key, str(path))
-        with _readable(path):
-            return [Document(path.read_text(encoding="utf-8-sig"), path.stem)]
+            return _from_directory(path, text_key)
+        return _from_file(path, text_key)
     if isinstance(data, Mapping):
         raise DataError("data is one mapping; pass a list of records ({'text': ...} each) or a path")
     if isinstance(data, Iterable):
@@ -125,12 +128,58 @@ def load_documents(data, *, text_key: str = "text") -> list[Document]:
     )
 
 
-def _is_data_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith((".txt", ".jsonl", ".jsonl.gz"))
+def _from_file(path: Path, text_key: str) -> list[Document]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _from_records(_read_jsonl(path), text_key, str(path))
+    if name.endswith(".json"):
+        return _from_records(_read_json_array(path), text_key, str(path))
+    if name.endswith(UNREADABLE_SUFFIXES):
+        raise DataError(
+            f"{path}: moepass does not read {path.suffix} files; convert the data to JSON Lines "
+            '({"text": ..., "source": ...} per line, .jsonl or .jsonl.gz) or plain text'
+        )
+    with _readable(path):  # any other file is one plain-text document (.txt, .md, no suffix, ...)
+        return [Document(path.read_text(encoding="utf-8-sig"), path.stem)]
+
+
+def _from_directory(path: Path, text_key: str) -> list[Document]:
+    """Every .txt, .jsonl(.gz) and .json file directly in `path`; anything else is named in a warning."""
+    entries = sorted(path.iterdir())
+    files = [p for p in entries if p.is_file() and p.name.lower().endswith(TEXT_SUFFIXES + RECORD_SUFFIXES)]
+    skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
+    if not files:
+        raise DataError(f"directory {str(path)!r} holds no .txt, .jsonl, .jsonl.gz or .json files")
+    if skipped:
+        logger.warning(
+            "data directory %s: read %d file(s), skipped %d other entr%s (subfolders are not read): %s",
+            path,
+            len(files),
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            ", ".join(skipped[:8]) + (", ..." if len(skipped) > 8 else ""),
+        )
+    return [doc for f in files for doc in _from_file(f, text_key)]
+
+
+def _read_json_array(path: Path) -> list:
+    with _readable(path):
+        text = path.read_text(encoding="utf-8-sig")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = " (JSON Lines? name the file .jsonl)" if "Extra data" in error.msg else ""
+        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg}){hint}") from None
+    if not isinstance(records, list):
+        raise DataError(
+            f"{path}: holds a JSON {type(records).__name__}; moepass reads a JSON array of records "
+            '([{"text": ...}, ...]) or JSON Lines (.jsonl)'
+        )
+    return records
 
 
 def _read_jsonl(path: Path) -> Iterable[dict]:
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     with _readable(path), opener(path, "rt", encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
@@ -163,7 +212,7 @@ def _from_records(records: Iterable, text_key: str, where: str) -> list[Document
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(
                 f"{where}: record {i} has no {text_key!r} field (has {keys}); name the text field "
-                "with moepass.data.load_documents(data, text_key=...) and pass its documents"
+                "with text_key (moepass --text-key, a recipe's calibration.text_key)"
             )
         text, source = record[text_key], record.get("source") or "text"
         if not isinstance(text, str):
@@ -236,10 +285,17 @@ def sample(tokens: TokenSet, n: int | None, *, seed: int = 0, per_source: bool =
 
 
 def calibration_set(
-    data, tokenizer, *, samples: int = 128, seq_len: int = 256, seed: int = 0, vocab_size: int | None = None
+    data,
+    tokenizer,
+    *,
+    samples: int = 128,
+    seq_len: int = 256,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    text_key: str = "text",
 ) -> TokenSet:
     """The paper's calibration set: `samples` random packed windows of `seq_len` tokens."""
-    tokens = tokenize(load_documents(data), tokenizer, seq_len)
+    tokens = tokenize(load_documents(data, text_key=text_key), tokenizer, seq_len)
     check_fits(tokens, vocab_size)
     return sample(tokens, samples, seed=seed)
 
@@ -252,9 +308,10 @@ def evaluation_set(
     max_per_source: int | None = 64,
     seed: int = 0,
     vocab_size: int | None = None,
+    text_key: str = "text",
 ) -> TokenSet:
     """Held-out windows, at most `max_per_source` from each domain."""
-    tokens = tokenize(load_documents(data), tokenizer, seq_len)
+    tokens = tokenize(load_documents(data, text_key=text_key), tokenizer, seq_len)
     check_fits(tokens, vocab_size)
     return sample(tokens, max_per_source, seed=seed, per_source=True)
 

@@ -97,12 +97,13 @@ def evaluate(
     max_per_source: int | None = 64,
     batch_size: int = 8,
     seed: int = 0,
+    text_key: str = "text",
 ) -> EvalResult:
     """Score `model` (transformers causal LM or MoEProgram) on held-out text.
 
     `data` is a TokenSet, or anything `moepass.data.load_documents` reads (then `tokenizer` is
     required); by default the bundled test split, with at most `max_per_source` windows of
-    `seq_len` tokens per domain, chosen with `seed`.
+    `seq_len` tokens per domain, chosen with `seed`; `text_key` names JSON records' text field.
     """
     start = time.perf_counter()
     if batch_size < 1:
@@ -116,6 +117,7 @@ def evaluate(
             seq_len=seq_len,
             max_per_source=max_per_source,
             seed=seed,
+            text_key=text_key,
         )
     check_fits(data, model_config(model, "vocab_size"), model_config(model, "max_position_embeddings"))
     device = next(model.parameters()).device

@@ -33,6 +33,7 @@ TOP_LEVEL = ("name", "description", "scoring", "calibration", "passes")
 @dataclass(frozen=True)
 class CalibrationConfig(PassConfig):
     data: str = "builtin:validation"
+    text_key: str = "text"  # the records' text field in JSON data
     samples: int = 128
     seq_len: int = 256
     seed: int = 0

@@ -15,7 +15,7 @@ import moepass
 from helpers import captured
 from moepass.artifact import ArtifactError, load, save, write_atomically
 from moepass.cli import main
-from moepass.data import TokenSet, corpus_dir
+from moepass.data import TokenSet, corpus_dir, load_documents
 from moepass.hf_export import NotExpressibleError, hf_checkpoint
 from moepass.ir.surgery import keep_experts
 from moepass.passes import PASSES, TransformPass
@@ -266,13 +266,23 @@ def checkpoint(tmp_path_factory):
 def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, capsys):
     out = tmp_path / "result"
     recipe = tmp_path / "small.yaml"  # the paper recipe's groups of 128 do not fit this 64-wide model
-    recipe.write_text("name: small\npasses:\n  - awq: {group_size: 16}\n  - layer_drop: {ratio: 0.25}\n")
+    recipe.write_text(
+        "name: small\ncalibration: {samples: 16}\npasses:\n"
+        "  - awq: {group_size: 16}\n  - layer_drop: {ratio: 0.25}\n"
+    )
+    calibration = tmp_path / "calibration.jsonl"  # records whose text is under "body"
+    records = [{"body": d.text, "source": d.source} for d in load_documents("builtin:validation")]
+    calibration.write_text("\n".join(json.dumps(r) for r in records))
     argv = [
         "compress",
         "--model",
         str(checkpoint),
         "--recipe",
         str(recipe),
+        "--calib",
+        str(calibration),
+        "--text-key",
+        "body",
         "--out",
         str(out),
         "--eval-per-source",
@@ -292,6 +302,7 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     }
     assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
     report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["calibration"]["text_key"] == "body"
     assert [e["op"] for e in report["edits"]].count("drop_mlp") == 1
     assert "quantize_experts" in [e["op"] for e in report["edits"]]
     stamp = (out / "manifest.json").stat().st_mtime_ns

@@ -120,3 +120,26 @@ def test_a_tokenizer_json_file_is_a_tokenizer(tmp_path):
     assert (
         load_tokenizer(path).encode("It is").ids == load_tokenizer("builtin:tiny-mixtral").encode("It is").ids
     )
+
+
+def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed):
+    import json
+    import shutil
+
+    from moepass.data import Document, corpus_dir
+    from moepass.evaluate import evaluate
+    from moepass.zoo import load_tokenizer
+
+    model = model_for("mixtral", seed=seed, vocab_size=4096)  # the corpus tokenizer's vocabulary
+    model.save_pretrained(tmp_path / "model")
+    shutil.copy(corpus_dir() / "tokenizer.json", tmp_path / "model" / "tokenizer.json")
+    texts = [f"It was the {i}th morning, and the house was quiet before anyone came down." for i in range(40)]
+    (tmp_path / "body.jsonl").write_text("\n".join(json.dumps({"body": t, "source": "mine"}) for t in texts))
+    argv = ["eval", str(tmp_path / "model"), "--data", str(tmp_path / "body.jsonl"), "--seq-len", "32"]
+    assert main(argv) == 2
+    assert "record 0 has no 'text' field (has ['body', 'source'])" in capsys.readouterr().err
+    assert main([*argv, "--text-key", "body", "--json", str(tmp_path / "r.json")]) == 0
+    docs = [Document(t, "mine") for t in texts]
+    expected = evaluate(model, docs, tokenizer=load_tokenizer(str(tmp_path / "model")), seq_len=32)
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["overall"] == json.loads(expected.to_json())["overall"]

@@ -185,3 +185,48 @@ def test_invalid_jsonl_line_is_named(tmp_path):
 def test_sample_none_keeps_everything(tokenizer):
     tokens = tokenize(load_documents("builtin:validation")[:20], tokenizer, 64)
     assert torch.equal(sample(tokens, None).input_ids, tokens.input_ids)
+
+
+def test_json_arrays_other_text_files_and_refused_formats(tmp_path, caplog):
+    (tmp_path / "rows.json").write_text(json.dumps([{"body": "from json", "source": "j"}, "a string"]))
+    (tmp_path / "notes.md").write_text("# markdown is text", encoding="utf-8")
+    assert load_documents(tmp_path / "rows.json", text_key="body") == [
+        Document("from json", "j"),
+        Document("a string", "text"),
+    ]
+    assert load_documents(tmp_path / "notes.md") == [Document("# markdown is text", "notes")]
+    (tmp_path / "object.json").write_text(json.dumps({"data": [{"text": "x"}]}))
+    (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "table.parquet").write_bytes(b"PAR1\x00\x00PAR1")
+    (tmp_path / "rows.CSV").write_text("text\nhello\n")
+    for name, message in [
+        ("object.json", r"object\.json: holds a JSON dict; moepass reads a JSON array of records"),
+        ("lines.json", r"lines\.json:2: not valid JSON \(Extra data\) \(JSON Lines\? name the file \.jsonl"),
+        ("table.parquet", r"table\.parquet: moepass does not read \.parquet files; convert the data to JSON"),
+        ("rows.CSV", r"rows\.CSV: moepass does not read \.CSV files"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            load_documents(tmp_path / name)
+    # a directory reads .txt/.jsonl(.gz)/.json files and names what it leaves out
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps([{"text": "one"}]))
+    (folder / "b.txt").write_text("two")
+    (folder / "c.md").write_text("not read")
+    (folder / "nested").mkdir()
+    with caplog.at_level("WARNING", logger="moepass"):
+        assert [d.text for d in load_documents(folder)] == ["one", "two"]
+    assert "read 2 file(s), skipped 2 other entries (subfolders are not read): c.md, nested/" in caplog.text
+
+
+def test_text_key_reaches_calibration_and_evaluation_sets(tmp_path, tokenizer):
+    texts = [f"Sentence number {i} of a long document about nothing." for i in range(60)]
+    path = tmp_path / "body.jsonl"
+    path.write_text("\n".join(json.dumps({"body": text}) for text in texts))
+    packed = tokenize([Document(text, "text") for text in texts], tokenizer, 32)
+    calib = calibration_set(path, tokenizer, samples=4, seq_len=32, text_key="body")
+    assert torch.equal(calib.input_ids, sample(packed, 4).input_ids)
+    held_out = evaluation_set(path, tokenizer, seq_len=32, max_per_source=3, text_key="body")
+    assert torch.equal(held_out.input_ids, sample(packed, 3, per_source=True).input_ids)
+    with pytest.raises(DataError, match=r"has no 'text' field .* name the text field with text_key"):
+        calibration_set(path, tokenizer, samples=4, seq_len=32)
