@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moepass.errors import OpArgumentError
+
 # ----------------------------------------------------------------------------------------------
 # Routing
 # ----------------------------------------------------------------------------------------------
@@ -213,13 +215,16 @@ def experts(
 ) -> Tensor:
     """Weighted sum over each token's k experts of down(act(gate_up(x))). hidden [T, H] -> [T, H].
 
-    Ids >= E (the experts given) contribute nothing: a router that kept its rows for dropped
-    experts (`preserve_gate`) routes some slots to experts that no longer exist.
+    Ids outside [0, E) (E = the experts given) contribute nothing: a router that kept its rows for
+    dropped experts (`preserve_gate`) routes some slots to experts that no longer exist.
 
     Tokens are grouped by expert and each hit expert runs one matmul on views of its weights (no
     weight copies), so a decode step reads only the k selected experts. Each (token, slot) result
     lands in its own row and the k slots are summed in slot order, in fp32, as transformers does.
     """
+    check_same_dtype(
+        "moepass::experts", hidden, gate_up=gate_up, down=down, gate_up_bias=gate_up_bias, down_bias=down_bias
+    )
 
     def expert_weights(e: int):
         return (
@@ -239,6 +244,16 @@ def experts(
         alpha,
         limit,
     )
+
+
+def check_same_dtype(op: str, x: Tensor, **tensors: Tensor | None) -> None:
+    """Floating-point operands must share the activation's dtype: the reference matmuls refuse a mix
+    deep inside torch while the kernels would quietly compute it, so one path would fail on CPU only."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.is_floating_point() and tensor.dtype != x.dtype:
+            raise OpArgumentError(
+                f"{op}: {name} is {tensor.dtype} but the input is {x.dtype}; cast them to one dtype"
+            )
 
 
 ExpertWeights = Callable[[int], tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
@@ -277,9 +292,9 @@ def run_experts(
         return linear(h, down_e, down_bias_e)
 
     if tokens == 1:  # decode step: run the k experts on views, accumulate in slot order
-        out = torch.zeros_like(hidden, dtype=torch.float32)
+        out = hidden.new_zeros(hidden.shape, dtype=torch.float32)
         for slot, e in enumerate(topk_ids[0].tolist()):
-            if e < num_experts:
+            if 0 <= e < num_experts:
                 out = out + expert(e, hidden_in).float() * topk_weights[:, slot : slot + 1]
         return out.to(hidden.dtype)
     slot_out = hidden.new_zeros((tokens * top_k, hidden.shape[-1]))
@@ -293,7 +308,7 @@ _FEW_SLOTS = 16  # decode-sized routings are grouped in Python: cheaper than sor
 
 
 def _expert_groups(topk_ids: Tensor, num_experts: int):
-    """Yield (expert, slot index, token index) for every expert below `num_experts` that received tokens.
+    """Yield (expert, slot index, token index) for every expert in [0, num_experts) that received tokens.
 
     Slots are positions in the flattened [T * k] routing; indices are slices where a group holds a
     single slot, so a one-token decode step indexes its hidden state and output without copies.
@@ -305,7 +320,7 @@ def _expert_groups(topk_ids: Tensor, num_experts: int):
         for slot, expert in enumerate(flat.tolist()):
             groups.setdefault(expert, []).append(slot)
         for expert, slots in groups.items():
-            if expert >= num_experts:
+            if not 0 <= expert < num_experts:
                 continue
             if len(slots) == 1:
                 slot = slots[0]
@@ -314,6 +329,7 @@ def _expert_groups(topk_ids: Tensor, num_experts: int):
                 index = torch.tensor(slots, device=flat.device)
                 yield expert, index, index // top_k
         return
+    flat = torch.where(flat >= 0, flat, num_experts)  # unrouted slots sort after every expert
     order = torch.argsort(flat, stable=True)
     start = 0
     for expert, count in enumerate(torch.bincount(flat).tolist()[:num_experts]):
@@ -325,7 +341,7 @@ def _expert_groups(topk_ids: Tensor, num_experts: int):
 
 @experts.register_fake
 def _(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit):
-    return torch.empty_like(hidden)
+    return hidden.new_empty(hidden.shape)  # contiguous, as the real op returns
 
 
 ROUTE = torch.ops.moepass.route.default

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import ACTIVATIONS, expert_at, run_experts
-from .quantized import dequantize, in_features
+from .ops import ACTIVATIONS, check_same_dtype, expert_at, run_experts
+from .quantized import check_codes, dequantize, in_features
 
 
 def dequantized_linear(
@@ -42,7 +42,15 @@ def quantized_linear(
     group_size: int,
 ) -> Tensor:
     """F.linear(x * input_scale, dequantize(qweight, scales, zeros), bias); x [..., K] -> [..., N]."""
+    check_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size)
     return dequantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size)
+
+
+def check_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size) -> None:
+    """The codes describe a weight reading x's features; bias and input scale share x's dtype."""
+    name = "moepass::quantized_linear"
+    check_codes(name, x.shape[-1], qweight, scales, zeros, bits, group_size)
+    check_same_dtype(name, x, bias=bias, input_scale=input_scale)
 
 
 @quantized_linear.register_fake
@@ -75,6 +83,21 @@ def quantized_experts(
 
     Only the experts that receive tokens are dequantized. `gate_up_input_scale` [H] and
     `down_input_scale` [E, I] multiply the projections' inputs (AWQ)."""
+    check_quantized_experts(
+        hidden,
+        gate_up_qweight,
+        gate_up_scales,
+        gate_up_zeros,
+        down_qweight,
+        down_scales,
+        down_zeros,
+        gate_up_bias,
+        down_bias,
+        gate_up_input_scale,
+        down_input_scale,
+        bits,
+        group_size,
+    )
 
     def expert_weights(e: int):
         gate_up = dequantize(
@@ -99,6 +122,39 @@ def quantized_experts(
     )
 
 
+def check_quantized_experts(
+    hidden,
+    gate_up_qweight,
+    gate_up_scales,
+    gate_up_zeros,
+    down_qweight,
+    down_scales,
+    down_zeros,
+    gate_up_bias,
+    down_bias,
+    gate_up_input_scale,
+    down_input_scale,
+    bits,
+    group_size,
+) -> None:
+    """`check_codes` for both projections (gate/up read the hidden state, down the intermediate);
+    biases and input scales share the hidden state's dtype."""
+    name = "moepass::quantized_experts"
+    check_codes(
+        f"{name} gate_up", hidden.shape[-1], gate_up_qweight, gate_up_scales, gate_up_zeros, bits, group_size
+    )
+    inter = gate_up_qweight.shape[-2] // 2
+    check_codes(f"{name} down", inter, down_qweight, down_scales, down_zeros, bits, group_size)
+    check_same_dtype(
+        name,
+        hidden,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        gate_up_input_scale=gate_up_input_scale,
+        down_input_scale=down_input_scale,
+    )
+
+
 @quantized_experts.register_fake
 def _(
     hidden,
@@ -120,7 +176,7 @@ def _(
     bits,
     group_size,
 ):
-    return torch.empty_like(hidden)
+    return hidden.new_empty(hidden.shape)  # contiguous, as the real op returns
 
 
 QUANTIZED_LINEAR = torch.ops.moepass.quantized_linear.default

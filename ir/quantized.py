@@ -171,3 +171,29 @@ def dequantize(
 
 def in_features(qweight: Tensor, bits: int) -> int:
     return qweight.shape[-1] * (2 if bits == 4 else 1)
+
+
+def check_codes(
+    name: str, k: int, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> None:
+    """Raise naming `name` unless (qweight, scales, zeros) store a `k`-input weight in this format: a
+    mismatch would otherwise dequantize to another weight, or fail deep inside torch."""
+    if bits not in BITS:
+        raise FormatError(f"{name}: bits={bits} is not a stored format; one of {BITS}")
+    if in_features(qweight, bits) != k:
+        raise FormatError(
+            f"{name}: the input has {k} features but the {bits}-bit codes "
+            f"{list(qweight.shape)} hold {in_features(qweight, bits)}"
+        )
+    group = k if group_size == -1 else group_size
+    if group <= 0 or k % group:
+        raise FormatError(f"{name}: group_size {group_size} does not divide the {k} inputs")
+    groups, rows = k // group, tuple(qweight.shape[:-1])
+    if tuple(scales.shape) != (*rows, groups):
+        raise FormatError(
+            f"{name}: scales {list(scales.shape)} do not fit group_size {group_size} "
+            f"(expected {[*rows, groups]})"
+        )
+    packed_groups = -(-groups // 2) if bits == 4 else groups
+    if zeros is not None and tuple(zeros.shape) != (*rows, packed_groups):
+        raise FormatError(f"{name}: zeros {list(zeros.shape)} do not fit (expected {[*rows, packed_groups]})")

@@ -208,7 +208,7 @@ def sparse24_experts(
 
 @sparse24_experts.register_fake
 def _(hidden, topk_ids, topk_weights, *rest):
-    return torch.empty_like(hidden)
+    return hidden.new_empty(hidden.shape)  # contiguous, as the real op returns
 
 
 SPARSE24_LINEAR = torch.ops.moepass.sparse24_linear.default

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .quant_gemm import _dequantized_tile, _dot, dot_half, k_block, workspace
+from .quant_gemm import _dequantized_tile, _dot, dense_rows, dot_half, k_block, workspace
 
 ACTIVATIONS = {
     "silu": 0,
@@ -231,8 +231,9 @@ def align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Ten
 
     Shapes depend only on the routing's shape and the expert count (an upper bound of blocks), so no
     device-to-host sync is needed and the launch is CUDA-graph friendly. Slots routed to ids >=
-    num_experts (dropped experts under preserve_gate) are left out."""
-    flat = topk_ids.reshape(-1).clamp(max=num_experts)  # id num_experts collects the dropped slots
+    num_experts (dropped experts under preserve_gate) or below 0 are left out."""
+    flat = topk_ids.reshape(-1).long()
+    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # E: every unrouted slot
     num_slots = flat.numel()
     device = flat.device
     max_blocks = triton.cdiv(num_slots, block_m) + num_experts
@@ -285,6 +286,7 @@ def fused_moe(
     tokens, top_k = topk_ids.shape
     hidden = hidden.contiguous()
     num_experts, two_inter = gate_up.shape[0], gate_up.shape[1]
+    routed = (topk_ids >= 0) & (topk_ids < num_experts)
     inter, h = two_inter // 2, hidden.shape[-1]
     bits = 0 if quant is None else quant["bits"]
     group_h = h if quant is None or quant["group_size"] == -1 else quant["group_size"]
@@ -301,6 +303,7 @@ def fused_moe(
     route = topk_weights.reshape(-1).float().contiguous()
 
     def run(a, w, scales, zeros, bias, in_scale, target, n, k, group, gated, by_token, mul_route, bk):
+        w, scales, zeros, bias, in_scale = dense_rows(w, scales, zeros, bias, in_scale)
         grid = (block_expert.numel(), triton.cdiv(n, block_n))
         _grouped_gemm_kernel[grid](
             a,
@@ -381,5 +384,5 @@ def fused_moe(
         True,
         down_block_k,
     )
-    routed = (topk_ids < num_experts).unsqueeze(-1)  # slots of dropped experts were never written
-    return torch.where(routed, out.view(tokens, top_k, h), 0.0).sum(dim=1).to(hidden.dtype)
+    # slots outside [0, E) were never written
+    return torch.where(routed.unsqueeze(-1), out.view(tokens, top_k, h), 0.0).sum(dim=1).to(hidden.dtype)

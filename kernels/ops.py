@@ -19,8 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, expert_at, experts, run_experts
-from moepass.ir.quant_ops import CODE_ARGUMENTS, quantized_experts, quantized_linear
+from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, check_same_dtype, expert_at, experts, run_experts
+from moepass.ir.quant_ops import (
+    CODE_ARGUMENTS,
+    check_quantized_experts,
+    check_quantized_linear,
+    quantized_experts,
+    quantized_linear,
+)
 from moepass.ir.sparse import sparse24_linear
 from moepass.ir.structure import ExpertsOp, register_experts_op
 
@@ -31,12 +37,16 @@ from .sparse24 import sparse24_gemm
 
 
 def triton_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size):
+    check_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size)
     return quant_gemm(x, qweight, scales, zeros, bits, group_size, input_scale, bias)
 
 
 def triton_experts(
     hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit
 ):
+    check_same_dtype(
+        "moepass::experts", hidden, gate_up=gate_up, down=down, gate_up_bias=gate_up_bias, down_bias=down_bias
+    )
     return fused_moe(
         hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit
     )
@@ -62,6 +72,21 @@ def triton_quantized_experts(
     bits,
     group_size,
 ):
+    check_quantized_experts(
+        hidden,
+        gate_up_qweight,
+        gate_up_scales,
+        gate_up_zeros,
+        down_qweight,
+        down_scales,
+        down_zeros,
+        gate_up_bias,
+        down_bias,
+        gate_up_input_scale,
+        down_input_scale,
+        bits,
+        group_size,
+    )
     quant = {
         "bits": bits,
         "group_size": group_size,
@@ -198,7 +223,7 @@ def _packed_int4_decode(
     x = (hidden if gate_up_scale is None else hidden * gate_up_scale).to(torch.bfloat16)
     out = None
     for slot, e in enumerate(topk_ids[0].tolist()):
-        if e >= gate_up[0].shape[0]:
+        if not 0 <= e < gate_up[0].shape[0]:
             continue  # an expert dropped behind a router that kept its row
         h = act(matmul(x, gate_up[0][e], gate_up[2], gate_up[1][e]).float(), alpha, limit)
         if down_scale is not None:
@@ -208,7 +233,7 @@ def _packed_int4_decode(
             * topk_weights[:, slot : slot + 1]
         )
         out = y if out is None else out + y
-    return torch.zeros_like(hidden) if out is None else out.to(hidden.dtype)
+    return hidden.new_zeros(hidden.shape) if out is None else out.to(hidden.dtype)
 
 
 @packed_experts.register_fake
@@ -231,7 +256,7 @@ def _(
     gate_up_group,
     down_group,
 ):
-    return torch.empty_like(hidden)
+    return hidden.new_empty(hidden.shape)  # contiguous, as the real op returns
 
 
 PACKED_LINEAR = torch.ops.moepass.packed_linear.default

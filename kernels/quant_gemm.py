@@ -28,6 +28,12 @@ def workspace(shape: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.empty(shape, device=device, dtype=torch.float32)
 
 
+def dense_rows(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The tensors with contiguous rows (views copied): the kernels index a row's elements at unit
+    stride and take only the outer strides, so a transposed view would be read as other weights."""
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 @triton.jit
 def _dequantized_tile(
     q_ptr,
@@ -185,6 +191,7 @@ def quant_gemm(
     """y = (x * input_scale) @ dequantize(W)^T + bias, for x [..., K] on any Triton device."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
+    qweight, scales, zeros, input_scale = dense_rows(qweight, scales, zeros, input_scale)
     m, k = x2.shape
     n = qweight.shape[0]
     group = k if group_size == -1 else group_size

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moepass.ir.sparse import SparsityPatternError, compress_24, decompress_24
 
-from .quant_gemm import _dequantized_tile, _dot, dot_half, workspace
+from .quant_gemm import _dequantized_tile, _dot, dense_rows, dot_half, k_block, workspace
 
 
 @triton.jit
@@ -218,6 +218,7 @@ def sparse24_gemm(
     (groups of `group_size` inputs, i.e. group_size / 2 stored values)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
+    values, meta, scales, zeros, bias = dense_rows(values, meta, scales, zeros, bias)
     m, k = x2.shape
     n = values.shape[0]
     group = (k if group_size == -1 else group_size) // 2
@@ -242,11 +243,8 @@ def sparse24_gemm(
     )
     flags = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
     if m <= GEMV_ROWS:
-        block_c = max(16, min(64, group))
-        while group % block_c and block_c > 16:
-            block_c //= 2
         _sparse24_gemv_kernel[(triton.cdiv(n, 64),)](
-            *args, **flags, ROWS=GEMV_ROWS, BLOCK_N=64, BLOCK_C=block_c
+            *args, **flags, ROWS=GEMV_ROWS, BLOCK_N=64, BLOCK_C=k_block(group)
         )
     else:
         block_m = 32 if m <= 64 else 64

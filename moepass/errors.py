@@ -13,6 +13,10 @@ class NotAnMoEModelError(UnsupportedModelError):
     """The model belongs to a supported family but has no MoE layer (a dense model)."""
 
 
+class OpArgumentError(MoepassError, ValueError):
+    """A canonical op called with tensors that do not fit together (dtype, shape, format)."""
+
+
 class IRVerificationError(MoepassError):
     """A program violates an IR invariant (after capture or after a transform)."""
 

@@ -48,13 +48,15 @@ def routing(
     tokens: int, num_experts: int, top_k: int, dropped: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Skewed top-k routing (later experts often get no token); `dropped` sends a few slots to ids >=
-    num_experts, as a router that preserved the rows of dropped experts does (the first token keeps
-    at least one live slot)."""
+    num_experts, as a router that preserved the rows of dropped experts does, and one to id -1 (the
+    first token keeps at least one live slot)."""
     logits = torch.randn(tokens, num_experts) - torch.linspace(0, 3, num_experts)
     weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
     if dropped and tokens > 1:
         ids[0, -1] = num_experts + 2
         ids[-1, 0] = num_experts
+    if dropped and tokens > 2:
+        ids[tokens // 2, -1] = -1
     return weights, ids
 
 
@@ -105,7 +107,7 @@ def test_align_groups_every_slot_under_its_expert(seed):
         block_m = 16
         sorted_slots, block_expert = align(ids, num_experts, block_m)
         flat = ids.reshape(-1)
-        kept = [s for s in range(flat.numel()) if flat[s] < num_experts]
+        kept = [s for s in range(flat.numel()) if 0 <= flat[s] < num_experts]
         seen = sorted(int(s) for s in sorted_slots if s < flat.numel())
         assert seen == kept, "every routed slot exactly once, dropped slots never"
         for block, expert in enumerate(block_expert.tolist()):
@@ -141,8 +143,8 @@ def test_fused_moe_matches_float64_reference(seed, activation, num_experts, top_
         f64(down_bias),
         *args,
     )
-    out = ops.triton_experts(x, ids, weights, gate_up, down, gate_up_bias, down_bias, *args)
-    assert out.shape == x.shape
+    out = ops.triton_experts(x, ids.int(), weights, gate_up, down, gate_up_bias, down_bias, *args)
+    assert out.shape == x.shape  # int32 ids route as int64 ids do
     assert rel_err(out, ref) < FP32_BOUND
 
 
@@ -354,3 +356,138 @@ def test_kernels_are_the_cuda_implementations_and_trace_as_single_nodes(seed):
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     assert targets == [torch.ops.moepass.quantized_linear.default, SPARSE24_LINEAR]
     assert torch.allclose(exported.module()(x), Tiny()(x))
+
+
+def test_unrouted_slots_contribute_nothing_on_every_path(seed):
+    """Ids outside [0, E) (dropped experts, -1) add nothing, whatever the path: the float64 sum over
+    the routed slots is the reference for the grouped (many slots) and the per-slot (few) paths."""
+    hidden, inter, num_experts = 64, 32, 4
+    gate_up = torch.randn(num_experts, 2 * inter, hidden).double() / 8
+    down = torch.randn(num_experts, hidden, inter).double() / 6
+    for tokens in (1, 3, 12):
+        x, weights = torch.randn(tokens, hidden).double(), torch.rand(tokens, 2).double()
+        ids = torch.randint(0, num_experts, (tokens, 2))
+        ids[0] = torch.tensor([-1, 2])
+        ids[-1, 0] = num_experts
+        expected = torch.zeros_like(x)
+        for t, slot in [(t, s) for t in range(tokens) for s in range(2)]:
+            e = int(ids[t, slot])
+            if 0 <= e < num_experts:
+                g, u = (gate_up[e] @ x[t]).chunk(2)
+                expected[t] += weights[t, slot] * (down[e] @ (torch.nn.functional.silu(g) * u))
+        ref = experts(x, ids, weights, gate_up, down, None, None, "silu", 0.0, 0.0)
+        assert rel_err(ref, expected) < FP32_BOUND, tokens  # the op sums the k slots in fp32
+        out = ops.triton_experts(
+            x.float(), ids, weights.float(), gate_up.float(), down.float(), None, None, "silu", 0.0, 0.0
+        )
+        assert rel_err(out, expected) < FP32_BOUND, tokens
+
+
+def strided(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The same values in a layout whose rows are not contiguous (a transposed copy seen transposed;
+    a vector every other element of a wider one)."""
+    if t is None:
+        return None
+    if t.dim() == 1:
+        return torch.stack([t, torch.zeros_like(t)], -1)[:, 0]
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def test_kernels_read_strided_tensors_as_their_values(seed):
+    """Views (transposed weights, strided vectors) are read by value, not as contiguous memory."""
+    qweight, scales, zeros = quantized(torch.randn(48, 128) / 11, 4, 32, False)
+    x, bias, input_scale = torch.randn(3, 128), torch.randn(48), torch.rand(128) + 0.5
+    args = (qweight, scales, zeros, bias, input_scale)
+    plain = ops.triton_quantized_linear(x, *args, 4, 32)
+    assert torch.equal(ops.triton_quantized_linear(x, *map(strided, args), 4, 32), plain)
+
+    weights, ids = routing(9, 4, 2)
+    dense = (
+        torch.randn(4, 64, 128) / 11,
+        torch.randn(4, 128, 32) / 6,
+        torch.randn(4, 64),
+        torch.randn(4, 128),
+    )
+    tail = ("silu", 0.0, 0.0)
+    x = torch.randn(9, 128)
+    plain = ops.triton_experts(x, ids, weights, *dense, *tail)
+    assert torch.equal(ops.triton_experts(x, ids, weights, *map(strided, dense), *tail), plain)
+
+    gate_up = quantized(torch.randn(4, 64, 128) / 11, 4, 32, True)
+    down = quantized(torch.randn(4, 128, 32) / 6, 4, 32, True)
+    extra = (None, torch.randn(4, 128), torch.rand(128) + 0.5, torch.rand(4, 32) + 0.5)
+    quantized_args = (*gate_up, *down, *extra)
+    plain = ops.triton_quantized_experts(x, ids, weights, *quantized_args, *tail, 4, 32)
+    again = ops.triton_quantized_experts(x, ids, weights, *map(strided, quantized_args), *tail, 4, 32)
+    assert torch.equal(again, plain)
+
+    values, meta = compress_24(sparse_24(48, 128))
+    sparse_args = (values, meta, None, None, torch.randn(48), None)
+    for rows in (1, 12):  # the GEMV and the GEMM kernels
+        x = torch.randn(rows, 128)
+        plain = ops.triton_sparse24_linear(x, *sparse_args, 0, -1)
+        assert torch.equal(ops.triton_sparse24_linear(x, *map(strided, sparse_args), 0, -1), plain)
+
+
+@pytest.mark.parametrize("bits,group", [(0, -1), (4, 48), (8, -1)])
+def test_sparse24_gemv_takes_groups_that_are_not_powers_of_two(seed, bits, group):
+    n, k = 40, 96  # 48 stored values per row: the GEMV tile must still be a power of two
+    values, meta = compress_24(sparse_24(n, k) / k**0.5)
+    scales = zeros = None
+    if bits:
+        values, scales, zeros = quantized(values, bits, group if group == -1 else group // 2, False)
+    x = torch.randn(1, k)
+    ref = ops.sparse24_linear(
+        x.double(), values if bits else values.double(), meta, f64(scales), zeros, None, None, bits, group
+    )
+    out = ops.triton_sparse24_linear(x, values, meta, scales, zeros, None, None, bits, group)
+    assert rel_err(out, ref) < FP32_BOUND
+
+
+def test_quantized_ops_refuse_arguments_that_do_not_describe_the_weight(seed):
+    """A wrong K, group size, bit width or zero-point shape is named, never dequantized to another weight."""
+    from moepass.ir.quantized import FormatError
+
+    qweight, scales, zeros = quantized(torch.randn(48, 128) / 11, 4, 32, False)
+    x = torch.randn(3, 128)
+    cases = [
+        (
+            (torch.randn(3, 100), qweight, scales, zeros, None, None, 4, 32),
+            r"the input has 100 features .* hold 128",
+        ),
+        ((x, qweight, scales, zeros, None, None, 4, 64), r"scales \[48, 4\] do not fit group_size 64"),
+        ((x, qweight, scales, zeros, None, None, 4, 48), r"group_size 48 does not divide the 128 inputs"),
+        ((x, qweight, scales, zeros, None, None, 3, 32), r"bits=3 is not a stored format"),
+        ((x, qweight, scales, zeros[:, :1], None, None, 4, 32), r"zeros \[48, 1\] do not fit"),
+    ]
+    for op in (quantized_linear, ops.triton_quantized_linear):
+        for args, message in cases:
+            with pytest.raises(FormatError, match="moepass::quantized_linear: " + message):
+                op(*args)
+    gate_up = quantized(torch.randn(4, 64, 128) / 11, 4, 32, True)
+    down = quantized(torch.randn(4, 128, 64) / 6, 4, 32, True)  # reads 64 inputs, not I = 32
+    weights, ids = routing(5, 4, 2)
+    tail = (None, None, None, None, "silu", 0.0, 0.0, 4, 32)
+    for op in (quantized_experts, ops.triton_quantized_experts):
+        with pytest.raises(
+            FormatError, match=r"quantized_experts down: the input has 32 features .* hold 64"
+        ):
+            op(torch.randn(5, 128), ids, weights, *gate_up, *down, *tail)
+
+
+def test_mixed_dtypes_are_refused_alike_on_every_path(seed):
+    """A bf16 activation with fp32 weights or bias fails the same clear way on CPU and in the kernels."""
+    from moepass.errors import OpArgumentError
+
+    weights, ids = routing(5, 4, 2)
+    x = torch.randn(5, 64).bfloat16()
+    gate_up, down = torch.randn(4, 64, 64) / 8, torch.randn(4, 64, 32) / 6
+    for op in (experts, ops.triton_experts):
+        with pytest.raises(
+            OpArgumentError, match=r"moepass::experts: gate_up is torch.float32 but the input"
+        ):
+            op(x, ids, weights, gate_up, down.bfloat16(), None, None, "silu", 0.0, 0.0)
+    qweight, scales, zeros = quantized(torch.randn(48, 64) / 11, 4, 32, False)
+    for op in (quantized_linear, ops.triton_quantized_linear):
+        with pytest.raises(OpArgumentError, match=r"moepass::quantized_linear: bias is torch.float32"):
+            op(x, qweight, scales.bfloat16(), zeros, torch.randn(48), None, 4, 32)

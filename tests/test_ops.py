@@ -105,6 +105,10 @@ def test_softmax_topk_matches_float64(seed):
             lambda: (torch.randn(5, 8), None, "softmax_topk", 2, 1, 1, True, 1.0, 0.0),
         ),
         (torch.ops.moepass.experts.default, lambda: _small_experts_args(tokens=5)),
+        (  # a transposed hidden state: the fake output is contiguous, as the real one
+            torch.ops.moepass.experts.default,
+            lambda: (torch.randn(8, 5).t(), *_small_experts_args(tokens=5)[1:]),
+        ),
     ],
 )
 def test_custom_ops_pass_opcheck(op, args):

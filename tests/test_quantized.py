@@ -138,6 +138,7 @@ def test_quantized_ops_pass_opcheck():
     )
     fmt = QuantFormat(4, 16)
     gu, dn = quantize(torch.randn(4, 32, 64), fmt), quantize(torch.randn(4, 64, 16), fmt)
-    routing = (torch.randn(5, 64), torch.randint(0, 4, (5, 2)), torch.rand(5, 2))
-    args = (*routing, *gu, *dn, None, None, None, None, "silu", 0.0, 0.0, 4, 16)
-    torch.library.opcheck(QUANTIZED_EXPERTS, args, test_utils=checks)
+    for hidden in (torch.randn(5, 64), torch.randn(64, 5).t()):  # the fake output is contiguous too
+        routing = (hidden, torch.randint(0, 4, (5, 2)), torch.rand(5, 2))
+        args = (*routing, *gu, *dn, None, None, None, None, "silu", 0.0, 0.0, 4, 16)
+        torch.library.opcheck(QUANTIZED_EXPERTS, args, test_utils=checks)
