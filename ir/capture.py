@@ -48,6 +48,7 @@ def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) ->
     """
     start = time.perf_counter()
     family = family_of(model)
+    _check_weights_are_loaded(model)
     shadow = _shadow_copy(model)
     convert_moe_blocks(shadow, family)
     sample_ids = _sample_input_ids(example_inputs, shadow)
@@ -64,6 +65,25 @@ def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) ->
     return program
 
 
+def _check_weights_are_loaded(model: nn.Module) -> None:
+    """Refuse weights left on the meta device (a partial or offloaded load) or spread over devices:
+    the program would run on garbage memory or fail deep inside a kernel."""
+    devices: dict[torch.device, str] = {}
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: {name} is on the meta device (never loaded); load the "
+                "checkpoint fully on one device (no device_map offloading) before capture"
+            )
+        devices.setdefault(tensor.device, name)
+    if len(devices) > 1:
+        spread = ", ".join(f"{name} on {device}" for device, name in devices.items())
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: weights on {len(devices)} devices ({spread}); move the model to one "
+            "device (model.to(device)) before capture"
+        )
+
+
 def _shadow_copy(model: nn.Module) -> nn.Module:
     """Deep-copy modules and config but share every parameter and buffer with `model`."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
@@ -77,10 +97,20 @@ def _sample_input_ids(example_inputs: Tensor | dict | None, model: nn.Module) ->
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (_SAMPLE_BATCH, _SAMPLE_SEQ), generator=generator)
         return ids.to(device)
+    if isinstance(example_inputs, dict) and "input_ids" not in example_inputs:
+        raise ValueError(f"example_inputs has no 'input_ids' (has {sorted(example_inputs)})")
     ids = example_inputs["input_ids"] if isinstance(example_inputs, dict) else example_inputs
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             "example_inputs must be input_ids of shape [batch, seq] (int64), or a dict holding them"
+        )
+    if ids.numel() == 0:
+        raise ValueError(f"example_inputs input_ids of shape {list(ids.shape)} hold no token")
+    vocab = model.config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(
+            f"example_inputs input_ids must lie in [0, {vocab}) (the vocabulary), got "
+            f"[{int(ids.min())}, {int(ids.max())}]"
         )
     ids = ids.long().to(device)
     ids = ids.repeat((_SAMPLE_BATCH + ids.shape[0] - 1) // ids.shape[0], 1)[

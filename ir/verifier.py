@@ -11,8 +11,8 @@ from torch import fx
 from moepass.errors import IRVerificationError
 
 from .ops import ACTIVATIONS, ROUTING_KINDS
-from .quantized import in_features
-from .structure import MoEEntry
+from .quantized import FormatError, check_codes, in_features
+from .structure import MoEEntry, op_args
 
 
 def verify(program) -> None:
@@ -53,6 +53,7 @@ def verify(program) -> None:
                     )
         if isinstance(block.mlp, MoEEntry):
             _check_moe(where, block.mlp, tensors, problems)
+            _check_moe_wiring(where, block.mlp, nodes, problems)
     past = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
     owners = {b.attention.cache.past_key for b in structure.blocks if b.attention.cache} | {
         b.attention.cache.past_value for b in structure.blocks if b.attention.cache
@@ -64,24 +65,51 @@ def verify(program) -> None:
         raise IRVerificationError(problems)
 
 
-def _check_quantized_experts(where, moe, tensors, quant, num_experts, hidden, inter, problems) -> None:
-    """Scales [E, N, G]; zero points [E, N, G] (8-bit) or [E, N, ceil(G/2)] (4-bit), both projections."""
+def _check_quantized_experts(where, moe, tensors, quant, hidden, inter, problems) -> None:
+    """Each projection's codes, scales and zero points describe its [E, N, K] weight (`check_codes`;
+    2:4 storage keeps half the inputs, in groups of half the size)."""
     prefix = moe.gate_up.rpartition(".")[0]
-    for proj, (n, k) in {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}.items():
-        group = k if quant["group_size"] == -1 else quant["group_size"]
-        if k % group:
-            problems.append(f"{where}: {proj} group size {quant['group_size']} does not divide {k} inputs")
-            continue
-        g = k // group
-        for suffix, want in (
-            ("scales", (num_experts, n, g)),
-            ("zeros", (num_experts, n, (g + 1) // 2 if quant["bits"] == 4 else g)),
-        ):
-            name = f"{prefix}.{proj}_{suffix}"
-            if name in tensors and tuple(tensors[name].shape) != want:
-                problems.append(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {want}")
-        if f"{prefix}.{proj}_scales" not in tensors:
+    kept = 2 if quant["layout"] == "sparse24" else 1
+    group = quant["group_size"] if quant["group_size"] == -1 else quant["group_size"] // kept
+    for proj, codes, k in (("gate_up_proj", moe.gate_up, hidden), ("down_proj", moe.down, inter)):
+        scales = tensors.get(f"{prefix}.{proj}_scales")
+        if scales is None:
             problems.append(f"{where}: quantized {proj} has no scales tensor")
+            continue
+        zeros = tensors.get(f"{prefix}.{proj}_zeros")
+        try:
+            check_codes(f"{where}: {codes}", k // kept, tensors[codes], scales, zeros, quant["bits"], group)
+        except FormatError as error:
+            problems.append(str(error))
+
+
+def _check_moe_wiring(where: str, moe: MoEEntry, nodes: dict[str, fx.Node], problems: list[str]) -> None:
+    """The experts op reads its own router's ids and weights and the hidden state the router reads
+    (its width): a rewire that breaks these still passes lint and fails, or runs wrong, later."""
+    experts = nodes.get(moe.experts_node)
+    if experts is None:
+        return  # reported with the entry's missing nodes
+    args = op_args(experts)
+    for name, want in (("topk_ids", moe.route_ids), ("topk_weights", moe.route_weights)):
+        got = getattr(args.get(name), "name", None)
+        if got != want:
+            problems.append(
+                f"{where}: experts node {experts.name} reads {name} from {got}, not the router's {want}"
+            )
+    router = nodes.get(moe.router_linear_node or "")
+    width, router_width = _width(args.get("hidden")), _width(router.args[0] if router is not None else None)
+    if width is not None and router_width is not None and width != router_width:
+        problems.append(
+            f"{where}: experts node {experts.name} reads a hidden state {width} wide; "
+            f"the router reads {router_width}"
+        )
+
+
+def _width(node) -> int | None:
+    """The last dimension of a node's traced value, when it has one."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    shape = getattr(value, "shape", None)
+    return int(shape[-1]) if shape else None
 
 
 def _check_signature(graph_module: fx.GraphModule, problems: list[str]) -> None:
@@ -171,7 +199,7 @@ def _check_moe(where: str, moe: MoEEntry, tensors: dict, problems: list[str]) ->
                 f"(E={num_experts}, H={hidden}, I={inter})"
             )
     if quant is not None and quant["layout"] in ("quantized", "sparse24") and quant["bits"]:
-        _check_quantized_experts(where, moe, tensors, quant, num_experts, hidden, inter, problems)
+        _check_quantized_experts(where, moe, tensors, quant, hidden, inter, problems)
     if not 1 <= moe.top_k <= moe.router_rows:
         problems.append(
             f"{where}: top_k={moe.top_k} must be between 1 and the number of experts ({moe.router_rows})"

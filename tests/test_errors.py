@@ -53,10 +53,33 @@ def test_not_a_model_is_rejected(thing):
         moepass.capture(thing)
 
 
-def test_bad_example_inputs():
+@pytest.mark.parametrize(
+    "example,message",
+    [
+        (torch.randn(2, 3), r"must be input_ids of shape \[batch, seq\]"),
+        ({"ids": torch.ones(1, 2, dtype=torch.long)}, r"has no 'input_ids' \(has \['ids'\]\)"),
+        (torch.zeros(0, 3, dtype=torch.long), r"input_ids of shape \[0, 3\] hold no token"),
+        (torch.zeros(2, 0, dtype=torch.long), r"input_ids of shape \[2, 0\] hold no token"),
+        (torch.tensor([[1, 128]]), r"input_ids must lie in \[0, 128\) \(the vocabulary\), got \[1, 128\]"),
+        (torch.tensor([[-1, 3]]), r"input_ids must lie in \[0, 128\)"),
+    ],
+)
+def test_bad_example_inputs(example, message):
+    model = model_for("mixtral", seed=0, vocab_size=128)
+    with pytest.raises(ValueError, match="example_inputs " + message):
+        moepass.capture(model, example_inputs=example)
+
+
+def test_weights_never_loaded_are_refused_by_name():
+    """A partial load leaves weights on the meta device: capture names them instead of running on garbage."""
     model = model_for("mixtral", seed=0)
-    with pytest.raises(ValueError, match="example_inputs"):
-        moepass.capture(model, example_inputs=torch.randn(2, 3))
+    experts = model.model.layers[1].mlp.experts
+    experts.gate_up_proj = torch.nn.Parameter(torch.empty_like(experts.gate_up_proj, device="meta"))
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"MixtralForCausalLM: model\.layers\.1\.mlp\.experts\.gate_up_proj is on the meta device",
+    ):
+        moepass.capture(model)
 
 
 def test_batch_one_example_still_gives_dynamic_batch(seed):

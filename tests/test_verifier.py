@@ -67,3 +67,47 @@ def test_missing_cache_input_is_reported(program):
         program.verify()
     assert "past_key_i, past_value_i pairs" in str(error.value)
     assert "block 0: no past_key_0/past_value_0 cache inputs" in str(error.value)
+
+
+def _rewired(program, block: int, change) -> None:
+    """Apply `change(experts node, route node, nodes)` to block `block`'s MoE and refresh the program."""
+    moe = program.structure.block(block).mlp
+    nodes = {n.name: n for n in program.graph_module.graph.nodes}
+    change(nodes[moe.experts_node], nodes[moe.route_node], nodes)
+    program.graph_changed()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (  # the routing's ids and weights swapped
+            lambda experts, route, nodes: setattr(
+                experts, "args", (experts.args[0], experts.args[2], experts.args[1], *experts.args[3:])
+            ),
+            r"block 1: experts node \w+ reads topk_ids from \w+, not the router's",
+        ),
+        (  # the router's logits [T, E] fed to the experts as the hidden state [T, H]
+            lambda experts, route, nodes: setattr(experts, "args", (route.args[0], *experts.args[1:])),
+            r"block 1: experts node \w+ reads a hidden state 8 wide; the router reads 64",
+        ),
+    ],
+)
+def test_miswired_experts_are_reported(program, change, message):
+    _rewired(program, 1, change)
+    with pytest.raises(IRVerificationError, match=message):
+        program.verify()
+
+
+def test_quantized_expert_scales_that_do_not_fit_are_reported(program):
+    import moepass
+
+    quantized = moepass.compress(program, [("rtn", {"bits": 4, "group_size": 16})])
+    moe = quantized.structure.block(1).mlp
+    experts = quantized.graph_module.get_submodule(moe.gate_up.rpartition(".")[0])
+    experts.down_proj_scales = torch.nn.Parameter(experts.down_proj_scales[..., :1].clone())
+    quantized.graph_changed()
+    with pytest.raises(
+        IRVerificationError,
+        match=r"block 1: model\.layers\.1\.mlp\.experts\.down_proj_qweight: scales \[8, 64, 1\] do not fit",
+    ):
+        quantized.verify()
