@@ -222,7 +222,7 @@ def experts(
     weight copies), so a decode step reads only the k selected experts. Each (token, slot) result
     lands in its own row and the k slots are summed in slot order, in fp32, as transformers does.
     """
-    check_same_dtype(
+    check_operands(
         "moepass::experts", hidden, gate_up=gate_up, down=down, gate_up_bias=gate_up_bias, down_bias=down_bias
     )
 
@@ -246,11 +246,18 @@ def experts(
     )
 
 
-def check_same_dtype(op: str, x: Tensor, **tensors: Tensor | None) -> None:
-    """Floating-point operands must share the activation's dtype: the reference matmuls refuse a mix
-    deep inside torch while the kernels would quietly compute it, so one path would fail on CPU only."""
+def check_operands(op: str, x: Tensor, **tensors: Tensor | None) -> None:
+    """Floating-point operands must share the activation's dtype and device: the reference matmuls
+    refuse a dtype mix deep inside torch while the kernels would quietly compute it (one path would
+    fail on CPU only), and a weight left on the meta device would be read as garbage."""
     for name, tensor in tensors.items():
-        if tensor is not None and tensor.is_floating_point() and tensor.dtype != x.dtype:
+        if tensor is None:
+            continue
+        if tensor.device != x.device:
+            raise OpArgumentError(
+                f"{op}: {name} is on {tensor.device} but the input is on {x.device}; move them to one device"
+            )
+        if tensor.is_floating_point() and tensor.dtype != x.dtype:
             raise OpArgumentError(
                 f"{op}: {name} is {tensor.dtype} but the input is {x.dtype}; cast them to one dtype"
             )

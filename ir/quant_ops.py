@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import ACTIVATIONS, check_same_dtype, expert_at, run_experts
+from .ops import ACTIVATIONS, check_operands, expert_at, run_experts
 from .quantized import check_codes, dequantize, in_features
 
 
@@ -47,10 +47,11 @@ def quantized_linear(
 
 
 def check_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, group_size) -> None:
-    """The codes describe a weight reading x's features; bias and input scale share x's dtype."""
+    """The codes describe a weight reading x's features; bias and input scale share x's dtype, and
+    every operand its device (scales may be any float dtype: they are dequantized to x's)."""
     name = "moepass::quantized_linear"
     check_codes(name, x.shape[-1], qweight, scales, zeros, bits, group_size)
-    check_same_dtype(name, x, bias=bias, input_scale=input_scale)
+    check_operands(name, x, qweight=qweight, zeros=zeros, bias=bias, input_scale=input_scale)
 
 
 @quantized_linear.register_fake
@@ -145,9 +146,11 @@ def check_quantized_experts(
     )
     inter = gate_up_qweight.shape[-2] // 2
     check_codes(f"{name} down", inter, down_qweight, down_scales, down_zeros, bits, group_size)
-    check_same_dtype(
+    check_operands(
         name,
         hidden,
+        gate_up_qweight=gate_up_qweight,
+        down_qweight=down_qweight,
         gate_up_bias=gate_up_bias,
         down_bias=down_bias,
         gate_up_input_scale=gate_up_input_scale,

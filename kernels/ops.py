@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, check_same_dtype, expert_at, experts, run_experts
+from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, check_operands, expert_at, experts, run_experts
 from moepass.ir.quant_ops import (
     CODE_ARGUMENTS,
     check_quantized_experts,
@@ -44,7 +44,7 @@ def triton_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, 
 def triton_experts(
     hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit
 ):
-    check_same_dtype(
+    check_operands(
         "moepass::experts", hidden, gate_up=gate_up, down=down, gate_up_bias=gate_up_bias, down_bias=down_bias
     )
     return fused_moe(

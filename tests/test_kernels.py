@@ -475,8 +475,9 @@ def test_quantized_ops_refuse_arguments_that_do_not_describe_the_weight(seed):
             op(torch.randn(5, 128), ids, weights, *gate_up, *down, *tail)
 
 
-def test_mixed_dtypes_are_refused_alike_on_every_path(seed):
-    """A bf16 activation with fp32 weights or bias fails the same clear way on CPU and in the kernels."""
+def test_mixed_dtypes_and_devices_are_refused_alike_on_every_path(seed):
+    """A bf16 activation with fp32 weights or bias fails the same clear way on CPU and in the kernels;
+    so does a weight on another device."""
     from moepass.errors import OpArgumentError
 
     weights, ids = routing(5, 4, 2)
@@ -487,6 +488,9 @@ def test_mixed_dtypes_are_refused_alike_on_every_path(seed):
             OpArgumentError, match=r"moepass::experts: gate_up is torch.float32 but the input"
         ):
             op(x, ids, weights, gate_up, down.bfloat16(), None, None, "silu", 0.0, 0.0)
+    # (the registered op sends meta operands to its fake implementation; capture refuses meta weights)
+    with pytest.raises(OpArgumentError, match=r"moepass::experts: down is on meta but the input is on cpu"):
+        ops.triton_experts(x.float(), ids, weights, gate_up, down.to("meta"), None, None, "silu", 0.0, 0.0)
     qweight, scales, zeros = quantized(torch.randn(48, 64) / 11, 4, 32, False)
     for op in (quantized_linear, ops.triton_quantized_linear):
         with pytest.raises(OpArgumentError, match=r"moepass::quantized_linear: bias is torch.float32"):
