@@ -1,19 +1,19 @@
 """End-to-end CPU speed: transformers eager vs the lowered moepass program (as it is, and through
 torch.compile) vs onnxruntime (one thread).
 
-    python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral] [--work build/bench-e2e]
+    python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral] [--variants ...] [--work build/bench-e2e]
 
 Models: the bundled tiny-mixtral, and a mid-size random Mixtral (hidden 512, intermediate 1024,
 8 layers, 8 experts top-2; speed depends on shapes, not values). Variants: uncompressed, int4 (RTN,
-groups of 128, every linear), and the paper recipe's shape (25% of MoE sub-layers dropped + int4;
+groups of 128, every linear), the paper recipe's shape (25% of MoE sub-layers dropped + int4;
 which layers and how the codes were found do not change the speed, so the benchmark drops by a
-fixed seed instead of calibrating). Each (model, variant, engine) runs in its
-own process, loading what a user would load (a transformers checkpoint, a moepass artifact lowered on
-load, an exported ONNX directory), so peak memory is that of one engine: the max RSS of the process,
-imports included. Prefill: one 128-token prompt; decode: 32 tokens after a 16-token prompt, KV
-cache. Times are medians; ratios are against transformers eager on the uncompressed model, measured
-in the same run. "warm-up s" is the first prompt plus the first decode steps: for the compiled engine,
-its compilation time.
+fixed seed instead of calibrating), and 25% of each layer's experts dropped (seeded) + int4.
+Each (model, variant, engine) runs in its own process, loading what a user would load (a
+transformers checkpoint, a moepass artifact lowered on load, an exported ONNX directory), so peak
+memory is that of one engine: the max RSS of the process, imports included. Prefill: one 128-token
+prompt; decode: 32 tokens after a 16-token prompt, KV cache. Times are medians; ratios are against
+transformers eager on the uncompressed model, measured in the same run. "warm-up s" is the first
+prompt plus the first decode steps: for the compiled engine, its compilation time.
 """
 
 from __future__ import annotations
@@ -49,13 +49,15 @@ VARIANTS = {
     "uncompressed": [],
     "int4": [("rtn", INT4)],
     "paper recipe": [("rtn", INT4), ("layer_drop", {"ratio": 0.25, "metric": "random", "seed": 0})],
+    # a quarter of each layer's experts dropped: onnxruntime must keep its fused MoE/QMoE op
+    "25% experts + int4": [("expert_drop", {"ratio": 0.25, "score": "random"}), ("rtn", INT4)],
 }
 
 
 # ------------------------------------------------------------------------------------------------
 # preparation (parent process): checkpoints, artifacts, ONNX exports
 # ------------------------------------------------------------------------------------------------
-def prepare(model_name: str, work: Path) -> dict[str, Path]:
+def prepare(model_name: str, work: Path, variants: list[str]) -> dict[str, Path]:
     import moepass
     from moepass.onnx_export import export_onnx
     from moepass.zoo import load_model, random_model
@@ -71,7 +73,8 @@ def prepare(model_name: str, work: Path) -> dict[str, Path]:
     model = load_model(str(hf_dir))
     program = moepass.capture(model)
     paths = {"hf": hf_dir}
-    for variant, recipe in VARIANTS.items():
+    for variant in variants:
+        recipe = VARIANTS[variant]
         slug = variant.replace(" ", "-")
         artifact, onnx_dir = work / model_name / slug, work / model_name / f"{slug}.onnx"
         if not artifact.exists() or not onnx_dir.exists():
@@ -191,6 +194,7 @@ def _run_child(engine: str, path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "mid-mixtral"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--work", type=Path, default=Path("build/bench-e2e"))
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,28 +208,28 @@ def main() -> None:
     rows = []
     for model_name in args.models:
         print(f"preparing {model_name} ...", file=sys.stderr, flush=True)
-        paths = prepare(model_name, args.work)
-        base = _run_child("transformers eager", paths["hf"])
-        for variant in VARIANTS:
-            runs = {"transformers eager": base} if variant == "uncompressed" else {}
-            for engine in ("moepass PyTorch", "moepass PyTorch compiled"):
-                runs[engine] = _run_child(engine, paths[variant])
-            runs["onnxruntime"] = _run_child("onnxruntime", paths[f"{variant}.onnx"])
-            for engine, r in runs.items():
-                print(f"  {model_name} {variant} {engine}: {r}", file=sys.stderr, flush=True)
-                rows.append(
-                    [
-                        model_name,
-                        variant,
-                        engine,
-                        f"{r['prefill tok/s']:.0f}",
-                        f"{r['prefill tok/s'] / base['prefill tok/s']:.2f}x",
-                        f"{r['decode tok/s']:.1f}",
-                        f"{r['decode tok/s'] / base['decode tok/s']:.2f}x",
-                        f"{r['peak RSS MB']:.0f}",
-                        f"{r['warm-up s']:.1f}",
-                    ]
-                )
+        paths = prepare(model_name, args.work, args.variants)
+        base = _run_child("transformers eager", paths["hf"])  # the baseline, whatever variants run
+        measured = [("uncompressed", "transformers eager", base)]
+        for variant in args.variants:
+            for engine in ("moepass PyTorch", "moepass PyTorch compiled", "onnxruntime"):
+                path = paths[f"{variant}.onnx"] if engine == "onnxruntime" else paths[variant]
+                measured.append((variant, engine, _run_child(engine, path)))
+                print(f"  {model_name} {variant} {engine}: {measured[-1][2]}", file=sys.stderr, flush=True)
+        for variant, engine, r in measured:
+            rows.append(
+                [
+                    model_name,
+                    variant,
+                    engine,
+                    f"{r['prefill tok/s']:.0f}",
+                    f"{r['prefill tok/s'] / base['prefill tok/s']:.2f}x",
+                    f"{r['decode tok/s']:.1f}",
+                    f"{r['decode tok/s'] / base['decode tok/s']:.2f}x",
+                    f"{r['peak RSS MB']:.0f}",
+                    f"{r['warm-up s']:.1f}",
+                ]
+            )
     header = [
         "model",
         "variant",
