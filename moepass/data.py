@@ -32,11 +32,11 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SPLITS = ("validation", "test")
-# document separators of the supported families' tokenizers (bundled, Mixtral, Qwen, OLMoE, DeepSeek)
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
-TEXT_SUFFIXES = (".txt",)
+JSON_LINES = (".jsonl", ".jsonl.gz")
+DIRECTORY_FILES = (".txt", *JSON_LINES, ".json")  # what a data directory reads
 # formats that would tokenize as garbage if read as text: say how to convert them instead
 UNREADABLE_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv", ".gz", ".zip", ".bz2", ".xz", ".zst")
+# document separators of the supported families' tokenizers (bundled, Mixtral, Qwen, OLMoE, DeepSeek)
 END_OF_TEXT = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 
 
@@ -130,7 +130,7 @@ def load_documents(data, *, text_key: str = "text") -> list[Document]:
 
 def _from_file(path: Path, text_key: str) -> list[Document]:
     name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
+    if name.endswith(JSON_LINES):
         return _from_records(_read_jsonl(path), text_key, str(path))
     if name.endswith(".json"):
         return _from_records(_read_json_array(path), text_key, str(path))
@@ -146,7 +146,7 @@ def _from_file(path: Path, text_key: str) -> list[Document]:
 def _from_directory(path: Path, text_key: str) -> list[Document]:
     """Every .txt, .jsonl(.gz) and .json file directly in `path`; anything else is named in a warning."""
     entries = sorted(path.iterdir())
-    files = [p for p in entries if p.is_file() and p.name.lower().endswith(TEXT_SUFFIXES + RECORD_SUFFIXES)]
+    files = [p for p in entries if p.is_file() and p.name.lower().endswith(DIRECTORY_FILES)]
     skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
     if not files:
         raise DataError(f"directory {str(path)!r} holds no .txt, .jsonl, .jsonl.gz or .json files")
