@@ -145,9 +145,12 @@ def _from_file(path: Path, text_key: str) -> list[Document]:
 
 def _from_directory(path: Path, text_key: str) -> list[Document]:
     """Every .txt, .jsonl(.gz) and .json file directly in `path`; anything else is named in a warning."""
-    entries = sorted(path.iterdir())
-    files = [p for p in entries if p.is_file() and p.name.lower().endswith(DIRECTORY_FILES)]
-    skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in files]
+    files, skipped = [], []
+    for entry in sorted(path.iterdir()):
+        if entry.is_file() and entry.name.lower().endswith(DIRECTORY_FILES):
+            files.append(entry)
+        else:
+            skipped.append(entry.name + ("/" if entry.is_dir() else ""))
     if not files:
         raise DataError(f"directory {str(path)!r} holds no .txt, .jsonl, .jsonl.gz or .json files")
     if skipped:
