@@ -66,6 +66,8 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
     `preserve_gate`: the router keeps all its rows, reordered [kept..., dropped...], and its top-k;
     a token routed to a dropped expert just loses that contribution (ids >= E are skipped by the
     experts op). Family-agnostic: it only touches what the structure map names.
+    Group-limited routing (`n_group` > 1) needs the same number kept from each group (and, when groups
+    are scored by their best 2 experts, at least 2), so that every group keeps only its own experts.
     """
     moe = program.structure.block(index).mlp
     if moe is None or not hasattr(moe, "route_node"):
@@ -80,6 +82,8 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
             f"block {index}: preserve_gate reorders the router rows, which would regroup the experts of "
             f"its group-limited routing (n_group={moe.n_group}); drop experts with preserve_gate=False"
         )
+    if moe.n_group > 1:
+        _check_groups_stay_equal(moe, index, keep)
     experts = torch.tensor(keep)
     rows = (
         torch.tensor(keep + [e for e in range(moe.router_rows) if e not in keep])
@@ -103,6 +107,26 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
         {"op": "keep_experts", "block": index, "keep": keep, "preserve_gate": preserve_gate}
     )
     program.graph_changed()
+
+
+def _check_groups_stay_equal(moe, index: int, keep: list[int]) -> None:
+    """Group-limited routing splits the router's experts into `n_group` equal consecutive groups, so
+    after slicing, each group must still hold only its own experts: the same number kept from each."""
+    groups, size = moe.n_group, moe.num_experts // moe.n_group
+    counts = [0] * groups
+    for e in keep:
+        counts[e // size] += 1
+    if len(set(counts)) > 1:  # (keep is non-empty, so equal counts are non-zero)
+        raise MoepassError(
+            f"block {index}: group-limited routing (n_group={groups}) splits the experts into {groups} "
+            f"equal groups; keeping {counts} experts per group would move experts into other groups; "
+            f"keep the same number of experts from each group of {size}"
+        )
+    if moe.routing == "sigmoid_topk" and counts[0] < 2:
+        raise MoepassError(
+            f"block {index}: group-limited routing (n_group={groups}) scores each group by its best 2 "
+            f"experts, but {counts} experts per group would be kept; keep at least 2 from each group"
+        )
 
 
 def _replace_tensor(graph_module: fx.GraphModule, fqn: str, rows: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -151,9 +152,11 @@ def moepass_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     stats["experts_outlined"] += len(report.outlined)
     stats["experts_quantized"] += report.quantized
     stats["ops_lowered"] += report.lowered
-    # weights read at compile time into converted constants: the graph no longer reads these inputs
+    # weights read at compile time into converted constants: the graph no longer reads these inputs.
+    # Held weakly: Dynamo caches the compiled callable, which must not keep the originals (the float
+    # weights `quantize` sheds) alive once the model is gone
     snapshots = {
-        i: (value, _version(value))
+        i: (weakref.ref(value), _version(value))
         for i, (node, value) in enumerate(inputs.items())
         if node in read and not node.users and isinstance(value, Tensor)
     }
@@ -168,17 +171,22 @@ class StaleWeightsError(MoepassError):
     """Weights converted at compile time were replaced or edited afterwards."""
 
 
-def _checking_snapshots(compiled: Callable, snapshots: dict[int, tuple[Tensor, int]]) -> Callable:
+def _checking_snapshots(
+    compiled: Callable, snapshots: dict[int, tuple[weakref.ref[Tensor], int]]
+) -> Callable:
     """`compiled`, refusing to run once a weight it converted at compile time changed: Dynamo does not
-    guard on weight identity or contents, so it would silently keep running the old weights."""
+    guard on weight identity or contents, so it would silently keep running the old weights. The
+    weights are held weakly; one that was freed since can only have been replaced."""
 
     def run(*args):
-        for i, (tensor, version) in snapshots.items():
-            if args[i] is not tensor or _version(tensor) != version:
+        for i, (ref, version) in snapshots.items():
+            tensor = ref()
+            if tensor is None or args[i] is not tensor or _version(tensor) != version:
                 raise StaleWeightsError(
                     "a weight the moepass backend converted at compile time (expert layout, quantization "
-                    "or packing) was edited since, or this is another model of the same architecture (Dynamo "
-                    "reuses graphs across instances); call torch._dynamo.reset() and compile again"
+                    "or packing) was edited or replaced since, or this is another model of the same "
+                    "architecture (Dynamo reuses graphs across instances); call torch._dynamo.reset() and "
+                    "compile again"
                 )
         return compiled(*args)
 

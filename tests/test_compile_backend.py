@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import gc
 import re
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import pytest
 import torch
@@ -240,6 +242,34 @@ def test_converted_weights_edited_after_compile_are_refused(seed):
             assert "another model of the same architecture" in str(error)
         else:
             torch.testing.assert_close(logits, other(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_compile_lets_the_float_expert_weights_go(seed):
+    """The compiled graph holds the quantized codes; the float weights it converted at compile time
+    are freed with the model, not kept alive by Dynamo's cached graph until torch._dynamo.reset()."""
+    model = model_for("mixtral", seed=seed)
+    ids = _ids(model)
+    options = {"quantize": "int4", "group_size": 32, **ATEN}
+    compiled = torch.compile(model, backend="moepass", options=options)
+    with torch.no_grad():
+        compiled(ids)
+    assert compile_reports()[0].quantized == _moe_layers(model)
+    experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    weights = [weakref.ref(getattr(e, name)) for e in experts for name in ("gate_up_proj", "down_proj")]
+    del model, compiled, experts
+    gc.collect()
+    alive = sum(ref() is not None for ref in weights)
+    assert alive == 0, f"{alive} of {len(weights)} float expert weights outlived the model"
+    # the cached graph, reused for another instance, finds its weights gone: refused, never stale
+    other = model_for("mixtral", seed=seed + 1)
+    with torch.no_grad():
+        try:
+            logits = torch.compile(other, backend="moepass", options=options)(ids).logits
+        except StaleWeightsError as error:
+            assert "another model of the same architecture" in str(error)
+        else:
+            reference = _dequantized_model(other, "mixtral", QuantFormat(4, 32))(ids).logits
+            assert (logits - reference).norm() / reference.norm() < 5e-2
 
 
 def test_backend_name_resolves_without_importing_moepass(tmp_path):

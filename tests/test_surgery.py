@@ -132,3 +132,39 @@ def test_preserve_gate_refuses_group_limited_routing():
     program = captured("deepseek_v3")[1].fork()
     with pytest.raises(MoepassError, match="regroup the experts of its group-limited routing"):
         keep_experts(program, 1, [0, 1, 2, 4, 5, 6], preserve_gate=True)
+
+
+def test_keep_experts_refuses_uneven_groups_of_group_limited_routing(seed):
+    """8 experts in 2 groups of 4: keeping [0..4] would leave groups [0, 1] and [2, 3, 4] after slicing."""
+    model, captured_program = captured("deepseek_v3")
+    program = captured_program.fork()
+    block = program.structure.moe_blocks[0].index
+    moe = program.structure.block(block).mlp
+    assert (moe.num_experts, moe.n_group) == (8, 2)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        before = program(ids)
+    message = (
+        rf"block {block}: group-limited routing \(n_group=2\) splits the experts into 2 equal groups; "
+        r"keeping \[4, 1\] experts per group .*keep the same number of experts from each group of 4"
+    )
+    with pytest.raises(MoepassError, match=message):
+        keep_experts(program, block, [0, 1, 2, 3, 4])
+    # DeepSeek-V3 scores each group by its best 2 experts: one per group is refused too
+    with pytest.raises(MoepassError, match=r"best 2 experts, but \[1, 1\] .*keep at least 2 from each"):
+        keep_experts(program, block, [0, 4])
+    # nothing was edited
+    assert program.structure.block(block).mlp.num_experts == 8
+    assert not any(e["op"] == "keep_experts" for e in program.info.edits)
+    with torch.no_grad():
+        assert torch.equal(program(ids), before)
+    program.verify()
+    # the same number from each group keeps each expert in its group: equals module surgery
+    keep = [1, 2, 5, 7]
+    keep_experts(program, block, keep)
+    program.verify()
+    moe = program.structure.block(block).mlp
+    assert (moe.num_experts, moe.n_group, moe.topk_group) == (4, 2, 1)
+    reference = hf_keep_experts(model, {block: keep})
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
