@@ -262,6 +262,7 @@ def _program_info(model: nn.Module, family: Family) -> ProgramInfo:
         dtype=str(dtype).removeprefix("torch."),
         eos_token_ids=[int(e) for e in eos_ids],
         pad_token_id=None if pad is None else int(pad),
+        generation_config={} if gen is None else gen.to_diff_dict(),
         attention={i: attention_description(config, i, family) for i in range(config.num_hidden_layers)},
         config=config.to_dict(),
     )

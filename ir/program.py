@@ -32,6 +32,7 @@ class ProgramInfo:
     dtype: str
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    generation_config: dict = field(default_factory=dict)  # the model's, as transformers writes it
     attention: dict[int, str] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     capture_seconds: float = 0.0

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from moepass.errors import MoepassError
+from moepass.atomic_write import output_directory, write_atomically
+from moepass.errors import ArtifactError, MoepassError
 from moepass.ir import MoEProgram, capture
 from moepass.ir.quant_ops import QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, in_features, quantize
@@ -100,10 +98,6 @@ REPLAY = {
 }
 
 
-class ArtifactError(MoepassError):
-    """An artifact cannot be written or read as asked."""
-
-
 def save(
     program: MoEProgram, path: str | os.PathLike, *, format: str = "moepass", overwrite: bool = False
 ) -> Path:
@@ -120,19 +114,17 @@ def save(
     if format == "hf":
         from moepass.hf_export import hf_checkpoint
 
-        config, tensors = hf_checkpoint(program)  # raises before anything is written
-        return write_atomically(
-            path, lambda staging: write_checkpoint(staging, "config.json", config, tensors), overwrite
-        )
-    tensors, aliases = unique_tensors(program)
-    manifest = manifest_of(program, aliases)
-    return write_atomically(
-        path, lambda staging: write_checkpoint(staging, "manifest.json", manifest, tensors), overwrite
-    )
+        documents, tensors = hf_checkpoint(program)  # raises before anything is written
+    else:
+        tensors, aliases = unique_tensors(program)
+        documents = {"manifest.json": manifest_of(program, aliases)}
+    return write_atomically(path, lambda staging: write_checkpoint(staging, documents, tensors), overwrite)
 
 
-def write_checkpoint(directory: Path, json_name: str, document: dict, tensors: dict) -> None:
-    (directory / json_name).write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
+def write_checkpoint(directory: Path, documents: dict[str, dict], tensors: dict) -> None:
+    """JSON documents by file name, and the tensors as model.safetensors."""
+    for name, document in documents.items():
+        (directory / name).write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -173,6 +165,7 @@ def manifest_of(program: MoEProgram, aliases: dict[str, str]) -> dict:
         "model_class": program.info.model_class,
         "dtype": program.info.dtype,
         "config": program.info.config,
+        "generation_config": program.info.generation_config,
         "edits": program.info.edits,
         "structure": {
             "blocks": blocks,
@@ -213,11 +206,16 @@ def load(
     By default it is lowered for `device` (`moepass.lower`: the fast kernels, outputs equal within
     the kernels' precision; `compile=True` adds torch.compile); `lower=False` gives the program
     exactly as saved, which can be compressed further or saved again."""
+    from moepass.lowering import target_device
+
+    if compile and not lower:
+        raise ArtifactError("compile=True needs lower=True: only the lowered program is compiled")
+    device = target_device(device, lowering=lower)  # before the slow rebuild
     path = Path(path)
     manifest_path = path / "manifest.json"
     manifest = _read_manifest(manifest_path)
     state = _read_tensors(path / "model.safetensors")  # before the slow rebuild: fail fast
-    program = _rebuild(manifest, manifest_path)
+    program = _rebuild(manifest, manifest_path, {name: t.dtype for name, t in state.items()})
     _check_tensors(state, path / "model.safetensors", manifest_path, program, manifest.get("aliases", {}))
     program.graph_module.load_state_dict(state, strict=True, assign=True)
     del state  # lowering replaces tensors: the originals must not stay alive here (peak memory)
@@ -230,8 +228,6 @@ def load(
         from moepass.lowering import lower as lower_program
 
         program = lower_program(program, copy=False, compile=compile)
-    elif compile:
-        raise ArtifactError("compile=True needs lower=True: only the lowered program is compiled")
     return program
 
 
@@ -265,7 +261,16 @@ def _read_manifest(manifest_path: Path) -> dict:
     missing = [key for key in ("config", "dtype", "edits", "structure") if key not in manifest]
     if missing:
         raise ArtifactError(f"{manifest_path} lacks {', '.join(missing)}: the artifact is damaged")
-    kinds = {"config": dict, "dtype": str, "edits": list, "structure": dict, "aliases": dict}
+    kinds = {
+        "config": dict,
+        "generation_config": dict,
+        "dtype": str,
+        "edits": list,
+        "structure": dict,
+        "aliases": dict,
+        "history": list,
+        "pruned": dict,
+    }
     for key, kind in kinds.items():
         if key in manifest and not isinstance(manifest[key], kind):
             raise ArtifactError(
@@ -275,15 +280,20 @@ def _read_manifest(manifest_path: Path) -> dict:
     return manifest
 
 
-def _rebuild(manifest: dict, manifest_path: Path) -> MoEProgram:
+def _rebuild(manifest: dict, manifest_path: Path, dtypes: dict[str, torch.dtype]) -> MoEProgram:
     """The saved program's graph, without its tensors: the config's model, captured, with the
     manifest's edits replayed; its structure must be the one the manifest records."""
     try:
-        program = capture(_skeleton(manifest))
-    except (MoepassError, TypeError, ValueError, AttributeError) as error:
-        raise ArtifactError(f"{manifest_path}: its config does not build a model ({error})") from None
+        program = capture(_skeleton(manifest, dtypes))
+    except Exception as error:  # damaged config values fail anywhere in transformers or torch
+        raise ArtifactError(
+            f"{manifest_path}: its config does not build a model ({type(error).__name__}: {error}): "
+            "the artifact is damaged"
+        ) from error
     for number, edit in enumerate(manifest["edits"]):
-        op = edit.get("op") if isinstance(edit, dict) else None
+        if not isinstance(edit, dict):
+            raise ArtifactError(f"{manifest_path}: edit {number} is not an object: the artifact is damaged")
+        op = edit.get("op")
         if op not in REPLAY:
             raise ArtifactError(f"{manifest_path}: unknown edit {op!r}; written by a newer moepass?")
         try:
@@ -340,10 +350,12 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
 
 
-def _skeleton(manifest: dict):
+def _skeleton(manifest: dict, dtypes: dict[str, torch.dtype]):
     """The manifest's transformers model with its parameters allocated but never written (their pages
     stay unmapped until the artifact's tensors replace them, so they cost no resident memory) and its
-    buffers zeroed."""
+    buffers zeroed, in the saved dtypes: a model cast with `.to(bfloat16)` had its float buffers
+    (rotary `inv_freq`) cast too, where `from_config` keeps them in float32, and the graph is traced
+    on them."""
     config_dict = dict(manifest["config"])
     model_type = config_dict.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
@@ -354,81 +366,19 @@ def _skeleton(manifest: dict):
     dtype = getattr(torch, manifest["dtype"])
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if "generation_config" in manifest:  # older artifacts: the config's defaults, as before
+        model.generation_config = transformers.GenerationConfig.from_dict(manifest["generation_config"])
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives each parameter its own storage, untying embeddings and LM head
+    for name, buffer in list(model.named_buffers()):
+        saved = dtypes.get(name, buffer.dtype)
+        if saved != buffer.dtype and saved.is_floating_point and buffer.is_floating_point():
+            owner, _, attribute = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attribute] = buffer.to(saved)
     with torch.no_grad():
         for tensor in model.buffers():
             tensor.zero_()
     return model.eval()
-
-
-def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
-    """`path` made absolute, once it is known that a directory can be written there — checked before
-    any work so that minutes of compression do not end in an unwritable target."""
-    path = Path(os.path.abspath(path))  # "." and "x/.." name no directory to stage beside
-    if Path.cwd().is_relative_to(path):
-        raise ArtifactError(f"{path} is the current directory or holds it; name a directory inside it")
-    if path.exists() and not overwrite:
-        raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
-    if path.exists() and not path.is_dir():
-        raise ArtifactError(f"{path} is a file; name a directory")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ArtifactError(f"cannot write {path}: {parent} is not a writable directory")
-    return path
-
-
-def write_atomically(path: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool) -> Path:
-    """Let `fill` write a temporary directory beside `path`, then rename it to `path` in one step;
-    whatever fails, `path` is either untouched or complete."""
-    path = output_directory(path, overwrite)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as error:
-        raise ArtifactError(f"cannot write {path}: {error}") from None
-    try:
-        fill(staging)
-        _normal_permissions(staging)
-        if path.exists():
-            if not overwrite:
-                raise ArtifactError(f"{path} appeared while writing; not replacing it")
-            _replace(path, staging)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
-
-
-def _replace(path: Path, staging: Path) -> None:
-    """Swap `staging` in for the existing `path`; if that fails, the old `path` is put back."""
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-    try:
-        os.replace(path, old / path.name)
-    except BaseException:
-        old.rmdir()
-        raise
-    try:
-        os.replace(staging, path)
-    except BaseException:
-        os.replace(old / path.name, path)
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _normal_permissions(root: Path) -> None:
-    """mkdtemp creates 0700; give the result the permissions a plain mkdir/open would (umask applied)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for folder, _, files in os.walk(root):
-        os.chmod(folder, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def _version() -> str:

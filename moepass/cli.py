@@ -7,8 +7,8 @@ import functools
 import json
 import logging
 import os
+import shlex
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -20,6 +20,7 @@ import torch
 from moepass.errors import MoepassError
 
 TEXT_KEY_HELP = "the text field of JSON records (default: text)"
+USE_MOEPASS_FORMAT = "use --format moepass (the default)"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,6 +40,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from moepass.atomic_write import write_file_atomically
     from moepass.evaluate import evaluate
     from moepass.ir import capture
     from moepass.zoo import load_model, load_tokenizer
@@ -71,18 +73,14 @@ def _eval(args: argparse.Namespace) -> None:
     what = "moepass artifact" if artifact else ("captured program" if args.program else "transformers model")
     print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {args.seq_len} tokens"))
     if args.json:
-        _write_atomically(args.json, result.to_json() + "\n")
+        text = result.to_json() + "\n"
+        write_file_atomically(args.json, lambda path: path.write_text(text, encoding="utf-8"))
         print(f"wrote {args.json}")
 
 
 def _compress(args: argparse.Namespace) -> None:
-    from moepass.artifact import (
-        manifest_of,
-        output_directory,
-        unique_tensors,
-        write_atomically,
-        write_checkpoint,
-    )
+    from moepass.artifact import manifest_of, unique_tensors, write_checkpoint
+    from moepass.atomic_write import output_directory, write_atomically
     from moepass.compress import compress
     from moepass.evaluate import evaluate, model_size
     from moepass.hf_export import hf_checkpoint, hf_config
@@ -98,12 +96,12 @@ def _compress(args: argparse.Namespace) -> None:
     if args.format == "hf":
         from moepass.passes import PASSES
 
-        for name, _ in recipe.passes:
-            if PASSES[name].not_in_hf_checkpoints:
+        for name, config in recipe.passes:
+            leaves = PASSES[name](config).leaves_not_in_hf_checkpoints()
+            if leaves:
                 raise MoepassError(
-                    f"--format hf: pass {name} of recipe {recipe.name} leaves "
-                    f"{PASSES[name].not_in_hf_checkpoints}, which no transformers checkpoint holds; "
-                    "use --format moepass (the default)"
+                    f"--format hf: pass {name} of recipe {recipe.name} leaves {leaves}, which no "
+                    f"transformers checkpoint holds; {USE_MOEPASS_FORMAT}"
                 )
     for flag, data in (("--calib", args.calib), ("--eval-data", args.eval_data)):
         if data and not data.startswith("builtin:") and not os.path.exists(data):
@@ -111,19 +109,21 @@ def _compress(args: argparse.Namespace) -> None:
     out = output_directory(
         args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}", args.force
     )
+    _refuse_inside(out, args.model)
     model = load_model(args.model, dtype=_dtype(args))
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer_source = args.tokenizer or args.model
+    tokenizer = load_tokenizer(tokenizer_source)
     original = capture(model)
     experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
     evaluation = {
         "tokenizer": tokenizer,
         "max_per_source": args.eval_per_source,
-        "text_key": args.text_key or "text",
+        "text_key": recipe.calibration.text_key,  # --text-key, else the recipe's
     }
     before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
     program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
-    if args.format == "hf":  # what the recipe's passes cannot tell up front (uneven expert counts)
-        hf_config(program)
+    if args.format == "hf":  # what the recipe's passes cannot tell up front
+        hf_config(program, hint=f"; {USE_MOEPASS_FORMAT}")
     after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
     report = CompressionReport(
         args.model,
@@ -140,22 +140,25 @@ def _compress(args: argparse.Namespace) -> None:
         report.summary_table(), report.structure_table(), program.report.table(), *coverage[-1:], sep="\n\n"
     )
     if args.format == "hf":
-        config, tensors = hf_checkpoint(program)
-        first_file, what = ("config.json", config), "transformers checkpoint: config.json, model.safetensors"
+        documents, tensors = hf_checkpoint(program)
     else:
         tensors, aliases = unique_tensors(program)
-        first_file, what = (
-            ("manifest.json", manifest_of(program, aliases)),
-            "model.safetensors, manifest.json",
-        )
+        documents = {"manifest.json": manifest_of(program, aliases)}
+    what = ", ".join([*documents, "model.safetensors"])
 
     def fill(staging: Path) -> None:
-        write_checkpoint(staging, *first_file, tensors)
-        save_tokenizer(tokenizer, staging)
+        write_checkpoint(staging, documents, tensors)
+        save_tokenizer(tokenizer_source if os.path.exists(tokenizer_source) else tokenizer, staging)
         report.write(staging)
 
     write_atomically(out, fill, overwrite=args.force)
     print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json, plots/)")
+
+
+def _refuse_inside(out: Path, model: str) -> None:
+    """--out naming the model's own directory (or one holding it) would replace the model with --force."""
+    if os.path.exists(model) and Path(os.path.abspath(model)).is_relative_to(out):
+        raise MoepassError(f"--out {out} is or holds the model {model}; write the output elsewhere")
 
 
 def _load_program(
@@ -236,16 +239,19 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
-    from moepass.artifact import output_directory
+    from moepass.atomic_write import output_directory
     from moepass.onnx_export import export_onnx
     from moepass.table import format_table
     from moepass.zoo import load_tokenizer
 
-    output_directory(args.out, args.force)  # before minutes of loading and capturing
+    out = output_directory(args.out, args.force)  # before minutes of loading and capturing
+    _refuse_inside(out, args.model)
     program = _load_program(args.model, lower=False, dtype=_dtype(args))
-    run = f"moepass generate {args.out} --onnx"
+    run = f"moepass generate {shlex.quote(args.out)} --onnx"
     try:
         tokenizer = load_tokenizer(args.model)
+        if os.path.isdir(args.model):  # its tokenizer files as they are (special tokens, chat template)
+            tokenizer = args.model
     except (MoepassError, OSError, ValueError):
         tokenizer = None
         run += " --tokenizer TOKENIZER"
@@ -294,13 +300,6 @@ def _passes(args: argparse.Namespace) -> None:
             hint = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", field.type)
             print(f"    {field.name}: {hint} = {default}")
         print()
-
-
-def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

@@ -23,3 +23,7 @@ class IRVerificationError(MoepassError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("IR verification failed:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class ArtifactError(MoepassError):
+    """An artifact or another output cannot be written or read as asked."""

@@ -28,10 +28,12 @@ class NotExpressibleError(MoepassError):
     """The program cannot be written as a stock transformers checkpoint."""
 
 
-def hf_config(program: MoEProgram) -> dict:
-    """The transformers config dict `program` is written with, or NotExpressibleError: the checks
-    alone, cheap enough to run before an expensive step whose result would then be refused."""
-    hint = "; save in the moepass format instead (moepass.save(program, dir))"
+def hf_config(
+    program: MoEProgram, hint: str = "; save in the moepass format instead (moepass.save(program, dir))"
+) -> dict:
+    """The transformers config dict `program` is written with, or NotExpressibleError ending with
+    `hint`: the checks alone, cheap enough to run before an expensive step whose result would then be
+    refused."""
     quantized = [
         n
         for n in program.graph_module.graph.nodes
@@ -59,8 +61,10 @@ def hf_config(program: MoEProgram) -> dict:
     return _config(program, [b.index for b in structure.blocks], moe[0] if moe else None, hint)
 
 
-def hf_checkpoint(program: MoEProgram) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, state dict in transformers names) for `program`, or NotExpressibleError."""
+def hf_checkpoint(program: MoEProgram) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """({JSON file name: document}, state dict in transformers names) for `program`, or
+    NotExpressibleError. The generation config travels too: it holds the EOS and pad ids `generate`
+    stops and pads with, which often differ from config.json's."""
     config = hf_config(program)
     if any(n.target in SPARSE24_OPS for n in program.graph_module.graph.nodes):
         program = program.fork()  # the checkpoint holds the pruned weights dense
@@ -83,7 +87,10 @@ def hf_checkpoint(program: MoEProgram) -> tuple[dict, dict[str, torch.Tensor]]:
     if len(floating) == 1:  # the weights' dtype, not the source config's: from_pretrained casts to it
         config["dtype"] = str(floating.pop()).removeprefix("torch.")
         config.pop("torch_dtype", None)
-    return config, state
+    documents = {"config.json": config}
+    if program.info.generation_config:
+        documents["generation_config.json"] = program.info.generation_config
+    return documents, state
 
 
 def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:

@@ -50,9 +50,7 @@ def lower(
     the first prompt and the first decoded token (30-90 s on one core; 8-10 s from Inductor's cache)."""
     if not isinstance(program, MoEProgram):
         raise MoepassError(f"lower takes a MoEProgram (see moepass.capture), got {type(program).__name__}")
-    device_type = torch.device(device).type if device is not None else program.device.type
-    if device_type not in PIPELINES:
-        raise MoepassError(f"no lowering for device {device_type!r}; supported: {', '.join(PIPELINES)}")
+    device_type = target_device(program.device if device is None else device).type
     if program.info.lowered is not None:
         raise MoepassError(f"this program is already lowered for {program.info.lowered}")
     lowered = program.fork() if copy else program
@@ -66,3 +64,21 @@ def lower(
     if compile:
         logger.info("torch.compile: the first prompt and the first decoded token compile (30-90 s cold)")
     return lowered
+
+
+def target_device(device: str | torch.device, lowering: bool = True) -> torch.device:
+    """`device` parsed and checked before any work (with `lowering`: one `lower` has passes for): a
+    typo or a missing GPU is an error naming it, not torch's after minutes of loading."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise MoepassError(
+            f"device {device!r} is not a torch device ({error}); e.g. 'cpu', 'cuda:0'"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise MoepassError(f"device {device!r}: this machine or torch build has no CUDA GPU")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise MoepassError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA GPUs")
+    if lowering and parsed.type not in PIPELINES:
+        raise MoepassError(f"no lowering for device {str(device)!r}; supported: {', '.join(PIPELINES)}")
+    return parsed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 
@@ -17,11 +16,10 @@ def _figure():
 
 
 def _save(fig, path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as f:
-        fig.savefig(f.name, dpi=120, bbox_inches="tight")
-    os.replace(f.name, path)
+    from moepass.atomic_write import write_file_atomically
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_file_atomically(path, lambda file: fig.savefig(file, format="png", dpi=120, bbox_inches="tight"))
     return path
 
 

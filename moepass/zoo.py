@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import lzma
 import os
+import shutil
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any
@@ -25,6 +26,19 @@ from torch import nn
 from moepass.errors import MoepassError
 
 BUILTIN_PREFIX = "builtin:"
+# a checkpoint's tokenizer: the vocabulary (tokenizer.json, or sentencepiece / BPE files) and, beside
+# it, the special tokens, added tokens and chat template transformers reads
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 _COMMON: dict[str, Any] = dict(
     vocab_size=128,
     hidden_size=64,
@@ -208,8 +222,19 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
-    """Write `tokenizer` (a `tokenizers.Tokenizer` or a transformers tokenizer) into `directory`."""
-    if isinstance(tokenizer, Tokenizer):
+    """Write `tokenizer` into `directory`: a `tokenizers.Tokenizer`, a transformers tokenizer, a
+    tokenizer.json file, or a checkpoint directory whose tokenizer files are copied as they are — the
+    special tokens and chat template transformers needs live beside tokenizer.json, not in it."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        source = os.fspath(tokenizer)
+        files = [source] if os.path.isfile(source) else [os.path.join(source, f) for f in TOKENIZER_FILES]
+        found = [f for f in files if os.path.isfile(f)]
+        if not found:
+            raise MoepassError(f"{source!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        for file in found:
+            name = "tokenizer.json" if file == source else os.path.basename(file)
+            shutil.copyfile(file, os.path.join(directory, name))
+    elif isinstance(tokenizer, Tokenizer):
         tokenizer.save(os.path.join(directory, "tokenizer.json"))
     else:
         tokenizer.save_pretrained(directory)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
+import errno
 import json
+import logging
+import os
 import shutil
 
 import pytest
@@ -13,12 +15,14 @@ from safetensors.torch import load_file, save_file
 
 import moepass
 from helpers import captured
-from moepass.artifact import ArtifactError, load, save, write_atomically
+from moepass import artifact
+from moepass.artifact import ArtifactError, load, save
+from moepass.atomic_write import write_atomically, write_file_atomically
 from moepass.cli import main
 from moepass.data import TokenSet, corpus_dir, load_documents
 from moepass.hf_export import NotExpressibleError, hf_checkpoint
 from moepass.ir.surgery import keep_experts
-from moepass.passes import PASSES, TransformPass
+from moepass.passes import PASSES, TransformPass, create_pass
 from moepass.zoo import random_model
 
 ATOL = 1e-6  # reloaded weights can sit at other addresses, and BLAS results depend on alignment
@@ -102,6 +106,34 @@ def test_moepass_format_keeps_tied_embeddings(tmp_path):
     _same_outputs(program, reloaded)
 
 
+def test_a_model_cast_to_bfloat16_round_trips(tmp_path):
+    """`model.to(torch.bfloat16)` casts the float buffers too (rotary inv_freq), where a model built
+    from its config keeps them in float32: the rebuilt graph must read them as saved."""
+    program = moepass.capture(random_model("mixtral", seed=0).to(torch.bfloat16))
+    save(program, tmp_path / "a")
+    _same_outputs(program, load(tmp_path / "a", lower=False))
+
+
+def test_the_generation_config_travels_with_the_program(tmp_path):
+    """Checkpoints often stop on more EOS ids than config.json names (generation_config.json): after
+    save/load (and so in an ONNX export of the loaded program) and in the transformers format,
+    generation stops on the same ids."""
+    model = random_model("mixtral", seed=0)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [2, 86], 5
+    program = moepass.capture(model)
+    assert (program.info.eos_token_ids, program.info.pad_token_id) == ([2, 86], 5)
+    save(program, tmp_path / "a")
+    loaded = load(tmp_path / "a", lower=False)
+    assert (loaded.info.eos_token_ids, loaded.info.pad_token_id) == ([2, 86], 5)
+    save(program, tmp_path / "hf", format="hf")
+    reread = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (reread.eos_token_id, reread.pad_token_id) == ([2, 86], 5)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    del manifest["generation_config"]  # an artifact written before it was kept: the config's ids
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    assert load(tmp_path / "a", lower=False).info.eos_token_ids == [model.config.eos_token_id]
+
+
 def test_transformers_format_refuses_what_it_cannot_express(tmp_path):
     _, original = captured("mixtral")
     layer_dropped = moepass.compress(original, [("layer_drop", {"count": 1})], calibration=_calibration())
@@ -125,7 +157,7 @@ _EXAMPLE_OPTIONS = {"expert_drop": {"keep": 6}, "layer_drop": {"count": 1}, "blo
     "name", [n for n, cls in PASSES.items() if issubclass(cls, TransformPass) and cls.stage == "compress"]
 )
 def test_each_pass_declares_what_a_transformers_checkpoint_cannot_hold(name):
-    """`--format hf` refuses a recipe up front by the passes' `not_in_hf_checkpoints`; the checkpoint
+    """`--format hf` refuses a recipe up front by its passes' `leaves_not_in_hf_checkpoints`; the checkpoint
     writer checks the result. A pass whose result the writer refuses must say so, and only then."""
     _, original = captured("mixtral")
     recipe = [(name, _EXAMPLE_OPTIONS.get(name, {}))]
@@ -134,7 +166,7 @@ def test_each_pass_declares_what_a_transformers_checkpoint_cannot_hold(name):
     result = moepass.compress(original, recipe, calibration=_calibration())
     record = next(r for r in result.report.records if r.name == name)
     assert record.modified, "the pass must change something for this check to mean anything"
-    if PASSES[name].not_in_hf_checkpoints:
+    if create_pass(name, _EXAMPLE_OPTIONS.get(name, {})).leaves_not_in_hf_checkpoints():
         with pytest.raises(NotExpressibleError):
             hf_checkpoint(result)
     else:
@@ -182,6 +214,64 @@ def test_existing_targets_and_failed_writes(tmp_path, monkeypatch):
             save(program, here, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
     assert (target / "manifest.json").read_text() == before
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_an_earlier_output(tmp_path):
+    _, program = captured("olmoe")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match=r"holds notes\.txt but no manifest\.json.* will not delete it"):
+        save(program, mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    save(program, tmp_path / "empty", overwrite=True)  # an empty directory holds nothing to lose
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+
+
+def test_write_errors_name_the_output_and_leave_nothing_behind(tmp_path, caplog):
+    def disk_full(staging):
+        (staging / "half-written").write_text("x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ArtifactError, match=r"cannot write \S+never: No space left on device; nothing was"):
+        write_atomically(tmp_path / "never", disk_full, overwrite=False)
+    target = tmp_path / "result.json"
+    with pytest.raises(UnicodeEncodeError):
+        write_file_atomically(target, lambda path: path.write_text("\ud800", encoding="utf-8"))
+    assert list(tmp_path.iterdir()) == []  # no target, no temporary file or directory
+    umask = os.umask(0o022)
+    try:
+        write_file_atomically(target, lambda path: path.write_text("{}"))
+    finally:
+        os.umask(umask)
+    assert target.read_text() == "{}" and target.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    killed = tmp_path / ".out.moepass-tmp.x1y2"  # what a write killed outright (SIGKILL) leaves
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(bytes(2**20))
+    with caplog.at_level(logging.WARNING, logger="moepass"):
+        write_atomically(tmp_path / "out", lambda staging: (staging / "f").write_text("x"), overwrite=False)
+    assert ".out.moepass-tmp.x1y2: left by an interrupted earlier write (1.0 MiB)" in caplog.text
+
+
+def test_load_checks_its_arguments_before_any_work(tmp_path, monkeypatch):
+    _, program = captured("mixtral")
+    save(program, tmp_path / "a")
+
+    def rebuild(*args):
+        raise AssertionError("the slow rebuild ran before the arguments were checked")
+
+    monkeypatch.setattr(artifact, "_rebuild", rebuild)
+    cases = [
+        ({"device": "gpu"}, "device 'gpu' is not a torch device"),
+        ({"device": "meta"}, "no lowering for device 'meta'; supported: cpu, cuda"),
+        ({"lower": False, "compile": True}, "compile=True needs lower=True"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "device 'cuda': this machine or torch build has no CUDA GPU"))
+    for options, message in cases:
+        with pytest.raises(moepass.MoepassError, match=message):
+            load(tmp_path / "a", **options)
 
 
 def test_load_errors(tmp_path):
@@ -239,6 +329,12 @@ def _truncate(directory):
         ),
         (_retype, r"model\.safetensors: \S+ is float64 \(.*\) where manifest\.json gives float32 \("),
         (_damage_manifest(lambda m: m.update(aliases=[])), r"manifest\.json: aliases is a list, not a dict"),
+        (_damage_manifest(lambda m: m.update(history="x")), r"manifest\.json: history is a str, not a list"),
+        (_damage_manifest(lambda m: m["edits"].insert(0, 5)), r"manifest\.json: edit 0 is not an object"),
+        (
+            _damage_manifest(lambda m: m["config"].update(hidden_size=-1)),
+            r"its config does not build a model \(RuntimeError: .*\): the artifact is damaged",
+        ),
         (_truncate, r"model\.safetensors is unreadable"),
         (lambda d: (d / "model.safetensors").unlink(), r"model\.safetensors is missing"),
     ],
@@ -260,6 +356,8 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
     random_model("qwen2_moe", seed=1, vocab_size=4096, num_hidden_layers=4).save_pretrained(path)
     shutil.copy(corpus_dir() / "tokenizer.json", path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "model_max_length": 256}')
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     return path
 
 
@@ -267,7 +365,7 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     out = tmp_path / "result"
     recipe = tmp_path / "small.yaml"  # the paper recipe's groups of 128 do not fit this 64-wide model
     recipe.write_text(
-        "name: small\ncalibration: {samples: 16}\npasses:\n"
+        "name: small\ncalibration: {samples: 16, text_key: body}\npasses:\n"
         "  - awq: {group_size: 16}\n  - layer_drop: {ratio: 0.25}\n"
     )
     calibration = tmp_path / "calibration.jsonl"  # records whose text is under "body"
@@ -281,8 +379,8 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         str(recipe),
         "--calib",
         str(calibration),
-        "--text-key",
-        "body",
+        "--eval-data",  # read with the recipe's text_key too
+        str(calibration),
         "--out",
         str(out),
         "--eval-per-source",
@@ -299,6 +397,8 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         "report.json",
         "plots",
         "tokenizer.json",
+        "tokenizer_config.json",  # the checkpoint's tokenizer files travel as they are
+        "chat_template.jinja",
     }
     assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
     report = json.loads((out / "report.json").read_text())
@@ -313,6 +413,8 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     onnx_dir = tmp_path / "onnx"
     assert main(["export-onnx", str(out), str(onnx_dir)]) == 0
     assert "MatMulNBits int4" in capsys.readouterr().out
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        assert (onnx_dir / name).read_text() == (checkpoint / name).read_text()
     texts = {}
     for engine, argv in {"torch": [str(out)], "onnx": [str(onnx_dir), "--onnx"]}.items():
         assert main(["generate", *argv, "--prompt", "It is", "--max-new-tokens", "6"]) == 0
@@ -341,25 +443,20 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         load(out, lower=False, compile=True)
 
 
-def test_cli_compress_format_hf_refuses_an_inexpressible_result_before_evaluating_it(
-    checkpoint, tmp_path, capsys, monkeypatch
-):
-    """Some refusals depend on the result, not on the recipe's passes (here a router that keeps the
-    dropped experts' rows): they come right after compression, before the result's evaluation, and
-    nothing is written."""
-    recipe = tmp_path / "keep.yaml"
-    recipe.write_text(
-        "name: keep\ncalibration: {samples: 8, seq_len: 64}\n"
-        "passes:\n  - expert_drop: {keep: 4, preserve_gate: true}\n"
-    )
-    evaluated, module = [], importlib.import_module("moepass.evaluate")  # moepass.evaluate: the function
-    evaluate = module.evaluate
-    monkeypatch.setattr(module, "evaluate", lambda *a, **k: evaluated.append(a) or evaluate(*a, **k))
-    out = tmp_path / "never"
-    argv = ["compress", "--model", str(checkpoint), "--recipe", str(recipe), "--format", "hf"]
-    assert main([*argv, "--out", str(out), "--eval-per-source", "1"]) == 2
-    assert "a router kept rows for dropped experts (preserve_gate)" in capsys.readouterr().err
-    assert len(evaluated) == 1 and not out.exists()  # the original was scored, the result was not
+def test_cli_compress_format_hf_refuses_a_recipe_by_its_pass_options_before_any_work(tmp_path, capsys):
+    """Whether a pass leaves what a transformers checkpoint cannot hold can depend on its options
+    (expert_drop: global selection leaves uneven expert counts, preserve_gate keeps the dropped
+    experts' router rows): such a recipe is refused before the model is even read."""
+    for options, leaves in [
+        ("{keep: 4, preserve_gate: true}", "routers that keep rows for dropped experts"),
+        ("{keep: 4, selection: global}", "MoE layers with different expert counts"),
+    ]:
+        (tmp_path / "r.yaml").write_text(f"name: r\npasses:\n  - expert_drop: {options}\n")
+        recipe = ["--recipe", str(tmp_path / "r.yaml"), "--format", "hf"]
+        assert main(["compress", "--model", str(tmp_path / "no-model"), *recipe]) == 2
+        error = capsys.readouterr().err
+        assert f"--format hf: pass expert_drop of recipe r leaves {leaves}" in error
+        assert "use --format moepass" in error
 
 
 def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, capsys, monkeypatch):
@@ -392,6 +489,14 @@ def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path,
     )
     assert "layer_drop.depth: unknown option" in capsys.readouterr().err
     assert not out.exists()
+    # --force would replace the model itself
+    for argv in (
+        ["compress", "--model", str(checkpoint), "--out", str(checkpoint), "--force"],
+        ["export-onnx", str(checkpoint), str(checkpoint), "--force"],
+    ):
+        assert main(argv) == 2
+        assert f"is or holds the model {checkpoint}" in capsys.readouterr().err
+    assert (checkpoint / "config.json").is_file()
     # a transformers checkpoint cannot hold quantized weights: refused before the model is even read
     argv = ["compress", "--model", str(tmp_path / "no-model"), "--recipe", "int4-gptq", "--format", "hf"]
     assert main(argv) == 2

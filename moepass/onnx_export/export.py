@@ -78,7 +78,9 @@ class OnnxExportError(MoepassError):
 def export_onnx(
     program: MoEProgram, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False
 ) -> Path:
-    """Write `program` as an ONNX decoder to directory `path` (model.onnx + onnx_manifest.json)."""
+    """Write `program` as an ONNX decoder to directory `path` (model.onnx + onnx_manifest.json), with
+    `tokenizer` if given (a tokenizer object, a tokenizer.json file or a checkpoint directory whose
+    tokenizer files are copied; see `moepass.zoo.save_tokenizer`)."""
     if not isinstance(program, MoEProgram):
         raise OnnxExportError(
             f"export_onnx takes a MoEProgram (see moepass.capture), got {type(program).__name__}"

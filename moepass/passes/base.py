@@ -84,6 +84,11 @@ class TransformPass(Pass):
     # what this pass leaves that no stock transformers checkpoint can hold (None: nothing)
     not_in_hf_checkpoints: ClassVar[str | None] = None
 
+    def leaves_not_in_hf_checkpoints(self) -> str | None:
+        """What this pass, as configured, leaves that no transformers checkpoint holds (None: nothing),
+        known before it runs so that a refused output costs no compression time."""
+        return self.not_in_hf_checkpoints
+
     def required_analyses(self) -> list[tuple[str, PassConfig]]:
         """Analyses this transform will ask for, so a one-shot run can compute them up front."""
         return []

@@ -54,6 +54,13 @@ class ExpertDropPass(TransformPass):
     name = "expert_drop"
     config_class = ExpertDropConfig
 
+    def leaves_not_in_hf_checkpoints(self) -> str | None:
+        if self.config.preserve_gate:
+            return "routers that keep rows for dropped experts (preserve_gate)"
+        if self.config.selection == "global":
+            return "MoE layers with different expert counts (selection: global; layerwise keeps one count)"
+        return None
+
     def required_analyses(self):
         if self.config.score == "random":
             return []
