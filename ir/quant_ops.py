@@ -186,6 +186,16 @@ QUANTIZED_LINEAR = torch.ops.moepass.quantized_linear.default
 QUANTIZED_EXPERTS = torch.ops.moepass.quantized_experts.default
 
 
+# A quantized weight's stored tensors, in the quantized ops' argument order; the experts op holds one
+# such triple per projection (`gate_up_qweight`, ...)
+PACKED_TENSORS = ("qweight", "scales", "zeros")
+EXPERT_PACKED_TENSORS = {
+    proj: tuple(f"{proj}_{part}" for part in PACKED_TENSORS) for proj in ("gate_up", "down")
+}
+STORED_TENSORS: dict = {  # quantized op -> every stored tensor argument
+    QUANTIZED_LINEAR: PACKED_TENSORS,
+    QUANTIZED_EXPERTS: (*EXPERT_PACKED_TENSORS["gate_up"], *EXPERT_PACKED_TENSORS["down"]),
+}
 # Ops reading packed codes -> the arguments holding them; each op has an int argument `bits`.
 # Lowering registers its kernels' ops (other packed layouts) here.
 CODE_ARGUMENTS: dict = {
@@ -222,9 +232,12 @@ def logical_count(tensor, bits_per_weight: float) -> int:
 
 __all__ = [
     "CODE_ARGUMENTS",
+    "EXPERT_PACKED_TENSORS",
     "KEPT_SHARE",
+    "PACKED_TENSORS",
     "QUANTIZED_EXPERTS",
     "QUANTIZED_LINEAR",
+    "STORED_TENSORS",
     "in_features",
     "logical_count",
     "packed_code_bits",

@@ -128,14 +128,18 @@ def write_checkpoint(directory: Path, documents: dict[str, dict], tensors: dict)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def unique_tensors(program: MoEProgram) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Each tensor once (safetensors refuses shared storage); `aliases` maps the other names to it."""
-    tensors, aliases, first = {}, {}, {}
-    named = [
+def named_tensors(program: MoEProgram) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer under every name it has (a tied tensor appears under each)."""
+    return [
         *program.graph_module.named_parameters(remove_duplicate=False),
         *program.graph_module.named_buffers(remove_duplicate=False),
     ]
-    for name, tensor in named:
+
+
+def unique_tensors(program: MoEProgram) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each tensor once (safetensors refuses shared storage); `aliases` maps the other names to it."""
+    tensors, aliases, first = {}, {}, {}
+    for name, tensor in named_tensors(program):
         key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
         if key in first:
             aliases[name] = first[key]
@@ -192,6 +196,11 @@ def kept_original_experts(program: MoEProgram, index: int) -> list[int]:
     if kept is None:
         return list(range(program.structure.block(index).mlp.num_experts))
     return kept
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory `save` wrote in the moepass format."""
+    return os.path.isfile(os.path.join(path, "manifest.json"))
 
 
 def load(
@@ -331,8 +340,7 @@ def _check_tensors(
     for alias, name in aliases.items():
         if name in state:
             state[alias] = state[name]
-    expected = dict(program.graph_module.named_parameters(remove_duplicate=False))
-    expected |= dict(program.graph_module.named_buffers(remove_duplicate=False))
+    expected = dict(named_tensors(program))
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ArtifactError(

@@ -40,6 +40,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from moepass.artifact import is_artifact
     from moepass.atomic_write import write_file_atomically
     from moepass.evaluate import evaluate
     from moepass.ir import capture
@@ -53,7 +54,7 @@ def _eval(args: argparse.Namespace) -> None:
                 f"--json {args.json}: cannot write a file there ({directory} must be a writable directory)"
             )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    artifact = os.path.isfile(os.path.join(args.model, "manifest.json"))
+    artifact = is_artifact(args.model)
     if artifact:  # a compressed moepass artifact (a program already): evaluated as saved (canonical ops)
         subject = _load_program(args.model, lower=False, dtype=_dtype(args))
     else:
@@ -165,12 +166,12 @@ def _load_program(
     name_or_path: str, lower: bool = True, compile: bool = False, dtype: torch.dtype | None = None
 ):
     """A moepass artifact directory (loaded, lowered), or a model (captured in `dtype`, lowered)."""
-    from moepass.artifact import load
+    from moepass.artifact import is_artifact, load
     from moepass.ir import capture
     from moepass.lowering import lower as lower_program
     from moepass.zoo import load_model
 
-    if os.path.isfile(os.path.join(name_or_path, "manifest.json")):
+    if is_artifact(name_or_path):
         if dtype is not None:
             raise MoepassError(
                 f"--dtype applies to a model; the artifact {name_or_path} keeps its compressed dtype"
@@ -187,10 +188,11 @@ def _generate(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    # with the special tokens the tokenizer adds by default (a BOS where the model was trained with one),
+    # the same whether tokenizer.json is read directly or through transformers
+    prompt_ids = tokenizer.encode(args.prompt)
     if isinstance(tokenizer, Tokenizer):
-        prompt_ids = tokenizer.encode(args.prompt).ids
-    else:
-        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+        prompt_ids = prompt_ids.ids
     if not prompt_ids:
         raise MoepassError("the prompt is empty after tokenization; pass --prompt TEXT")
     if args.onnx:
@@ -460,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     except MoepassError as error:
         print(f"moepass {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` or a pager that closed: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not fail
+        return 1
     return 0
 
 

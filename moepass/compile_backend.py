@@ -38,7 +38,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from moepass.errors import MoepassError
 from moepass.ir.ops import EXPERTS
-from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, STORED_TENSORS
 from moepass.ir.quantized import FormatError, QuantFormat, quantize
 from moepass.ir.structure import op_args, tensor_at
 from moepass.ir.surgery import install_tensor, swap_node
@@ -221,19 +221,6 @@ def _tensor(gm: fx.GraphModule, inputs: dict, node: fx.Node | None) -> Tensor | 
 
 
 # quantized op -> its stored tensors (codes, scales, zero points)
-_QUANTIZED_TENSORS: dict[object, tuple[str, ...]] = {
-    QUANTIZED_EXPERTS: (
-        "gate_up_qweight",
-        "gate_up_scales",
-        "gate_up_zeros",
-        "down_qweight",
-        "down_scales",
-        "down_zeros",
-    ),
-    QUANTIZED_LINEAR: ("qweight", "scales", "zeros"),
-}
-
-
 def _quantize_experts(gm: fx.GraphModule, inputs: dict, fmt: QuantFormat) -> int:
     """Each dense `moepass::experts` node -> `moepass::quantized_experts` over RTN codes of its weights."""
     count = 0
@@ -250,7 +237,7 @@ def _quantize_experts(gm: fx.GraphModule, inputs: dict, fmt: QuantFormat) -> int
         with gm.graph.inserting_before(node):
             stored = [
                 install_tensor(gm, f"{prefix}.{name}", tensor)
-                for name, tensor in zip(_QUANTIZED_TENSORS[QUANTIZED_EXPERTS], (*gate_up, *down), strict=True)
+                for name, tensor in zip(STORED_TENSORS[QUANTIZED_EXPERTS], (*gate_up, *down), strict=True)
             ]
             new = gm.graph.call_function(
                 QUANTIZED_EXPERTS,
@@ -279,14 +266,14 @@ LOWERINGS: dict[str, dict[object, Callable[[fx.GraphModule, fx.Node], str | None
 
 
 def _lower(gm: fx.GraphModule, inputs: dict, report: CompileReport) -> None:
-    for node in [n for n in gm.graph.nodes if n.target in _QUANTIZED_TENSORS]:
+    for node in [n for n in gm.graph.nodes if n.target in STORED_TENSORS]:
         op = node.target
         args = op_args(node)
-        device = _tensor(gm, inputs, args[_QUANTIZED_TENSORS[op][0]]).device.type
+        device = _tensor(gm, inputs, args[STORED_TENSORS[op][0]]).device.type
         rewrite = LOWERINGS.get(device, {}).get(op)
         if rewrite is None:
             continue
-        _materialize(gm, inputs, node, _QUANTIZED_TENSORS[op])
+        _materialize(gm, inputs, node, STORED_TENSORS[op])
         reason = rewrite(gm, node)
         if reason is None:
             report.lowered += 1

@@ -12,6 +12,7 @@ import re
 
 import torch
 
+from moepass.artifact import named_tensors
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
 from moepass.ir.families import FAMILIES
@@ -121,18 +122,9 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
 
 
 def _named_tensors(program: MoEProgram):
-    seen = set()
-    named = [
-        *program.graph_module.named_parameters(remove_duplicate=False),
-        *program.graph_module.named_buffers(remove_duplicate=False),
-    ]
-    for name, tensor in named:
-        if name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
-            continue  # recomputed from the config
-        if name in seen:
-            continue
-        seen.add(name)
-        yield name, tensor.detach().contiguous().cpu()
+    for name, tensor in named_tensors(program):
+        if not name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):  # from the config
+            yield name, tensor.detach().contiguous().cpu()
 
 
 def _moe_name(rest: str, family) -> str:

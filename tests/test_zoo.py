@@ -16,7 +16,8 @@ import moepass
 from helpers import hf_expert_usage, hf_keep_experts
 from moepass.cli import main
 from moepass.data import calibration_set, evaluation_set
-from moepass.zoo import TRAINED, load_model, load_tokenizer, models_dir
+from moepass.errors import MoepassError
+from moepass.zoo import TRAINED, load_model, load_tokenizer, models_dir, save_tokenizer
 
 
 @pytest.fixture(scope="module", params=TRAINED)
@@ -131,3 +132,29 @@ def test_guided_trimming_beats_random_trimming(model_name, passes):
     random_metric = {"expert_drop": {"score": "random"}}.get(name, {"metric": "random"})
     random = sorted(perplexity([(name, {**options, **random_metric, "seed": s})]) for s in range(5))
     assert perplexity(passes) < random[2], random
+
+
+def test_save_tokenizer_copies_a_checkpoints_tokenizer_files_as_they_are(tmp_path):
+    """transformers reads the special tokens and chat template from files beside tokenizer.json: an
+    output keeps them byte for byte, and nothing else of the checkpoint."""
+    source = tmp_path / "checkpoint"
+    source.mkdir()
+    (source / "tokenizer.json").write_bytes((models_dir() / "tiny-mixtral" / "tokenizer.json").read_bytes())
+    (source / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    (source / "config.json").write_text("{}")
+    for tokenizer, expected in [
+        (source, ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]),
+        (source / "tokenizer.json", ["tokenizer.json"]),
+        (load_tokenizer(source), ["tokenizer.json"]),
+    ]:
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        save_tokenizer(tokenizer, out)
+        assert sorted(p.name for p in out.iterdir()) == expected
+        if isinstance(tokenizer, os.PathLike):  # copied, not re-serialized
+            assert all((out / n).read_bytes() == (source / n).read_bytes() for n in expected)
+        assert load_tokenizer(out).encode("It is").ids == load_tokenizer(source).encode("It is").ids
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MoepassError, match="holds no tokenizer files"):
+        save_tokenizer(tmp_path / "empty", tmp_path / "out-0")

@@ -35,7 +35,14 @@ from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
 from moepass.ir.ops import EXPERTS, ROUTE, routing
 from moepass.ir.program import lm_head_entry
-from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, dequantized_linear
+from moepass.ir.quant_ops import (
+    EXPERT_PACKED_TENSORS,
+    PACKED_TENSORS,
+    QUANTIZED_EXPERTS,
+    QUANTIZED_LINEAR,
+    STORED_TENSORS,
+    dequantized_linear,
+)
 from moepass.ir.quantized import in_features
 from moepass.ir.structure import arg_tensors, op_args, tensor_at
 from moepass.ir.surgery import delete_if_unused, expand_sparse24, install_tensor, swap_node
@@ -59,9 +66,6 @@ MODEL_FILE, MANIFEST_FILE = "model.onnx", "onnx_manifest.json"
 # its default, 0, keeps every position, so the (ids, mask, positions, *past) contract holds without it
 LOGITS_TO_KEEP = "logits_to_keep"
 OPSET = 20
-TRIPLE = ("qweight", "scales", "zeros")
-# quantized experts' code arguments, per projection, in TRIPLE order
-EXPERT_CODES = {proj: [f"{proj}_{part}" for part in TRIPLE] for proj in ("gate_up", "down")}
 _FOLD_LIMIT = 256  # elements: shapes and scalars
 # canonical op -> its standard-op form (same arguments)
 DECOMPOSITIONS = {
@@ -188,7 +192,7 @@ def _logits_to_keep(program: MoEProgram) -> None:
 
 def _quantized_linear(graph_module: fx.GraphModule, node: fx.Node) -> str:
     args = op_args(node)
-    qweight, scales, zeros = arg_tensors(graph_module, args, *TRIPLE)
+    qweight, scales, zeros = arg_tensors(graph_module, args, *PACKED_TENSORS)
     bits, group = args["bits"], args["group_size"]
     n, k = qweight.shape[0], in_features(qweight, bits)
     if fits_matmul_nbits(k, group, bits) is not None:
@@ -210,7 +214,7 @@ def _quantized_linear(graph_module: fx.GraphModule, node: fx.Node) -> str:
             MATMUL_NBITS,
             (x, consts["b"], consts["scales"], consts["zero_points"], args["bias"], k, n, bits, block),
         )
-    _replace(graph_module, node, new, list(TRIPLE))
+    _replace(graph_module, node, new, list(PACKED_TENSORS))
     return f"quantized_linear -> MatMulNBits int{bits}"
 
 
@@ -265,7 +269,7 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         bits, group = args["bits"], args["group_size"]
         if bits != 4 or group == -1:
             return None
-        gate_up_q, down_q = (arg_tensors(graph_module, args, *names) for names in EXPERT_CODES.values())
+        gate_up_q, down_q = (arg_tensors(graph_module, args, *n) for n in EXPERT_PACKED_TENSORS.values())
         if any(fits_matmul_nbits(in_features(q[0], bits), group, bits) for q in (gate_up_q, down_q)):
             return None
         scales = gate_up_q[1].float()
@@ -281,7 +285,7 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
             "fc2_scales": down_q[1].float(),
             "fc2_zeros": down_q[2],
         }
-        op, stored, kind = QMOE, [*EXPERT_CODES["gate_up"], *EXPERT_CODES["down"]], f"QMoE int{bits}"
+        op, stored, kind = QMOE, list(STORED_TENSORS[QUANTIZED_EXPERTS]), f"QMoE int{bits}"
     else:
         (down,) = arg_tensors(graph_module, args, "down")
         tensors = {"fc1": interleave_gate_up(gate_up), "fc2": down}
@@ -308,7 +312,7 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     fit the op; None leaves the node to the standard-op form."""
     args = op_args(node)
     bits, group = args["bits"], args["group_size"]
-    gate_up, down = (arg_tensors(graph_module, args, *names) for names in EXPERT_CODES.values())
+    gate_up, down = (arg_tensors(graph_module, args, *names) for names in EXPERT_PACKED_TENSORS.values())
     experts, hidden, intermediate = (
         gate_up[0].shape[0],
         in_features(gate_up[0], bits),
@@ -339,7 +343,7 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
                 hidden, intermediate, bits, gate_up_block, down_block,
             ),
         )  # fmt: skip
-    _replace(graph_module, node, new, [*EXPERT_CODES["gate_up"], *EXPERT_CODES["down"]])
+    _replace(graph_module, node, new, list(STORED_TENSORS[QUANTIZED_EXPERTS]))
     return f"quantized_experts -> MatMulNBits int{bits}"
 
 
