@@ -162,6 +162,8 @@ def test_printer_lists_every_block(captured):
 
 def test_node_count_does_not_depend_on_expert_count(captured, seed):
     family, _, program, _ = captured
+    if family not in ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"):
+        pytest.skip("one family per expert layout and routing kind: a 16-expert capture each (CI time)")
     large = moepass.capture(model_for(family, seed=seed, num_experts=16))
     assert {b.mlp.num_experts for b in program.structure.moe_blocks} != {16}
     assert {b.mlp.num_experts for b in large.structure.moe_blocks} == {16}

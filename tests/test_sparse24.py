@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moepass
-from helpers import FAMILIES, captured
+from helpers import captured
 from moepass.artifact import load, save
 from moepass.data import TokenSet
 from moepass.ir.ops import experts
@@ -151,7 +151,8 @@ def _linear_weights(program) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# one family per expert layout and routing kind (the 2:4 ops are family-agnostic; CI time is bounded)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_storage_is_lossless_smaller_and_survives_save_load_and_lowering(family, tmp_path):
     _, program = captured(family)
     recipe = [("magnitude", {"pattern": "2:4", "targets": TARGETS})]

@@ -120,7 +120,7 @@ def _trimming_setup(model_name: str):
     ],
 )
 def test_guided_trimming_beats_random_trimming(model_name, passes):
-    """On the trained models, each importance-guided drop beats the median of 5 random drops of its size."""
+    """On the trained models, each importance-guided drop beats the median of 3 random drops of its size."""
     program, calibration, test = _trimming_setup(model_name)
 
     def perplexity(recipe) -> float:
@@ -130,8 +130,8 @@ def test_guided_trimming_beats_random_trimming(model_name, passes):
 
     name, options = passes[0]
     random_metric = {"expert_drop": {"score": "random"}}.get(name, {"metric": "random"})
-    random = sorted(perplexity([(name, {**options, **random_metric, "seed": s})]) for s in range(5))
-    assert perplexity(passes) < random[2], random
+    random = sorted(perplexity([(name, {**options, **random_metric, "seed": s})]) for s in range(3))
+    assert perplexity(passes) < random[1], random
 
 
 def test_save_tokenizer_copies_a_checkpoints_tokenizer_files_as_they_are(tmp_path):
