@@ -313,7 +313,6 @@ def _without_blocks(model, blocks: list[int]):
     [
         ("mixtral", "discrete"),
         ("deepseek_v2", "consecutive"),
-        ("gpt_oss", "discrete"),
         ("gpt_oss", "consecutive"),
     ],
 )
