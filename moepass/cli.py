@@ -149,11 +149,17 @@ def _compress(args: argparse.Namespace) -> None:
 
     def fill(staging: Path) -> None:
         write_checkpoint(staging, documents, tensors)
-        save_tokenizer(tokenizer_source if os.path.exists(tokenizer_source) else tokenizer, staging)
+        save_tokenizer(_tokenizer_to_write(tokenizer_source, tokenizer), staging)
         report.write(staging)
 
     write_atomically(out, fill, overwrite=args.force)
     print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json, plots/)")
+
+
+def _tokenizer_to_write(source: str, tokenizer):
+    """A local checkpoint's tokenizer files are copied as they are (special tokens, chat template);
+    a built-in's tokenizer object is written."""
+    return source if os.path.exists(source) else tokenizer
 
 
 def _refuse_inside(out: Path, model: str) -> None:
@@ -251,9 +257,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
     program = _load_program(args.model, lower=False, dtype=_dtype(args))
     run = f"moepass generate {shlex.quote(args.out)} --onnx"
     try:
-        tokenizer = load_tokenizer(args.model)
-        if os.path.isdir(args.model):  # its tokenizer files as they are (special tokens, chat template)
-            tokenizer = args.model
+        tokenizer = _tokenizer_to_write(args.model, load_tokenizer(args.model))
     except (MoepassError, OSError, ValueError):
         tokenizer = None
         run += " --tokenizer TOKENIZER"
