@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from moepass.errors import UnsupportedModelError
 
+from . import trace_cache
 from .canonicalize import canonicalize
 from .families import Family, attention_description, convert_moe_blocks, family_of
 from .program import MoEProgram, ProgramInfo
@@ -52,9 +53,15 @@ def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) ->
     shadow = _shadow_copy(model)
     convert_moe_blocks(shadow, family)
     sample_ids = _sample_input_ids(example_inputs, shadow)
-    cache_tails = _probe_cache(shadow, sample_ids)
-    logger.info("capture %s (%s): tracing one decoder step", type(model).__name__, family.display)
-    graph_module = _export_step(shadow, sample_ids, cache_tails)
+    key = trace_cache.trace_key(shadow, sample_ids)
+    graph_module = trace_cache.cached_graph_module(key, shadow)
+    if graph_module is None:
+        cache_tails = _probe_cache(shadow, sample_ids)
+        logger.info("capture %s (%s): tracing one decoder step", type(model).__name__, family.display)
+        graph_module = _export_step(shadow, sample_ids, cache_tails)
+        trace_cache.remember(key, graph_module, shadow)
+    _own_parameters(graph_module)
+    graph_module.eval()  # the exported module comes in training mode, a reused trace in the model's
     info = _program_info(model, family)
     info.capture_seconds = time.perf_counter() - start
     program = MoEProgram(graph_module, info)
@@ -225,7 +232,6 @@ def _flat_graph_module(exported, num_layers: int) -> fx.GraphModule:
     canonicalize(graph)
     graph_module = fx.GraphModule(unlifted, graph)
     graph_module.graph.lint()
-    _own_parameters(graph_module)
     return graph_module
 
 

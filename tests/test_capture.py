@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 import helpers
 import moepass
 from helpers import FAMILIES, hf_router_choices, model_for, seed_for
-from moepass.ir import MoEEntry
+from moepass.ir import MoEEntry, trace_cache
 from moepass.ir.ops import EXPERTS, ROUTE
 
 TOL = 1e-5
@@ -254,3 +255,44 @@ def test_bfloat16_model_captures_and_matches(seed):
     # bf16 rounding differs where the canonical op sums in fp32; logits agree to bf16 precision
     assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def _trace_reused(caplog) -> bool:
+    return any("reusing the graph" in record.getMessage() for record in caplog.records)
+
+
+def _assert_program_matches_eager(program, model, seed: int) -> None:
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.testing.assert_close(program(ids), expected, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_recapture_reuses_the_trace_bound_to_the_new_weights(family, seed, caplog):
+    """A second model built like the first reuses its trace: each program must still compute with its
+    own model's weights (both equal their own transformers eager output)."""
+    trace_cache.clear()
+    first, second = (model_for(family, seed=s, num_hidden_layers=2) for s in (seed, seed + 1))
+    first_program = moepass.capture(first)
+    caplog.set_level(logging.INFO, logger="moepass")
+    second_program = moepass.capture(second)
+    assert _trace_reused(caplog)
+    assert second_program.graph_module.code == first_program.graph_module.code
+    _assert_program_matches_eager(first_program, first, seed)
+    _assert_program_matches_eager(second_program, second, seed)
+
+
+def test_recapture_traces_again_when_the_graph_could_differ(seed, caplog):
+    """Same shapes but another top-k, or a forward hook the key cannot see: reusing the first trace
+    would compute the wrong function."""
+    base = functools.partial(model_for, "mixtral", seed=seed, num_hidden_layers=1)
+    moepass.capture(base())
+    top1, hooked = base(num_experts_per_tok=1), base()
+    hooked.model.layers[0].self_attn.register_forward_hook(lambda module, args, out: (out[0] * 2, *out[1:]))
+    caplog.set_level(logging.INFO, logger="moepass")
+    for model in (top1, hooked):
+        caplog.clear()
+        program = moepass.capture(model)
+        assert not _trace_reused(caplog)
+        _assert_program_matches_eager(program, model, seed)

@@ -1,0 +1,95 @@
+"""Reuse of traced graphs between captures of identically built models.
+
+Tracing (torch.export + functionalization) is nearly all of a capture's time, and its graph depends
+on the model's code and shapes, never on its weight values: routing is not baked in and buffers are
+graph inputs. So two models of the same class, config, module tree and tensor shapes/dtypes trace
+to the same graph, and the second capture only binds a copy of it to its own tensors. This is what
+makes `moepass.load` (which captures a skeleton) and capturing many seeds of one config cheap.
+
+A model whose forward the key cannot see (forward hooks, an instance-level `forward`), or whose graph
+reads a tensor made while tracing, is always traced.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import logging
+from collections import OrderedDict
+
+from torch import Tensor, fx, nn
+
+logger = logging.getLogger("moepass")
+
+# A Mixtral-8x7B graph is ~10k nodes; a few entries cover a process loading some models repeatedly.
+_MAX_ENTRIES = 8
+
+
+_GRAPHS: OrderedDict[tuple, fx.Graph] = OrderedDict()
+
+
+def trace_key(model: nn.Module, sample: Tensor) -> tuple | None:
+    """What the traced graph of `model` (after MoE-block conversion) depends on, or None when a hook
+    or an instance-level forward could change it unseen."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return None
+    modules = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
+            return None
+        non_persistent = tuple(sorted(module._non_persistent_buffers_set))
+        modules.append((name, type(module), non_persistent))
+    first_name: dict[int, str] = {}
+    tensors = [
+        (name, tuple(t.shape), t.stride(), t.dtype, t.device, type(t), first_name.setdefault(id(t), name))
+        for name, t in itertools.chain(
+            model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+        )
+    ]
+    config = model.config
+    return (
+        type(model),
+        config.to_json_string(use_diff=False),
+        getattr(config, "_attn_implementation", None),
+        tuple(modules),
+        tuple(tensors),
+        tuple(sample.shape),
+        sample.device,
+    )
+
+
+def cached_graph_module(key: tuple | None, model: nn.Module) -> fx.GraphModule | None:
+    """A copy of the graph traced for `key`, bound to `model`'s own parameters and buffers."""
+    graph = _GRAPHS.get(key) if key is not None else None
+    if graph is None:
+        return None
+    _GRAPHS.move_to_end(key)
+    logger.info("capture: reusing the graph traced for an identically built model")
+    return fx.GraphModule(model, copy.deepcopy(graph))
+
+
+def remember(key: tuple | None, graph_module: fx.GraphModule, model: nn.Module) -> None:
+    """Keep `graph_module`'s graph (not its weights) for later captures under `key`: only when every
+    tensor it reads is one of `model`'s, so that another model can supply them all."""
+    if key is None:
+        return
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" or (node.op == "get_attr" and not _has_tensor(model, node.target)):
+            return
+    _GRAPHS[key] = copy.deepcopy(graph_module.graph)
+    while len(_GRAPHS) > _MAX_ENTRIES:
+        _GRAPHS.popitem(last=False)
+
+
+def clear() -> None:
+    """Forget every traced graph (the next capture of each model traces again)."""
+    _GRAPHS.clear()
+
+
+def _has_tensor(module: nn.Module, target: str) -> bool:
+    try:
+        return isinstance(functools.reduce(getattr, target.split("."), module), Tensor)
+    except AttributeError:
+        return False
