@@ -8,7 +8,8 @@ Tabular and binary formats (Parquet, Arrow, CSV) are refused rather than read as
 
 Packing follows the paper: documents are concatenated with an end-of-sequence token between them,
 then cut into equal windows; samples are drawn from the windows with a seeded generator. Windows
-never mix sources, so every sample belongs to one domain (per-domain perplexity).
+never mix sources, so every sample belongs to one domain (per-domain perplexity), except that sources
+too short to fill one window alone are packed together under one name.
 """
 
 from __future__ import annotations
@@ -235,6 +236,7 @@ def tokenize(docs: Sequence[Document], tokenizer, seq_len: int) -> TokenSet:
     streams: dict[str, list[int]] = {}
     for doc, ids in zip(docs, encode([d.text for d in docs]), strict=True):
         streams.setdefault(doc.source, []).extend([*ids, eos])
+    _pool_short_sources(streams, seq_len)
     short = []
     for source, ids in streams.items():
         windows = (len(ids) - 1) // seq_len
@@ -256,9 +258,27 @@ def tokenize(docs: Sequence[Document], tokenizer, seq_len: int) -> TokenSet:
         longest = max(len(ids) for ids in streams.values())
         raise DataError(
             f"the data is too short: its longest source has {longest} tokens, fewer than "
-            f"seq_len + 1 = {seq_len + 1} (windows never mix sources; each plain-text file is one)"
+            f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more text"
         )
     return TokenSet(torch.cat(inputs), torch.cat(labels), sources)
+
+
+def _pool_short_sources(streams: dict[str, list[int]], seq_len: int) -> None:
+    """Sources too short for one window alone (a directory of short plain-text files, one source
+    each) are packed together under one name rather than left out or refused."""
+    short = [source for source, ids in streams.items() if len(ids) <= seq_len]
+    if len(short) < 2:
+        return
+    name = f"{len(short)} short sources"
+    pooled = [token for source in short for token in streams.pop(source)]
+    streams.setdefault(name, []).extend(pooled)
+    logger.warning(
+        "packed %d sources shorter than one window of %d tokens together as source %r: %s",
+        len(short),
+        seq_len,
+        name,
+        ", ".join(short[:10]) + (", ..." if len(short) > 10 else ""),
+    )
 
 
 def sample(tokens: TokenSet, n: int | None, *, seed: int = 0, per_source: bool = False) -> TokenSet:

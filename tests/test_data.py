@@ -170,6 +170,22 @@ def test_sources_shorter_than_a_window_are_reported(tokenizer, caplog):
     assert "brief" in caplog.text
 
 
+def test_a_directory_of_short_files_is_packed_together(tmp_path, tokenizer, caplog):
+    """Each plain-text file is a source; files too short for a window alone share windows, in order,
+    with the end-of-text token between them, rather than being left out."""
+    texts = [f"note {i}: the quick brown fox jumps" for i in range(12)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"note{i:02d}.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "long.txt").write_text("a long text " * 40, encoding="utf-8")
+    tokens = tokenize(load_documents(tmp_path), tokenizer, 16)
+    eos = tokenizer.token_to_id("<eos>")
+    expected = [t for text in texts for t in (*tokenizer.encode(text).ids, eos)]
+    pooled = [i for i, source in enumerate(tokens.sources) if source == "12 short sources"]
+    assert len(pooled) == (len(expected) - 1) // 16 and set(tokens.sources) == {"long", "12 short sources"}
+    assert tokens.input_ids[pooled].flatten().tolist() == expected[: len(pooled) * 16]
+    assert "packed 12 sources shorter than one window of 16 tokens together" in caplog.text
+
+
 def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffHello".encode())
     (tmp_path / "bom.jsonl").write_bytes('\ufeff{"text": "Hello"}\n'.encode())
