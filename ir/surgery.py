@@ -122,11 +122,18 @@ def _check_groups_stay_equal(moe, index: int, keep: list[int]) -> None:
             f"equal groups; keeping {counts} experts per group would move experts into other groups; "
             f"keep the same number of experts from each group of {size}"
         )
-    if moe.routing == "sigmoid_topk" and counts[0] < 2:
+    need = min_experts_per_group(moe)
+    if counts[0] < need:
         raise MoepassError(
-            f"block {index}: group-limited routing (n_group={groups}) scores each group by its best 2 "
-            f"experts, but {counts} experts per group would be kept; keep at least 2 from each group"
+            f"block {index}: group-limited routing (n_group={groups}) scores each group by its best {need} "
+            f"experts, but {counts} experts per group would be kept; keep at least {need} from each group"
         )
+
+
+def min_experts_per_group(moe) -> int:
+    """Experts a group-limited router needs in each group: DeepSeek-V3's (sigmoid_topk) scores a group
+    by the sum of its best 2 experts, DeepSeek-V2's by its best one."""
+    return 2 if moe.routing == "sigmoid_topk" else 1
 
 
 def _replace_tensor(graph_module: fx.GraphModule, fqn: str, rows: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from moepass.ir.surgery import keep_experts
+from moepass.ir.surgery import keep_experts, min_experts_per_group
 
 from .base import ConfigError, PassConfig, TransformPass, TransformResult, check_range, register_pass
 from .expert_importance import ExpertImportanceConfig
@@ -170,11 +170,11 @@ def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
             f"expert_drop: block {index} has group-limited routing with {groups} groups of {size}; "
             f"keeping {count} experts cannot keep the groups equal (use a multiple of {groups})"
         )
-    per_group = count // groups
-    if moe.routing == "sigmoid_topk" and per_group < 2:
+    per_group, need = count // groups, min_experts_per_group(moe)
+    if per_group < need:
         raise ConfigError(
-            f"expert_drop: block {index}'s routing scores each group by its best 2 experts; "
-            f"keep at least {2 * groups} experts"
+            f"expert_drop: block {index}'s routing scores each group by its best {need} experts; "
+            f"keep at least {need * groups} experts"
         )
     kept = []
     for g in range(groups):
