@@ -64,7 +64,10 @@ def family_of(model: nn.Module) -> Family:
             f"{type(model).__name__} is a {family.display} model but not a causal LM with an LM head; "
             f"pass the ...ForCausalLM class (e.g. AutoModelForCausalLM)."
         )
-    if not any(type(m).__name__ in family.moe_block_classes for m in model.model.layers.modules()):
+    if not any(
+        type(m).__name__ in family.moe_block_classes or isinstance(m, SparseMoE)  # already converted
+        for m in model.model.layers.modules()
+    ):
         raise NotAnMoEModelError(
             f"{type(model).__name__} has no MoE layers (every layer is a dense MLP with this config); "
             f"there is nothing for moepass to compress. "

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from moepass.atomic_write import output_directory, write_atomically
 from moepass.errors import ArtifactError, MoepassError
 from moepass.ir import MoEProgram, capture
+from moepass.ir.families import convert_moe_blocks, family_of
 from moepass.ir.quant_ops import QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, in_features, quantize
 from moepass.ir.structure import op_args, tensor_at
@@ -361,9 +362,9 @@ def _describe(tensor: torch.Tensor) -> str:
 def _skeleton(manifest: dict, dtypes: dict[str, torch.dtype]):
     """The manifest's transformers model with its parameters allocated but never written (their pages
     stay unmapped until the artifact's tensors replace them, so they cost no resident memory) and its
-    buffers zeroed, in the saved dtypes: a model cast with `.to(bfloat16)` had its float buffers
-    (rotary `inv_freq`) cast too, where `from_config` keeps them in float32, and the graph is traced
-    on them."""
+    buffers zeroed, in the saved dtypes: the graph is traced on them, and a model's tensors may mix
+    its dtype with float32 either way (DeepSeek's float32 router in a bf16 model loaded by
+    `from_pretrained`, all bf16 after `.to(bfloat16)`; the same for rotary `inv_freq`)."""
     config_dict = dict(manifest["config"])
     model_type = config_dict.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
@@ -378,11 +379,12 @@ def _skeleton(manifest: dict, dtypes: dict[str, torch.dtype]):
         model.generation_config = transformers.GenerationConfig.from_dict(manifest["generation_config"])
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives each parameter its own storage, untying embeddings and LM head
-    for name, buffer in list(model.named_buffers()):
-        saved = dtypes.get(name, buffer.dtype)
-        if saved != buffer.dtype and saved.is_floating_point and buffer.is_floating_point():
-            owner, _, attribute = name.rpartition(".")
-            model.get_submodule(owner)._buffers[attribute] = buffer.to(saved)
+    convert_moe_blocks(model, family_of(model))  # as capture would: tensors get the program's names
+    mixable = {dtype, torch.float32}  # any other saved dtype is damage, refused by _check_tensors
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        saved = dtypes.get(name, tensor.dtype)
+        if saved != tensor.dtype and saved in mixable and tensor.dtype in mixable:
+            tensor.data = torch.empty_like(tensor, dtype=saved)
     with torch.no_grad():
         for tensor in model.buffers():
             tensor.zero_()

@@ -139,7 +139,7 @@ def random_model(
     config = random_config(family, **overrides)
     model_class = getattr(transformers, RANDOM_FAMILIES[family][1])
     torch.manual_seed(seed)
-    return model_class(config).to(dtype).eval()
+    return _cast(model_class(config), dtype).eval()
 
 
 TRAINED = ("tiny-mixtral", "tiny-deepseek")
@@ -273,7 +273,37 @@ def _load_bundled(name: str, dtype: torch.dtype) -> nn.Module:
     if missing:
         raise MoepassError(f"bundled model {name!r} is missing tensors: {sorted(missing)[:5]}")
     _materialize_buffers(model, config)
-    return model.to(dtype).eval()
+    return _cast(model, dtype).eval()
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast as `from_pretrained(dtype=...)` loads: parameters and saved buffers take `dtype`, except
+    what the model class keeps in float32 (DeepSeek's router: `_keep_in_fp32_modules_strict` for bf16
+    and fp16, `_keep_in_fp32_modules` for fp16), and buffers computed at init (rotary `inv_freq`) keep
+    the float32 they were computed in. A plain `.to(dtype)` would route and rotate less precisely than
+    the same model loaded from a checkpoint."""
+    keep = (
+        set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        if dtype in (torch.float16, torch.bfloat16)
+        else set()
+    )
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    spared = []  # (slots, name, tensor, data it keeps): `.to` swaps a parameter's data in place
+    for module_name, module in model.named_modules():
+        for slots in (module._parameters, module._buffers):
+            for name, tensor in slots.items():
+                if tensor is None:
+                    continue
+                if any(f".{pattern}." in f".{module_name}.{name}." for pattern in keep):
+                    spared.append((slots, name, tensor, tensor.data.float()))
+                elif slots is module._buffers and name in module._non_persistent_buffers_set:
+                    spared.append((slots, name, tensor, tensor.data))
+    model.to(dtype)
+    for slots, name, tensor, data in spared:
+        slots[name] = tensor
+        tensor.data = data
+    return model
 
 
 def _materialize_buffers(model: nn.Module, config) -> None:

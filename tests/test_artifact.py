@@ -108,10 +108,19 @@ def test_moepass_format_keeps_tied_embeddings(tmp_path):
     _same_outputs(program, reloaded)
 
 
-def test_a_model_cast_to_bfloat16_round_trips(tmp_path):
-    """`model.to(torch.bfloat16)` casts the float buffers too (rotary inv_freq), where a model built
-    from its config keeps them in float32: the rebuilt graph must read them as saved."""
-    program = moepass.capture(random_model("mixtral", seed=0).to(torch.bfloat16))
+@pytest.mark.parametrize("cast", ["to", "from_pretrained"])
+def test_a_bfloat16_model_round_trips(cast, tmp_path):
+    """Which tensors of a bf16 model are bf16 depends on how it was made: `model.to(torch.bfloat16)`
+    casts them all, `from_pretrained(dtype=bfloat16)` (and the built-ins) keep DeepSeek's router and
+    the rotary inv_freq in float32, where the skeleton a load builds has its own mix: the rebuilt graph
+    must read every tensor as saved."""
+    if cast == "to":
+        model = random_model("deepseek_v3", seed=0).to(torch.bfloat16)
+    else:
+        model = random_model("deepseek_v3", seed=0, dtype=torch.bfloat16)
+    router = model.model.layers[1].mlp.gate.weight
+    assert router.dtype == (torch.bfloat16 if cast == "to" else torch.float32)
+    program = moepass.capture(model)
     save(program, tmp_path / "a")
     _same_outputs(program, load(tmp_path / "a", lower=False))
 

@@ -248,7 +248,7 @@ def test_bfloat16_model_captures_and_matches(seed):
     model = model_for("qwen2_moe", seed=seed, dtype=torch.bfloat16)
     program = moepass.capture(model)
     assert program.info.dtype == "bfloat16"
-    ids = torch.randint(3, 128, (2, 7))
+    ids = torch.randint(3, 128, (4, 16))  # enough positions that a near-tie flipping by rounding is noise
     with torch.no_grad():
         expected = model(ids).logits.float()
     got = program(ids).float()

@@ -11,13 +11,14 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 import moepass
 from helpers import hf_expert_usage, hf_keep_experts
 from moepass.cli import main
 from moepass.data import calibration_set, evaluation_set
 from moepass.errors import MoepassError
-from moepass.zoo import TRAINED, load_model, load_tokenizer, models_dir, save_tokenizer
+from moepass.zoo import TRAINED, load_model, load_tokenizer, models_dir, random_model, save_tokenizer
 
 
 @pytest.fixture(scope="module", params=TRAINED)
@@ -158,3 +159,18 @@ def test_save_tokenizer_copies_a_checkpoints_tokenizer_files_as_they_are(tmp_pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(MoepassError, match="holds no tokenizer files"):
         save_tokenizer(tmp_path / "empty", tmp_path / "out-0")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_bfloat16_builtins_equal_the_checkpoint_loaded_by_transformers(family, seed, tmp_path):
+    """A built-in asked for in bf16 is the model `from_pretrained(dtype=bfloat16)` gives for the same
+    weights: bf16 parameters, rotary tables still in float32, identical logits."""
+    random_model(family, seed=seed).save_pretrained(tmp_path)
+    expected = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    model = random_model(family, seed=seed, dtype=torch.bfloat16)
+    dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert dtypes == {name: t.dtype for name, t in [*expected.named_parameters(), *expected.named_buffers()]}
+    assert torch.float32 in dtypes.values() and torch.bfloat16 in dtypes.values()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
