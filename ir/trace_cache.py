@@ -16,6 +16,7 @@ import copy
 import functools
 import itertools
 import logging
+import sys
 from collections import OrderedDict
 
 from torch import Tensor, fx, nn
@@ -57,7 +58,29 @@ def trace_key(model: nn.Module, sample: Tensor) -> tuple | None:
         tuple(tensors),
         tuple(sample.shape),
         sample.device,
+        _CodeIdentity(model),
     )
+
+
+class _CodeIdentity:
+    """The code a trace runs, by object identity: every attribute of the model's module classes (and
+    their bases) and every global of the Python modules defining them, which is what a patch swaps
+    (liger-kernel replaces forwards and `apply_rotary_pos_emb`). Holds the objects, so that no id is
+    reused while a key holding them is cached."""
+
+    def __init__(self, model: nn.Module) -> None:
+        classes = {c for m in model.modules() for c in type(m).__mro__ if c is not object}
+        modules = {sys.modules.get(c.__module__) for c in classes} - {None}
+        owners = (*classes, *modules)
+        self.entries = [(owner, name, value) for owner in owners for name, value in vars(owner).items()]
+        self.identity = frozenset((id(owner), name, id(value)) for owner, name, value in self.entries)
+        self._hash = hash(self.identity)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _CodeIdentity) and self.identity == other.identity
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 def cached_graph_module(key: tuple | None, model: nn.Module) -> fx.GraphModule | None:

@@ -283,9 +283,9 @@ def test_recapture_reuses_the_trace_bound_to_the_new_weights(family, seed, caplo
     _assert_program_matches_eager(second_program, second, seed)
 
 
-def test_recapture_traces_again_when_the_graph_could_differ(seed, caplog):
-    """Same shapes but another top-k, or a forward hook the key cannot see: reusing the first trace
-    would compute the wrong function."""
+def test_recapture_traces_again_when_the_graph_could_differ(seed, caplog, monkeypatch):
+    """Same shapes but another top-k, a forward hook, or patched model code (as liger-kernel patches
+    transformers): reusing the first trace would compute the wrong function."""
     base = functools.partial(model_for, "mixtral", seed=seed, num_hidden_layers=1)
     moepass.capture(base())
     top1, hooked = base(num_experts_per_tok=1), base()
@@ -296,3 +296,10 @@ def test_recapture_traces_again_when_the_graph_could_differ(seed, caplog):
         program = moepass.capture(model)
         assert not _trace_reused(caplog)
         _assert_program_matches_eager(program, model, seed)
+    norm_class = type(top1.model.norm)
+    norm_forward = norm_class.forward
+    monkeypatch.setattr(norm_class, "forward", lambda self, x: norm_forward(self, x) * 2)
+    caplog.clear()
+    program = moepass.capture(top1)
+    assert not _trace_reused(caplog)
+    _assert_program_matches_eager(program, top1, seed)
