@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import json
 import logging
 import sys
 from collections import OrderedDict
@@ -26,6 +27,10 @@ logger = logging.getLogger("moepass")
 # A Mixtral-8x7B graph is ~10k nodes; a few entries cover a process loading some models repeatedly.
 _MAX_ENTRIES = 8
 
+
+# Config fields that say how the checkpoint was loaded, never read by a forward: a model loaded from
+# an artifact has dtype "float32" where the same model built from its config has none.
+_LOADING_METADATA = ("dtype", "torch_dtype", "_name_or_path", "transformers_version", "architectures")
 
 _GRAPHS: OrderedDict[tuple, fx.Graph] = OrderedDict()
 
@@ -50,9 +55,10 @@ def trace_key(model: nn.Module, sample: Tensor) -> tuple | None:
         )
     ]
     config = model.config
+    graph_config = {k: v for k, v in config.to_dict().items() if k not in _LOADING_METADATA}
     return (
         type(model),
-        config.to_json_string(use_diff=False),
+        json.dumps(graph_config, sort_keys=True, default=str),
         getattr(config, "_attn_implementation", None),
         tuple(modules),
         tuple(tensors),
