@@ -7,7 +7,9 @@ to the same graph, and the second capture only binds a copy of it to its own ten
 makes `moepass.load` (which captures a skeleton) and capturing many seeds of one config cheap.
 
 A model whose forward the key cannot see (forward hooks, an instance-level `forward`), or whose graph
-reads a tensor made while tracing, is always traced.
+reads a tensor made while tracing, is always traced. Patched model code (a class's forward, a modeling
+module's function) is part of the key; an in-place change to a registry (re-registering an attention
+function under the same name) is not: call `clear()` after one.
 """
 
 from __future__ import annotations

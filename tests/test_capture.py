@@ -268,7 +268,7 @@ def _assert_program_matches_eager(program, model, seed: int) -> None:
     torch.testing.assert_close(program(ids), expected, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["deepseek_v3"])  # MLA, shared experts, grouped sigmoid routing
 def test_recapture_reuses_the_trace_bound_to_the_new_weights(family, seed, caplog):
     """A second model built like the first reuses its trace: each program must still compute with its
     own model's weights (both equal their own transformers eager output)."""
