@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .ops import EXPERTS, ROUTE
 from .quant_ops import QUANTIZED_EXPERTS
@@ -303,7 +303,7 @@ def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntr
     return moe
 
 
-def tensor_at(graph_module: fx.GraphModule, fqn: str) -> torch.Tensor:
+def tensor_at(graph_module: nn.Module, fqn: str) -> torch.Tensor:
     """A parameter or buffer by FQN (quantized and lowered weights are buffers)."""
     module_path, _, name = fqn.rpartition(".")
     module = graph_module.get_submodule(module_path)

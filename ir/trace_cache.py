@@ -15,7 +15,6 @@ function under the same name) is not: call `clear()` after one.
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import json
 import logging
@@ -23,6 +22,8 @@ import sys
 from collections import OrderedDict
 
 from torch import Tensor, fx, nn
+
+from .structure import tensor_at
 
 logger = logging.getLogger("moepass")
 
@@ -107,7 +108,7 @@ def remember(key: tuple | None, graph_module: fx.GraphModule, model: nn.Module) 
     if key is None:
         return
     for node in graph_module.graph.nodes:
-        if node.op == "call_module" or (node.op == "get_attr" and not _has_tensor(model, node.target)):
+        if node.op == "call_module" or (node.op == "get_attr" and not _holds_tensor(model, node.target)):
             return
     _GRAPHS[key] = copy.deepcopy(graph_module.graph)
     while len(_GRAPHS) > _MAX_ENTRIES:
@@ -119,8 +120,8 @@ def clear() -> None:
     _GRAPHS.clear()
 
 
-def _has_tensor(module: nn.Module, target: str) -> bool:
+def _holds_tensor(model: nn.Module, target: str) -> bool:
     try:
-        return isinstance(functools.reduce(getattr, target.split("."), module), Tensor)
+        return isinstance(tensor_at(model, target), Tensor)
     except AttributeError:
         return False

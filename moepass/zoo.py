@@ -282,11 +282,9 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     and fp16, `_keep_in_fp32_modules` for fp16), and buffers computed at init (rotary `inv_freq`) keep
     the float32 they were computed in. A plain `.to(dtype)` would route and rotate less precisely than
     the same model loaded from a checkpoint."""
-    keep = (
-        set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-        if dtype in (torch.float16, torch.bfloat16)
-        else set()
-    )
+    keep = set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     if dtype == torch.float16:
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     spared = []  # (slots, name, tensor, data it keeps): `.to` swaps a parameter's data in place
