@@ -17,6 +17,7 @@ import copy
 import inspect
 import itertools
 import logging
+import operator
 import time
 import types
 import warnings
@@ -197,13 +198,25 @@ def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
         exported = torch.export.export(
             model, (ids, mask, positions, past), dynamic_shapes=dynamic_shapes, strict=False
         )
-        logger.info("capture: functionalizing the graph")
-        # Functionalize (no decompositions): in-place writes such as DeepSeek's `new_empty` +
-        # `copy_` into key slices become pure ops, so dead-code elimination can drop any block.
-        with warnings.catch_warnings():  # torch deep-copies tree specs with a deprecated isinstance
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            exported = exported.run_decompositions({})
+        if not _is_functional(exported.graph):
+            logger.info("capture: functionalizing the graph")
+            # Functionalize (no decompositions): in-place writes such as DeepSeek's `new_empty` +
+            # `copy_` into key slices become pure ops, so dead-code elimination can drop any block.
+            with warnings.catch_warnings():  # torch deep-copies tree specs with a deprecated isinstance
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                exported = exported.run_decompositions({})
     return _flat_graph_module(exported, len(past) // 2)
+
+
+def _is_functional(graph: fx.Graph) -> bool:
+    """Only ATen ops that write nothing (and getitem): functionalizing such a graph is a second
+    full trace (half a capture's time) that changes nothing but spellings (`reshape` -> `view`)."""
+    return all(
+        node.target is operator.getitem
+        or (isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.is_mutable)
+        for node in graph.nodes
+        if node.op == "call_function"
+    )
 
 
 def _flat_graph_module(exported, num_layers: int) -> fx.GraphModule:

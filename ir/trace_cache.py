@@ -1,10 +1,11 @@
 """Reuse of traced graphs between captures of identically built models.
 
-Tracing (torch.export + functionalization) is nearly all of a capture's time, and its graph depends
-on the model's code and shapes, never on its weight values: routing is not baked in and buffers are
-graph inputs. So two models of the same class, config, module tree and tensor shapes/dtypes trace
-to the same graph, and the second capture only binds a copy of it to its own tensors. This is what
-makes `moepass.load` (which captures a skeleton) and capturing many seeds of one config cheap.
+Tracing (torch.export, plus functionalization where the model writes in place) is nearly all of a
+capture's time, and its graph depends on the model's code and shapes, never on its weight values:
+routing is not baked in and buffers are graph inputs. So two models of the same class, config,
+module tree and tensor shapes/dtypes trace to the same graph, and the second capture only binds a
+copy of it to its own tensors. This is what makes `moepass.load` (which captures a skeleton) and
+capturing many seeds of one config cheap.
 
 A model whose forward the key cannot see (forward hooks, an instance-level `forward`), or whose graph
 reads a tensor made while tracing, is always traced. Patched model code (a class's forward, a modeling
