@@ -15,7 +15,8 @@ layout: N outputs, K inputs) quantized with `bits` in groups of `group_size` alo
 Expert tensors add a leading expert dimension to all three. Symmetric scales follow GPTQ's
 convention (scale = 2 * absmax / (2^bits - 1), zero point 2^(bits-1)); asymmetric ones map
 [min, max] of each group onto [0, 2^bits - 1]. A group size that does not divide K is an error
-(no padding): every supported model has K a multiple of 128. A weight whose rows are shorter than
+(no padding; the message names a size that fits): K is a multiple of 128 in the supported models
+but GPT-OSS (2880 = 45 x 64: groups of 64 or 32). A weight whose rows are shorter than
 the group (a small model's MLA kv_b_proj under a g128 recipe) is fitted by the passes to one
 group per row (`QuantFormat.fitted`), stored with group_size K.
 """
@@ -49,9 +50,10 @@ class QuantFormat:
             raise FormatError(f"{name}: {self.bits}-bit quantization is not supported; choose one of {BITS}")
         group = in_features if self.group_size == -1 else self.group_size
         if group <= 0 or in_features % group:
+            usual = [g for g in (128, 64, 32, 16) if in_features % g == 0]
             raise FormatError(
                 f"{name}: group size {self.group_size} does not divide its {in_features} inputs; "
-                f"use a divisor of {in_features} or -1 (per-channel)"
+                f"use a divisor of {in_features}{f' such as {usual[0]}' if usual else ''} or -1 (per-channel)"
             )
         if self.bits == 4 and group % 2:
             raise FormatError(f"{name}: 4-bit groups must hold an even number of inputs, got {group}")
@@ -96,7 +98,11 @@ def scales_and_zeros(
     stored = scale.to(dtype)
     up = torch.nextafter(stored, stored.new_tensor(torch.inf))
     stored = torch.where(stored.float() < scale, up, stored)
-    scale = stored.float().clamp_min(torch.finfo(dtype).tiny)
+    # a zero range still needs a positive scale: the smallest `dtype` holds (fp16's subnormals: a
+    # floor at its smallest normal, 6e-5, would coarsen every small-range group) that fp32 holds
+    # as a normal number (float32 and bf16 subnormals may be flushed to zero)
+    smallest = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).item()
+    scale = stored.float().clamp_min(max(smallest, torch.finfo(torch.float32).tiny))
     if fmt.symmetric:
         zero = torch.full_like(scale, 2 ** (fmt.bits - 1))
     else:

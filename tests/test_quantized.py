@@ -78,16 +78,38 @@ def test_rtn_error_shrinks_with_bits(bits, group):
     assert error < {4: 0.15, 8: 0.01}[bits]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_small_range_groups_get_their_own_scale_in_every_dtype(dtype):
+    """Weights of a few 1e-4 (int8 scales ~1e-6): the stored scale is the group's range over the codes,
+    rounded up to `dtype` (one unit; fp16 stores it as a subnormal), not a floor above it."""
+    weight = (torch.randn(32, 128) * 3e-4).to(dtype)
+    fmt = QuantFormat(8, 64, symmetric=False)
+    _, scales, _ = quantize(weight, fmt)
+    groups = weight.double().view(32, 2, 64)
+    ideal = (groups.amax(-1).clamp_min(0) - groups.amin(-1).clamp_max(0)) / 255
+    assert (scales.double() >= ideal).all()
+    assert (scales.double() <= ideal * (1 + 2**-7) + 2**-24).all()  # bf16 keeps 8 bits; fp16 subnormals
+
+
 @pytest.mark.parametrize(
     "fmt,message",
     [
         (QuantFormat(3, 32), "3-bit quantization is not supported"),
-        (QuantFormat(4, 48), "group size 48 does not divide its 128 inputs"),
+        (
+            QuantFormat(4, 48),
+            "group size 48 does not divide its 128 inputs; use a divisor of 128 such as 128",
+        ),
+        # GPT-OSS's width under a g128 recipe
+        (
+            QuantFormat(4, 128),
+            "group size 128 does not divide its 2880 inputs; use a divisor of 2880 such as 64",
+        ),
     ],
 )
 def test_format_errors_name_the_tensor(fmt, message):
+    width = 2880 if "2880" in message else 128
     with pytest.raises(FormatError, match=f"layers.0.q_proj.weight: {message}"):
-        quantize(torch.randn(8, 128), fmt, name="layers.0.q_proj.weight")
+        quantize(torch.randn(8, width), fmt, name="layers.0.q_proj.weight")
 
 
 @pytest.mark.parametrize(
