@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SPLITS = ("validation", "test")
 JSON_LINES = (".jsonl", ".jsonl.gz")
-DIRECTORY_FILES = (".txt", *JSON_LINES, ".json")  # what a data directory reads
+DIRECTORY_FILES = (".txt", ".md", *JSON_LINES, ".json")  # what a data directory reads
 # formats that would tokenize as garbage if read as text: say how to convert them instead
 UNREADABLE_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv", ".gz", ".zip", ".bz2", ".xz", ".zst")
 # document separators of the supported families' tokenizers (bundled, Mixtral, Qwen, OLMoE, DeepSeek)
@@ -99,24 +99,33 @@ def corpus_dir():
     return resources.files("moepass") / "assets" / "corpus"
 
 
+def check_source(data) -> None:
+    """What can be told of a data source without reading it (a built-in's name, an empty or missing
+    path): the CLI asks before minutes of loading a model."""
+    if isinstance(data, str) and data.startswith(BUILTIN_PREFIX):
+        if data[len(BUILTIN_PREFIX) :] not in BUILTIN_SPLITS:
+            raise DataError(
+                f"unknown built-in data {data!r}; built-ins: "
+                + ", ".join(BUILTIN_PREFIX + s for s in BUILTIN_SPLITS)
+            )
+    elif isinstance(data, (str, Path)):
+        if not str(data).strip():  # Path("") is the current directory
+            raise DataError("the data path is empty; give builtin:validation, a file or a directory")
+        if not Path(data).exists():
+            raise DataError(f"data path {str(data)!r} does not exist")
+
+
 def load_documents(data, *, text_key: str = "text") -> list[Document]:
     """Documents from a `builtin:<split>` name, a file or directory path, or an iterable of records.
 
     `text_key` names the records' text field in files and iterables (the built-in splits use `text`).
     """
+    check_source(data)
     if isinstance(data, str) and data.startswith(BUILTIN_PREFIX):
-        split = data[len(BUILTIN_PREFIX) :]
-        if split not in BUILTIN_SPLITS:
-            raise DataError(
-                f"unknown built-in data {data!r}; built-ins: "
-                + ", ".join(BUILTIN_PREFIX + s for s in BUILTIN_SPLITS)
-            )
-        with resources.as_file(corpus_dir() / f"{split}.jsonl.gz") as path:
+        with resources.as_file(corpus_dir() / f"{data[len(BUILTIN_PREFIX) :]}.jsonl.gz") as path:
             return _from_records(_read_jsonl(path), "text", str(path))
     if isinstance(data, (str, Path)):
         path = Path(data)
-        if not path.exists():
-            raise DataError(f"data path {str(path)!r} does not exist")
         if path.is_dir():
             return _from_directory(path, text_key)
         return _from_file(path, text_key)
@@ -145,7 +154,7 @@ def _from_file(path: Path, text_key: str) -> list[Document]:
 
 
 def _from_directory(path: Path, text_key: str) -> list[Document]:
-    """Every .txt, .jsonl(.gz) and .json file directly in `path`; anything else is named in a warning."""
+    """Every .txt, .md, .jsonl(.gz) and .json file directly in `path`; anything else is named in a warning."""
     files, skipped = [], []
     for entry in sorted(path.iterdir()):
         if entry.is_file() and entry.name.lower().endswith(DIRECTORY_FILES):
@@ -153,7 +162,7 @@ def _from_directory(path: Path, text_key: str) -> list[Document]:
         else:
             skipped.append(entry.name + ("/" if entry.is_dir() else ""))
     if not files:
-        raise DataError(f"directory {str(path)!r} holds no .txt, .jsonl, .jsonl.gz or .json files")
+        raise DataError(f"directory {str(path)!r} holds no {', '.join(DIRECTORY_FILES)} files")
     if skipped:
         logger.warning(
             "data directory %s: read %d file(s), skipped %d other entr%s (subfolders are not read): %s",
@@ -363,7 +372,11 @@ def _encoder(tokenizer):
     if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer: no eos attribute, look it up
         ids = (tokenizer.token_to_id(token) for token in END_OF_TEXT)
         eos = next((i for i in ids if i is not None), None)
-        return (lambda texts: [e.ids for e in tokenizer.encode_batch(texts)]), _separator(eos)
+        plain = _without_padding_or_truncation(tokenizer)
+        # no special tokens, as on the transformers path: a BOS-adding post-processor would put a
+        # BOS inside every packed window
+        encode = lambda texts: [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+        return encode, _separator(eos)
     if callable(tokenizer) and hasattr(tokenizer, "eos_token_id"):  # transformers tokenizer
         encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
         return encode, _separator(tokenizer.eos_token_id)
@@ -371,6 +384,18 @@ def _encoder(tokenizer):
         f"unsupported tokenizer type {type(tokenizer).__name__}: pass a tokenizers.Tokenizer "
         f"or a transformers tokenizer"
     )
+
+
+def _without_padding_or_truncation(tokenizer):
+    """A tokenizer.json saved after padding or truncation was enabled keeps them: every document would
+    be cut at that length and pad tokens packed in and scored. A copy without them (transformers turns
+    both off per call); the user's tokenizer is left as it is."""
+    if tokenizer.padding is None and tokenizer.truncation is None:
+        return tokenizer
+    plain = type(tokenizer).from_str(tokenizer.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
 
 
 def _separator(eos: int | None) -> int:

@@ -97,6 +97,7 @@ def test_sampling_is_deterministic_and_seeded(tokenizer):
     [
         (lambda tok: load_documents("builtin:train"), "unknown built-in data 'builtin:train'"),
         (lambda tok: load_documents("/no/such/file.txt"), "does not exist"),
+        (lambda tok: load_documents(""), "the data path is empty"),  # not the current directory
         (lambda tok: tokenize([Document("   ", "a")], tok, 8), "holds no text"),
         (lambda tok: tokenize([Document("two words", "a")], tok, 64), "too short"),
         (
@@ -163,6 +164,27 @@ def test_documents_are_separated_by_the_tokenizers_end_of_text_never_a_guess():
         tokenize(docs, no_end, 5)
 
 
+def test_settings_saved_in_a_tokenizer_file_do_not_change_the_tokens(tokenizer):
+    """A tokenizer.json saved with padding, truncation and a BOS-adding post-processor (as after a
+    transformers call with padding=True, or Llama-style files) packs the same tokens as the plain one
+    and as the transformers path (no special tokens), and is left as it was."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    docs = [Document("The quick brown fox jumps over the lazy dog. " * 6, "a"), Document("Short one.", "a")]
+    expected = tokenize(docs, tokenizer, 16).input_ids
+    configured = Tokenizer.from_str(tokenizer.to_str())
+    configured.enable_padding(pad_id=0, length=64)
+    configured.enable_truncation(max_length=8)
+    configured.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    assert torch.equal(tokenize(docs, configured, 16).input_ids, expected)
+    assert configured.padding is not None and configured.truncation is not None  # not modified
+    transformers_tokenizer = PreTrainedTokenizerFast(tokenizer_object=configured, eos_token="<eos>")
+    assert torch.equal(tokenize(docs, transformers_tokenizer, 16).input_ids, expected)
+
+
 def test_sources_shorter_than_a_window_are_reported(tokenizer, caplog):
     docs = [Document("a long text " * 40, "long"), Document("short", "brief")]
     tokens = tokenize(docs, tokenizer, 16)
@@ -223,16 +245,17 @@ def test_json_arrays_other_text_files_and_refused_formats(tmp_path, caplog):
     ]:
         with pytest.raises(DataError, match=message):
             load_documents(tmp_path / name)
-    # a directory reads .txt/.jsonl(.gz)/.json files and names what it leaves out
+    # a directory reads .txt/.md/.jsonl(.gz)/.json files and names what it leaves out
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "a.json").write_text(json.dumps([{"text": "one"}]))
     (folder / "b.txt").write_text("two")
-    (folder / "c.md").write_text("not read")
+    (folder / "c.md").write_text("three")
+    (folder / "d.html").write_text("not read")
     (folder / "nested").mkdir()
     with caplog.at_level("WARNING", logger="moepass"):
-        assert [d.text for d in load_documents(folder)] == ["one", "two"]
-    assert "read 2 file(s), skipped 2 other entries (subfolders are not read): c.md, nested/" in caplog.text
+        assert [d.text for d in load_documents(folder)] == ["one", "two", "three"]
+    assert "read 3 file(s), skipped 2 other entries (subfolders are not read): d.html, nested/" in caplog.text
 
 
 def test_text_key_reaches_calibration_and_evaluation_sets(tmp_path, tokenizer):
