@@ -32,7 +32,17 @@ class DomainScore:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens)
+        """exp(mean loss); infinite beyond float range (a model broken by compression can lose over
+        709 nats per token), never an OverflowError that loses a compression run."""
+        try:
+            return math.exp(self.nll / self.tokens)
+        except OverflowError:
+            return math.inf
+
+    def to_dict(self) -> dict:
+        """JSON-safe: a non-finite loss or perplexity is null (JSON has no Infinity or NaN)."""
+        fields = {**asdict(self), "perplexity": self.perplexity, "accuracy": self.accuracy}
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
 
     @property
     def accuracy(self) -> float:
@@ -75,16 +85,12 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["domains"] = {
-            k: {**asdict(v), "perplexity": v.perplexity, "accuracy": v.accuracy}
-            for k, v in self.domains.items()
-        }
-        overall = self.overall
-        out["overall"] = {**asdict(overall), "perplexity": overall.perplexity, "accuracy": overall.accuracy}
+        out["domains"] = {k: v.to_dict() for k, v in self.domains.items()}
+        out["overall"] = self.overall.to_dict()
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -61,6 +62,19 @@ def test_result_table_and_json(seed):
     payload = result.to_dict()
     assert payload["overall"]["tokens"] == 32
     assert math.isclose(payload["domains"]["d"]["perplexity"], result.domains["d"].perplexity)
+
+
+def test_a_loss_beyond_float_range_gives_infinite_perplexity_and_valid_json(seed):
+    """A model broken by compression can lose over 709 nats per token: its perplexity is infinite
+    (the run and its report go on), null in JSON, which has no Infinity."""
+    model = model_for("mixtral", seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)
+    result = moepass.evaluate(model, _token_set(128, rows=2, seq_len=8, sources=["d"]))
+    assert result.overall.nll / result.overall.tokens > 710 and result.overall.perplexity == math.inf
+    assert "inf" in result.table()
+    payload = json.loads(result.to_json())
+    assert payload["overall"]["perplexity"] is None and payload["domains"]["d"]["perplexity"] is None
 
 
 def test_text_data_needs_a_tokenizer(seed):
