@@ -15,6 +15,7 @@ Every key is checked before anything runs; errors name the key and the allowed v
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +29,7 @@ from .passes import PASSES, ConfigError, PassConfig, create_pass
 from .passes.base import Pass, check_range, config_from_dict, out_of_stage_order
 
 TOP_LEVEL = ("name", "description", "scoring", "calibration", "passes")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class CalibrationConfig(PassConfig):
         check_range("calibration.samples", self.samples, 1)
         check_range("calibration.seq_len", self.seq_len, 2)
         check_range("calibration.batch_size", self.batch_size, 1)
+        if not self.data.strip():  # an unset shell variable; a path "" would read the current directory
+            raise ConfigError("calibration.data: empty; give builtin:validation, a file or a directory")
 
 
 @dataclass
@@ -89,6 +93,9 @@ def load_recipe(spec) -> Recipe:
             )
         try:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except (OSError, UnicodeDecodeError) as error:
+            reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else error.strerror
+            raise ConfigError(f"recipe {path}: cannot be read ({reason})") from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -132,8 +139,11 @@ def recipe_from_dict(data, where: str = "") -> Recipe:
     disorder = out_of_stage_order(passes)
     if disorder:
         raise ConfigError(f"{where}passes[{disorder[0]}]: {disorder[1]}")
+    name = data.get("name", "custom")
+    if not (isinstance(name, str) and NAME.fullmatch(name)):  # it names the default output directory
+        raise ConfigError(f"{where}name: {name!r} is not a recipe name; use letters, digits, '.', '_', '-'")
     return Recipe(
-        str(data.get("name", "custom")),
+        name,
         [(p.name, p.config) for p in passes],
         str(data.get("description", "")).strip(),
         scoring,

@@ -85,6 +85,19 @@ def test_builtin_recipes_load_and_include_the_papers():
             "calibration.samples: -1 is out of range",
         ),
         ({"passes": ["layer_drop"]}, "each pass is written as"),
+        (
+            {"passes": [{"wanda": {"pattern": "2:4", "sparsity": 0.3}}]},
+            r"wanda.sparsity: 0.3 does not match pattern 2:4, which zeroes 2 of every 4 weights",
+        ),
+        (
+            {"passes": [{"layer_drop": {"count": 1}}], "calibration": {"data": ""}},
+            "calibration.data: empty",
+        ),
+        (  # the name becomes the default output directory out/<model>-<name>
+            {"name": "../../elsewhere", "passes": [{"layer_drop": {"count": 1}}]},
+            r"name: '../../elsewhere' is not a recipe name",
+        ),
+        ({"name": None, "passes": [{"layer_drop": {"count": 1}}]}, "name: None is not a recipe name"),
     ],
 )
 def test_recipe_errors_name_the_key(recipe, message):
@@ -108,6 +121,11 @@ def test_yaml_recipe_files(tmp_path):
     (tmp_path / "twice.yaml").write_text("passes:\n  - rtn: {bits: 4, bits: 8}\n")
     with pytest.raises(ConfigError, match=r"twice\.yaml:2:\d+: not valid YAML \(key 'bits' is given twice"):
         load_recipe(tmp_path / "twice.yaml")
+    (tmp_path / "latin1.yaml").write_bytes(
+        "name: caf\xe9\npasses:\n  - layer_drop: {count: 1}\n".encode("latin-1")
+    )
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: cannot be read \(not UTF-8 text\)"):
+        load_recipe(tmp_path / "latin1.yaml")
 
 
 @pytest.mark.parametrize(
