@@ -20,6 +20,7 @@ import torch
 from moepass.errors import MoepassError
 
 TEXT_KEY_HELP = "the text field of JSON records (default: text)"
+EVAL_SEQ_LEN = 256  # tokens per evaluation window
 USE_MOEPASS_FORMAT = "use --format moepass (the default)"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,13 +30,12 @@ def _dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from moepass.ir import capture
-    from moepass.zoo import load_model
+    from moepass.artifact import is_artifact
 
-    model = load_model(args.model, dtype=_dtype(args))
     start = time.perf_counter()
-    program = capture(model)
-    print(f"captured {args.model} in {time.perf_counter() - start:.1f}s; verifier: ok\n")
+    program = _load_program(args.model, lower=False, dtype=_dtype(args))
+    how = "loaded" if is_artifact(args.model) else "loaded and captured"
+    print(f"{how} {args.model} in {time.perf_counter() - start:.1f}s; verifier: ok\n")
     print(program.summary())
 
 
@@ -82,13 +82,13 @@ def _eval(args: argparse.Namespace) -> None:
 def _compress(args: argparse.Namespace) -> None:
     from moepass.artifact import manifest_of, unique_tensors, write_checkpoint
     from moepass.atomic_write import output_directory, write_atomically
-    from moepass.compress import compress
+    from moepass.compress import compress, needs_data
+    from moepass.data import DataError, check_source
     from moepass.evaluate import evaluate, model_size
     from moepass.hf_export import hf_checkpoint, hf_config
-    from moepass.ir import capture
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
-    from moepass.zoo import load_model, load_tokenizer, save_tokenizer
+    from moepass.zoo import load_tokenizer, save_tokenizer
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)  # validate before any work
@@ -104,20 +104,27 @@ def _compress(args: argparse.Namespace) -> None:
                     f"--format hf: pass {name} of recipe {recipe.name} leaves {leaves}, which no "
                     f"transformers checkpoint holds; {USE_MOEPASS_FORMAT}"
                 )
-    for flag, data in (("--calib", args.calib), ("--eval-data", args.eval_data)):
-        if data and not data.startswith("builtin:") and not os.path.exists(data):
-            raise MoepassError(f"{flag} {data}: no such file or directory")
+    sources = [("--eval-data", args.eval_data)] if args.eval_per_source else []
+    if needs_data(recipe):
+        flag = "--calib" if args.calib is not None else f"recipe {recipe.name}: calibration.data"
+        sources.append((flag, recipe.calibration.data if args.calib is None else args.calib))
+    for flag, data in sources:  # a typo is an error now, not after loading the model
+        try:
+            check_source(data)
+        except DataError as error:
+            raise MoepassError(f"{flag}: {error}") from None
     out = output_directory(
         args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}", args.force
     )
     _refuse_inside(out, args.model)
-    model = load_model(args.model, dtype=_dtype(args))
     tokenizer_source = args.tokenizer or args.model
     tokenizer = load_tokenizer(tokenizer_source)
-    original = capture(model)
+    original = _load_program(args.model, lower=False, dtype=_dtype(args))  # an artifact compresses further
     experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
+    positions = original.info.config.get("max_position_embeddings") or EVAL_SEQ_LEN
     evaluation = {
         "tokenizer": tokenizer,
+        "seq_len": args.eval_seq_len or min(EVAL_SEQ_LEN, positions),
         "max_per_source": args.eval_per_source,
         "text_key": recipe.calibration.text_key,  # --text-key, else the recipe's
     }
@@ -157,9 +164,11 @@ def _compress(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_to_write(source: str, tokenizer):
-    """A local checkpoint's tokenizer files are copied as they are (special tokens, chat template);
-    a built-in's tokenizer object is written."""
-    return source if os.path.exists(source) else tokenizer
+    """A local checkpoint's or a trained built-in's tokenizer files are copied as they are (special
+    tokens, chat template); any other tokenizer object is written."""
+    from moepass.zoo import trained_model_dir
+
+    return source if os.path.exists(source) or trained_model_dir(source) else tokenizer
 
 
 def _refuse_inside(out: Path, model: str) -> None:
@@ -213,16 +222,7 @@ def _generate(args: argparse.Namespace) -> None:
             raise MoepassError("--compile compiles the lowered program; drop --no-lower")
         program = _load_program(args.model, lower=not args.no_lower, compile=args.compile)
     generated: list[int] = []
-    shown = ""
-
-    def stream(next_tokens: torch.Tensor) -> None:
-        nonlocal shown
-        generated.append(int(next_tokens[0]))
-        text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
-
+    stream = text_stream(tokenizer, prompt_ids, generated, lambda text: print(text, end="", flush=True))
     generator = torch.Generator().manual_seed(args.seed)
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
@@ -244,6 +244,29 @@ def _generate(args: argparse.Namespace) -> None:
         f"prompt {len(prompt_ids)} tokens, {engine}]",
         file=sys.stderr,
     )
+
+
+def text_stream(tokenizer, prompt_ids: list[int], generated: list[int], write: Callable[[str], None]):
+    """A streamer for `generate` that appends each new token to `generated` and writes the text it
+    adds. Decoded after the prompt: a SentencePiece decoder drops the space before a text's first word,
+    so decoding the new tokens alone would glue the first one to the prompt."""
+
+    def decode(ids: list[int]) -> str:
+        if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer skips special tokens already
+            return tokenizer.decode(ids)
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    shown = decode(prompt_ids)
+
+    def stream(next_tokens: torch.Tensor) -> None:
+        nonlocal shown
+        generated.append(int(next_tokens[0]))
+        text = decode(prompt_ids + generated)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            write(text[len(shown) :])
+            shown = text
+
+    return stream
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
@@ -368,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--tokenizer", help="tokenizer.json or checkpoint directory (default: the model's)"
     )
-    evaluation.add_argument("--seq-len", type=_at_least(2), default=256, help="tokens per evaluation window")
+    evaluation.add_argument(
+        "--seq-len", type=_at_least(2), default=EVAL_SEQ_LEN, help="tokens per evaluation window"
+    )
     evaluation.add_argument(
         "--max-per-source", type=_at_least(0), default=64, help="windows per domain; 0 = all"
     )
@@ -405,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--text-key", help=TEXT_KEY_HELP + " (--calib and --eval-data; default: the recipe's)")
     comp.add_argument(
         "--eval-per-source", type=_at_least(0), default=64, help="evaluation windows per domain; 0 = skip"
+    )
+    comp.add_argument(
+        "--eval-seq-len",
+        type=_at_least(2),
+        help=f"evaluation window length (default: {EVAL_SEQ_LEN}, or the model's positions if fewer)",
     )
     comp.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads")
     comp.set_defaults(run=_compress)

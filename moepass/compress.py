@@ -29,7 +29,7 @@ def compress(
         program = model_or_program.fork()
     else:
         program = capture(model_or_program)
-    tokens = _calibration_tokens(recipe, calibration, tokenizer, program) if _needs_data(recipe) else None
+    tokens = _calibration_tokens(recipe, calibration, tokenizer, program) if needs_data(recipe) else None
     manager = PassManager(
         list(recipe.passes),
         calibration=tokens,
@@ -45,7 +45,8 @@ def compress(
     return program
 
 
-def _needs_data(recipe: Recipe) -> bool:
+def needs_data(recipe: Recipe) -> bool:
+    """Whether any pass reads calibration data (itself or through the analyses it needs)."""
     from moepass.passes import PASSES, TransformPass
 
     for name, config in recipe.passes:

@@ -199,14 +199,13 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         with _readable(name_or_path, "a tokenizers JSON file"):
             return Tokenizer.from_file(name_or_path)
     if name_or_path.startswith(BUILTIN_PREFIX):
-        name = name_or_path[len(BUILTIN_PREFIX) :]
-        if name not in TRAINED:
+        directory = trained_model_dir(name_or_path)
+        if directory is None:
             raise MoepassError(
                 f"{name_or_path!r} has no tokenizer; built-ins with one: "
                 + ", ".join(BUILTIN_PREFIX + n for n in TRAINED)
             )
-        with resources.as_file(models_dir() / name / "tokenizer.json") as path:
-            return Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):  # checkpoint or moepass artifact
         return load_tokenizer(os.path.join(name_or_path, "tokenizer.json"))
     if not os.path.isfile(os.path.join(name_or_path, "config.json")) and any(
@@ -221,12 +220,21 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def trained_model_dir(name: str) -> str | None:
+    """The bundled directory of a trained built-in (`builtin:tiny-mixtral`), else None."""
+    if name.startswith(BUILTIN_PREFIX) and name[len(BUILTIN_PREFIX) :] in TRAINED:
+        return str(models_dir() / name[len(BUILTIN_PREFIX) :])
+    return None
+
+
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
     """Write `tokenizer` into `directory`: a `tokenizers.Tokenizer`, a transformers tokenizer, a
-    tokenizer.json file, or a checkpoint directory whose tokenizer files are copied as they are — the
-    special tokens and chat template transformers needs live beside tokenizer.json, not in it."""
+    tokenizer.json file, or a checkpoint directory (or built-in model name) whose tokenizer files are
+    copied as they are — the special tokens and chat template transformers needs live beside
+    tokenizer.json, not in it."""
     if isinstance(tokenizer, (str, os.PathLike)):
         source = os.fspath(tokenizer)
+        source = trained_model_dir(source) or source  # a built-in's files with its tokenizer_config.json
         files = [source] if os.path.isfile(source) else [os.path.join(source, f) for f in TOKENIZER_FILES]
         found = [f for f in files if os.path.isfile(f)]
         if not found:

@@ -371,7 +371,10 @@ def test_a_damaged_artifact_is_refused_naming_the_damage(damage, message, edited
 def checkpoint(tmp_path_factory):
     """A random model with the corpus tokenizer's vocabulary, saved as a transformers checkpoint."""
     path = tmp_path_factory.mktemp("model")
-    random_model("qwen2_moe", seed=1, vocab_size=4096, num_hidden_layers=4).save_pretrained(path)
+    # fewer positions than the default evaluation window (256): compress evaluates on windows that fit
+    random_model(
+        "qwen2_moe", seed=1, vocab_size=4096, num_hidden_layers=4, max_position_embeddings=128
+    ).save_pretrained(path)
     shutil.copy(corpus_dir() / "tokenizer.json", path / "tokenizer.json")
     (path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "model_max_length": 256}')
     (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
@@ -382,7 +385,7 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     out = tmp_path / "result"
     recipe = tmp_path / "small.yaml"  # the paper recipe's groups of 128 do not fit this 64-wide model
     recipe.write_text(
-        "name: small\ncalibration: {samples: 8, text_key: body}\npasses:\n"
+        "name: small\ncalibration: {samples: 8, seq_len: 128, text_key: body}\npasses:\n"
         "  - awq: {group_size: 16}\n  - layer_drop: {ratio: 0.25}\n"
     )
     calibration = tmp_path / "calibration.jsonl"  # records whose text is under "body"
@@ -420,8 +423,24 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["calibration"]["text_key"] == "body"
+    assert report["before"]["seq_len"] == report["after"]["seq_len"] == 128  # the model's positions
     assert [e["op"] for e in report["edits"]].count("drop_mlp") == 1
     assert "quantize_experts" in [e["op"] for e in report["edits"]]
+    # an artifact is inspected and compressed further like a model
+    assert main(["inspect", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"loaded {out} in ")
+    (tmp_path / "drop.yaml").write_text("name: drop\npasses:\n  - layer_drop: {count: 1, metric: random}\n")
+    further = [
+        "--recipe",
+        str(tmp_path / "drop.yaml"),
+        "--eval-per-source",
+        "0",
+        "--out",
+        str(tmp_path / "more"),
+    ]
+    assert main(["compress", "--model", str(out), *further]) == 0
+    edits = [e["op"] for e in load(tmp_path / "more", lower=False).info.edits]
+    assert edits.count("drop_mlp") == 2 and "quantize_experts" in edits
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert main(argv) == 2  # exists: refused, untouched
     assert "(CLI: --force)" in capsys.readouterr().err and (out / "manifest.json").stat().st_mtime_ns == stamp
@@ -514,6 +533,23 @@ def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path,
         assert main(argv) == 2
         assert f"is or holds the model {checkpoint}" in capsys.readouterr().err
     assert (checkpoint / "config.json").is_file()
+    # data that cannot be read: refused before the model is even read
+    (tmp_path / "elsewhere.yaml").write_text(
+        "name: elsewhere\ncalibration: {data: /no/such/calibration.jsonl}\npasses:\n  - awq: {}\n"
+    )
+    for flags, message in [
+        (["--calib", "builtin:validaton"], "--calib: unknown built-in data 'builtin:validaton'"),
+        (
+            ["--eval-data", "/no/such/test.jsonl"],
+            "--eval-data: data path '/no/such/test.jsonl' does not exist",
+        ),
+        (
+            ["--recipe", str(tmp_path / "elsewhere.yaml")],
+            "recipe elsewhere: calibration.data: data path '/no/such/calibration.jsonl' does not exist",
+        ),
+    ]:
+        assert main(["compress", "--model", str(tmp_path / "no-model"), *flags]) == 2
+        assert message in capsys.readouterr().err
     # a transformers checkpoint cannot hold quantized weights: refused before the model is even read
     argv = ["compress", "--model", str(tmp_path / "no-model"), "--recipe", "int4-gptq", "--format", "hf"]
     assert main(argv) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from helpers import model_for
 from moepass.cli import main
@@ -143,3 +144,25 @@ def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed):
     expected = evaluate(model, docs, tokenizer=load_tokenizer(str(tmp_path / "model")), seq_len=32)
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["overall"] == json.loads(expected.to_json())["overall"]
+
+
+def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_drops_at_the_start():
+    """Metaspace (Mixtral's, Phi-MoE's tokenizers) decodes "▁even" alone as "even": streamed after the
+    prompt it must read " even", and a transformers tokenizer's BOS must not show."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moepass.cli import text_stream
+
+    vocab = {"<unk>": 0, "<s>": 1, "▁The": 2, "▁king": 3, "▁even": 4, "▁round": 5}
+    sentencepiece_like = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    sentencepiece_like.pre_tokenizer = pre_tokenizers.Metaspace()
+    sentencepiece_like.decoder = decoders.Metaspace()
+    assert sentencepiece_like.decode([4]) == "even"  # the trap
+    transformers_tokenizer = PreTrainedTokenizerFast(tokenizer_object=sentencepiece_like, bos_token="<s>")
+    for tokenizer, prompt in ((sentencepiece_like, [2, 3]), (transformers_tokenizer, [1, 2, 3])):
+        written, generated = [], []
+        stream = text_stream(tokenizer, prompt, generated, written.append)
+        for token in (4, 5):
+            stream(torch.tensor([token]))
+        assert written == [" even", " round"] and generated == [4, 5]

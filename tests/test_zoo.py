@@ -135,6 +135,17 @@ def test_guided_trimming_beats_random_trimming(model_name, passes):
     assert perplexity(passes) < random[1], random
 
 
+def test_a_trained_builtins_tokenizer_is_written_with_its_special_tokens(tmp_path):
+    """transformers reads an output's special tokens from tokenizer_config.json: without them it could
+    not pad, and moepass's own transformers path would find no end-of-text token."""
+    save_tokenizer("builtin:tiny-mixtral", tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<eos>", "<pad>")
+    ids = load_tokenizer("builtin:tiny-mixtral").encode("It is a truth").ids
+    assert tokenizer("It is a truth")["input_ids"] == ids  # no BOS: the model was trained without one
+    assert tokenizer(["It", "It is a truth"], padding=True)["input_ids"][0][-1] == tokenizer.pad_token_id
+
+
 def test_save_tokenizer_copies_a_checkpoints_tokenizer_files_as_they_are(tmp_path):
     """transformers reads the special tokens and chat template from files beside tokenizer.json: an
     output keeps them byte for byte, and nothing else of the checkpoint."""
