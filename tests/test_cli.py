@@ -108,7 +108,10 @@ def test_damaged_checkpoints_and_tokenizers_are_named(tmp_path, capsys):
             ["eval", "builtin:tiny-mixtral", "--tokenizer", str(tmp_path / "tokenizer.json")],
             "tokenizer.json cannot be read as a tokenizers JSON file",
         ),
-        (["compress", "--calib", str(tmp_path / "nowhere.txt")], "--calib .*nowhere.txt: no such file"),
+        (
+            ["compress", "--calib", str(tmp_path / "nowhere.txt")],
+            "--calib: data path .*nowhere.txt' does not exist",
+        ),
     ]:
         assert main(argv) == 2
         assert re.search(message, capsys.readouterr().err), argv

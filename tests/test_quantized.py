@@ -87,7 +87,7 @@ def test_small_range_groups_get_their_own_scale_in_every_dtype(dtype):
     _, scales, _ = quantize(weight, fmt)
     groups = weight.double().view(32, 2, 64)
     ideal = (groups.amax(-1).clamp_min(0) - groups.amin(-1).clamp_max(0)) / 255
-    assert (scales.double() >= ideal).all()
+    assert (scales.double() >= ideal * (1 - 2**-20)).all()  # the range's fp32 rounding
     assert (scales.double() <= ideal * (1 + 2**-7) + 2**-24).all()  # bf16 keeps 8 bits; fp16 subnormals
 
 
