@@ -209,14 +209,27 @@ def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
 
 
 def _is_functional(graph: fx.Graph) -> bool:
-    """Only ATen ops that write nothing (and getitem): functionalizing such a graph is a second
-    full trace (half a capture's time) that changes nothing but spellings (`reshape` -> `view`)."""
+    """Only ATen ops that write nothing, getitem and size arithmetic: functionalizing such a graph is
+    a second full trace (half a capture's time) that changes nothing but spellings (`reshape` ->
+    `view`)."""
     return all(
-        node.target is operator.getitem
+        node.target in _SIZE_ARITHMETIC
         or (isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.is_mutable)
         for node in graph.nodes
         if node.op == "call_function"
     )
+
+
+# what torch.export records for Python ints and SymInts (sizes under dynamic shapes): pure
+_SIZE_ARITHMETIC = {
+    *(getattr(operator, name) for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod")),
+    *(getattr(operator, name) for name in ("neg", "pow", "eq", "ne", "lt", "le", "gt", "ge")),
+    torch.sym_float,
+    torch.sym_int,
+    torch.sym_max,
+    torch.sym_min,
+    torch.sym_not,
+}
 
 
 def _flat_graph_module(exported, num_layers: int) -> fx.GraphModule:
