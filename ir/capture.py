@@ -222,13 +222,9 @@ def _is_functional(graph: fx.Graph) -> bool:
 
 # what torch.export records for Python ints and SymInts (sizes under dynamic shapes): pure
 _SIZE_ARITHMETIC = {
-    *(getattr(operator, name) for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod")),
-    *(getattr(operator, name) for name in ("neg", "pow", "eq", "ne", "lt", "le", "gt", "ge")),
-    torch.sym_float,
-    torch.sym_int,
-    torch.sym_max,
-    torch.sym_min,
-    torch.sym_not,
+    *(operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv),
+    *(operator.mod, operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le),
+    *(operator.gt, operator.ge, torch.sym_float, torch.sym_int, torch.sym_max, torch.sym_min, torch.sym_not),
 }
 
 

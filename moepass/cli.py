@@ -106,8 +106,8 @@ def _compress(args: argparse.Namespace) -> None:
                 )
     sources = [("--eval-data", args.eval_data)] if args.eval_per_source else []
     if needs_data(recipe):
-        flag = "--calib" if args.calib is not None else f"recipe {recipe.name}: calibration.data"
-        sources.append((flag, recipe.calibration.data if args.calib is None else args.calib))
+        recipe_data = (f"recipe {recipe.name}: calibration.data", recipe.calibration.data)
+        sources.append(recipe_data if args.calib is None else ("--calib", args.calib))
     for flag, data in sources:  # a typo is an error now, not after loading the model
         try:
             check_source(data)

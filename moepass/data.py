@@ -103,7 +103,7 @@ def check_source(data) -> None:
     """What can be told of a data source without reading it (a built-in's name, an empty or missing
     path): the CLI asks before minutes of loading a model."""
     if isinstance(data, str) and data.startswith(BUILTIN_PREFIX):
-        if data[len(BUILTIN_PREFIX) :] not in BUILTIN_SPLITS:
+        if data.removeprefix(BUILTIN_PREFIX) not in BUILTIN_SPLITS:
             raise DataError(
                 f"unknown built-in data {data!r}; built-ins: "
                 + ", ".join(BUILTIN_PREFIX + s for s in BUILTIN_SPLITS)
@@ -122,7 +122,7 @@ def load_documents(data, *, text_key: str = "text") -> list[Document]:
     """
     check_source(data)
     if isinstance(data, str) and data.startswith(BUILTIN_PREFIX):
-        with resources.as_file(corpus_dir() / f"{data[len(BUILTIN_PREFIX) :]}.jsonl.gz") as path:
+        with resources.as_file(corpus_dir() / f"{data.removeprefix(BUILTIN_PREFIX)}.jsonl.gz") as path:
             return _from_records(_read_jsonl(path), "text", str(path))
     if isinstance(data, (str, Path)):
         path = Path(data)

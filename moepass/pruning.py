@@ -42,10 +42,11 @@ class PruneConfig(PassConfig):
         check_range("sparsity", self.sparsity, 0.0, 1.0, inclusive_low=False)
         if self.sparsity >= 1.0:
             raise ConfigError(f"sparsity: {self.sparsity} would remove every weight; must be < 1")
-        if self.nm() and self.sparsity != self.nm()[0] / self.nm()[1]:  # the pattern fixes the share
+        nm = self.nm()
+        if nm and self.sparsity != nm[0] / nm[1]:  # the pattern fixes the share
             raise ConfigError(
                 f"sparsity: {self.sparsity} does not match pattern {self.pattern}, which zeroes "
-                f"{self.nm()[0]} of every {self.nm()[1]} weights; leave sparsity out"
+                f"{nm[0]} of every {nm[1]} weights; leave sparsity out"
             )
         unknown = [t for t in self.targets if t not in CATEGORIES or t == "lm_head"]
         if unknown:

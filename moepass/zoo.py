@@ -222,9 +222,8 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
 def trained_model_dir(name: str) -> str | None:
     """The bundled directory of a trained built-in (`builtin:tiny-mixtral`), else None."""
-    if name.startswith(BUILTIN_PREFIX) and name[len(BUILTIN_PREFIX) :] in TRAINED:
-        return str(models_dir() / name[len(BUILTIN_PREFIX) :])
-    return None
+    bundled = name.removeprefix(BUILTIN_PREFIX)
+    return str(models_dir() / bundled) if name.startswith(BUILTIN_PREFIX) and bundled in TRAINED else None
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
