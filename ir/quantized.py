@@ -101,7 +101,7 @@ def scales_and_zeros(
     # a zero range still needs a positive scale: the smallest `dtype` holds (fp16's subnormals: a
     # floor at its smallest normal, 6e-5, would coarsen every small-range group) that fp32 holds
     # as a normal number (float32 and bf16 subnormals may be flushed to zero)
-    smallest = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).item()
+    smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
     scale = stored.float().clamp_min(max(smallest, torch.finfo(torch.float32).tiny))
     if fmt.symmetric:
         zero = torch.full_like(scale, 2 ** (fmt.bits - 1))

@@ -66,8 +66,8 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
     `preserve_gate`: the router keeps all its rows, reordered [kept..., dropped...], and its top-k;
     a token routed to a dropped expert just loses that contribution (ids >= E are skipped by the
     experts op). Family-agnostic: it only touches what the structure map names.
-    Group-limited routing (`n_group` > 1) needs the same number kept from each group (and, when groups
-    are scored by their best 2 experts, at least 2), so that every group keeps only its own experts.
+    Group-limited routing (`n_group` > 1) needs the same number kept from each group, so that every
+    group keeps only its own experts, and enough in each for its routing (`min_experts_per_group`).
     """
     moe = program.structure.block(index).mlp
     if moe is None or not hasattr(moe, "route_node"):
@@ -84,18 +84,13 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
         )
     if moe.n_group > 1:
         _check_groups_stay_equal(moe, index, keep)
-    experts = torch.tensor(keep)
-    rows = (
-        torch.tensor(keep + [e for e in range(moe.router_rows) if e not in keep])
-        if preserve_gate
-        else experts
-    )
+    rows = keep + [e for e in range(moe.router_rows) if e not in keep] if preserve_gate else keep
     graph_module = program.graph_module
     for fqn in (moe.router_weight, moe.router_bias, moe.correction_bias):
         if fqn is not None:
             _replace_tensor(graph_module, fqn, rows)
     for fqn in moe.expert_tensors:  # weights, biases, and packed codes/scales/zeros when quantized
-        _replace_tensor(graph_module, fqn, experts)
+        _replace_tensor(graph_module, fqn, keep)
     route = next(n for n in graph_module.graph.nodes if n.name == moe.route_node)
     if preserve_gate:
         route.meta["moepass_preserve_gate"] = True
@@ -122,26 +117,32 @@ def _check_groups_stay_equal(moe, index: int, keep: list[int]) -> None:
             f"equal groups; keeping {counts} experts per group would move experts into other groups; "
             f"keep the same number of experts from each group of {size}"
         )
-    need = min_experts_per_group(moe)
+    need, why = min_experts_per_group(moe)
     if counts[0] < need:
         raise MoepassError(
-            f"block {index}: group-limited routing (n_group={groups}) scores each group by its best {need} "
-            f"experts, but {counts} experts per group would be kept; keep at least {need} from each group"
+            f"block {index}: group-limited routing (n_group={groups}) needs {need} experts in each group "
+            f"({why}), but {counts} experts per group would be kept; keep at least {need} from each group"
         )
 
 
-def min_experts_per_group(moe) -> int:
-    """Experts a group-limited router needs in each group: DeepSeek-V3's (sigmoid_topk) scores a group
-    by the sum of its best 2 experts, DeepSeek-V2's by its best one."""
-    return 2 if moe.routing == "sigmoid_topk" else 1
+def min_experts_per_group(moe) -> tuple[int, str]:
+    """Experts a group-limited router needs in each group, and why: DeepSeek-V3's (sigmoid_topk)
+    scores a group by the sum of its best 2 experts, DeepSeek-V2's by its best one, and the
+    `topk_group` groups it keeps must hold `top_k` experts between them (else it would route to
+    experts of the groups it masked out)."""
+    scored_by = 2 if moe.routing == "sigmoid_topk" else 1
+    picks = -(-moe.top_k // moe.topk_group)
+    if picks > scored_by:
+        return picks, f"it picks top_k={moe.top_k} experts from its best topk_group={moe.topk_group}"
+    return scored_by, f"it scores each group by its best {scored_by}"
 
 
-def _replace_tensor(graph_module: fx.GraphModule, fqn: str, rows: torch.Tensor) -> None:
+def _replace_tensor(graph_module: fx.GraphModule, fqn: str, rows: list[int]) -> None:
     """Swap a parameter or buffer for its selected rows (a new tensor: nothing shared is edited)."""
     owner_path, _, name = fqn.rpartition(".")
     owner = graph_module.get_submodule(owner_path)
     old = getattr(owner, name)
-    set_tensor(graph_module, fqn, old.detach().index_select(0, rows.to(old.device)))
+    set_tensor(graph_module, fqn, old.detach().index_select(0, torch.tensor(rows, device=old.device)))
 
 
 def set_tensor(graph_module: fx.GraphModule, fqn: str, tensor: torch.Tensor) -> None:

@@ -118,9 +118,9 @@ def mask_lowest(score: Tensor, config: PruneConfig, name: str) -> Tensor:
 class InputStats:
     """What pruning methods need about a projection's inputs: the sum of x_j^2 and X^T X."""
 
-    def __init__(self, size: int, hessian: bool):
-        self.squares = torch.zeros(size, dtype=torch.float64)
-        self.hessian = torch.zeros(size, size, dtype=torch.float64) if hessian else None
+    def __init__(self, size: int, hessian: bool, device: torch.device):
+        self.squares = torch.zeros(size, dtype=torch.float64, device=device)
+        self.hessian = torch.zeros(size, size, dtype=torch.float64, device=device) if hessian else None
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
@@ -164,7 +164,8 @@ def prune_program(
     for block in [b.index for b in program.structure.blocks]:
         dense_outputs = runner.outputs(block) if config.propagation == "dense" else None
         block_linears = [t for t in linears if t.block == block]
-        stats = {t.input: InputStats(get(t.weight).shape[-1], needs_hessian) for t in block_linears}
+        weights = {t.input: get(t.weight) for t in block_linears}
+        stats = {name: InputStats(w.shape[-1], needs_hessian, w.device) for name, w in weights.items()}
         moe = program.structure.block(block).mlp if block in experts else None
         expert_stats = _expert_stats(program, runner, block, moe, needs_hessian) if moe is not None else None
         if stats:
@@ -200,8 +201,10 @@ def _expert_stats(program, runner: BlockwiseRunner, block: int, moe, needs_hessi
     hidden, act, alpha, limit = node.args[0].name, ACTIVATIONS[moe.activation], node.args[8], node.args[9]
     gate_up = get(moe.gate_up)
     gate_up_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
-    first = [InputStats(gate_up.shape[-1], needs_hessian) for _ in range(moe.num_experts)]
-    second = [InputStats(get(moe.down).shape[-1], needs_hessian) for _ in range(moe.num_experts)]
+    first = [InputStats(gate_up.shape[-1], needs_hessian, gate_up.device) for _ in range(moe.num_experts)]
+    second = [
+        InputStats(get(moe.down).shape[-1], needs_hessian, gate_up.device) for _ in range(moe.num_experts)
+    ]
     for values in runner.observe(block, {hidden, moe.route_ids}):
         x, ids = values[hidden], values[moe.route_ids]
         for e in range(moe.num_experts):

@@ -142,7 +142,12 @@ def test_yaml_recipe_files(tmp_path):
         (
             "deepseek_v3",
             [("expert_drop", {"keep": 2})],
-            "scores each group by its best 2 experts; keep at least 4",
+            r"needs 2 experts in each of its 2 groups \(it scores each group by its best 2\); keep at least",
+        ),
+        (  # one expert per group is enough to score groups, not to route top_k=2 within topk_group=1
+            "deepseek_v2",
+            [("expert_drop", {"keep": 2})],
+            r"needs 2 experts .* \(it picks top_k=2 experts from its best topk_group=1\); keep at least 4",
         ),
         (
             "deepseek_v3",

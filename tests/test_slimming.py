@@ -90,7 +90,7 @@ def test_awq_scales_protect_outlier_input_channels(seed):
 def test_calibrated_pruning_beats_magnitude(inputs, method, seed):
     x = inputs(2048, 128)
     weight = torch.randn(64, 128) / 128**0.5
-    stats = InputStats(128, hessian=True)
+    stats = InputStats(128, hessian=True, device="cpu")
     stats.add(x)
     reference = F.linear(x, weight)
     for pattern in ("unstructured", "2:4"):
@@ -108,7 +108,7 @@ def test_sparsegpt_nm_equals_column_by_column_obs(pattern, seed):
     paper: one column at a time, each group of m columns masked from the weights updated so far."""
     x = _correlated_inputs(1024, 256)
     weight = torch.randn(32, 256) / 256**0.5
-    stats = InputStats(256, hessian=True)
+    stats = InputStats(256, hessian=True, device="cpu")
     stats.add(x)
     h = stats.hessian / stats.tokens
     h += 0.01 * h.diag().mean() * torch.eye(256, dtype=h.dtype)
@@ -132,7 +132,7 @@ def test_sparsegpt_nm_equals_column_by_column_obs(pattern, seed):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 def test_masks_have_the_requested_shape(pattern, seed):
     x = torch.randn(256, 64)
-    stats = InputStats(64, hessian=True)
+    stats = InputStats(64, hessian=True, device="cpu")
     stats.add(x)
     weight = torch.randn(24, 64)
     config = PruneConfig(sparsity=0.375, pattern=pattern)
@@ -154,7 +154,7 @@ def test_masks_have_the_requested_shape(pattern, seed):
 def test_sparsegpt_zeroes_as_many_per_row_as_the_whole_row_methods(cols, ratio, seed):
     """SparseGPT chooses its mask 128 columns at a time; rounding each block's share on its own lost
     up to a weight per block (and pruned nothing below 1/128)."""
-    stats = InputStats(cols, hessian=True)
+    stats = InputStats(cols, hessian=True, device="cpu")
     stats.add(torch.randn(2 * cols, cols))
     weight = torch.randn(8, cols)
     config = PruneConfig(sparsity=ratio)
@@ -320,7 +320,7 @@ def test_gptq_calibrates_mla_up_projections_on_the_quantized_low_rank_outputs():
     weight = program.graph_module.get_parameter(target.weight)
 
     def codes_from(source) -> torch.Tensor:
-        hessian = Hessian(weight.shape[-1])
+        hessian = Hessian(weight.shape[-1], weight.device)
         for values in BlockwiseRunner(source, data).observe(target.block, {target.input}):
             hessian.add(values[target.input])
         return gptq_quantize(weight, hessian.mean(), QuantFormat(4, 16))[0]
@@ -404,3 +404,30 @@ def test_a_sparsity_that_zeroes_nothing_is_refused_before_any_change():
             moepass.compress(program, [(method, {"sparsity": 0.012})], calibration=_calibration())
     assert all(torch.equal(p, before[n]) for n, p in program.graph_module.named_parameters())
     assert not program.info.pruned
+
+
+@pytest.mark.parametrize(
+    "family,passes",
+    [
+        (
+            "deepseek_v3",
+            [("gptq", {"group_size": 16, "act_order": True, "targets": ["experts", "attention"]})],
+        ),
+        ("qwen2_moe", [("awq", {"group_size": 16, "targets": ["experts", "shared_experts", "attention"]})]),
+        ("gpt_oss", [("wanda", {"targets": ["experts", "attention"]})]),
+        ("olmoe", [("sparsegpt", {"pattern": "2:4"})]),
+        ("mixtral", [("expert_drop", {"keep": 4, "score": "reap"}), ("rtn", {"group_size": 16})]),
+    ],
+)
+def test_passes_create_their_tensors_on_the_programs_device(family, passes):
+    """A CUDA program must be compressed with its statistics on the GPU. Under a meta default device,
+    any tensor a pass creates without `device=` lands on meta and fails against the CPU program,
+    as a CPU-made Hessian would fail against a CUDA program's activations."""
+    _, program = captured(family)
+    tokens = _calibration()
+    expected = moepass.compress(program, passes, calibration=tokens)
+    with torch.device("meta"):
+        result = moepass.compress(program, passes, calibration=tokens)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(result(ids), expected(ids))

@@ -94,7 +94,7 @@ def search_clip(weight: Tensor, x: Tensor, fmt: QuantFormat, steps: int, max_shr
     w = weight.float().view(n, -1, group)
     xg = x.float()[: SAMPLE_TOKENS // 4].view(-1, k // group, group)  # [T, G, g]
     reference = torch.einsum("tgk,ngk->tng", xg, w)
-    best_err = torch.full((n, k // group), float("inf"))
+    best_err = torch.full((n, k // group), float("inf"), device=weight.device)
     best = w.clone()
     top = w.abs().amax(-1, keepdim=True)
     for step in range(steps):
@@ -111,7 +111,7 @@ def search_clip(weight: Tensor, x: Tensor, fmt: QuantFormat, steps: int, max_shr
 def _sample(chunks: list[Tensor]) -> Tensor:
     x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks])
     if x.shape[0] > SAMPLE_TOKENS:
-        x = x[torch.linspace(0, x.shape[0] - 1, SAMPLE_TOKENS).long()]
+        x = x[torch.linspace(0, x.shape[0] - 1, SAMPLE_TOKENS, device=x.device).long()]
     return x
 
 
@@ -244,7 +244,9 @@ class AWQPass(TransformPass):
         x_all = torch.cat(observed[hidden])
         ids_all = torch.cat(observed[moe.route_ids])
         weights_all = torch.cat(observed[moe.route_weights])
-        keep = torch.linspace(0, x_all.shape[0] - 1, min(SAMPLE_TOKENS, x_all.shape[0])).long()
+        keep = torch.linspace(
+            0, x_all.shape[0] - 1, min(SAMPLE_TOKENS, x_all.shape[0]), device=x_all.device
+        ).long()
         x, ids, route_w = x_all[keep], ids_all[keep], weights_all[keep]
         gate_up, down = get(moe.gate_up), get(moe.down)
         gu_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
@@ -297,7 +299,7 @@ class AWQPass(TransformPass):
                     wd = search_clip(wd, h / sd, fmt, c.clip_grid, c.max_shrink)
             else:  # too few routed tokens to trust a search: plain round-to-nearest
                 fallback.append(e)
-                sd, wd = torch.ones(down.shape[-1], dtype=down.dtype), down[e]
+                sd, wd = torch.ones(down.shape[-1], dtype=down.dtype, device=down.device), down[e]
             packed_gate_up.append(rtn(w, fmt, f"{moe.gate_up}[{e}]"))
             packed_down.append(rtn(wd, fmt, f"{moe.down}[{e}]"))
             down_scales.append(1 / sd)

@@ -170,11 +170,11 @@ def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
             f"expert_drop: block {index} has group-limited routing with {groups} groups of {size}; "
             f"keeping {count} experts cannot keep the groups equal (use a multiple of {groups})"
         )
-    per_group, need = count // groups, min_experts_per_group(moe)
+    per_group, (need, why) = count // groups, min_experts_per_group(moe)
     if per_group < need:
         raise ConfigError(
-            f"expert_drop: block {index}'s routing scores each group by its best {need} experts; "
-            f"keep at least {need * groups} experts"
+            f"expert_drop: block {index}'s group-limited routing needs {need} experts in each of its "
+            f"{groups} groups ({why}); keep at least {need * groups} experts"
         )
     kept = []
     for g in range(groups):

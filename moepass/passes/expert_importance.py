@@ -15,6 +15,7 @@ Shared experts are not routed, so they are never scored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -86,8 +87,9 @@ class _Observer:
         self.logits = {i: nodes[m.route_node].args[0].name for i, m in self.moe.items()}
         self.hidden = {i: nodes[m.experts_node].args[0].name for i, m in self.moe.items()}
         self.activation_args = {m.experts_node: nodes[m.experts_node].args[8:10] for m in self.moe.values()}
-        self.sums = {i: torch.zeros(m.num_experts, dtype=torch.float64) for i, m in self.moe.items()}
-        self.counts = {i: torch.zeros(m.num_experts, dtype=torch.float64) for i, m in self.moe.items()}
+        zeros = partial(torch.zeros, dtype=torch.float64, device=program.device)  # summed where routing runs
+        self.sums = {i: zeros(m.num_experts) for i, m in self.moe.items()}
+        self.counts = {i: zeros(m.num_experts) for i, m in self.moe.items()}
         self.tokens = 0
         self.kinds = {i: m.routing for i, m in self.moe.items()}
 
@@ -121,7 +123,7 @@ class _Observer:
                     probs = torch.softmax(logits, dim=-1)
                 self.sums[i] += probs.sum(0)[:num_experts]
             elif self.score == "topk_mass":
-                self.sums[i] += torch.zeros(num_experts, dtype=torch.float64).index_add_(
+                self.sums[i] += weights.new_zeros(num_experts).index_add_(
                     0, flat_ids, (weights * valid).reshape(-1)
                 )
             elif self.score == "reap":
@@ -134,7 +136,7 @@ class _Observer:
         down_bias = get(moe.down_bias) if moe.down_bias else None
         act = ACTIVATIONS[moe.activation]
         alpha, limit = self.activation_args[moe.experts_node]
-        out = torch.zeros(moe.num_experts, dtype=torch.float64)
+        out = weights.new_zeros(moe.num_experts, dtype=torch.float64)
         for expert in range(moe.num_experts):
             rows, slots = (ids == expert).nonzero(as_tuple=True)
             if rows.numel() == 0:
@@ -156,7 +158,7 @@ class _Observer:
                 per_layer[i] = self.sums[i] / self.counts[i].clamp_min(1)
             else:
                 per_layer[i] = self.sums[i] / samples
-        return ExpertImportance(self.score, per_layer, samples)
+        return ExpertImportance(self.score, {i: s.cpu() for i, s in per_layer.items()}, samples)
 
 
 @register_pass

@@ -77,19 +77,24 @@ def gptq_quantize(
     scale, zero = scales_and_zeros(w, fmt, weight.dtype)  # static groups
     scale, zero = scale.double(), zero.double()
     group = fmt.group(w.shape[1])
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
+    perm = (
+        torch.argsort(torch.diag(h), descending=True)
+        if act_order
+        else torch.arange(w.shape[1], device=w.device)
+    )
     w, h = w[:, perm], h[perm][:, perm]
     pruned = None if pruned is None else pruned[:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
     columns = w.shape[1]
+    groups = (perm // group).tolist()  # each column's scale group, read without a device sync
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
         w1, h1 = w[:, start:end].clone(), hinv[start:end, start:end]
         errors = torch.zeros_like(w1)
         for i in range(end - start):
-            g = int(perm[start + i]) // group
+            g = groups[start + i]
             column = w1[:, i]
             q = torch.clamp(torch.round(column / scale[:, g]) + zero[:, g], 0, fmt.max_code)
             if pruned is not None:
@@ -105,8 +110,8 @@ def gptq_quantize(
 
 
 class Hessian:
-    def __init__(self, size: int):
-        self.matrix, self.tokens = torch.zeros(size, size, dtype=torch.float64), 0
+    def __init__(self, size: int, device: torch.device):
+        self.matrix, self.tokens = torch.zeros(size, size, dtype=torch.float64, device=device), 0
 
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
@@ -153,7 +158,8 @@ class GPTQPass(TransformPass):
     def _linears(self, program, runner: BlockwiseRunner, block: int, group) -> None:
         if not group:
             return
-        hessians = {t.input: Hessian(program.graph_module.get_parameter(t.weight).shape[-1]) for t in group}
+        get = program.graph_module.get_parameter
+        hessians = {t.input: Hessian(get(t.weight).shape[-1], get(t.weight).device) for t in group}
         for values in runner.observe(block, set(hessians)):
             for name, hessian in hessians.items():
                 hessian.add(values[name])
@@ -185,7 +191,7 @@ class GPTQPass(TransformPass):
         fmt = c.format_for(gate_up, down)
 
         def routed_hessians(size: int, features) -> list[Hessian]:
-            result = [Hessian(size) for _ in range(moe.num_experts)]
+            result = [Hessian(size, gate_up.device) for _ in range(moe.num_experts)]
             for values in runner.observe(block, {hidden, moe.route_ids}):
                 x, ids = values[hidden], values[moe.route_ids]
                 for e in range(moe.num_experts):

@@ -32,12 +32,12 @@ def sparsegpt_prune(weight, stats, config: PruneConfig, name: str):
     h = (
         (stats.hessian / max(stats.tokens, 1)).clone()
         if stats is not None
-        else torch.eye(cols, dtype=torch.float64)
+        else torch.eye(cols, dtype=torch.float64, device=w.device)
     )
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += DAMP * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    h += DAMP * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     nm = config.nm()
     if nm is not None:
