@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger("moepass")
 
 
 class StepGeneration:
@@ -35,6 +38,15 @@ class StepGeneration:
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        positions_known = self.info.config.get("max_position_embeddings")
+        if positions_known and input_ids.shape[-1] + max_new_tokens > positions_known:
+            logger.warning(  # as transformers does: the user may know the model extrapolates
+                "generate: %d prompt + %d new tokens exceed the %d positions the model was made for "
+                "(max_position_embeddings); tokens past them may be garbage",
+                input_ids.shape[-1],
+                max_new_tokens,
+                positions_known,
+            )
         eos = self.info.eos_token_ids if eos_token_id is ... else eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         pad = pad_token_id if pad_token_id is not None else self.info.pad_token_id

@@ -114,6 +114,19 @@ def test_generation_stops_at_eos_like_transformers(captured, seed):
     assert torch.equal(got, expected)
 
 
+def test_generation_past_the_models_positions_warns(caplog):
+    """Like transformers: a user may know the model extrapolates, but must be told it was not made to."""
+    model, program = helpers.captured("mixtral", max_position_embeddings=12)
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    with caplog.at_level(logging.WARNING, logger="moepass"):
+        within = program.generate(ids, max_new_tokens=6, eos_token_id=None)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="moepass"):
+        beyond = program.generate(ids, max_new_tokens=7, eos_token_id=None)
+    assert "6 prompt + 7 new tokens exceed the 12 positions" in caplog.text
+    assert torch.equal(beyond[:, :12], within)
+
+
 def test_structure_map(captured):
     family, model, program, _ = captured
     structure = program.structure
