@@ -33,11 +33,17 @@ class StepGeneration:
         """Greedy (or sampled) generation with the KV cache: prompt plus up to `max_new_tokens`.
 
         Matches transformers `generate`: left padding via `attention_mask`, positions from the mask,
-        finished sequences padded with `pad_token_id` (default: the first EOS id). `streamer` is
-        called with each step's new tokens [batch] as soon as they are chosen.
+        finished sequences padded with `pad_token_id` (default: the first EOS id), `top_k` 0 or None
+        for no limit. `streamer` is called with each step's new tokens [batch] as soon as chosen.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 to sample, got {temperature} (do_sample=False is greedy)"
+            )
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {top_k}")
         positions_known = self.info.config.get("max_position_embeddings")
         if positions_known and input_ids.shape[-1] + max_new_tokens > positions_known:
             logger.warning(  # as transformers does: the user may know the model extrapolates
@@ -81,8 +87,8 @@ def _pick(
 ) -> Tensor:
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / max(temperature, 1e-5)
-    if top_k is not None:
+    logits = logits / temperature
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

@@ -123,6 +123,7 @@ class MoEProgram(nn.Module, StepGeneration):
         result = super()._apply(fn, recurse)
         if probe.device != before:
             _retarget_devices(self.graph_module, probe.device)
+            self._last_token_graph, self._compiled_steps = None, {}  # they hold the old device's constants
         return result
 
     # -- running ------------------------------------------------------------------------------

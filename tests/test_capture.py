@@ -114,6 +114,26 @@ def test_generation_stops_at_eos_like_transformers(captured, seed):
     assert torch.equal(got, expected)
 
 
+def test_sampled_generation_matches_transformers(captured, seed):
+    """Same processing (temperature, then top-k) and the same draws from the global generator."""
+    family, model, program, _ = captured
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    options = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7}
+    torch.manual_seed(seed)
+    expected = model.generate(ids, top_k=20, **options)
+    torch.manual_seed(seed)
+    assert torch.equal(program.generate(ids, top_k=20, **options), expected), family
+    torch.manual_seed(seed)
+    unlimited = model.generate(ids, top_k=0, **options)
+    for no_limit in (0, None):
+        torch.manual_seed(seed)
+        assert torch.equal(program.generate(ids, top_k=no_limit, **options), unlimited), (family, no_limit)
+    with pytest.raises(ValueError, match="temperature must be > 0 to sample, got 0"):
+        program.generate(ids, 2, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        program.generate(ids, 2, do_sample=True, top_k=-1)
+
+
 def test_generation_past_the_models_positions_warns(caplog):
     """Like transformers: a user may know the model extrapolates, but must be told it was not made to."""
     model, program = helpers.captured("mixtral", max_position_embeddings=12)
@@ -244,11 +264,14 @@ def test_program_device_moves_never_touch_the_user_model(seed):
     model, program = helpers.captured("mixtral", tie_word_embeddings=True)
     assert program.structure.embeddings.params == program.structure.lm_head.params  # tied, stored once
     assert "embeddings (tied)" in program.summary()
-    moved = program.fork().to("meta")
+    moved = program.fork()
+    moved.generate(torch.randint(3, 128, (1, 4)), 2)  # caches the last-token step graph on CPU
+    moved.to("meta")
     assert moved.device.type == "meta"
-    assert not any(
-        n.kwargs.get("device", torch.device("meta")).type == "cpu" for n in moved.graph_module.graph.nodes
-    ), "graph constants still on the old device"
+    for graph_module in (moved.graph_module, moved._last_token_module()):
+        assert not any(
+            n.kwargs.get("device", torch.device("meta")).type == "cpu" for n in graph_module.graph.nodes
+        ), "graph constants still on the old device"
     assert all(p.device.type == "cpu" for p in [*model.parameters(), *program.graph_module.parameters()])
     with pytest.raises(moepass.MoepassError, match="captured in float32 and cannot be converted to bfloat16"):
         program.to(torch.bfloat16)
