@@ -156,7 +156,7 @@ def moepass_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     # Held weakly: Dynamo caches the compiled callable, which must not keep the originals (the float
     # weights `quantize` sheds) alive once the model is gone
     snapshots = {
-        i: (weakref.ref(value), _version(value))
+        i: (weakref.ref(value), _state(value))
         for i, (node, value) in enumerate(inputs.items())
         if node in read and not node.users and isinstance(value, Tensor)
     }
@@ -172,16 +172,16 @@ class StaleWeightsError(MoepassError):
 
 
 def _checking_snapshots(
-    compiled: Callable, snapshots: dict[int, tuple[weakref.ref[Tensor], int]]
+    compiled: Callable, snapshots: dict[int, tuple[weakref.ref[Tensor], tuple]]
 ) -> Callable:
     """`compiled`, refusing to run once a weight it converted at compile time changed: Dynamo does not
     guard on weight identity or contents, so it would silently keep running the old weights. The
     weights are held weakly; one that was freed since can only have been replaced."""
 
     def run(*args):
-        for i, (ref, version) in snapshots.items():
+        for i, (ref, state) in snapshots.items():
             tensor = ref()
-            if tensor is None or args[i] is not tensor or _version(tensor) != version:
+            if tensor is None or args[i] is not tensor or _state(tensor) != state:
                 raise StaleWeightsError(
                     "a weight the moepass backend converted at compile time (expert layout, quantization "
                     "or packing) was edited or replaced since, or this is another model of the same "
@@ -193,9 +193,11 @@ def _checking_snapshots(
     return run
 
 
-def _version(tensor: Tensor) -> int:
-    """In-place edits count (inference-mode tensors keep no count: only their identity is checked)."""
-    return -1 if tensor.is_inference() else tensor._version
+def _state(tensor: Tensor) -> tuple:
+    """What an edit changes: the version counter for in-place edits (inference-mode tensors keep none),
+    the storage for `param.data = new`, which keeps the same tensor object and counter."""
+    version = -1 if tensor.is_inference() else tensor._version
+    return version, tensor.data_ptr(), tensor.shape, tensor.dtype
 
 
 def _refuse_eager_experts(scopes: tuple[dict, dict] | None) -> None:

@@ -231,7 +231,14 @@ def test_converted_weights_edited_after_compile_are_refused(seed):
     compiled = torch.compile(model, backend="moepass", options=ATEN)
     with torch.no_grad():
         compiled(ids)
-        model.model.layers[0].mlp.experts.gate_up_proj.mul_(2)
+        experts = model.model.layers[0].mlp.experts
+        experts.gate_up_proj.mul_(2)
+        with pytest.raises(StaleWeightsError, match="compile again"):
+            compiled(ids)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="moepass", options=ATEN)
+        compiled(ids)
+        experts.gate_up_proj.data = experts.gate_up_proj.detach() * 2  # same object and version counter
         with pytest.raises(StaleWeightsError, match="compile again"):
             compiled(ids)
         # Dynamo (2.13) reuses the graph for another instance: refused, or recompiled, never stale
