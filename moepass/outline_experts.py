@@ -131,7 +131,7 @@ def _outline(graph_module, path, region: _Region, inputs: dict, frame_scopes) ->
     for node in region.nodes:
         for arg in node.all_input_nodes:
             is_weight = arg.op == "placeholder" and id(inputs.get(arg)) in own
-            if arg not in inside and not is_weight and arg not in external and _is_tensor(arg):
+            if arg not in inside and not is_weight and arg not in external and _is_activation(arg):
                 external.append(arg)
     escaping = [n for n in region.nodes if any(user not in inside for user in n.users)]
     # sizes computed inside and reused after (dynamic shapes) stay, with what they are computed from
@@ -142,7 +142,8 @@ def _outline(graph_module, path, region: _Region, inputs: dict, frame_scopes) ->
     if len(external) != 3 or len(escaping) != 1:
         return (
             f"its traced region has {len(external)} activation inputs and {len(escaping)} outputs "
-            f"(expected 3 and 1): a graph break inside the experts; use experts_implementation='grouped_mm'"
+            f"(expected 3 and 1): a graph break inside the experts (transformers' experts_implementation "
+            f"'grouped_mm' has none)"
         )
     canonical = region.family.convert(block, config).experts
     hidden, ids, weights = _activation_inputs(external, canonical.gate_up_proj.shape[-1])
@@ -184,6 +185,12 @@ def _ancestors(nodes: list[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
 
 def _is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("example_value"), Tensor)
+
+
+def _is_activation(node: fx.Node) -> bool:
+    """A tensor the region reads, other than a 0-dim graph input: under `dynamic=True` Dynamo lifts
+    float attributes (GPT-OSS's `alpha`, `limit`) to such inputs, which the family converter supplies."""
+    return _is_tensor(node) and not (node.op == "placeholder" and node.meta["example_value"].dim() == 0)
 
 
 def _activation_inputs(external: list[fx.Node], hidden_size: int) -> tuple[fx.Node, fx.Node, fx.Node]:

@@ -96,6 +96,19 @@ def test_new_lengths_reuse_one_dynamic_graph(seed):
     assert [r.ops for r in compile_reports()] == [{"moepass.experts.default": _moe_layers(model)}] * 2
 
 
+def test_dynamic_true_still_outlines_every_experts_module(seed):
+    """dynamic=True lifts GPT-OSS's float attributes (alpha, limit) into 0-dim graph inputs of the
+    experts region: they are not activations, so each layer still becomes one experts op."""
+    model = model_for("gpt_oss", seed=seed)
+    ids = _ids(model)
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend="moepass", dynamic=True, options=ATEN)(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    reports = compile_reports()  # (Dynamo may restart its analysis and hand the graph over twice)
+    assert reports and all(len(r.outlined) == _moe_layers(model) and not r.skipped for r in reports)
+
+
 def _dequantized_model(model, family: str, fmt: QuantFormat):
     """transformers model whose routed expert weights are RTN-quantized and dequantized back."""
     ref = copy.deepcopy(model)
