@@ -40,8 +40,10 @@ from moepass.errors import MoepassError
 from moepass.ir.ops import EXPERTS
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, STORED_TENSORS
 from moepass.ir.quantized import FormatError, QuantFormat, quantize
+from moepass.ir.sparse import SPARSE24_EXPERTS
 from moepass.ir.structure import op_args, tensor_at
 from moepass.ir.surgery import install_tensor, swap_node
+from moepass.kernels.ops import PACKED_EXPERTS
 from moepass.outline_experts import frame_scopes, outline_experts
 from moepass.passes.cpu_packed_weights import lower_experts_node, lower_linear_node
 
@@ -82,6 +84,8 @@ class CompileOptions:
             check = _CHECKS[key]
             if not check[0](value):
                 raise CompileOptionError(f"option {key!r}={value!r} is invalid: {check[1]}")
+            if key in ("group_size", "symmetric") and options.get("quantize") is None:
+                raise CompileOptionError(f"option {key!r} sets how to quantize: it needs option 'quantize'")
         return cls(**(options or {}))
 
     def format(self) -> QuantFormat | None:
@@ -136,12 +140,20 @@ def moepass_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     outlined = outline_experts(gm, example_inputs, frame_scopes())
     report.outlined, report.skipped = outlined.outlined, outlined.skipped
     for path, reason in outlined.skipped.items():
+        if opts.quantize is not None:  # it would stay in float: a silently partial quantization
+            raise CompileOptionError(f"option 'quantize': cannot quantize {path}: {reason}")
         logger.warning("moepass backend: %s left as traced: %s", path, reason)
     inputs = dict(zip(placeholders, example_inputs, strict=False))
     fmt = opts.format()
     if fmt is not None:
         _refuse_eager_experts(frame_scopes())
         report.quantized = _quantize_experts(gm, inputs, fmt)
+        compressed = [n.target for n in gm.graph.nodes if n.target in _COMPRESSED_EXPERTS]
+        if compressed and not report.quantized:
+            raise CompileOptionError(
+                f"option 'quantize': this program's experts are compressed already ({compressed[0]}), "
+                "so it would do nothing; compile without it, or quantize with moepass.compress"
+            )
     if opts.lower:
         _lower(gm, inputs, report)
     gm.recompile()
@@ -165,6 +177,9 @@ def moepass_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     with torch.no_grad():
         compiled = _compile(gm, example_inputs, report)
     return _checking_snapshots(compiled, snapshots) if snapshots else compiled
+
+
+_COMPRESSED_EXPERTS = (QUANTIZED_EXPERTS, SPARSE24_EXPERTS, PACKED_EXPERTS)
 
 
 class StaleWeightsError(MoepassError):

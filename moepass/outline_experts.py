@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 from torch import Tensor, fx, nn
+from transformers import PretrainedConfig
 
 from moepass.errors import MoepassError
 from moepass.ir.families import FAMILIES, Family
@@ -107,24 +108,35 @@ def _regions(graph_module: fx.GraphModule) -> dict[str, _Region]:
     return regions
 
 
-def _resolve(path: str, frame_scopes: tuple[dict, dict]) -> tuple[nn.Module, nn.Module]:
-    """(root module the path starts from, module at the path) for a Dynamo source path."""
+def _resolve(path: str, frame_scopes: tuple[dict, dict]) -> tuple[nn.Module, PretrainedConfig]:
+    """(module at a Dynamo source path, config of the innermost transformers model on the way).
+
+    The path starts from any object of the compiled frame (the model, a wrapper module or object
+    holding it, a list of models) and steps through attributes, submodules and indices."""
     match = _SOURCE.match(path)
     if match is None:
         raise OutlineError(f"cannot resolve module path {path!r} of the compiled graph")
     scope, name, rest = match.groups()
-    root = frame_scopes[0 if scope == "L" else 1].get(name)
-    rest = re.sub(r"\._modules\['([^']+)'\]|\[(\d+)\]", lambda m: f".{m.group(1) or m.group(2)}", rest)
-    if not isinstance(root, nn.Module):
-        raise OutlineError(f"{path!r}: {name!r} is not a module in the compiled frame")
-    return root, root.get_submodule(rest.lstrip("."))
+    scopes = frame_scopes[0 if scope == "L" else 1]
+    if name not in scopes:
+        raise OutlineError(f"{path!r}: {name!r} is not in the compiled frame")
+    value, config = scopes[name], None
+    for part in re.findall(r"\._modules\['([^']+)'\]|\[(\d+)\]|\.?([^.\[]+)", rest):
+        module, index, attribute = part
+        config = value.config if isinstance(getattr(value, "config", None), PretrainedConfig) else config
+        try:
+            value = value[int(index)] if index else getattr(value, module or attribute)
+        except (AttributeError, IndexError, KeyError, TypeError) as error:
+            raise OutlineError(f"cannot resolve module path {path!r}: {error}") from error
+    if not isinstance(value, nn.Module):
+        raise OutlineError(f"{path!r} is not a module")
+    if config is None:
+        raise OutlineError(f"{path!r} is not inside a transformers model (no config on the way)")
+    return value, config
 
 
 def _outline(graph_module, path, region: _Region, inputs: dict, frame_scopes) -> str | None:
-    root, block = _resolve(region.block_path, frame_scopes)
-    config = getattr(root, "config", None)
-    if config is None:
-        return f"{type(root).__name__} has no transformers config"
+    block, config = _resolve(region.block_path, frame_scopes)
     own = {id(t) for t in (*block.experts.parameters(), *block.experts.buffers())}
     inside = set(region.nodes)
     external = []

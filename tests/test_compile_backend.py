@@ -23,6 +23,7 @@ from moepass.compile_backend import (
     StaleWeightsError,
     compile_reports,
 )
+from moepass.data import TokenSet
 from moepass.ir.families import FAMILIES as FAMILY_SPECS
 from moepass.ir.quantized import QuantFormat, dequantize, quantize
 
@@ -209,6 +210,7 @@ def test_quantized_program_is_lowered_onto_packed_cpu_kernels(seed):
         ({"inductor": "no"}, "option 'inductor'='no' is invalid: expected True or False"),
         ({"group_size": 0}, "option 'group_size'=0 is invalid"),
         ({"quantize": ["int4"]}, "option 'quantize'=['int4'] is invalid"),  # unhashable: no TypeError
+        ({"group_size": 32}, "option 'group_size' sets how to quantize: it needs option 'quantize'"),
         ("int4", "torch.compile backend 'moepass' takes options as a dict, got str"),
     ],
 )
@@ -236,6 +238,47 @@ def test_quantize_refuses_experts_it_cannot_see(seed):
     with pytest.raises(BackendCompilerFailed, match="MixtralForCausalLM runs its experts with") as info:
         _compiled_logits(model, _ids(model), {"quantize": "int4", "group_size": 16, **ATEN})
     assert isinstance(info.value.inner_exception, CompileOptionError)
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(ids).logits
+
+
+def test_quantize_follows_wrappers_to_the_model_and_refuses_what_it_cannot_quantize(seed):
+    """Module paths may start at a wrapper holding the model: followed to the model's config, every
+    experts module is quantized. Experts it cannot convert (a decoder layer compiled alone has no
+    config on its path) or experts compressed already are errors, not a float model."""
+    model = model_for("mixtral", seed=seed)
+    ids = _ids(model)
+    options = {"quantize": "int4", "group_size": 32, "lower": False, **ATEN}
+    direct = _compiled_logits(model, ids, options)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        wrapped = torch.compile(_Wrapper(model), backend="moepass", options=options)(ids)
+    torch.testing.assert_close(wrapped, direct, rtol=1e-6, atol=1e-6)
+    assert compile_reports()[-1].quantized == _moe_layers(model)
+    torch._dynamo.reset()
+    hidden = torch.randn(2, 7, model.config.hidden_size)
+    rotary = model.model.rotary_emb(hidden, torch.arange(7).expand(2, -1))
+    layer = torch.compile(model.model.layers[0], backend="moepass", options=options)
+    message = r"cannot quantize L\['self'\]\.mlp\.experts: .*not inside a transformers model"
+    with torch.no_grad(), pytest.raises(BackendCompilerFailed, match=message):
+        layer(hidden, position_embeddings=rotary, attention_mask=None)
+    torch._dynamo.reset()
+    _, program = captured("mixtral")
+    calibration = torch.randint(3, 128, (4, 17))
+    sparse = moepass.compress(
+        program,
+        [("magnitude", {"pattern": "2:4", "targets": ["experts"]}), ("sparse24_storage", {})],
+        calibration=TokenSet(calibration[:, :-1], calibration[:, 1:], ["x"] * 4),
+    )
+    with pytest.raises(BackendCompilerFailed, match="experts are compressed already"):
+        torch.compile(sparse, backend="moepass", options=options)(ids, torch.ones_like(ids))
 
 
 def test_converted_weights_edited_after_compile_are_refused(seed):
