@@ -10,7 +10,8 @@ structurally: drop 8 of 32 MoE layers (a fixed random choice) and RTN int4 g128 
 KV cache), prefill time for 2048 tokens, and peak memory of each phase (`max_memory_allocated`
 after a reset, weights included), all in the same run. The HF model and the uncompressed program are
 freed before the compressed one runs, so its peak is its own. Floors: bf16 weights read per token /
-4.14 TB/s. Runs under torch 2.11 / triton 3.6 / transformers 5.17.
+4.14 TB/s. Last, calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) compress a tiny model on the
+device and on CPU: the logits must agree. Runs under torch 2.11 / triton 3.6 / transformers 5.17.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import transformers
 
 import moepass
+from moepass.data import TokenSet
 from moepass.table import format_table
 
 BANDWIDTH = 4.14e12  # bytes/s, H200 device copy
@@ -130,6 +132,30 @@ def measure(name: str, engine, device, prompt_len: int, decode_tokens: int) -> d
     return {"prefill ms": prefill_s * 1e3, "decode ms/token": step_s * 1e3, "peak GB": _peak_gb(device)}
 
 
+def check_calibrated_passes(device: torch.device) -> None:
+    """Calibrated passes on a program on `device` against the same passes on CPU: their statistics
+    (Hessians, input norms, clip searches) must be made on the program's device."""
+    torch.manual_seed(1)
+    program = moepass.capture(transformers.MixtralForCausalLM(transformers.MixtralConfig(**SMOKE)).eval())
+    ids = torch.randint(3, 500, (8, 33))
+    tokens = TokenSet(ids[:, :-1], ids[:, 1:], ["random"] * 8)
+    check = torch.randint(3, 500, (2, 16))
+    rows, worst = [], 0.0
+    for name, options in (("gptq", {"group_size": 32}), ("awq", {"group_size": 32}), ("wanda", {}),
+                          ("sparsegpt", {"pattern": "2:4"})):  # fmt: skip
+        on_cpu = moepass.compress(program, [(name, options)], calibration=tokens)
+        on_device = moepass.compress(program.fork().to(device), [(name, options)], calibration=tokens)
+        with torch.no_grad():
+            ref, got = on_cpu(check), on_device(check.to(device)).cpu()
+        error = float((got - ref).norm() / ref.norm())
+        rows.append([name, f"{error:.2e}"])
+        worst = max(worst, error)
+    print(
+        format_table(["pass", "logits vs the CPU-compressed program"], rows, title=f"compressed on {device}")
+    )
+    assert worst < 5e-2, "a pass compresses differently on the device than on CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -189,6 +215,9 @@ def main() -> None:
     header = ["path", "decode ms/token", "speedup", "x bf16 floor", f"prefill {prompt_len} ms", "peak GB"]
     print(format_table(header, table))
     print("targets: paper recipe <= 2.0 ms/token and <= 19 GB; uncompressed within 1.25x of the bf16 floor")
+    del compressed
+    _reset_peak(device)
+    check_calibrated_passes(device)
 
 
 if __name__ == "__main__":
