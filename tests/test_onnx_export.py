@@ -4,6 +4,7 @@ uncompressed and quantized, with and without past key/values, on inputs unlike t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from moepass.data import TokenSet
 from moepass.errors import MoepassError
 from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import drop_mlp, keep_experts
-from moepass.onnx_export import OnnxExportError, OnnxProgram, export_onnx
+from moepass.onnx_export import OnnxExportError, OnnxProgram, export_onnx, runtime
 from moepass.onnx_export.complex_to_real import complex_to_real
 from moepass.onnx_export.export import exportable_graph
 from moepass.zoo import random_model
@@ -319,6 +320,17 @@ def test_a_truncated_onnx_model_is_refused_naming_the_file(tmp_path, tmp_path_fa
         MoepassError, match=r"model.onnx does not load in onnxruntime .*export the model again"
     ):
         OnnxProgram(copy)
+
+
+def test_an_onnxruntime_too_old_for_the_exports_is_named(tmp_path_factory, monkeypatch):
+    """Older onnxruntimes fail to load the contrib ops, or crash on the first step: name the version."""
+    source = _exported("olmoe", tmp_path_factory)
+    monkeypatch.setattr(runtime.ort, "__version__", "1.22.1")
+    with pytest.raises(MoepassError, match=r"onnxruntime 1.22.1 is older than 1.30, .*'onnxruntime>=1.30'"):
+        OnnxProgram(source)
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    floor = ".".join(map(str, runtime.OLDEST_ONNXRUNTIME))
+    assert f'"onnxruntime>={floor}",' in pyproject, "pip must enforce the same floor"
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite and the GPU scripts' CPU smoke runs under the oldest versions pyproject admits,
 # which are the lent GPU machine's (it cannot install packages): torch 2.11, triton 3.6,
-# transformers 5.17, onnxruntime 1.30, onnx 1.23.1. CI tests the newest versions; run this after
+# transformers 5.17, onnxruntime 1.30, onnx 1.23.1, onnxscript 0.7.2. CI tests the newest versions; run this after
 # touching capture, export or kernels, and before a GPU session. About 20 minutes; the virtual
 # environment (~5 GB: PyPI's torch 2.11 brings its CUDA libraries) is kept in $VENV for the next run.
 #
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-build/venv-lower-bounds}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-pins=(torch==2.11.0 triton==3.6.0 transformers==5.17.0 onnxruntime==1.30.0 onnx==1.23.1
+pins=(torch==2.11.0 triton==3.6.0 transformers==5.17.0 onnxruntime==1.30.0 onnx==1.23.1 onnxscript==0.7.2
       "numpy<2.4")  # triton 3.6's interpreter calls int() on 1-element arrays, which numpy 2.4 refuses
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "${pins[@]}"

@@ -18,6 +18,10 @@ from moepass.ir.program import ProgramInfo
 
 from .export import LOGITS_TO_KEEP, MANIFEST_FILE, MODEL_FILE
 
+# the oldest onnxruntime that runs every export (pyproject's floor): 1.20-1.23 lack MoE's
+# `swiglu_fusion`, QMoE's zero points and int8 MatMulNBits, and fail to load or on the first step
+OLDEST_ONNXRUNTIME = (1, 30)
+
 
 class OnnxProgram(StepGeneration):
     """An exported moepass decoder in an onnxruntime session (threads: torch's current setting)."""
@@ -43,6 +47,12 @@ class OnnxProgram(StepGeneration):
                 f"{path / MANIFEST_FILE} is damaged or from another moepass "
                 f"({type(error).__name__}: {error}); export the model again"
             ) from None
+        if tuple(int(part) for part in ort.__version__.split(".")[:2]) < OLDEST_ONNXRUNTIME:
+            oldest = ".".join(map(str, OLDEST_ONNXRUNTIME))
+            raise MoepassError(
+                f"onnxruntime {ort.__version__} is older than {oldest}, the oldest that runs moepass "
+                f"exports (their MoE, QMoE and MatMulNBits contrib ops); pip install 'onnxruntime>={oldest}'"
+            )
         # exports before this input existed compute every position's logits, cut here instead
         self._keeps_logits = LOGITS_TO_KEEP in manifest.get("optional_inputs", {})
         options = ort.SessionOptions()
