@@ -121,7 +121,7 @@ def _resolve(path: str, frame_scopes: tuple[dict, dict]) -> tuple[nn.Module, Pre
     if name not in scopes:
         raise OutlineError(f"{path!r}: {name!r} is not in the compiled frame")
     value, config = scopes[name], None
-    for part in re.findall(r"\._modules\['([^']+)'\]|\[(\d+)\]|\.?([^.\[]+)", rest):
+    for part in re.findall(r"\.?_modules\['([^']+)'\]|\[(\d+)\]|\.?([^.\[]+)", rest):
         module, index, attribute = part
         config = value.config if isinstance(getattr(value, "config", None), PretrainedConfig) else config
         try:
