@@ -8,6 +8,7 @@
 #   tools/check_lower_bounds.sh [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p build  # the smoke runs' logs (a clean checkout has no build/ when $VENV lives elsewhere)
 VENV=${VENV:-build/venv-lower-bounds}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 pins=(torch==2.11.0 triton==3.6.0 transformers==5.17.0 onnxruntime==1.30.0 onnx==1.23.1 onnxscript==0.7.2
