@@ -141,7 +141,9 @@ def _dequantized_model(model, family: str, fmt: QuantFormat):
     ],
 )
 def test_int4_equals_quantize_dequantize_reference(family, options, tolerance, op, seed):
-    model = model_for(family, seed=seed)
+    # ATen's bf16 kernel can flip near-tied top-2 choices, and one flip outweighs the rounding
+    # measured below (seen in CI): there, every token takes all 8 experts
+    model = model_for(family, seed=seed, **({"num_experts_per_tok": 8} if op == "packed_experts" else {}))
     ids = _ids(model)
     fmt = QuantFormat({"int4": 4, "int8": 8}[options["quantize"]], options["group_size"])
     with torch.no_grad():
