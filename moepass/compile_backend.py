@@ -49,6 +49,9 @@ from moepass.passes.cpu_packed_weights import lower_experts_node, lower_linear_n
 
 logger = logging.getLogger("moepass")
 
+# experts ops that are compressed already: the `quantize` option has nothing to do on them
+_COMPRESSED_EXPERTS = (QUANTIZED_EXPERTS, SPARSE24_EXPERTS, PACKED_EXPERTS)
+
 # `quantize` option -> bits; group size and symmetry come from their own options
 QUANTIZE_BITS: dict[str, int] = {"int4": 4, "int8": 8}
 
@@ -177,9 +180,6 @@ def moepass_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     with torch.no_grad():
         compiled = _compile(gm, example_inputs, report)
     return _checking_snapshots(compiled, snapshots) if snapshots else compiled
-
-
-_COMPRESSED_EXPERTS = (QUANTIZED_EXPERTS, SPARSE24_EXPERTS, PACKED_EXPERTS)
 
 
 class StaleWeightsError(MoepassError):

@@ -164,8 +164,10 @@ def prune_program(
     for block in [b.index for b in program.structure.blocks]:
         dense_outputs = runner.outputs(block) if config.propagation == "dense" else None
         block_linears = [t for t in linears if t.block == block]
-        weights = {t.input: get(t.weight) for t in block_linears}
-        stats = {name: InputStats(w.shape[-1], needs_hessian, w.device) for name, w in weights.items()}
+        stats = {
+            t.input: InputStats(get(t.weight).shape[-1], needs_hessian, get(t.weight).device)
+            for t in block_linears
+        }
         moe = program.structure.block(block).mlp if block in experts else None
         expert_stats = _expert_stats(program, runner, block, moe, needs_hessian) if moe is not None else None
         if stats:

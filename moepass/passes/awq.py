@@ -110,9 +110,12 @@ def search_clip(weight: Tensor, x: Tensor, fmt: QuantFormat, steps: int, max_shr
 
 def _sample(chunks: list[Tensor]) -> Tensor:
     x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks])
-    if x.shape[0] > SAMPLE_TOKENS:
-        x = x[torch.linspace(0, x.shape[0] - 1, SAMPLE_TOKENS, device=x.device).long()]
-    return x
+    return x[_spread_rows(x)]
+
+
+def _spread_rows(x: Tensor) -> Tensor:
+    """Indices of at most SAMPLE_TOKENS rows of `x`, evenly spread (all of them when fewer)."""
+    return torch.linspace(0, x.shape[0] - 1, min(SAMPLE_TOKENS, x.shape[0]), device=x.device).long()
 
 
 @register_pass
@@ -244,9 +247,7 @@ class AWQPass(TransformPass):
         x_all = torch.cat(observed[hidden])
         ids_all = torch.cat(observed[moe.route_ids])
         weights_all = torch.cat(observed[moe.route_weights])
-        keep = torch.linspace(
-            0, x_all.shape[0] - 1, min(SAMPLE_TOKENS, x_all.shape[0]), device=x_all.device
-        ).long()
+        keep = _spread_rows(x_all)
         x, ids, route_w = x_all[keep], ids_all[keep], weights_all[keep]
         gate_up, down = get(moe.gate_up), get(moe.down)
         gu_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
