@@ -20,6 +20,7 @@ import torch
 from moepass.errors import MoepassError
 
 TEXT_KEY_HELP = "the text field of JSON records (default: text)"
+DEVICE_HELP = "torch device to run on: cpu, cuda, cuda:1 (models load on the CPU first)"
 EVAL_SEQ_LEN = 256  # tokens per evaluation window
 USE_MOEPASS_FORMAT = "use --format moepass (the default)"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +28,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _dtype(args: argparse.Namespace) -> torch.dtype | None:
     return _DTYPES[args.dtype] if args.dtype else None
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    """--device checked before minutes of loading: a typo or a missing GPU names itself. Only devices
+    moepass lowers for (cpu, cuda) are offered: the others are untested."""
+    from moepass.lowering import target_device
+
+    try:
+        return target_device(args.device)
+    except MoepassError as error:
+        raise MoepassError(f"--device: {error}") from None
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -47,6 +59,7 @@ def _eval(args: argparse.Namespace) -> None:
     from moepass.zoo import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
+    device = _device(args)
     if args.json:  # before the evaluation, not after it
         directory = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK) or os.path.isdir(args.json):
@@ -56,10 +69,10 @@ def _eval(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     artifact = is_artifact(args.model)
     if artifact:  # a compressed moepass artifact (a program already): evaluated as saved (canonical ops)
-        subject = _load_program(args.model, lower=False, dtype=_dtype(args))
+        subject = _load_program(args.model, lower=False, dtype=_dtype(args), device=device)
     else:
         model = load_model(args.model, dtype=_dtype(args))
-        subject = capture(model) if args.program else model
+        subject = (capture(model) if args.program else model).to(device)
     per_source = None if args.max_per_source == 0 else args.max_per_source
     result = evaluate(
         subject,
@@ -91,6 +104,7 @@ def _compress(args: argparse.Namespace) -> None:
     from moepass.zoo import load_tokenizer, save_tokenizer
 
     torch.set_num_threads(args.threads)
+    device = _device(args)
     recipe = load_recipe(args.recipe)  # validate before any work
     if args.text_key:
         recipe = replace(recipe, calibration=replace(recipe.calibration, text_key=args.text_key))
@@ -119,7 +133,8 @@ def _compress(args: argparse.Namespace) -> None:
     _refuse_inside(out, args.model)
     tokenizer_source = args.tokenizer or args.model
     tokenizer = load_tokenizer(tokenizer_source)
-    original = _load_program(args.model, lower=False, dtype=_dtype(args))  # an artifact compresses further
+    # an artifact compresses further; calibration, the passes and evaluation run on `device`
+    original = _load_program(args.model, lower=False, dtype=_dtype(args), device=device)
     experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
     positions = original.info.config.get("max_position_embeddings") or EVAL_SEQ_LEN
     evaluation = {
@@ -178,9 +193,14 @@ def _refuse_inside(out: Path, model: str) -> None:
 
 
 def _load_program(
-    name_or_path: str, lower: bool = True, compile: bool = False, dtype: torch.dtype | None = None
+    name_or_path: str,
+    lower: bool = True,
+    compile: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
 ):
-    """A moepass artifact directory (loaded, lowered), or a model (captured in `dtype`, lowered)."""
+    """A moepass artifact directory (loaded, lowered), or a model (captured in `dtype`, lowered), on
+    `device`."""
     from moepass.artifact import is_artifact, load
     from moepass.ir import capture
     from moepass.lowering import lower as lower_program
@@ -191,8 +211,8 @@ def _load_program(
             raise MoepassError(
                 f"--dtype applies to a model; the artifact {name_or_path} keeps its compressed dtype"
             )
-        return load(name_or_path, lower=lower, compile=compile)
-    program = capture(load_model(name_or_path, dtype=dtype))
+        return load(name_or_path, device=device, lower=lower, compile=compile)
+    program = capture(load_model(name_or_path, dtype=dtype)).to(device)
     return lower_program(program, copy=False, compile=compile) if lower else program
 
 
@@ -202,6 +222,14 @@ def _generate(args: argparse.Namespace) -> None:
     from moepass.zoo import load_tokenizer
 
     torch.set_num_threads(args.threads)
+    if args.onnx and (args.compile or args.no_lower or args.device.split(":")[0] != "cpu"):
+        raise MoepassError(
+            "--compile, --no-lower and --device choose how PyTorch runs (onnxruntime runs on its CPU "
+            "provider); drop them with --onnx"
+        )
+    if args.compile and args.no_lower:
+        raise MoepassError("--compile compiles the lowered program; drop --no-lower")
+    device = torch.device("cpu") if args.onnx else _device(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     # with the special tokens the tokenizer adds by default (a BOS where the model was trained with one),
     # the same whether tokenizer.json is read directly or through transformers
@@ -213,21 +241,16 @@ def _generate(args: argparse.Namespace) -> None:
     if args.onnx:
         from moepass.onnx_export.runtime import OnnxProgram
 
-        if args.compile or args.no_lower:
-            raise MoepassError("--compile and --no-lower choose how PyTorch runs; drop them with --onnx")
-
         program = OnnxProgram(args.model)
     else:
-        if args.compile and args.no_lower:
-            raise MoepassError("--compile compiles the lowered program; drop --no-lower")
-        program = _load_program(args.model, lower=not args.no_lower, compile=args.compile)
+        program = _load_program(args.model, lower=not args.no_lower, compile=args.compile, device=device)
     generated: list[int] = []
     stream = text_stream(tokenizer, prompt_ids, generated, lambda text: print(text, end="", flush=True))
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)  # sampling draws where the logits are
     print(args.prompt, end="", flush=True)
     start = time.perf_counter()
     program.generate(
-        torch.tensor([prompt_ids]),
+        torch.tensor([prompt_ids], device=device),
         args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,
@@ -400,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=_at_least(1), default=8, help="windows per forward pass")
     evaluation.add_argument("--seed", type=int, default=0, help="which windows are drawn")
     evaluation.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads")
+    evaluation.add_argument("--device", default="cpu", help=DEVICE_HELP)
     evaluation.add_argument("--dtype", choices=sorted(_DTYPES), help="load the weights in this dtype")
     evaluation.add_argument("--program", action="store_true", help="evaluate the captured program instead")
     evaluation.add_argument("--json", help="also write the result as JSON to this file")
@@ -437,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"evaluation window length (default: {EVAL_SEQ_LEN}, or the model's positions if fewer)",
     )
     comp.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads")
+    comp.add_argument("--device", default="cpu", help=DEVICE_HELP + "; the artifact is the same")
     comp.set_defaults(run=_compress)
 
     gen = commands.add_parser("generate", help="stream text from a compressed artifact or a model")
@@ -464,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the lowered program through torch.compile (faster decode; compiles ~1 min first)",
     )
     gen.add_argument("--threads", type=_at_least(1), default=1, help="torch / onnxruntime CPU threads")
+    gen.add_argument("--device", default="cpu", help=DEVICE_HELP + "; lowered for it")
     gen.set_defaults(run=_generate)
 
     onnx = commands.add_parser("export-onnx", help="export a program as an ONNX decoder for onnxruntime")

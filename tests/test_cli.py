@@ -86,6 +86,38 @@ def test_numeric_options_are_checked_before_any_work(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compress", "--model", "builtin:random-mixtral", "--recipe", "int4-gptq", "--eval-per-source", "0"],
+        ["eval", "builtin:random-mixtral"],
+        ["generate", "builtin:random-mixtral"],
+        ["generate", "builtin:random-mixtral", "--no-lower"],
+    ],
+)
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("cuda:99", "--device: device 'cuda:99': "),  # no GPU here, or fewer than 100
+        ("gpu", "--device: device 'gpu' is not a torch device"),
+        ("meta", "--device: no lowering for device 'meta'"),
+    ],
+)
+def test_a_device_is_checked_before_any_model_is_loaded(argv, device, message, capsys, monkeypatch):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --device was checked")
+
+    monkeypatch.setattr("moepass.zoo.load_model", load_model)
+    assert main([*argv, "--device", device]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_onnx_generation_refuses_the_pytorch_options(tmp_path, capsys):
+    for option in (["--compile"], ["--no-lower"], ["--device", "meta"]):
+        assert main(["generate", str(tmp_path), "--onnx", *option]) == 2
+        assert "drop them with --onnx" in capsys.readouterr().err
+
+
 def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["compress", "--out", str(tmp_path / "file" / "out")]) == 2

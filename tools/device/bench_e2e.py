@@ -11,7 +11,8 @@ KV cache), prefill time for 2048 tokens, and peak memory of each phase (`max_mem
 after a reset, weights included), all in the same run. The HF model and the uncompressed program are
 freed before the compressed one runs, so its peak is its own. Floors: bf16 weights read per token /
 4.14 TB/s. Last, calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) compress a tiny model on the
-device and on CPU: the logits must agree. Runs under torch 2.11 / triton 3.6 / transformers 5.17.
+device and on CPU: the logits must agree; and the CLI compresses, evaluates and samples from the
+bundled model with `--device`. Runs under torch 2.11 / triton 3.6 / transformers 5.17.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gc
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import torch
 import transformers
 
 import moepass
+from moepass.cli import main as cli
 from moepass.data import TokenSet
 from moepass.table import format_table
 
@@ -156,6 +159,23 @@ def check_calibrated_passes(device: torch.device) -> None:
     assert worst < 5e-2, "a pass compresses differently on the device than on CPU"
 
 
+def check_cli(device: torch.device) -> None:
+    """`moepass compress/eval/generate --device`: GPTQ on the bundled model, evaluated and sampled there."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = f"{scratch}/tiny-mixtral-gptq"
+        on = ["--device", str(device)]
+        steps = (
+            ["compress", "--recipe", "int4-gptq", "--eval-per-source", "2", "--out", out, *on],
+            ["eval", out, "--max-per-source", "2", *on],
+            ["generate", out, "--sample", "--max-new-tokens", "8", *on],
+        )
+        for argv in steps:
+            print(f"\n$ moepass {' '.join(argv)}", flush=True)
+            assert cli(argv) == 0, f"moepass {argv[0]} failed on {device}"
+        cpu = moepass.load(out)  # the artifact written from the device loads anywhere
+        print(f"\nthe artifact loads on CPU: {cpu}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -218,6 +238,7 @@ def main() -> None:
     del compressed
     _reset_peak(device)
     check_calibrated_passes(device)
+    check_cli(device)
 
 
 if __name__ == "__main__":
