@@ -222,9 +222,7 @@ def experts(
     weight copies), so a decode step reads only the k selected experts. Each (token, slot) result
     lands in its own row and the k slots are summed in slot order, in fp32, as transformers does.
     """
-    check_operands(
-        "moepass::experts", hidden, gate_up=gate_up, down=down, gate_up_bias=gate_up_bias, down_bias=down_bias
-    )
+    check_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias)
 
     def expert_weights(e: int):
         return (
@@ -244,6 +242,57 @@ def experts(
         alpha,
         limit,
     )
+
+
+def check_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias) -> None:
+    """`moepass::experts`' operands: shapes (`check_expert_shapes`, weights [E, 2I, H] and [E, H, I])
+    and dtypes/devices (`check_operands`)."""
+    name = "moepass::experts"
+    inputs = {"gate_up": (gate_up, hidden.shape[-1]), "down": (down, gate_up.shape[-2] // 2)}
+    check_shapes(name, **{proj: (w, (*w.shape[:-1], k)) for proj, (w, k) in inputs.items()})
+    check_expert_shapes(name, hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias)
+    check_operands(name, hidden, gate_up=gate_up, down=down, gate_up_bias=gate_up_bias, down_bias=down_bias)
+
+
+def check_expert_shapes(
+    op: str,
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    gate_up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    gate_up_input_scale: Tensor | None = None,
+    down_input_scale: Tensor | None = None,
+) -> None:
+    """An experts op's operands agree: hidden [T, H], topk ids and weights [T, k], projections with
+    [E, 2I] and [E, H] output rows (weights, codes or 2:4 values: their input widths are the caller's
+    to check), biases per expert, input scales [H] and [E, I]. A kernel reads past a short tensor
+    (garbage, or out of bounds on a GPU) where the reference fails deep inside torch."""
+    if hidden.dim() != 2 or gate_up.dim() != 3 or gate_up.shape[1] % 2:
+        raise OpArgumentError(
+            f"{op}: hidden must be [T, H] and gate_up [E, 2I, ...]; got {list(hidden.shape)} and "
+            f"{list(gate_up.shape)}"
+        )
+    (tokens, h), (experts, two_inter) = hidden.shape, gate_up.shape[:2]
+    check_shapes(
+        op,
+        topk_ids=(topk_ids, (tokens, topk_ids.shape[-1])),
+        topk_weights=(topk_weights, tuple(topk_ids.shape)),
+        down=(down, (experts, h, down.shape[-1])),
+        gate_up_bias=(gate_up_bias, (experts, two_inter)),
+        down_bias=(down_bias, (experts, h)),
+        gate_up_input_scale=(gate_up_input_scale, (h,)),
+        down_input_scale=(down_input_scale, (experts, two_inter // 2)),
+    )
+
+
+def check_shapes(op: str, **expected: tuple[Tensor | None, tuple[int, ...]]) -> None:
+    """Each given tensor (None: absent, fine) has its expected shape; the error names it."""
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != tuple(shape):
+            raise OpArgumentError(f"{op}: {name} has shape {list(tensor.shape)}; expected {list(shape)}")
 
 
 def check_operands(op: str, x: Tensor, **tensors: Tensor | None) -> None:

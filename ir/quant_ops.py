@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import ACTIVATIONS, check_operands, expert_at, run_experts
+from .ops import ACTIVATIONS, check_expert_shapes, check_operands, check_shapes, expert_at, run_experts
 from .quantized import check_codes, dequantize, in_features
 
 
@@ -51,6 +51,7 @@ def check_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, g
     every operand its device (scales may be any float dtype: they are dequantized to x's)."""
     name = "moepass::quantized_linear"
     check_codes(name, x.shape[-1], qweight, scales, zeros, bits, group_size)
+    check_shapes(name, bias=(bias, qweight.shape[:-1]), input_scale=(input_scale, x.shape[-1:]))
     check_operands(name, x, qweight=qweight, zeros=zeros, bias=bias, input_scale=input_scale)
 
 
@@ -86,6 +87,8 @@ def quantized_experts(
     `down_input_scale` [E, I] multiply the projections' inputs (AWQ)."""
     check_quantized_experts(
         hidden,
+        topk_ids,
+        topk_weights,
         gate_up_qweight,
         gate_up_scales,
         gate_up_zeros,
@@ -125,6 +128,8 @@ def quantized_experts(
 
 def check_quantized_experts(
     hidden,
+    topk_ids,
+    topk_weights,
     gate_up_qweight,
     gate_up_scales,
     gate_up_zeros,
@@ -138,9 +143,21 @@ def check_quantized_experts(
     bits,
     group_size,
 ) -> None:
-    """`check_codes` for both projections (gate/up read the hidden state, down the intermediate);
-    biases and input scales share the hidden state's dtype."""
+    """`check_expert_shapes`, `check_codes` for both projections (gate/up read the hidden state, down
+    the intermediate); biases and input scales share the hidden state's dtype."""
     name = "moepass::quantized_experts"
+    check_expert_shapes(
+        name,
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate_up_qweight,
+        down_qweight,
+        gate_up_bias,
+        down_bias,
+        gate_up_input_scale,
+        down_input_scale,
+    )
     check_codes(
         f"{name} gate_up", hidden.shape[-1], gate_up_qweight, gate_up_scales, gate_up_zeros, bits, group_size
     )

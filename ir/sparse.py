@@ -6,10 +6,11 @@ non-zeros (what `PruneConfig(pattern="2:4")` produces):
                    quantized weight their codes, packed as in `moepass.ir.quantized` (4-bit: [N, K/4])
   meta   [N, K/8]  uint8, one nibble per run (low nibble: even run): position of the first kept
                    entry in bits 0-1, of the second in bits 2-3
-Quantized weights keep their scales and zero points unchanged: a group of g inputs is a group of g/2
-kept codes, and a pruned entry is the zero-point code, which dequantizes to exactly 0. Expert
-tensors add a leading expert dimension. A bf16 matrix shrinks 1.78x; 2:4 + int4 stores 5/16 of a byte
-per weight. The Triton kernels (`moepass.kernels.sparse24`) read this layout directly.
+Quantized weights keep their scales and zero points unchanged: a group of g inputs (g a multiple of
+4: whole runs) is a group of g/2 kept codes, and a pruned entry is the zero-point code, which
+dequantizes to exactly 0. Expert tensors add a leading expert dimension. A bf16 matrix shrinks
+1.78x; 2:4 + int4 stores 5/16 of a byte per weight. The Triton kernels (`moepass.kernels.sparse24`)
+read this layout directly.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from torch import Tensor
 
 from moepass.errors import MoepassError
 
-from .ops import ACTIVATIONS, expert_at, run_experts
+from .ops import ACTIVATIONS, check_expert_shapes, check_operands, check_shapes, expert_at, run_experts
 from .quant_ops import CODE_ARGUMENTS, KEPT_SHARE
-from .quantized import dequantize, pack, unpack
+from .quantized import FormatError, check_codes, dequantize, in_features, pack, unpack
 from .structure import ExpertsOp, register_experts_op
 
 
@@ -94,6 +95,11 @@ def compress_codes_24(
     qweight: Tensor, zeros: Tensor | None, bits: int, group_size: int, name: str = "weight"
 ) -> tuple[Tensor, Tensor]:
     """(packed kept codes, meta) of a quantized weight whose pruned entries hold the zero-point code."""
+    if group_size != -1 and group_size % 4:
+        raise FormatError(
+            f"{name}: 2:4 storage keeps quantization groups of whole 4-input runs; group_size {group_size} "
+            f"is not a multiple of 4"
+        )
     codes = unpack(qweight, bits)
     positions, meta = _positions(codes != _zero_codes(qweight, zeros, bits, group_size), name)
     return pack(_gather(codes, positions), bits), meta
@@ -117,6 +123,35 @@ def sparse_weight(values, meta, scales, zeros, bits: int, group_size: int, dtype
     )
 
 
+def check_sparse24_weight(
+    name: str, k: int, values: Tensor, meta: Tensor, scales, zeros, bits: int, group_size: int
+) -> None:
+    """The stored tensors describe a 2:4 weight reading `k` inputs: k/2 kept values or codes (their
+    scales and zero points in groups of half the size), one meta nibble per run of 4."""
+    held = 2 * (in_features(values, bits) if bits else values.shape[-1])
+    if held != k:
+        what = f"{bits}-bit codes" if bits else "values"
+        raise FormatError(
+            f"{name}: the input has {k} features but the 2:4 {what} {list(values.shape)} hold {held}"
+        )
+    if k % 8:
+        raise FormatError(f"{name}: 2:4 storage needs a multiple of 8 inputs, got {k}")
+    check_shapes(name, meta=(meta, (*values.shape[:-1], k // 8)))
+    if bits:
+        if group_size != -1 and group_size % 4:
+            raise FormatError(f"{name}: 2:4 codes need group_size a multiple of 4, got {group_size}")
+        kept_group = group_size if group_size == -1 else group_size // 2
+        check_codes(f"{name} (kept codes)", k // 2, values, scales, zeros, bits, kept_group)
+
+
+def check_sparse24_linear(x, values, meta, scales, zeros, bias, input_scale, bits, group_size) -> None:
+    """`moepass::sparse24_linear`'s operands, refused alike by the reference and the kernel."""
+    name = "moepass::sparse24_linear"
+    check_sparse24_weight(name, x.shape[-1], values, meta, scales, zeros, bits, group_size)
+    check_shapes(name, bias=(bias, values.shape[:-1]), input_scale=(input_scale, x.shape[-1:]))
+    check_operands(name, x, values=values if not bits else None, bias=bias, input_scale=input_scale)
+
+
 def sparse24_linear_body(
     x, values, meta, scales, zeros, bias, input_scale, bits: int, group_size: int
 ) -> Tensor:
@@ -138,6 +173,7 @@ def sparse24_linear(
     group_size: int,
 ) -> Tensor:
     """F.linear(x * input_scale, W, bias) for a 2:4-compressed W; bits 0: float values, 4/8: codes."""
+    check_sparse24_linear(x, values, meta, scales, zeros, bias, input_scale, bits, group_size)
     return sparse24_linear_body(x, values, meta, scales, zeros, bias, input_scale, bits, group_size)
 
 
@@ -170,6 +206,35 @@ def sparse24_experts(
     group_size: int,
 ) -> Tensor:
     """`moepass::experts` over 2:4-compressed expert weights ([E, ...]); only routed experts expand."""
+    name = "moepass::sparse24_experts"
+    check_expert_shapes(
+        name,
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate_up_values,
+        down_values,
+        gate_up_bias,
+        down_bias,
+        gate_up_input_scale,
+        down_input_scale,
+    )
+    inter = gate_up_values.shape[1] // 2
+    for proj, k, values, meta, scales, zeros in (
+        ("gate_up", hidden.shape[1], gate_up_values, gate_up_meta, gate_up_scales, gate_up_zeros),
+        ("down", inter, down_values, down_meta, down_scales, down_zeros),
+    ):
+        check_sparse24_weight(f"{name} {proj}", k, values, meta, scales, zeros, bits, group_size)
+    check_operands(
+        name,
+        hidden,
+        gate_up_values=gate_up_values if not bits else None,
+        down_values=down_values if not bits else None,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        gate_up_input_scale=gate_up_input_scale,
+        down_input_scale=down_input_scale,
+    )
 
     def expert_weights(e: int):
         gate_up = sparse_weight(

@@ -284,7 +284,7 @@ def fused_moe(
     "gate_up_scales", "gate_up_zeros", "down_scales", "down_zeros"}): `gate_up`/`down` are the
     packed codes."""
     tokens, top_k = topk_ids.shape
-    hidden = hidden.contiguous()
+    hidden, topk_ids = hidden.contiguous(), topk_ids.contiguous()  # the one-token path reads ids flat
     num_experts, two_inter = gate_up.shape[0], gate_up.shape[1]
     routed = (topk_ids >= 0) & (topk_ids < num_experts)
     inter, h = two_inter // 2, hidden.shape[-1]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, check_operands, expert_at, experts, run_experts
+from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, check_experts, expert_at, experts, run_experts
 from moepass.ir.quant_ops import (
     CODE_ARGUMENTS,
     check_quantized_experts,
@@ -27,7 +27,7 @@ from moepass.ir.quant_ops import (
     quantized_experts,
     quantized_linear,
 )
-from moepass.ir.sparse import sparse24_linear
+from moepass.ir.sparse import check_sparse24_linear, sparse24_linear
 from moepass.ir.structure import ExpertsOp, register_experts_op
 
 from .cpu import packed_linear as _aten_packed_linear
@@ -44,9 +44,7 @@ def triton_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, 
 def triton_experts(
     hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit
 ):
-    check_operands(
-        "moepass::experts", hidden, gate_up=gate_up, down=down, gate_up_bias=gate_up_bias, down_bias=down_bias
-    )
+    check_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias)
     return fused_moe(
         hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit
     )
@@ -74,6 +72,8 @@ def triton_quantized_experts(
 ):
     check_quantized_experts(
         hidden,
+        topk_ids,
+        topk_weights,
         gate_up_qweight,
         gate_up_scales,
         gate_up_zeros,
@@ -113,6 +113,7 @@ def triton_quantized_experts(
 
 
 def triton_sparse24_linear(x, values, meta, scales, zeros, bias, input_scale, bits, group_size):
+    check_sparse24_linear(x, values, meta, scales, zeros, bias, input_scale, bits, group_size)
     x = x if input_scale is None else x * input_scale
     return sparse24_gemm(x, values, meta, scales, zeros, bits, group_size, bias)
 

@@ -74,22 +74,27 @@ def _dequantized_tile(
 
 @triton.jit
 def _dot(a, w, DOT_HALF: tl.constexpr):
-    """a @ w^T on tensor cores: operands in bf16 (1) or fp16 (2) when the activations are, fp32 (0)
-    otherwise — and always under the interpreter, whose 16-bit float math is wrong."""
+    """a @ w^T on tensor cores: operands in bf16 (1) or fp16 (2) when the activations are; fp32
+    otherwise — and always under the interpreter, whose 16-bit float math is wrong — in full precision
+    (0), or TF32 (3) where torch allows it for its own fp32 matmuls."""
     if DOT_HALF == 1:
         out = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
     elif DOT_HALF == 2:
         out = tl.dot(a.to(tl.float16), tl.trans(w.to(tl.float16)))
+    elif DOT_HALF == 3:
+        out = tl.dot(a, tl.trans(w), input_precision="tf32")
     else:
-        out = tl.dot(a, tl.trans(w))
+        out = tl.dot(a, tl.trans(w), input_precision="ieee")
     return out
 
 
 def dot_half(dtype: torch.dtype) -> int:
-    """The `DOT_HALF` flag for activations of `dtype`."""
+    """The `DOT_HALF` flag for activations of `dtype`: fp32 activations get what `F.linear` gives
+    them (TF32 only under `torch.backends.cuda.matmul.allow_tf32`, off by default)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 0
-    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+    fp32 = 3 if torch.backends.cuda.matmul.allow_tf32 else 0
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, fp32)
 
 
 @triton.jit

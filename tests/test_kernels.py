@@ -421,6 +421,13 @@ def test_kernels_read_strided_tensors_as_their_values(seed):
     again = ops.triton_quantized_experts(x, ids, weights, *map(strided, quantized_args), *tail, 4, 32)
     assert torch.equal(again, plain)
 
+    for tokens in (1, 9):  # one token: the kernel reads the ids directly
+        weights, ids = routing(tokens, 4, 2)
+        x = torch.randn(tokens, 128)
+        plain = ops.triton_experts(x, ids, weights, *dense, *tail)
+        every_other = [torch.stack([t, t.flip(-1)], -1)[..., 0] for t in (ids, weights)]
+        assert torch.equal(ops.triton_experts(x, *every_other, *dense, *tail), plain)
+
     values, meta = compress_24(sparse_24(48, 128))
     sparse_args = (values, meta, None, None, torch.randn(48), None)
     for rows in (1, 12):  # the GEMV and the GEMM kernels
@@ -473,6 +480,43 @@ def test_quantized_ops_refuse_arguments_that_do_not_describe_the_weight(seed):
             FormatError, match=r"quantized_experts down: the input has 32 features .* hold 64"
         ):
             op(torch.randn(5, 128), ids, weights, *gate_up, *down, *tail)
+
+
+def test_mismatched_shapes_are_refused_alike_on_every_path(seed):
+    """Operands that do not fit together fail the same clear way in the reference and the kernels
+    (which would otherwise read past a short tensor)."""
+    from moepass.errors import MoepassError
+
+    weights, ids = routing(5, 4, 2)
+    x = torch.randn(5, 64)
+    gate_up, down = torch.randn(4, 64, 64) / 8, torch.randn(4, 64, 32) / 6
+    tail = ("silu", 0.0, 0.0)
+    dense = (experts, ops.triton_experts)
+    cases = [
+        (*dense, (x, ids, weights, gate_up, down[:, :48], None, None, *tail), "down"),
+        (*dense, (x, ids, weights, gate_up, down[:2], None, None, *tail), "down"),
+        (*dense, (x[:, :48], ids, weights, gate_up, down, None, None, *tail), "gate_up"),
+        (*dense, (x, ids, weights[:4], gate_up, down, None, None, *tail), "topk_weights"),
+    ]
+    quant = (quantized_experts, ops.triton_quantized_experts)
+    q_gate_up, q_down = quantized(gate_up, 4, 32, True), quantized(down, 4, 32, True)
+    scales = (torch.rand(64) + 0.5, torch.rand(32) + 0.5)  # down's input scale must be per expert [E, I]
+    q_args = (x, ids, weights, *q_gate_up, *q_down, None, None, *scales, *tail, 4, 32)
+    cases.append((*quant, q_args, "down_input_scale"))
+    short = tuple(t[:2] for t in q_down[:2])
+    q_args = (x, ids, weights, *q_gate_up, *short, None, None, None, None, None, *tail, 4, 32)
+    cases.append((*quant, q_args, "down"))
+    sparse = (ops.sparse24_linear, ops.triton_sparse24_linear)
+    values, meta = compress_24(sparse_24(48, 64))
+    cases.append((*sparse, (x[:, :32], values, meta, *[None] * 4, 0, -1), "the input has 32 features"))
+    values, meta = compress_24(sparse_24(48, 48))
+    q_values, q_scales, q_zeros = quantized(values, 8, 3, False)  # groups of 6 inputs split runs of 4
+    sparse_args = (x[:, :48], q_values, meta, q_scales, q_zeros, None, None, 8, 6)
+    cases.append((*sparse, sparse_args, "group_size a multiple of 4"))
+    for reference, kernel, args, name in cases:
+        for op in (reference, kernel):
+            with pytest.raises(MoepassError, match=name):
+                op(*args)
 
 
 def test_mixed_dtypes_and_devices_are_refused_alike_on_every_path(seed):

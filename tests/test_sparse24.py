@@ -243,4 +243,11 @@ def test_storage_runs_after_compression_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="moepass"):
         untouched = moepass.compress(program, [("sparse24_storage", {})])
     assert not untouched.report.records[-1].modified
-    assert "no weight follows the 2:4 pattern" in caplog.text
+    assert "no weight was stored compressed" in caplog.text
+    # quantization groups of 2 inputs split the runs of 4: the kernels could not find their scales
+    split = moepass.compress(program, [("magnitude", {"pattern": "2:4"}), ("rtn", {"group_size": 2})])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moepass"):
+        dense = moepass.compress(split, [("sparse24_storage", {})])
+    assert not dense.report.records[-1].modified
+    assert "stays dense" in caplog.text and "group_size 2 is not a multiple of 4" in caplog.text

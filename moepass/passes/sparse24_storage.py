@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from moepass.ir.quant_ops import QUANTIZED_LINEAR
+from moepass.ir.quantized import FormatError
 from moepass.ir.sparse import SparsityPatternError, compress_24, compress_codes_24
 from moepass.ir.structure import arg_tensors, op_args, tensor_at
 from moepass.ir.surgery import linear_nodes, sparsify_experts, sparsify_linear
@@ -82,7 +83,7 @@ class Sparse24Storage(TransformPass):
                 experts.append(block.index)
         if not linears and not experts:
             logger.warning(
-                "sparse24_storage: no weight follows the 2:4 pattern; prune with pattern '2:4' first"
+                "sparse24_storage: no weight was stored compressed; prune with pattern '2:4' first"
             )
         table = coverage(program, before)
         return TransformResult(
@@ -106,4 +107,7 @@ def _compress(graph_module, quantized: dict | None, fqn: str, proj: str = ""):
         (zeros,) = arg_tensors(graph_module, quantized, f"{proj}_zeros" if proj else "zeros")
         return compress_codes_24(weight, zeros, quantized["bits"], quantized["group_size"], fqn)
     except SparsityPatternError:  # off the pattern (checked before any sorting, so cheap to try)
+        return None
+    except FormatError as error:  # quantization groups that split the runs of 4
+        logger.warning("sparse24_storage: %s stays dense: %s", fqn, error)
         return None
