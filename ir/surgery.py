@@ -13,6 +13,7 @@ from moepass.errors import MoepassError
 
 from .canonicalize import remove_dead_nodes
 from .ops import EXPERTS
+from .program import MoEProgram
 from .quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from .quantized import QuantFormat
 from .sparse import SPARSE24_EXPERTS, SPARSE24_LINEAR, decompress_24, decompress_codes_24
@@ -102,6 +103,17 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
         {"op": "keep_experts", "block": index, "keep": keep, "preserve_gate": preserve_gate}
     )
     program.graph_changed()
+
+
+def kept_original_experts(program: MoEProgram, index: int) -> list[int]:
+    """The original indices of the experts block `index` holds now, composing its keep_experts edits."""
+    kept: list[int] | None = None
+    for edit in program.info.edits:
+        if edit["op"] == "keep_experts" and edit["block"] == index:
+            kept = list(edit["keep"]) if kept is None else [kept[i] for i in edit["keep"]]
+    if kept is None:
+        return list(range(program.structure.block(index).mlp.num_experts))
+    return kept
 
 
 def _check_groups_stay_equal(moe, index: int, keep: list[int]) -> None:

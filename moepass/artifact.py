@@ -32,6 +32,7 @@ from moepass.ir.surgery import (
     drop_block,
     drop_mlp,
     keep_experts,
+    kept_original_experts,
     linear_nodes,
     quantize_experts,
     quantize_linear,
@@ -186,17 +187,6 @@ def manifest_of(program: MoEProgram, aliases: dict[str, str]) -> dict:
             "transformers": transformers.__version__,
         },
     }
-
-
-def kept_original_experts(program: MoEProgram, index: int) -> list[int]:
-    """Original expert indices still present in block `index`, composing its keep_experts edits."""
-    kept: list[int] | None = None
-    for edit in program.info.edits:
-        if edit["op"] == "keep_experts" and edit["block"] == index:
-            kept = list(edit["keep"]) if kept is None else [kept[i] for i in edit["keep"]]
-    if kept is None:
-        return list(range(program.structure.block(index).mlp.num_experts))
-    return kept
 
 
 def is_artifact(path: str | os.PathLike) -> bool:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from moepass.data import DEFAULT_SEQ_LEN
 from moepass.errors import MoepassError
 
 TEXT_KEY_HELP = "the text field of JSON records (default: text)"
 DEVICE_HELP = "torch device to run on: cpu, cuda, cuda:1 (models load on the CPU first)"
-EVAL_SEQ_LEN = 256  # tokens per evaluation window
 USE_MOEPASS_FORMAT = "use --format moepass (the default)"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +54,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from moepass.artifact import is_artifact
     from moepass.atomic_write import write_file_atomically
+    from moepass.data import DataError, check_source
     from moepass.evaluate import evaluate
     from moepass.ir import capture
     from moepass.zoo import load_model, load_tokenizer
@@ -62,10 +63,16 @@ def _eval(args: argparse.Namespace) -> None:
     device = _device(args)
     if args.json:  # before the evaluation, not after it
         directory = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK) or os.path.isdir(args.json):
+        if os.path.isdir(args.json):
+            raise MoepassError(f"--json {args.json} is a directory; name a file")
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
             raise MoepassError(
                 f"--json {args.json}: cannot write a file there ({directory} must be a writable directory)"
             )
+    try:  # a typo is an error now, not after loading the model
+        check_source(args.data)
+    except DataError as error:
+        raise MoepassError(f"--data: {error}") from None
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     artifact = is_artifact(args.model)
     if artifact:  # a compressed moepass artifact (a program already): evaluated as saved (canonical ops)
@@ -85,7 +92,7 @@ def _eval(args: argparse.Namespace) -> None:
         text_key=args.text_key,
     )
     what = "moepass artifact" if artifact else ("captured program" if args.program else "transformers model")
-    print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {args.seq_len} tokens"))
+    print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {result.seq_len} tokens"))
     if args.json:
         text = result.to_json() + "\n"
         write_file_atomically(args.json, lambda path: path.write_text(text, encoding="utf-8"))
@@ -136,10 +143,19 @@ def _compress(args: argparse.Namespace) -> None:
     # an artifact compresses further; calibration, the passes and evaluation run on `device`
     original = _load_program(args.model, lower=False, dtype=_dtype(args), device=device)
     experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
-    positions = original.info.config.get("max_position_embeddings") or EVAL_SEQ_LEN
+    positions = original.info.config.get("max_position_embeddings")
+    windows = [("--eval-seq-len", args.eval_seq_len)]
+    if needs_data(recipe):
+        windows.append((f"recipe {recipe.name}: calibration.seq_len", recipe.calibration.seq_len))
+    for what, length in windows:  # before minutes of evaluation, not after
+        if positions and length and length > positions:
+            raise MoepassError(
+                f"{what}: windows of {length} tokens exceed the model's {positions} positions "
+                "(max_position_embeddings); use a shorter one, or leave it out (then it fits)"
+            )
     evaluation = {
         "tokenizer": tokenizer,
-        "seq_len": args.eval_seq_len or min(EVAL_SEQ_LEN, positions),
+        "seq_len": args.eval_seq_len,  # default: 256, or the model's positions if fewer
         "max_per_source": args.eval_per_source,
         "text_key": recipe.calibration.text_key,  # --text-key, else the recipe's
     }
@@ -347,6 +363,8 @@ def _passes(args: argparse.Namespace) -> None:
         doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().split("\n\n")[0]
         print(f"{name} ({cls.kind}, stage {cls.stage})")
         print(textwrap.fill(" ".join(doc.split()), 100, initial_indent="  ", subsequent_indent="  "))
+        if cls.stage == "lower":
+            print("  (lowering: moepass.lower and moepass.load run it; recipes cannot name it)")
         for field in dataclasses.fields(cls.config_class):
             default = "required" if field.default is dataclasses.MISSING else repr(field.default)
             hint = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", field.type)
@@ -415,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", help="tokenizer.json or checkpoint directory (default: the model's)"
     )
     evaluation.add_argument(
-        "--seq-len", type=_at_least(2), default=EVAL_SEQ_LEN, help="tokens per evaluation window"
+        "--seq-len",
+        type=_at_least(2),
+        help=f"tokens per evaluation window (default: {DEFAULT_SEQ_LEN}, or the model's positions if fewer)",
     )
     evaluation.add_argument(
         "--max-per-source", type=_at_least(0), default=64, help="windows per domain; 0 = all"
@@ -458,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--eval-seq-len",
         type=_at_least(2),
-        help=f"evaluation window length (default: {EVAL_SEQ_LEN}, or the model's positions if fewer)",
+        help=f"evaluation window length (default: {DEFAULT_SEQ_LEN}, or the model's positions if fewer)",
     )
     comp.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads")
     comp.add_argument("--device", default="cpu", help=DEVICE_HELP + "; the artifact is the same")

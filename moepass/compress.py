@@ -6,7 +6,7 @@ import logging
 
 from torch import nn
 
-from moepass.data import TokenSet, calibration_set, check_fits
+from moepass.data import TokenSet, calibration_set, check_fits, window_length
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram, capture
 from moepass.pass_manager import PassManager, PassReport
@@ -57,12 +57,16 @@ def needs_data(recipe: Recipe) -> bool:
 
 
 def _calibration_tokens(recipe: Recipe, calibration, tokenizer, program: MoEProgram) -> TokenSet:
-    tokens = calibration if isinstance(calibration, TokenSet) else _tokenized(recipe, calibration, tokenizer)
-    check_fits(tokens, program.info.vocab_size, program.info.config.get("max_position_embeddings"))
-    return tokens
+    positions = program.info.config.get("max_position_embeddings")
+    if not isinstance(calibration, TokenSet):
+        calibration = _tokenized(
+            recipe, calibration, tokenizer, window_length(recipe.calibration.seq_len, positions)
+        )
+    check_fits(calibration, program.info.vocab_size, positions)
+    return calibration
 
 
-def _tokenized(recipe: Recipe, calibration, tokenizer) -> TokenSet:
+def _tokenized(recipe: Recipe, calibration, tokenizer, seq_len: int) -> TokenSet:
     spec = recipe.calibration
     if tokenizer is None:
         raise MoepassError(
@@ -73,7 +77,7 @@ def _tokenized(recipe: Recipe, calibration, tokenizer) -> TokenSet:
         spec.data if calibration is None else calibration,
         tokenizer,
         samples=spec.samples,
-        seq_len=spec.seq_len,
+        seq_len=seq_len,
         seed=spec.seed,
         text_key=spec.text_key,
     )

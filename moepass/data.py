@@ -51,12 +51,16 @@ class Document:
     source: str
 
 
+IGNORED_LABEL = -100  # transformers' convention: a position that is not scored
+
+
 @dataclass(frozen=True)
 class TokenSet:
-    """Packed token windows: `input_ids[i]` predicts `labels[i]`; `sources[i]` names its domain."""
+    """Packed token windows: `input_ids[i]` predicts `labels[i]`; `sources[i]` names its domain.
+    Integer tensors of any width are stored as int64 (what embeddings and the loss take)."""
 
     input_ids: Tensor  # [N, seq_len] int64
-    labels: Tensor  # [N, seq_len] int64: input shifted by one
+    labels: Tensor  # [N, seq_len] int64: input shifted by one; IGNORED_LABEL is not scored
     sources: list[str]
 
     def __post_init__(self) -> None:
@@ -70,10 +74,18 @@ class TokenSet:
             raise DataError(
                 f"TokenSet.input_ids must be a 2-D integer tensor [windows, seq_len], got {_describe(ids)}"
             )
-        if not isinstance(labels, Tensor) or labels.shape != ids.shape or labels.dtype != ids.dtype:
+        if (
+            not isinstance(labels, Tensor)
+            or labels.shape != ids.shape
+            or labels.is_floating_point()
+            or labels.dtype == torch.bool
+        ):
             raise DataError(
-                f"TokenSet.labels must match input_ids ({_describe(ids)}), got {_describe(labels)}"
+                f"TokenSet.labels must be integers shaped like input_ids ({_describe(ids)}), "
+                f"got {_describe(labels)}"
             )
+        object.__setattr__(self, "input_ids", ids.long())
+        object.__setattr__(self, "labels", labels.long())
         if len(self.sources) != ids.shape[0]:
             raise DataError(f"TokenSet has {ids.shape[0]} windows but {len(self.sources)} source names")
 
@@ -230,6 +242,15 @@ def _from_records(records: Iterable, text_key: str, where: str) -> list[Document
         text, source = record[text_key], record.get("source") or "text"
         if not isinstance(text, str):
             raise DataError(f"{where}: record {i}'s {text_key!r} is a {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except (
+            UnicodeEncodeError
+        ) as error:  # JSON can spell a lone surrogate ("\ud800"); no tokenizer reads it
+            raise DataError(
+                f"{where}: record {i}'s {text_key!r} is not valid Unicode at character {error.start} "
+                f"({error.reason}); fix or drop the record"
+            ) from None
         docs.append(Document(text, str(source)))
     return docs
 
@@ -316,6 +337,16 @@ def sample(tokens: TokenSet, n: int | None, *, seed: int = 0, per_source: bool =
     return TokenSet(tokens.input_ids[index], tokens.labels[index], [tokens.sources[i] for i in index])
 
 
+DEFAULT_SEQ_LEN = 256  # tokens per calibration or evaluation window, unless the model has fewer positions
+
+
+def window_length(seq_len: int | None, max_positions: int | None) -> int:
+    """`seq_len`, or by default DEFAULT_SEQ_LEN tokens — fewer for a model with fewer positions."""
+    if seq_len is not None:
+        return seq_len
+    return min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN)
+
+
 def calibration_set(
     data,
     tokenizer,
@@ -359,6 +390,16 @@ def check_fits(tokens: TokenSet, vocab_size: int | None, max_positions: int | No
         raise DataError(
             f"token id {int(tokens.input_ids.max())} is outside the model's vocabulary of "
             f"{vocab_size}: the tokenizer does not belong to this model"
+        )
+    scored = tokens.labels[tokens.labels != IGNORED_LABEL]
+    if not scored.numel():
+        raise DataError(f"every label is {IGNORED_LABEL} (not scored): the data has nothing to predict")
+    low, high = int(scored.min()), int(scored.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        raise DataError(
+            f"label {bad} is not a token id of the model's vocabulary of {vocab_size}; labels are "
+            f"token ids, or {IGNORED_LABEL} for positions not scored"
         )
     if max_positions is not None and tokens.seq_len > max_positions:
         raise DataError(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moepass.data import DataError, TokenSet, check_fits, evaluation_set
+from moepass.data import IGNORED_LABEL, DataError, TokenSet, check_fits, evaluation_set, window_length
 from moepass.ir.printer import tensor_sizes
 from moepass.table import format_table, human_bytes, human_count
 
@@ -99,7 +99,7 @@ def evaluate(
     data: TokenSet | str | None = None,
     *,
     tokenizer=None,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     max_per_source: int | None = 64,
     batch_size: int = 8,
     seed: int = 0,
@@ -109,7 +109,8 @@ def evaluate(
 
     `data` is a TokenSet, or anything `moepass.data.load_documents` reads (then `tokenizer` is
     required); by default the bundled test split, with at most `max_per_source` windows of
-    `seq_len` tokens per domain, chosen with `seed`; `text_key` names JSON records' text field.
+    `seq_len` tokens (default 256, or the model's positions if fewer) per domain, chosen with
+    `seed`; `text_key` names JSON records' text field.
     """
     start = time.perf_counter()
     if batch_size < 1:
@@ -120,7 +121,7 @@ def evaluate(
         data = evaluation_set(
             "builtin:test" if data is None else data,
             tokenizer,
-            seq_len=seq_len,
+            seq_len=window_length(seq_len, model_config(model, "max_position_embeddings")),
             max_per_source=max_per_source,
             seed=seed,
             text_key=text_key,
@@ -134,9 +135,15 @@ def evaluate(
             index = torch.tensor(rows[begin : begin + batch_size])
             inputs, labels = data.input_ids[index].to(device), data.labels[index].to(device)
             logits = _logits(model, inputs).float()
-            score.nll += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
-            score.correct += int((logits.argmax(-1) == labels).sum())
-            score.tokens += labels.numel()
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORED_LABEL, reduction="sum"
+            )
+            scored = labels != IGNORED_LABEL
+            score.nll += loss.item()
+            score.correct += int(((logits.argmax(-1) == labels) & scored).sum())
+            score.tokens += int(scored.sum())
+        if not score.tokens:
+            raise DataError(f"domain {source!r}: every label is {IGNORED_LABEL}, so nothing is scored")
         domains[source] = score
         logger.info(
             "evaluate: %s, %d tokens, perplexity %.3f (%.1fs)",

@@ -48,12 +48,12 @@ class PruneConfig(PassConfig):
                 f"sparsity: {self.sparsity} does not match pattern {self.pattern}, which zeroes "
                 f"{nm[0]} of every {nm[1]} weights; leave sparsity out"
             )
+        allowed = ", ".join(c for c in CATEGORIES if c != "lm_head")
+        if not self.targets:
+            raise ConfigError(f"targets: empty, so nothing would be pruned; choose among {allowed}")
         unknown = [t for t in self.targets if t not in CATEGORIES or t == "lm_head"]
         if unknown:
-            raise ConfigError(
-                f"targets: {unknown[0]!r} is not allowed; choose among "
-                f"{', '.join(c for c in CATEGORIES if c != 'lm_head')}"
-            )
+            raise ConfigError(f"targets: {unknown[0]!r} is not allowed; choose among {allowed}")
         check_range("min_tokens", self.min_tokens, 0)
 
     def nm(self) -> tuple[int, int] | None:

@@ -34,6 +34,10 @@ class QuantizeConfig(PassConfig):
             raise ConfigError(f"bits: {self.bits} is not allowed; choose one of 4, 8")
         if self.group_size != -1 and self.group_size < 2:
             raise ConfigError(f"group_size: {self.group_size} is out of range; use -1 (per-channel) or >= 2")
+        if not self.targets:
+            raise ConfigError(
+                f"targets: empty, so nothing would be quantized; choose among {', '.join(CATEGORIES)}"
+            )
         unknown = [t for t in self.targets if t not in CATEGORIES]
         if unknown:
             raise ConfigError(f"targets: {unknown[0]!r} is not allowed; choose among {', '.join(CATEGORIES)}")

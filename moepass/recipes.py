@@ -27,6 +27,8 @@ import yaml
 from .pass_manager import SCORING
 from .passes import PASSES, ConfigError, PassConfig, create_pass
 from .passes.base import Pass, check_range, config_from_dict, out_of_stage_order
+from .pruning import PruneConfig
+from .quantization import QuantizeConfig
 
 TOP_LEVEL = ("name", "description", "scoring", "calibration", "passes")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -37,14 +39,15 @@ class CalibrationConfig(PassConfig):
     data: str = "builtin:validation"
     text_key: str = "text"  # the records' text field in JSON data
     samples: int = 128
-    seq_len: int = 256
+    seq_len: int | None = None  # None: 256 tokens, or the model's positions if fewer
     seed: int = 0
     mode: Literal["whole", "sequential"] = "whole"
     batch_size: int = 8
 
     def check(self) -> None:
         check_range("calibration.samples", self.samples, 1)
-        check_range("calibration.seq_len", self.seq_len, 2)
+        if self.seq_len is not None:
+            check_range("calibration.seq_len", self.seq_len, 2)
         check_range("calibration.batch_size", self.batch_size, 1)
         if not self.data.strip():  # an unset shell variable; a path "" would read the current directory
             raise ConfigError("calibration.data: empty; give builtin:validation, a file or a directory")
@@ -111,6 +114,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
                 continue  # SafeLoader's own error follows
@@ -131,12 +136,17 @@ def recipe_from_dict(data, where: str = "") -> Recipe:
     scoring = data.get("scoring", "one-shot")
     if scoring not in SCORING:
         raise ConfigError(f"{where}scoring: {scoring!r} is not allowed; choose one of {', '.join(SCORING)}")
-    calibration = config_from_dict(CalibrationConfig, data.get("calibration") or {}, f"{where}calibration.")
+    calibration = data.get("calibration")
+    if calibration is not None and not isinstance(calibration, dict):
+        raise ConfigError(
+            f"{where}calibration: a mapping of options (data, samples, ...); got {calibration!r}"
+        )
+    calibration = config_from_dict(CalibrationConfig, calibration or {}, f"{where}calibration.")
     entries = data.get("passes")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where}passes: a recipe needs a non-empty list of passes")
     passes = [_pass_entry(entry, f"{where}passes[{i}].") for i, entry in enumerate(entries)]
-    disorder = out_of_stage_order(passes)
+    disorder = out_of_stage_order(passes) or _compressed_twice(passes)
     if disorder:
         raise ConfigError(f"{where}passes[{disorder[0]}]: {disorder[1]}")
     name = data.get("name", "custom")
@@ -151,13 +161,38 @@ def recipe_from_dict(data, where: str = "") -> Recipe:
     )
 
 
+def _compressed_twice(passes: list[Pass]) -> tuple[int, str] | None:
+    """(index, why) of the first quantizing or pruning pass given weights an earlier pass quantized:
+    it would fail only after the passes before it ran."""
+    quantized: dict[str, str] = {}  # target category -> the pass that quantized it
+    for index, p in enumerate(passes):
+        if not isinstance(p.config, (QuantizeConfig, PruneConfig)):
+            continue
+        again = [t for t in p.config.targets if t in quantized]
+        if again:
+            return index, (
+                f"pass {p.name} would compress {', '.join(again)} after {quantized[again[0]]} quantized "
+                "them; prune before quantizing, quantize once, or leave them out of targets"
+            )
+        if isinstance(p.config, QuantizeConfig):
+            quantized.update(dict.fromkeys(p.config.targets, p.name))
+    return None
+
+
 def _pass_entry(entry, where: str) -> Pass:
     if isinstance(entry, tuple) and len(entry) == 2:
         name, options = entry
     elif isinstance(entry, PassConfig):
         matches = [n for n, cls in PASSES.items() if cls.config_class is type(entry)]
-        if not matches:
-            raise ConfigError(f"{where[:-1]}: {type(entry).__name__} is not the config of a registered pass")
+        if len(matches) != 1:
+            raise ConfigError(
+                f"{where[:-1]}: {type(entry).__name__} "
+                + (
+                    f"configures {', '.join(matches)}; write (name, config)"
+                    if matches
+                    else "is not the config of a registered pass"
+                )
+            )
         name, options = matches[0], entry
     elif isinstance(entry, dict) and len(entry) == 1:
         ((name, options),) = entry.items()

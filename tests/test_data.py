@@ -116,12 +116,16 @@ def test_sampling_is_deterministic_and_seeded(tokenizer):
         (lambda tok: load_documents({"text": "hello"}), "data is one mapping; pass a list of records"),
         (lambda tok: load_documents([{"text": None}]), "record 0's 'text' is a NoneType, not a string"),
         (lambda tok: load_documents([{"body": "x"}]), r"has no 'text' field \(has \['body'\]\)"),
+        (
+            lambda tok: load_documents([{"text": "a \ud800 b"}]),
+            r"record 0's 'text' is not valid Unicode at character 2",
+        ),
         (lambda tok: TokenSet(torch.ones(2, 4), torch.ones(2, 4), ["a"] * 2), "2-D integer tensor"),
         (
             lambda tok: TokenSet(
                 torch.ones(3, 4, dtype=torch.long), torch.ones(3, 2, dtype=torch.long), ["a"] * 3
             ),
-            r"labels must match input_ids \(torch.int64 \[3, 4\]\), got torch.int64 \[3, 2\]",
+            r"labels must be integers shaped like input_ids \(torch.int64 \[3, 4\]\), got torch.int64 \[3, 2",
         ),
         (
             lambda tok: TokenSet(

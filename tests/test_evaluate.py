@@ -38,6 +38,24 @@ def test_perplexity_and_accuracy_match_float64_reference(seed):
     assert result.parameters == params and result.weight_bytes >= 4 * params
 
 
+def test_ignored_labels_are_not_scored_and_narrow_integer_ids_are_read(seed):
+    """Labels of -100 (transformers' convention) are neither losses nor tokens; int32 ids score as int64."""
+    model = model_for("mixtral", seed=seed)
+    data = _token_set(model.config.vocab_size, rows=4, seq_len=10, sources=["a"])
+    labels = data.labels.clone()
+    labels[:, :3] = -100  # a prompt not to score
+    labels[1, 7] = -100
+    narrow = TokenSet(data.input_ids.int(), labels.int(), data.sources)
+    result = moepass.evaluate(model, narrow)
+    with torch.no_grad():
+        logits = model(data.input_ids).logits.double()
+    scored = labels != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    assert result.overall.tokens == int(scored.sum()) == 4 * 7 - 1
+    assert math.isclose(result.overall.perplexity, math.exp(-logp[scored].mean().item()), rel_tol=1e-5)
+    assert result.overall.correct == int(((logits.argmax(-1) == labels) & scored).sum())
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_model_and_program_score_identically(family, seed):
     model, program = captured(family)
@@ -77,6 +95,21 @@ def test_a_loss_beyond_float_range_gives_infinite_perplexity_and_valid_json(seed
     assert payload["overall"]["perplexity"] is None and payload["domains"]["d"]["perplexity"] is None
 
 
+def test_default_windows_fit_a_model_with_fewer_positions(seed):
+    """Windows are 256 tokens by default, or the model's positions if fewer: evaluation and
+    calibration from text just work on a short-context model."""
+    from moepass.zoo import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:tiny-mixtral")
+    model = model_for("mixtral", seed=seed, vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=48)
+    result = moepass.evaluate(model, "builtin:test", tokenizer=tokenizer, max_per_source=1)
+    assert result.seq_len == 48
+    recipe = {"passes": [{"expert_drop": {"keep": 6}}], "calibration": {"samples": 2}}
+    program = moepass.compress(model, recipe, tokenizer=tokenizer)
+    scored = next(iter(program.report.analyses.values()))
+    assert scored.samples == 2  # two windows of 48 tokens
+
+
 def test_text_data_needs_a_tokenizer(seed):
     with pytest.raises(DataError, match="needs a tokenizer"):
         moepass.evaluate(model_for("mixtral", seed=seed), "builtin:test")
@@ -98,5 +131,10 @@ def test_data_the_model_cannot_score_is_refused(seed):
         moepass.evaluate(program, outside)
     with pytest.raises(DataError, match="holds no windows"):
         moepass.evaluate(program, TokenSet(ids[:0], ids[:0], []))
+    for label, message in ((128, "label 128 is not a token id"), (-1, "label -1 is not a token id")):
+        with pytest.raises(DataError, match=message):
+            moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8].clone().fill_(label), ["a", "a"]))
+    with pytest.raises(DataError, match="every label is -100"):
+        moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8].clone().fill_(-100), ["a", "a"]))
     with pytest.raises(DataError, match="batch_size must be at least 1, got 0"):
         moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8], ["a", "a"]), batch_size=0)

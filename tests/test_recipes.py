@@ -12,6 +12,7 @@ from helpers import captured
 from moepass.data import DataError, TokenSet, corpus_dir
 from moepass.pass_manager import PassError
 from moepass.passes import ConfigError
+from moepass.pruning import PruneConfig
 from moepass.recipes import builtin_recipes, load_recipe
 
 
@@ -98,6 +99,28 @@ def test_builtin_recipes_load_and_include_the_papers():
             r"name: '../../elsewhere' is not a recipe name",
         ),
         ({"name": None, "passes": [{"layer_drop": {"count": 1}}]}, "name: None is not a recipe name"),
+        ({"passes": [{"rtn": {"targets": []}}]}, r"rtn.targets: empty, so nothing would be quantized"),
+        ({"passes": [{"wanda": {"targets": []}}]}, r"wanda.targets: empty, so nothing would be pruned"),
+        (
+            {"passes": [{"layer_drop": {"count": 1}}], "calibration": []},
+            r"calibration: a mapping of options \(data, samples, ...\); got \[\]",
+        ),
+        (  # YAML 1.1 reads an unquoted 2:4 as 124
+            {"passes": [{"sparsegpt": {"pattern": 124}}]},
+            r"sparsegpt.pattern: 124 is not allowed; .* \(quote it: \"2:4\"\)",
+        ),
+        (
+            {"passes": [{"rtn": {}}, {"gptq": {"targets": ["attention"]}}]},
+            r"passes\[1\]: pass gptq would compress attention after rtn quantized them; prune before",
+        ),
+        (
+            {"passes": [{"awq": {"targets": ["experts"]}}, {"magnitude": {}}]},
+            r"passes\[1\]: pass magnitude would compress experts after awq quantized them",
+        ),
+        (
+            [PruneConfig(pattern="2:4")],
+            r"passes\[0\]: PruneConfig configures .*magnitude.*; write \(name, config\)",
+        ),
     ],
 )
 def test_recipe_errors_name_the_key(recipe, message):
@@ -126,6 +149,13 @@ def test_yaml_recipe_files(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"latin1\.yaml: cannot be read \(not UTF-8 text\)"):
         load_recipe(tmp_path / "latin1.yaml")
+    (tmp_path / "merged.yaml").write_text(  # YAML merge keys: shared options, overridden per pass
+        "passes:\n  - rtn: &q {bits: 4, group_size: 64, targets: [experts]}\n"
+        "  - gptq: {<<: *q, group_size: 32, targets: [attention]}\n"
+    )
+    merged = load_recipe(tmp_path / "merged.yaml")
+    assert (merged.passes[1][1].bits, merged.passes[1][1].group_size) == (4, 32)
+    assert merged.passes[1][1].targets == ("attention",)
 
 
 @pytest.mark.parametrize(

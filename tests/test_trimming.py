@@ -366,6 +366,29 @@ def test_composed_trimming_one_shot_scores_the_original_model():
     assert iterative.report.records[0].kind == "analysis"
 
 
+@pytest.mark.parametrize("selection", ["layerwise", "global"])
+def test_a_second_one_shot_expert_drop_reads_the_scores_of_the_experts_left(selection):
+    """One-shot scores are measured before the first drop, which renumbers the experts: the second
+    drop must still drop the lowest-scored survivors, by their original index."""
+    _, original = captured("mixtral", num_hidden_layers=3)
+    data = _calibration(128)
+    recipe = [("expert_drop", {"keep": 6}), ("expert_drop", {"keep": 4, "selection": selection})]
+    program = moepass.compress(original, recipe, calibration=data)
+    scores = next(iter(program.report.analyses.values())).per_layer
+    first, second = (r.summary["dropped_experts"] for r in program.report.records if r.name == "expert_drop")
+    survivors = {i: [e for e in range(8) if e not in first[str(i)]] for i in scores}
+    if selection == "layerwise":
+        expected = {
+            i: sorted(sorted(left, key=lambda e: float(scores[i][e]))[:2]) for i, left in survivors.items()
+        }
+    else:
+        ranked = sorted((float(scores[i][e]), i, e) for i, left in survivors.items() for e in left)
+        expected = {i: sorted(e for _, j, e in ranked[: 2 * len(scores)] if j == i) for i in scores}
+    dropped = {i: sorted(survivors[i][p] for p in second.get(str(i), [])) for i in scores}
+    assert dropped == expected
+    program.verify()
+
+
 def test_non_finite_activations_name_the_block():
     model, _ = captured("mixtral")
     broken = copy.deepcopy(model)

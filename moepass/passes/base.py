@@ -157,8 +157,14 @@ def _coerce(value: Any, hint, where: str):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value not in args:
+            # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124
+            quote = (
+                f' (quote it: "{args[1]}")'
+                if isinstance(value, int) and any(":" in str(a) for a in args)
+                else ""
+            )
             raise ConfigError(
-                f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}"
+                f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}{quote}"
             )
         return value
     if origin in (typing.Union, types.UnionType):

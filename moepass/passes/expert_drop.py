@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from moepass.ir.surgery import keep_experts, min_experts_per_group
+from moepass.ir.surgery import keep_experts, kept_original_experts, min_experts_per_group
 
 from .base import ConfigError, PassConfig, TransformPass, TransformResult, check_range, register_pass
 from .expert_importance import ExpertImportanceConfig
@@ -104,9 +104,13 @@ class ExpertDropPass(TransformPass):
             return {
                 i: torch.rand(m.num_experts, generator=generator, dtype=torch.float64) for i, m in moe.items()
             }
-        return context.analysis(
-            "expert_importance", ExpertImportanceConfig(score=self.config.score)
-        ).per_layer
+        importance = context.analysis("expert_importance", ExpertImportanceConfig(score=self.config.score))
+        scores = {}  # one-shot scores predate earlier drops in this recipe: matched by original index
+        for index in moe:
+            position = {expert: p for p, expert in enumerate(importance.experts[index])}
+            held = [position[expert] for expert in kept_original_experts(program, index)]
+            scores[index] = importance.per_layer[index][held]
+        return scores
 
     def _kept_per_layer(self, moe) -> dict[int, float]:
         if self.config.keep is not None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from moepass.calibration import run_calibration
 from moepass.ir import MoEEntry
 from moepass.ir.ops import ACTIVATIONS
+from moepass.ir.surgery import kept_original_experts
 from moepass.plots import heatmap
 from moepass.table import format_table
 
@@ -40,8 +41,9 @@ class ExpertImportanceConfig(PassConfig):
 @dataclass
 class ExpertImportance:
     score: str
-    per_layer: dict[int, torch.Tensor]  # block index -> [E] float64, original expert order
+    per_layer: dict[int, torch.Tensor]  # block index -> [E] float64, the experts the block held
     samples: int
+    experts: dict[int, list[int]]  # block index -> original index of each scored expert
 
     def table(self) -> str:
         width = max(len(s) for s in self.per_layer.values())
@@ -60,6 +62,7 @@ class ExpertImportance:
             "score": self.score,
             "samples": self.samples,
             "per_layer": {str(k): v.tolist() for k, v in self.per_layer.items()},
+            "experts": {str(k): v for k, v in self.experts.items()},
         }
 
     def plot(self, path: str) -> str:
@@ -92,6 +95,7 @@ class _Observer:
         self.counts = {i: zeros(m.num_experts) for i, m in self.moe.items()}
         self.tokens = 0
         self.kinds = {i: m.routing for i, m in self.moe.items()}
+        self.experts = {i: kept_original_experts(program, i) for i in self.moe}
 
     def nodes(self) -> set[str]:
         names = set()
@@ -158,7 +162,7 @@ class _Observer:
                 per_layer[i] = self.sums[i] / self.counts[i].clamp_min(1)
             else:
                 per_layer[i] = self.sums[i] / samples
-        return ExpertImportance(self.score, {i: s.cpu() for i, s in per_layer.items()}, samples)
+        return ExpertImportance(self.score, {i: s.cpu() for i, s in per_layer.items()}, samples, self.experts)
 
 
 @register_pass
