@@ -95,7 +95,8 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
     route = next(n for n in graph_module.graph.nodes if n.name == moe.route_node)
     if preserve_gate:
         route.meta["moepass_preserve_gate"] = True
-    else:
+    else:  # the router holds exactly the kept experts now, even after an earlier preserve_gate drop
+        route.meta.pop("moepass_preserve_gate", None)
         args = list(route.args)
         args[3] = min(args[3], len(keep))
         route.args = tuple(args)

@@ -39,6 +39,7 @@ from moepass.ir.surgery import (
     sparsify_experts,
     sparsify_linear,
 )
+from moepass.json_document import json_document
 
 FORMAT, VERSION = "moepass-artifact", 1
 
@@ -126,7 +127,7 @@ def save(
 def write_checkpoint(directory: Path, documents: dict[str, dict], tensors: dict) -> None:
     """JSON documents by file name, and the tensors as model.safetensors."""
     for name, document in documents.items():
-        (directory / name).write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
+        (directory / name).write_text(json_document(document), encoding="utf-8")
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 

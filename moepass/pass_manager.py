@@ -126,9 +126,10 @@ class PassManager:
                 for name, config in transform.required_analyses():
                     self.analysis(program, name, config)
             self._pinned = True
+        edited = False
         for p in self.passes:
-            if isinstance(p, AnalysisPass):
-                self.analysis(program, p.name, p.config)
+            if isinstance(p, AnalysisPass):  # after an edit: of the edited program, even when one-shot
+                self.analysis(program, p.name, p.config, fresh=edited)
                 continue
             if p.needs_calibration and self.calibration is None:
                 raise PassError(
@@ -136,6 +137,7 @@ class PassManager:
                 )
             result = self._timed(p, lambda p=p: p.run(program, context))
             self.report.records[-1].modified = result.modified
+            edited |= result.modified
             self.report.records[-1].summary = result.summary
             if p.stage == "lower":  # kernel-specific layouts: what saving and compressing refuse
                 program.info.lowered = program.device.type
@@ -171,19 +173,22 @@ class PassManager:
         if disorder:
             raise PassError(disorder[1])
 
-    def analysis(self, program, name: str, config: PassConfig | None = None):
+    def analysis(self, program, name: str, config: PassConfig | None = None, fresh: bool = False):
+        """The cached result, or a new one (`fresh`: always new, and not cached, so that one-shot
+        transforms keep their scores). Each run is reported: a re-scoring as `name(...) #2`, ..."""
         analysis = create_pass(name, config)
         key = (analysis.name, analysis.config)
-        if key not in self._cache:
-            if self.calibration is None:
-                raise PassError(
-                    f"pass {name} needs calibration data, and none was given (pass calibration=...)"
-                )
-            self._cache[key] = self._timed(
-                analysis, lambda: analysis.run(program, PassContext(self, program))
-            )
-            self.report.analyses[f"{analysis.name}({analysis.config.describe()})"] = self._cache[key]
-        return self._cache[key]
+        if key in self._cache and not fresh:
+            return self._cache[key]
+        if self.calibration is None:
+            raise PassError(f"pass {name} needs calibration data, and none was given (pass calibration=...)")
+        result = self._timed(analysis, lambda: analysis.run(program, PassContext(self, program)))
+        label = f"{analysis.name}({analysis.config.describe()})"
+        runs = sum(1 for k in self.report.analyses if k.split(" #")[0] == label)
+        self.report.analyses[f"{label} #{runs + 1}" if runs else label] = result
+        if not fresh:
+            self._cache[key] = result
+        return result
 
     def invalidate(self, keep: frozenset[str], force: bool = False) -> None:
         if force or not self._pinned:

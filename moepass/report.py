@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moepass.evaluate import EvalResult, model_size
 from moepass.ir import MoEProgram
+from moepass.json_document import json_document
 from moepass.table import format_table, human_bytes, human_count
 
 
@@ -122,7 +122,7 @@ class CompressionReport:
                 result.plot(str(directory / "plots" / file), **kwargs)
                 self.plots[name] = file
         (directory / "report.md").write_text(self.markdown() + "\n", encoding="utf-8")
-        (directory / "report.json").write_text(json.dumps(self.to_dict(), indent=1, default=str) + "\n")
+        (directory / "report.json").write_text(json_document(self.to_dict()), encoding="utf-8")
 
 
 def _ratio(after: float, before: float) -> str:

@@ -125,6 +125,25 @@ def test_a_bfloat16_model_round_trips(cast, tmp_path):
     _same_outputs(program, load(tmp_path / "a", lower=False))
 
 
+def test_manifests_are_strict_json(tmp_path):
+    """A block-similarity matrix is NaN past the last block, a perplexity can be infinite: written as
+    null, which any JSON parser reads (Python's alone accepts NaN)."""
+    _, program = captured("mixtral", num_hidden_layers=3)
+    ids = torch.randint(3, 128, (4, 17))
+    dropped = moepass.compress(
+        program, [("block_drop", {"count": 1})], calibration=TokenSet(ids[:, :-1], ids[:, 1:], ["d"] * 4)
+    )
+    save(dropped, tmp_path / "out")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text(), parse_constant=refuse)
+    matrix = manifest["history"][-1]["report"]["analyses"]["block_similarity()"]["matrix"]
+    assert matrix[-1][1:] == [None, None] and all(isinstance(v, float) for v in matrix[0])
+    assert load(tmp_path / "out").structure.blocks[0].index == dropped.structure.blocks[0].index
+
+
 def test_the_generation_config_travels_with_the_program(tmp_path):
     """Checkpoints often stop on more EOS ids than config.json names (generation_config.json): after
     save/load (and so in an ONNX export of the loaded program) and in the transformers format,

@@ -64,7 +64,11 @@ def test_builtin_recipes_load_and_include_the_papers():
         ),
         (
             {"passes": [{"expert_drop": {"ratio": 1.5}}]},
-            "passes\\[0\\].expert_drop.ratio: 1.5 is out of range; must be <= 1.0",
+            "passes\\[0\\].expert_drop.ratio: 1.5 is out of range; must be < 1.0",
+        ),
+        (
+            {"passes": [{"layer_drop": {"ratio": 1.0}}]},
+            "passes\\[0\\].layer_drop.ratio: 1.0 is out of range; must be < 1.0",
         ),
         ({"passes": [{"expert_drop": {"keep": 0}}]}, "keep: 0 would drop every expert of a layer"),
         (
@@ -185,6 +189,11 @@ def test_yaml_recipe_files(tmp_path):
             "global selection cannot keep",
         ),
         ("phimoe", [("expert_drop", {"keep": 1})], "sparsemixer, which always picks 2 experts"),
+        (
+            "phimoe",
+            [("expert_drop", {"keep": 2, "selection": "global", "score": "random", "seed": 2})],
+            r"would drop all but 1 of the 8 experts of block 1 \(its sparsemixer routing always picks 2\)",
+        ),
     ],
 )
 def test_impossible_trimming_is_refused_and_leaves_the_input_alone(family, passes, message):

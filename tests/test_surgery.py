@@ -126,6 +126,13 @@ def test_keep_experts_preserving_the_gate_matches_zeroed_experts(family, seed):
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    # a plain drop after it slices the router to exactly the experts left: no longer preserve_gate
+    keep_experts(program, block, [0, 1, 2, 3])
+    moe = program.structure.block(block).mlp
+    assert (moe.num_experts, moe.router_rows, moe.preserve_gate) == (4, 4, False)
+    reference = hf_keep_experts(model, {block: [keep[i] for i in (0, 1, 2, 3)]})
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
 
 
 def test_preserve_gate_refuses_group_limited_routing():

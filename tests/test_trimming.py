@@ -141,6 +141,20 @@ def test_reap_matches_a_direct_computation():
             )
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_reap_reads_quantized_experts_through_their_op(family):
+    """REAP after quantization (the paper's slim-then-trim order) scores the experts the op runs:
+    int8 weights score as the float ones, to int8's precision."""
+    _, program = captured(family)
+    data = _calibration(program.info.vocab_size)
+    config = ExpertImportanceConfig(score="reap")
+    (float_scores,) = _analyses(program, [("expert_importance", config)], data)
+    int8 = moepass.compress(program, [("rtn", {"bits": 8, "group_size": 16, "targets": ["experts"]})])
+    (int8_scores,) = _analyses(int8, [("expert_importance", config)], data)
+    for layer, scores in float_scores.per_layer.items():
+        assert torch.allclose(int8_scores.per_layer[layer], scores, rtol=2e-2)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_moe_similarity_matches_hooks(family):
     model, program = captured(family)
@@ -335,6 +349,25 @@ def test_block_drop_matches_removing_blocks(family, method):
     assert torch.equal(program.generate(ids, 10), reference.generate(ids, max_new_tokens=10, do_sample=False))
 
 
+@pytest.mark.parametrize("random_seed", range(4))
+def test_a_consecutive_block_drop_after_another_drop_scores_its_windows_by_their_blocks(random_seed):
+    """One-shot: the similarity matrix predates the first drop, so a window of present blocks spans
+    a different number of the scored model's blocks where it crosses the dropped one."""
+    _, original = captured("mixtral", num_hidden_layers=6)
+    recipe = [
+        ("block_drop", {"count": 1, "metric": "random"}),
+        ("block_drop", {"count": 2, "method": "consecutive"}),
+    ]
+    program = moepass.compress(original, recipe, calibration=_calibration(128))
+    sim = program.report.analyses["block_similarity()"]
+    dropped = program.info.edits[0]["block"]
+    left = [b for b in range(6) if b != dropped]
+    windows = [(left[s], left[s + 1]) for s in range(4)]  # input of the first, output of the second
+    expected = max(windows, key=lambda w: sim.gap(w[0], w[1] + 1 - w[0]))
+    assert tuple(e["block"] for e in program.info.edits[1:]) == expected
+    program.verify()
+
+
 def test_iterative_scoring_rescores_after_each_drop():
     _, original = captured("mixtral", num_hidden_layers=5)
     data = _calibration(128)
@@ -344,10 +377,25 @@ def test_iterative_scoring_rescores_after_each_drop():
     )
     analyses = [r.name for r in iterative.report.records if r.kind == "analysis"]
     assert analyses == ["moe_similarity"] * 3
+    scorings = iterative.report.analyses  # every scoring is reported, each of the program it scored
+    assert list(scorings) == ["moe_similarity()", "moe_similarity() #2", "moe_similarity() #3"]
+    assert [len(s.per_layer) for s in scorings.values()] == [5, 4, 3]
     assert [r.name for r in one_shot.report.records if r.kind == "analysis"] == ["moe_similarity"]
     for program in (one_shot, iterative):
         program.verify()
         assert len([b for b in program.structure.blocks if b.mlp is None]) == 3
+
+
+def test_an_analysis_after_an_edit_scores_the_edited_program():
+    _, original = captured("mixtral", num_hidden_layers=4)
+    recipe = [("layer_drop", {"count": 2}), ("moe_similarity", {})]  # one-shot: the drop's scores come first
+    program = moepass.compress(original, recipe, calibration=_calibration(128))
+    before, after = program.report.analyses.values()
+    dropped = [e["block"] for e in program.info.edits]
+    assert sorted(before.per_layer) == [0, 1, 2, 3]
+    assert sorted(after.per_layer) == sorted(set(range(4)) - set(dropped))
+    for layer, score in after.per_layer.items():  # the kept layers' inputs changed with the drop
+        assert score != before.per_layer[layer] or layer < min(dropped)
 
 
 def test_composed_trimming_one_shot_scores_the_original_model():
@@ -387,6 +435,19 @@ def test_a_second_one_shot_expert_drop_reads_the_scores_of_the_experts_left(sele
     dropped = {i: sorted(survivors[i][p] for p in second.get(str(i), [])) for i in scores}
     assert dropped == expected
     program.verify()
+
+
+@pytest.mark.parametrize("name", ["layer_drop", "expert_drop", "expert_importance", "moe_similarity"])
+def test_a_program_without_moe_layers_is_refused_by_name(name):
+    """DeepSeek's first block is dense: dropping its only MoE block leaves nothing to score or drop."""
+    from moepass.ir.surgery import drop_block
+
+    _, program = captured("deepseek_v3", num_hidden_layers=2)
+    dense = program.fork()
+    drop_block(dense, 1)
+    options = {"layer_drop": {"count": 1}, "expert_drop": {"keep": 2}}.get(name, {})
+    with pytest.raises(PassError, match="the program has no MoE layer left"):
+        moepass.compress(dense, [(name, options)], calibration=_calibration(128))
 
 
 def test_non_finite_activations_name_the_block():

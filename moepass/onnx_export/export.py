@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import operator
 import os
@@ -46,6 +45,7 @@ from moepass.ir.quant_ops import (
 from moepass.ir.quantized import in_features
 from moepass.ir.structure import arg_tensors, op_args, tensor_at
 from moepass.ir.surgery import delete_if_unused, expand_sparse24, install_tensor, swap_node
+from moepass.json_document import json_document
 
 from . import decompose
 from .complex_to_real import complex_to_real
@@ -118,9 +118,7 @@ def export_onnx(
             "outputs": output_names(program),
             "rewrites": rewrites,
         }
-        (staging / MANIFEST_FILE).write_text(
-            json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8"
-        )
+        (staging / MANIFEST_FILE).write_text(json_document(manifest), encoding="utf-8")
         if tokenizer is not None:
             from moepass.zoo import save_tokenizer
 

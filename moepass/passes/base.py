@@ -196,7 +196,9 @@ def _name(hint) -> str:
     return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
-def check_range(where: str, value, low=None, high=None, *, inclusive_low: bool = True) -> None:
+def check_range(
+    where: str, value, low=None, high=None, *, inclusive_low: bool = True, inclusive_high: bool = True
+) -> None:
     if value is None:
         return
     if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
@@ -205,5 +207,7 @@ def check_range(where: str, value, low=None, high=None, *, inclusive_low: bool =
         raise ConfigError(
             f"{where}: {value!r} is out of range; must be {'>=' if inclusive_low else '>'} {low}"
         )
-    if high is not None and value > high:
-        raise ConfigError(f"{where}: {value!r} is out of range; must be <= {high}")
+    if high is not None and (value > high if inclusive_high else value >= high):
+        raise ConfigError(
+            f"{where}: {value!r} is out of range; must be {'<=' if inclusive_high else '<'} {high}"
+        )

@@ -35,7 +35,7 @@ class BlockDropConfig(PassConfig):
         if (self.count is None) == (self.ratio is None):
             raise ConfigError("block_drop: give exactly one of count or ratio")
         check_range("block_drop.count", self.count, 1)
-        check_range("block_drop.ratio", self.ratio, 0.0, 1.0, inclusive_low=False)
+        check_range("block_drop.ratio", self.ratio, 0.0, 1.0, inclusive_low=False, inclusive_high=False)
         if self.iterative and self.method == "consecutive":
             raise ConfigError("block_drop.iterative: only the discrete method re-scores between drops")
 
@@ -81,5 +81,5 @@ class BlockDropPass(TransformPass):
             start = starts[int(torch.randint(len(starts), (), generator=generator))]
         else:
             similarity = context.analysis("block_similarity", BlockSimilarityConfig())
-            start = max(starts, key=lambda s: similarity.gap(blocks[s], n))
+            start = max(starts, key=lambda s: similarity.span(blocks[s], blocks[s + n - 1]))
         return blocks[start : start + n]

@@ -36,6 +36,13 @@ class BlockSimilarity:
         """Mean cos(h_block, h_{block+gap}) in units of present blocks."""
         return self.matrix[self.blocks.index(block)][gap - 1]
 
+    def span(self, first: int, last: int) -> float:
+        """Mean cos between block `first`'s input and block `last`'s output, both blocks of the
+        scored program: the score of dropping them and every block between. By original index, so
+        a score computed once (one-shot) still reads right after other blocks were dropped."""
+        start = self.blocks.index(first)
+        return self.matrix[start][self.blocks.index(last) - start]
+
     def table(self) -> str:
         n = len(self.blocks)
         rows = [
@@ -49,7 +56,7 @@ class BlockSimilarity:
         )
 
     def to_dict(self) -> dict:
-        return {"blocks": self.blocks, "matrix": self.matrix, "tokens": self.tokens}
+        return {"blocks": self.blocks, "matrix": self.matrix, "tokens": self.tokens}  # NaN past the end
 
     def plot(self, path: str) -> str:
         return heatmap(
@@ -77,14 +84,19 @@ class _Observer:
 
     def observe(self, batch: int, values) -> None:
         store = self.seen.setdefault(batch, {})
-        store.update({k: v.float() for k, v in values.items()})
-        if all(p in store for p in self.points):  # every boundary of this batch seen: score it, free it
-            h = [store[p] for p in self.points]
-            for i in range(len(self.blocks)):
-                for g in range(1, len(self.blocks) - i + 1):
-                    self.sums[i][g - 1] += mean_cosine_sum(h[i], h[i + g])
-            self.tokens += h[0].numel() // h[0].shape[-1]
-            del self.seen[batch]
+        store.update(values)  # in the activations' dtype: the cosines upcast
+        if not all(p in store for p in self.points):
+            # sequential calibration: the later boundaries come block by block, after every batch's
+            # earlier ones; those wait off the device, which then holds one block's activations
+            store.update({k: v.cpu() for k, v in store.items()})
+            return
+        device = values[next(iter(values))].device
+        h = [store[p].to(device) for p in self.points]  # every boundary of this batch: score, free
+        for i in range(len(self.blocks)):
+            for g in range(1, len(self.blocks) - i + 1):
+                self.sums[i][g - 1] += mean_cosine_sum(h[i], h[i + g])
+        self.tokens += h[0].numel() // h[0].shape[-1]
+        del self.seen[batch]
 
 
 @register_pass

@@ -44,9 +44,7 @@ class ExpertDropConfig(PassConfig):
                 "sub-layers use layer_drop"
             )
         check_range("expert_drop.keep", self.keep, 1)
-        check_range("expert_drop.ratio", self.ratio, 0.0, 1.0, inclusive_low=False)
-        if self.ratio is not None and self.ratio >= 1.0:
-            raise ConfigError(f"expert_drop.ratio: {self.ratio} would drop every expert; must be < 1")
+        check_range("expert_drop.ratio", self.ratio, 0.0, 1.0, inclusive_low=False, inclusive_high=False)
 
 
 @register_pass
@@ -151,10 +149,13 @@ def _global(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
     for _, i, e in ranked[:drop]:
         dropped[i].add(e)
     for i, m in moe.items():
-        if len(dropped[i]) == m.num_experts:
+        left, need = m.num_experts - len(dropped[i]), 2 if m.routing == "sparsemixer" else 1
+        if left < need:
+            why = "all" if not left else f"all but {left} of the"
+            routing = " (its sparsemixer routing always picks 2)" if need == 2 else ""
             raise ConfigError(
-                f"expert_drop: global selection would drop all {m.num_experts} experts of block {i}; "
-                f"keep more experts on average (keep/ratio) or use selection: layerwise"
+                f"expert_drop: global selection would drop {why} {m.num_experts} experts of block {i}"
+                f"{routing}; keep more experts on average (keep/ratio) or use selection: layerwise"
             )
     return {i: sorted(set(range(m.num_experts)) - dropped[i]) for i, m in moe.items()}
 

@@ -14,21 +14,22 @@ Shared experts are not routed, so they are never scored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+from torch import fx
 
 from moepass.calibration import run_calibration
 from moepass.ir import MoEEntry
-from moepass.ir.ops import ACTIVATIONS
+from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import kept_original_experts
 from moepass.plots import heatmap
 from moepass.table import format_table
 
-from .base import AnalysisPass, PassConfig, register_pass
+from .base import AnalysisPass, ConfigError, PassConfig, register_pass
 
 SCORES = ("softmax_mass", "topk_mass", "frequency", "reap")
 
@@ -89,7 +90,10 @@ class _Observer:
         nodes = {n.name: n for n in program.graph_module.graph.nodes}
         self.logits = {i: nodes[m.route_node].args[0].name for i, m in self.moe.items()}
         self.hidden = {i: nodes[m.experts_node].args[0].name for i, m in self.moe.items()}
-        self.activation_args = {m.experts_node: nodes[m.experts_node].args[8:10] for m in self.moe.values()}
+        self.one_expert = {
+            m.experts_node: _one_expert(nodes[m.experts_node], program.graph_module)
+            for m in self.moe.values()
+        }
         zeros = partial(torch.zeros, dtype=torch.float64, device=program.device)  # summed where routing runs
         self.sums = {i: zeros(m.num_experts) for i, m in self.moe.items()}
         self.counts = {i: zeros(m.num_experts) for i, m in self.moe.items()}
@@ -131,25 +135,17 @@ class _Observer:
                     0, flat_ids, (weights * valid).reshape(-1)
                 )
             elif self.score == "reap":
-                self.sums[i] += self._reap(moe, values[self.hidden[i]], ids, weights)
+                dtype = values[moe.route_weights].dtype
+                self.sums[i] += self._reap(moe, values[self.hidden[i]], ids, weights, dtype)
 
-    def _reap(self, moe: MoEEntry, hidden, ids, weights) -> torch.Tensor:
-        get = self.graph_module.get_parameter
-        gate_up, down = get(moe.gate_up), get(moe.down)
-        gate_up_bias = get(moe.gate_up_bias) if moe.gate_up_bias else None
-        down_bias = get(moe.down_bias) if moe.down_bias else None
-        act = ACTIVATIONS[moe.activation]
-        alpha, limit = self.activation_args[moe.experts_node]
+    def _reap(self, moe: MoEEntry, hidden, ids, weights, weight_dtype: torch.dtype) -> torch.Tensor:
+        one_expert = self.one_expert[moe.experts_node]
         out = weights.new_zeros(moe.num_experts, dtype=torch.float64)
         for expert in range(moe.num_experts):
             rows, slots = (ids == expert).nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                continue
-            h = F.linear(
-                hidden[rows], gate_up[expert], None if gate_up_bias is None else gate_up_bias[expert]
-            )
-            y = F.linear(act(h, alpha, limit), down[expert], None if down_bias is None else down_bias[expert])
-            out[expert] = (weights[rows, slots] * y.double().norm(dim=-1)).sum()
+            if rows.numel():
+                y = one_expert(hidden[rows], expert, weight_dtype)
+                out[expert] = (weights[rows, slots] * y.double().norm(dim=-1)).sum()
         return out
 
     def result(self) -> ExpertImportance:
@@ -165,12 +161,32 @@ class _Observer:
         return ExpertImportance(self.score, {i: s.cpu() for i, s in per_layer.items()}, samples, self.experts)
 
 
+def _one_expert(node: fx.Node, graph_module) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`f(hidden, e)`: expert e's output for each token, from the experts op itself with every token
+    routed to e at weight 1 — whatever the weights' layout (float, quantized, 2:4)."""
+    computed = [a.name for a in node.args[3:] if isinstance(a, fx.Node) and a.op != "get_attr"]
+    if computed:
+        raise ConfigError(
+            f"expert_importance: experts node {node.name} reads {computed[0]}, not a stored tensor"
+        )
+    stored = [tensor_at(graph_module, a.target) if isinstance(a, fx.Node) else a for a in node.args[3:]]
+
+    def run(hidden: torch.Tensor, expert: int, weight_dtype: torch.dtype) -> torch.Tensor:
+        ids = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
+        ones = torch.ones(ids.shape, dtype=weight_dtype, device=hidden.device)
+        return node.target(hidden, ids, ones, *stored, **node.kwargs)
+
+    return run
+
+
 @register_pass
 class ExpertImportancePass(AnalysisPass):
     name = "expert_importance"
     config_class = ExpertImportanceConfig
 
     def run(self, program, context) -> ExpertImportance:
+        if not program.structure.moe_blocks:  # a block drop can remove a model's only MoE layer
+            raise ConfigError(f"{self.name}: the program has no MoE layer left")
         observer = _Observer(program, self.config.score, context.calibration.seq_len)
         run_calibration(
             program,

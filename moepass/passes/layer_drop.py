@@ -32,7 +32,7 @@ class LayerDropConfig(PassConfig):
         if (self.count is None) == (self.ratio is None):
             raise ConfigError("layer_drop: give exactly one of count or ratio")
         check_range("layer_drop.count", self.count, 1)
-        check_range("layer_drop.ratio", self.ratio, 0.0, 1.0, inclusive_low=False)
+        check_range("layer_drop.ratio", self.ratio, 0.0, 1.0, inclusive_low=False, inclusive_high=False)
 
 
 def drop_count(count: int | None, ratio: float | None, available: int, what: str, where: str) -> int:
@@ -40,6 +40,8 @@ def drop_count(count: int | None, ratio: float | None, available: int, what: str
 
     A ratio rounds down: it never removes more than the share it asks for (25% of 6 layers drops 1,
     not 2 = 33%); ask with `count` for more."""
+    if not available:
+        raise ConfigError(f"{where}: the program has no {what} left")
     n = count if count is not None else math.floor(ratio * available + 1e-9)
     if n >= available:
         raise ConfigError(

@@ -20,7 +20,7 @@ from moepass.calibration import run_calibration
 from moepass.plots import lines
 from moepass.table import format_table
 
-from .base import AnalysisPass, PassConfig, register_pass
+from .base import AnalysisPass, ConfigError, PassConfig, register_pass
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ class MoESimilarityPass(AnalysisPass):
     config_class = MoESimilarityConfig
 
     def run(self, program, context) -> MoESimilarity:
+        if not program.structure.moe_blocks:  # a block drop can remove a model's only MoE layer
+            raise ConfigError(f"{self.name}: the program has no MoE layer left")
         observer = _Observer(program, self.config.metric)
         run_calibration(
             program,
