@@ -145,12 +145,12 @@ def _grouped_gemm_kernel(
     expert = tl.load(block_expert_ptr + pid_m)
     live = (expert >= 0) & (expert < num_experts)  # unused blocks of `align`, dropped experts
     k_end = tl.where(live, K, 0)
-    expert = tl.where(live, expert, 0)
+    expert = tl.where(live, expert, 0).to(tl.int64)  # expert x stride passes 2**31 for large MoEs
     if DIRECT:
         slots = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_slots)
     else:
         slots = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    slots = tl.where(live, slots, num_slots)
+    slots = tl.where(live, slots, num_slots).to(tl.int64)  # slot x stride may pass 2**31
     valid = slots < num_slots
     rows = slots // top_k if A_BY_TOKEN else slots
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -177,7 +177,14 @@ def model_size(model: nn.Module) -> tuple[int, int]:
 
 
 def _logits(model, input_ids):
-    out = model(input_ids)
+    """Logits in inference mode (no dropout, no router jitter) even for a model left in training
+    mode, which is put back as it was."""
+    training = model.training
+    model.eval()
+    try:
+        out = model(input_ids)
+    finally:
+        model.train(training)
     return out.logits if hasattr(out, "logits") else out
 
 

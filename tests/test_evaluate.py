@@ -38,6 +38,15 @@ def test_perplexity_and_accuracy_match_float64_reference(seed):
     assert result.parameters == params and result.weight_bytes >= 4 * params
 
 
+def test_a_model_in_training_mode_is_scored_without_dropout_and_left_as_it_was(seed):
+    model = model_for("mixtral", seed=seed, attention_dropout=0.5)
+    data = _token_set(128, rows=2, seq_len=8, sources=["d"])
+    reference = moepass.evaluate(model, data)
+    model.train()
+    again = moepass.evaluate(model, data)
+    assert again.overall.nll == reference.overall.nll and model.training
+
+
 def test_ignored_labels_are_not_scored_and_narrow_integer_ids_are_read(seed):
     """Labels of -100 (transformers' convention) are neither losses nor tokens; int32 ids score as int64."""
     model = model_for("mixtral", seed=seed)

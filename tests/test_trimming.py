@@ -434,6 +434,8 @@ def test_a_second_one_shot_expert_drop_reads_the_scores_of_the_experts_left(sele
         expected = {i: sorted(e for _, j, e in ranked[: 2 * len(scores)] if j == i) for i in scores}
     dropped = {i: sorted(survivors[i][p] for p in second.get(str(i), [])) for i in scores}
     assert dropped == expected
+    summary = program.report.records[-1].summary["dropped_original_experts"]
+    assert {i: summary.get(str(i), []) for i in scores} == expected
     program.verify()
 
 

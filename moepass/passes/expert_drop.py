@@ -78,10 +78,12 @@ class ExpertDropPass(TransformPass):
             if config.selection == "layerwise"
             else _global(scores, targets, moe)
         )
-        dropped = {}
+        dropped, originals = {}, {}
         for index, kept in keep.items():
             if len(kept) < moe[index].num_experts:
                 dropped[index] = sorted(set(range(moe[index].num_experts)) - set(kept))
+                held = kept_original_experts(program, index)  # differs after an earlier drop
+                originals[index] = [held[e] for e in dropped[index]]
                 keep_experts(program, index, kept, preserve_gate=config.preserve_gate)
         if not dropped and config.ratio is not None:  # before any edit: none was made
             raise ConfigError(
@@ -91,7 +93,8 @@ class ExpertDropPass(TransformPass):
         return TransformResult(
             bool(dropped),
             {
-                "dropped_experts": {str(k): v for k, v in dropped.items()},
+                "dropped_experts": {str(k): v for k, v in dropped.items()},  # positions in the layer
+                "dropped_original_experts": {str(k): v for k, v in originals.items()},
                 "experts_per_layer": {str(b.index): b.mlp.num_experts for b in program.structure.moe_blocks},
             },
         )
