@@ -51,6 +51,7 @@ def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) ->
     start = time.perf_counter()
     family = family_of(model)
     _check_weights_are_loaded(model)
+    _check_rotary_is_traceable(model)
     shadow = _shadow_copy(model)
     convert_moe_blocks(shadow, family)
     sample_ids = _sample_input_ids(example_inputs, shadow)
@@ -92,10 +93,28 @@ def _check_weights_are_loaded(model: nn.Module) -> None:
         )
 
 
+# rotary embeddings that pick their frequencies from the largest position id (a data-dependent branch)
+_DATA_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _check_rotary_is_traceable(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if getattr(module, "rope_type", None) in _DATA_DEPENDENT_ROPE:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: {name} is a {module.rope_type!r} rotary embedding, which switches "
+                "frequencies on the largest position id; torch.export cannot trace that branch, so moepass "
+                "cannot capture it yet (default, linear, llama3 and yarn rotary embeddings are supported)"
+            )
+
+
 def _shadow_copy(model: nn.Module) -> nn.Module:
-    """Deep-copy modules and config but share every parameter and buffer with `model`."""
+    """Deep-copy modules and config but share every parameter and buffer with `model`. The copy's
+    forward returns no router logits: they are a training output (a load-balancing loss), read from
+    the routers conversion replaces."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     shadow = copy.deepcopy(model, memo)
+    if getattr(shadow.config, "output_router_logits", False):
+        shadow.config.output_router_logits = False
     return shadow.eval()
 
 

@@ -16,6 +16,7 @@ function under the same name) is not: call `clear()` after one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -50,7 +51,7 @@ def trace_key(model: nn.Module, sample: Tensor) -> tuple | None:
         if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
             return None
         non_persistent = tuple(sorted(module._non_persistent_buffers_set))
-        modules.append((name, type(module), non_persistent))
+        modules.append((name, type(module), non_persistent, _settings(module)))
     first_name: dict[int, str] = {}
     tensors = [
         (name, tuple(t.shape), t.stride(), t.dtype, t.device, type(t), first_name.setdefault(id(t), name))
@@ -69,6 +70,19 @@ def trace_key(model: nn.Module, sample: Tensor) -> tuple | None:
         tuple(sample.shape),
         sample.device,
         _CodeIdentity(model),
+    )
+
+
+def _settings(module: nn.Module) -> str:
+    """The module's own plain attributes (numbers, strings, dataclasses such as a converted MoE
+    block's routing spec): traced as constants, so an edit (`gate.top_k = 1`) needs a fresh trace."""
+    plain = (int, float, bool, str, type(None))
+    return repr(
+        sorted(
+            (key, value)
+            for key, value in vars(module).items()
+            if isinstance(value, plain) or (dataclasses.is_dataclass(value) and not isinstance(value, type))
+        )
     )
 
 

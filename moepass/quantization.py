@@ -9,14 +9,18 @@ fall back to round-to-nearest and are listed in the pass summary.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from moepass.ir.quantized import QuantFormat, codes_for, packed_triple, scales_and_zeros
+from moepass.ir.surgery import quantize_linear
 from moepass.passes.base import ConfigError, PassConfig, check_range
 from moepass.slimming import CATEGORIES, DEFAULT_TARGETS, LinearTarget, coverage, coverage_table
+
+logger = logging.getLogger("moepass")
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,24 @@ def stack(triples: list[tuple]) -> tuple:
     return torch.stack(codes), torch.stack(scales), None if zeros[0] is None else torch.stack(zeros)
 
 
-def summary(program, before: dict, fallbacks: dict[int, list[int]]) -> dict:
+def summary(program, before: dict, fallbacks: dict[int, list[int]], rtn_linears: list[str] = ()) -> dict:
     table = coverage(program, before)
     return {
         "coverage": {k: {kk: vv for kk, vv in v.items()} for k, v in table.items()},
         "coverage_table": coverage_table(table),
         "rtn_fallback_experts": {str(k): v for k, v in fallbacks.items() if v},
+        "rtn_linears": list(rtn_linears),
     }
+
+
+def quantize_head_rtn(program, config: QuantizeConfig, linears: list, method: str) -> list[str]:
+    """The LM head (opt-in target) of a calibrated method, round-to-nearest: GPTQ and AWQ calibrate
+    block by block and collect no statistics of the final norm's output. Said in a warning and in
+    the pass summary (`rtn_linears`), never silently."""
+    heads = [t.weight for t in linears if t.block is None]
+    for fqn in heads:
+        weight = program.graph_module.get_parameter(fqn)
+        fmt = config.format_for(weight)
+        quantize_linear(program, fqn, fmt, rtn(weight, fmt, fqn))
+        logger.warning("%s: %s is quantized round-to-nearest (no calibration statistics for it)", method, fqn)
+    return heads

@@ -324,10 +324,11 @@ def test_recapture_traces_again_when_the_graph_could_differ(seed, caplog, monkey
     transformers): reusing the first trace would compute the wrong function."""
     base = functools.partial(model_for, "mixtral", seed=seed, num_hidden_layers=1)
     moepass.capture(base())
-    top1, hooked = base(num_experts_per_tok=1), base()
+    top1, hooked, edited = base(num_experts_per_tok=1), base(), base()
     hooked.model.layers[0].self_attn.register_forward_hook(lambda module, args, out: (out[0] * 2, *out[1:]))
+    edited.model.layers[0].mlp.gate.top_k = 1  # the config still says 2: the module is what runs
     caplog.set_level(logging.INFO, logger="moepass")
-    for model in (top1, hooked):
+    for model in (top1, hooked, edited):
         caplog.clear()
         program = moepass.capture(model)
         assert not _trace_reused(caplog)
@@ -339,3 +340,19 @@ def test_recapture_traces_again_when_the_graph_could_differ(seed, caplog, monkey
     program = moepass.capture(top1)
     assert not _trace_reused(caplog)
     _assert_program_matches_eager(program, top1, seed)
+
+
+def test_a_model_configured_to_output_router_logits_captures(seed):
+    """Fine-tuned checkpoints often keep output_router_logits=True (a training loss); the program
+    computes the logits, and the user's config is left as it was."""
+    model = model_for("mixtral", seed=seed, output_router_logits=True)
+    program = moepass.capture(model)
+    _assert_program_matches_eager(program, model, seed)
+    assert model.config.output_router_logits
+
+
+def test_a_rotary_embedding_that_branches_on_positions_is_refused_by_name(seed):
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    model = model_for("mixtral", seed=seed, rope_parameters=rope, max_position_embeddings=16, head_dim=16)
+    with pytest.raises(moepass.MoepassError, match=r"model.rotary_emb is a 'dynamic' rotary embedding"):
+        moepass.capture(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -254,6 +255,21 @@ def test_coverage_bytes_add_up_when_a_tied_lm_head_is_quantized():
     assert coverage["lm_head"]["bytes_before"] == 0 < coverage["lm_head"]["bytes"]
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_a_calibrated_method_says_it_quantized_the_lm_head_round_to_nearest(method, caplog):
+    """The head reads the final norm, which block-by-block calibration never observes: it gets RTN,
+    said in a warning and in the summary, not silently."""
+    _, program = captured("mixtral")
+    config = {"group_size": 16, "targets": ["attention", "lm_head"]}
+    with caplog.at_level(logging.WARNING, logger="moepass"):
+        slim = moepass.compress(program, [(method, config)], calibration=_calibration())
+    assert slim.report.records[-1].summary["rtn_linears"] == ["lm_head.weight"]
+    assert f"{method}: lm_head.weight is quantized round-to-nearest" in caplog.text
+    rtn = moepass.compress(program, [("rtn", {"group_size": 16, "targets": ["lm_head"]})])
+    codes = [p.graph_module.get_buffer("lm_head.qweight") for p in (slim, rtn)]
+    assert torch.equal(*codes)
+
+
 def test_awq_scales_are_moe_aware():
     _, program = captured("qwen2_moe")
     slim = moepass.compress(
@@ -349,16 +365,17 @@ def test_starved_experts_fall_back_and_are_listed():
         ([("wanda", {"sparsity": 1.0})], ConfigError, "would remove every weight"),
         ([("gptq", {"targets": ["routers"]})], ConfigError, "targets: 'routers' is not allowed"),
         ([("gptq", {"damp": 0.0})], ConfigError, "damp: 0.0 is out of range; must be > 0"),
-        # a second compression of quantized weights would skip them yet report the pass as done
+        # a second compression of quantized weights would skip them yet report the pass as done:
+        # refused when the recipe loads, before the first pass runs
         (
             [("rtn", {"group_size": 16}), ("magnitude", {"pattern": "2:4"})],
-            PassError,
-            r"layer 0's routed experts are already stored as .*prune before quantizing",
+            ConfigError,
+            r"passes\[1\]: pass magnitude would compress experts after rtn quantized them",
         ),
         (
             [("rtn", {"group_size": 16, "targets": ["attention"]}), ("gptq", {"targets": ["attention"]})],
-            PassError,
-            r"q_proj.*\(attention, layer 0\) is already compressed",
+            ConfigError,
+            r"passes\[1\]: pass gptq would compress attention after rtn quantized them",
         ),
     ],
 )
@@ -368,6 +385,29 @@ def test_bad_slimming_requests(passes, error, message):
     with pytest.raises(error, match=message):
         moepass.compress(program, passes, calibration=_calibration())
     assert [n.name for n in program.graph_module.graph.nodes] == before
+
+
+@pytest.mark.parametrize(
+    "first,second,message",
+    [
+        (
+            "rtn",
+            ("magnitude", {"pattern": "2:4"}),
+            r"layer 0's routed experts are already stored as .*prune before",
+        ),
+        (
+            "rtn",
+            ("gptq", {"targets": ["attention"]}),
+            r"q_proj.*\(attention, layer 0\) is already compressed",
+        ),
+    ],
+)
+def test_compressing_a_quantized_program_again_is_refused_by_tensor(first, second, message):
+    """An artifact quantized earlier, compressed further: only the program knows, so the pass says."""
+    _, program = captured("mixtral")
+    quantized = moepass.compress(program, [(first, {"group_size": 16})])
+    with pytest.raises(PassError, match=message):
+        moepass.compress(quantized, [second], calibration=_calibration())
 
 
 def test_nm_pattern_that_does_not_fit_and_non_finite_weights_name_the_tensor():

@@ -26,6 +26,7 @@ from moepass.ir.surgery import quantize_experts, quantize_linear, set_tensor
 from moepass.quantization import (
     QuantizeConfig,
     check_formats,
+    quantize_head_rtn,
     rtn,
     stack,
     summary,
@@ -151,11 +152,8 @@ class AWQPass(TransformPass):
             for apply in plan:  # every search ran on full-precision weights; now rewrite
                 apply()
             runner.commit(runner.outputs(block))
-        for target in [t for t in linears if t.block is None]:  # the LM head: after the last block
-            weight = program.graph_module.get_parameter(target.weight)
-            fmt = config.format_for(weight)
-            quantize_linear(program, target.weight, fmt, rtn(weight, fmt, target.weight))
-        return TransformResult(bool(linears or experts), summary(program, before, fallbacks))
+        heads = quantize_head_rtn(program, config, linears, self.name)
+        return TransformResult(bool(linears or experts), summary(program, before, fallbacks, heads))
 
     def _plan(self, program, runner, block, linears, observed, moe, fallback) -> list:
         plan = []

@@ -25,6 +25,7 @@ from moepass.ir.surgery import quantize_experts, quantize_linear
 from moepass.quantization import (
     QuantizeConfig,
     check_formats,
+    quantize_head_rtn,
     rtn,
     stack,
     summary,
@@ -149,11 +150,8 @@ class GPTQPass(TransformPass):
                 program, runner, block, [t for t in linears if t.block == block and t.role not in known]
             )
             runner.commit(runner.outputs(block))
-        for target in [t for t in linears if t.block is None]:  # the LM head reads the final norm
-            weight = program.graph_module.get_parameter(target.weight)
-            fmt = config.format_for(weight)
-            quantize_linear(program, target.weight, fmt, rtn(weight, fmt, target.weight))
-        return TransformResult(bool(linears or experts), summary(program, before, fallbacks))
+        heads = quantize_head_rtn(program, config, linears, self.name)
+        return TransformResult(bool(linears or experts), summary(program, before, fallbacks, heads))
 
     def _linears(self, program, runner: BlockwiseRunner, block: int, group) -> None:
         if not group:
