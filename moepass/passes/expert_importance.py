@@ -86,14 +86,11 @@ class _Observer:
     def __init__(self, program, score: str, seq_len: int):
         self.score, self.seq_len = score, seq_len
         self.moe: dict[int, MoEEntry] = {b.index: b.mlp for b in program.structure.moe_blocks}
-        self.graph_module = program.graph_module
         nodes = {n.name: n for n in program.graph_module.graph.nodes}
         self.logits = {i: nodes[m.route_node].args[0].name for i, m in self.moe.items()}
         self.hidden = {i: nodes[m.experts_node].args[0].name for i, m in self.moe.items()}
-        self.one_expert = {
-            m.experts_node: _one_expert(nodes[m.experts_node], program.graph_module)
-            for m in self.moe.values()
-        }
+        reap = [nodes[m.experts_node] for m in self.moe.values()] if score == "reap" else []
+        self.one_expert = {node.name: _one_expert(node, program.graph_module) for node in reap}
         zeros = partial(torch.zeros, dtype=torch.float64, device=program.device)  # summed where routing runs
         self.sums = {i: zeros(m.num_experts) for i, m in self.moe.items()}
         self.counts = {i: zeros(m.num_experts) for i, m in self.moe.items()}
