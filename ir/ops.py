@@ -220,7 +220,8 @@ def experts(
 
     Tokens are grouped by expert and each hit expert runs one matmul on views of its weights (no
     weight copies), so a decode step reads only the k selected experts. Each (token, slot) result
-    lands in its own row and the k slots are summed in slot order, in fp32, as transformers does.
+    lands in its own row and the k slots are summed in slot order, in fp32 (transformers sums in the
+    model's dtype for some families, e.g. Qwen and OLMoE: bf16 results differ by that rounding).
     """
     check_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias)
 

@@ -242,11 +242,9 @@ def _from_records(records: Iterable, text_key: str, where: str) -> list[Document
         text, source = record[text_key], record.get("source") or "text"
         if not isinstance(text, str):
             raise DataError(f"{where}: record {i}'s {text_key!r} is a {type(text).__name__}, not a string")
-        try:
+        try:  # JSON can spell a lone surrogate ("\ud800"), which no tokenizer reads
             text.encode("utf-8")
-        except (
-            UnicodeEncodeError
-        ) as error:  # JSON can spell a lone surrogate ("\ud800"); no tokenizer reads it
+        except UnicodeEncodeError as error:
             raise DataError(
                 f"{where}: record {i}'s {text_key!r} is not valid Unicode at character {error.start} "
                 f"({error.reason}); fix or drop the record"
@@ -397,9 +395,10 @@ def check_fits(tokens: TokenSet, vocab_size: int | None, max_positions: int | No
     low, high = int(scored.min()), int(scored.max())
     if low < 0 or (vocab_size is not None and high >= vocab_size):
         bad = low if low < 0 else high
+        vocabulary = "" if vocab_size is None else f" of the model's vocabulary of {vocab_size}"
         raise DataError(
-            f"label {bad} is not a token id of the model's vocabulary of {vocab_size}; labels are "
-            f"token ids, or {IGNORED_LABEL} for positions not scored"
+            f"label {bad} is not a token id{vocabulary}; labels are token ids, or {IGNORED_LABEL} for "
+            "positions not scored"
         )
     if max_positions is not None and tokens.seq_len > max_positions:
         raise DataError(
