@@ -95,11 +95,7 @@ def compress_codes_24(
     qweight: Tensor, zeros: Tensor | None, bits: int, group_size: int, name: str = "weight"
 ) -> tuple[Tensor, Tensor]:
     """(packed kept codes, meta) of a quantized weight whose pruned entries hold the zero-point code."""
-    if group_size != -1 and group_size % 4:
-        raise FormatError(
-            f"{name}: 2:4 storage keeps quantization groups of whole 4-input runs; group_size {group_size} "
-            f"is not a multiple of 4"
-        )
+    _check_groups_hold_whole_runs(name, group_size)
     codes = unpack(qweight, bits)
     positions, meta = _positions(codes != _zero_codes(qweight, zeros, bits, group_size), name)
     return pack(_gather(codes, positions), bits), meta
@@ -123,6 +119,15 @@ def sparse_weight(values, meta, scales, zeros, bits: int, group_size: int, dtype
     )
 
 
+def _check_groups_hold_whole_runs(name: str, group_size: int) -> None:
+    """A quantization group of g inputs is g/2 kept codes only when it holds whole runs of 4."""
+    if group_size != -1 and group_size % 4:
+        raise FormatError(
+            f"{name}: 2:4 codes need group_size a multiple of 4 (whole runs of 4 inputs); "
+            f"group_size {group_size} is not a multiple of 4"
+        )
+
+
 def check_sparse24_weight(
     name: str, k: int, values: Tensor, meta: Tensor, scales, zeros, bits: int, group_size: int
 ) -> None:
@@ -138,8 +143,7 @@ def check_sparse24_weight(
         raise FormatError(f"{name}: 2:4 storage needs a multiple of 8 inputs, got {k}")
     check_shapes(name, meta=(meta, (*values.shape[:-1], k // 8)))
     if bits:
-        if group_size != -1 and group_size % 4:
-            raise FormatError(f"{name}: 2:4 codes need group_size a multiple of 4, got {group_size}")
+        _check_groups_hold_whole_runs(name, group_size)
         kept_group = group_size if group_size == -1 else group_size // 2
         check_codes(f"{name} (kept codes)", k // 2, values, scales, zeros, bits, kept_group)
 

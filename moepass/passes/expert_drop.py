@@ -152,10 +152,10 @@ def _global(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
     for _, i, e in ranked[:drop]:
         dropped[i].add(e)
     for i, m in moe.items():
-        left, need = m.num_experts - len(dropped[i]), 2 if m.routing == "sparsemixer" else 1
+        left, need = m.num_experts - len(dropped[i]), _fewest_kept(m)
         if left < need:
             why = "all" if not left else f"all but {left} of the"
-            routing = " (its sparsemixer routing always picks 2)" if need == 2 else ""
+            routing = f" (its sparsemixer routing always picks {need})" if need > 1 else ""
             raise ConfigError(
                 f"expert_drop: global selection would drop {why} {m.num_experts} experts of block {i}"
                 f"{routing}; keep more experts on average (keep/ratio) or use selection: layerwise"
@@ -163,12 +163,17 @@ def _global(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
     return {i: sorted(set(range(m.num_experts)) - dropped[i]) for i, m in moe.items()}
 
 
+def _fewest_kept(moe) -> int:
+    """Experts a layer must keep: sparsemixer routing always picks 2, others need 1."""
+    return 2 if moe.routing == "sparsemixer" else 1
+
+
 def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
     """The `count` best experts; for group-limited routers the same number from every group."""
-    if moe.routing == "sparsemixer" and count < 2:
+    if count < _fewest_kept(moe):
         raise ConfigError(
-            f"expert_drop: block {index} routes with sparsemixer, which always picks 2 experts; "
-            f"keep at least 2"
+            f"expert_drop: block {index} routes with sparsemixer, which always picks {_fewest_kept(moe)} "
+            f"experts; keep at least {_fewest_kept(moe)}"
         )
     if moe.n_group <= 1:
         return sorted(torch.topk(score, count).indices.tolist())
