@@ -54,6 +54,7 @@ def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) ->
     _check_rotary_is_traceable(model)
     shadow = _shadow_copy(model)
     convert_moe_blocks(shadow, family)
+    _concatenate_mla_keys(shadow)
     sample_ids = _sample_input_ids(example_inputs, shadow)
     key = trace_cache.trace_key(shadow, sample_ids)
     graph_module = trace_cache.cached_graph_module(key, shadow)
@@ -116,6 +117,31 @@ def _shadow_copy(model: nn.Module) -> nn.Module:
     if getattr(shadow.config, "output_router_logits", False):
         shadow.config.output_router_logits = False
     return shadow.eval()
+
+
+# transformers' own MLA key builders (DeepSeek V2/V3), by qualified name: a patched one is left alone
+_MLA_EXPAND_KV = ("DeepseekV2Attention.expand_kv", "DeepseekV3Attention.expand_kv")
+
+
+def _concatenate_mla_keys(shadow: nn.Module) -> None:
+    """MLA attention builds each key by copying its two parts into slices of an empty tensor. Traced
+    with dynamic shapes, those writes cost ~3x the whole capture (and the program, then ONNX export,
+    carries the functionalized slice_scatter pairs); `torch.cat` gives the same values."""
+    for module in shadow.modules():
+        method = getattr(type(module), "expand_kv", None)
+        if getattr(method, "__qualname__", None) in _MLA_EXPAND_KV and method.__module__.startswith(
+            "transformers.models."
+        ):
+            module.expand_kv = types.MethodType(_concatenated_expand_kv, module)
+
+
+def _concatenated_expand_kv(self, kv_nope: Tensor, k_rot: Tensor) -> tuple[Tensor, Tensor]:
+    """transformers' `expand_kv` with `torch.cat` for the slice copies (k_rot cast as `copy_` casts)."""
+    batch, _, length, _ = kv_nope.shape
+    kv = self.kv_b_proj(kv_nope).view(batch, length, -1, self.qk_nope_head_dim + self.v_head_dim)
+    k_nope, values = torch.split(kv.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+    k_rot = k_rot.to(k_nope.dtype).expand(-1, k_nope.shape[1], -1, -1)
+    return torch.cat((k_nope, k_rot), dim=-1), values
 
 
 def _sample_input_ids(example_inputs: Tensor | dict | None, model: nn.Module) -> Tensor:
@@ -219,8 +245,8 @@ def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
         )
         if not _is_functional(exported.graph):
             logger.info("capture: functionalizing the graph")
-            # Functionalize (no decompositions): in-place writes such as DeepSeek's `new_empty` +
-            # `copy_` into key slices become pure ops, so dead-code elimination can drop any block.
+            # Functionalize (no decompositions): in-place writes (say, a patched attention's copies
+            # into slices) become pure ops, so dead-code elimination can drop any block.
             with warnings.catch_warnings():  # torch deep-copies tree specs with a deprecated isinstance
                 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
                 exported = exported.run_decompositions({})

@@ -147,6 +147,7 @@ class MoEProgram(nn.Module, StepGeneration):
     def device(self) -> torch.device:
         return next(self.graph_module.parameters()).device
 
+    @torch.no_grad()  # inference only; and a compiled step compiles once per grad mode
     def step(
         self,
         input_ids: Tensor,
@@ -171,8 +172,11 @@ class MoEProgram(nn.Module, StepGeneration):
             # per-call cost was 15-20% of a tiny-mixtral step (`tools/bench_e2e.py`)
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
             self._compiled_steps[last_token_only] = torch.compile(traceable, dynamic=True, options=options)
+        # compiled graphs guard on their inputs' strides: expanded positions, or a prompt's cache (laid
+        # out unlike a decode step's), would each cost another compile
+        inputs = [t.contiguous() for t in (input_ids, attention_mask, position_ids, *past)]
         try:
-            outputs = self._compiled_steps[last_token_only](input_ids, attention_mask, position_ids, *past)
+            outputs = self._compiled_steps[last_token_only](*inputs)
         except BackendCompilerFailed as error:
             raise MoepassError(
                 f"torch.compile (Inductor) could not compile this program's step: "

@@ -121,6 +121,7 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     quantized = _rtn(program, 4, 32)
     eager, compiled = lower(quantized), lower(quantized, compile=True)
     assert compiled.info.compiled and not eager.info.compiled
+    before = counters["stats"]["unique_graphs"]
     ids = torch.randint(0, program.info.vocab_size, (2, 7))
     # the prompt step as generate runs it (last position only: full logits would be a third compile)
     prompt_step = (ids, torch.ones_like(ids), torch.arange(7).expand(2, -1), eager.empty_cache(2))
@@ -128,6 +129,7 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     assert _rel(got, want) < COMPILED_REL
     _greedy_under(eager, compiled.generate(ids, 8, eos_token_id=None), prompt=7, tie=COMPILED_REL)
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs == before + 2  # one for prompts, one for single tokens (whatever the cache's layout)
     longer = torch.randint(0, program.info.vocab_size, (2, 11))
     _greedy_under(eager, compiled.generate(longer, 12, eos_token_id=None), prompt=11, tie=COMPILED_REL)
     assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the dynamic graphs
