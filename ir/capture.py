@@ -55,6 +55,7 @@ def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) ->
     shadow = _shadow_copy(model)
     convert_moe_blocks(shadow, family)
     _concatenate_mla_keys(shadow)
+    _select_longrope_scale_in_graph(shadow)
     sample_ids = _sample_input_ids(example_inputs, shadow)
     key = trace_cache.trace_key(shadow, sample_ids)
     graph_module = trace_cache.cached_graph_module(key, shadow)
@@ -100,12 +101,43 @@ _DATA_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 def _check_rotary_is_traceable(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if getattr(module, "rope_type", None) in _DATA_DEPENDENT_ROPE:
+        if getattr(module, "rope_type", None) in _DATA_DEPENDENT_ROPE and not _is_phimoe_longrope(module):
             raise UnsupportedModelError(
                 f"{type(model).__name__}: {name} is a {module.rope_type!r} rotary embedding, which switches "
                 "frequencies on the largest position id; torch.export cannot trace that branch, so moepass "
-                "cannot capture it yet (default, linear, llama3 and yarn rotary embeddings are supported)"
+                "cannot capture it yet (default, linear, llama3 and yarn rotary embeddings, and PhiMoE's "
+                "longrope, are supported)"
             )
+
+
+def _is_phimoe_longrope(module: nn.Module) -> bool:
+    cls = type(module)
+    return (
+        cls.__qualname__ == "PhimoeRotaryEmbedding"
+        and cls.__module__.startswith("transformers.models.")
+        and getattr(module, "rope_type", None) == "longrope"
+    )
+
+
+def _select_longrope_scale_in_graph(shadow: nn.Module) -> None:
+    """PhiMoE's longrope rotary (Phi-3.5-MoE) picks its cos/sin scale with a Python branch on the
+    largest position id, which torch.export cannot trace: the shadow picks it with `torch.where`."""
+    for module in shadow.modules():
+        if _is_phimoe_longrope(module):
+            module.forward = types.MethodType(_phimoe_longrope_forward, module)
+
+
+def _phimoe_longrope_forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """transformers' PhiMoE rotary under longrope: the frequencies its init function gives for the
+    config (the short factors), scaled by long_mscale once the largest position passes the original
+    context and by short_mscale before."""
+    parameters = self.config.rope_parameters
+    inv_freq, _ = self.rope_init_fn(self.config)
+    longer = position_ids.max() + 1 > parameters["original_max_position_embeddings"]
+    mscale = torch.where(longer, parameters["long_mscale"], parameters["short_mscale"])
+    freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * mscale).to(x.dtype), (angles.sin() * mscale).to(x.dtype)
 
 
 def _shadow_copy(model: nn.Module) -> nn.Module:

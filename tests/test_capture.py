@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import helpers
 import moepass
@@ -363,3 +364,35 @@ def test_a_rotary_embedding_that_branches_on_positions_is_refused_by_name(seed):
     model = model_for("mixtral", seed=seed, rope_parameters=rope, max_position_embeddings=16, head_dim=16)
     with pytest.raises(moepass.MoepassError, match=r"model.rotary_emb is a 'dynamic' rotary embedding"):
         moepass.capture(model)
+
+
+def test_phimoe_longrope_captures_and_switches_scale_like_transformers(seed):
+    """Phi-3.5-MoE's rotary: cos/sin scaled by short_mscale, or long_mscale once a step's largest
+    position passes the original context (8 here), which transformers decides with a Python branch."""
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "long_factor": [1.0 + i for i in range(8)],
+        "short_factor": [1.0 + i / 10 for i in range(8)],
+        "original_max_position_embeddings": 8,
+        "long_mscale": 1.3,
+        "short_mscale": 1.1,
+    }
+    model = model_for("phimoe", seed=seed, rope_parameters=rope, max_position_embeddings=64, head_dim=16)
+    program = moepass.capture(model)
+    for length in (8, 12):
+        ids = torch.randint(0, model.config.vocab_size, (2, length))
+        with torch.no_grad():
+            assert (program(ids) - model(ids).logits).abs().max().item() <= TOL, length
+    # decoding with the cache across position 8, step by step (transformers' generate differs by
+    # version there: 5.17 drops the cache at the switch, 5.24 does not)
+    tokens, cache, past = torch.randint(3, model.config.vocab_size, (2, 5)), DynamicCache(), None
+    for start in range(5, 11):
+        new = tokens if past is None else tokens[:, -1:]
+        positions = torch.arange(tokens.shape[1] - new.shape[1], tokens.shape[1]).expand(2, -1)
+        with torch.no_grad():
+            expected = model(new, position_ids=positions, past_key_values=cache, use_cache=True).logits
+        past = program.empty_cache(2) if past is None else past
+        got, past = program.step(new, torch.ones_like(tokens), positions, past)
+        assert (got - expected).abs().max().item() <= TOL, start
+        tokens = torch.cat([tokens, expected[:, -1:].argmax(-1)], dim=-1)
