@@ -25,7 +25,15 @@ from moepass.calibration import BlockwiseRunner
 from moepass.ir.ops import ACTIVATIONS
 from moepass.ir.surgery import set_tensor
 from moepass.passes.base import ConfigError, PassConfig, check_range
-from moepass.slimming import CATEGORIES, coverage, coverage_table, expert_blocks, linear_targets, routed_rows
+from moepass.slimming import (
+    CATEGORIES,
+    coverage,
+    coverage_table,
+    expert_blocks,
+    expert_groups,
+    linear_targets,
+    routed_rows,
+)
 
 PATTERNS = ("unstructured", "2:4", "4:8")
 
@@ -169,7 +177,8 @@ def prune_program(
             for t in block_linears
         }
         moe = program.structure.block(block).mlp if block in experts else None
-        expert_stats = _expert_stats(program, runner, block, moe, needs_hessian) if moe is not None else None
+        # observed, like the linears' inputs, before anything in the block changes
+        pruned_experts = _pruned_experts(program, runner, block, moe, method, config, needs_hessian)
         if stats:
             for values in runner.observe(block, set(stats)):
                 for name, s in stats.items():
@@ -181,41 +190,48 @@ def prune_program(
                 method(get(target.weight), stats[target.input], config, target.weight),
                 config,
             )
-        if moe is not None:
-            fallbacks[block] = []
-            for name, per_expert in zip((moe.gate_up, moe.down), expert_stats, strict=True):
-                weights = get(name)
-                pruned = []
-                for e, s in enumerate(per_expert):
-                    enough = s.tokens >= max(config.min_tokens, 1)
-                    if not enough and name == moe.gate_up:
-                        fallbacks[block].append(e)
-                    pruned.append(method(weights[e], s if enough else None, config, f"{name}[{e}]"))
-                _install(program, name, torch.stack(pruned), config)
+        if pruned_experts is not None:
+            weights, fallbacks[block] = pruned_experts
+            for name, weight in weights.items():
+                _install(program, name, weight, config)
         runner.commit(dense_outputs if dense_outputs is not None else runner.outputs(block))
     return _summary(program, before, fallbacks)
 
 
-def _expert_stats(program, runner: BlockwiseRunner, block: int, moe, needs_hessian: bool):
-    """Routed-token statistics of every expert's gate/up inputs and down inputs (dense weights)."""
+def _pruned_experts(
+    program, runner: BlockwiseRunner, block: int, moe, method: PruneFn, config: PruneConfig, hessian: bool
+) -> tuple[dict[str, Tensor], list[int]] | None:
+    """Every expert's gate/up and down pruned on the statistics of its routed tokens (down inputs
+    from the dense gate/up), gathered a group of experts at a time; and the experts that fell back
+    to statistics-free pruning. None without routed experts to prune."""
+    if moe is None:
+        return None
     get = program.graph_module.get_parameter
     node = next(n for n in program.graph_module.graph.nodes if n.name == moe.experts_node)
     hidden, act, alpha, limit = node.args[0].name, ACTIVATIONS[moe.activation], node.args[8], node.args[9]
-    gate_up = get(moe.gate_up)
+    gate_up, down = get(moe.gate_up), get(moe.down)
     gate_up_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
-    first = [InputStats(gate_up.shape[-1], needs_hessian, gate_up.device) for _ in range(moe.num_experts)]
-    second = [
-        InputStats(get(moe.down).shape[-1], needs_hessian, gate_up.device) for _ in range(moe.num_experts)
-    ]
-    for values in runner.observe(block, {hidden, moe.route_ids}):
-        x, ids = values[hidden], values[moe.route_ids]
-        for e in range(moe.num_experts):
-            rows = routed_rows(ids, e)
-            if rows.numel():
-                first[e].add(x[rows])
-                bias = None if gate_up_bias is None else gate_up_bias[e]
-                second[e].add(act(F.linear(x[rows], gate_up[e], bias), alpha, limit))
-    return first, second
+    widths = (gate_up.shape[-1], down.shape[-1])
+    per_expert = sum(w * w if hessian else w for w in widths) * 8
+    pruned: dict[str, list[Tensor]] = {moe.gate_up: [], moe.down: []}
+    fallbacks = []
+    for experts in expert_groups(moe.num_experts, per_expert, f"layer {block} experts"):
+        stats = {e: [InputStats(w, hessian, gate_up.device) for w in widths] for e in experts}
+        for values in runner.observe(block, {hidden, moe.route_ids}):
+            x, ids = values[hidden], values[moe.route_ids]
+            for e in experts:
+                rows = routed_rows(ids, e)
+                if rows.numel():
+                    stats[e][0].add(x[rows])
+                    bias = None if gate_up_bias is None else gate_up_bias[e]
+                    stats[e][1].add(act(F.linear(x[rows], gate_up[e], bias), alpha, limit))
+        for e in experts:
+            enough = stats[e][0].tokens >= max(config.min_tokens, 1)
+            if not enough:
+                fallbacks.append(e)
+            for name, s in zip((moe.gate_up, moe.down), stats.pop(e), strict=True):
+                pruned[name].append(method(get(name)[e], s if enough else None, config, f"{name}[{e}]"))
+    return {name: torch.stack(weights) for name, weights in pruned.items()}, fallbacks
 
 
 def _check_targets(program, config: PruneConfig, linears, experts) -> None:

@@ -8,6 +8,7 @@ gates are never compressed. `coverage` tells, per category, how much was compres
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from moepass.table import format_table, human_bytes, human_count
 CATEGORIES = ("experts", "shared_experts", "attention", "dense_mlp", "lm_head")
 DEFAULT_TARGETS = ("experts", "shared_experts", "attention", "dense_mlp")
 _LINEAR = torch.ops.aten.linear.default
+logger = logging.getLogger("moepass")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,27 @@ def expert_blocks(program: MoEProgram, categories: tuple[str, ...]) -> list[int]
                 "prune before quantizing, quantize once, or leave 'experts' out of targets"
             )
     return [b.index for b in program.structure.moe_blocks]
+
+
+# Bytes of float64 input statistics (Hessians [K, K]) held at once for one MoE layer's experts: more
+# experts are taken in groups, each one more pass over the calibration set (DeepSeek-V3's 256 experts
+# hold 256 x 7168^2 x 8 B = 105 GB of gate/up Hessians)
+HESSIAN_BUDGET_BYTES = 8 * 2**30
+
+
+def expert_groups(num_experts: int, bytes_per_expert: int, name: str) -> list[range]:
+    """Experts in consecutive groups whose statistics fit HESSIAN_BUDGET_BYTES (one expert at least)."""
+    size = max(1, HESSIAN_BUDGET_BYTES // max(bytes_per_expert, 1))
+    groups = [range(start, min(start + size, num_experts)) for start in range(0, num_experts, size)]
+    if len(groups) > 1:
+        logger.info(
+            "%s: %d experts' statistics (%.1f GB) in %d groups, one calibration pass each",
+            name,
+            num_experts,
+            num_experts * bytes_per_expert / 1e9,
+            len(groups),
+        )
+    return groups
 
 
 def routed_rows(ids: torch.Tensor, expert: int) -> torch.Tensor:

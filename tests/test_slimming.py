@@ -357,6 +357,27 @@ def test_starved_experts_fall_back_and_are_listed():
     }
 
 
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
+def test_expert_hessians_over_the_budget_are_gathered_in_groups_with_the_same_result(
+    method, monkeypatch, caplog
+):
+    """DeepSeek-V3-sized layers cannot hold every expert's float64 Hessian at once: over the budget,
+    experts are taken a few at a time (one calibration pass each), with bit-identical weights."""
+    _, program = captured("mixtral")
+    recipe = [(method, {"group_size": 16} if method == "gptq" else {"sparsity": 0.5})]
+    calibration = _calibration()
+    whole = moepass.compress(program, recipe, calibration=calibration)
+    moe = program.structure.moe_blocks[0].mlp
+    down_width = program.graph_module.get_parameter(moe.down).shape[-1]
+    monkeypatch.setattr("moepass.slimming.HESSIAN_BUDGET_BYTES", 3 * down_width**2 * 8)
+    with caplog.at_level(logging.INFO, logger="moepass"):
+        grouped = moepass.compress(program, recipe, calibration=calibration)
+    assert "one calibration pass each" in caplog.text
+    want, got = whole.graph_module.state_dict(), grouped.graph_module.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+
 @pytest.mark.parametrize(
     "passes,error,message",
     [

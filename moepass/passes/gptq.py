@@ -30,7 +30,7 @@ from moepass.quantization import (
     stack,
     summary,
 )
-from moepass.slimming import coverage, expert_blocks, linear_targets, routed_rows
+from moepass.slimming import coverage, expert_blocks, expert_groups, linear_targets, routed_rows
 
 from .base import ConfigError, TransformPass, TransformResult, check_range, register_pass
 
@@ -188,46 +188,42 @@ class GPTQPass(TransformPass):
         gate_up_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
         fmt = c.format_for(gate_up, down)
 
-        def routed_hessians(size: int, features) -> list[Hessian]:
-            result = [Hessian(size, gate_up.device) for _ in range(moe.num_experts)]
+        def routed_hessians(size: int, features, experts: range) -> list[Hessian]:
+            result = [Hessian(size, gate_up.device) for _ in experts]
             for values in runner.observe(block, {hidden, moe.route_ids}):
                 x, ids = values[hidden], values[moe.route_ids]
-                for e in range(moe.num_experts):
+                for e, hessian in zip(experts, result, strict=True):
                     rows = routed_rows(ids, e)
                     if rows.numel():
-                        result[e].add(features(e, x[rows]))
+                        hessian.add(features(e, x[rows]))
             return result
 
-        def quantize_all(weights: Tensor, found: list[Hessian], name: str) -> tuple:
-            pruned = _pruned(program, name, weights)
-            return stack(
-                [
-                    gptq_quantize(
-                        weights[e],
-                        h.mean(),
-                        fmt,
-                        c.damp,
-                        c.block_size,
-                        c.act_order,
-                        None if pruned is None else pruned[e],
+        def quantize_all(weights: Tensor, features, name: str) -> tuple[tuple, list[int]]:
+            """Every expert's packed triple, and the experts that fell back to round-to-nearest."""
+            pruned, size = _pruned(program, name, weights), weights.shape[-1]
+            packed, fallbacks = [], []
+            for experts in expert_groups(moe.num_experts, size * size * 8, name):
+                for e, h in zip(experts, routed_hessians(size, features, experts), strict=True):
+                    if h.tokens < max(c.min_tokens, 1):
+                        packed.append(rtn(weights[e], fmt, f"{name}[{e}]"))
+                        fallbacks.append(e)
+                        continue
+                    zeros = None if pruned is None else pruned[e]
+                    packed.append(
+                        gptq_quantize(weights[e], h.mean(), fmt, c.damp, c.block_size, c.act_order, zeros)
                     )
-                    if h.tokens >= max(c.min_tokens, 1)
-                    else rtn(weights[e], fmt, f"{name}[{e}]")
-                    for e, h in enumerate(found)
-                ]
-            )
+            return stack(packed), fallbacks
 
-        first = routed_hessians(gate_up.shape[-1], lambda e, x: x)
-        packed_gate_up = quantize_all(gate_up, first, moe.gate_up)
+        packed_gate_up, fallbacks = quantize_all(gate_up, lambda e, x: x, moe.gate_up)
         quantized = dequantize(*packed_gate_up, fmt.bits, fmt.group_size, dtype=gate_up.dtype)
 
         def down_inputs(e: int, x: Tensor) -> Tensor:
             bias = None if gate_up_bias is None else gate_up_bias[e]
             return act(F.linear(x, quantized[e].to(x.dtype), bias), alpha, limit)
 
-        second = routed_hessians(down.shape[-1], down_inputs)
-        quantize_experts(program, block, fmt, packed_gate_up, quantize_all(down, second, moe.down))
-        return [e for e, h in enumerate(first) if h.tokens < max(c.min_tokens, 1)]
+        packed_down, _ = quantize_all(down, down_inputs, moe.down)
+        quantize_experts(program, block, fmt, packed_gate_up, packed_down)
+        return fallbacks
 
 
 def _pruned(program, name: str, weight: Tensor) -> Tensor | None:
