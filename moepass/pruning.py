@@ -31,6 +31,7 @@ from moepass.slimming import (
     coverage_table,
     expert_blocks,
     expert_groups,
+    fallback_experts,
     linear_targets,
     routed_rows,
 )
@@ -263,7 +264,7 @@ def _summary(program, before, fallbacks) -> dict:
     return {
         "coverage": table,
         "coverage_table": coverage_table(table, "Pruning coverage"),
-        "magnitude_fallback_experts": {str(k): v for k, v in fallbacks.items() if v},
+        "magnitude_fallback_experts": fallback_experts(program, fallbacks),
     }
 
 

@@ -18,7 +18,14 @@ from torch import Tensor
 from moepass.ir.quantized import QuantFormat, codes_for, packed_triple, scales_and_zeros
 from moepass.ir.surgery import quantize_linear
 from moepass.passes.base import ConfigError, PassConfig, check_range
-from moepass.slimming import CATEGORIES, DEFAULT_TARGETS, LinearTarget, coverage, coverage_table
+from moepass.slimming import (
+    CATEGORIES,
+    DEFAULT_TARGETS,
+    LinearTarget,
+    coverage,
+    coverage_table,
+    fallback_experts,
+)
 
 logger = logging.getLogger("moepass")
 
@@ -91,7 +98,7 @@ def summary(program, before: dict, fallbacks: dict[int, list[int]], rtn_linears:
     return {
         "coverage": {k: {kk: vv for kk, vv in v.items()} for k, v in table.items()},
         "coverage_table": coverage_table(table),
-        "rtn_fallback_experts": {str(k): v for k, v in fallbacks.items() if v},
+        "rtn_fallback_experts": fallback_experts(program, fallbacks),
         "rtn_linears": list(rtn_linears),
     }
 

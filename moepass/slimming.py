@@ -18,6 +18,7 @@ from moepass.ir import MoEEntry, MoEProgram
 from moepass.ir.printer import QUANT_METADATA
 from moepass.ir.quant_ops import QUANTIZED_LINEAR, logical_count, packed_code_bits
 from moepass.ir.sparse import SPARSE24_LINEAR
+from moepass.ir.surgery import kept_original_experts
 from moepass.passes.base import ConfigError
 from moepass.table import format_table, human_bytes, human_count
 
@@ -105,6 +106,16 @@ def expert_groups(num_experts: int, bytes_per_expert: int, name: str) -> list[ra
             len(groups),
         )
     return groups
+
+
+def fallback_experts(program: MoEProgram, fallbacks: dict[int, list[int]]) -> dict[str, list[int]]:
+    """Per layer, the experts that fell back for want of routed tokens, by the ids the checkpoint gives
+    them (an earlier expert drop renumbers the ones it keeps)."""
+    return {
+        str(layer): [kept_original_experts(program, layer)[e] for e in experts]
+        for layer, experts in fallbacks.items()
+        if experts
+    }
 
 
 def routed_rows(ids: torch.Tensor, expert: int) -> torch.Tensor:

@@ -355,6 +355,17 @@ def test_starved_experts_fall_back_and_are_listed():
     assert {int(k): sorted(v) for k, v in fallbacks.items()} == {
         b.index: list(range(8)) for b in program.structure.moe_blocks
     }
+    # after an expert drop, by the ids the checkpoint gives the experts left, not their new positions
+    recipe = [
+        ("expert_drop", {"keep": 6, "score": "random", "seed": 0}),
+        ("wanda", {"sparsity": 0.5, "min_tokens": 10**6}),
+    ]
+    slim = moepass.compress(program, recipe, calibration=_calibration())
+    fallbacks = slim.report.records[-1].summary["magnitude_fallback_experts"]
+    dropped = slim.report.records[-2].summary["dropped_original_experts"]
+    assert {int(k): sorted(v) for k, v in fallbacks.items()} == {
+        b.index: sorted(set(range(8)) - set(dropped[str(b.index)])) for b in program.structure.moe_blocks
+    }
 
 
 @pytest.mark.parametrize("method", ["gptq", "sparsegpt"])
