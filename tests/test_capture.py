@@ -252,10 +252,11 @@ def test_decode_step_cost_grows_only_through_attention(seed):
     assert long["aten.bmm"] - short["aten.bmm"] == 2 * 2 * heads * head_dim * (36 - 4) * layers
 
 
-# Inductor on one family (its CPU codegen dominates the time); the others' own ops (MLA, attention
-# sinks, clamped experts with biases) through Dynamo's full graph and AOT autograd
+# Dynamo's full graph and AOT autograd over each family's own ops (MLA, attention sinks, clamped
+# experts with biases); Inductor's CPU codegen (~1 min here) is run on the lowered program
+# (test_lowering) and through the moepass backend (test_compile_backend)
 @pytest.mark.parametrize(
-    "family,backend", [("mixtral", "inductor"), ("deepseek_v3", "aot_eager"), ("gpt_oss", "aot_eager")]
+    "family,backend", [("mixtral", "aot_eager"), ("deepseek_v3", "aot_eager"), ("gpt_oss", "aot_eager")]
 )
 def test_torch_compile_fullgraph(family, backend, seed):
     _, model, program, *_ = _capture(family)
