@@ -110,13 +110,15 @@ def _check_rotary_is_traceable(model: nn.Module) -> None:
             )
 
 
-def _is_phimoe_longrope(module: nn.Module) -> bool:
-    cls = type(module)
-    return (
-        cls.__qualname__ == "PhimoeRotaryEmbedding"
-        and cls.__module__.startswith("transformers.models.")
-        and getattr(module, "rope_type", None) == "longrope"
+def _transformers_own(code, qualnames: tuple[str, ...]) -> bool:
+    """`code` (a class or function) is transformers' own of one of these names, not a user's patch."""
+    return getattr(code, "__qualname__", None) in qualnames and code.__module__.startswith(
+        "transformers.models."
     )
+
+
+def _is_phimoe_longrope(module: nn.Module) -> bool:
+    return _transformers_own(type(module), ("PhimoeRotaryEmbedding",)) and module.rope_type == "longrope"
 
 
 def _select_longrope_scale_in_graph(shadow: nn.Module) -> None:
@@ -160,10 +162,7 @@ def _concatenate_mla_keys(shadow: nn.Module) -> None:
     with dynamic shapes, those writes cost ~3x the whole capture (and the program, then ONNX export,
     carries the functionalized slice_scatter pairs); `torch.cat` gives the same values."""
     for module in shadow.modules():
-        method = getattr(type(module), "expand_kv", None)
-        if getattr(method, "__qualname__", None) in _MLA_EXPAND_KV and method.__module__.startswith(
-            "transformers.models."
-        ):
+        if _transformers_own(getattr(type(module), "expand_kv", None), _MLA_EXPAND_KV):
             module.expand_kv = types.MethodType(_concatenated_expand_kv, module)
 
 

@@ -170,10 +170,11 @@ def _fewest_kept(moe) -> int:
 
 def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
     """The `count` best experts; for group-limited routers the same number from every group."""
-    if count < _fewest_kept(moe):
+    need = _fewest_kept(moe)
+    if count < need:
         raise ConfigError(
-            f"expert_drop: block {index} routes with sparsemixer, which always picks {_fewest_kept(moe)} "
-            f"experts; keep at least {_fewest_kept(moe)}"
+            f"expert_drop: block {index} routes with sparsemixer, which always picks {need} experts; "
+            f"keep at least {need}"
         )
     if moe.n_group <= 1:
         return sorted(torch.topk(score, count).indices.tolist())
