@@ -11,6 +11,8 @@ import torch
 from moepass.zoo import RANDOM_FAMILIES, random_model
 
 FAMILIES = list(RANDOM_FAMILIES)
+# every linear a quantization recipe can take (embeddings aside)
+ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"]
 SESSION_SEED = int(os.environ.get("MOEPASS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 
 
@@ -118,3 +120,23 @@ def captured(family: str, **overrides):
         model = model_for(family, seed=seed_for(repr(key)), **overrides)
         _CAPTURED[key] = (model, moepass.capture(model))
     return _CAPTURED[key]
+
+
+def rtn(program, bits: int = 4, group_size: int = 32, symmetric: bool = False, targets=ALL_TARGETS):
+    """The program RTN-quantized (a new program; the input is left as it was)."""
+    import moepass
+
+    config = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "targets": list(targets)}
+    return moepass.compress(program, [("rtn", config)])
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def greedy_under(reference, sequences: torch.Tensor, prompt: int, tie: float = 1e-4) -> None:
+    """Every generated token is the reference's greedy choice on that prefix, up to a near tie (fused
+    kernels sum in another order: two logits within `tie` of the scale may swap)."""
+    logits = reference(sequences)[:, prompt - 1 : -1]
+    chosen = logits.gather(-1, sequences[:, prompt:, None]).squeeze(-1)
+    assert (logits.amax(-1) - chosen <= tie * logits.abs().amax()).all()

@@ -13,7 +13,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import moepass
-from helpers import captured, seed_for
+from helpers import ALL_TARGETS, captured, rtn, seed_for
 from moepass.artifact import ArtifactError
 from moepass.data import TokenSet
 from moepass.errors import MoepassError
@@ -27,12 +27,6 @@ from moepass.zoo import random_model
 REL_TOL = 1e-5  # fp32 end to end; ORT's kernels sum in other orders than ATen's
 # (batch, new tokens, past tokens): prefill, batched decode, chunked prefill on a cache
 SHAPES = [(1, 5, 0), (3, 1, 7), (2, 4, 3)]
-ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"]
-
-
-def _rtn(program, bits: int, group_size: int, symmetric: bool):
-    config = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "targets": ALL_TARGETS}
-    return moepass.compress(program, [("rtn", config)])
 
 
 def _matches(program, exported: OnnxProgram) -> None:
@@ -109,7 +103,7 @@ def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
 )
 def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size, symmetric, tmp_path):
     _, program = captured(family)
-    quantized = _rtn(program, bits, group_size, symmetric)
+    quantized = rtn(program, bits, group_size, symmetric)
     export_onnx(quantized, tmp_path / "onnx")
     rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
     on_nbits = sum(n for kind, n in rewrites.items() if kind.startswith("quantized_experts -> MatMulNBits"))
