@@ -29,8 +29,9 @@ from .structure import tensor_at
 
 logger = logging.getLogger("moepass")
 
-# A Mixtral-8x7B graph is ~10k nodes; a few entries cover a process loading some models repeatedly.
-_MAX_ENTRIES = 8
+# Bounded by nodes, not entries: a graph's memory is its node count. A Mixtral-8x7B graph is ~10k
+# nodes, so this keeps ~8 such graphs or hundreds of small ones (a test session, a sweep of configs).
+_MAX_NODES = 80_000
 
 
 # Config fields that say how the checkpoint was loaded, never read by a forward: a model loaded from
@@ -126,7 +127,7 @@ def remember(key: tuple | None, graph_module: fx.GraphModule, model: nn.Module) 
         if node.op == "call_module" or (node.op == "get_attr" and not _holds_tensor(model, node.target)):
             return
     _GRAPHS[key] = copy.deepcopy(graph_module.graph)
-    while len(_GRAPHS) > _MAX_ENTRIES:
+    while len(_GRAPHS) > 1 and sum(len(g.nodes) for g in _GRAPHS.values()) > _MAX_NODES:
         _GRAPHS.popitem(last=False)
 
 

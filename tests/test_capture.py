@@ -351,6 +351,26 @@ def test_recapture_traces_again_when_the_graph_could_differ(seed, caplog, monkey
     _assert_program_matches_eager(program, top1, seed)
 
 
+def test_the_trace_cache_keeps_graphs_within_its_node_budget(seed, caplog, monkeypatch):
+    """Eviction is by nodes (a graph's memory), oldest first: the newest graph always stays."""
+    trace_cache.clear()
+    one_layer = functools.partial(model_for, "mixtral", seed=seed, num_hidden_layers=1)
+    nodes = len(moepass.capture(one_layer()).graph_module.graph.nodes)
+    monkeypatch.setattr(trace_cache, "_MAX_NODES", nodes + 10)  # room for this graph only
+    moepass.capture(one_layer(num_experts_per_tok=1))  # another trace: evicts the first
+    caplog.set_level(logging.INFO, logger="moepass")
+    moepass.capture(one_layer(num_experts_per_tok=1))
+    assert _trace_reused(caplog)
+    caplog.clear()
+    moepass.capture(one_layer())
+    assert not _trace_reused(caplog)
+    monkeypatch.setattr(trace_cache, "_MAX_NODES", 0)  # a graph larger than the budget is still kept
+    moepass.capture(one_layer(num_experts_per_tok=1))
+    caplog.clear()
+    moepass.capture(one_layer(num_experts_per_tok=1))
+    assert _trace_reused(caplog)
+
+
 def test_a_model_configured_to_output_router_logits_captures(seed):
     """Fine-tuned checkpoints often keep output_router_logits=True (a training loss); the program
     computes the logits, and the user's config is left as it was."""
