@@ -1,9 +1,9 @@
 """torch.compile(..., backend="moepass") and compiled programs (`lower(compile=True)`): against
 transformers' eager outputs and the program's own.
 
-Every test that runs Inductor's C++ codegen lives in this file: the first such compile in a process
-pays a one-time setup (toolchain checks, compile workers, headers; 30-50 s on a 2-core CI host), and
-xdist runs a file in one worker, so the suite pays it once."""
+Every test that runs Inductor's C++ codegen lives in this file (xdist runs a file in one worker): the
+first such compile in a process also checks the toolchain and CPU and starts compile workers, which a
+second worker would pay again. Each cold compile still costs ~1 min of gcc on a 2-core host."""
 
 from __future__ import annotations
 
