@@ -71,24 +71,26 @@ def _exported(family: str, tmp_path_factory):
     return _EXPORTS[family]
 
 
-# mixtral is covered by the trimmed and quantized tests, deepseek_v3 and gpt_oss by the quantized ones;
+# mixtral is covered by the trimmed and quantized tests, deepseek_v3 by the quantized one;
 # deepseek_v2's complex-number rotary embedding is exported on real (re, im) pairs
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2", "gpt_oss"])
 def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
     program = captured(family)[1]
     path = _exported(family, tmp_path_factory)
     _matches(program, OnnxProgram(path))
-    # routing computed at run time: softmax top-k families run onnxruntime's fused MoE op (it routes
-    # itself); the others one If per MoE layer (decode gathers k experts / prefill runs all)
-    fused = family in ("qwen2_moe", "qwen3_moe", "olmoe")
+    # routing computed at run time, every family's experts on onnxruntime's fused MoE op (GPT-OSS's with
+    # biases and clamped SwiGLU): softmax top-k families route in the op; the others in the graph
     counts, layers = _op_counts(path), len(program.structure.moe_blocks)
-    assert (counts.get("MoE", 0), counts.get("If", 0)) == ((layers, 0) if fused else (0, layers))
+    assert (counts.get("MoE", 0), counts.get("If", 0)) == (layers, 0)
+    rewrites = json.loads((path / "onnx_manifest.json").read_text())["rewrites"]
+    in_graph = rewrites.get("experts -> com.microsoft::MoE (routing in the graph)", 0)
+    assert in_graph == (layers if family in ("phimoe", "deepseek_v2", "gpt_oss") else 0)
     # every expert's weights are in the file, whatever the export sample routed to
     initializers = {t.name: list(t.dims) for t in onnx.load(str(path / "model.onnx")).graph.initializer}
     for block in program.structure.moe_blocks:
         for fqn, onnx_name in ((block.mlp.gate_up, "onnx_fc1"), (block.mlp.down, "onnx_fc2")):
             expected = list(tensor_at(program.graph_module, fqn).shape)
-            name = f"{fqn.rpartition('.')[0]}.{onnx_name}" if fused else fqn
+            name = f"{fqn.rpartition('.')[0]}.{onnx_name}"
             assert initializers.get(name) == expected and expected[0] == block.mlp.num_experts, fqn
 
 
@@ -98,25 +100,19 @@ def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
         ("mixtral", 4, 32, False),
         ("qwen2_moe", 4, 16, False),
         ("deepseek_v3", 4, 16, True),
-        ("gpt_oss", 8, -1, True),
+        ("gpt_oss", 4, 16, True),
     ],
 )
 def test_quantized_programs_use_matmul_nbits_and_match(family, bits, group_size, symmetric, tmp_path):
     _, program = captured(family)
     quantized = rtn(program, bits, group_size, symmetric)
     export_onnx(quantized, tmp_path / "onnx")
-    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
-    on_nbits = sum(n for kind, n in rewrites.items() if kind.startswith("quantized_experts -> MatMulNBits"))
     linears = sum(1 for n in quantized.graph_module.graph.nodes if "quantized_linear" in str(n.target))
     counts, moe = _op_counts(tmp_path / "onnx"), program.structure.moe_blocks
     assert counts.get("MatMulNBits", 0) == linears > 0
-    # int4 experts with softmax top-k routing (renormalized or not): onnxruntime's fused QMoE routes
-    # and runs them
-    assert counts.get("QMoE", 0) == (len(moe) if family in ("mixtral", "qwen2_moe") else 0)
-    if family == "deepseek_v3":  # grouped routing, power-of-two blocks: each expert on MatMulNBits in an If
-        experts = sum(b.mlp.num_experts for b in moe)
-        assert on_nbits == len(moe) and counts["If"] == experts
-        assert _op_counts(tmp_path / "onnx", inside_if=True)["MatMulNBits"] == 2 * experts
+    # int4 experts, whatever the routing (DeepSeek-V3's grouped sigmoid stays in the graph) or activation
+    # (GPT-OSS's clamped SwiGLU with biases): onnxruntime's fused QMoE runs them
+    assert counts.get("QMoE", 0) == len(moe)
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
     # codes stay packed: the file is about as large as the program's own tensors, not a float copy
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
@@ -131,13 +127,15 @@ def test_trimmed_programs_export_what_is_left(tmp_path):
     first, second, third, *_ = program.structure.moe_blocks
     trimmed = program.fork()
     drop_mlp(trimmed, first.index)
-    keep_experts(trimmed, second.index, [0, 2, 3], preserve_gate=True)
+    keep_experts(trimmed, second.index, [2], preserve_gate=True)  # fewer experts left than top-k
     keep_experts(trimmed, third.index, [1, 4, 5, 7])
     export_onnx(trimmed, tmp_path / "onnx")
-    # the layer whose router kept its rows for dropped experts routes in the graph (If); the others,
-    # whole or with router and experts sliced alike, on the fused MoE op; the dropped one is absent
+    # every kept layer on the fused MoE op (the one whose router kept its rows for dropped experts
+    # routes in the graph); the dropped one is absent
     counts = _op_counts(tmp_path / "onnx")
-    assert (counts.get("If", 0), counts.get("MoE", 0)) == (1, len(program.structure.moe_blocks) - 2)
+    assert (counts.get("If", 0), counts.get("MoE", 0)) == (0, len(program.structure.moe_blocks) - 1)
+    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    assert rewrites["experts -> com.microsoft::MoE (routing in the graph)"] == 1
     _matches(trimmed, OnnxProgram(tmp_path / "onnx"))  # routes to dropped experts contribute nothing
 
 
@@ -191,6 +189,30 @@ def test_complex_rotation_on_real_pairs_equals_complex_math(seed):
         if n.op == "call_function"
     )
     torch.testing.assert_close(graph_module(x, angle), rotate(x, angle), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "group_size,form,ifs",
+    [
+        (16, "quantized_experts -> MatMulNBits int8", "one per expert"),
+        (-1, "quantized_experts (standard ops)", "one"),  # a 48-input block MatMulNBits cannot take
+    ],
+)
+def test_int8_experts_run_off_the_fused_ops_keeping_every_expert(group_size, form, ifs, tmp_path):
+    # GPT-OSS experts (biases, clamped SwiGLU) in int8, which QMoE does not take exactly: power-of-two
+    # blocks put each expert under its own If, taken only when some token chose it, its codes on
+    # MatMulNBits; other blocks dequantize in the graph (decode gathers k experts, prefill runs all)
+    _, program = captured("gpt_oss", num_hidden_layers=1, num_experts=4)  # an If per expert: few
+    quantized = rtn(program, 8, group_size, symmetric=False)
+    export_onnx(quantized, tmp_path / "onnx")
+    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    (block,) = program.structure.moe_blocks
+    experts = block.mlp.num_experts
+    assert rewrites[form] == 1
+    assert _op_counts(tmp_path / "onnx")["If"] == (experts if ifs == "one per expert" else 1)
+    if ifs == "one per expert":
+        assert _op_counts(tmp_path / "onnx", inside_if=True)["MatMulNBits"] == 2 * experts
+    _matches(quantized, OnnxProgram(tmp_path / "onnx"))
 
 
 def test_awq_scales_fold_into_the_fused_qmoe_op(tmp_path):

@@ -7,15 +7,18 @@ reference implementation is the op's definition and whose ONNX translation is th
       scales [N * K/block], zero_points packed uint8 [N * ceil((K/block) * bits / 8)] or absent
       (2^(bits-1)). This is `moepass.ir.quantized`'s layout reshaped: no repacking.
   moepass_onnx::moe  ->  com.microsoft::MoE
-      Softmax over all experts' router logits, top-k, renormalized, SwiGLU experts on fc1 rows
-      interleaved (gate_0, up_0, gate_1, ...: `swiglu_fusion=1`, the layout the CPU kernel takes) and
-      fc2; only the chosen experts run, token by token.
+      Softmax over all experts' router logits, top-k, renormalized, SwiGLU experts (plain, or
+      GPT-OSS's clamped form) on fc1 rows interleaved (gate_0, up_0, gate_1, ...: `swiglu_fusion=1`,
+      the layout the CPU kernel takes) and fc2, with optional biases; only the chosen experts run,
+      token by token.
   moepass_onnx::qmoe  ->  com.microsoft::QMoE
       The same on 4-bit codes in the stored layout ([E, N, K/2] uint8, scales [E, N, K/block], packed
       zero points [E, N, K/block/2] or absent); onnxruntime 1.32 matches the dequantized math to 1e-6
       for 4 bits; 8 bits (1% off) keep the MatMulNBits form.
 Both always renormalize the top-k weights (`normalize_routing_weights=1`): onnxruntime does not
-honour 0, so the exporter rescales the output for routing that does not renormalize.
+honour 0, so the exporter rescales the output for routing that does not renormalize. Routing they
+cannot compute reaches them as logits under which softmax top-k is its choice
+(`decompose.chosen_logits`).
 """
 
 from __future__ import annotations
@@ -103,8 +106,10 @@ def _matmul_nbits_onnx(a, b, scales, zero_points=None, bias=None, k=0, n=0, bits
     return _MATMUL_NBITS_OP(a, b, scales, zero_points, None, bias, K=k, N=n, bits=bits, block_size=block_size)
 
 
+_FLOAT = onnx.defs.OpSchema.AttrType.FLOAT
 _MOE_ATTRIBUTES = [("k", _INT), ("activation_type", _STRING), ("normalize_routing_weights", _INT),
-                   ("swiglu_fusion", _INT)]  # fmt: skip
+                   ("swiglu_fusion", _INT), ("activation_alpha", _FLOAT), ("activation_beta", _FLOAT),
+                   ("swiglu_limit", _FLOAT)]  # fmt: skip
 _MOE_OP = onnxscript.values.Op(
     MICROSOFT,
     "MoE",
@@ -136,6 +141,17 @@ _QMOE_OP = onnxscript.values.Op(
 )  # fmt: skip
 
 
+def _swiglu_attributes(activation: str, alpha: float, limit: float) -> dict:
+    """The ops' SwiGLU is (up + beta) * gate * sigmoid(alpha * gate), gate clamped above and up both
+    ways at the limit; its defaults (alpha 1, beta 0, no limit) are plain SwiGLU."""
+    if activation == "clamped_swiglu":
+        return {"activation_alpha": alpha, "activation_beta": 1.0, "swiglu_limit": limit}
+    return {}
+
+
+FUSED_ACTIVATIONS = ("silu", "swish", "clamped_swiglu")
+
+
 def interleave_gate_up(tensor: Tensor) -> Tensor:
     """[E, 2I, ...] gate rows then up rows -> rows gate_0, up_0, gate_1, up_1, ... (what MoE/QMoE take)."""
     experts_, rows = tensor.shape[:2]
@@ -143,26 +159,41 @@ def interleave_gate_up(tensor: Tensor) -> Tensor:
     return torch.stack([gate, up], dim=2).reshape(experts_, rows, *tensor.shape[2:])
 
 
-def _deinterleave_gate_up(tensor: Tensor) -> Tensor:
+def _deinterleave_gate_up(tensor: Tensor | None) -> Tensor | None:
+    if tensor is None:
+        return None
     experts_, rows = tensor.shape[:2]
     return tensor.reshape(experts_, rows // 2, 2, *tensor.shape[2:]).transpose(1, 2).reshape(tensor.shape)
 
 
 @torch.library.custom_op("moepass_onnx::moe", mutates_args=())
-def moe(x: Tensor, router_logits: Tensor, fc1: Tensor, fc2: Tensor, k: int) -> Tensor:
+def moe(
+    x: Tensor,
+    router_logits: Tensor,
+    fc1: Tensor,
+    fc1_bias: Tensor | None,
+    fc2: Tensor,
+    fc2_bias: Tensor | None,
+    k: int,
+    activation: str,
+    alpha: float,
+    limit: float,
+) -> Tensor:
     weights, ids = routing(router_logits, None, "softmax_topk", k, 1, 1, True, 1.0, 0.0)
-    return experts(x, ids, weights, _deinterleave_gate_up(fc1), fc2, None, None, "silu", 1.0, 0.0)
+    gate_up, gate_up_bias = _deinterleave_gate_up(fc1), _deinterleave_gate_up(fc1_bias)
+    return experts(x, ids, weights, gate_up, fc2, gate_up_bias, fc2_bias, activation, alpha, limit)
 
 
 @moe.register_fake
-def _(x, router_logits, fc1, fc2, k):
+def _(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, *attributes):
     return torch.empty_like(x)
 
 
-def _moe_onnx(x, router_logits, fc1, fc2, k=2):
+def _moe_onnx(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k=2, activation="silu", alpha=1.0, limit=0.0):
     return _MOE_OP(
-        x, router_logits, fc1, None, fc2, None,
+        x, router_logits, fc1, fc1_bias, fc2, fc2_bias,
         k=k, activation_type="swiglu", normalize_routing_weights=1, swiglu_fusion=1,
+        **_swiglu_attributes(activation, alpha, limit),
     )  # fmt: skip
 
 
@@ -173,31 +204,37 @@ def qmoe(
     fc1: Tensor,
     fc1_scales: Tensor,
     fc1_zeros: Tensor | None,
+    fc1_bias: Tensor | None,
     fc2: Tensor,
     fc2_scales: Tensor,
     fc2_zeros: Tensor | None,
+    fc2_bias: Tensor | None,
     k: int,
+    activation: str,
+    alpha: float,
+    limit: float,
     bits: int,
     block_size: int,
 ) -> Tensor:
     fc1_dense = dequantize(fc1, fc1_scales, fc1_zeros, bits, block_size, x.dtype)
     fc2_dense = dequantize(fc2, fc2_scales, fc2_zeros, bits, block_size, x.dtype)
-    return moe(x, router_logits, fc1_dense, fc2_dense, k)
+    return moe(x, router_logits, fc1_dense, fc1_bias, fc2_dense, fc2_bias, k, activation, alpha, limit)
 
 
 @qmoe.register_fake
-def _(x, router_logits, fc1, fc1_scales, fc1_zeros, fc2, fc2_scales, fc2_zeros, *attributes):
+def _(x, router_logits, *rest):
     return torch.empty_like(x)
 
 
 def _qmoe_onnx(
-    x, router_logits, fc1, fc1_scales, fc1_zeros=None, fc2=None, fc2_scales=None, fc2_zeros=None,
-    k=2, bits=4, block_size=32,
+    x, router_logits, fc1, fc1_scales, fc1_zeros=None, fc1_bias=None, fc2=None, fc2_scales=None,
+    fc2_zeros=None, fc2_bias=None, k=2, activation="silu", alpha=1.0, limit=0.0, bits=4, block_size=32,
 ):  # fmt: skip
     return _QMOE_OP(
-        x, router_logits, fc1, fc1_scales, None, fc2, fc2_scales, None, None, None, None,
+        x, router_logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, None, None, None,
         fc1_zeros, fc2_zeros, k=k, activation_type="swiglu", normalize_routing_weights=1,
         swiglu_fusion=1, expert_weight_bits=bits, block_size=block_size,
+        **_swiglu_attributes(activation, alpha, limit),
     )  # fmt: skip
 
 
@@ -223,6 +260,11 @@ MATMUL_NBITS = torch.ops.moepass_onnx.matmul_nbits.default
 MOE = torch.ops.moepass_onnx.moe.default
 QMOE = torch.ops.moepass_onnx.qmoe.default
 LAST_POSITIONS = torch.ops.moepass_onnx.last_positions.default
+# fused op -> its weight inputs, in argument order
+FUSED_INPUTS = {
+    MOE: ("fc1", "fc1_bias", "fc2", "fc2_bias"),
+    QMOE: ("fc1", "fc1_scales", "fc1_zeros", "fc1_bias", "fc2", "fc2_scales", "fc2_zeros", "fc2_bias"),
+}
 TRANSLATIONS = {
     MATMUL_NBITS: _matmul_nbits_onnx,
     MOE: _moe_onnx,

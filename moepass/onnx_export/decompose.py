@@ -1,4 +1,6 @@
-"""Standard-op forms of moepass's canonical ops, substituted into a graph copy before ONNX export.
+"""Standard-op forms of moepass's canonical ops, substituted into a graph copy before ONNX export
+where onnxruntime's fused MoE/QMoE ops cannot take the experts (fp16, 8 bits, per-channel scales,
+activations other than SwiGLU), and the routing those ops are handed when they cannot compute it.
 
 Routing and experts stay in the exported graph as computations, never as the sample's choices
 (routing and quantized linears that MatMulNBits cannot take trace the ops' own bodies,
@@ -141,6 +143,21 @@ def _routing_matrix(ids: Tensor, weights: Tensor, num_experts: int) -> tuple[Ten
     the token chose the expert."""
     one_hot = ids.unsqueeze(-1) == torch.arange(num_experts, device=ids.device)
     return (one_hot.float() * weights.float().unsqueeze(-1)).sum(dim=1), one_hot.any(dim=1)
+
+
+def chosen_logits(topk_ids: Tensor, topk_weights: Tensor, num_experts: int) -> Tensor:
+    """[T, E] logits under which softmax top-k picks exactly the chosen experts (ids >= E: none) with
+    their weights renormalised: log w where chosen, the lowest float elsewhere. onnxruntime's fused
+    ops then run a routing they cannot compute themselves (`chosen_mass` restores the scale)."""
+    routing, chosen = _routing_matrix(topk_ids, topk_weights, num_experts)
+    tiny = torch.finfo(torch.float32)
+    return torch.where(chosen, routing.clamp_min(tiny.tiny).log(), tiny.min)
+
+
+def chosen_mass(topk_ids: Tensor, topk_weights: Tensor, num_experts: int) -> Tensor:
+    """[T, 1] sum of the weights of the chosen experts that exist: renormalised weights times it are
+    the model's."""
+    return torch.where(topk_ids < num_experts, topk_weights.float(), 0.0).sum(dim=-1, keepdim=True)
 
 
 def nbits_experts(

@@ -4,8 +4,9 @@ The exported graph is the program's step graph — (input_ids, attention_mask, p
 (logits, *present) — with batch, sequence and past lengths dynamic, plus one optional input,
 `logits_to_keep` (int64 scalar, default 0: every position; N: the last N positions only, so a prompt's
 prefill runs the LM head on one row when generating). Before export a copy of the graph
-has its moepass ops replaced: quantized linears by `com.microsoft::MatMulNBits` (`contrib.py`),
-routing and experts by standard-op forms that keep every expert (`decompose.py`), complex
+has its moepass ops replaced: quantized linears by `com.microsoft::MatMulNBits` and experts by
+`com.microsoft::MoE`/`QMoE` where those ops fit (`contrib.py`), routing and the remaining experts by
+standard-op forms that keep every expert (`decompose.py`), complex
 arithmetic (DeepSeek-V2's rotary embedding) by real (re, im) pairs (`complex_to_real.py`). Dropped
 layers and blocks are simply absent. The directory written holds `model.onnx`, `onnx_manifest.json`
 (the program's info and the I/O contract) and, when given, the tokenizer.
@@ -50,6 +51,8 @@ from moepass.json_document import json_document
 from . import decompose
 from .complex_to_real import complex_to_real
 from .contrib import (
+    FUSED_ACTIVATIONS,
+    FUSED_INPUTS,
     LAST_POSITIONS,
     MATMUL_NBITS,
     MOE,
@@ -228,81 +231,122 @@ def _quiet(logger_name: str):
 
 
 def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
-    """Experts onto onnxruntime's fused `MoE` (fp32 weights) or `QMoE` (int4, power-of-two blocks) when
-    the op can compute the routing itself: softmax top-k over exactly these experts, no correction
-    bias, groups or scaling, SwiGLU without biases. None leaves the node to the other forms.
+    """Experts onto onnxruntime's fused `MoE` (fp32 weights) or `QMoE` (int4, power-of-two blocks):
+    SwiGLU experts (plain or GPT-OSS's clamped form, biases or not) on fp32 activations. None leaves
+    the node to the other forms.
+
+    The ops route by softmax top-k over the logits they are given. Where that is the model's own
+    routing (`_own_softmax_route`) they get the router's logits; any other routing (DeepSeek's
+    sigmoid with groups and bias, PhiMoE's sparsemixer, routers keeping rows for dropped experts)
+    stays in the graph as standard ops and the ops get logits under which softmax top-k picks
+    exactly its choice (`decompose.chosen_logits`), so no expert runs per layer in an `If` of its own.
 
     AWQ's input scales fold in exactly: the shared gate/up one multiplies the op's input, each
-    expert's down-projection one scales its up-projection rows (silu(g) * u * s = silu(g) * (s u)).
-    The ops always renormalise the top-k weights; routing that does not (Qwen2-MoE, OLMoE) gets the
-    op's output times the top-k probability mass, which is the same sum (`_times_topk_mass`): the
-    route op stays in the graph for it, as standard ops."""
+    expert's down-projection one scales its up-projection rows (silu(g) * u * s = silu(g) * (s u);
+    not through a clamp or a bias, which leave such experts to the other forms).
+    The ops always renormalise the top-k weights; the output is multiplied back by the weights' sum
+    where the model does not renormalise (`_times_topk_mass`) or routes otherwise."""
     args = op_args(node)
-    route = args["topk_ids"].args[0] if args["topk_ids"].target is operator.getitem else None
-    if route is None or route.target is not ROUTE:
-        return None
-    r = op_args(route)
-    getters = list(route.users)
     hidden_value = args["hidden"].meta.get("val")
     if (
-        r["kind"] != "softmax_topk"
-        or r["correction_bias"] is not None
-        or r["n_group"] > 1
-        or r["scale"] != 1.0
-        or args["activation"] not in ("silu", "swish")
-        or args["gate_up_bias"] is not None
-        or args["down_bias"] is not None
-        or any(set(g.users) != {node} for g in getters)
+        args["activation"] not in FUSED_ACTIVATIONS
         or hidden_value is None
         or hidden_value.dtype != torch.float32
     ):
         return None
     graph, quantized = graph_module.graph, node.target is QUANTIZED_EXPERTS
-    weight_name = "gate_up_qweight" if quantized else "gate_up"
-    prefix = args[weight_name].target.rpartition(".")[0]
-    (gate_up,) = arg_tensors(graph_module, args, weight_name)
-    if route.meta.get("moepass_preserve_gate"):
-        return None  # a router kept whole for dropped experts: the op would pick them
+    gate_up_bias, down_bias = arg_tensors(graph_module, args, "gate_up_bias", "down_bias")
+    fc1_bias = None if gate_up_bias is None else interleave_gate_up(gate_up_bias)
     if quantized:
-        bits, group = args["bits"], args["group_size"]
-        if bits != 4 or group == -1:
+        if (tensors := _qmoe_tensors(graph_module, args)) is None:
             return None
-        gate_up_q, down_q = (arg_tensors(graph_module, args, *n) for n in EXPERT_PACKED_TENSORS.values())
-        if any(fits_matmul_nbits(in_features(q[0], bits), group, bits) for q in (gate_up_q, down_q)):
-            return None
-        scales = gate_up_q[1].float()
-        if args["down_input_scale"] is not None:
-            down_scale = tensor_at(graph_module, args["down_input_scale"].target).float()
-            rows = scales.shape[1] // 2
-            scales = torch.cat([scales[:, :rows], scales[:, rows:] * down_scale.unsqueeze(-1)], dim=1)
-        tensors = {
-            "fc1": interleave_gate_up(gate_up_q[0]),
-            "fc1_scales": interleave_gate_up(scales),
-            "fc1_zeros": None if gate_up_q[2] is None else interleave_gate_up(gate_up_q[2]),
-            "fc2": down_q[0],
-            "fc2_scales": down_q[1].float(),
-            "fc2_zeros": down_q[2],
-        }
-        op, stored, kind = QMOE, list(STORED_TENSORS[QUANTIZED_EXPERTS]), f"QMoE int{bits}"
+        op, stored, kind = QMOE, list(STORED_TENSORS[QUANTIZED_EXPERTS]), f"QMoE int{args['bits']}"
     else:
-        (down,) = arg_tensors(graph_module, args, "down")
+        gate_up, down = arg_tensors(graph_module, args, "gate_up", "down")
         tensors = {"fc1": interleave_gate_up(gate_up), "fc2": down}
         op, stored, kind = MOE, ["gate_up", "down"], "MoE"
+    tensors.update(fc1_bias=fc1_bias, fc2_bias=down_bias)
+    num_experts = tensors["fc1"].shape[0]
+    prefix = args[stored[0]].target.rpartition(".")[0]
+    route = _own_softmax_route(node)
+    getters = [] if route is None else list(route.users)
     with graph.inserting_before(node):
         x = args["hidden"]
         if quantized and args["gate_up_input_scale"] is not None:
             x = graph.call_function(torch.ops.aten.mul.Tensor, (x, args["gate_up_input_scale"]))
-        consts = {n: install_tensor(graph_module, f"{prefix}.onnx_{n}", t) for n, t in tensors.items()}
-        extra = (args["bits"], args["group_size"]) if quantized else ()
-        new = graph.call_function(op, (x, r["logits"], *consts.values(), r["top_k"], *extra))
-        if not r["renormalize"]:
-            new = _times_topk_mass(graph, new, route)
-    _replace(graph_module, node, new, stored)
+        consts = [install_tensor(graph_module, f"{prefix}.onnx_{n}", tensors[n]) for n in FUSED_INPUTS[op]]
+        activation = (args["activation"], args["alpha"], args["limit"])
+        extra = (*activation, args["bits"], args["group_size"]) if quantized else activation
+        if route is not None:
+            r = op_args(route)
+            new = graph.call_function(op, (x, r["logits"], *consts, r["top_k"], *extra))
+            if not r["renormalize"]:
+                new = _times_topk_mass(graph, new, route)
+        else:
+            choice = (args["topk_ids"], args["topk_weights"], num_experts)
+            logits = graph.call_function(decompose.chosen_logits, choice)
+            # a router keeping rows for dropped experts may choose more than the experts left
+            top_k = min(args["topk_ids"].meta["val"].shape[-1], num_experts)
+            new = graph.call_function(op, (x, logits, *consts, top_k, *extra))
+            mass = graph.call_function(decompose.chosen_mass, choice)
+            new = graph.call_function(torch.ops.aten.mul.Tensor, (new, mass))
+            kind += " (routing in the graph)"
+    _replace(graph_module, node, new, [*stored, "gate_up_bias", "down_bias"])
     for getter in getters:
         graph.erase_node(getter)
-    if not route.users:
+    if route is not None and not route.users:
         graph.erase_node(route)
     return f"{node.target._opname} -> com.microsoft::{kind}"
+
+
+def _qmoe_tensors(graph_module: fx.GraphModule, args: dict) -> dict | None:
+    """QMoE's weight inputs from quantized experts' stored tensors, or None where QMoE cannot take
+    them (not int4, per-channel, blocks MatMulNBits cannot take, a down-projection input scale
+    behind a clamp or a bias)."""
+    bits, group = args["bits"], args["group_size"]
+    if bits != 4 or group == -1:
+        return None
+    if args["down_input_scale"] is not None and (
+        args["activation"] == "clamped_swiglu" or args["gate_up_bias"] is not None
+    ):
+        return None
+    gate_up, down = (arg_tensors(graph_module, args, *n) for n in EXPERT_PACKED_TENSORS.values())
+    if any(fits_matmul_nbits(in_features(q[0], bits), group, bits) for q in (gate_up, down)):
+        return None
+    scales = gate_up[1].float()
+    if args["down_input_scale"] is not None:
+        down_scale = tensor_at(graph_module, args["down_input_scale"].target).float()
+        rows = scales.shape[1] // 2
+        scales = torch.cat([scales[:, :rows], scales[:, rows:] * down_scale.unsqueeze(-1)], dim=1)
+    return {
+        "fc1": interleave_gate_up(gate_up[0]),
+        "fc1_scales": interleave_gate_up(scales),
+        "fc1_zeros": None if gate_up[2] is None else interleave_gate_up(gate_up[2]),
+        "fc2": down[0],
+        "fc2_scales": down[1].float(),
+        "fc2_zeros": down[2],
+    }
+
+
+def _own_softmax_route(node: fx.Node) -> fx.Node | None:
+    """The route op feeding these experts when onnxruntime's ops compute the same routing from its
+    logits (softmax top-k over exactly these experts; no correction bias, groups or scaling; no
+    router rows kept for dropped experts) and nothing else reads its choice; else None."""
+    args = op_args(node)
+    route = args["topk_ids"].args[0] if args["topk_ids"].target is operator.getitem else None
+    if route is None or route.target is not ROUTE:
+        return None
+    r = op_args(route)
+    if (
+        r["kind"] != "softmax_topk"
+        or r["correction_bias"] is not None
+        or r["n_group"] > 1
+        or r["scale"] != 1.0
+        or route.meta.get("moepass_preserve_gate")
+        or any(set(g.users) != {node} for g in route.users)
+    ):
+        return None
+    return route
 
 
 def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
