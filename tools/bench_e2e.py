@@ -1,10 +1,13 @@
 """End-to-end CPU speed: transformers eager vs the lowered moepass program (as it is, and through
 torch.compile) vs onnxruntime (one thread).
 
-    python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral] [--variants ...] [--work build/bench-e2e]
+    python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral mid-deepseek] [--variants ...]
+                              [--engines ...] [--work build/bench-e2e]
 
-Models: the bundled tiny-mixtral, and a mid-size random Mixtral (hidden 512, intermediate 1024,
-8 layers, 8 experts top-2; speed depends on shapes, not values). Variants: uncompressed, int4 (RTN,
+Models: the bundled tiny-mixtral, a mid-size random Mixtral (hidden 512, intermediate 1024,
+8 layers, 8 experts top-2; speed depends on shapes, not values) and, on request, a mid-size random
+DeepSeek-V3 (hidden 512, 8 layers, the first dense; 16 routed experts of width 256, top-2 by grouped
+sigmoid routing, and one shared expert; MLA attention). Variants: uncompressed, int4 (RTN,
 groups of 128, every linear), the paper recipe's shape (25% of MoE sub-layers dropped + int4;
 which layers and how the codes were found do not change the speed, so the benchmark drops by a
 fixed seed instead of calibrating), and 25% of each layer's experts dropped (seeded) + int4.
@@ -40,6 +43,29 @@ MID_MIXTRAL = dict(
     num_experts_per_tok=2,
     max_position_embeddings=1024,
 )
+MID_DEEPSEEK = dict(
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=1024,
+    moe_intermediate_size=256,
+    num_hidden_layers=8,
+    first_k_dense_replace=1,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    max_position_embeddings=1024,
+)
+RANDOM_MODELS = {"mid-mixtral": ("mixtral", MID_MIXTRAL), "mid-deepseek": ("deepseek_v3", MID_DEEPSEEK)}
+ENGINES = ("moepass PyTorch", "moepass PyTorch compiled", "onnxruntime")
 INT4 = {
     "bits": 4,
     "group_size": 128,
@@ -64,11 +90,11 @@ def prepare(model_name: str, work: Path, variants: list[str]) -> dict[str, Path]
 
     hf_dir = work / model_name / "hf"
     if not hf_dir.exists():
-        model = (
-            load_model("builtin:tiny-mixtral")
-            if model_name == "tiny-mixtral"
-            else random_model("mixtral", seed=0, **MID_MIXTRAL)
-        )
+        if model_name == "tiny-mixtral":
+            model = load_model("builtin:tiny-mixtral")
+        else:
+            family, config = RANDOM_MODELS[model_name]
+            model = random_model(family, seed=0, **config)
         model.save_pretrained(hf_dir)
     model = load_model(str(hf_dir))
     program = moepass.capture(model)
@@ -193,7 +219,9 @@ def _run_child(engine: str, path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny-mixtral", "mid-mixtral"])
+    models = ["tiny-mixtral", *RANDOM_MODELS]
+    parser.add_argument("--models", nargs="+", choices=models, default=["tiny-mixtral", "mid-mixtral"])
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--work", type=Path, default=Path("build/bench-e2e"))
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
@@ -212,7 +240,7 @@ def main() -> None:
         base = _run_child("transformers eager", paths["hf"])  # the baseline, whatever variants run
         measured = [("uncompressed", "transformers eager", base)]
         for variant in args.variants:
-            for engine in ("moepass PyTorch", "moepass PyTorch compiled", "onnxruntime"):
+            for engine in args.engines:
                 path = paths[f"{variant}.onnx"] if engine == "onnxruntime" else paths[variant]
                 measured.append((variant, engine, _run_child(engine, path)))
                 print(f"  {model_name} {variant} {engine}: {measured[-1][2]}", file=sys.stderr, flush=True)
