@@ -150,8 +150,8 @@ def chosen_logits(topk_ids: Tensor, topk_weights: Tensor, num_experts: int) -> T
     their weights renormalised: log w where chosen, the lowest float elsewhere. onnxruntime's fused
     ops then run a routing they cannot compute themselves (`chosen_mass` restores the scale)."""
     routing, chosen = _routing_matrix(topk_ids, topk_weights, num_experts)
-    tiny = torch.finfo(torch.float32)
-    return torch.where(chosen, routing.clamp_min(tiny.tiny).log(), tiny.min)
+    fp32 = torch.finfo(torch.float32)
+    return torch.where(chosen, routing.clamp_min(fp32.tiny).log(), fp32.min)
 
 
 def chosen_mass(topk_ids: Tensor, topk_weights: Tensor, num_experts: int) -> Tensor:
