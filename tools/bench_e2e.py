@@ -32,29 +32,23 @@ from pathlib import Path
 import torch
 
 PROMPT, DECODE_PROMPT, DECODE_TOKENS, REPEATS = 128, 16, 32, 3
-MID_MIXTRAL = dict(
+_MID = dict(  # shared by the mid-size models: speed depends on shapes, not values
     vocab_size=4096,
     hidden_size=512,
     intermediate_size=1024,
     num_hidden_layers=8,
     num_attention_heads=8,
     num_key_value_heads=8,
-    num_local_experts=8,
     num_experts_per_tok=2,
     max_position_embeddings=1024,
 )
+MID_MIXTRAL = dict(_MID, num_local_experts=8)
 MID_DEEPSEEK = dict(
-    vocab_size=4096,
-    hidden_size=512,
-    intermediate_size=1024,
+    _MID,
     moe_intermediate_size=256,
-    num_hidden_layers=8,
     first_k_dense_replace=1,
-    num_attention_heads=8,
-    num_key_value_heads=8,
     n_routed_experts=16,
     n_shared_experts=1,
-    num_experts_per_tok=2,
     n_group=4,
     topk_group=2,
     q_lora_rank=256,
@@ -62,7 +56,6 @@ MID_DEEPSEEK = dict(
     qk_nope_head_dim=32,
     qk_rope_head_dim=16,
     v_head_dim=32,
-    max_position_embeddings=1024,
 )
 RANDOM_MODELS = {"mid-mixtral": ("mixtral", MID_MIXTRAL), "mid-deepseek": ("deepseek_v3", MID_DEEPSEEK)}
 ENGINES = ("moepass PyTorch", "moepass PyTorch compiled", "onnxruntime")

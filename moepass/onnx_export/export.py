@@ -244,8 +244,11 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     AWQ's input scales fold in exactly: the shared gate/up one multiplies the op's input, each
     expert's down-projection one scales its up-projection rows (silu(g) * u * s = silu(g) * (s u);
     not through a clamp or a bias, which leave such experts to the other forms).
-    The ops always renormalise the top-k weights; the output is multiplied back by the weights' sum
-    where the model does not renormalise (`_times_topk_mass`) or routes otherwise."""
+    The ops are always told to renormalise the top-k weights, because onnxruntime does not honour
+    `normalize_routing_weights=0` (1.32's CPU QMoE ignores it; 1.30's MoE gives wrong outputs, 2% off
+    in the logits, once the graph around it lets it share buffers): where the model does not
+    renormalise or routes otherwise, the output is multiplied back by the top-k weights' sum
+    (`decompose.chosen_mass`)."""
     args = op_args(node)
     hidden_value = args["hidden"].meta.get("val")
     if (
@@ -277,23 +280,23 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         consts = [install_tensor(graph_module, f"{prefix}.onnx_{n}", tensors[n]) for n in FUSED_INPUTS[op]]
         activation = (args["activation"], args["alpha"], args["limit"])
         extra = (*activation, args["bits"], args["group_size"]) if quantized else activation
+        choice = (args["topk_ids"], args["topk_weights"], num_experts)
         if route is not None:
             r = op_args(route)
             new = graph.call_function(op, (x, r["logits"], *consts, r["top_k"], *extra))
-            if not r["renormalize"]:
-                new = _times_topk_mass(graph, new, route)
         else:
-            choice = (args["topk_ids"], args["topk_weights"], num_experts)
             logits = graph.call_function(decompose.chosen_logits, choice)
             # a router keeping rows for dropped experts may choose more than the experts left
             top_k = min(args["topk_ids"].meta["val"].shape[-1], num_experts)
             new = graph.call_function(op, (x, logits, *consts, top_k, *extra))
+            kind += " (routing in the graph)"
+        if route is None or not op_args(route)["renormalize"]:
             mass = graph.call_function(decompose.chosen_mass, choice)
             new = graph.call_function(torch.ops.aten.mul.Tensor, (new, mass))
-            kind += " (routing in the graph)"
     _replace(graph_module, node, new, [*stored, "gate_up_bias", "down_bias"])
     for getter in getters:
-        graph.erase_node(getter)
+        if not getter.users:
+            graph.erase_node(getter)
     if route is not None and not route.users:
         graph.erase_node(route)
     return f"{node.target._opname} -> com.microsoft::{kind}"
@@ -398,19 +401,6 @@ def _nbits_layout(qweight, scales, zeros, bits: int, block: int) -> list:
         scales.reshape(*lead, -1),
         None if zeros is None else zeros.reshape(*lead, -1),
     ]
-
-
-def _times_topk_mass(graph: fx.Graph, output: fx.Node, route: fx.Node) -> fx.Node:
-    """output * the sum of the route's top-k weights (the k largest softmax probabilities, not
-    renormalised), per token: turns experts weighted by renormalised top-k probabilities into experts
-    weighted by the probabilities themselves.
-
-    The fused ops are told to renormalise even where the model does not, because onnxruntime does
-    not honour `normalize_routing_weights=0`: 1.32's CPU QMoE ignores it, and 1.30's MoE gives wrong
-    outputs (2% off in the logits) once the graph around it lets it share buffers."""
-    weights = graph.call_function(operator.getitem, (route, 0))
-    mass = graph.call_function(torch.ops.aten.sum.dim_IntList, (weights, [-1], True))
-    return graph.call_function(torch.ops.aten.mul.Tensor, (output, mass))
 
 
 def _replace(graph_module: fx.GraphModule, node: fx.Node, new: fx.Node, tensor_args: list[str]) -> None:
