@@ -1,4 +1,4 @@
-"""Canonical ops for compressed weights: quantized linear and quantized experts.
+"""Canonical ops for compressed weights: quantized linear, quantized experts, quantized embedding.
 
 Each has a reference implementation (dequantize, then the dense math) that runs on any device and
 is the ground truth for the kernels in `moepass.kernels`, plus a fake implementation so it stays
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from moepass.errors import OpArgumentError
 
 from .ops import ACTIVATIONS, check_expert_shapes, check_operands, check_shapes, expert_at, run_experts
 from .quantized import check_codes, dequantize, in_features
@@ -58,6 +60,34 @@ def check_quantized_linear(x, qweight, scales, zeros, bias, input_scale, bits, g
 @quantized_linear.register_fake
 def _(x, qweight, scales, zeros, bias, input_scale, bits, group_size):
     return x.new_empty((*x.shape[:-1], qweight.shape[-2]))
+
+
+def dequantized_embedding(
+    ids: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> Tensor:
+    """`moepass::quantized_embedding` as plain tensor code (also what ONNX export traces): only the
+    rows looked up are dequantized, in the scales' dtype (the table's)."""
+    rows_zeros = None if zeros is None else zeros[ids]
+    return dequantize(qweight[ids], scales[ids], rows_zeros, bits, group_size)
+
+
+@torch.library.custom_op("moepass::quantized_embedding", mutates_args=())
+def quantized_embedding(
+    ids: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> Tensor:
+    """An embedding table [V, K] stored like a quantized linear's weight (rows = tokens): ids [...]
+    -> [..., K]. Lookup tables have no calibration statistics to use, so every method rounds them."""
+    name = "moepass::quantized_embedding"
+    check_codes(name, in_features(qweight, bits), qweight, scales, zeros, bits, group_size)
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise OpArgumentError(f"{name}: token ids must be int32 or int64, got {ids.dtype}")
+    check_operands(name, scales, ids=ids, qweight=qweight, zeros=zeros)  # one device
+    return dequantized_embedding(ids, qweight, scales, zeros, bits, group_size)
+
+
+@quantized_embedding.register_fake
+def _(ids, qweight, scales, zeros, bits, group_size):
+    return scales.new_empty((*ids.shape, in_features(qweight, bits)))
 
 
 @torch.library.custom_op("moepass::quantized_experts", mutates_args=())
@@ -201,6 +231,7 @@ def _(
 
 QUANTIZED_LINEAR = torch.ops.moepass.quantized_linear.default
 QUANTIZED_EXPERTS = torch.ops.moepass.quantized_experts.default
+QUANTIZED_EMBEDDING = torch.ops.moepass.quantized_embedding.default
 
 
 # A quantized weight's stored tensors, in the quantized ops' argument order; the experts op holds one
@@ -211,12 +242,14 @@ EXPERT_PACKED_TENSORS = {
 }
 STORED_TENSORS: dict = {  # quantized op -> every stored tensor argument
     QUANTIZED_LINEAR: PACKED_TENSORS,
+    QUANTIZED_EMBEDDING: PACKED_TENSORS,
     QUANTIZED_EXPERTS: (*EXPERT_PACKED_TENSORS["gate_up"], *EXPERT_PACKED_TENSORS["down"]),
 }
 # Ops reading packed codes -> the arguments holding them; each op has an int argument `bits`.
 # Lowering registers its kernels' ops (other packed layouts) here.
 CODE_ARGUMENTS: dict = {
     QUANTIZED_LINEAR: ("qweight",),
+    QUANTIZED_EMBEDDING: ("qweight",),
     QUANTIZED_EXPERTS: ("gate_up_qweight", "down_qweight"),
 }
 # Ops storing only a share of their weights' entries (2:4 keeps half) -> that share.
@@ -252,12 +285,14 @@ __all__ = [
     "EXPERT_PACKED_TENSORS",
     "KEPT_SHARE",
     "PACKED_TENSORS",
+    "QUANTIZED_EMBEDDING",
     "QUANTIZED_EXPERTS",
     "QUANTIZED_LINEAR",
     "STORED_TENSORS",
     "in_features",
     "logical_count",
     "packed_code_bits",
+    "quantized_embedding",
     "quantized_experts",
     "quantized_linear",
 ]

@@ -14,10 +14,10 @@ from moepass.errors import MoepassError
 from .canonicalize import remove_dead_nodes
 from .ops import EXPERTS
 from .program import MoEProgram
-from .quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from .quant_ops import PACKED_TENSORS, QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from .quantized import QuantFormat
 from .sparse import SPARSE24_EXPERTS, SPARSE24_LINEAR, decompress_24, decompress_codes_24
-from .structure import arg_tensors, op_args
+from .structure import EMBEDDINGS, arg_tensors, op_args
 
 
 def drop_block(program, index: int) -> None:
@@ -83,6 +83,11 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
             f"block {index}: preserve_gate reorders the router rows, which would regroup the experts of "
             f"its group-limited routing (n_group={moe.n_group}); drop experts with preserve_gate=False"
         )
+    if not preserve_gate and len(keep) < fewest_kept(moe):
+        raise MoepassError(
+            f"block {index}: its sparsemixer routing always picks {fewest_kept(moe)} experts; keep at least "
+            f"{fewest_kept(moe)} (or drop with preserve_gate=True)"
+        )
     if moe.n_group > 1:
         _check_groups_stay_equal(moe, index, keep)
     rows = keep + [e for e in range(moe.router_rows) if e not in keep] if preserve_gate else keep
@@ -130,7 +135,7 @@ def _check_groups_stay_equal(moe, index: int, keep: list[int]) -> None:
             f"equal groups; keeping {counts} experts per group would move experts into other groups; "
             f"keep the same number of experts from each group of {size}"
         )
-    need, why = min_experts_per_group(moe)
+    need, why = min_experts_per_group(moe, len(keep))
     if counts[0] < need:
         raise MoepassError(
             f"block {index}: group-limited routing (n_group={groups}) needs {need} experts in each group "
@@ -138,15 +143,21 @@ def _check_groups_stay_equal(moe, index: int, keep: list[int]) -> None:
         )
 
 
-def min_experts_per_group(moe) -> tuple[int, str]:
-    """Experts a group-limited router needs in each group, and why: DeepSeek-V3's (sigmoid_topk)
-    scores a group by the sum of its best 2 experts, DeepSeek-V2's by its best one, and the
-    `topk_group` groups it keeps must hold `top_k` experts between them (else it would route to
-    experts of the groups it masked out)."""
+def fewest_kept(moe) -> int:
+    """Experts a layer must keep (its router sliced): sparsemixer routing always picks 2, others 1."""
+    return 2 if moe.routing == "sparsemixer" else 1
+
+
+def min_experts_per_group(moe, kept: int) -> tuple[int, str]:
+    """Experts a group-limited router keeping `kept` experts needs in each group, and why:
+    DeepSeek-V3's (sigmoid_topk) scores a group by the sum of its best 2 experts, DeepSeek-V2's by
+    its best one, and the `topk_group` groups it keeps must hold its top-k (min(top_k, kept) after
+    the slice) between them (else it would route to experts of the groups it masked out)."""
     scored_by = 2 if moe.routing == "sigmoid_topk" else 1
-    picks = -(-moe.top_k // moe.topk_group)
+    top_k = min(moe.top_k, kept)
+    picks = -(-top_k // moe.topk_group)
     if picks > scored_by:
-        return picks, f"it picks top_k={moe.top_k} experts from its best topk_group={moe.topk_group}"
+        return picks, f"it picks top_k={top_k} experts from its best topk_group={moe.topk_group}"
     return scored_by, f"it scores each group by its best {scored_by}"
 
 
@@ -289,6 +300,51 @@ def quantize_linear(
             "input_scale": input_scale is not None,
         }
     )
+    program.graph_changed()
+
+
+def quantize_embedding(program, weight: str, fmt: QuantFormat, packed: tuple) -> None:
+    """Rewrite every `embedding(<weight>, ids)` node into `moepass::quantized_embedding`.
+
+    A table tied to an LM head that is already quantized in this format without an input scale
+    reads the head's codes (the same rows, one copy); otherwise the codes are stored under the
+    embedding module, and a tied head keeps reading the float table."""
+    graph_module = program.graph_module
+    nodes = [
+        n
+        for n in graph_module.graph.nodes
+        if n.target is torch.ops.aten.embedding.default
+        and n.args[0].op == "get_attr"
+        and n.args[0].target == weight
+    ]
+    if not nodes:
+        raise MoepassError(f"no embedding reads {weight}")
+    head = {"op": "quantize_linear", "weight": weight, **_format_record(fmt), "input_scale": False}
+    prefix = weight.rpartition(".")[0]
+    if head not in program.info.edits or not any(
+        n.op == "get_attr" and n.target == f"{prefix}.qweight" for n in graph_module.graph.nodes
+    ):
+        prefix = None
+    for node in nodes:
+        with graph_module.graph.inserting_before(node):
+            if prefix is not None:  # the head's codes: new reads of its tensors, placed before this use
+                q, s, z = (
+                    None
+                    if name == "zeros" and fmt.symmetric
+                    else graph_module.graph.get_attr(f"{prefix}.{name}")
+                    for name in PACKED_TENSORS
+                )
+            else:
+                q, s, z = (
+                    install_tensor(graph_module, f"{EMBEDDINGS}.{name}", t)
+                    for name, t in zip(PACKED_TENSORS, packed, strict=True)
+                )
+            new = graph_module.graph.call_function(
+                QUANTIZED_EMBEDDING, (node.args[1], q, s, z, fmt.bits, fmt.group_size)
+            )
+        swap_node(node, new)
+    delete_if_unused(graph_module, weight)
+    program.info.edits.append({"op": "quantize_embedding", "weight": weight, **_format_record(fmt)})
     program.graph_changed()
 
 

@@ -34,6 +34,7 @@ from moepass.ir.surgery import (
     keep_experts,
     kept_original_experts,
     linear_nodes,
+    quantize_embedding,
     quantize_experts,
     quantize_linear,
     sparsify_experts,
@@ -65,6 +66,12 @@ def _replay_quantize_linear(program: MoEProgram, edit: dict) -> None:
     quantize_linear(program, edit["weight"], fmt, quantize(weight, fmt), input_scale=scale)
 
 
+def _replay_quantize_embedding(program: MoEProgram, edit: dict) -> None:
+    fmt = QuantFormat(edit["bits"], edit["group_size"], edit["symmetric"])
+    table = program.graph_module.get_parameter(edit["weight"])
+    quantize_embedding(program, edit["weight"], fmt, quantize(table, fmt))
+
+
 def _placeholder_24(stored: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero (values, meta) shaped for a weight stored as `stored` (float, or codes of `bits`)."""
     k = in_features(stored, bits) if bits else stored.shape[-1]
@@ -94,6 +101,7 @@ REPLAY = {
     "keep_experts": lambda program, edit: keep_experts(
         program, edit["block"], edit["keep"], preserve_gate=edit.get("preserve_gate", False)
     ),
+    "quantize_embedding": _replay_quantize_embedding,
     "quantize_experts": _replay_quantize_experts,
     "quantize_linear": _replay_quantize_linear,
     "sparsify_linear": _replay_sparsify_linear,

@@ -134,6 +134,8 @@ def _compress(args: argparse.Namespace) -> None:
             check_source(data)
         except DataError as error:
             raise MoepassError(f"{flag}: {error}") from None
+    if args.out is not None and not args.out.strip():  # an unset shell variable, not "the default"
+        raise MoepassError("--out is empty; name the output directory, or leave --out out for the default")
     out = output_directory(
         args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}", args.force
     )
@@ -203,8 +205,9 @@ def _tokenizer_to_write(source: str, tokenizer):
 
 
 def _refuse_inside(out: Path, model: str) -> None:
-    """--out naming the model's own directory (or one holding it) would replace the model with --force."""
-    if os.path.exists(model) and Path(os.path.abspath(model)).is_relative_to(out):
+    """--out naming the model's own directory (or one holding it) would replace the model with --force;
+    compared with symbolic links resolved, so a link to the model (or named by --out) is caught too."""
+    if os.path.exists(model) and Path(os.path.realpath(model)).is_relative_to(os.path.realpath(out)):
         raise MoepassError(f"--out {out} is or holds the model {model}; write the output elsewhere")
 
 

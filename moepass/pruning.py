@@ -27,6 +27,7 @@ from moepass.ir.surgery import set_tensor
 from moepass.passes.base import ConfigError, PassConfig, check_range
 from moepass.slimming import (
     CATEGORIES,
+    QUANTIZATION_ONLY,
     coverage,
     coverage_table,
     expert_blocks,
@@ -57,10 +58,10 @@ class PruneConfig(PassConfig):
                 f"sparsity: {self.sparsity} does not match pattern {self.pattern}, which zeroes "
                 f"{nm[0]} of every {nm[1]} weights; leave sparsity out"
             )
-        allowed = ", ".join(c for c in CATEGORIES if c != "lm_head")
+        allowed = ", ".join(c for c in CATEGORIES if c not in QUANTIZATION_ONLY)
         if not self.targets:
             raise ConfigError(f"targets: empty, so nothing would be pruned; choose among {allowed}")
-        unknown = [t for t in self.targets if t not in CATEGORIES or t == "lm_head"]
+        unknown = [t for t in self.targets if t not in CATEGORIES or t in QUANTIZATION_ONLY]
         if unknown:
             raise ConfigError(f"targets: {unknown[0]!r} is not allowed; choose among {allowed}")
         check_range("min_tokens", self.min_tokens, 0)

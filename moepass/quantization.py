@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from moepass.ir.quantized import QuantFormat, codes_for, packed_triple, scales_and_zeros
-from moepass.ir.surgery import quantize_linear
+from moepass.ir.surgery import linear_nodes, quantize_embedding, quantize_linear
 from moepass.passes.base import ConfigError, PassConfig, check_range
 from moepass.slimming import (
     CATEGORIES,
@@ -24,7 +24,10 @@ from moepass.slimming import (
     LinearTarget,
     coverage,
     coverage_table,
+    embedding_target,
+    expert_blocks,
     fallback_experts,
+    linear_targets,
 )
 
 logger = logging.getLogger("moepass")
@@ -36,7 +39,7 @@ class QuantizeConfig(PassConfig):
     group_size: int = 128  # -1: per output channel
     symmetric: bool = False
     targets: tuple[str, ...] = (
-        DEFAULT_TARGETS  # among: experts, shared_experts, attention, dense_mlp, lm_head
+        DEFAULT_TARGETS  # among: experts, shared_experts, attention, dense_mlp, lm_head, embeddings
     )
     min_tokens: int = 16  # experts with fewer calibration tokens fall back to round-to-nearest
 
@@ -70,11 +73,15 @@ def rtn(weight: Tensor, fmt: QuantFormat, name: str) -> tuple:
     return packed_triple(codes_for(weight, scale, zero, fmt), scale, zero, fmt, weight.dtype)
 
 
-def check_formats(program, config: QuantizeConfig, linears: list[LinearTarget], experts: list[int]) -> None:
-    """Validate the format and the values of every target before the first rewrite (nothing is left
+def quantization_targets(program, config: QuantizeConfig) -> tuple[list[LinearTarget], list[int], str | None]:
+    """The linears, MoE blocks (their routed experts) and embedding table `config.targets` select, with
+    the format and the values of every one checked before the first rewrite (nothing is left
     half-quantized)."""
+    linears = linear_targets(program, config.targets)
+    experts = expert_blocks(program, config.targets)
+    table = embedding_target(program, config.targets)
     get = program.graph_module.get_parameter
-    groups = [[t.weight] for t in linears]
+    groups = [[t.weight] for t in linears] + ([[table]] if table else [])
     for index in experts:
         moe = program.structure.block(index).mlp
         groups.append([moe.gate_up, moe.down])
@@ -85,6 +92,24 @@ def check_formats(program, config: QuantizeConfig, linears: list[LinearTarget], 
             fmt.groups(weight.shape[-1], name)
             if not torch.isfinite(weight).all():
                 raise ConfigError(f"{name} holds NaN or inf values; quantize a finite model")
+    return linears, experts, table
+
+
+def quantize_table(program, config: QuantizeConfig, table: str | None) -> None:
+    """The embedding table (opt-in target), round-to-nearest whatever the method: a lookup reads one
+    row per token, so it has no input statistics for GPTQ's Hessian or AWQ's scales. Passes call it
+    after the LM head, so a table tied to the head shares the head's codes."""
+    if table is None:
+        return
+    weight = program.graph_module.get_parameter(table)
+    fmt = config.format_for(weight)
+    if linear_nodes(program.graph_module, table):
+        logger.warning(
+            "%s is tied to the LM head, which stays in full precision: the quantized table is a second "
+            "copy (add 'lm_head' to targets to share one quantized copy)",
+            table,
+        )
+    quantize_embedding(program, table, fmt, rtn(weight, fmt, table))
 
 
 def stack(triples: list[tuple]) -> tuple:

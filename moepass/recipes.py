@@ -130,7 +130,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def recipe_from_dict(data, where: str = "") -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}a recipe is a mapping with keys {', '.join(TOP_LEVEL)}")
-    unknown = sorted(set(data) - set(TOP_LEVEL))
+    unknown = sorted(set(data) - set(TOP_LEVEL), key=str)  # YAML keys may be numbers too
     if unknown:
         raise ConfigError(f"{where}{unknown[0]}: unknown recipe key; allowed: {', '.join(TOP_LEVEL)}")
     scoring = data.get("scoring", "one-shot")

@@ -2,7 +2,8 @@
 
 Targets are found through the structure map, never by module names: the routed experts of every
 MoE sub-layer (the fused 3-D tensors, each expert's gate/up and down projection), the shared
-experts, attention projections, dense MLPs and (opt-in) the LM head. Routers and shared-expert
+experts, attention projections, dense MLPs and (opt-in, quantization only) the LM head and the
+embedding table. Routers and shared-expert
 gates are never compressed. `coverage` tells, per category, how much was compressed.
 """
 
@@ -16,14 +17,15 @@ from torch import fx
 
 from moepass.ir import MoEEntry, MoEProgram
 from moepass.ir.printer import QUANT_METADATA
-from moepass.ir.quant_ops import QUANTIZED_LINEAR, logical_count, packed_code_bits
+from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_LINEAR, logical_count, packed_code_bits
 from moepass.ir.sparse import SPARSE24_LINEAR
 from moepass.ir.surgery import kept_original_experts
 from moepass.passes.base import ConfigError
 from moepass.table import format_table, human_bytes, human_count
 
-CATEGORIES = ("experts", "shared_experts", "attention", "dense_mlp", "lm_head")
+CATEGORIES = ("experts", "shared_experts", "attention", "dense_mlp", "lm_head", "embeddings")
 DEFAULT_TARGETS = ("experts", "shared_experts", "attention", "dense_mlp")
+QUANTIZATION_ONLY = ("lm_head", "embeddings")  # pruning them is not part of the method
 _LINEAR = torch.ops.aten.linear.default
 logger = logging.getLogger("moepass")
 
@@ -70,6 +72,21 @@ def linear_targets(program: MoEProgram, categories: tuple[str, ...]) -> list[Lin
     if "lm_head" in categories:
         collect("lm_head", None, structure.lm_head.nodes)
     return found
+
+
+def embedding_target(program: MoEProgram, categories: tuple[str, ...]) -> str | None:
+    """FQN of the embedding table when `categories` opt into it (an already quantized one is an error)."""
+    if "embeddings" not in categories:
+        return None
+    nodes = {n.name: n for n in program.graph_module.graph.nodes}
+    for name in program.structure.embeddings.nodes:
+        if nodes[name].target is QUANTIZED_EMBEDDING:
+            raise ConfigError(
+                "the embedding table is already quantized; quantize it once, or leave 'embeddings' out"
+            )
+        if nodes[name].target is torch.ops.aten.embedding.default:
+            return nodes[name].args[0].target
+    raise ConfigError("no embedding table found to quantize; leave 'embeddings' out of targets")
 
 
 def expert_blocks(program: MoEProgram, categories: tuple[str, ...]) -> list[int]:

@@ -12,7 +12,7 @@ from moepass.zoo import RANDOM_FAMILIES, random_model
 
 FAMILIES = list(RANDOM_FAMILIES)
 # every linear a quantization recipe can take (embeddings aside)
-ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head"]
+ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head", "embeddings"]
 SESSION_SEED = int(os.environ.get("MOEPASS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 
 

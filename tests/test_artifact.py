@@ -98,14 +98,22 @@ def test_transformers_format_keeps_tied_embeddings_and_the_weights_dtype(tmp_pat
         assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
 
 
-def test_moepass_format_keeps_tied_embeddings(tmp_path):
+@pytest.mark.parametrize("quantized", [False, True])
+def test_moepass_format_keeps_tied_embeddings(quantized, tmp_path):
     """Loading allocates the model before filling it; the tie between embeddings and LM head (one
-    tensor, stored once) must survive that."""
+    tensor, stored once) must survive that, and so must their shared int4 codes."""
     _, program = captured("deepseek_v2", tie_word_embeddings=True)
+    if quantized:
+        config = {"group_size": 16, "targets": ["lm_head", "embeddings"]}
+        program = moepass.compress(program, [("rtn", config)])
     save(program, tmp_path / "tied")
+    stored = load_file(str(tmp_path / "tied" / "model.safetensors"))
+    assert not any(name.startswith("model.embed_tokens") for name in stored)
+    assert ("lm_head.qweight" in stored) == quantized
     reloaded = load(tmp_path / "tied", lower=False)
     reloaded.verify()
     _same_outputs(program, reloaded)
+    _same_outputs(program, load(tmp_path / "tied"))  # lowered
 
 
 @pytest.mark.parametrize("cast", ["to", "from_pretrained"])
@@ -547,14 +555,19 @@ def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path,
     )
     assert "layer_drop.depth: unknown option" in capsys.readouterr().err
     assert not out.exists()
-    # --force would replace the model itself
-    for argv in (
-        ["compress", "--model", str(checkpoint), "--out", str(checkpoint), "--force"],
-        ["export-onnx", str(checkpoint), str(checkpoint), "--force"],
-    ):
-        assert main(argv) == 2
-        assert f"is or holds the model {checkpoint}" in capsys.readouterr().err
+    # --force would replace the model itself, also when a symbolic link names one or the other
+    link = tmp_path / "link"
+    link.symlink_to(checkpoint)
+    for model, target in ((checkpoint, checkpoint), (link, checkpoint), (checkpoint, link)):
+        for argv in (
+            ["compress", "--model", str(model), "--out", str(target), "--force"],
+            ["export-onnx", str(model), str(target), "--force"],
+        ):
+            assert main(argv) == 2
+            assert f"is or holds the model {model}" in capsys.readouterr().err
     assert (checkpoint / "config.json").is_file()
+    assert main(["compress", "--model", str(checkpoint), "--out", ""]) == 2  # an unset shell variable
+    assert "--out is empty" in capsys.readouterr().err
     # data that cannot be read: refused before the model is even read
     (tmp_path / "elsewhere.yaml").write_text(
         "name: elsewhere\ncalibration: {data: /no/such/calibration.jsonl}\npasses:\n  - awq: {}\n"

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from moepass.errors import OpArgumentError
+from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import FormatError, QuantFormat, dequantize, pack, quantize, unpack
 
 
@@ -151,6 +152,19 @@ def test_quantized_experts_match_float64(bits, group, seed):
     assert ((got.double() - expected).norm() / expected.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 16, False), (4, -1, True), (8, 32, False)])
+def test_quantized_embedding_matches_float64(bits, group, symmetric, seed):
+    table = torch.randn(50, 64, dtype=torch.bfloat16)
+    ids = torch.randint(0, 50, (3, 7))
+    codes = quantize(table, QuantFormat(bits, group, symmetric))
+    got = QUANTIZED_EMBEDDING(ids, *codes, bits, group)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 7, 64)
+    expected = torch.tensor(numpy_dequantize(*codes, bits, group))[ids]
+    torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=0)  # one bf16 rounding
+    with pytest.raises(OpArgumentError, match="quantized_embedding: token ids must be int32 or int64"):
+        QUANTIZED_EMBEDDING(ids.float(), *codes, bits, group)
+
+
 def test_quantized_ops_pass_opcheck():
     """Schema and fake implementations agree with the real ones: safe under export and compile."""
     checks = ("test_schema", "test_faketensor")
@@ -164,3 +178,6 @@ def test_quantized_ops_pass_opcheck():
         routing = (hidden, torch.randint(0, 4, (5, 2)), torch.rand(5, 2))
         args = (*routing, *gu, *dn, None, None, None, None, "silu", 0.0, 0.0, 4, 16)
         torch.library.opcheck(QUANTIZED_EXPERTS, args, test_utils=checks)
+    torch.library.opcheck(
+        QUANTIZED_EMBEDDING, (torch.randint(0, 16, (2, 3)), qw, s, z, 4, 32), test_utils=checks
+    )

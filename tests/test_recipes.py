@@ -50,6 +50,8 @@ def test_builtin_recipes_load_and_include_the_papers():
         ),
         ({"passes": [{"awq": [1, 2]}]}, r"passes\[0\].awq: expected a mapping of options, got list"),
         ({"passes": [{1: {}}]}, r"passes\[0\]: a pass name is a string; got 1"),
+        ({"passes": [{"gptq": {1: 2, "x": 3}}]}, r"passes\[0\].gptq.1: unknown option; allowed: bits"),
+        ({1: "a", "foo": "b", "passes": []}, r"1: unknown recipe key; allowed: name"),
         (
             {"passes": [{"rtn": {}}, {"cpu_packed_weights": {}}]},
             r"passes\[1\].cpu_packed_weights: a lowering pass .* moepass.load and moepass.lower run it",

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import moepass
-from helpers import FAMILIES, captured
+from helpers import FAMILIES, captured, rel_error
 from moepass.artifact import load, save
 from moepass.calibration import BlockwiseRunner
 from moepass.data import TokenSet
 from moepass.evaluate import model_size
-from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
+from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, dequantize
 from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import set_tensor
@@ -255,19 +255,78 @@ def test_coverage_bytes_add_up_when_a_tied_lm_head_is_quantized():
     assert coverage["lm_head"]["bytes_before"] == 0 < coverage["lm_head"]["bytes"]
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_embeddings_opt_in_quantizes_the_table_and_only_it(family):
+    """`targets: [embeddings]` stores the table as int4 codes, looked up row by row: the program
+    equals the float one with the table replaced by its rounded values, and the report covers it."""
+    _, program = captured(family)
+    quantized = moepass.compress(program, [("rtn", {"group_size": 16, "targets": ["embeddings"]})])
+    quantized.verify()
+    ops = [n.target for n in quantized.graph_module.graph.nodes]
+    assert QUANTIZED_EMBEDDING in ops and torch.ops.aten.embedding.default not in ops
+    assert QUANTIZED_LINEAR not in ops and QUANTIZED_EXPERTS not in ops
+    coverage = quantized.report.records[-1].summary["coverage"]
+    assert coverage["embeddings"]["share"] == 1.0
+    assert coverage["embeddings"]["bytes"] < 0.2 * coverage["embeddings"]["bytes_before"]
+    rounded, table = program.fork(), program.structure.embeddings.params[0]
+    weight = program.graph_module.get_parameter(table)
+    set_tensor(rounded.graph_module, table, fake_quantize(weight, QuantFormat(4, 16)))
+    ids = torch.randint(0, program.info.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert rel_error(quantized(ids), rounded(ids)) < 1e-5
+        assert rel_error(quantized(ids), program(ids)) > 1e-3  # the table did change
+
+
+def test_a_tied_table_shares_the_quantized_head_codes(caplog):
+    """Embeddings and LM head are one tensor in a tied model: quantized together, both ops read one
+    copy of the codes (the artifact shrinks); the table alone is a second copy, said in a warning."""
+    _, program = captured("mixtral", tie_word_embeddings=True)
+    config = {"group_size": 16, "targets": ["lm_head", "embeddings"]}
+    both = moepass.compress(program, [("rtn", config)])
+    both.verify()
+    reads = {
+        n.target: [a.target for a in n.all_input_nodes if a.op == "get_attr"]
+        for n in both.graph_module.graph.nodes
+        if n.target in (QUANTIZED_LINEAR, QUANTIZED_EMBEDDING)
+    }
+    assert (
+        reads[QUANTIZED_EMBEDDING]
+        == reads[QUANTIZED_LINEAR]
+        == ["lm_head.qweight", "lm_head.scales", "lm_head.zeros"]
+    )
+    table = program.graph_module.get_parameter("lm_head.weight")
+    assert model_size(both)[1] < model_size(program)[1] - 0.7 * table.numel() * table.element_size()
+    head_only = moepass.compress(program, [("rtn", {"group_size": 16, "targets": ["lm_head"]})])
+    ids = torch.randint(0, program.info.vocab_size, (2, 9))
+    with torch.no_grad():  # the head's logits are unchanged by sharing; the inputs now go through codes too
+        rounded = program.fork()
+        set_tensor(
+            rounded.graph_module,
+            "lm_head.weight",
+            fake_quantize(program.graph_module.get_parameter("lm_head.weight"), QuantFormat(4, 16)),
+        )
+        assert rel_error(both(ids), rounded(ids)) < 1e-5 < rel_error(head_only(ids), rounded(ids))
+    with caplog.at_level(logging.WARNING, logger="moepass"):
+        table_only = moepass.compress(program, [("rtn", {"group_size": 16, "targets": ["embeddings"]})])
+    assert "lm_head.weight is tied to the LM head" in caplog.text
+    assert model_size(table_only)[1] > model_size(program)[1]
+    coverage = table_only.report.records[-1].summary["coverage"]
+    assert sum(row["bytes"] for row in coverage.values()) == model_size(table_only)[1]
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_a_calibrated_method_says_it_quantized_the_lm_head_round_to_nearest(method, caplog):
     """The head reads the final norm, which block-by-block calibration never observes: it gets RTN,
     said in a warning and in the summary, not silently."""
     _, program = captured("mixtral")
-    config = {"group_size": 16, "targets": ["attention", "lm_head"]}
+    config = {"group_size": 16, "targets": ["attention", "lm_head", "embeddings"]}
     with caplog.at_level(logging.WARNING, logger="moepass"):
         slim = moepass.compress(program, [(method, config)], calibration=_calibration())
     assert slim.report.records[-1].summary["rtn_linears"] == ["lm_head.weight"]
     assert f"{method}: lm_head.weight is quantized round-to-nearest" in caplog.text
-    rtn = moepass.compress(program, [("rtn", {"group_size": 16, "targets": ["lm_head"]})])
-    codes = [p.graph_module.get_buffer("lm_head.qweight") for p in (slim, rtn)]
-    assert torch.equal(*codes)
+    rtn = moepass.compress(program, [("rtn", {"group_size": 16, "targets": ["lm_head", "embeddings"]})])
+    for codes in ("lm_head.qweight", "model.embed_tokens.qweight"):  # a lookup table has no statistics
+        assert torch.equal(*(p.graph_module.get_buffer(codes) for p in (slim, rtn)))
 
 
 def test_awq_scales_are_moe_aware():

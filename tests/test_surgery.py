@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from helpers import FAMILIES, captured, hf_keep_experts
+import moepass
+from helpers import FAMILIES, captured, hf_keep_experts, model_for
 from moepass.errors import MoepassError
 from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
 
@@ -131,6 +132,34 @@ def test_keep_experts_preserving_the_gate_matches_zeroed_experts(family, seed):
     moe = program.structure.block(block).mlp
     assert (moe.num_experts, moe.router_rows, moe.preserve_gate) == (4, 4, False)
     reference = hf_keep_experts(model, {block: [keep[i] for i in (0, 1, 2, 3)]})
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+
+
+def test_keep_experts_refuses_fewer_experts_than_sparsemixer_picks():
+    """PhiMoE's sparsemixer always picks 2 experts: sliced to 1, its second pick would be NaN."""
+    program = captured("phimoe")[1].fork()
+    with pytest.raises(MoepassError, match="block 1: its sparsemixer routing always picks 2 experts"):
+        keep_experts(program, 1, [3])
+    assert program.info.edits == [] and program.structure.block(1).mlp.num_experts == 8
+    keep_experts(program, 1, [3], preserve_gate=True)  # the full router still picks 2: one is dropped
+    ids = torch.randint(3, 128, (2, 7))
+    assert torch.isfinite(program(ids)).all()
+    program.verify()
+
+
+def test_group_limited_routing_needs_groups_for_the_top_k_left_after_slicing(seed):
+    """top_k=8 over 2 groups, both kept (topk_group=2): keeping 2 per group lowers top_k to 4, which
+    the 2 + 2 experts left hold."""
+    model = model_for("deepseek_v2", seed=seed, top_k=8, n_group=2, topk_group=2)
+    program = moepass.capture(model)
+    block = program.structure.moe_blocks[0].index
+    keep = [0, 3, 5, 6]
+    keep_experts(program, block, keep)
+    program.verify()
+    assert program.structure.block(block).mlp.top_k == 4
+    reference = hf_keep_experts(model, {block: keep})
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
 

@@ -289,6 +289,10 @@ def test_a_drop_ratio_never_removes_more_than_it_asks(ratio, dropped):
         assert len(program.info.edits) == dropped, pass_name
     with pytest.raises(moepass.MoepassError, match=r"ratio 0\.1 of 6 MoE sub-layers rounds to 0"):
         moepass.compress(original, [("layer_drop", {"ratio": 0.1})], calibration=data)
+    one_left = moepass.compress(original, [("layer_drop", {"count": 5, "metric": "random"})])
+    for options in ({"ratio": 0.5}, {"count": 1}):  # not "raise the ratio": nothing can be dropped
+        with pytest.raises(moepass.MoepassError, match="has 1 MoE sub-layers left; one must remain"):
+            moepass.compress(one_left, [("layer_drop", {**options, "metric": "random"})])
     with pytest.raises(moepass.MoepassError, match=r"expert_drop.ratio: 0\.05 of the experts rounds to none"):
         moepass.compress(original, [("expert_drop", {"ratio": 0.05, "score": "random"})])
     for selection in ("layerwise", "global"):

@@ -38,9 +38,11 @@ from moepass.ir.program import lm_head_entry
 from moepass.ir.quant_ops import (
     EXPERT_PACKED_TENSORS,
     PACKED_TENSORS,
+    QUANTIZED_EMBEDDING,
     QUANTIZED_EXPERTS,
     QUANTIZED_LINEAR,
     STORED_TENSORS,
+    dequantized_embedding,
     dequantized_linear,
 )
 from moepass.ir.quantized import in_features
@@ -75,6 +77,7 @@ DECOMPOSITIONS = {
     ROUTE: routing,
     EXPERTS: decompose.experts,
     QUANTIZED_EXPERTS: decompose.quantized_experts,
+    QUANTIZED_EMBEDDING: dequantized_embedding,  # the looked-up rows' codes, dequantized
 }
 
 

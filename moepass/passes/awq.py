@@ -25,13 +25,14 @@ from moepass.ir.quantized import QuantFormat, codes_for, dequantize, packed_trip
 from moepass.ir.surgery import quantize_experts, quantize_linear, set_tensor
 from moepass.quantization import (
     QuantizeConfig,
-    check_formats,
+    quantization_targets,
     quantize_head_rtn,
+    quantize_table,
     rtn,
     stack,
     summary,
 )
-from moepass.slimming import coverage, expert_blocks, linear_targets, routed_rows
+from moepass.slimming import coverage, routed_rows
 
 from .base import TransformPass, TransformResult, check_range, register_pass
 
@@ -129,9 +130,7 @@ class AWQPass(TransformPass):
     def run(self, program, context) -> TransformResult:
         config = self.config
         before = coverage(program)
-        linears = linear_targets(program, config.targets)
-        experts = expert_blocks(program, config.targets)
-        check_formats(program, config, linears, experts)
+        linears, experts, table = quantization_targets(program, config)
         runner = BlockwiseRunner(program, context.calibration, context.batch_size, self.name)
         fallbacks: dict[int, list[int]] = {}
         for block in [b.index for b in program.structure.blocks]:
@@ -153,7 +152,8 @@ class AWQPass(TransformPass):
                 apply()
             runner.commit(runner.outputs(block))
         heads = quantize_head_rtn(program, config, linears, self.name)
-        return TransformResult(bool(linears or experts), summary(program, before, fallbacks, heads))
+        quantize_table(program, config, table)
+        return TransformResult(bool(linears or experts or table), summary(program, before, fallbacks, heads))
 
     def _plan(self, program, runner, block, linears, observed, moe, fallback) -> list:
         plan = []

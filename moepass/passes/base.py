@@ -133,7 +133,7 @@ def config_from_dict(cls: type[PassConfig], data: dict, where: str = "") -> Pass
     if not isinstance(data, dict):
         raise ConfigError(f"{where.rstrip('.')}: expected a mapping of options, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers too
     if unknown:
         raise ConfigError(f"{where}{unknown[0]}: unknown option; allowed: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)

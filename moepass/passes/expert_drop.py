@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from moepass.ir.surgery import keep_experts, kept_original_experts, min_experts_per_group
+from moepass.ir.surgery import fewest_kept, keep_experts, kept_original_experts, min_experts_per_group
 
 from .base import ConfigError, PassConfig, TransformPass, TransformResult, check_range, register_pass
 from .expert_importance import ExpertImportanceConfig
@@ -152,7 +152,7 @@ def _global(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
     for _, i, e in ranked[:drop]:
         dropped[i].add(e)
     for i, m in moe.items():
-        left, need = m.num_experts - len(dropped[i]), _fewest_kept(m)
+        left, need = m.num_experts - len(dropped[i]), fewest_kept(m)
         if left < need:
             why = "all" if not left else f"all but {left} of the"
             routing = f" (its sparsemixer routing always picks {need})" if need > 1 else ""
@@ -163,14 +163,9 @@ def _global(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
     return {i: sorted(set(range(m.num_experts)) - dropped[i]) for i, m in moe.items()}
 
 
-def _fewest_kept(moe) -> int:
-    """Experts a layer must keep: sparsemixer routing always picks 2, others need 1."""
-    return 2 if moe.routing == "sparsemixer" else 1
-
-
 def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
     """The `count` best experts; for group-limited routers the same number from every group."""
-    need = _fewest_kept(moe)
+    need = fewest_kept(moe)
     if count < need:
         raise ConfigError(
             f"expert_drop: block {index} routes with sparsemixer, which always picks {need} experts; "
@@ -184,7 +179,7 @@ def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
             f"expert_drop: block {index} has group-limited routing with {groups} groups of {size}; "
             f"keeping {count} experts cannot keep the groups equal (use a multiple of {groups})"
         )
-    per_group, (need, why) = count // groups, min_experts_per_group(moe)
+    per_group, (need, why) = count // groups, min_experts_per_group(moe, count)
     if per_group < need:
         raise ConfigError(
             f"expert_drop: block {index}'s group-limited routing needs {need} experts in each of its "

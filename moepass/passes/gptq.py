@@ -24,13 +24,14 @@ from moepass.ir.quantized import QuantFormat, dequantize, packed_triple, scales_
 from moepass.ir.surgery import quantize_experts, quantize_linear
 from moepass.quantization import (
     QuantizeConfig,
-    check_formats,
+    quantization_targets,
     quantize_head_rtn,
+    quantize_table,
     rtn,
     stack,
     summary,
 )
-from moepass.slimming import coverage, expert_blocks, expert_groups, linear_targets, routed_rows
+from moepass.slimming import coverage, expert_groups, routed_rows
 
 from .base import ConfigError, TransformPass, TransformResult, check_range, register_pass
 
@@ -133,9 +134,7 @@ class GPTQPass(TransformPass):
     def run(self, program, context) -> TransformResult:
         config = self.config
         before = coverage(program)
-        linears = linear_targets(program, config.targets)
-        experts = expert_blocks(program, config.targets)
-        check_formats(program, config, linears, experts)
+        linears, experts, table = quantization_targets(program, config)
         runner = BlockwiseRunner(program, context.calibration, context.batch_size, self.name)
         fallbacks: dict[int, list[int]] = {}
         for block in [b.index for b in program.structure.blocks]:
@@ -151,7 +150,8 @@ class GPTQPass(TransformPass):
             )
             runner.commit(runner.outputs(block))
         heads = quantize_head_rtn(program, config, linears, self.name)
-        return TransformResult(bool(linears or experts), summary(program, before, fallbacks, heads))
+        quantize_table(program, config, table)
+        return TransformResult(bool(linears or experts or table), summary(program, before, fallbacks, heads))
 
     def _linears(self, program, runner: BlockwiseRunner, block: int, group) -> None:
         if not group:

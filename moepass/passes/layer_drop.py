@@ -40,8 +40,10 @@ def drop_count(count: int | None, ratio: float | None, available: int, what: str
 
     A ratio rounds down: it never removes more than the share it asks for (25% of 6 layers drops 1,
     not 2 = 33%); ask with `count` for more."""
-    if not available:
-        raise ConfigError(f"{where}: the program has no {what} left")
+    if available <= 1:  # one must remain: no count or ratio can drop anything
+        raise ConfigError(
+            f"{where}: the program has {available} {what} left; one must remain, so none can be dropped"
+        )
     n = count if count is not None else math.floor(ratio * available + 1e-9)
     if n >= available:
         raise ConfigError(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from moepass.ir.surgery import quantize_experts, quantize_linear
-from moepass.quantization import QuantizeConfig, check_formats, rtn, summary
-from moepass.slimming import coverage, expert_blocks, linear_targets
+from moepass.quantization import QuantizeConfig, quantization_targets, quantize_table, rtn, summary
+from moepass.slimming import coverage
 
 from .base import TransformPass, TransformResult, register_pass
 
@@ -18,9 +18,7 @@ class RTNPass(TransformPass):
     def run(self, program, context) -> TransformResult:
         config = self.config
         before = coverage(program)
-        linears = linear_targets(program, config.targets)
-        experts = expert_blocks(program, config.targets)
-        check_formats(program, config, linears, experts)
+        linears, experts, table = quantization_targets(program, config)
         get = program.graph_module.get_parameter
         for target in linears:
             weight = get(target.weight)
@@ -31,4 +29,5 @@ class RTNPass(TransformPass):
             gate_up, down = get(moe.gate_up), get(moe.down)
             fmt = config.format_for(gate_up, down)
             quantize_experts(program, index, fmt, rtn(gate_up, fmt, moe.gate_up), rtn(down, fmt, moe.down))
-        return TransformResult(bool(linears or experts), summary(program, before, {}))
+        quantize_table(program, config, table)
+        return TransformResult(bool(linears or experts or table), summary(program, before, {}))
