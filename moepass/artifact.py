@@ -307,7 +307,15 @@ def _rebuild(manifest: dict, manifest_path: Path, dtypes: dict[str, torch.dtype]
             raise ArtifactError(f"{manifest_path}: unknown edit {op!r}; written by a newer moepass?")
         try:
             REPLAY[op](program, edit)
-        except (MoepassError, KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        except (
+            MoepassError,
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            IndexError,
+            RuntimeError,
+        ) as error:
             raise ArtifactError(
                 f"{manifest_path}: edit {number} ({op}) does not apply to the model its config builds "
                 f"({type(error).__name__}: {error}): the artifact is damaged"
@@ -338,6 +346,8 @@ def _check_tensors(
     """The artifact's tensors against the rebuilt program, name by name and shape by shape; aliases
     (one tensor under several names) are filled in."""
     for alias, name in aliases.items():
+        if not isinstance(alias, str) or not isinstance(name, str):
+            raise ArtifactError(f"{manifest_path}: alias {alias!r} -> {name!r} is not a pair of tensor names")
         if name in state:
             state[alias] = state[name]
     expected = dict(named_tensors(program))

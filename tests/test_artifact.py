@@ -377,6 +377,14 @@ def _truncate(directory):
         ),
         (_retype, r"model\.safetensors: \S+ is float64 \(.*\) where manifest\.json gives float32 \("),
         (_damage_manifest(lambda m: m.update(aliases=[])), r"manifest\.json: aliases is a list, not a dict"),
+        (
+            _damage_manifest(lambda m: m.update(aliases={"x": ["y"]})),
+            r"manifest\.json: alias 'x' -> \['y'\] is not a pair of tensor names",
+        ),
+        (
+            _damage_manifest(lambda m: m["edits"][0].update(keep=[float(e) for e in m["edits"][0]["keep"]])),
+            r"edit 0 \(keep_experts\) does not apply .*\(RuntimeError: ",
+        ),
         (_damage_manifest(lambda m: m.update(history="x")), r"manifest\.json: history is a str, not a list"),
         (_damage_manifest(lambda m: m["edits"].insert(0, 5)), r"manifest\.json: edit 0 is not an object"),
         (

@@ -45,6 +45,10 @@ def test_builtin_recipes_load_and_include_the_papers():
         ),
         ({"passes": [{"layer_drop": {"count": "two"}}]}, "layer_drop.count: expected int, got str 'two'"),
         (
+            {"passes": [{"gptq": {"damp": "1e-2"}}]},
+            r"gptq.damp: expected float, got str '1e-2' \(YAML reads 1e-2 as text; .* such as 0\.01\)",
+        ),
+        (
             {"passes": [{"layer_drop": {"ratio": float("nan")}}]},
             r"passes\[0\].layer_drop.ratio: nan is not a finite number",
         ),

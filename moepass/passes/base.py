@@ -188,8 +188,18 @@ def _coerce(value: Any, hint, where: str):
     if hint in (int, float, str, bool) and (
         not isinstance(value, hint) or (hint is int and isinstance(value, bool))
     ):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        note = ""
+        if hint is float and isinstance(value, str) and _is_number(value):  # YAML 1.1 reads 1e-2 as text
+            note = f" (YAML reads {value} as text; write it with a decimal point, such as {float(value)!r})"
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}{note}")
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _name(hint) -> str:
