@@ -8,7 +8,26 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moepass.errors import MoepassError
+
 logger = logging.getLogger("moepass")
+
+
+def check_prompt(input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+    """Token ids [batch, tokens] (at least one) and a mask shaped like them, refused by name: a 1-D
+    prompt fails deep inside the graph, and a [batch, 1] mask would broadcast silently."""
+    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise MoepassError(
+            f"input_ids must be integer token ids [batch, tokens], got {str(input_ids.dtype)[6:]} "
+            f"{list(input_ids.shape)}"
+        )
+    if input_ids.shape[1] == 0:
+        raise MoepassError("input_ids holds no tokens: each step feeds at least one")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise MoepassError(
+            f"attention_mask must be shaped like input_ids {list(input_ids.shape)}, got "
+            f"{list(attention_mask.shape)}"
+        )
 
 
 class StepGeneration:
@@ -36,6 +55,7 @@ class StepGeneration:
         finished sequences padded with `pad_token_id` (default: the first EOS id), `top_k` 0 or None
         for no limit. `streamer` is called with each step's new tokens [batch] as soon as chosen.
         """
+        check_prompt(input_ids, attention_mask)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and not temperature > 0:

@@ -13,7 +13,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from moepass.errors import MoepassError
 
 from .canonicalize import remove_dead_nodes
-from .generation import StepGeneration
+from .generation import StepGeneration, check_prompt
 from .ops import TRACEABLE_BODIES
 from .printer import format_summary
 from .structure import StructureMap, build_structure
@@ -200,6 +200,7 @@ class MoEProgram(nn.Module, StepGeneration):
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, seq, vocab] for a full sequence, like the transformers model's forward."""
+        check_prompt(input_ids, attention_mask)
         batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

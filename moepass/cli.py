@@ -106,6 +106,7 @@ def _compress(args: argparse.Namespace) -> None:
     from moepass.data import DataError, check_source
     from moepass.evaluate import evaluate, model_size
     from moepass.hf_export import hf_checkpoint, hf_config
+    from moepass.pass_manager import PassManager
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
     from moepass.zoo import load_tokenizer, save_tokenizer
@@ -155,6 +156,7 @@ def _compress(args: argparse.Namespace) -> None:
                 f"{what}: windows of {length} tokens exceed the model's {positions} positions "
                 "(max_position_embeddings); use a shorter one, or leave it out (then it fits)"
             )
+    PassManager(list(recipe.passes)).refuse_early(original)  # a recipe this model cannot take fails now
     evaluation = {
         "tokenizer": tokenizer,
         "seq_len": args.eval_seq_len,  # default: 256, or the model's positions if fewer

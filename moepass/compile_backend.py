@@ -244,11 +244,12 @@ def _quantize_experts(gm: fx.GraphModule, inputs: dict, fmt: QuantFormat) -> int
     for node in [n for n in gm.graph.nodes if n.target is EXPERTS]:
         args = op_args(node)
         prefix = f"moepass_quantized.{node.name}"
+        weights = {name: _tensor(gm, inputs, args[name]) for name in ("gate_up", "down")}
+        fitted = fmt.fitted(
+            *(w.shape[-1] for w in weights.values())
+        )  # rows shorter than a group: as passes do
         try:
-            gate_up, down = (
-                quantize(_tensor(gm, inputs, args[name]), fmt, f"{node.name}.{name}")
-                for name in ("gate_up", "down")
-            )
+            gate_up, down = (quantize(w, fitted, f"{node.name}.{name}") for name, w in weights.items())
         except FormatError as error:
             raise CompileOptionError(f"{error} (options 'group_size' / 'quantize')") from error
         with gm.graph.inserting_before(node):
@@ -266,8 +267,8 @@ def _quantize_experts(gm: fx.GraphModule, inputs: dict, fmt: QuantFormat) -> int
                     None,
                     None,
                     *(args[n] for n in ("activation", "alpha", "limit")),
-                    fmt.bits,
-                    fmt.group_size,
+                    fitted.bits,
+                    fitted.group_size,
                 ),
             )
         swap_node(node, new)

@@ -118,8 +118,19 @@ class PassManager:
         self.report = PassReport()
         self._done: list[str] = []
 
+    def refuse_early(self, program) -> None:
+        """Each transform's `refuse_early`: a recipe that cannot apply to this model fails now, naming
+        its pass, not after the passes before it (or an evaluation) ran."""
+        for p in self.passes:
+            if isinstance(p, TransformPass):
+                try:
+                    p.refuse_early(program)
+                except MoepassError as error:
+                    raise PassError(f"pass {_label(p)}: {error}", error) from None
+
     def run(self, program) -> PassReport:
         self._check_stages(program)
+        self.refuse_early(program)
         context = PassContext(self, program)
         if self.scoring == "one-shot":
             for transform in (p for p in self.passes if isinstance(p, TransformPass)):

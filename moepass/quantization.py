@@ -17,7 +17,7 @@ from torch import Tensor
 
 from moepass.ir.quantized import QuantFormat, codes_for, packed_triple, scales_and_zeros
 from moepass.ir.surgery import linear_nodes, quantize_embedding, quantize_linear
-from moepass.passes.base import ConfigError, PassConfig, check_range
+from moepass.passes.base import ConfigError, PassConfig, TransformPass, check_range
 from moepass.slimming import (
     CATEGORIES,
     DEFAULT_TARGETS,
@@ -64,6 +64,15 @@ class QuantizeConfig(PassConfig):
     def format_for(self, *weights: Tensor) -> QuantFormat:
         """The format of these weights (one op's), fitted to rows shorter than the group."""
         return self.format.fitted(*(w.shape[-1] for w in weights))
+
+
+class QuantizationPass(TransformPass):
+    """What RTN, GPTQ and AWQ passes share: their refusals before any work."""
+
+    not_in_hf_checkpoints = "quantized weights"
+
+    def refuse_early(self, program) -> None:
+        quantization_targets(program, self.config)
 
 
 def rtn(weight: Tensor, fmt: QuantFormat, name: str) -> tuple:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -542,6 +543,32 @@ def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, 
     printed = capsys.readouterr().out
     assert "parameters" in printed and "weight bytes" in printed and "perplexity" not in printed
     assert (tmp_path / "out" / f"{checkpoint.name}-rtn" / "manifest.json").is_file()
+
+
+def test_cli_compress_refuses_a_recipe_the_model_cannot_take_before_evaluating(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Counts and formats that no earlier pass could make possible fail right after capture, not after
+    minutes of evaluation and calibration."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluated or calibrated before refusing")
+
+    monkeypatch.setattr(sys.modules["moepass.evaluate"], "evaluate", no_work)  # (moepass.evaluate is
+    monkeypatch.setattr(sys.modules["moepass.compress"], "_calibration_tokens", no_work)  # a function)
+    for passes, message in [
+        (
+            "  - rtn: {}\n  - layer_drop: {count: 10}",
+            "pass layer_drop (count=10): layer_drop: dropping 10 of",
+        ),
+        ("  - expert_drop: {keep: 12}", "expert_drop.keep: 12 experts per layer exceeds the 8 experts"),
+        ("  - awq: {group_size: 48}", "group size 48 does not divide its 64 inputs"),
+    ]:
+        (tmp_path / "big.yaml").write_text(f"passes:\n{passes}\n")
+        argv = ["compress", "--model", str(checkpoint), "--recipe", str(tmp_path / "big.yaml")]
+        assert main([*argv, "--out", str(tmp_path / "never")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import re
 import subprocess
 import sys
@@ -255,12 +256,20 @@ def test_bad_option_surfaces_through_torch_compile(seed):
     model = model_for("mixtral", seed=seed)
     for options, message in (
         ({"quantise": "int4"}, "unknown option 'quantise'"),
-        ({"quantize": "int4"}, "group size 128 does not divide its 64 inputs.*'group_size'"),
+        ({"quantize": "int4", "group_size": 48}, "group size 48 does not divide its 64 inputs.*'group_size'"),
     ):
         torch._dynamo.reset()
         with pytest.raises(BackendCompilerFailed, match=message) as info:
             _compiled_logits(model, _ids(model), options)
         assert isinstance(info.value.inner_exception, CompileOptionError)
+    # the default group (128) is longer than these rows: it shrinks to fit them, as in the passes
+    ids = _ids(model)
+    fitted = math.gcd(model.config.hidden_size, model.config.intermediate_size)
+    logits = []
+    for group in ({}, {"group_size": fitted}):
+        torch._dynamo.reset()
+        logits.append(_compiled_logits(model, ids, {"quantize": "int4", **group, **ATEN}))
+    assert fitted < 128 and torch.equal(*logits)
 
 
 def test_quantize_refuses_experts_it_cannot_see(seed):

@@ -88,3 +88,24 @@ def test_batch_one_example_still_gives_dynamic_batch(seed):
     ids = torch.randint(0, 128, (4, 5))
     with torch.no_grad():
         assert (program(ids) - model(ids).logits).abs().max() <= 1e-5
+
+
+def test_a_program_refuses_malformed_prompts_by_name():
+    """A 1-D prompt or an empty one fails deep inside the graph; a mask of another shape broadcasts."""
+    from helpers import captured
+
+    _, program = captured("mixtral")
+    ids = torch.randint(3, 128, (2, 5))
+    for call, message in [
+        (lambda: program(ids[0]), r"input_ids must be integer token ids \[batch, tokens\], got int64 \[5\]"),
+        (lambda: program(ids.float()), "got float32"),
+        (lambda: program(ids[:, :0]), "input_ids holds no tokens"),
+        (
+            lambda: program(ids, ids[:, :1]),
+            r"attention_mask must be shaped like input_ids \[2, 5\], got \[2, 1\]",
+        ),
+        (lambda: program.generate(ids[0], 3), r"input_ids must be integer token ids"),
+        (lambda: program.generate(ids, 3, ids[:1]), r"attention_mask must be shaped like input_ids"),
+    ]:
+        with pytest.raises(moepass.MoepassError, match=message):
+            call()

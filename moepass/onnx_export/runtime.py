@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from moepass.errors import MoepassError
-from moepass.ir.generation import StepGeneration
+from moepass.ir.generation import StepGeneration, check_prompt
 from moepass.ir.program import ProgramInfo
 
 from .export import LOGITS_TO_KEEP, MANIFEST_FILE, MODEL_FILE
@@ -121,13 +121,7 @@ class OnnxProgram(StepGeneration):
         """Refuse, by name, what onnxruntime would run wrong or fail on deep in the graph: its Gather
         takes negative token ids as counted from the end of the vocabulary (PyTorch raises), a mask
         of the wrong length fails in an anonymous Add node, one of length 1 broadcasts silently."""
-        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-            raise MoepassError(
-                f"input_ids must be integer token ids [batch, tokens], got {str(input_ids.dtype)[6:]} "
-                f"{list(input_ids.shape)}"
-            )
-        if input_ids.shape[1] == 0:
-            raise MoepassError("input_ids holds no tokens: each step feeds at least one")
+        check_prompt(input_ids)
         if len(past) != len(self.cache_names):
             raise MoepassError(
                 f"this decoder takes {len(self.cache_names)} past tensors ({', '.join(self.cache_names)}), "

@@ -24,6 +24,7 @@ from moepass.ir.ops import ACTIVATIONS, run_experts
 from moepass.ir.quantized import QuantFormat, codes_for, dequantize, packed_triple, scales_and_zeros
 from moepass.ir.surgery import quantize_experts, quantize_linear, set_tensor
 from moepass.quantization import (
+    QuantizationPass,
     QuantizeConfig,
     quantization_targets,
     quantize_head_rtn,
@@ -34,7 +35,7 @@ from moepass.quantization import (
 )
 from moepass.slimming import coverage, routed_rows
 
-from .base import TransformPass, TransformResult, check_range, register_pass
+from .base import TransformResult, check_range, register_pass
 
 SAMPLE_TOKENS = 2048  # tokens per group kept for the searches
 NO_CLIP = ("q_proj", "k_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
@@ -121,9 +122,8 @@ def _spread_rows(x: Tensor) -> Tensor:
 
 
 @register_pass
-class AWQPass(TransformPass):
+class AWQPass(QuantizationPass):
     name = "awq"
-    not_in_hf_checkpoints = "quantized weights"
     config_class = AWQConfig
     needs_calibration = True
 

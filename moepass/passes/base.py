@@ -93,6 +93,11 @@ class TransformPass(Pass):
         """Analyses this transform will ask for, so a one-shot run can compute them up front."""
         return []
 
+    def refuse_early(self, program) -> None:
+        """Raise ConfigError if this pass cannot apply to `program`, nor to anything earlier passes make
+        of it, before minutes of calibration and evaluation. Edits only shrink a program (fewer blocks,
+        MoE layers, experts; weights keep their rows), so only what stays impossible is refused."""
+
     def run(self, program, context) -> TransformResult:
         raise NotImplementedError
 

@@ -48,6 +48,11 @@ class BlockDropPass(TransformPass):
     def required_analyses(self):
         return [] if self.config.metric == "random" else [("block_similarity", BlockSimilarityConfig())]
 
+    def refuse_early(self, program) -> None:
+        drop_count(
+            self.config.count, self.config.ratio, len(program.structure.blocks), "blocks", "block_drop"
+        )
+
     def run(self, program, context) -> TransformResult:
         config = self.config
         blocks = [b.index for b in program.structure.blocks]

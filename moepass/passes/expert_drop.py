@@ -64,11 +64,25 @@ class ExpertDropPass(TransformPass):
             return []
         return [("expert_importance", ExpertImportanceConfig(score=self.config.score))]
 
-    def run(self, program, context) -> TransformResult:
-        config = self.config
+    def refuse_early(self, program) -> None:
+        """What no scores change: counts, groups and routing minimums against the layers' experts."""
+        moe = self._moe(program)
+        targets = self._kept_per_layer(moe)
+        if self.config.selection == "layerwise":
+            _layerwise({i: torch.zeros(m.num_experts) for i, m in moe.items()}, targets, moe)
+        else:
+            _global_drop_count(targets, moe)
+
+    @staticmethod
+    def _moe(program) -> dict:
         moe = {b.index: b.mlp for b in program.structure.moe_blocks}
         if not moe:
             raise ConfigError("expert_drop: the program has no MoE layer left")
+        return moe
+
+    def run(self, program, context) -> TransformResult:
+        config = self.config
+        moe = self._moe(program)
         scores = self._scores(program, context, moe)
         if config.reverse:
             scores = {k: -v for k, v in scores.items()}
@@ -133,20 +147,7 @@ def _layerwise(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
 
 
 def _global(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
-    grouped = [i for i, m in moe.items() if m.n_group > 1]
-    if grouped:
-        raise ConfigError(
-            f"expert_drop.selection: global selection cannot keep the groups of block {grouped[0]}'s "
-            f"group-limited routing (n_group={moe[grouped[0]].n_group}); use selection: layerwise"
-        )
-    total = sum(m.num_experts for m in moe.values())
-    kept = sum(targets.values())
-    drop = math.floor(total - kept + 1e-9)
-    if drop < 0:
-        raise ConfigError(
-            f"expert_drop.keep: {kept / len(moe):g} experts per layer on average exceeds the program's "
-            f"{total / len(moe):g}; this recipe was written for a model with more experts"
-        )
+    drop = _global_drop_count(targets, moe)
     ranked = sorted(((float(scores[i][e]), i, e) for i, m in moe.items() for e in range(m.num_experts)))
     dropped: dict[int, set[int]] = {i: set() for i in moe}
     for _, i, e in ranked[:drop]:
@@ -189,3 +190,22 @@ def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
     for g in range(groups):
         kept += (g * size + torch.topk(score[g * size : (g + 1) * size], per_group).indices).tolist()
     return sorted(kept)
+
+
+def _global_drop_count(targets: dict[int, float], moe) -> int:
+    """How many experts global selection drops in all, once the model allows it at all."""
+    grouped = [i for i, m in moe.items() if m.n_group > 1]
+    if grouped:
+        raise ConfigError(
+            f"expert_drop.selection: global selection cannot keep the groups of block {grouped[0]}'s "
+            f"group-limited routing (n_group={moe[grouped[0]].n_group}); use selection: layerwise"
+        )
+    total = sum(m.num_experts for m in moe.values())
+    kept = sum(targets.values())
+    drop = math.floor(total - kept + 1e-9)
+    if drop < 0:
+        raise ConfigError(
+            f"expert_drop.keep: {kept / len(moe):g} experts per layer on average exceeds the program's "
+            f"{total / len(moe):g}; this recipe was written for a model with more experts"
+        )
+    return drop

@@ -23,6 +23,7 @@ from moepass.ir.ops import ACTIVATIONS
 from moepass.ir.quantized import QuantFormat, dequantize, packed_triple, scales_and_zeros
 from moepass.ir.surgery import quantize_experts, quantize_linear
 from moepass.quantization import (
+    QuantizationPass,
     QuantizeConfig,
     quantization_targets,
     quantize_head_rtn,
@@ -33,7 +34,7 @@ from moepass.quantization import (
 )
 from moepass.slimming import coverage, expert_groups, routed_rows
 
-from .base import ConfigError, TransformPass, TransformResult, check_range, register_pass
+from .base import ConfigError, TransformResult, check_range, register_pass
 
 # GPTQ's true-sequential order inside a block, by projection role
 SEQUENTIAL = [
@@ -125,9 +126,8 @@ class Hessian:
 
 
 @register_pass
-class GPTQPass(TransformPass):
+class GPTQPass(QuantizationPass):
     name = "gptq"
-    not_in_hf_checkpoints = "quantized weights"
     config_class = GPTQConfig
     needs_calibration = True
 

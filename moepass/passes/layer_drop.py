@@ -67,10 +67,19 @@ class LayerDropPass(TransformPass):
     def _analysis_config(self) -> MoESimilarityConfig:
         return MoESimilarityConfig(metric=self.config.metric)
 
+    def refuse_early(self, program) -> None:
+        self._count(program)
+
+    def _count(self, program) -> int:
+        available = len(program.structure.moe_blocks)
+        if not available:
+            raise ConfigError("layer_drop: the program has no MoE layer left")
+        return drop_count(self.config.count, self.config.ratio, available, "MoE sub-layers", "layer_drop")
+
     def run(self, program, context) -> TransformResult:
         config = self.config
         candidates = [b.index for b in program.structure.moe_blocks]
-        n = drop_count(config.count, config.ratio, len(candidates), "MoE sub-layers", "layer_drop")
+        n = self._count(program)
         dropped, scores = [], {}
         generator = torch.Generator().manual_seed(config.seed)
         while len(dropped) < n:

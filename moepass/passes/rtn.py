@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from moepass.ir.surgery import quantize_experts, quantize_linear
-from moepass.quantization import QuantizeConfig, quantization_targets, quantize_table, rtn, summary
+from moepass.quantization import (
+    QuantizationPass,
+    QuantizeConfig,
+    quantization_targets,
+    quantize_table,
+    rtn,
+    summary,
+)
 from moepass.slimming import coverage
 
-from .base import TransformPass, TransformResult, register_pass
+from .base import TransformResult, register_pass
 
 
 @register_pass
-class RTNPass(TransformPass):
+class RTNPass(QuantizationPass):
     name = "rtn"
-    not_in_hf_checkpoints = "quantized weights"
     config_class = QuantizeConfig
 
     def run(self, program, context) -> TransformResult:
