@@ -44,16 +44,21 @@ class QuantFormat:
     group_size: int = 128  # -1: one group per output channel (per-channel)
     symmetric: bool = False
 
-    def groups(self, in_features: int, name: str = "weight") -> int:
-        """G for a K-input weight; raises naming the tensor when the format does not fit."""
+    def groups(self, in_features: int, name: str = "weight", op_inputs: int | None = None) -> int:
+        """G for a K-input weight; raises naming the tensor when the format does not fit. `op_inputs`:
+        the gcd of the input counts of every weight sharing this format (an experts op's gate/up and
+        down), so the size suggested fits them all."""
         if self.bits not in BITS:
             raise FormatError(f"{name}: {self.bits}-bit quantization is not supported; choose one of {BITS}")
         group = in_features if self.group_size == -1 else self.group_size
         if group <= 0 or in_features % group:
-            usual = [g for g in (128, 64, 32, 16) if in_features % g == 0]
+            fits = op_inputs or in_features
+            usual = [g for g in (128, 64, 32, 16) if fits % g == 0]
+            such = f" such as {usual[0]}" if usual else ""
+            also = "" if fits == in_features else " (to fit its op's other weights too)"
             raise FormatError(
                 f"{name}: group size {self.group_size} does not divide its {in_features} inputs; "
-                f"use a divisor of {in_features}{f' such as {usual[0]}' if usual else ''} or -1 (per-channel)"
+                f"use a divisor of {fits}{also}{such} or -1 (per-channel)"
             )
         if self.bits == 4 and group % 2:
             raise FormatError(f"{name}: 4-bit groups must hold an even number of inputs, got {group}")
@@ -132,6 +137,22 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
         return packed.to(torch.int16)
     low, high = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
     return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def empty_packed(
+    weight: Tensor, fmt: QuantFormat, name: str = "weight"
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Uninitialised (qweight, scales, zeros) in `fmt`'s stored shapes for `weight` [..., N, K]:
+    placeholders an artifact's tensors replace, at none of quantization's cost."""
+    *lead, n, k = weight.shape
+    groups = fmt.groups(k, name)
+
+    def empty(width: int, dtype: torch.dtype) -> Tensor:
+        return torch.empty((*lead, n, width), dtype=dtype, device=weight.device)
+
+    packed_groups = -(-groups // 2) if fmt.bits == 4 else groups
+    zeros = None if fmt.symmetric else empty(packed_groups, torch.uint8)
+    return empty(k // 2 if fmt.bits == 4 else k, torch.uint8), empty(groups, weight.dtype), zeros
 
 
 def quantize(weight: Tensor, fmt: QuantFormat, name: str = "weight") -> tuple[Tensor, Tensor, Tensor | None]:

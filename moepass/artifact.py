@@ -26,7 +26,7 @@ from moepass.errors import ArtifactError, MoepassError
 from moepass.ir import MoEProgram, capture
 from moepass.ir.families import convert_moe_blocks, family_of
 from moepass.ir.quant_ops import QUANTIZED_LINEAR
-from moepass.ir.quantized import QuantFormat, in_features, quantize
+from moepass.ir.quantized import QuantFormat, empty_packed, in_features
 from moepass.ir.structure import op_args, tensor_at
 from moepass.ir.surgery import (
     drop_block,
@@ -46,7 +46,8 @@ FORMAT, VERSION = "moepass-artifact", 1
 
 
 def _replay_quantize_experts(program: MoEProgram, edit: dict) -> None:
-    """Rebuild the op with placeholder values of the right shapes; the artifact's tensors follow."""
+    """Rebuild the op with placeholders of the right shapes (never quantized: the artifact's tensors
+    replace them)."""
     moe = program.structure.block(edit["block"]).mlp
     fmt = QuantFormat(edit["bits"], edit["group_size"], edit["symmetric"])
     gate_up, down = (program.graph_module.get_parameter(n) for n in (moe.gate_up, moe.down))
@@ -56,20 +57,22 @@ def _replay_quantize_experts(program: MoEProgram, edit: dict) -> None:
             "gate_up_input_scale": gate_up.new_ones(gate_up.shape[-1]),
             "down_input_scale": down.new_ones(down.shape[0], down.shape[-1]),
         }
-    quantize_experts(program, edit["block"], fmt, quantize(gate_up, fmt), quantize(down, fmt), **scales)
+    quantize_experts(
+        program, edit["block"], fmt, empty_packed(gate_up, fmt), empty_packed(down, fmt), **scales
+    )
 
 
 def _replay_quantize_linear(program: MoEProgram, edit: dict) -> None:
     fmt = QuantFormat(edit["bits"], edit["group_size"], edit["symmetric"])
     weight = program.graph_module.get_parameter(edit["weight"])
     scale = weight.new_ones(weight.shape[-1]) if edit["input_scale"] else None
-    quantize_linear(program, edit["weight"], fmt, quantize(weight, fmt), input_scale=scale)
+    quantize_linear(program, edit["weight"], fmt, empty_packed(weight, fmt), input_scale=scale)
 
 
 def _replay_quantize_embedding(program: MoEProgram, edit: dict) -> None:
     fmt = QuantFormat(edit["bits"], edit["group_size"], edit["symmetric"])
     table = program.graph_module.get_parameter(edit["weight"])
-    quantize_embedding(program, edit["weight"], fmt, quantize(table, fmt))
+    quantize_embedding(program, edit["weight"], fmt, empty_packed(table, fmt))
 
 
 def _placeholder_24(stored: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

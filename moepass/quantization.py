@@ -10,6 +10,7 @@ fall back to round-to-nearest and are listed in the pass summary.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,9 +97,10 @@ def quantization_targets(program, config: QuantizeConfig) -> tuple[list[LinearTa
         groups.append([moe.gate_up, moe.down])
     for names in groups:
         fmt = config.format_for(*(get(name) for name in names))
+        op_inputs = math.gcd(*(get(name).shape[-1] for name in names))
         for name in names:
             weight = get(name)
-            fmt.groups(weight.shape[-1], name)
+            fmt.groups(weight.shape[-1], name, op_inputs)
             if not torch.isfinite(weight).all():
                 raise ConfigError(f"{name} holds NaN or inf values; quantize a finite model")
     return linears, experts, table

@@ -169,10 +169,12 @@ def categorize(program: MoEProgram) -> dict[str, str]:
     mark(structure.embeddings.params, "embeddings")
     mark(structure.lm_head.params, "lm_head")
     mark(structure.final_norm.params, "norms")
-    # tensors a pass installed beside known ones (AWQ's input scales) belong to the same module
+    # tensors a pass installed beside known ones (AWQ's input scales) belong to the same module's
+    # weights, not to its biases (GPT-OSS's experts module holds both)
     owners: dict[str, str] = {}
     for name, category in out.items():
-        owners.setdefault(name.rpartition(".")[0], category)
+        if category != "biases":
+            owners.setdefault(name.rpartition(".")[0], category)
     graph_module = program.graph_module
     for name, _ in [*graph_module.named_parameters(), *graph_module.named_buffers()]:
         if name not in out and name.rpartition(".")[0] in owners:

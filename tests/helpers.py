@@ -11,7 +11,7 @@ import torch
 from moepass.zoo import RANDOM_FAMILIES, random_model
 
 FAMILIES = list(RANDOM_FAMILIES)
-# every linear a quantization recipe can take (embeddings aside)
+# every target a quantization recipe can take
 ALL_TARGETS = ["experts", "shared_experts", "attention", "dense_mlp", "lm_head", "embeddings"]
 SESSION_SEED = int(os.environ.get("MOEPASS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from moepass.errors import OpArgumentError
 from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
-from moepass.ir.quantized import FormatError, QuantFormat, dequantize, pack, quantize, unpack
+from moepass.ir.quantized import FormatError, QuantFormat, dequantize, empty_packed, pack, quantize, unpack
 
 
 def numpy_dequantize(qweight, scales, zeros, bits, group_size):
@@ -163,6 +163,23 @@ def test_quantized_embedding_matches_float64(bits, group, symmetric, seed):
     torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=0)  # one bf16 rounding
     with pytest.raises(OpArgumentError, match="quantized_embedding: token ids must be int32 or int64"):
         QUANTIZED_EMBEDDING(ids.float(), *codes, bits, group)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(4, 16), QuantFormat(4, 48, True), QuantFormat(8, -1)])
+def test_load_placeholders_have_the_stored_shapes(fmt):
+    """What loading installs before an artifact's tensors replace it: quantize's shapes, uncomputed."""
+    weight = torch.randn(3, 10, 96, dtype=torch.bfloat16)
+    got, want = empty_packed(weight, fmt), quantize(weight, fmt)
+    assert [None if t is None else (t.shape, t.dtype) for t in got] == [
+        None if t is None else (t.shape, t.dtype) for t in want
+    ]
+
+
+def test_a_group_error_suggests_a_size_every_weight_of_the_op_takes():
+    with pytest.raises(
+        FormatError, match=r"use a divisor of 32 \(to fit its op's other weights too\) such as 32"
+    ):
+        QuantFormat(4, 48).groups(64, "experts.gate_up", op_inputs=32)
 
 
 def test_quantized_ops_pass_opcheck():

@@ -329,6 +329,17 @@ def test_a_calibrated_method_says_it_quantized_the_lm_head_round_to_nearest(meth
         assert torch.equal(*(p.graph_module.get_buffer(codes) for p in (slim, rtn)))
 
 
+def test_awq_input_scales_count_with_the_experts_not_their_biases():
+    """GPT-OSS's experts module holds biases too: the input scales AWQ adds beside the expert weights
+    are expert bytes (the biases' row stays as it was)."""
+    _, program = captured("gpt_oss")
+    config = {"group_size": 16, "targets": ["experts"]}
+    slim = moepass.compress(program, [("awq", config)], calibration=_calibration(samples=4))
+    coverage = slim.report.records[-1].summary["coverage"]
+    assert coverage["biases"]["bytes"] == coverage["biases"]["bytes_before"]
+    assert any(n.endswith("gate_up_input_scale") for n, _ in slim.graph_module.named_parameters())
+
+
 def test_awq_scales_are_moe_aware():
     _, program = captured("qwen2_moe")
     slim = moepass.compress(
