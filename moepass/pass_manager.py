@@ -119,14 +119,17 @@ class PassManager:
         self._done: list[str] = []
 
     def refuse_early(self, program) -> None:
-        """Each transform's `refuse_early`: a recipe that cannot apply to this model fails now, naming
-        its pass, not after the passes before it (or an evaluation) ran."""
+        """Each transform's `refuse_early` up to the first that removes structure: a recipe that cannot
+        apply to this model fails now, naming its pass, not after the passes before it (or an
+        evaluation) ran. Later passes see another structure and are judged when they run."""
         for p in self.passes:
             if isinstance(p, TransformPass):
                 try:
                     p.refuse_early(program)
                 except MoepassError as error:
                     raise PassError(f"pass {_label(p)}: {error}", error) from None
+                if p.removes_structure:
+                    return
 
     def run(self, program) -> PassReport:
         self._check_stages(program)

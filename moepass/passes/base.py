@@ -83,6 +83,9 @@ class TransformPass(Pass):
     needs_calibration: ClassVar[bool] = False  # reads calibration data itself (GPTQ, AWQ, Wanda...)
     # what this pass leaves that no stock transformers checkpoint can hold (None: nothing)
     not_in_hf_checkpoints: ClassVar[str | None] = None
+    # removes blocks, MoE layers or experts: what later passes find is no longer the input's
+    # structure, so their `refuse_early` cannot judge the input (a layer it objects to may be gone)
+    removes_structure: ClassVar[bool] = False
 
     def leaves_not_in_hf_checkpoints(self) -> str | None:
         """What this pass, as configured, leaves that no transformers checkpoint holds (None: nothing),
@@ -94,9 +97,10 @@ class TransformPass(Pass):
         return []
 
     def refuse_early(self, program) -> None:
-        """Raise ConfigError if this pass cannot apply to `program`, nor to anything earlier passes make
-        of it, before minutes of calibration and evaluation. Edits only shrink a program (fewer blocks,
-        MoE layers, experts; weights keep their rows), so only what stays impossible is refused."""
+        """Raise ConfigError if this pass cannot apply to `program` as the earlier passes leave it,
+        before minutes of calibration and evaluation. Called only while no earlier pass removes
+        structure (`removes_structure`): then the program's blocks, experts and weight shapes are
+        what this pass will see."""
 
     def run(self, program, context) -> TransformResult:
         raise NotImplementedError

@@ -43,6 +43,7 @@ class BlockDropConfig(PassConfig):
 @register_pass
 class BlockDropPass(TransformPass):
     name = "block_drop"
+    removes_structure = True
     config_class = BlockDropConfig
 
     def required_analyses(self):

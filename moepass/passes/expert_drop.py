@@ -50,6 +50,7 @@ class ExpertDropConfig(PassConfig):
 @register_pass
 class ExpertDropPass(TransformPass):
     name = "expert_drop"
+    removes_structure = True
     config_class = ExpertDropConfig
 
     def leaves_not_in_hf_checkpoints(self) -> str | None:

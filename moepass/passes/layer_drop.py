@@ -57,6 +57,7 @@ def drop_count(count: int | None, ratio: float | None, available: int, what: str
 @register_pass
 class LayerDropPass(TransformPass):
     name = "layer_drop"
+    removes_structure = True
     not_in_hf_checkpoints = "blocks without their MoE sub-layer"
     config_class = LayerDropConfig
     preserves = frozenset()
