@@ -120,7 +120,8 @@ def test_moepass_format_keeps_tied_embeddings(quantized, tmp_path, monkeypatch):
     reloaded = load(tmp_path / "tied", lower=False)
     reloaded.verify()
     _same_outputs(program, reloaded)
-    _same_outputs(program, load(tmp_path / "tied"))  # lowered
+    if quantized:  # the lowered program reads the shared codes too
+        _same_outputs(program, load(tmp_path / "tied"))
 
 
 @pytest.mark.parametrize("cast", ["to", "from_pretrained"])
@@ -567,7 +568,6 @@ def test_cli_compress_refuses_a_recipe_the_model_cannot_take_before_evaluating(
             "  - rtn: {}\n  - layer_drop: {count: 10}",
             "pass layer_drop (count=10): layer_drop: dropping 10 of",
         ),
-        ("  - expert_drop: {keep: 12}", "expert_drop.keep: 12 experts per layer exceeds the 8 experts"),
         ("  - awq: {group_size: 48}", "group size 48 does not divide its 64 inputs"),
     ]:
         (tmp_path / "big.yaml").write_text(f"passes:\n{passes}\n")

@@ -70,7 +70,8 @@ class ExpertDropPass(TransformPass):
         moe = self._moe(program)
         targets = self._kept_per_layer(moe)
         if self.config.selection == "layerwise":
-            _layerwise({i: torch.zeros(m.num_experts) for i, m in moe.items()}, targets, moe)
+            scores = {i: torch.zeros(m.num_experts, device="cpu") for i, m in moe.items()}  # any will do
+            _layerwise(scores, targets, moe)
         else:
             _global_drop_count(targets, moe)
 
