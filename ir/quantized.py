@@ -139,6 +139,11 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     return torch.stack([low, high], dim=-1).flatten(-2)
 
 
+def packed_width(count: int, bits: int) -> int:
+    """Bytes per row that `count` codes take (4-bit: two per byte; an odd count pads a high nibble)."""
+    return -(-count // 2) if bits == 4 else count
+
+
 def empty_packed(
     weight: Tensor, fmt: QuantFormat, name: str = "weight"
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -150,9 +155,8 @@ def empty_packed(
     def empty(width: int, dtype: torch.dtype) -> Tensor:
         return torch.empty((*lead, n, width), dtype=dtype, device=weight.device)
 
-    packed_groups = -(-groups // 2) if fmt.bits == 4 else groups
-    zeros = None if fmt.symmetric else empty(packed_groups, torch.uint8)
-    return empty(k // 2 if fmt.bits == 4 else k, torch.uint8), empty(groups, weight.dtype), zeros
+    zeros = None if fmt.symmetric else empty(packed_width(groups, fmt.bits), torch.uint8)
+    return empty(packed_width(k, fmt.bits), torch.uint8), empty(groups, weight.dtype), zeros
 
 
 def quantize(weight: Tensor, fmt: QuantFormat, name: str = "weight") -> tuple[Tensor, Tensor, Tensor | None]:
@@ -221,6 +225,6 @@ def check_codes(
             f"{name}: scales {list(scales.shape)} do not fit group_size {group_size} "
             f"(expected {[*rows, groups]})"
         )
-    packed_groups = -(-groups // 2) if bits == 4 else groups
+    packed_groups = packed_width(groups, bits)
     if zeros is not None and tuple(zeros.shape) != (*rows, packed_groups):
         raise FormatError(f"{name}: zeros {list(zeros.shape)} do not fit (expected {[*rows, packed_groups]})")

@@ -73,6 +73,8 @@ class QuantizationPass(TransformPass):
     not_in_hf_checkpoints = "quantized weights"
 
     def refuse_early(self, program) -> None:
+        # values too: a NaN weight named now beats "non-finite activations" after an analysis pass;
+        # the read is small beside quantizing, and run() checks again for passes run on their own
         quantization_targets(program, self.config)
 
 

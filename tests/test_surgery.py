@@ -75,6 +75,16 @@ def test_surgery_rejects_impossible_edits():
     program.verify()
 
 
+def _logits_match_module_surgery(program, model, keep: dict[int, list[int]]):
+    """Assert the program's logits equal transformers' after module surgery keeping `keep`; returns
+    (reference model, ids) for further comparisons."""
+    reference = hf_keep_experts(model, keep)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    return reference, ids
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_experts_matches_module_surgery(family, seed):
     model, captured_program = captured(family)
@@ -85,10 +95,7 @@ def test_keep_experts_matches_module_surgery(family, seed):
     keep_experts(program, block, keep)
     program.verify()
     assert program.structure.block(block).mlp.num_experts == 6
-    reference = hf_keep_experts(model, {block: keep})
-    ids = torch.randint(3, model.config.vocab_size, (2, 9))
-    with torch.no_grad():
-        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    reference, ids = _logits_match_module_surgery(program, model, {block: keep})
     assert torch.equal(program.generate(ids, 10), reference.generate(ids, max_new_tokens=10, do_sample=False))
 
 
@@ -97,10 +104,7 @@ def test_keeping_one_expert_lowers_top_k(seed):
     program = captured_program.fork()
     keep_experts(program, 0, [5])
     assert program.structure.block(0).mlp.top_k == 1
-    reference = hf_keep_experts(model, {0: [5]})
-    ids = torch.randint(3, 128, (2, 7))
-    with torch.no_grad():
-        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    _logits_match_module_surgery(program, model, {0: [5]})
     with pytest.raises(MoepassError, match=r"non-empty subset of 0\.\.7"):
         keep_experts(program, 1, [8])
 
@@ -131,9 +135,7 @@ def test_keep_experts_preserving_the_gate_matches_zeroed_experts(family, seed):
     keep_experts(program, block, [0, 1, 2, 3])
     moe = program.structure.block(block).mlp
     assert (moe.num_experts, moe.router_rows, moe.preserve_gate) == (4, 4, False)
-    reference = hf_keep_experts(model, {block: [keep[i] for i in (0, 1, 2, 3)]})
-    with torch.no_grad():
-        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    _logits_match_module_surgery(program, model, {block: [keep[i] for i in (0, 1, 2, 3)]})
 
 
 def test_keep_experts_refuses_fewer_experts_than_sparsemixer_picks():
@@ -158,10 +160,7 @@ def test_group_limited_routing_needs_groups_for_the_top_k_left_after_slicing(see
     keep_experts(program, block, keep)
     program.verify()
     assert program.structure.block(block).mlp.top_k == 4
-    reference = hf_keep_experts(model, {block: keep})
-    ids = torch.randint(3, model.config.vocab_size, (2, 9))
-    with torch.no_grad():
-        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    _logits_match_module_surgery(program, model, {block: keep})
 
 
 def test_preserve_gate_refuses_group_limited_routing():
@@ -203,6 +202,4 @@ def test_keep_experts_refuses_uneven_groups_of_group_limited_routing(seed):
     program.verify()
     moe = program.structure.block(block).mlp
     assert (moe.num_experts, moe.n_group, moe.topk_group) == (4, 2, 1)
-    reference = hf_keep_experts(model, {block: keep})
-    with torch.no_grad():
-        assert (program(ids) - reference(ids).logits).abs().max() <= 1e-5
+    _logits_match_module_surgery(program, model, {block: keep})
