@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,8 @@ class MoEProgram(nn.Module, StepGeneration):
         self._structure: StructureMap | None = None
         self._last_token_graph: fx.GraphModule | None = None
         self._compiled_steps: dict[bool, Callable] = {}
+        self._batched_edits = 0  # open `batch_edits` blocks
+        self._code_is_stale = False
 
     # -- graph and structure ------------------------------------------------------------------
     @property
@@ -69,15 +72,35 @@ class MoEProgram(nn.Module, StepGeneration):
         return self._structure
 
     def graph_changed(self) -> None:
-        """Call after editing the graph: recompiles it, frees modules it no longer uses, and rebuilds
-        the structure map on demand."""
+        """Call after editing the graph: frees nodes and modules it no longer uses, regenerates its
+        code (at the end of a `batch_edits` block) and rebuilds the structure map on demand."""
         remove_dead_nodes(self.graph_module.graph)
-        self.graph_module.graph.lint()
-        self.graph_module.recompile()
-        self.graph_module.delete_all_unused_submodules()
         self._structure = None
         self._last_token_graph = None
         self._compiled_steps = {}
+        self._code_is_stale = True
+        if not self._batched_edits:
+            self._regenerate_code()
+
+    @contextlib.contextmanager
+    def batch_edits(self) -> Iterator[None]:
+        """Edits inside regenerate the graph's Python code once, at the end (or when the program next
+        runs), not after each one: generating it costs time proportional to the graph, so per edit
+        an artifact's replay or a pass rewriting every layer took time quadratic in the depth."""
+        self._batched_edits += 1
+        try:
+            yield
+        finally:
+            self._batched_edits -= 1
+        # not after an error: the edit's error is the one to report (a next run regenerates the code)
+        if not self._batched_edits and self._code_is_stale:
+            self._regenerate_code()
+
+    def _regenerate_code(self) -> None:
+        self.graph_module.graph.lint()
+        self.graph_module.recompile()
+        self.graph_module.delete_all_unused_submodules()
+        self._code_is_stale = False
 
     def fork(self) -> MoEProgram:
         """An independent program: its own graph, modules and Parameter objects over the same weight
@@ -161,6 +184,8 @@ class MoEProgram(nn.Module, StepGeneration):
 
         `last_token_only` returns logits for the last position only ([batch, 1, vocab]): generation
         needs no more, and a prompt's LM head then costs one row instead of one per token."""
+        if self._code_is_stale:  # run inside a `batch_edits` block (a pass calibrating between edits)
+            self._regenerate_code()
         graph_module = self._last_token_module() if last_token_only else self.graph_module
         if not self.info.compiled:
             outputs = graph_module(input_ids, attention_mask, position_ids, *past)

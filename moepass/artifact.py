@@ -302,7 +302,21 @@ def _rebuild(manifest: dict, manifest_path: Path, dtypes: dict[str, torch.dtype]
             f"{manifest_path}: its config does not build a model ({type(error).__name__}: {error}): "
             "the artifact is damaged"
         ) from error
-    for number, edit in enumerate(manifest["edits"]):
+    with program.batch_edits():  # the graph's code is generated once, not once per edit
+        _replay(program, manifest["edits"], manifest_path)
+    structure = json.loads(json.dumps(manifest_of(program, {})["structure"]))
+    if structure != manifest["structure"]:
+        raise ArtifactError(
+            f"{manifest_path}: the structure it records differs from what its edits give: "
+            "the artifact is damaged"
+        )
+    program.info.history = manifest.get("history", [])
+    program.info.pruned = manifest.get("pruned", {})
+    return program
+
+
+def _replay(program: MoEProgram, edits: list, manifest_path: Path) -> None:
+    for number, edit in enumerate(edits):
         if not isinstance(edit, dict):
             raise ArtifactError(f"{manifest_path}: edit {number} is not an object: the artifact is damaged")
         op = edit.get("op")
@@ -323,15 +337,6 @@ def _rebuild(manifest: dict, manifest_path: Path, dtypes: dict[str, torch.dtype]
                 f"{manifest_path}: edit {number} ({op}) does not apply to the model its config builds "
                 f"({type(error).__name__}: {error}): the artifact is damaged"
             ) from None
-    structure = json.loads(json.dumps(manifest_of(program, {})["structure"]))
-    if structure != manifest["structure"]:
-        raise ArtifactError(
-            f"{manifest_path}: the structure it records differs from what its edits give: "
-            "the artifact is damaged"
-        )
-    program.info.history = manifest.get("history", [])
-    program.info.pruned = manifest.get("pruned", {})
-    return program
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

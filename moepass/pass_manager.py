@@ -149,7 +149,8 @@ class PassManager:
                 raise PassError(
                     f"pass {p.name} needs calibration data, and none was given (pass calibration=...)"
                 )
-            result = self._timed(p, lambda p=p: p.run(program, context))
+            with program.batch_edits():
+                result = self._timed(p, lambda p=p: p.run(program, context))
             self.report.records[-1].modified = result.modified
             edited |= result.modified
             self.report.records[-1].summary = result.summary

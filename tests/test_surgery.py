@@ -203,3 +203,33 @@ def test_keep_experts_refuses_uneven_groups_of_group_limited_routing(seed):
     moe = program.structure.block(block).mlp
     assert (moe.num_experts, moe.n_group, moe.topk_group) == (4, 2, 1)
     _logits_match_module_surgery(program, model, {block: keep})
+
+
+def test_batched_edits_generate_code_once_and_compute_what_edits_one_by_one_do(seed, monkeypatch):
+    """Inside `batch_edits` the graph's code is generated at the end, not per edit (which made a pass
+    over every layer quadratic in depth); a run inside the block still sees every edit so far."""
+    model, captured_program = captured("mixtral")
+    one_by_one, batched = captured_program.fork(), captured_program.fork()
+    generated = []
+    generate = batched.graph_module.recompile
+    monkeypatch.setattr(batched.graph_module, "recompile", lambda: generated.append(1) or generate())
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    with batched.batch_edits():
+        drop_mlp(batched, 0)
+        keep_experts(batched, 1, [0, 2, 5, 7])
+        assert not generated
+        with torch.no_grad():  # a pass calibrating between its edits
+            midway = batched(ids)
+        assert len(generated) == 1
+        drop_block(batched, 2)
+        assert len(generated) == 1
+    assert len(generated) == 2
+    drop_mlp(one_by_one, 0)
+    keep_experts(one_by_one, 1, [0, 2, 5, 7])
+    with torch.no_grad():
+        assert torch.equal(midway, one_by_one(ids))
+    drop_block(one_by_one, 2)
+    batched.verify()
+    assert batched.graph_module.code == one_by_one.graph_module.code
+    with torch.no_grad():
+        assert torch.equal(batched(ids), one_by_one(ids))
