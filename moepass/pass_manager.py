@@ -20,7 +20,15 @@ from moepass.errors import MoepassError
 from moepass.ir.sparse import SPARSE24_OPS
 from moepass.table import format_table, human_bytes
 
-from .passes.base import AnalysisPass, Pass, PassConfig, TransformPass, create_pass, out_of_stage_order
+from .passes.base import (
+    AnalysisPass,
+    Pass,
+    PassConfig,
+    TransformPass,
+    TransformResult,
+    create_pass,
+    out_of_stage_order,
+)
 
 SCORING = ("one-shot", "iterative")
 
@@ -149,8 +157,7 @@ class PassManager:
                 raise PassError(
                     f"pass {p.name} needs calibration data, and none was given (pass calibration=...)"
                 )
-            with program.batch_edits():
-                result = self._timed(p, lambda p=p: p.run(program, context))
+            result = self._timed(p, lambda p=p: _run_batched(p, program, context))
             self.report.records[-1].modified = result.modified
             edited |= result.modified
             self.report.records[-1].summary = result.summary
@@ -259,3 +266,10 @@ class _PeakRSS:
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _run_batched(transform: TransformPass, program, context: PassContext) -> TransformResult:
+    """The pass inside one `batch_edits` block: the graph's code is generated once, after its last
+    edit (inside `_timed`, so a failure there is reported as the pass's)."""
+    with program.batch_edits():
+        return transform.run(program, context)
