@@ -316,6 +316,7 @@ def _rebuild(manifest: dict, manifest_path: Path, dtypes: dict[str, torch.dtype]
 
 
 def _replay(program: MoEProgram, edits: list, manifest_path: Path) -> None:
+    """The manifest's edits in order; one that does not apply is an ArtifactError naming it."""
     for number, edit in enumerate(edits):
         if not isinstance(edit, dict):
             raise ArtifactError(f"{manifest_path}: edit {number} is not an object: the artifact is damaged")
