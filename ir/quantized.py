@@ -135,8 +135,10 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
     """Inverse of `pack`: uint8 -> int16 codes [..., K]."""
     if bits == 8:
         return packed.to(torch.int16)
-    low, high = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
-    return torch.stack([low, high], dim=-1).flatten(-2)
+    # arithmetic, not `& 0x0F` and `>> 4`: torch 2.11's ONNX exporter lowers a uint8 shift to a Where
+    # that onnxruntime cannot run (the quantized embedding's lookup exports this as standard ops)
+    wide = packed.to(torch.int32)
+    return torch.stack([wide % 16, wide // 16], dim=-1).flatten(-2).to(torch.int16)
 
 
 def packed_width(count: int, bits: int) -> int:
