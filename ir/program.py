@@ -86,7 +86,8 @@ class MoEProgram(nn.Module, StepGeneration):
     def batch_edits(self) -> Iterator[None]:
         """Edits inside regenerate the graph's Python code once, at the end (or when the program next
         runs), not after each one: generating it costs time proportional to the graph, so per edit
-        an artifact's replay or a pass rewriting every layer took time quadratic in the depth."""
+        an artifact's replay or a pass rewriting every layer took time quadratic in the depth.
+        Inside, run the program through its methods (they regenerate first), not `graph_module`."""
         self._batched_edits += 1
         try:
             yield
