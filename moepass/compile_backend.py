@@ -245,9 +245,8 @@ def _quantize_experts(gm: fx.GraphModule, inputs: dict, fmt: QuantFormat) -> int
         args = op_args(node)
         prefix = f"moepass_quantized.{node.name}"
         weights = {name: _tensor(gm, inputs, args[name]) for name in ("gate_up", "down")}
-        fitted = fmt.fitted(
-            *(w.shape[-1] for w in weights.values())
-        )  # rows shorter than a group: as passes do
+        # rows shorter than a group get a fitted format, as the passes give them
+        fitted = fmt.fitted(*(w.shape[-1] for w in weights.values()))
         try:
             gate_up, down = (quantize(w, fitted, f"{node.name}.{name}") for name, w in weights.items())
         except FormatError as error:
