@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moepass.ir.quantized import QuantFormat, codes_for, packed_triple, scales_and_zeros
+from moepass.ir.quantized import QuantFormat, quantize
 from moepass.ir.surgery import linear_nodes, quantize_embedding, quantize_linear
 from moepass.passes.base import ConfigError, PassConfig, TransformPass, check_range
 from moepass.slimming import (
@@ -78,13 +78,6 @@ class QuantizationPass(TransformPass):
         quantization_targets(program, self.config)
 
 
-def rtn(weight: Tensor, fmt: QuantFormat, name: str) -> tuple:
-    """Round-to-nearest in the stored layout (validates the format against the tensor first)."""
-    fmt.groups(weight.shape[-1], name)
-    scale, zero = scales_and_zeros(weight, fmt)
-    return packed_triple(codes_for(weight, scale, zero, fmt), scale, zero, fmt, weight.dtype)
-
-
 def quantization_targets(program, config: QuantizeConfig) -> tuple[list[LinearTarget], list[int], str | None]:
     """The linears, MoE blocks (their routed experts) and embedding table `config.targets` select, with
     the format and the values of every one checked before the first rewrite (nothing is left
@@ -122,7 +115,7 @@ def quantize_table(program, config: QuantizeConfig, table: str | None) -> None:
             "copy (add 'lm_head' to targets to share one quantized copy)",
             table,
         )
-    quantize_embedding(program, table, fmt, rtn(weight, fmt, table))
+    quantize_embedding(program, table, fmt, quantize(weight, fmt, table))
 
 
 def stack(triples: list[tuple]) -> tuple:
@@ -149,6 +142,6 @@ def quantize_head_rtn(program, config: QuantizeConfig, linears: list, method: st
     for fqn in heads:
         weight = program.graph_module.get_parameter(fqn)
         fmt = config.format_for(weight)
-        quantize_linear(program, fqn, fmt, rtn(weight, fmt, fqn))
+        quantize_linear(program, fqn, fmt, quantize(weight, fmt, fqn))
         logger.warning("%s: %s is quantized round-to-nearest (no calibration statistics for it)", method, fqn)
     return heads

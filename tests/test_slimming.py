@@ -16,7 +16,7 @@ from moepass.calibration import BlockwiseRunner
 from moepass.data import TokenSet
 from moepass.evaluate import model_size
 from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
-from moepass.ir.quantized import QuantFormat, dequantize
+from moepass.ir.quantized import QuantFormat, dequantize, quantize
 from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import set_tensor
 from moepass.pass_manager import PassError
@@ -26,7 +26,6 @@ from moepass.passes.gptq import Hessian, gptq_quantize
 from moepass.passes.sparsegpt import sparsegpt_prune
 from moepass.passes.wanda import wanda_prune
 from moepass.pruning import InputStats, PruneConfig, magnitude_prune
-from moepass.quantization import rtn
 from moepass.slimming import DEFAULT_TARGETS, expert_blocks, linear_targets
 
 
@@ -56,7 +55,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(seed):
     reference = F.linear(x, weight)
     for act_order in (False, True):
         ours = dequantize(*gptq_quantize(weight, hessian, fmt, act_order=act_order), 4, 32)
-        baseline = dequantize(*rtn(weight, fmt, "w"), 4, 32)
+        baseline = dequantize(*quantize(weight, fmt, "w"), 4, 32)
         gptq_error = (F.linear(x, ours) - reference).pow(2).mean()
         rtn_error = (F.linear(x, baseline) - reference).pow(2).mean()
         assert gptq_error < 0.8 * rtn_error, (act_order, gptq_error, rtn_error)
@@ -75,8 +74,8 @@ def test_awq_scales_protect_outlier_input_channels(seed):
         return (F.linear(x, candidates[0]) - reference).pow(2).mean().item()
 
     s = search_scale(x, [weight], error, fmt, grid=20)
-    awq = dequantize(*rtn(weight * s, fmt, "w"), 4, 32) / s
-    baseline = dequantize(*rtn(weight, fmt, "w"), 4, 32)
+    awq = dequantize(*quantize(weight * s, fmt, "w"), 4, 32) / s
+    baseline = dequantize(*quantize(weight, fmt, "w"), 4, 32)
     assert error([awq]) < 0.5 * error([baseline])
 
 
@@ -357,7 +356,7 @@ def test_awq_scales_are_moe_aware():
         assert torch.equal(slim.graph_module.get_parameter(f"{shared_gate}.input_scale"), shared_scale)
         # the shared experts' ranges are clipped like every other projection's, not just rounded
         weight = program.graph_module.get_parameter(f"{shared_gate}.weight")
-        plain_scales = rtn(weight / shared_scale, QuantFormat(4, 16), shared_gate)[1]
+        plain_scales = quantize(weight / shared_scale, QuantFormat(4, 16), shared_gate)[1]
         assert (tensor_at(slim.graph_module, f"{shared_gate}.scales") < 0.99 * plain_scales).any()
 
 

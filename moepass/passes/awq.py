@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moepass.calibration import BlockwiseRunner
 from moepass.ir.ops import ACTIVATIONS, run_experts
-from moepass.ir.quantized import QuantFormat, codes_for, dequantize, packed_triple, scales_and_zeros
+from moepass.ir.quantized import QuantFormat, codes_for, dequantize, packed_triple, quantize, scales_and_zeros
 from moepass.ir.surgery import quantize_experts, quantize_linear, set_tensor
 from moepass.quantization import (
     QuantizationPass,
@@ -29,7 +29,6 @@ from moepass.quantization import (
     quantization_targets,
     quantize_head_rtn,
     quantize_table,
-    rtn,
     stack,
     summary,
 )
@@ -230,7 +229,7 @@ class AWQPass(QuantizationPass):
                 w if t.role in NO_CLIP else search_clip(w, x / s, fmt, c.clip_grid, c.max_shrink)
                 for w, t in zip(scaled, group, strict=True)
             ]
-        packed = [rtn(w, fmt, t.weight) for w, t in zip(scaled, group, strict=True)]
+        packed = [quantize(w, fmt, t.weight) for w, t in zip(scaled, group, strict=True)]
 
         def apply():
             for target, triple in zip(group, packed, strict=True):
@@ -299,13 +298,13 @@ class AWQPass(QuantizationPass):
             else:  # too few routed tokens to trust a search: plain round-to-nearest
                 fallback.append(e)
                 sd, wd = torch.ones(down.shape[-1], dtype=down.dtype, device=down.device), down[e]
-            packed_gate_up.append(rtn(w, fmt, f"{moe.gate_up}[{e}]"))
-            packed_down.append(rtn(wd, fmt, f"{moe.down}[{e}]"))
+            packed_gate_up.append(quantize(w, fmt, f"{moe.gate_up}[{e}]"))
+            packed_down.append(quantize(wd, fmt, f"{moe.down}[{e}]"))
             down_scales.append(1 / sd)
         if c.clip:
             clip = c.clip_grid, c.max_shrink
             shared_scaled = [search_clip(w, x / s, fmt, *clip) for w in shared_scaled]
-        shared_packed = [rtn(w, fmt, t.weight) for w, t in zip(shared_scaled, shared, strict=True)]
+        shared_packed = [quantize(w, fmt, t.weight) for w, t in zip(shared_scaled, shared, strict=True)]
         index = next(b.index for b in program.structure.moe_blocks if b.mlp.experts_node == moe.experts_node)
 
         def apply():

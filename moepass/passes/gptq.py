@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moepass.calibration import BlockwiseRunner
 from moepass.ir.ops import ACTIVATIONS
-from moepass.ir.quantized import QuantFormat, dequantize, packed_triple, scales_and_zeros
+from moepass.ir.quantized import QuantFormat, dequantize, packed_triple, quantize, scales_and_zeros
 from moepass.ir.surgery import quantize_experts, quantize_linear
 from moepass.quantization import (
     QuantizationPass,
@@ -28,7 +28,6 @@ from moepass.quantization import (
     quantization_targets,
     quantize_head_rtn,
     quantize_table,
-    rtn,
     stack,
     summary,
 )
@@ -205,7 +204,7 @@ class GPTQPass(QuantizationPass):
             for experts in expert_groups(moe.num_experts, size * size * 8, name):
                 for e, h in zip(experts, routed_hessians(size, features, experts), strict=True):
                     if h.tokens < max(c.min_tokens, 1):
-                        packed.append(rtn(weights[e], fmt, f"{name}[{e}]"))
+                        packed.append(quantize(weights[e], fmt, f"{name}[{e}]"))
                         fallbacks.append(e)
                         continue
                     zeros = None if pruned is None else pruned[e]

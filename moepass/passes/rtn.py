@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from moepass.ir.quantized import quantize
 from moepass.ir.surgery import quantize_experts, quantize_linear
 from moepass.quantization import (
     QuantizationPass,
     QuantizeConfig,
     quantization_targets,
     quantize_table,
-    rtn,
     summary,
 )
 from moepass.slimming import coverage
@@ -29,11 +29,12 @@ class RTNPass(QuantizationPass):
         for target in linears:
             weight = get(target.weight)
             fmt = config.format_for(weight)
-            quantize_linear(program, target.weight, fmt, rtn(weight, fmt, target.weight))
+            quantize_linear(program, target.weight, fmt, quantize(weight, fmt, target.weight))
         for index in experts:
             moe = program.structure.block(index).mlp
             gate_up, down = get(moe.gate_up), get(moe.down)
             fmt = config.format_for(gate_up, down)
-            quantize_experts(program, index, fmt, rtn(gate_up, fmt, moe.gate_up), rtn(down, fmt, moe.down))
+            packed = quantize(gate_up, fmt, moe.gate_up), quantize(down, fmt, moe.down)
+            quantize_experts(program, index, fmt, *packed)
         quantize_table(program, config, table)
         return TransformResult(bool(linears or experts or table), summary(program, before, {}))
