@@ -106,7 +106,6 @@ def _compress(args: argparse.Namespace) -> None:
     from moepass.data import DataError, check_source
     from moepass.evaluate import evaluate, model_size
     from moepass.hf_export import hf_checkpoint, hf_config
-    from moepass.pass_manager import PassManager
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
     from moepass.zoo import load_tokenizer, save_tokenizer
@@ -156,7 +155,9 @@ def _compress(args: argparse.Namespace) -> None:
                 f"{what}: windows of {length} tokens exceed the model's {positions} positions "
                 "(max_position_embeddings); use a shorter one, or leave it out (then it fits)"
             )
-    PassManager(list(recipe.passes)).refuse_early(original)  # a recipe this model cannot take fails now
+    # compressing first (it forks `original`) fails a recipe this model cannot take before minutes of
+    # evaluation: the pass manager refuses such a recipe before any pass runs
+    program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
     evaluation = {
         "tokenizer": tokenizer,
         "seq_len": args.eval_seq_len,  # default: 256, or the model's positions if fewer
@@ -164,7 +165,6 @@ def _compress(args: argparse.Namespace) -> None:
         "text_key": recipe.calibration.text_key,  # --text-key, else the recipe's
     }
     before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
-    program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
     if args.format == "hf":  # what the recipe's passes cannot tell up front
         hf_config(program, hint=f"; {USE_MOEPASS_FORMAT}")
     after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None

@@ -29,17 +29,18 @@ def compress(
         program = model_or_program.fork()
     else:
         program = capture(model_or_program)
-    tokens = _calibration_tokens(recipe, calibration, tokenizer, program) if needs_data(recipe) else None
     manager = PassManager(
         list(recipe.passes),
-        calibration=tokens,
         scoring=recipe.scoring,
         calibration_mode=recipe.calibration.mode,
         batch_size=recipe.calibration.batch_size,
     )
+    manager.refuse_early(program)  # before reading calibration data
+    if needs_data(recipe):
+        manager.calibration = _calibration_tokens(recipe, calibration, tokenizer, program)
     count = len(recipe.passes)
     logger.info("compress: recipe %s, %d pass%s", recipe.name, count, "" if count == 1 else "es")
-    report = manager.run(program)
+    report = manager.run(program, refused_early=True)
     program.info.history.append({"recipe": recipe.to_dict(), "report": report.to_dict()})
     program.report = report
     return program

@@ -127,9 +127,11 @@ class PassManager:
         self._done: list[str] = []
 
     def refuse_early(self, program) -> None:
-        """Each transform's `refuse_early` up to the first that removes structure: a recipe that cannot
-        apply to this model fails now, naming its pass, not after the passes before it (or an
-        evaluation) ran. Later passes see another structure and are judged when they run."""
+        """The stage order, then each transform's `refuse_early` up to the first that removes structure:
+        a recipe that cannot apply to this model fails now, naming its pass, not after the passes
+        before it (or an evaluation) ran. Later passes see another structure and are judged when they
+        run."""
+        self._check_stages(program)
         for p in self.passes:
             if isinstance(p, TransformPass):
                 try:
@@ -139,9 +141,11 @@ class PassManager:
                 if p.removes_structure:
                     return
 
-    def run(self, program) -> PassReport:
-        self._check_stages(program)
-        self.refuse_early(program)
+    def run(self, program, *, refused_early: bool = False) -> PassReport:
+        """Run the passes on `program`, editing it. `refused_early`: the caller already ran
+        `refuse_early` on this program (before reading calibration data, say), so it is not repeated."""
+        if not refused_early:
+            self.refuse_early(program)
         context = PassContext(self, program)
         if self.scoring == "one-shot":
             for transform in (p for p in self.passes if isinstance(p, TransformPass)):

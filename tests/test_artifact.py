@@ -24,6 +24,7 @@ from moepass.data import TokenSet, corpus_dir, load_documents
 from moepass.hf_export import NotExpressibleError, hf_checkpoint
 from moepass.ir.surgery import keep_experts
 from moepass.passes import PASSES, TransformPass, create_pass
+from moepass.quantization import QuantizationPass
 from moepass.zoo import random_model
 
 ATOL = 1e-6  # reloaded weights can sit at other addresses, and BLAS results depend on alignment
@@ -544,9 +545,13 @@ def test_cli_compress_format_hf_refuses_a_recipe_by_its_pass_options_before_any_
 def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, capsys, monkeypatch):
     (tmp_path / "rtn.yaml").write_text("name: rtn\npasses:\n  - rtn: {group_size: 16}\n")
     monkeypatch.chdir(tmp_path)  # the default output: out/<model directory name>-<recipe>
+    judged = []  # once: a quantization pass's judgement reads every targeted weight
+    judge = QuantizationPass.refuse_early
+    monkeypatch.setattr(QuantizationPass, "refuse_early", lambda self, p: judged.append(judge(self, p)))
     assert (
         main(["compress", "--model", str(checkpoint), "--recipe", "rtn.yaml", "--eval-per-source", "0"]) == 0
     )
+    assert len(judged) == 1
     printed = capsys.readouterr().out
     assert "parameters" in printed and "weight bytes" in printed and "perplexity" not in printed
     assert (tmp_path / "out" / f"{checkpoint.name}-rtn" / "manifest.json").is_file()
