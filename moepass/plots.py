@@ -66,3 +66,32 @@ def lines(
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+def quality_vs_size(panels: dict[str, dict[str, Sequence[tuple[str, float, float]]]], path: str) -> str:
+    """One panel per model: each setting's weight size (MiB) against its perplexity change (%, log
+    above 1%), marked by kind and labelled, so the cheapest setting at a quality is read off."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6), squeeze=False)
+    for ax, (model, kinds) in zip(axes[0], panels.items(), strict=True):
+        ax.set_yscale("symlog", linthresh=1.0)
+        for (kind, settings), marker in zip(kinds.items(), "o^sDvP*X", strict=False):
+            ax.scatter([s[1] for s in settings], [s[2] for s in settings], marker=marker, s=36, label=kind)
+        ax.margins(x=0.14)  # room for the labels of the rightmost points
+        ax.autoscale_view()
+        placed: list[tuple[float, float]] = []  # label anchors in pixels: stack labels of close points
+        for label, x, y in sorted((s for settings in kinds.values() for s in settings), key=lambda s: -s[2]):
+            px, py = ax.transData.transform((x, y))
+            drop = 0
+            while any(abs(px - qx) < 60 and abs(py - drop - qy) < 9 for qx, qy in placed):
+                drop += 9
+            placed.append((px, py - drop))
+            ax.annotate(label, (x, y), xytext=(5, 2 - drop), textcoords="offset pixels", fontsize=6)
+        ax.set_xlabel("weights (MiB)")
+        ax.set_ylabel("test perplexity vs original (%)")
+        ax.set_title(model, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from plot_quality import TRIMMING, write_plot
 
 import moepass
 from moepass.data import calibration_set, evaluation_set
@@ -212,7 +213,8 @@ def main() -> None:
         "Rows that quantize, then drop, score the layers on the quantized model (the paper's "
         "slim-then-trim; `scoring: iterative`). "
         "2:4 rows keep their pruned weights compressed (`sparse24_storage`): the size is what an "
-        "artifact holds.\n\n"
+        "artifact holds. Quality against size of every setting, with the trimming ones: "
+        "`RESULTS-quality-vs-size.png`.\n\n"
         + "\n\n".join(f"```\n{t}\n```" for t in tables)
         + "\n\n## Why AWQ barely beats rounding here\n\n"
         "AWQ scales up the input channels that carry large activations so rounding spares them. The "
@@ -229,6 +231,7 @@ def main() -> None:
     )
     args.out.write_text(text)
     print(text)
+    print(f"wrote {write_plot([args.out, TRIMMING])}")
 
 
 if __name__ == "__main__":

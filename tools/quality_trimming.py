@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from plot_quality import SLIMMING, write_plot
 
 import moepass
 from moepass.data import calibration_set, evaluation_set
@@ -146,12 +147,14 @@ def main() -> None:
     tables = [run(name, args.calibration_samples, args.eval_per_source) for name in args.models]
     text = (
         "# Expert Trimming on the bundled models\n\nRegenerate with `python tools/quality_trimming.py`. "
-        "Random rows: median of 5 seeds, range in the last column.\n\n"
+        "Random rows: median of 5 seeds, range in the last column. Quality against size of every setting, "
+        "with the slimming ones: `RESULTS-quality-vs-size.png`.\n\n"
         + "\n\n".join(f"```\n{t}\n```" for t in tables)
         + "\n"
     )
     args.out.write_text(text)
     print(text)
+    print(f"wrote {write_plot([args.out, SLIMMING])}")
 
 
 if __name__ == "__main__":
