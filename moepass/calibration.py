@@ -113,6 +113,30 @@ def _run(stage: Stage, index: int, state: dict, batch: int, observers, wanted: s
         del state[name]
 
 
+class InputStats:
+    """What calibrated slimming needs about a projection's inputs, summed over calibration batches in
+    float64: per-channel sums of squares (Wanda) and 2 XᵀX (GPTQ and SparseGPT's Hessian)."""
+
+    def __init__(self, size: int, device: torch.device | str, *, squares: bool = True, hessian: bool = True):
+        self.squares = torch.zeros(size, dtype=torch.float64, device=device) if squares else None
+        self.hessian = torch.zeros(size, size, dtype=torch.float64, device=device) if hessian else None
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        if self.squares is not None:
+            self.squares += (x * x).sum(0)
+        if self.hessian is not None:
+            self.hessian += 2 * x.T @ x
+        self.tokens += x.shape[0]
+
+    def mean_squares(self) -> Tensor:
+        return self.squares / max(self.tokens, 1)
+
+    def mean_hessian(self) -> Tensor:
+        return self.hessian / max(self.tokens, 1)
+
+
 class BlockwiseRunner:
     """Walks a calibration set through a program one block at a time, keeping only the values at
     the current block boundary (per batch). Blocks can be observed any number of times and edited

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moepass.calibration import BlockwiseRunner
+from moepass.calibration import BlockwiseRunner, InputStats
 from moepass.ir.ops import ACTIVATIONS
 from moepass.ir.surgery import set_tensor
 from moepass.passes.base import ConfigError, PassConfig, check_range
@@ -125,22 +125,6 @@ def mask_lowest(score: Tensor, config: PruneConfig, name: str) -> Tensor:
     return mask.reshape(rows, cols)
 
 
-class InputStats:
-    """What pruning methods need about a projection's inputs: the sum of x_j^2 and X^T X."""
-
-    def __init__(self, size: int, hessian: bool, device: torch.device):
-        self.squares = torch.zeros(size, dtype=torch.float64, device=device)
-        self.hessian = torch.zeros(size, size, dtype=torch.float64, device=device) if hessian else None
-        self.tokens = 0
-
-    def add(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.squares += (x * x).sum(0)
-        if self.hessian is not None:
-            self.hessian += 2 * x.T @ x
-        self.tokens += x.shape[0]
-
-
 # method(weight [N, K], stats or None (no calibration), config, name) -> pruned weight
 PruneFn = Callable[[Tensor, InputStats | None, PruneConfig, str], Tensor]
 
@@ -175,7 +159,7 @@ def prune_program(
         dense_outputs = runner.outputs(block) if config.propagation == "dense" else None
         block_linears = [t for t in linears if t.block == block]
         stats = {
-            t.input: InputStats(get(t.weight).shape[-1], needs_hessian, get(t.weight).device)
+            t.input: InputStats(get(t.weight).shape[-1], get(t.weight).device, hessian=needs_hessian)
             for t in block_linears
         }
         moe = program.structure.block(block).mlp if block in experts else None
@@ -218,7 +202,7 @@ def _pruned_experts(
     pruned: dict[str, list[Tensor]] = {moe.gate_up: [], moe.down: []}
     fallbacks = []
     for experts in expert_groups(moe.num_experts, per_expert, f"layer {block} experts"):
-        stats = {e: [InputStats(w, hessian, gate_up.device) for w in widths] for e in experts}
+        stats = {e: [InputStats(w, gate_up.device, hessian=hessian) for w in widths] for e in experts}
         for values in runner.observe(block, {hidden, moe.route_ids}):
             x, ids = values[hidden], values[moe.route_ids]
             for e in experts:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import moepass
 from helpers import FAMILIES, captured, rel_error
 from moepass.artifact import load, save
-from moepass.calibration import BlockwiseRunner
+from moepass.calibration import BlockwiseRunner, InputStats
 from moepass.data import TokenSet
 from moepass.evaluate import model_size
 from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
@@ -22,10 +22,10 @@ from moepass.ir.surgery import set_tensor
 from moepass.pass_manager import PassError
 from moepass.passes import ConfigError
 from moepass.passes.awq import fake_quantize, search_scale
-from moepass.passes.gptq import Hessian, gptq_quantize
+from moepass.passes.gptq import gptq_quantize
 from moepass.passes.sparsegpt import sparsegpt_prune
 from moepass.passes.wanda import wanda_prune
-from moepass.pruning import InputStats, PruneConfig, magnitude_prune
+from moepass.pruning import PruneConfig, magnitude_prune
 from moepass.slimming import DEFAULT_TARGETS, expert_blocks, linear_targets
 
 
@@ -405,10 +405,10 @@ def test_gptq_calibrates_mla_up_projections_on_the_quantized_low_rank_outputs():
     weight = program.graph_module.get_parameter(target.weight)
 
     def codes_from(source) -> torch.Tensor:
-        hessian = Hessian(weight.shape[-1], weight.device)
+        hessian = InputStats(weight.shape[-1], weight.device, squares=False)
         for values in BlockwiseRunner(source, data).observe(target.block, {target.input}):
             hessian.add(values[target.input])
-        return gptq_quantize(weight, hessian.mean(), QuantFormat(4, 16))[0]
+        return gptq_quantize(weight, hessian.mean_hessian(), QuantFormat(4, 16))[0]
 
     stored = slim.graph_module.get_buffer(target.weight.rpartition(".")[0] + ".qweight")
     assert torch.equal(stored, codes_from(slim))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moepass.calibration import BlockwiseRunner
+from moepass.calibration import BlockwiseRunner, InputStats
 from moepass.ir.ops import ACTIVATIONS
 from moepass.ir.quantized import QuantFormat, dequantize, packed_triple, quantize, scales_and_zeros
 from moepass.ir.surgery import quantize_experts, quantize_linear
@@ -111,19 +111,6 @@ def gptq_quantize(
     return packed_triple(unpermuted.to(torch.int16), scale, zero, fmt, weight.dtype)
 
 
-class Hessian:
-    def __init__(self, size: int, device: torch.device):
-        self.matrix, self.tokens = torch.zeros(size, size, dtype=torch.float64, device=device), 0
-
-    def add(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.matrix += 2 * x.T @ x
-        self.tokens += x.shape[0]
-
-    def mean(self) -> Tensor:
-        return self.matrix / max(self.tokens, 1)
-
-
 @register_pass
 class GPTQPass(QuantizationPass):
     name = "gptq"
@@ -156,7 +143,8 @@ class GPTQPass(QuantizationPass):
         if not group:
             return
         get = program.graph_module.get_parameter
-        hessians = {t.input: Hessian(get(t.weight).shape[-1], get(t.weight).device) for t in group}
+        weights = {t.input: get(t.weight) for t in group}
+        hessians = {name: InputStats(w.shape[-1], w.device, squares=False) for name, w in weights.items()}
         for values in runner.observe(block, set(hessians)):
             for name, hessian in hessians.items():
                 hessian.add(values[name])
@@ -166,7 +154,7 @@ class GPTQPass(QuantizationPass):
             fmt = c.format_for(weight)
             packed = gptq_quantize(
                 weight,
-                hessians[target.input].mean(),
+                hessians[target.input].mean_hessian(),
                 fmt,
                 c.damp,
                 c.block_size,
@@ -187,8 +175,8 @@ class GPTQPass(QuantizationPass):
         gate_up_bias = None if moe.gate_up_bias is None else get(moe.gate_up_bias)
         fmt = c.format_for(gate_up, down)
 
-        def routed_hessians(size: int, features, experts: range) -> list[Hessian]:
-            result = [Hessian(size, gate_up.device) for _ in experts]
+        def routed_hessians(size: int, features, experts: range) -> list[InputStats]:
+            result = [InputStats(size, gate_up.device, squares=False) for _ in experts]
             for values in runner.observe(block, {hidden, moe.route_ids}):
                 x, ids = values[hidden], values[moe.route_ids]
                 for e, hessian in zip(experts, result, strict=True):
@@ -209,7 +197,9 @@ class GPTQPass(QuantizationPass):
                         continue
                     zeros = None if pruned is None else pruned[e]
                     packed.append(
-                        gptq_quantize(weights[e], h.mean(), fmt, c.damp, c.block_size, c.act_order, zeros)
+                        gptq_quantize(
+                            weights[e], h.mean_hessian(), fmt, c.damp, c.block_size, c.act_order, zeros
+                        )
                     )
             return stack(packed), fallbacks
 

@@ -29,11 +29,7 @@ DAMP = 0.01
 def sparsegpt_prune(weight, stats, config: PruneConfig, name: str):
     w = weight.detach().double().clone()
     cols = w.shape[1]
-    h = (
-        (stats.hessian / max(stats.tokens, 1)).clone()
-        if stats is not None
-        else torch.eye(cols, dtype=torch.float64, device=w.device)
-    )
+    h = stats.mean_hessian() if stats is not None else torch.eye(cols, dtype=torch.float64, device=w.device)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0

@@ -12,7 +12,7 @@ from .base import TransformPass, TransformResult, register_pass
 def wanda_prune(weight, stats, config: PruneConfig, name: str):
     if stats is None:  # no (or too few) calibration tokens: magnitude
         return magnitude_prune(weight, config, name)
-    score = weight.abs().double() * (stats.squares / max(stats.tokens, 1)).sqrt()
+    score = weight.abs().double() * stats.mean_squares().sqrt()
     return weight.masked_fill(mask_lowest(score, config, name), 0)
 
 
