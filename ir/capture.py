@@ -7,8 +7,9 @@ replaced by the canonical `SparseMoE`, then `torch.export` (non-strict) traces o
     (logits, present_key_0, present_value_0, ...)
 
 with dynamic batch, sequence and past lengths. `present = cat(past, new)` per layer, the usual ONNX
-decoder convention, so the same graph runs prefill (past length 0) and decode. The user's model is
-never modified: only the shadow's modules are swapped.
+decoder convention, so the same graph runs prefill (past length 0) and decode. Only a prefix of a
+deep model is traced: later decoder layers are copies of traced ones (`replicate`). The user's model
+is never modified: only the shadow's modules are swapped.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 
 from moepass.errors import UnsupportedModelError
 
-from . import trace_cache
+from . import replicate, trace_cache
 from .canonicalize import canonicalize
 from .families import Family, attention_description, convert_moe_blocks, family_of
 from .program import MoEProgram, ProgramInfo
@@ -60,9 +61,8 @@ def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) ->
     key = trace_cache.trace_key(shadow, sample_ids)
     graph_module = trace_cache.cached_graph_module(key, shadow)
     if graph_module is None:
-        cache_tails = _probe_cache(shadow, sample_ids)
         logger.info("capture %s (%s): tracing one decoder step", type(model).__name__, family.display)
-        graph_module = _export_step(shadow, sample_ids, cache_tails)
+        graph_module = _trace(shadow, sample_ids)
         trace_cache.remember(key, graph_module, shadow)
     _own_parameters(graph_module)
     graph_module.eval()  # the exported module comes in training mode, a reused trace in the model's
@@ -236,6 +236,21 @@ def _probe_cache(model: nn.Module, ids: Tensor) -> list[tuple[int, int, torch.dt
     return [(t.shape[1], t.shape[3], t.dtype) for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
+def _trace(shadow: nn.Module, ids: Tensor) -> fx.GraphModule:
+    """One decoder step traced; a deep model's later layers copied from a traced prefix that holds
+    each kind of layer (`replicate`), which costs a fraction of tracing them all."""
+    layout = replicate.plan(shadow)
+    if layout is not None:
+        with replicate.truncated(shadow, layout.prefix):
+            prefix = _export_step(shadow, ids, _probe_cache(shadow, ids))
+        whole = replicate.replicate(prefix, shadow, layout)
+        if whole is not None:
+            logger.info("capture: traced %d layers, copied %d", layout.prefix, len(layout.sources))
+            return whole
+        logger.info("capture: the traced layers are not self-contained; tracing every layer")
+    return _export_step(shadow, ids, _probe_cache(shadow, ids))
+
+
 def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
     cache_kw = cache_keyword(model)
     model_forward = type(model).forward
@@ -270,10 +285,14 @@ def _export_step(model: nn.Module, ids: Tensor, cache_tails) -> fx.GraphModule:
         "position_ids": {0: b, 1: s},
         "past": [{0: b, 2: p} for _ in past],
     }
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(
+                model, (ids, mask, positions, past), dynamic_shapes=dynamic_shapes, strict=False
+            )
+    finally:
+        del model.forward  # the class's again: a later probe or trace of the shadow calls it
     with torch.no_grad():
-        exported = torch.export.export(
-            model, (ids, mask, positions, past), dynamic_shapes=dynamic_shapes, strict=False
-        )
         if not _is_functional(exported.graph):
             logger.info("capture: functionalizing the graph")
             # Functionalize (no decompositions): in-place writes (say, a patched attention's copies

@@ -44,15 +44,12 @@ _GRAPHS: OrderedDict[tuple, fx.Graph] = OrderedDict()
 def trace_key(model: nn.Module, sample: Tensor) -> tuple | None:
     """What the traced graph of `model` (after MoE-block conversion) depends on, or None when a hook
     or an instance-level forward could change it unseen."""
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+    if not forwards_are_visible(model):
         return None
-    modules = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
-            return None
-        non_persistent = tuple(sorted(module._non_persistent_buffers_set))
-        modules.append((name, type(module), non_persistent, _settings(module)))
+    modules = [
+        (name, type(module), tuple(sorted(module._non_persistent_buffers_set)), settings(module))
+        for name, module in model.named_modules(remove_duplicate=False)
+    ]
     first_name: dict[int, str] = {}
     tensors = [
         (name, tuple(t.shape), t.stride(), t.dtype, t.device, type(t), first_name.setdefault(id(t), name))
@@ -74,17 +71,31 @@ def trace_key(model: nn.Module, sample: Tensor) -> tuple | None:
     )
 
 
-def _settings(module: nn.Module) -> str:
+def forwards_are_visible(model: nn.Module) -> bool:
+    """Whether `model`'s trace is its classes' code alone: no forward hook (global or on a module)
+    and no instance-level `forward`."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
+
+
+def settings(module: nn.Module, skip: str = "") -> str:
     """The module's own plain attributes (numbers, strings, dataclasses such as a converted MoE
-    block's routing spec): traced as constants, so an edit (`gate.top_k = 1`) needs a fresh trace."""
+    block's routing spec), but `skip`: traced as constants, so an edit (`gate.top_k = 1`) needs a
+    fresh trace."""
     plain = (int, float, bool, str, type(None))
     return repr(
         sorted(
             (key, value)
             for key, value in vars(module).items()
-            if isinstance(value, plain) or (dataclasses.is_dataclass(value) and not isinstance(value, type))
+            if key != skip and (isinstance(value, plain) or _is_dataclass_instance(value))
         )
     )
+
+
+def _is_dataclass_instance(value) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 class _CodeIdentity:
@@ -124,7 +135,7 @@ def remember(key: tuple | None, graph_module: fx.GraphModule, model: nn.Module) 
     if key is None:
         return
     for node in graph_module.graph.nodes:
-        if node.op == "call_module" or (node.op == "get_attr" and not _holds_tensor(model, node.target)):
+        if node.op == "call_module" or (node.op == "get_attr" and not holds_tensor(model, node.target)):
             return
     _GRAPHS[key] = copy.deepcopy(graph_module.graph)
     while len(_GRAPHS) > 1 and sum(len(g.nodes) for g in _GRAPHS.values()) > _MAX_NODES:
@@ -136,7 +147,7 @@ def clear() -> None:
     _GRAPHS.clear()
 
 
-def _holds_tensor(model: nn.Module, target: str) -> bool:
+def holds_tensor(model: nn.Module, target: str) -> bool:
     try:
         return isinstance(tensor_at(model, target), Tensor)
     except AttributeError:

@@ -417,3 +417,42 @@ def test_phimoe_longrope_captures_and_switches_scale_like_transformers(seed):
         got, past = program.step(new, torch.ones_like(tokens), positions, past)
         assert (got - expected).abs().max().item() <= TOL, start
         tokens = torch.cat([tokens, expected[:, -1:].argmax(-1)], dim=-1)
+
+
+ALTERNATING = ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+
+
+@pytest.mark.parametrize(
+    "family,overrides,edit,traced",
+    [
+        ("mixtral", {}, None, 2),
+        ("deepseek_v3", {"first_k_dense_replace": 2}, None, 3),  # dense, dense, then MoE layers
+        ("gpt_oss", {"layer_types": ALTERNATING}, None, 3),  # sliding, full, sliding, ...
+        ("qwen2_moe", {"mlp_only_layers": [3]}, None, 4),  # a dense MLP among MoE layers
+        ("olmoe", {}, 3, 4),  # one layer's router edited to top-1: that layer is traced, not copied
+    ],
+)
+def test_deep_models_trace_each_kind_of_layer_and_copy_the_rest(
+    family, overrides, edit, traced, seed, caplog, monkeypatch
+):
+    """Capture traces a prefix holding every kind of layer and copies the later layers of each kind:
+    the result computes exactly what tracing every layer does, and what transformers does."""
+    from moepass.ir import replicate
+
+    model = model_for(family, seed=seed, num_hidden_layers=5, **overrides)
+    if edit is not None:
+        model.model.layers[edit].mlp.gate.top_k = 1
+    trace_cache.clear()
+    caplog.set_level(logging.INFO, logger="moepass")
+    copied = moepass.capture(model)
+    assert f"traced {traced} layers, copied {5 - traced}" in caplog.text
+    monkeypatch.setattr(replicate, "plan", lambda model: None)
+    trace_cache.clear()
+    whole = moepass.capture(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    assert torch.equal(copied(ids), whole(ids))
+    assert torch.equal(copied.generate(ids, max_new_tokens=4), whole.generate(ids, max_new_tokens=4))
+    assert copied.summary().splitlines()[1:] == whole.summary().splitlines()[1:]  # blocks as traced
+    _assert_program_matches_eager(copied, model, seed)
+    model.model.layers[4].register_forward_hook(lambda module, args, out: out)
+    assert replicate.plan(model) is None  # what a hook does is not a layer's kind: trace it all
