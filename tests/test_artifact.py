@@ -534,7 +534,9 @@ def test_cli_compress_format_hf_refuses_a_recipe_by_its_pass_options_before_any_
         ("{keep: 4, preserve_gate: true}", "routers that keep rows for dropped experts"),
         ("{keep: 4, selection: global}", "MoE layers with different expert counts"),
     ]:
-        (tmp_path / "r.yaml").write_text(f"name: r\npasses:\n  - expert_drop: {options}\n")
+        (tmp_path / "r.yaml").write_text(  # an analysis pass first: it leaves nothing
+            f"name: r\npasses:\n  - expert_importance: {{}}\n  - expert_drop: {options}\n"
+        )
         recipe = ["--recipe", str(tmp_path / "r.yaml"), "--format", "hf"]
         assert main(["compress", "--model", str(tmp_path / "no-model"), *recipe]) == 2
         error = capsys.readouterr().err

@@ -166,6 +166,12 @@ def test_yaml_recipe_files(tmp_path):
     merged = load_recipe(tmp_path / "merged.yaml")
     assert (merged.passes[1][1].bits, merged.passes[1][1].group_size) == (4, 32)
     assert merged.passes[1][1].targets == ("attention",)
+    (tmp_path / "few.samples.yaml").write_text("calibration: {samples: 0}\npasses:\n  - awq: {bits: 3}\n")
+    with pytest.raises(ConfigError, match=r"^few\.samples\.yaml: calibration\.samples: 0 is out of range"):
+        load_recipe(tmp_path / "few.samples.yaml")  # the key named once, whatever dots the file name has
+    (tmp_path / "few.samples.yaml").write_text("passes:\n  - awq: {bits: 3}\n")
+    with pytest.raises(ConfigError, match=r"^few\.samples\.yaml: passes\[0\]\.awq\.bits: 3 is not allowed"):
+        load_recipe(tmp_path / "few.samples.yaml")
 
 
 @pytest.mark.parametrize(

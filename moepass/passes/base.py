@@ -59,6 +59,8 @@ class Pass:
     config_class: ClassVar[type[PassConfig]]
     # "store": storage formats after all compression (2:4); "lower": a device's kernels (`moepass.lower`)
     stage: ClassVar[str] = "compress"
+    # what this pass leaves that no stock transformers checkpoint can hold (None: nothing; analyses)
+    not_in_hf_checkpoints: ClassVar[str | None] = None
 
     def __init__(self, config: PassConfig | None = None):
         self.config = config if config is not None else self.config_class()
@@ -67,6 +69,11 @@ class Pass:
                 f"pass {self.name!r} takes a {self.config_class.__name__}, got {type(self.config).__name__}"
             )
         self.config.check()
+
+    def leaves_not_in_hf_checkpoints(self) -> str | None:
+        """What this pass, as configured, leaves that no transformers checkpoint holds (None: nothing),
+        known before it runs so that a refused output costs no compression time."""
+        return self.not_in_hf_checkpoints
 
 
 class AnalysisPass(Pass):
@@ -81,16 +88,9 @@ class TransformPass(Pass):
     kind = "transform"
     preserves: ClassVar[frozenset[str]] = frozenset()  # analyses still valid after this pass
     needs_calibration: ClassVar[bool] = False  # reads calibration data itself (GPTQ, AWQ, Wanda...)
-    # what this pass leaves that no stock transformers checkpoint can hold (None: nothing)
-    not_in_hf_checkpoints: ClassVar[str | None] = None
     # removes blocks, MoE layers or experts: what later passes find is no longer the input's
     # structure, so their `refuse_early` cannot judge the input (a layer it objects to may be gone)
     removes_structure: ClassVar[bool] = False
-
-    def leaves_not_in_hf_checkpoints(self) -> str | None:
-        """What this pass, as configured, leaves that no transformers checkpoint holds (None: nothing),
-        known before it runs so that a refused output costs no compression time."""
-        return self.not_in_hf_checkpoints
 
     def required_analyses(self) -> list[tuple[str, PassConfig]]:
         """Analyses this transform will ask for, so a one-shot run can compute them up front."""
@@ -151,7 +151,8 @@ def config_from_dict(cls: type[PassConfig], data: dict, where: str = "") -> Pass
     try:
         config.check()
     except ConfigError as error:  # name the recipe entry, as the key and type errors above do
-        scope = where.rstrip(".").rpartition(".")[2]  # "x.yaml: passes[0].awq." -> "awq"
+        # "x.yaml: passes[0].awq." -> "awq", "my.recipe.yaml: calibration." -> "calibration"
+        scope = where.rstrip(".").rpartition(": ")[2].rpartition(".")[2]
         message = str(error)
         for separator in (".", ": "):
             if scope and message.startswith(scope + separator):
