@@ -73,9 +73,19 @@ def _eval(args: argparse.Namespace) -> None:
         check_source(args.data)
     except DataError as error:
         raise MoepassError(f"--data: {error}") from None
+    onnx = os.path.isfile(os.path.join(args.model, "onnx_manifest.json"))
+    if onnx and (args.program or args.dtype or device.type != "cpu"):
+        raise MoepassError(
+            f"{args.model} is an ONNX export, run by onnxruntime's CPU provider as exported; drop "
+            "--program, --dtype and --device"
+        )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     artifact = is_artifact(args.model)
-    if artifact:  # a compressed moepass artifact (a program already): evaluated as saved (canonical ops)
+    if onnx:
+        from moepass.onnx_export.runtime import OnnxProgram
+
+        subject = OnnxProgram(args.model)
+    elif artifact:  # a compressed moepass artifact (a program already): evaluated as saved (canonical ops)
         subject = _load_program(args.model, lower=False, dtype=_dtype(args), device=device)
     else:
         model = load_model(args.model, dtype=_dtype(args))
@@ -91,7 +101,8 @@ def _eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         text_key=args.text_key,
     )
-    what = "moepass artifact" if artifact else ("captured program" if args.program else "transformers model")
+    what = "ONNX export, onnxruntime" if onnx else "moepass artifact" if artifact else None
+    what = what or ("captured program" if args.program else "transformers model")
     print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {result.seq_len} tokens"))
     if args.json:
         text = result.to_json() + "\n"
@@ -426,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="perplexity and next-token accuracy on held-out text")
     evaluation.add_argument(
-        "model", help=f"local checkpoint directory or one of: {', '.join(builtin_names())}"
+        "model",
+        help=f"checkpoint directory, moepass artifact, ONNX export or one of: {', '.join(builtin_names())}",
     )
     evaluation.add_argument(
         "--data",

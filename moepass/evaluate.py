@@ -105,7 +105,7 @@ def evaluate(
     seed: int = 0,
     text_key: str = "text",
 ) -> EvalResult:
-    """Score `model` (transformers causal LM or MoEProgram) on held-out text.
+    """Score `model` (transformers causal LM, MoEProgram or OnnxProgram) on held-out text.
 
     `data` is a TokenSet, or anything `moepass.data.load_documents` reads (then `tokenizer` is
     required); by default the bundled test split, with at most `max_per_source` windows of
@@ -127,7 +127,7 @@ def evaluate(
             text_key=text_key,
         )
     check_fits(data, model_config(model, "vocab_size"), model_config(model, "max_position_embeddings"))
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
     domains: dict[str, DomainScore] = {}
     for source, rows in data.by_source().items():
         score = DomainScore(0, 0.0, 0)
@@ -160,7 +160,10 @@ def evaluate(
 
 def model_size(model: nn.Module) -> tuple[int, int]:
     """Parameter count and bytes of parameters and buffers, shared tensors counted once; for a
-    program, quantized weights count at their logical size (`tensor_sizes`)."""
+    program, quantized weights count at their logical size (`tensor_sizes`); for an OnnxProgram,
+    what its export recorded and its files' bytes."""
+    if not isinstance(model, nn.Module):
+        return model.weight_sizes()
     graph_module = getattr(model, "graph_module", None)
     if graph_module is not None:
         sizes = tensor_sizes(graph_module).values()
@@ -179,6 +182,8 @@ def model_size(model: nn.Module) -> tuple[int, int]:
 def _logits(model, input_ids):
     """Logits in inference mode (no dropout, no router jitter) even for a model left in training
     mode, which is put back as it was."""
+    if not isinstance(model, nn.Module):  # an OnnxProgram: inference only
+        return model(input_ids)
     training = model.training
     model.eval()
     try:

@@ -255,7 +255,8 @@ def _checkpoint_dir(path: str) -> str:
         )
     if not os.path.isfile(os.path.join(path, "config.json")):
         hint = (
-            " (it holds an ONNX export: run it with --onnx / moepass.OnnxProgram)"
+            " (it holds an ONNX export: `moepass generate --onnx` and `moepass eval` run it, "
+            "moepass.OnnxProgram in Python)"
             if os.path.isfile(os.path.join(path, "model.onnx"))
             else ""
         )

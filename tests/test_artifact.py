@@ -502,6 +502,10 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         texts[engine] = captured_io.out
         assert "tokens in" in captured_io.err
     assert texts["torch"] == texts["onnx"] and texts["torch"].startswith("It is")
+    assert main(["eval", str(onnx_dir), "--max-per-source", "1"]) == 0  # scored by onnxruntime
+    assert "(ONNX export, onnxruntime)" in capsys.readouterr().out
+    assert main(["eval", str(onnx_dir), "--program"]) == 2
+    assert "is an ONNX export, run by onnxruntime's CPU provider" in capsys.readouterr().err
     assert main(["export-onnx", str(out), str(onnx_dir)]) == 2  # refused before loading anything
     assert "(CLI: --force)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no bfloat16 in onnxruntime: refused by argparse, before loading

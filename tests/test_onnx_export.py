@@ -139,6 +139,22 @@ def test_trimmed_programs_export_what_is_left(tmp_path):
     _matches(trimmed, OnnxProgram(tmp_path / "onnx"))  # routes to dropped experts contribute nothing
 
 
+def test_onnx_programs_evaluate_like_the_pytorch_program(tmp_path_factory):
+    """`moepass.evaluate` scores an export through onnxruntime: the same perplexity and accuracy as
+    the program it came from, its parameter count, and the bytes its files hold."""
+    program = captured("olmoe")[1]
+    path = _exported("olmoe", tmp_path_factory)
+    ids = torch.randint(0, program.info.vocab_size, (6, 17))
+    data = TokenSet(ids[:, :-1], ids[:, 1:], ["a", "b"] * 3)
+    want, got = moepass.evaluate(program, data), moepass.evaluate(OnnxProgram(path), data)
+    for source, score in want.domains.items():
+        assert got.domains[source].tokens == score.tokens
+        assert abs(got.domains[source].nll - score.nll) < 1e-5 * score.nll
+        assert abs(got.domains[source].correct - score.correct) <= 1  # an argmax tie at most
+    assert got.parameters == want.parameters
+    assert got.weight_bytes == sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".onnx", ".data"))
+
+
 def test_export_writes_manifest_and_refuses_what_it_cannot_do(tmp_path, tmp_path_factory):
     _, program = captured("olmoe")
     path = _exported("olmoe", tmp_path_factory)

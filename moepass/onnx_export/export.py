@@ -32,6 +32,7 @@ from torch import fx
 
 from moepass.artifact import output_directory, write_atomically
 from moepass.errors import MoepassError
+from moepass.evaluate import model_size
 from moepass.ir import MoEProgram
 from moepass.ir.ops import EXPERTS, ROUTE, routing
 from moepass.ir.program import lm_head_entry
@@ -123,6 +124,7 @@ def export_onnx(
             "optional_inputs": {LOGITS_TO_KEEP: 0},
             "outputs": output_names(program),
             "rewrites": rewrites,
+            "parameters": model_size(program)[0],  # logical counts: packed codes count as weights
         }
         (staging / MANIFEST_FILE).write_text(json_document(manifest), encoding="utf-8")
         if tokenizer is not None:

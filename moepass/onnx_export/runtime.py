@@ -42,6 +42,7 @@ class OnnxProgram(StepGeneration):
                 )
             self.info = ProgramInfo(**manifest["info"])
             self.input_names, self.output_names = manifest["inputs"], manifest["outputs"]
+            self._parameters = int(manifest.get("parameters", 0))  # exports before it was recorded: 0
         except (ValueError, TypeError, KeyError, AttributeError) as error:  # JSON errors are ValueErrors
             raise MoepassError(
                 f"{path / MANIFEST_FILE} is damaged or from another moepass "
@@ -53,6 +54,7 @@ class OnnxProgram(StepGeneration):
                 f"onnxruntime {ort.__version__} is older than {oldest}, the oldest that runs moepass "
                 f"exports (their MoE, QMoE and MatMulNBits contrib ops); pip install 'onnxruntime>={oldest}'"
             )
+        self.path = path
         # exports before this input existed compute every position's logits, cut here instead
         self._keeps_logits = LOGITS_TO_KEEP in manifest.get("optional_inputs", {})
         options = ort.SessionOptions()
@@ -150,6 +152,12 @@ class OnnxProgram(StepGeneration):
             raise MoepassError(
                 f"input_ids{bad} is {int(input_ids[tuple(bad)])}: token ids must lie in [0, {vocab})"
             )
+
+    def weight_sizes(self) -> tuple[int, int]:
+        """(parameters, bytes) as `moepass.evaluate.model_size` reports them: the exported program's
+        logical parameter count, and the bytes of the ONNX files (the weights, as stored)."""
+        stored = sum(f.stat().st_size for f in self.path.iterdir() if f.suffix in (".onnx", ".data"))
+        return self._parameters, stored
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, seq, vocab] of a full sequence."""
