@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -11,7 +12,7 @@ import shlex
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def _eval(args: argparse.Namespace) -> None:
             f"{args.model} is an ONNX export, run by onnxruntime's CPU provider as exported; drop "
             "--program, --dtype and --device"
         )
+    _refuse_file_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     artifact = is_artifact(args.model)
     if onnx:
@@ -152,6 +154,7 @@ def _compress(args: argparse.Namespace) -> None:
     )
     _refuse_inside(out, args.model)
     tokenizer_source = args.tokenizer or args.model
+    _refuse_file_model(args.model)
     tokenizer = load_tokenizer(tokenizer_source)
     # an artifact compresses further; calibration, the passes and evaluation run on `device`
     original = _load_program(args.model, lower=False, dtype=_dtype(args), device=device)
@@ -168,17 +171,21 @@ def _compress(args: argparse.Namespace) -> None:
             )
     # compressing first (it forks `original`) fails a recipe this model cannot take before minutes of
     # evaluation: the pass manager refuses such a recipe before any pass runs
-    program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
+    calibration = ("--calib", args.calib) if args.calib else (f"recipe {recipe.name}: calibration.data", None)
+    with _data_named(calibration[0]):
+        program = compress(original, recipe, calibration=calibration[1], tokenizer=tokenizer)
     evaluation = {
         "tokenizer": tokenizer,
         "seq_len": args.eval_seq_len,  # default: 256, or the model's positions if fewer
         "max_per_source": args.eval_per_source,
         "text_key": recipe.calibration.text_key,  # --text-key, else the recipe's
     }
-    before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
+    with _data_named("--eval-data"):
+        before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
     if args.format == "hf":  # what the recipe's passes cannot tell up front
         hf_config(program, hint=f"; {USE_MOEPASS_FORMAT}")
-    after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
+    with _data_named("--eval-data"):
+        after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
     report = CompressionReport(
         args.model,
         recipe.to_dict(),
@@ -188,10 +195,6 @@ def _compress(args: argparse.Namespace) -> None:
         original.info.num_layers,
         experts,
         model_size(original),
-    )
-    coverage = [table for _, table in program.report.coverage_tables()]
-    print(
-        report.summary_table(), report.structure_table(), program.report.table(), *coverage[-1:], sep="\n\n"
     )
     if args.format == "hf":
         documents, tensors = hf_checkpoint(program)
@@ -206,7 +209,36 @@ def _compress(args: argparse.Namespace) -> None:
         report.write(staging)
 
     write_atomically(out, fill, overwrite=args.force)
+    # printed once written: a pager or `head` closing the pipe early must not cost the result
+    coverage = [table for _, table in program.report.coverage_tables()]
+    print(
+        report.summary_table(), report.structure_table(), program.report.table(), *coverage[-1:], sep="\n\n"
+    )
     print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json, plots/)")
+
+
+@contextlib.contextmanager
+def _data_named(flag: str) -> Iterator[None]:
+    """Data errors found while reading (empty, too short) name the flag of the data: compress reads
+    two sources."""
+    from moepass.data import DataError
+
+    try:
+        yield
+    except DataError as error:
+        raise MoepassError(f"{flag}: {error}") from None
+
+
+def _refuse_file_model(model: str) -> None:
+    """A model is a directory or a built-in name: refused before its tokenizer is read, since a file
+    would be read as a tokenizer.json and blamed for that."""
+    from moepass.zoo import builtin_names
+
+    if os.path.isfile(model):
+        raise MoepassError(
+            f"{model} is a file; name a checkpoint directory, a moepass artifact or a built-in model "
+            f"({', '.join(builtin_names())})"
+        )
 
 
 def _tokenizer_to_write(source: str, tokenizer):
@@ -262,6 +294,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.compile and args.no_lower:
         raise MoepassError("--compile compiles the lowered program; drop --no-lower")
     device = torch.device("cpu") if args.onnx else _device(args)
+    _refuse_file_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     # with the special tokens the tokenizer adds by default (a BOS where the model was trained with one),
     # the same whether tokenizer.json is read directly or through transformers

@@ -641,3 +641,39 @@ def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path,
     argv = ["compress", "--model", str(tmp_path / "no-model"), "--recipe", "int4-gptq", "--format", "hf"]
     assert main(argv) == 2
     assert "--format hf: pass gptq of recipe int4-gptq leaves quantized weights" in capsys.readouterr().err
+
+
+def test_cli_compress_names_the_data_at_fault_and_writes_before_printing(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Two data sources: an error reading one names its flag. A model given as a file is refused as
+    a model, not read as a tokenizer. The result is written before the tables are printed, so a
+    pager closing the pipe early (a BrokenPipeError) does not lose it."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "drop.yaml").write_text("passes:\n  - layer_drop: {count: 1}\n")
+    argv = ["compress", "--model", str(checkpoint), "--recipe", str(tmp_path / "drop.yaml")]
+    assert main([*argv, "--calib", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "a")]) == 2
+    assert "error: --calib: the data holds no text" in capsys.readouterr().err
+    assert main([*argv, "--eval-data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "b")]) == 2
+    assert "error: --eval-data: the data holds no text" in capsys.readouterr().err
+    for command in (["compress", "--model"], ["generate"], ["eval"]):
+        assert main([*command, str(tmp_path / "empty.txt")]) == 2
+        assert "empty.txt is a file; name a checkpoint directory" in capsys.readouterr().err
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sys.__stdout__.fileno()
+
+    (tmp_path / "rtn.yaml").write_text("passes:\n  - rtn: {group_size: 16}\n")
+    out = tmp_path / "piped"
+    quantize = ["--recipe", str(tmp_path / "rtn.yaml"), "--eval-per-source", "0", "--out", str(out)]
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    monkeypatch.setattr(os, "dup2", lambda *args: None)  # main silences the real stdout: not here
+    assert main(["compress", "--model", str(checkpoint), *quantize]) == 1
+    assert (out / "manifest.json").is_file() and (out / "model.safetensors").is_file()
