@@ -86,12 +86,14 @@ def _eval(args: argparse.Namespace) -> None:
     if onnx:
         from moepass.onnx_export.runtime import OnnxProgram
 
-        subject = OnnxProgram(args.model)
+        subject, what = OnnxProgram(args.model), "ONNX export, onnxruntime"
     elif artifact:  # a compressed moepass artifact (a program already): evaluated as saved (canonical ops)
         subject = _load_program(args.model, lower=False, dtype=_dtype(args), device=device)
+        what = "moepass artifact"
     else:
         model = load_model(args.model, dtype=_dtype(args))
         subject = (capture(model) if args.program else model).to(device)
+        what = "captured program" if args.program else "transformers model"
     per_source = None if args.max_per_source == 0 else args.max_per_source
     result = evaluate(
         subject,
@@ -103,8 +105,6 @@ def _eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         text_key=args.text_key,
     )
-    what = "ONNX export, onnxruntime" if onnx else "moepass artifact" if artifact else None
-    what = what or ("captured program" if args.program else "transformers model")
     print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {result.seq_len} tokens"))
     if args.json:
         text = result.to_json() + "\n"
@@ -171,9 +171,8 @@ def _compress(args: argparse.Namespace) -> None:
             )
     # compressing first (it forks `original`) fails a recipe this model cannot take before minutes of
     # evaluation: the pass manager refuses such a recipe before any pass runs
-    calibration = ("--calib", args.calib) if args.calib else (f"recipe {recipe.name}: calibration.data", None)
-    with _data_named(calibration[0]):
-        program = compress(original, recipe, calibration=calibration[1], tokenizer=tokenizer)
+    with _data_named("--calib" if args.calib else f"recipe {recipe.name}: calibration.data"):
+        program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
     evaluation = {
         "tokenizer": tokenizer,
         "seq_len": args.eval_seq_len,  # default: 256, or the model's positions if fewer

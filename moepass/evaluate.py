@@ -158,7 +158,7 @@ def evaluate(
     )
 
 
-def model_size(model: nn.Module) -> tuple[int, int]:
+def model_size(model) -> tuple[int, int]:
     """Parameter count and bytes of parameters and buffers, shared tensors counted once; for a
     program, quantized weights count at their logical size (`tensor_sizes`); for an OnnxProgram,
     what its export recorded and its files' bytes."""
