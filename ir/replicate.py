@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from .structure import LAYERS, module_path
+from .structure import LAYERS, module_path, tensor_at
 from .trace_cache import forwards_are_visible, holds_tensor, settings
 
 _LAYER_PATH = re.compile(rf"^{re.escape(LAYERS)}\.(\d+)(?:\.|$)")
@@ -108,9 +108,17 @@ def replicate(graph_module: fx.GraphModule, model: nn.Module, layout: Plan) -> f
         reader.replace_input_with(layers.outputs[layout.prefix - 1], last)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0][0], *layers.presents),)
-    if not all(holds_tensor(model, n.target) for n in graph.nodes if n.op == "get_attr"):
-        return None  # a constant made while tracing: not the model's to bind
-    whole = fx.GraphModule(model, graph)
+    in_layers = {n for members in layers.nodes.values() for n in members}
+    tensors = {}
+    for node in (n for n in graph.nodes if n.op == "get_attr"):
+        if holds_tensor(model, node.target):
+            tensors[node.target] = tensor_at(model, node.target)
+        elif in_layers.isdisjoint(node.users) and holds_tensor(graph_module, node.target):
+            # a constant made while tracing (a mask's fill value), read before or after the layers
+            tensors[node.target] = tensor_at(graph_module, node.target)
+        else:
+            return None
+    whole = fx.GraphModule(tensors, graph)  # parameters stay parameters, other tensors are buffers
     whole.graph.lint()
     return whole
 
