@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from .structure import LAYERS, module_path, tensor_at
-from .trace_cache import forwards_are_visible, holds_tensor, settings
+from .structure import BLOCK_PATH, LAYERS, module_path, tensor_at
+from .trace_cache import forwards_are_visible, holds_tensor, module_signature, tensor_signature
 
-_LAYER_PATH = re.compile(rf"^{re.escape(LAYERS)}\.(\d+)(?:\.|$)")
 _CACHE_INPUT = re.compile(r"^past_(key|value)_(\d+)$")
 
 
@@ -194,7 +193,7 @@ def _layer_of(node: fx.Node) -> int | None:
         match = _CACHE_INPUT.match(node.name)
         return int(match.group(2)) if match else None
     path = {"get_attr": node.target, "call_function": module_path(node)}.get(node.op)
-    match = _LAYER_PATH.match(path or "")
+    match = BLOCK_PATH.match(path or "")
     return int(match.group(1)) if match else None
 
 
@@ -227,11 +226,10 @@ def _per_layer_entries(config) -> dict[str, list | tuple]:
 
 def _kind(model: nn.Module, layer: nn.Module, index: int) -> Hashable:
     modules = tuple(
-        (name, type(m), settings(m, skip="layer_idx"), tuple(sorted(m._non_persistent_buffers_set)))
-        for name, m in layer.named_modules(remove_duplicate=False)
+        module_signature(name, m, skip="layer_idx") for name, m in layer.named_modules(remove_duplicate=False)
     )
     tensors = tuple(
-        (name, tuple(t.shape), t.stride(), t.dtype, t.device, type(t))
+        tensor_signature(name, t)
         for name, t in [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers()]
     )
     entries = tuple((k, repr(v[index])) for k, v in sorted(_per_layer_entries(model.config).items()))

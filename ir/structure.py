@@ -43,7 +43,7 @@ def register_experts_op(op, spec: ExpertsOp) -> None:
 # Module paths of the transformers causal-LM layout shared by every supported family.
 EMBEDDINGS, LAYERS, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
 ATTENTION, INPUT_NORM, POST_NORM, MLP = "self_attn", "input_layernorm", "post_attention_layernorm", "mlp"
-_BLOCK_PATH = re.compile(rf"^{re.escape(LAYERS)}\.(\d+)(?:\.|$)")
+BLOCK_PATH = re.compile(rf"^{re.escape(LAYERS)}\.(\d+)(?:\.|$)")
 _RESIDUAL_ADD = torch.ops.aten.add.Tensor
 
 
@@ -183,7 +183,7 @@ def build_structure(graph_module: fx.GraphModule, attention_notes: dict[int, str
         return cls(path, names, _tensors_read(names, nodes), **fields)
 
     past = [n.name for n in graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
-    block_indices = sorted({int(m.group(1)) for p in by_module if (m := _BLOCK_PATH.match(p))})
+    block_indices = sorted({int(m.group(1)) for p in by_module if (m := BLOCK_PATH.match(p))})
     blocks = [
         _block(graph_module, i, entry, nodes, by_module, past, attention_notes.get(i, ""))
         for i in block_indices

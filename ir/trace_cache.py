@@ -46,13 +46,10 @@ def trace_key(model: nn.Module, sample: Tensor) -> tuple | None:
     or an instance-level forward could change it unseen."""
     if not forwards_are_visible(model):
         return None
-    modules = [
-        (name, type(module), tuple(sorted(module._non_persistent_buffers_set)), settings(module))
-        for name, module in model.named_modules(remove_duplicate=False)
-    ]
+    modules = [module_signature(name, module) for name, module in model.named_modules(remove_duplicate=False)]
     first_name: dict[int, str] = {}
     tensors = [
-        (name, tuple(t.shape), t.stride(), t.dtype, t.device, type(t), first_name.setdefault(id(t), name))
+        (*tensor_signature(name, t), first_name.setdefault(id(t), name))
         for name, t in itertools.chain(
             model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
         )
@@ -78,6 +75,16 @@ def forwards_are_visible(model: nn.Module) -> bool:
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
+
+
+def module_signature(name: str, module: nn.Module, skip: str = "") -> tuple:
+    """What one module contributes to a trace: its name, class, non-persistent buffers and settings."""
+    return name, type(module), tuple(sorted(module._non_persistent_buffers_set)), settings(module, skip)
+
+
+def tensor_signature(name: str, tensor: Tensor) -> tuple:
+    """What one tensor contributes to a trace: its name, shape, layout, dtype, device and class."""
+    return name, tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, type(tensor)
 
 
 def settings(module: nn.Module, skip: str = "") -> str:
