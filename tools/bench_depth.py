@@ -1,4 +1,5 @@
-"""How whole-program work grows with depth: capture, RTN, expert and layer drops, save and load.
+"""How whole-program work grows with depth: capture, RTN, expert and layer drops, save, load and
+ONNX export.
 
     python tools/bench_depth.py                  # Mixtral, 4 / 8 / 16 / 32 layers
     python tools/bench_depth.py --layers 4 8     # quicker
@@ -50,6 +51,7 @@ def timings(layers: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as directory:
         timed("save", lambda: moepass.save(quantized, f"{directory}/artifact"))
         loaded = timed("load", lambda: moepass.load(f"{directory}/artifact", lower=False))
+        timed("export-onnx", lambda: moepass.export_onnx(quantized, f"{directory}/onnx"))
     with torch.no_grad():
         if not torch.allclose(loaded(ids), quantized(ids), atol=1e-5, rtol=0):
             raise SystemExit(f"{layers} layers: the loaded program computes other logits than the saved one")
