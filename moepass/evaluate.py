@@ -110,11 +110,16 @@ def evaluate(
     `data` is a TokenSet, or anything `moepass.data.load_documents` reads (then `tokenizer` is
     required); by default the bundled test split, with at most `max_per_source` windows of
     `seq_len` tokens (default 256, or the model's positions if fewer) per domain, chosen with
-    `seed`; `text_key` names JSON records' text field.
+    `seed`; `text_key` names JSON records' text field. A TokenSet is scored whole, as it is.
     """
     start = time.perf_counter()
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(data, TokenSet) and seq_len not in (None, data.seq_len):
+        raise DataError(
+            f"seq_len={seq_len} cuts text into windows, but this TokenSet's windows are {data.seq_len} "
+            "tokens: leave seq_len out, or build the TokenSet with the windows you want"
+        )
     if not isinstance(data, TokenSet):
         if tokenizer is None:
             raise DataError("evaluate() needs a tokenizer to read text data (or pass a TokenSet)")

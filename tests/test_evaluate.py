@@ -147,3 +147,5 @@ def test_data_the_model_cannot_score_is_refused(seed):
         moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8].clone().fill_(-100), ["a", "a"]))
     with pytest.raises(DataError, match="batch_size must be at least 1, got 0"):
         moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8], ["a", "a"]), batch_size=0)
+    with pytest.raises(DataError, match="TokenSet's windows are 8 tokens"):
+        moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8], ["a", "a"]), seq_len=4)
