@@ -27,6 +27,7 @@ from moepass.table import format_table, human_bytes
 from moepass.zoo import load_model, load_tokenizer
 
 WIDE = ["experts", "shared_experts", "attention", "dense_mlp"]
+OPT_IN = ["embeddings", "lm_head"]  # rounded to nearest whatever the method
 
 
 STORE_24 = ("sparse24_storage", {})  # 2:4 rows keep the pruned weights compressed
@@ -45,6 +46,8 @@ def settings(group: int) -> list[tuple[str, list | dict]]:
         ("int4 AWQ", [("awq", q4)]),
         ("int8 RTN", [("rtn", {**q4, "bits": 8})]),
         ("int8 GPTQ", [("gptq", {**q4, "bits": 8})]),
+        ("int4 RTN, embeddings and LM head too", [("rtn", {**q4, "targets": [*WIDE, *OPT_IN]})]),
+        ("int4 GPTQ, embeddings and LM head too", [("gptq", {**q4, "targets": [*WIDE, *OPT_IN]})]),
         ("50% magnitude", [("magnitude", {})]),
         ("50% Wanda", [("wanda", {})]),
         ("50% SparseGPT", [("sparsegpt", {})]),
@@ -208,7 +211,8 @@ def main() -> None:
     text = (
         "# Expert Slimming on the bundled models\n\nRegenerate with `python tools/quality_slimming.py`. "
         "Quantization targets experts, shared experts, attention and dense MLPs (router, embeddings and LM "
-        "head stay in full precision); pruning targets the routed experts (the paper's setting). A drop "
+        "head stay in full precision, except in the rows that say so: the opt-in targets are rounded to "
+        "nearest whatever the method); pruning targets the routed experts (the paper's setting). A drop "
         "ratio rounds down: 25% of tiny-mixtral's 6 MoE layers drops 1; the `count` row drops 2 (33%). "
         "Rows that quantize, then drop, score the layers on the quantized model (the paper's "
         "slim-then-trim; `scoring: iterative`). "
