@@ -251,6 +251,13 @@ def test_grouped_expert_drop_keeps_groups_equal():
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         assert (program(ids) - reference(ids).logits).abs().max() <= TOL
+    # a ratio keeps the next multiple of the groups: 40% of 16 experts in 4 groups keeps 9.6 -> 12
+    model, original = captured("deepseek_v3", n_routed_experts=16, n_group=4, topk_group=2)
+    program = moepass.compress(original, [("expert_drop", {"ratio": 0.4, "score": "random"})])
+    for edit in program.info.edits:
+        assert sorted(e // 4 for e in edit["keep"]) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    with pytest.raises(moepass.MoepassError, match="use a multiple of 4"):
+        moepass.compress(original, [("expert_drop", {"keep": 10, "score": "random"})])
 
 
 class _ZeroMLP(torch.nn.Module):

@@ -8,7 +8,8 @@ never drops more than it asks), so layers left with different counts by an earli
 their own share. Router rows and expert tensors are sliced together and top-k becomes
 min(k, kept) (`preserve_gate` instead keeps the full router). Shared experts are never routed, so
 never dropped; dense layers are untouched. Group-limited routers (DeepSeek-V2/V3 `n_group` > 1)
-lose the same number of experts from every group, so their grouping stays valid.
+lose the same number of experts from every group, so their grouping stays valid (a ratio keeps the
+next multiple of the groups: 30% of 256 experts in 8 groups drops 72, 9 per group).
 """
 
 from __future__ import annotations
@@ -132,7 +133,16 @@ class ExpertDropPass(TransformPass):
     def _kept_per_layer(self, moe) -> dict[int, float]:
         if self.config.keep is not None:
             return {index: float(self.config.keep) for index in moe}
-        return {index: m.num_experts * (1 - self.config.ratio) for index, m in moe.items()}
+        return {index: _ratio_target(m, self.config.ratio) for index, m in moe.items()}
+
+
+def _ratio_target(moe, ratio: float) -> float:
+    """Experts a drop ratio keeps in one layer; a group-limited router keeps the next multiple of its
+    groups (the same number from every group, never dropping more than asked)."""
+    target = moe.num_experts * (1 - ratio)
+    if moe.n_group <= 1:
+        return target
+    return float(math.ceil(target / moe.n_group - 1e-9) * moe.n_group)
 
 
 def _layerwise(scores, targets: dict[int, float], moe) -> dict[int, list[int]]:
