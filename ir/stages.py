@@ -24,8 +24,13 @@ class Stage:
     outputs: list[str]  # names of nodes this stage produces for later stages, the result, or observers
 
 
-def split_stages(graph_module: fx.GraphModule, observe: set[str] = frozenset()) -> list[Stage]:
-    """Stages in execution order; `observe` names extra nodes to return from their stage."""
+def split_stages(
+    graph_module: fx.GraphModule, observe: set[str] = frozenset(), only: str | None = None
+) -> list[Stage]:
+    """Stages in execution order; `observe` names extra nodes to return from their stage. `only`
+    ("prelude", "block 3", "tail") builds that stage alone: finding the stages is one walk over the
+    graph, building their modules is what costs, and a pass that asks for one block at a time would
+    otherwise pay for every block each time (quadratic in depth)."""
     graph = graph_module.graph
     owner: dict[str, str] = {}
     blocks: list[int] = []
@@ -48,8 +53,10 @@ def split_stages(graph_module: fx.GraphModule, observe: set[str] = frozenset()) 
     for node in graph.nodes:
         for source in node.all_input_nodes:
             consumers.setdefault(source.name, set()).add(owner.get(node.name, "output"))
+    if only is not None and only not in order:
+        raise ValueError(f"the graph has no stage {only!r} (stages: {', '.join(order)})")
     stages = []
-    for key in order:
+    for key in order if only is None else [only]:
         members = [n for n in graph.nodes if owner.get(n.name) == key]
         outputs = [
             n.name

@@ -151,15 +151,15 @@ class BlockwiseRunner:
         batches = [slice(b, min(b + batch_size, len(data))) for b in range(0, len(data), batch_size)]
         self.states = [_graph_inputs(program, data.input_ids[rows]) for rows in batches]
         with torch.no_grad():
-            prelude = split_stages(program.graph_module)[0]
+            (prelude,) = split_stages(program.graph_module, only="prelude")
             for state in self.states:
                 state.update(
                     zip(prelude.outputs, prelude.module(*[state[n] for n in prelude.inputs]), strict=True)
                 )
 
     def _stage(self, block: int, observe: set[str]) -> Stage:
-        stages = split_stages(self.program.graph_module, observe=observe)
-        return next(s for s in stages if s.block == block)
+        (stage,) = split_stages(self.program.graph_module, observe=observe, only=f"block {block}")
+        return stage
 
     @torch.no_grad()
     def observe(self, block: int, nodes: set[str]) -> Iterable[dict[str, Tensor]]:

@@ -17,6 +17,7 @@ from moepass.data import TokenSet
 from moepass.evaluate import model_size
 from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, dequantize, quantize
+from moepass.ir.stages import split_stages
 from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import set_tensor
 from moepass.pass_manager import PassError
@@ -45,6 +46,38 @@ def _correlated_inputs(tokens: int, features: int) -> torch.Tensor:
 def _outlier_inputs(tokens: int, features: int) -> torch.Tensor:
     """Input channels of very different sizes: what Wanda's |W| * ||x|| exploits."""
     return torch.randn(tokens, features) * torch.logspace(-1, 1, features)[torch.randperm(features)]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # DeepSeek: a dense block first
+def test_stages_built_one_at_a_time_run_the_program(family):
+    """A calibrated pass asks for one block's stage at a time (`only`), which must be exactly that
+    stage of the full split; run in order, the stages compute the program's logits."""
+    model, program = captured(family)
+    gm = program.graph_module
+    observed = {program.structure.block(1).attention_residual}
+    stages = split_stages(gm, observe=observed)
+    assert [s.name for s in stages] == [
+        "prelude",
+        *[f"block {b.index}" for b in program.structure.blocks],
+        "tail",
+    ]
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    state = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(9).expand(2, -1),
+    }
+    state.update(zip(program.cache_names, program.empty_cache(2), strict=True))
+    for stage in stages:
+        (alone,) = split_stages(gm, observe=observed, only=stage.name)
+        assert (alone.block, alone.inputs, alone.outputs) == (stage.block, stage.inputs, stage.outputs)
+        assert alone.module.code == stage.module.code
+        state.update(zip(alone.outputs, alone.module(*[state[n] for n in alone.inputs]), strict=True))
+    assert next(iter(observed)) in stages[2].outputs
+    with torch.no_grad():
+        assert torch.equal(state[stages[-1].outputs[0]], program(ids))
+    with pytest.raises(ValueError, match="no stage 'block 99'"):
+        split_stages(gm, only="block 99")
 
 
 def test_gptq_beats_rtn_on_correlated_inputs(seed):

@@ -1,5 +1,5 @@
-"""How whole-program work grows with depth: capture, RTN, expert and layer drops, save, load and
-ONNX export.
+"""How whole-program work grows with depth: capture, RTN, GPTQ, AWQ, expert and layer drops, save,
+load and ONNX export.
 
     python tools/bench_depth.py                  # Mixtral, 4 / 8 / 16 / 32 layers
     python tools/bench_depth.py --layers 4 8     # quicker
@@ -20,6 +20,7 @@ import time
 import torch
 
 import moepass
+from moepass.data import TokenSet
 from moepass.table import format_table
 from moepass.zoo import random_model
 
@@ -40,11 +41,16 @@ def timings(layers: int) -> dict[str, float]:
     program = timed("capture", lambda: moepass.capture(model))
     recipes = {
         "rtn int4": [("rtn", {"group_size": 16, "targets": TARGETS})],
+        "gptq int4": [("gptq", {"group_size": 16})],
+        "awq int4": [("awq", {"group_size": 16})],
         "expert_drop 8->6": [("expert_drop", {"keep": 6, "score": "random"})],
         "layer_drop half": [("layer_drop", {"count": layers // 2, "metric": "random"})],
     }
+    ids = torch.randint(3, model.config.vocab_size, (8, 33), generator=torch.Generator().manual_seed(0))
+    calibration = TokenSet(ids[:, :-1], ids[:, 1:], ["random"] * 8)  # a few tokens: the graph work counts
     compressed = {
-        name: timed(name, lambda r=recipe: moepass.compress(program, r)) for name, recipe in recipes.items()
+        name: timed(name, lambda r=recipe: moepass.compress(program, r, calibration=calibration))
+        for name, recipe in recipes.items()
     }
     quantized = compressed["rtn int4"]
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
