@@ -72,9 +72,13 @@ class ExpertDropPass(TransformPass):
         targets = self._kept_per_layer(moe)
         if self.config.selection == "layerwise":
             scores = {i: torch.zeros(m.num_experts, device="cpu") for i, m in moe.items()}  # any will do
-            _layerwise(scores, targets, moe)
+            dropping = any(
+                len(kept) < moe[i].num_experts for i, kept in _layerwise(scores, targets, moe).items()
+            )
         else:
-            _global_drop_count(targets, moe)
+            dropping = _global_drop_count(targets, moe) > 0
+        if not dropping:
+            self._refuse_ratio_dropping_none()
 
     @staticmethod
     def _moe(program) -> dict:
@@ -102,11 +106,8 @@ class ExpertDropPass(TransformPass):
                 held = kept_original_experts(program, index)  # differs after an earlier drop
                 originals[index] = [held[e] for e in dropped[index]]
                 keep_experts(program, index, kept, preserve_gate=config.preserve_gate)
-        if not dropped and config.ratio is not None:  # before any edit: none was made
-            raise ConfigError(
-                f"expert_drop.ratio: {config.ratio} of the experts rounds to none dropped; raise it or "
-                "give keep"
-            )
+        if not dropped:  # before any edit: none was made
+            self._refuse_ratio_dropping_none()
         return TransformResult(
             bool(dropped),
             {
@@ -115,6 +116,13 @@ class ExpertDropPass(TransformPass):
                 "experts_per_layer": {str(b.index): b.mlp.num_experts for b in program.structure.moe_blocks},
             },
         )
+
+    def _refuse_ratio_dropping_none(self) -> None:
+        if self.config.ratio is not None:  # a keep equal to the expert count is a no-op asked for
+            raise ConfigError(
+                f"expert_drop.ratio: {self.config.ratio} of the experts rounds to none dropped; raise it or "
+                "give keep"
+            )
 
     def _scores(self, program, context, moe) -> dict[int, torch.Tensor]:
         if self.config.score == "random":
