@@ -157,15 +157,20 @@ class BlockwiseRunner:
                     zip(prelude.outputs, prelude.module(*[state[n] for n in prelude.inputs]), strict=True)
                 )
 
-    def _stage(self, block: int, observe: set[str]) -> Stage:
+    def stage(self, block: int, observe: set[str]) -> Stage:
+        """Block `block`'s stage as the graph is now, returning `observe` too; bound to the weights
+        installed now (a search can swap candidates into `stage.module` without touching the program)."""
         (stage,) = split_stages(self.program.graph_module, observe=observe, only=f"block {block}")
         return stage
 
     @torch.no_grad()
-    def observe(self, block: int, nodes: set[str]) -> Iterable[dict[str, Tensor]]:
-        """For each batch, the values of `nodes` (inside block `block`) from its current weights."""
-        stage = self._stage(block, nodes)
-        for batch, state in enumerate(self.states):
+    def observe(
+        self, block: int, nodes: set[str], stage: Stage | None = None, batches: int | None = None
+    ) -> Iterable[dict[str, Tensor]]:
+        """For each batch (the first `batches`, or all), the values of `nodes` (inside block `block`)
+        from its current weights, or from those of a `stage` built earlier."""
+        stage = stage or self.stage(block, nodes)
+        for batch, state in enumerate(self.states[:batches]):
             outputs = dict(zip(stage.outputs, stage.module(*[state[n] for n in stage.inputs]), strict=True))
             _check_finite(block, outputs, batch)
             yield {name: outputs[name] for name in nodes}
@@ -173,7 +178,7 @@ class BlockwiseRunner:
     @torch.no_grad()
     def outputs(self, block: int) -> list[dict[str, Tensor]]:
         """Everything block `block` hands to later stages, per batch (to commit now or later)."""
-        stage = self._stage(block, set())
+        stage = self.stage(block, set())
         results = []
         for batch, state in enumerate(self.states):
             produced = dict(zip(stage.outputs, stage.module(*[state[n] for n in stage.inputs]), strict=True))

@@ -172,38 +172,35 @@ class AWQPass(QuantizationPass):
                 continue  # the shared experts' gate/up join the routed experts' group
             loss = None
             if all(t.category == "attention" and t.role != "o_proj" for t in group):
-                loss = self._sublayer_loss(program, runner, block, group, attention_out.args[1].name)
+                loss = self._sublayer_loss(runner, block, group, attention_out.args[1].name)
             plan.append(self._linear_group(program, group, _sample(observed[name]), loss))
         if moe is not None:
             shared = by_input.get(hidden, [])
             plan += self._experts(program, moe, observed, shared, fallback)
         return plan
 
-    def _sublayer_loss(self, program, runner, block: int, group, output: str):
+    def _sublayer_loss(self, runner, block: int, group, output: str):
         """Score candidate weights by the attention sub-layer's output (through softmax and o_proj),
-        running the block's graph on a few calibration batches: what AutoAWQ measures, for any family."""
-        weights = [program.graph_module.get_parameter(t.weight) for t in group]
-        batches = runner.states[:LOSS_BATCHES]
+        running the block's graph on a few calibration batches: what AutoAWQ measures, for any family.
+        The block's stage is built once and each candidate swapped into it, never into the program."""
+        stage = runner.stage(block, {output})
+        weights = [stage.module.get_parameter(t.weight) for t in group]
 
         def run() -> list[Tensor]:
-            saved, runner.states = runner.states, batches
-            try:
-                return [values[output].float() for values in runner.observe(block, {output})]
-            finally:
-                runner.states = saved
+            return [values[output].float() for values in runner.observe(block, {output}, stage, LOSS_BATCHES)]
 
         reference = run()
 
         def loss(candidate):
             for target, weight in zip(group, candidate, strict=True):
-                set_tensor(program.graph_module, target.weight, weight)
+                set_tensor(stage.module, target.weight, weight)
             try:
                 return sum(
                     (out - ref).pow(2).mean().item() for out, ref in zip(run(), reference, strict=True)
                 )
             finally:
                 for target, weight in zip(group, weights, strict=True):
-                    set_tensor(program.graph_module, target.weight, weight)
+                    set_tensor(stage.module, target.weight, weight)
 
         return loss
 
