@@ -5,8 +5,8 @@ and `_weight_int8pack_mm` beat the dense fp32 matmul they replace by 1.5-3.5x, w
 activation paths are 10-50x slower than it and dequantizing on every call is 1.5-20x slower. So these
 paths run in bf16 and return the caller's dtype. Their relative error against the exact dequantized
 product is ~3e-3 (1024 x 1024 random weights): 1/36 of what int4 g128 rounding itself costs (1e-1),
-but over a third of int8 per-channel rounding (8e-3), so a lowered int8 program is about as far from
-the unlowered one as that is from the float model; `moepass.load(..., lower=False)` keeps float math.
+but over a third of int8 per-channel rounding (8e-3): lowering adds a third to an int8 program's own
+error; `moepass.load(..., lower=False)` keeps float math.
 
 They need weights converted once, ahead of time (`pack_for_cpu`): int4 codes into ATen's tile
 layout with (scale, offset) pairs per group, int8 per-channel symmetric codes as int8. Formats ATen
