@@ -49,12 +49,21 @@ def _outlier_inputs(tokens: int, features: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # DeepSeek: a dense block first
-def test_stages_built_one_at_a_time_run_the_program(family):
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_stages_built_one_at_a_time_run_the_program(family, trimmed):
     """A calibrated pass asks for one block's stage at a time (`only`), which must be exactly that
-    stage of the full split; run in order, the stages compute the program's logits."""
-    model, program = captured(family)
+    stage of the full split; run in order, the stages compute the program's logits (also once a
+    block and a MoE sub-layer are gone)."""
+    model, program = captured(family, num_hidden_layers=4)
+    if trimmed:
+        drops = [
+            ("block_drop", {"count": 1, "metric": "random", "seed": 1}),
+            ("layer_drop", {"count": 1, "metric": "random"}),
+        ]
+        program = moepass.compress(program, drops)
+    assert len(program.structure.blocks) == (3 if trimmed else 4)
     gm = program.graph_module
-    observed = {program.structure.block(1).attention_residual}
+    observed = {program.structure.blocks[1].attention_residual}
     stages = split_stages(gm, observe=observed)
     assert [s.name for s in stages] == [
         "prelude",
