@@ -169,7 +169,7 @@ class BlockwiseRunner:
     ) -> Iterable[dict[str, Tensor]]:
         """For each batch (the first `batches`, or all), the values of `nodes` (inside block `block`)
         from its current weights, or from those of a `stage` built earlier."""
-        stage = stage or self.stage(block, nodes)
+        stage = stage if stage is not None else self.stage(block, nodes)
         for batch, state in enumerate(self.states[:batches]):
             outputs = dict(zip(stage.outputs, stage.module(*[state[n] for n in stage.inputs]), strict=True))
             _check_finite(block, outputs, batch)
