@@ -4,6 +4,7 @@ Trimming transforms against module surgery on it."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -476,3 +477,20 @@ def test_non_finite_activations_name_the_block():
     # the paper recipe quantizes first, which names the tensor before any activation is computed
     with pytest.raises(PassError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight holds NaN or inf"):
         moepass.compress(broken, "paper-layer-drop", calibration=_calibration(128))
+
+
+def test_a_block_drop_that_leaves_no_moe_block_warns(caplog):
+    """DeepSeek's first blocks are dense: dropping the MoE ones leaves a dense model, which works but
+    is no longer what moepass captures, so the user hears of it (and only then)."""
+    _, original = captured("deepseek_v3")  # block 0 dense, blocks 1-2 MoE
+    assert [b.index for b in original.structure.moe_blocks] == [1, 2]
+    outcomes = set()
+    for seed in range(8):  # random choices of 2 of the 3 blocks: some keep a MoE block, some do not
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moepass"):
+            options = {"count": 2, "metric": "random", "seed": seed}
+            program = moepass.compress(original, [("block_drop", options)])
+        dense = not program.structure.moe_blocks
+        assert ("dropping blocks [1, 2] left no MoE block" in caplog.text) == dense, seed
+        outcomes.add(dense)
+    assert outcomes == {True, False}

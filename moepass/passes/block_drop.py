@@ -10,6 +10,7 @@ Blocks keep their original indices in the program; `moepass.save` renumbers them
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,8 @@ from moepass.ir.surgery import drop_block
 from .base import ConfigError, PassConfig, TransformPass, TransformResult, check_range, register_pass
 from .block_similarity import BlockSimilarityConfig
 from .layer_drop import drop_count
+
+logger = logging.getLogger("moepass")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class BlockDropPass(TransformPass):
             chosen = self._consecutive(program, context, blocks, n, generator)
             for index in chosen:
                 drop_block(program, index)
-            return TransformResult(True, {"dropped_blocks": chosen})
+            return self._result(program, chosen)
         dropped: list[int] = []
         while len(dropped) < n:
             remaining = [b for b in blocks if b not in dropped]
@@ -79,7 +82,17 @@ class BlockDropPass(TransformPass):
             for index in chosen:
                 drop_block(program, index)
             dropped += chosen
-        return TransformResult(True, {"dropped_blocks": sorted(dropped)})
+        return self._result(program, sorted(dropped))
+
+    @staticmethod
+    def _result(program, dropped: list[int]) -> TransformResult:
+        if not program.structure.moe_blocks:  # possible on shallow models with dense blocks first
+            logger.warning(
+                "block_drop: dropping blocks %s left no MoE block; the result is a dense model (moepass "
+                "compresses MoE models: it will not capture the transformers checkpoint of this one)",
+                dropped,
+            )
+        return TransformResult(True, {"dropped_blocks": dropped})
 
     def _consecutive(self, program, context, blocks, n, generator) -> list[int]:
         starts = list(range(len(blocks) - n + 1))
