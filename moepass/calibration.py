@@ -169,22 +169,19 @@ class BlockwiseRunner:
     ) -> Iterable[dict[str, Tensor]]:
         """For each batch (the first `batches`, or all), the values of `nodes` (inside block `block`)
         from its current weights, or from those of a `stage` built earlier."""
-        stage = stage if stage is not None else self.stage(block, nodes)
-        for batch, state in enumerate(self.states[:batches]):
-            outputs = dict(zip(stage.outputs, stage.module(*[state[n] for n in stage.inputs]), strict=True))
-            _check_finite(block, outputs, batch)
-            yield {name: outputs[name] for name in nodes}
+        for produced in self._run(stage if stage is not None else self.stage(block, nodes), batches):
+            yield {name: produced[name] for name in nodes}
 
     @torch.no_grad()
     def outputs(self, block: int) -> list[dict[str, Tensor]]:
         """Everything block `block` hands to later stages, per batch (to commit now or later)."""
-        stage = self.stage(block, set())
-        results = []
-        for batch, state in enumerate(self.states):
+        return list(self._run(self.stage(block, set())))
+
+    def _run(self, stage: Stage, batches: int | None = None) -> Iterable[dict[str, Tensor]]:
+        for batch, state in enumerate(self.states[:batches]):
             produced = dict(zip(stage.outputs, stage.module(*[state[n] for n in stage.inputs]), strict=True))
-            _check_finite(block, produced, batch)
-            results.append(produced)
-        return results
+            _check_finite(stage.block, produced, batch)
+            yield produced
 
     def commit(self, produced: list[dict[str, Tensor]]) -> None:
         """Make a block's outputs the inputs of the next block (and log the progress: a pass over a

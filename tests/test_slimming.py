@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import moepass
 from helpers import FAMILIES, captured, rel_error
 from moepass.artifact import load, save
-from moepass.calibration import BlockwiseRunner, InputStats
+from moepass.calibration import BlockwiseRunner, InputStats, _graph_inputs
 from moepass.data import TokenSet
 from moepass.evaluate import model_size
 from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
@@ -71,12 +71,7 @@ def test_stages_built_one_at_a_time_run_the_program(family, trimmed):
         "tail",
     ]
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
-    state = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "position_ids": torch.arange(9).expand(2, -1),
-    }
-    state.update(zip(program.cache_names, program.empty_cache(2), strict=True))
+    state = _graph_inputs(program, ids)
     for stage in stages:
         (alone,) = split_stages(gm, observe=observed, only=stage.name)
         assert (alone.block, alone.inputs, alone.outputs) == (stage.block, stage.inputs, stage.outputs)
