@@ -78,6 +78,9 @@ def keep_experts(program, index: int, keep: list[int], *, preserve_gate: bool = 
         raise MoepassError(
             f"block {index}: experts to keep must be a non-empty subset of 0..{moe.num_experts - 1}"
         )
+    # a router holding exactly the kept experts has no rows to preserve: marking it would make HF
+    # export refuse a layer that lost nothing
+    preserve_gate = preserve_gate and len(keep) < moe.router_rows
     if preserve_gate and moe.n_group > 1:
         raise MoepassError(
             f"block {index}: preserve_gate reorders the router rows, which would regroup the experts of "

@@ -10,6 +10,7 @@ import torch
 import moepass
 from helpers import FAMILIES, captured, hf_keep_experts, model_for
 from moepass.errors import MoepassError
+from moepass.hf_export import hf_checkpoint
 from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
 
 
@@ -136,6 +137,18 @@ def test_keep_experts_preserving_the_gate_matches_zeroed_experts(family, seed):
     moe = program.structure.block(block).mlp
     assert (moe.num_experts, moe.router_rows, moe.preserve_gate) == (4, 4, False)
     _logits_match_module_surgery(program, model, {block: [keep[i] for i in (0, 1, 2, 3)]})
+
+
+def test_preserve_gate_keeping_every_expert_leaves_the_router_unmarked():
+    """Nothing dropped, nothing to preserve: the layer stays HF-exportable, even under grouped routing."""
+    for family in ("mixtral", "deepseek_v3"):
+        model, captured_program = captured(family)
+        program = captured_program.fork()
+        block = program.structure.moe_blocks[-1].index
+        keep_experts(program, block, list(range(8)), preserve_gate=True)
+        assert not program.structure.block(block).mlp.preserve_gate
+        hf_checkpoint(program)  # refuses a router kept for dropped experts
+        _logits_match_module_surgery(program, model, {block: list(range(8))})
 
 
 def test_keep_experts_refuses_fewer_experts_than_sparsemixer_picks():
