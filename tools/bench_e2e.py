@@ -2,7 +2,7 @@
 torch.compile) vs onnxruntime (one thread).
 
     python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral mid-deepseek] [--variants ...]
-                              [--engines ...] [--work build/bench-e2e]
+                              [--engines ...] [--rounds 3] [--work build/bench-e2e]
 
 Models: the bundled tiny-mixtral, a mid-size random Mixtral (hidden 512, intermediate 1024,
 8 layers, 8 experts top-2; speed depends on shapes, not values) and, on request, a mid-size random
@@ -14,9 +14,12 @@ fixed seed instead of calibrating), and 25% of each layer's experts dropped (see
 Each (model, variant, engine) runs in its own process, loading what a user would load (a
 transformers checkpoint, a moepass artifact lowered on load, an exported ONNX directory), so peak
 memory is that of one engine: the max RSS of the process, imports included. Prefill: one 128-token
-prompt; decode: 32 tokens after a 16-token prompt, KV cache. Times are medians; ratios are against
-transformers eager on the uncompressed model, measured in the same run. "warm-up s" is the first
-prompt plus the first decode steps: for the compiled engine, its compilation time.
+prompt; decode: 32 tokens after a 16-token prompt, KV cache. Times are medians. The host is shared
+and one process can run 2x slower than the next, so every run is measured `--rounds` times (3),
+interleaved; the table gives medians over the rounds, their ratios to the median of transformers
+eager on the uncompressed model, and "decode range" the rounds' spread.
+"warm-up s" is the first prompt plus the first decode steps (first round): for the compiled engine,
+its compilation time.
 """
 
 from __future__ import annotations
@@ -210,6 +213,28 @@ def _run_child(engine: str, path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _summary(results: list[dict], baselines: list[dict]) -> list[str]:
+    """Table cells of one run over the rounds: median speeds and their ratios to the baseline's medians
+    (a process's speed is what varies, not a round's, so ratios within a round would add noise); the
+    decode range shows the spread; memory is the largest, the warm-up the first round's (compiling
+    with Inductor's cache as it was)."""
+
+    def median(key: str, of: list[dict]) -> float:
+        return statistics.median(r[key] for r in of)
+
+    prefill, decode = median("prefill tok/s", results), median("decode tok/s", results)
+    decodes = [r["decode tok/s"] for r in results]
+    return [
+        f"{prefill:.0f}",
+        f"{prefill / median('prefill tok/s', baselines):.2f}x",
+        f"{decode:.1f}",
+        f"{decode / median('decode tok/s', baselines):.2f}x",
+        f"{min(decodes):.0f}-{max(decodes):.0f}",
+        f"{max(r['peak RSS MB'] for r in results):.0f}",
+        f"{results[0]['warm-up s']:.1f}",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     models = ["tiny-mixtral", *RANDOM_MODELS]
@@ -217,8 +242,11 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--work", type=Path, default=Path("build/bench-e2e"))
+    parser.add_argument("--rounds", type=int, default=3, help="times each run is measured, interleaved")
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.measure:
         print(json.dumps(measure(args.measure[0], Path(args.measure[1]))))
         return
@@ -230,38 +258,21 @@ def main() -> None:
     for model_name in args.models:
         print(f"preparing {model_name} ...", file=sys.stderr, flush=True)
         paths = prepare(model_name, args.work, args.variants)
-        base = _run_child("transformers eager", paths["hf"])  # the baseline, whatever variants run
-        measured = [("uncompressed", "transformers eager", base)]
+        runs = [("uncompressed", "transformers eager", paths["hf"])]  # the baseline, whatever variants run
         for variant in args.variants:
             for engine in args.engines:
                 path = paths[f"{variant}.onnx"] if engine == "onnxruntime" else paths[variant]
-                measured.append((variant, engine, _run_child(engine, path)))
-                print(f"  {model_name} {variant} {engine}: {measured[-1][2]}", file=sys.stderr, flush=True)
-        for variant, engine, r in measured:
-            rows.append(
-                [
-                    model_name,
-                    variant,
-                    engine,
-                    f"{r['prefill tok/s']:.0f}",
-                    f"{r['prefill tok/s'] / base['prefill tok/s']:.2f}x",
-                    f"{r['decode tok/s']:.1f}",
-                    f"{r['decode tok/s'] / base['decode tok/s']:.2f}x",
-                    f"{r['peak RSS MB']:.0f}",
-                    f"{r['warm-up s']:.1f}",
-                ]
-            )
-    header = [
-        "model",
-        "variant",
-        "engine",
-        "prefill tok/s",
-        "vs eager",
-        "decode tok/s",
-        "vs eager",
-        "peak RSS MB",
-        "warm-up s",
-    ]
+                runs.append((variant, engine, path))
+        rounds = []  # each round measures every run once, in the same order: noise hits all alike
+        for number in range(1, args.rounds + 1):
+            rounds.append([_run_child(engine, path) for _, engine, path in runs])
+            speeds = ", ".join(f"{r['prefill tok/s']:.0f}/{r['decode tok/s']:.1f}" for r in rounds[-1])
+            print(f"  {model_name} round {number}, prefill/decode tok/s: {speeds}", file=sys.stderr)
+        baselines = [measured[0] for measured in rounds]
+        for i, (variant, engine, _) in enumerate(runs):
+            rows.append([model_name, variant, engine, *_summary([r[i] for r in rounds], baselines)])
+    header = ["model", "variant", "engine", "prefill tok/s", "vs eager", "decode tok/s", "vs eager"]
+    header += ["decode range", "peak RSS MB", "warm-up s"]
     print(format_table(header, rows))
 
 
