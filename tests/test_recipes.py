@@ -195,12 +195,21 @@ def test_yaml_recipe_files(tmp_path):
             [("expert_drop", {"keep": 2})],
             r"needs 2 experts .* \(it picks top_k=2 experts from its best topk_group=1\); keep at least 4",
         ),
+        (  # a ratio gets its ceiling too: 75% of 8 leaves 2, where each of the 2 groups needs 2
+            "deepseek_v3",
+            [("expert_drop", {"ratio": 0.75})],
+            r"keep at least 4 experts per layer \(ratio: at most 0\.5\)",
+        ),
         (
             "deepseek_v3",
             [("expert_drop", {"keep": 6, "selection": "global"})],
             "global selection cannot keep",
         ),
-        ("phimoe", [("expert_drop", {"keep": 1})], "sparsemixer, which always picks 2 experts"),
+        (
+            "phimoe",
+            [("expert_drop", {"keep": 1})],
+            r"always picks 2 experts; keep at least 2 experts per layer \(ratio: at most 0\.75\)",
+        ),
         (
             "phimoe",
             [("expert_drop", {"keep": 2, "selection": "global", "score": "random", "seed": 2})],

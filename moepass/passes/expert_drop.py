@@ -190,7 +190,7 @@ def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
     if count < need:
         raise ConfigError(
             f"expert_drop: block {index} routes with sparsemixer, which always picks {need} experts; "
-            f"keep at least {need}"
+            f"{_keep_at_least(need, moe)}"
         )
     if moe.n_group <= 1:
         return sorted(torch.topk(score, count).indices.tolist())
@@ -204,12 +204,17 @@ def _best(score: torch.Tensor, count: int, moe, index: int) -> list[int]:
     if per_group < need:
         raise ConfigError(
             f"expert_drop: block {index}'s group-limited routing needs {need} experts in each of its "
-            f"{groups} groups ({why}); keep at least {need * groups} experts"
+            f"{groups} groups ({why}); {_keep_at_least(need * groups, moe)}"
         )
     kept = []
     for g in range(groups):
         kept += (g * size + torch.topk(score[g * size : (g + 1) * size], per_group).indices).tolist()
     return sorted(kept)
+
+
+def _keep_at_least(count: int, moe) -> str:
+    """The fix, in both of the config's terms: a count for `keep`, a ceiling for `ratio`."""
+    return f"keep at least {count} experts per layer (ratio: at most {1 - count / moe.num_experts:.4g})"
 
 
 def _global_drop_count(targets: dict[int, float], moe) -> int:
