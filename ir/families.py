@@ -16,6 +16,7 @@ from torch import nn
 from moepass.errors import NotAnMoEModelError, UnsupportedModelError
 
 from .moe_block import Experts, Router, RoutingSpec, SparseMoE
+from .ops import ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,13 @@ def _looks_dense(model: nn.Module) -> bool:
 def convert_moe_blocks(model: nn.Module, family: Family) -> int:
     """Replace each MoE block under `model.model.layers` by a canonical `SparseMoE`; returns the count."""
     count = 0
-    for layer in model.model.layers:
+    for index, layer in enumerate(model.model.layers):
         for name, child in list(layer.named_children()):
             if type(child).__name__ in family.moe_block_classes:
-                setattr(layer, name, family.convert(child, model.config))
+                try:
+                    setattr(layer, name, family.convert(child, model.config))
+                except UnsupportedModelError as error:
+                    raise UnsupportedModelError(f"layer {index} ({type(child).__name__}): {error}") from None
                 count += 1
     return count
 
@@ -119,7 +123,31 @@ def attention_description(config, layer: int, family: Family) -> str:
 # ---------------------------------------------------------------------------------------------
 def _experts(block: nn.Module, config) -> Experts:
     ex = block.experts
+    _check_activation(getattr(ex, "act_fn", None), config.hidden_act)
     return Experts(ex.gate_up_proj, ex.down_proj, activation=config.hidden_act)
+
+
+def _check_activation(act_fn: nn.Module | None, name: str) -> None:
+    """The experts' own `act_fn` must compute what `config.hidden_act` names: artifacts and HF export
+    rebuild the model from its config, so following either one alone would silently change an
+    edited model's function somewhere. Compared on sample values, whatever class implements it."""
+    if name not in ACTIVATIONS or name == "clamped_swiglu":
+        raise UnsupportedModelError(
+            f"config.hidden_act={name!r} is not an expert activation moepass supports "
+            f"({', '.join(a for a in ACTIVATIONS if a != 'clamped_swiglu')})"
+        )
+    if act_fn is None:
+        return
+    x = torch.linspace(-8.0, 8.0, 161)
+    with torch.no_grad():
+        expected = ACTIVATIONS[name](torch.cat([x, torch.ones_like(x)]), 0.0, 0.0)
+        got = act_fn(x)
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+        raise UnsupportedModelError(
+            f"the experts' act_fn ({type(act_fn).__name__}) does not compute config.hidden_act={name!r}; "
+            "moepass rebuilds models from their config (artifacts, HF export), so the two must agree: "
+            "set config.hidden_act to what the modules compute, or the modules to what it names"
+        )
 
 
 def _softmax_router(gate: nn.Module, renormalize: bool) -> tuple[Router, RoutingSpec]:

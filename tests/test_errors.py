@@ -91,7 +91,8 @@ def test_batch_one_example_still_gives_dynamic_batch(seed):
 
 
 def test_a_program_refuses_malformed_prompts_by_name():
-    """A 1-D prompt or an empty one fails deep inside the graph; a mask of another shape broadcasts."""
+    """A 1-D prompt, an empty one or an id past the vocabulary fails deep inside the graph; a mask of
+    another shape broadcasts."""
     from helpers import captured
 
     _, program = captured("mixtral")
@@ -104,8 +105,39 @@ def test_a_program_refuses_malformed_prompts_by_name():
             lambda: program(ids, ids[:, :1]),
             r"attention_mask must be shaped like input_ids \[2, 5\], got \[2, 1\]",
         ),
+        (
+            lambda: program(ids.index_fill(1, torch.tensor([3]), 300)),
+            r"input_ids\[0, 3\] is 300: .*\[0, 128\)",
+        ),
+        (lambda: program.generate(ids.index_fill(1, torch.tensor([0]), -2), 3), r"input_ids\[0, 0\] is -2"),
         (lambda: program.generate(ids[0], 3), r"input_ids must be integer token ids"),
         (lambda: program.generate(ids, 3, ids[:1]), r"attention_mask must be shaped like input_ids"),
     ]:
         with pytest.raises(moepass.MoepassError, match=message):
             call()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh", "relu"])
+def test_experts_compute_the_configured_activation(activation, seed):
+    model = model_for("qwen3_moe", seed=seed, hidden_act=activation)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert (moepass.capture(model)(ids) - model(ids).logits).abs().max() <= 1e-5
+
+
+def test_experts_whose_act_fn_disagrees_with_the_config_are_refused_by_layer(seed):
+    """Artifacts and HF export rebuild the model from its config: capturing either side alone would
+    change an edited model's function somewhere, silently."""
+    model = model_for("mixtral", seed=seed, num_hidden_layers=3)
+    model.model.layers[2].mlp.experts.act_fn = torch.nn.ReLU()
+    with pytest.raises(UnsupportedModelError, match=r"layer 2 .* act_fn \(ReLU\) does not compute .*'silu'"):
+        moepass.capture(model)
+    model = model_for("deepseek_v3", seed=seed)
+    model.config.hidden_act = "gelu"
+    with pytest.raises(
+        UnsupportedModelError, match=r"layer 1 .*\(SiLUActivation\) does not compute .*'gelu'"
+    ):
+        moepass.capture(model)
+    model.config.hidden_act = "quick_gelu"
+    with pytest.raises(UnsupportedModelError, match="hidden_act='quick_gelu' is not an expert activation"):
+        moepass.capture(model)
