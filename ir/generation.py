@@ -13,9 +13,12 @@ from moepass.errors import MoepassError
 logger = logging.getLogger("moepass")
 
 
-def check_prompt(input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
-    """Token ids [batch, tokens] (at least one) and a mask shaped like them, refused by name: a 1-D
-    prompt fails deep inside the graph, and a [batch, 1] mask would broadcast silently."""
+def check_prompt(
+    input_ids: Tensor, attention_mask: Tensor | None = None, vocab_size: int | None = None
+) -> None:
+    """Token ids [batch, tokens] (at least one, each in [0, vocab_size)) and a mask shaped like them,
+    refused by name: a 1-D prompt or an id past the vocabulary fails deep inside the graph (or, in
+    onnxruntime, a negative id counts from the end), and a [batch, 1] mask would broadcast silently."""
     if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
         raise MoepassError(
             f"input_ids must be integer token ids [batch, tokens], got {str(input_ids.dtype)[6:]} "
@@ -27,6 +30,11 @@ def check_prompt(input_ids: Tensor, attention_mask: Tensor | None = None) -> Non
         raise MoepassError(
             f"attention_mask must be shaped like input_ids {list(input_ids.shape)}, got "
             f"{list(attention_mask.shape)}"
+        )
+    if vocab_size is not None and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+        bad = ((input_ids < 0) | (input_ids >= vocab_size)).nonzero()[0].tolist()
+        raise MoepassError(
+            f"input_ids{bad} is {int(input_ids[tuple(bad)])}: token ids must lie in [0, {vocab_size})"
         )
 
 
@@ -55,7 +63,7 @@ class StepGeneration:
         finished sequences padded with `pad_token_id` (default: the first EOS id), `top_k` 0 or None
         for no limit. `streamer` is called with each step's new tokens [batch] as soon as chosen.
         """
-        check_prompt(input_ids, attention_mask)
+        check_prompt(input_ids, attention_mask, self.info.vocab_size)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and not temperature > 0:

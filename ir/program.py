@@ -226,7 +226,7 @@ class MoEProgram(nn.Module, StepGeneration):
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, seq, vocab] for a full sequence, like the transformers model's forward."""
-        check_prompt(input_ids, attention_mask)
+        check_prompt(input_ids, attention_mask, self.info.vocab_size)
         batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

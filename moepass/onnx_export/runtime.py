@@ -123,7 +123,7 @@ class OnnxProgram(StepGeneration):
         """Refuse, by name, what onnxruntime would run wrong or fail on deep in the graph: its Gather
         takes negative token ids as counted from the end of the vocabulary (PyTorch raises), a mask
         of the wrong length fails in an anonymous Add node, one of length 1 broadcasts silently."""
-        check_prompt(input_ids)
+        check_prompt(input_ids, vocab_size=self.info.vocab_size)
         if len(past) != len(self.cache_names):
             raise MoepassError(
                 f"this decoder takes {len(self.cache_names)} past tensors ({', '.join(self.cache_names)}), "
@@ -145,12 +145,6 @@ class OnnxProgram(StepGeneration):
         if tuple(position_ids.shape) != (batch, seq):
             raise MoepassError(
                 f"position_ids must be [{batch}, {seq}] like input_ids, got {list(position_ids.shape)}"
-            )
-        vocab = self.info.vocab_size
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
-            bad = ((input_ids < 0) | (input_ids >= vocab)).nonzero()[0].tolist()
-            raise MoepassError(
-                f"input_ids{bad} is {int(input_ids[tuple(bad)])}: token ids must lie in [0, {vocab})"
             )
 
     def weight_sizes(self) -> tuple[int, int]:
