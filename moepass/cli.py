@@ -209,10 +209,7 @@ def _compress(args: argparse.Namespace) -> None:
 
     write_atomically(out, fill, overwrite=args.force)
     # printed once written: a pager or `head` closing the pipe early must not cost the result
-    coverage = [table for _, table in program.report.coverage_tables()]
-    print(
-        report.summary_table(), report.structure_table(), program.report.table(), *coverage[-1:], sep="\n\n"
-    )
+    print(report.summary_table(), report.structure_table(), program.report, sep="\n\n")
     print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json, plots/)")
 
 

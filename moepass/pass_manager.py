@@ -10,6 +10,7 @@ A failing pass raises PassError naming the pass, its config and the passes that 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -18,9 +19,7 @@ from dataclasses import dataclass, field
 from moepass.data import TokenSet
 from moepass.errors import MoepassError
 from moepass.ir.sparse import SPARSE24_OPS
-from moepass.table import format_table, human_bytes
-
-from .passes.base import (
+from moepass.passes.base import (
     AnalysisPass,
     Pass,
     PassConfig,
@@ -29,8 +28,13 @@ from .passes.base import (
     create_pass,
     out_of_stage_order,
 )
+from moepass.slimming import coverage, coverage_table
+from moepass.table import format_table, human_bytes
 
 SCORING = ("one-shot", "iterative")
+# pass summary key -> what its starved experts (too few routed calibration tokens) fell back to
+FALLBACKS = {"rtn_fallback_experts": "round-to-nearest", "magnitude_fallback_experts": "magnitude pruning"}
+logger = logging.getLogger("moepass")
 
 
 class PassError(MoepassError):
@@ -51,17 +55,36 @@ class PassRecord:
     modified: bool | None = None
     summary: dict = field(default_factory=dict)
 
+    def fallback_notes(self) -> list[str]:
+        """A line per kind of fallback this pass made, naming the experts by layer."""
+        notes = []
+        for key, method in FALLBACKS.items():
+            layers = self.summary.get(key) or {}
+            if layers:
+                where = "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in layers.items())
+                notes.append(
+                    f"{self.name}: {sum(map(len, layers.values()))} experts got fewer than min_tokens routed "
+                    f"calibration tokens and fell back to {method} ({where})"
+                )
+        return notes
+
 
 @dataclass
 class PassReport:
     records: list[PassRecord] = field(default_factory=list)
     analyses: dict[str, object] = field(default_factory=dict)  # "name(config)" -> result
+    # per category, what is compressed in the program all the passes left, against the one they
+    # started from: a slimming pass's own table predates the passes after it (a layer drop shrinks it)
+    final_coverage: dict[str, dict] | None = None
 
     def __str__(self) -> str:  # print(report) shows the tables; repr() keeps the fields
-        return "\n\n".join([self.table(), *(table for _, table in self.coverage_tables())])
+        notes = [note for r in self.records for note in r.fallback_notes()]
+        if self.final_coverage is not None:
+            notes.append(coverage_table(self.final_coverage, "Compression coverage of the result"))
+        return "\n\n".join([self.table(), *notes])
 
     def coverage_tables(self) -> list[tuple[str, str]]:
-        """(pass name, what it compressed by category) for each slimming pass, in order."""
+        """(pass name, what was compressed when it finished) for each slimming pass, in order."""
         return [(r.name, r.summary["coverage_table"]) for r in self.records if "coverage_table" in r.summary]
 
     def table(self) -> str:
@@ -84,6 +107,7 @@ class PassReport:
         return {
             "passes": [vars(r) for r in self.records],
             "analyses": {k: v.to_dict() for k, v in self.analyses.items() if hasattr(v, "to_dict")},
+            "final_coverage": self.final_coverage,
         }
 
 
@@ -147,6 +171,7 @@ class PassManager:
         if not refused_early:
             self.refuse_early(program)
         context = PassContext(self, program)
+        before = coverage(program)
         if self.scoring == "one-shot":
             for transform in (p for p in self.passes if isinstance(p, TransformPass)):
                 for name, config in transform.required_analyses():
@@ -165,6 +190,8 @@ class PassManager:
             self.report.records[-1].modified = result.modified
             edited |= result.modified
             self.report.records[-1].summary = result.summary
+            for note in self.report.records[-1].fallback_notes():
+                logger.warning(note)
             if p.stage == "lower":  # kernel-specific layouts: what saving and compressing refuse
                 program.info.lowered = program.device.type
             if self.verify:
@@ -177,6 +204,8 @@ class PassManager:
                     ) from None
             if not self._pinned:
                 self.invalidate(keep=p.preserves)
+        if self.report.coverage_tables():
+            self.report.final_coverage = coverage(program, before)
         return self.report
 
     def _check_stages(self, program) -> None:

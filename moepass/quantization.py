@@ -111,8 +111,8 @@ def quantize_table(program, config: QuantizeConfig, table: str | None) -> None:
     fmt = config.format_for(weight)
     if linear_nodes(program.graph_module, table):
         logger.warning(
-            "%s is tied to the LM head, which stays in full precision: the quantized table is a second "
-            "copy (add 'lm_head' to targets to share one quantized copy)",
+            "the embedding table is tied to the LM head (one tensor, %s), which stays in full precision: "
+            "the quantized table is a second copy (add 'lm_head' to targets to share one quantized copy)",
             table,
         )
     quantize_embedding(program, table, fmt, quantize(weight, fmt, table))

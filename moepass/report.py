@@ -102,9 +102,9 @@ class CompressionReport:
             "",
         ]
         if report is not None:
-            parts += ["```", report.table(), "```", ""]
+            parts += ["```", str(report), "```", ""]
             for name, table in report.coverage_tables():
-                parts += [f"## {name}: what was compressed", "", "```", table, "```", ""]
+                parts += [f"## {name}: what was compressed when it finished", "", "```", table, "```", ""]
             for name, result in report.analyses.items():
                 parts += [f"## {name}", "", "```", result.table(), "```", ""]
                 if name in self.plots:

@@ -281,6 +281,22 @@ def test_slimming_runs_on_every_family_and_stays_verified(family, method):
     assert error < 0.5
 
 
+def test_the_report_covers_the_program_the_passes_left():
+    """Slim, then drop layers: the slimming pass's own coverage predates the drop; the report's
+    final coverage is the result's, the same as dropping first, and adds up to its size."""
+    _, program = captured("mixtral")
+    drop = ("layer_drop", {"count": 2, "metric": "random", "seed": 0})
+    slim_first = moepass.compress(program, [("rtn", {}), drop])
+    trim_first = moepass.compress(program, [drop, ("rtn", {})])
+    final = slim_first.report.final_coverage
+    assert final == trim_first.report.final_coverage
+    assert sum(row["bytes"] for row in final.values()) == model_size(slim_first)[1]
+    assert sum(row["bytes_before"] for row in final.values()) == model_size(program)[1]
+    at_rtn = slim_first.report.records[-2].summary["coverage"]["routed experts"]["params"]
+    assert at_rtn == 3 * final["routed experts"]["params"]  # 3 MoE layers when rtn ran, 1 left
+    assert "Compression coverage of the result" in str(slim_first.report)
+
+
 def test_coverage_bytes_add_up_when_a_tied_lm_head_is_quantized():
     """Quantizing a head tied to the embeddings stores a new copy: the report must show it."""
     _, program = captured("mixtral", tie_word_embeddings=True)
@@ -344,7 +360,7 @@ def test_a_tied_table_shares_the_quantized_head_codes(caplog):
         assert rel_error(both(ids), rounded(ids)) < 1e-5 < rel_error(head_only(ids), rounded(ids))
     with caplog.at_level(logging.WARNING, logger="moepass"):
         table_only = moepass.compress(program, [("rtn", {"group_size": 16, "targets": ["embeddings"]})])
-    assert "lm_head.weight is tied to the LM head" in caplog.text
+    assert "the embedding table is tied to the LM head (one tensor, lm_head.weight)" in caplog.text
     assert model_size(table_only)[1] > model_size(program)[1]
     coverage = table_only.report.records[-1].summary["coverage"]
     assert sum(row["bytes"] for row in coverage.values()) == model_size(table_only)[1]
@@ -452,7 +468,7 @@ def test_gptq_calibrates_mla_up_projections_on_the_quantized_low_rank_outputs():
     assert not torch.equal(stored, codes_from(program)), "the float activations give other codes"
 
 
-def test_starved_experts_fall_back_and_are_listed():
+def test_starved_experts_fall_back_and_are_listed(caplog):
     _, program = captured("mixtral")
     slim = moepass.compress(
         program, [("gptq", {"group_size": 16, "min_tokens": 10**6})], calibration=_calibration()
@@ -461,6 +477,11 @@ def test_starved_experts_fall_back_and_are_listed():
     assert {int(k): sorted(v) for k, v in fallbacks.items()} == {
         b.index: list(range(8)) for b in program.structure.moe_blocks
     }
+    # said where a user looks: in the printed report and as a warning while it runs
+    note = "gptq: 24 experts got fewer than min_tokens routed calibration tokens and fell back to "
+    note += "round-to-nearest"
+    assert note + " (layer 0: 0, 1, 2, 3, 4, 5, 6, 7; layer 1:" in str(slim.report)
+    assert note in caplog.text
     # after an expert drop, by the ids the checkpoint gives the experts left, not their new positions
     recipe = [
         ("expert_drop", {"keep": 6, "score": "random", "seed": 0}),
