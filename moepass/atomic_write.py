@@ -29,10 +29,10 @@ def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
     if Path.cwd().is_relative_to(path):
         raise ArtifactError(f"{path} is the current directory or holds it; name a directory inside it")
     if path.exists():
+        if not path.is_dir():  # before the overwrite advice, which could not help
+            raise ArtifactError(f"{path} is a file; name a directory")
         if not overwrite:
             raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
-        if not path.is_dir():
-            raise ArtifactError(f"{path} is a file; name a directory")
         entries = sorted(os.listdir(path))
         if entries and not any(marker in entries for marker in OUTPUT_MARKERS):
             shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")

@@ -58,7 +58,7 @@ def _eval(args: argparse.Namespace) -> None:
     from moepass.data import DataError, check_source
     from moepass.evaluate import evaluate
     from moepass.ir import capture
-    from moepass.zoo import load_model, load_tokenizer
+    from moepass.zoo import load_model
 
     torch.set_num_threads(args.threads)
     device = _device(args)
@@ -81,7 +81,7 @@ def _eval(args: argparse.Namespace) -> None:
             "--program, --dtype and --device"
         )
     _refuse_file_model(args.model)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     artifact = is_artifact(args.model)
     if onnx:
         from moepass.onnx_export.runtime import OnnxProgram
@@ -94,6 +94,8 @@ def _eval(args: argparse.Namespace) -> None:
         model = load_model(args.model, dtype=_dtype(args))
         subject = (capture(model) if args.program else model).to(device)
         what = "captured program" if args.program else "transformers model"
+    vocab_size = subject.config.vocab_size if what == "transformers model" else subject.info.vocab_size
+    _check_tokenizer_fits(tokenizer, vocab_size, args)
     per_source = None if args.max_per_source == 0 else args.max_per_source
     result = evaluate(
         subject,
@@ -121,13 +123,17 @@ def _compress(args: argparse.Namespace) -> None:
     from moepass.hf_export import hf_checkpoint, hf_config
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
-    from moepass.zoo import load_tokenizer, save_tokenizer
+    from moepass.zoo import save_tokenizer
 
     torch.set_num_threads(args.threads)
     device = _device(args)
     recipe = load_recipe(args.recipe)  # validate before any work
     if args.text_key:
         recipe = replace(recipe, calibration=replace(recipe.calibration, text_key=args.text_key))
+    if args.calib is not None and not needs_data(recipe):
+        print(f"note: --calib is unused: recipe {recipe.name} reads no calibration data", file=sys.stderr)
+    elif args.calib is not None:  # the report and the artifact's history record the data used
+        recipe = replace(recipe, calibration=replace(recipe.calibration, data=args.calib))
     if args.format == "hf":
         from moepass.passes import PASSES
 
@@ -139,9 +145,9 @@ def _compress(args: argparse.Namespace) -> None:
                     f"transformers checkpoint holds; {USE_MOEPASS_FORMAT}"
                 )
     sources = [("--eval-data", args.eval_data)] if args.eval_per_source else []
+    calibration_flag = "--calib" if args.calib else f"recipe {recipe.name}: calibration.data"
     if needs_data(recipe):
-        recipe_data = (f"recipe {recipe.name}: calibration.data", recipe.calibration.data)
-        sources.append(recipe_data if args.calib is None else ("--calib", args.calib))
+        sources.append((calibration_flag, recipe.calibration.data))
     for flag, data in sources:  # a typo is an error now, not after loading the model
         try:
             check_source(data)
@@ -150,14 +156,16 @@ def _compress(args: argparse.Namespace) -> None:
     if args.out is not None and not args.out.strip():  # an unset shell variable, not "the default"
         raise MoepassError("--out is empty; name the output directory, or leave --out out for the default")
     out = output_directory(
-        args.out or f"out/{Path(args.model.removeprefix('builtin:')).name}-{recipe.name}", args.force
+        args.out or f"out/{Path(os.path.abspath(args.model.removeprefix('builtin:'))).name}-{recipe.name}",
+        args.force,
     )
     _refuse_inside(out, args.model)
     tokenizer_source = args.tokenizer or args.model
     _refuse_file_model(args.model)
-    tokenizer = load_tokenizer(tokenizer_source)
+    tokenizer = _tokenizer(args)
     # an artifact compresses further; calibration, the passes and evaluation run on `device`
     original = _load_program(args.model, lower=False, dtype=_dtype(args), device=device)
+    _check_tokenizer_fits(tokenizer, original.info.vocab_size, args)
     experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
     positions = original.info.config.get("max_position_embeddings")
     windows = [("--eval-seq-len", args.eval_seq_len)]
@@ -171,8 +179,8 @@ def _compress(args: argparse.Namespace) -> None:
             )
     # compressing first (it forks `original`) fails a recipe this model cannot take before minutes of
     # evaluation: the pass manager refuses such a recipe before any pass runs
-    with _data_named("--calib" if args.calib else f"recipe {recipe.name}: calibration.data"):
-        program = compress(original, recipe, calibration=args.calib, tokenizer=tokenizer)
+    with _data_named(calibration_flag):
+        program = compress(original, recipe, tokenizer=tokenizer)
     evaluation = {
         "tokenizer": tokenizer,
         "seq_len": args.eval_seq_len,  # default: 256, or the model's positions if fewer
@@ -237,6 +245,38 @@ def _refuse_file_model(model: str) -> None:
         )
 
 
+def _tokenizer(args: argparse.Namespace):
+    """`--tokenizer`, else the model's own; an error names the flag that chose it."""
+    from moepass.zoo import load_tokenizer
+
+    if not args.tokenizer:
+        return load_tokenizer(args.model)
+    if not os.path.exists(args.tokenizer) and not args.tokenizer.startswith("builtin:"):
+        raise MoepassError(
+            f"--tokenizer {args.tokenizer}: no such file or directory (a tokenizer.json file, a checkpoint "
+            "directory or a built-in model)"
+        )
+    try:
+        return load_tokenizer(args.tokenizer)
+    except MoepassError as error:
+        raise MoepassError(f"--tokenizer {args.tokenizer}: {error}") from None
+
+
+def _check_tokenizer_fits(tokenizer, vocab_size: int, args: argparse.Namespace) -> None:
+    """More tokens than the model's vocabulary: the tokenizer belongs to another model, and its ids
+    would be refused mid-run or, unused, written into an output."""
+    from tokenizers import Tokenizer
+
+    plain = isinstance(tokenizer, Tokenizer)
+    size = tokenizer.get_vocab_size(with_added_tokens=True) if plain else len(tokenizer)
+    if size > vocab_size:
+        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"{args.model}'s tokenizer"
+        raise MoepassError(
+            f"{source} has {size} tokens, more than the model's vocabulary of {vocab_size}: it belongs to "
+            "another model; pass the model's own (--tokenizer)"
+        )
+
+
 def _tokenizer_to_write(source: str, tokenizer):
     """A local checkpoint's or a trained built-in's tokenizer files are copied as they are (special
     tokens, chat template); any other tokenizer object is written."""
@@ -279,8 +319,6 @@ def _load_program(
 def _generate(args: argparse.Namespace) -> None:
     from tokenizers import Tokenizer
 
-    from moepass.zoo import load_tokenizer
-
     torch.set_num_threads(args.threads)
     if args.onnx and (args.compile or args.no_lower or args.device.split(":")[0] != "cpu"):
         raise MoepassError(
@@ -291,7 +329,7 @@ def _generate(args: argparse.Namespace) -> None:
         raise MoepassError("--compile compiles the lowered program; drop --no-lower")
     device = torch.device("cpu") if args.onnx else _device(args)
     _refuse_file_model(args.model)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(args)
     # with the special tokens the tokenizer adds by default (a BOS where the model was trained with one),
     # the same whether tokenizer.json is read directly or through transformers
     prompt_ids = tokenizer.encode(args.prompt)
@@ -305,6 +343,7 @@ def _generate(args: argparse.Namespace) -> None:
         program = OnnxProgram(args.model)
     else:
         program = _load_program(args.model, lower=not args.no_lower, compile=args.compile, device=device)
+    _check_tokenizer_fits(tokenizer, program.info.vocab_size, args)
     generated: list[int] = []
     stream = text_stream(tokenizer, prompt_ids, generated, lambda text: print(text, end="", flush=True))
     generator = torch.Generator(device).manual_seed(args.seed)  # sampling draws where the logits are

@@ -125,6 +125,8 @@ def check_source(data) -> None:
             raise DataError("the data path is empty; give builtin:validation, a file or a directory")
         if not Path(data).exists():
             raise DataError(f"data path {str(data)!r} does not exist")
+        if Path(data).is_file() and Path(data).stat().st_size == 0:
+            raise DataError(f"data file {str(data)!r} is empty")
 
 
 def load_documents(data, *, text_key: str = "text") -> list[Document]:
@@ -226,7 +228,7 @@ def _readable(path: Path) -> Iterator[None]:
 
 def _from_records(records: Iterable, text_key: str, where: str) -> list[Document]:
     docs = []
-    for i, record in enumerate(records):
+    for i, record in enumerate(records, 1):  # counted from 1, like the JSON Lines errors' line numbers
         if isinstance(record, Document):
             docs.append(record)
             continue

@@ -217,7 +217,15 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         )
     path = _checkpoint_dir(name_or_path)
     with _readable(path, "a tokenizer (no tokenizer.json; pass another with --tokenizer)"):
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # with no vocabulary files, transformers builds some tokenizer classes (Qwen2, GPT-NeoX) empty: every
+    # text would become no tokens, and perplexity the vocabulary size at 100% accuracy
+    if not tokenizer("a tokenizer reads this", add_special_tokens=False)["input_ids"]:
+        raise MoepassError(
+            f"{path} holds no tokenizer vocabulary: transformers built an empty {type(tokenizer).__name__} "
+            "from it; pass the model's tokenizer (CLI: --tokenizer)"
+        )
+    return tokenizer
 
 
 def trained_model_dir(name: str) -> str | None:

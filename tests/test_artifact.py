@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 
@@ -251,7 +252,7 @@ def test_existing_targets_and_failed_writes(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     for bad, message in [
         (tmp_path / "file" / "out", "file is not a writable directory"),  # checked before any work
-        (tmp_path / "file", "already exists"),
+        (tmp_path / "file", "file is a file; name a directory"),  # whether overwriting or not
     ]:
         with pytest.raises(ArtifactError, match=message):
             save(program, bad)
@@ -467,6 +468,8 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     assert any(p.suffix == ".png" for p in (out / "plots").iterdir())
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["calibration"]["text_key"] == "body"
+    assert report["recipe"]["calibration"]["data"] == str(calibration)  # --calib, not the recipe's
+    assert load(out, lower=False).info.history[-1]["recipe"]["calibration"]["data"] == str(calibration)
     assert report["before"]["seq_len"] == report["after"]["seq_len"] == 128  # the model's positions
     assert [e["op"] for e in report["edits"]].count("drop_mlp") == 1
     assert "quantize_experts" in [e["op"] for e in report["edits"]]
@@ -554,11 +557,11 @@ def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, 
     judged = []  # once: a quantization pass's judgement reads every targeted weight
     judge = QuantizationPass.refuse_early
     monkeypatch.setattr(QuantizationPass, "refuse_early", lambda self, p: judged.append(judge(self, p)))
-    assert (
-        main(["compress", "--model", str(checkpoint), "--recipe", "rtn.yaml", "--eval-per-source", "0"]) == 0
-    )
+    argv = ["compress", "--model", str(checkpoint), "--recipe", "rtn.yaml", "--eval-per-source", "0"]
+    assert main([*argv, "--calib", "unread.jsonl"]) == 0
     assert len(judged) == 1
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert "note: --calib is unused: recipe rtn reads no calibration data" in err
     assert "parameters" in printed and "weight bytes" in printed and "perplexity" not in printed
     assert (tmp_path / "out" / f"{checkpoint.name}-rtn" / "manifest.json").is_file()
 
@@ -649,11 +652,14 @@ def test_cli_compress_names_the_data_at_fault_and_writes_before_printing(
     """Two data sources: an error reading one names its flag. A model given as a file is refused as
     a model, not read as a tokenizer. The result is written before the tables are printed, so a
     pager closing the pipe early (a BrokenPipeError) does not lose it."""
-    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.txt").write_text(" \n")
     (tmp_path / "drop.yaml").write_text("passes:\n  - layer_drop: {count: 1}\n")
     argv = ["compress", "--model", str(checkpoint), "--recipe", str(tmp_path / "drop.yaml")]
     assert main([*argv, "--calib", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "a")]) == 2
     assert "error: --calib: the data holds no text" in capsys.readouterr().err
+    (tmp_path / "none.txt").touch()  # no bytes at all: told before the model is read
+    assert main([*argv, "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "a")]) == 2
+    assert re.search(r"error: --calib: data file '.*none\.txt' is empty", capsys.readouterr().err)
     assert main([*argv, "--eval-data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "b")]) == 2
     assert "error: --eval-data: the data holds no text" in capsys.readouterr().err
     for command in (["compress", "--model"], ["generate"], ["eval"]):

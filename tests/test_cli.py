@@ -149,6 +149,29 @@ def test_damaged_checkpoints_and_tokenizers_are_named(tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err), argv
 
 
+def test_a_tokenizer_that_cannot_serve_the_model_is_refused_by_name(tmp_path, capsys):
+    model_for("mixtral", seed=0).save_pretrained(tmp_path / "mixtral")  # a vocabulary of 128
+    model_for("qwen3_moe", seed=0).save_pretrained(tmp_path / "qwen3")  # and no tokenizer files
+    (tmp_path / "file").write_text("x")
+    for argv, message in [
+        (
+            ["eval", str(tmp_path / "mixtral"), "--tokenizer", "builtin:tiny-mixtral"],
+            "--tokenizer builtin:tiny-mixtral has 4096 tokens, more than the model's vocabulary of 128",
+        ),
+        (
+            ["generate", str(tmp_path / "mixtral"), "--tokenizer", "tokenizr.json"],
+            "--tokenizer tokenizr.json: no such file or directory",
+        ),
+        (  # transformers builds an empty Qwen2 tokenizer: perplexity 128 at 100% accuracy, before
+            ["eval", str(tmp_path / "qwen3")],
+            "qwen3 holds no tokenizer vocabulary: transformers built an empty Qwen2Tokenizer",
+        ),
+        (["compress", "--out", str(tmp_path / "file"), "--force"], "file is a file; name a directory"),
+    ]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err, argv
+
+
 def test_a_tokenizer_json_file_is_a_tokenizer(tmp_path):
     from moepass.zoo import load_tokenizer, models_dir
 
@@ -173,7 +196,7 @@ def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed):
     (tmp_path / "body.jsonl").write_text("\n".join(json.dumps({"body": t, "source": "mine"}) for t in texts))
     argv = ["eval", str(tmp_path / "model"), "--data", str(tmp_path / "body.jsonl"), "--seq-len", "32"]
     assert main(argv) == 2
-    assert "record 0 has no 'text' field (has ['body', 'source'])" in capsys.readouterr().err
+    assert "record 1 has no 'text' field (has ['body', 'source'])" in capsys.readouterr().err
     assert main([*argv, "--text-key", "body", "--json", str(tmp_path / "r.json")]) == 0
     docs = [Document(t, "mine") for t in texts]
     expected = evaluate(model, docs, tokenizer=load_tokenizer(str(tmp_path / "model")), seq_len=32)

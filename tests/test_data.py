@@ -14,6 +14,7 @@ from moepass.data import (
     Document,
     TokenSet,
     calibration_set,
+    check_source,
     corpus_dir,
     evaluation_set,
     load_documents,
@@ -46,7 +47,7 @@ def test_file_formats(tmp_path):
     assert load_documents(tmp_path / "b.jsonl") == [Document("first", "s1"), Document("second", "text")]
     assert load_documents(tmp_path / "c.jsonl.gz", text_key="body") == [Document("zipped", "z")]
     with pytest.raises(
-        DataError, match=r"c\.jsonl\.gz: record 0 has no 'text' field \(has \['body', 'source'\]\)"
+        DataError, match=r"c\.jsonl\.gz: record 1 has no 'text' field \(has \['body', 'source'\]\)"
     ):
         load_documents(tmp_path)  # a directory reads every data file; c.jsonl.gz uses "body"
     (tmp_path / "c.jsonl.gz").unlink()
@@ -114,11 +115,11 @@ def test_sampling_is_deterministic_and_seeded(tokenizer):
         (lambda tok: tokenize([Document("text", "a")], object(), 8), "unsupported tokenizer type object"),
         (lambda tok: load_documents(42), "cannot read data of type int"),
         (lambda tok: load_documents({"text": "hello"}), "data is one mapping; pass a list of records"),
-        (lambda tok: load_documents([{"text": None}]), "record 0's 'text' is a NoneType, not a string"),
+        (lambda tok: load_documents([{"text": None}]), "record 1's 'text' is a NoneType, not a string"),
         (lambda tok: load_documents([{"body": "x"}]), r"has no 'text' field \(has \['body'\]\)"),
         (
             lambda tok: load_documents([{"text": "a \ud800 b"}]),
-            r"record 0's 'text' is not valid Unicode at character 2",
+            r"record 1's 'text' is not valid Unicode at character 2",
         ),
         (lambda tok: TokenSet(torch.ones(2, 4), torch.ones(2, 4), ["a"] * 2), "2-D integer tensor"),
         (
@@ -273,3 +274,10 @@ def test_text_key_reaches_calibration_and_evaluation_sets(tmp_path, tokenizer):
     assert torch.equal(held_out.input_ids, sample(packed, 3, per_source=True).input_ids)
     with pytest.raises(DataError, match=r"has no 'text' field .* name the text field with text_key"):
         calibration_set(path, tokenizer, samples=4, seq_len=32)
+
+
+def test_an_empty_data_file_is_named_before_any_work(tmp_path):
+    empty = tmp_path / "notes.txt"
+    empty.touch()
+    with pytest.raises(DataError, match=r"data file '.*notes\.txt' is empty"):
+        check_source(empty)  # what the CLI asks before loading a model

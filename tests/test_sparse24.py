@@ -241,9 +241,11 @@ def test_storage_runs_after_compression_and_says_so(caplog):
     with pytest.raises(PassError, match=r"stores 2:4-compressed weights.*pass rtn needs them uncompressed"):
         moepass.compress(stored, [("rtn", {})])
     with caplog.at_level(logging.WARNING, logger="moepass"):
-        untouched = moepass.compress(program, [("sparse24_storage", {})])
+        untouched = moepass.compress(program, [("magnitude", {}), ("sparse24_storage", {})])
     assert not untouched.report.records[-1].modified
     assert "no weight was stored compressed" in caplog.text
+    # no coverage table of its own: the unstructured pruning's shares would read as stored 2:4
+    assert [name for name, _ in untouched.report.coverage_tables()] == ["magnitude"]
     # quantization groups of 2 inputs split the runs of 4: the kernels could not find their scales
     split = moepass.compress(program, [("magnitude", {"pattern": "2:4"}), ("rtn", {"group_size": 2})])
     caplog.clear()

@@ -81,18 +81,19 @@ class Sparse24Storage(TransformPass):
             if all(p is not None for p in pairs):
                 sparsify_experts(program, block.index, *pairs)
                 experts.append(block.index)
-        if not linears and not experts:
+        if not linears and not experts:  # no table: its pruned shares would read as this pass's work
             logger.warning(
                 "sparse24_storage: no weight was stored compressed; prune with pattern '2:4' first"
             )
+            return TransformResult(False, {"linears": [], "experts_blocks": []})
         table = coverage(program, before)
         return TransformResult(
-            bool(linears or experts),
+            True,
             {
                 "linears": linears,
                 "experts_blocks": experts,
                 "coverage": table,
-                "coverage_table": coverage_table(table, "2:4 storage"),
+                "coverage_table": coverage_table(table, "Compression coverage after 2:4 storage"),
             },
         )
 
