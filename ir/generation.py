@@ -24,8 +24,11 @@ def check_prompt(
             f"input_ids must be integer token ids [batch, tokens], got {str(input_ids.dtype)[6:]} "
             f"{list(input_ids.shape)}"
         )
-    if input_ids.shape[1] == 0:
-        raise MoepassError("input_ids holds no tokens: each step feeds at least one")
+    if 0 in input_ids.shape:
+        raise MoepassError(
+            f"input_ids holds no tokens ({list(input_ids.shape)}): each step feeds at least one sequence "
+            "of at least one"
+        )
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise MoepassError(
             f"attention_mask must be shaped like input_ids {list(input_ids.shape)}, got "

@@ -101,6 +101,7 @@ def test_a_program_refuses_malformed_prompts_by_name():
         (lambda: program(ids[0]), r"input_ids must be integer token ids \[batch, tokens\], got int64 \[5\]"),
         (lambda: program(ids.float()), "got float32"),
         (lambda: program(ids[:, :0]), "input_ids holds no tokens"),
+        (lambda: program(ids[:0]), r"input_ids holds no tokens \(\[0, 5\]\)"),  # a reshape error, before
         (
             lambda: program(ids, ids[:, :1]),
             r"attention_mask must be shaped like input_ids \[2, 5\], got \[2, 1\]",
