@@ -206,6 +206,28 @@ def test_whole_and_sequential_calibration_agree():
             assert values == pytest.approx(b["per_layer"][layer], rel=1e-6)
 
 
+def test_importance_after_an_expert_drop_is_shown_under_the_original_indices(tmp_path):
+    _, program = captured("mixtral")
+    recipe = [
+        ("expert_drop", {"keep": 6, "selection": "global", "score": "random", "seed": 3}),
+        ("expert_importance", ExpertImportanceConfig(score="frequency")),
+    ]
+    result = list(moepass.compress(program, recipe, calibration=_calibration(128)).report.analyses.values())[
+        -1
+    ]
+    header, rule, *rows = result.table().splitlines()[1:]
+    columns = header.split()
+    assert columns == ["block", *(f"e{i}" for i in range(8))]
+    for row, (layer, scores) in zip(rows, result.per_layer.items(), strict=True):
+        cells = dict(zip(columns, row.split(), strict=True))
+        for position, original in enumerate(result.experts[layer]):
+            assert cells[f"e{original}"] == f"{float(scores[position]):.4g}"
+        assert [c for c, v in cells.items() if v == "-"] == [
+            f"e{e}" for e in range(8) if e not in result.experts[layer]
+        ]
+    assert result.plot(str(tmp_path / "usage.png")).endswith("usage.png")
+
+
 def test_expert_drop_nothing_is_the_identity():
     model, original = captured("mixtral")
     data = _calibration(128)

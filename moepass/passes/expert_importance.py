@@ -46,16 +46,29 @@ class ExpertImportance:
     samples: int
     experts: dict[int, list[int]]  # block index -> original index of each scored expert
 
+    def _by_original_index(self, normalise: bool = False) -> list[list[float | None]]:
+        """Per layer, each expert's score in the column of its original index (None: dropped), so an
+        earlier expert drop does not shift the labels."""
+        width = 1 + max(max(kept) for kept in self.experts.values())
+        rows = []
+        for layer, scores in self.per_layer.items():
+            if normalise:
+                scores = scores / scores.sum().clamp_min(1e-30)
+            row: list[float | None] = [None] * width
+            for original, value in zip(self.experts[layer], scores.tolist(), strict=True):
+                row[original] = value
+            rows.append(row)
+        return rows
+
     def table(self) -> str:
-        width = max(len(s) for s in self.per_layer.values())
         rows = [
-            [layer, *[f"{v:.4g}" for v in scores.tolist()], *[""] * (width - len(scores))]
-            for layer, scores in self.per_layer.items()
+            [layer, *("-" if v is None else f"{v:.4g}" for v in row)]
+            for layer, row in zip(self.per_layer, self._by_original_index(), strict=True)
         ]
         return format_table(
-            ["block", *[f"e{i}" for i in range(width)]],
+            ["block", *[f"e{i}" for i in range(len(rows[0]) - 1)]],
             rows,
-            title=f"Expert importance ({self.score}, {self.samples} calibration samples)",
+            title=f"Expert importance ({self.score}, {self.samples} calibration samples; -: dropped)",
         )
 
     def to_dict(self) -> dict:
@@ -67,16 +80,12 @@ class ExpertImportance:
         }
 
     def plot(self, path: str) -> str:
-        width = max(len(s) for s in self.per_layer.values())
-        rows = [
-            [*(s / s.sum().clamp_min(1e-30)).tolist(), *[float("nan")] * (width - len(s))]
-            for s in self.per_layer.values()
-        ]
+        rows = [[float("nan") if v is None else v for v in row] for row in self._by_original_index(True)]
         return heatmap(
             rows,
             [f"block {k}" for k in self.per_layer],
-            [str(i) for i in range(width)],
-            f"Expert usage ({self.score}, normalised per layer)",
+            [str(i) for i in range(len(rows[0]))],
+            f"Expert usage ({self.score}, normalised per layer; blank: dropped)",
             path,
             colorbar="share",
         )
