@@ -14,7 +14,9 @@ over (real weights in hand, before aot_autograd):
 
 Weights the passes rewrite (GPT-OSS expert layout, quantized, packed) are converted once, at compile
 time, into constants of the compiled graph, like Inductor's freezing; since Dynamo does not guard on
-weights, a call after they were edited or with another model instance raises `StaleWeightsError`.
+weights, a call after they were edited or with another model instance raises `StaleWeightsError`
+(edits through `param.data` bypass the version counter this relies on and go unseen: edit the
+parameter itself, under `torch.no_grad()`).
 Weights used as they are stay graph inputs. Inference only (the moepass ops define no gradient).
 What each graph became is in `compile_reports()` and `torch._dynamo.utils.counters["moepass"]`.
 """

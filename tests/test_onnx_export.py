@@ -316,6 +316,8 @@ def test_runtime_refuses_inputs_onnxruntime_would_misread(tmp_path_factory):
     for engine in (program, exported):
         with pytest.raises(MoepassError, match=r"input_ids\[1, 3\] is -1: token ids must lie in \[0, "):
             engine(ids)
+        with pytest.raises(MoepassError, match=r"input_ids must be integer token ids \[batch, tokens\]"):
+            engine(ids[0])  # a shape that did not unpack
     ids[1, 3] = 0
     past = [torch.zeros(2, t.shape[1], 3, t.shape[3]) for t in exported.empty_cache(2)]
     positions = torch.arange(3, 8).expand(2, -1)

@@ -149,12 +149,14 @@ class OnnxProgram(StepGeneration):
 
     def weight_sizes(self) -> tuple[int, int]:
         """(parameters, bytes) as `moepass.evaluate.model_size` reports them: the exported program's
-        logical parameter count, and the bytes of the ONNX files (the weights, as stored)."""
+        logical parameter count, and the bytes of the ONNX files: the weights as stored, plus the graph
+        and the exporter's per-node metadata (~1.6 KB a node: a large share on a tiny model only)."""
         stored = sum(f.stat().st_size for f in self.path.iterdir() if f.suffix in (".onnx", ".data"))
         return self._parameters, stored
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, seq, vocab] of a full sequence."""
+        check_prompt(input_ids, attention_mask, self.info.vocab_size)  # before unpacking the shape
         batch, seq = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         positions = torch.arange(seq).expand(batch, -1)
