@@ -457,6 +457,9 @@ def _fold_and_tidy(model: onnx_ir.Model) -> None:
         ir_passes.CommonSubexpressionEliminationPass(),
         ir_passes.OutputFixPass(),
         ir_passes.NameFixPass(),
+        # the exporter's per-node debugging record (fx node, stack trace, scopes): ~1.6 KB a node,
+        # half of a tiny model's file, and lines of the exporting machine's code
+        ir_passes.ClearMetadataAndDocStringPass(),
     )(model)
 
 
