@@ -149,8 +149,7 @@ class OnnxProgram(StepGeneration):
 
     def weight_sizes(self) -> tuple[int, int]:
         """(parameters, bytes) as `moepass.evaluate.model_size` reports them: the exported program's
-        logical parameter count, and the bytes of the ONNX files: the weights as stored, plus the graph
-        and the exporter's per-node metadata (~1.6 KB a node: a large share on a tiny model only)."""
+        logical parameter count, and the bytes of the ONNX files: the weights as stored, plus the graph."""
         stored = sum(f.stat().st_size for f in self.path.iterdir() if f.suffix in (".onnx", ".data"))
         return self._parameters, stored
 
