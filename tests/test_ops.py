@@ -128,4 +128,6 @@ def test_experts_op_skips_ids_beyond_its_experts(seed):
     # fp32 sums against float64: torch's fp32 atol (1e-6 failed on one seed by 1.8e-6)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     one = torch.ops.moepass.experts(args[0][:1], ids[:1], args[2][:1], *args[3:])  # the decode path
-    torch.testing.assert_close(one, got[:1], rtol=1e-5, atol=1e-6)
+    # two fp32 summation orders of outputs up to ~5: each within ~1e-6 of float64, so 1e-6 apart
+    # failed on one seed by 1.75e-6
+    torch.testing.assert_close(one, got[:1], rtol=1e-5, atol=1e-5)
