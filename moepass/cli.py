@@ -94,8 +94,8 @@ def _eval(args: argparse.Namespace) -> None:
         model = load_model(args.model, dtype=_dtype(args))
         subject = (capture(model) if args.program else model).to(device)
         what = "captured program" if args.program else "transformers model"
-    vocab_size = subject.config.vocab_size if what == "transformers model" else subject.info.vocab_size
-    _check_tokenizer_fits(tokenizer, vocab_size, args)
+    info = getattr(subject, "info", None)  # a program's, else the transformers model's config
+    _check_tokenizer_fits(tokenizer, (subject.config if info is None else info).vocab_size, args)
     per_source = None if args.max_per_source == 0 else args.max_per_source
     result = evaluate(
         subject,
@@ -247,11 +247,11 @@ def _refuse_file_model(model: str) -> None:
 
 def _tokenizer(args: argparse.Namespace):
     """`--tokenizer`, else the model's own; an error names the flag that chose it."""
-    from moepass.zoo import load_tokenizer
+    from moepass.zoo import BUILTIN_PREFIX, load_tokenizer
 
     if not args.tokenizer:
         return load_tokenizer(args.model)
-    if not os.path.exists(args.tokenizer) and not args.tokenizer.startswith("builtin:"):
+    if not os.path.exists(args.tokenizer) and not args.tokenizer.startswith(BUILTIN_PREFIX):
         raise MoepassError(
             f"--tokenizer {args.tokenizer}: no such file or directory (a tokenizer.json file, a checkpoint "
             "directory or a built-in model)"

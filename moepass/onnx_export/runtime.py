@@ -155,7 +155,7 @@ class OnnxProgram(StepGeneration):
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, seq, vocab] of a full sequence."""
-        check_prompt(input_ids, attention_mask, self.info.vocab_size)  # before unpacking the shape
+        check_prompt(input_ids, attention_mask)  # the shapes, before unpacking them; step checks the ids
         batch, seq = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         positions = torch.arange(seq).expand(batch, -1)
