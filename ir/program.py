@@ -20,6 +20,11 @@ from .printer import format_summary
 from .structure import StructureMap, build_structure
 from .verifier import verify
 
+# traceable bodies may read a few tensor values as integers (a decode step's expert indices): the
+# compiled step traces them as symbolic integers instead of breaking the graph there. One reusable
+# patch: entering it costs ~3 us a step
+_CAPTURE_SCALARS = torch._dynamo.config.patch(capture_scalar_outputs=True)
+
 
 @dataclass
 class ProgramInfo:
@@ -202,7 +207,8 @@ class MoEProgram(nn.Module, StepGeneration):
         # out unlike a decode step's), would each cost another compile
         inputs = [t.contiguous() for t in (input_ids, attention_mask, position_ids, *past)]
         try:
-            outputs = self._compiled_steps[last_token_only](*inputs)
+            with _CAPTURE_SCALARS:
+                outputs = self._compiled_steps[last_token_only](*inputs)
         except BackendCompilerFailed as error:
             raise MoepassError(
                 f"torch.compile (Inductor) could not compile this program's step: "

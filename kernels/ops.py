@@ -173,19 +173,27 @@ def packed_experts(
     down_group: int,
 ) -> Tensor:
     """`moepass::quantized_experts` on expert weights prepacked for ATen's CPU kernels."""
-    if hidden.shape[0] == 1 and bits == 4 and gate_up_bias is None and down_bias is None:
-        return _packed_int4_decode(
-            hidden,
-            topk_ids,
-            topk_weights,
-            (gate_up_weight, gate_up_scales, gate_up_group),
-            (down_weight, down_scales, down_group),
-            gate_up_input_scale,
-            down_input_scale,
-            ACTIVATIONS[activation],
-            alpha,
-            limit,
-        )
+    decoded = _packed_int4_decode(
+        hidden,
+        topk_ids,
+        topk_weights,
+        gate_up_weight,
+        gate_up_scales,
+        down_weight,
+        down_scales,
+        gate_up_bias,
+        down_bias,
+        gate_up_input_scale,
+        down_input_scale,
+        activation,
+        alpha,
+        limit,
+        bits,
+        gate_up_group,
+        down_group,
+    )
+    if decoded is not None:
+        return decoded
 
     def expert_weights(e: int):
         return (
@@ -215,26 +223,59 @@ def packed_experts(
 
 
 def _packed_int4_decode(
-    hidden, topk_ids, topk_weights, gate_up, down, gate_up_scale, down_scale, act, alpha, limit
-):
-    """One token through its k int4 experts with the fewest calls: the same arithmetic as
-    `run_experts` (bf16 matmuls, fp32 activation and slot-ordered fp32 sum) at 2/3 of its cost, which
-    at decode is mostly per-call overhead (`tools/bench_ops.py`)."""
-    matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
-    x = (hidden if gate_up_scale is None else hidden * gate_up_scale).to(torch.bfloat16)
+    hidden,
+    topk_ids,
+    topk_weights,
+    gate_up_weight,
+    gate_up_scales,
+    down_weight,
+    down_scales,
+    gate_up_bias,
+    down_bias,
+    gate_up_input_scale,
+    down_input_scale,
+    activation: str,
+    alpha: float,
+    limit: float,
+    bits: int,
+    gate_up_group: int,
+    down_group: int,
+) -> Tensor | None:
+    """One token through its k int4 experts with the fewest calls (None for other shapes and formats):
+    the same arithmetic as `run_experts` (bf16 matmuls, fp32 activation and slot-ordered fp32 sum) at
+    2/3 of its cost, which at decode is mostly per-call overhead (`tools/bench_ops.py`).
+
+    Traceable: each expert index becomes a symbolic integer and its weights views at it, so a compiled
+    decode step calls the kernels from its own code (`packed_experts_body`)."""
+    if hidden.shape[0] != 1 or bits != 4 or gate_up_bias is not None or down_bias is not None:
+        return None
+    matmul, act = torch.ops.aten._weight_int4pack_mm_for_cpu, ACTIVATIONS[activation]
+    experts = gate_up_weight.shape[0]
+    # an id outside the experts is one dropped behind a router that kept its row: it adds nothing
+    slot_weights = topk_weights * ((topk_ids >= 0) & (topk_ids < experts))
+    ids = topk_ids.clamp(0, experts - 1)
+    x = (hidden if gate_up_input_scale is None else hidden * gate_up_input_scale).to(torch.bfloat16)
     out = None
-    for slot, e in enumerate(topk_ids[0].tolist()):
-        if not 0 <= e < gate_up[0].shape[0]:
-            continue  # an expert dropped behind a router that kept its row
-        h = act(matmul(x, gate_up[0][e], gate_up[2], gate_up[1][e]).float(), alpha, limit)
-        if down_scale is not None:
-            h = h * down_scale[e]
-        y = (
-            matmul(h.to(torch.bfloat16), down[0][e], down[2], down[1][e]).float()
-            * topk_weights[:, slot : slot + 1]
-        )
+    for slot in range(ids.shape[1]):
+        e = ids[0, slot].item()
+        torch._check(e >= 0)
+        torch._check(e < experts)
+        h = act(matmul(x, gate_up_weight[e], gate_up_group, gate_up_scales[e]).float(), alpha, limit)
+        if down_input_scale is not None:
+            h = h * down_input_scale[e]
+        y = matmul(h.to(torch.bfloat16), down_weight[e], down_group, down_scales[e]).float()
+        y = y * slot_weights[:, slot : slot + 1]
         out = y if out is None else out + y
-    return hidden.new_zeros(hidden.shape) if out is None else out.to(hidden.dtype)
+    return out.to(hidden.dtype)
+
+
+def packed_experts_body(*args) -> Tensor:
+    """`moepass::packed_experts` as traceable code (`TRACEABLE_BODIES`) where it pays: a single token's
+    experts inline, so a compiled decode step skips the op's Python dispatch (~50 us a layer on a tiny
+    model, a third of its decode step); other shapes keep the op. Compiling it needs
+    `torch._dynamo.config.capture_scalar_outputs` (the expert indices)."""
+    decoded = _packed_int4_decode(*args)
+    return packed_experts(*args) if decoded is None else decoded
 
 
 @packed_experts.register_fake
@@ -263,6 +304,7 @@ def _(
 PACKED_LINEAR = torch.ops.moepass.packed_linear.default
 TRACEABLE_BODIES[PACKED_LINEAR] = packed_linear_body
 PACKED_EXPERTS = torch.ops.moepass.packed_experts.default
+TRACEABLE_BODIES[PACKED_EXPERTS] = packed_experts_body
 
 # The IR learns these ops' layouts: structure maps, verifier and size counts read them like its own.
 register_experts_op(PACKED_EXPERTS, ExpertsOp("gate_up_weight", "down_weight", "cpu-packed"))

@@ -117,6 +117,29 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the dynamic graphs
 
 
+def _experts_op_calls(step) -> int:
+    with torch.profiler.profile() as profile:
+        step()
+    return sum(event.name == "moepass::packed_experts" for event in profile.events())
+
+
+def test_compiled_single_token_steps_run_the_int4_experts_inline():
+    """At batch 1 a compiled decode step calls the experts' kernels from its own code (the op's
+    Python dispatch was a third of a tiny model's step), and generation still follows the program."""
+    model, program = captured("mixtral", num_hidden_layers=1)
+    quantized = rtn(program, 4, 32)
+    eager, compiled = lower(quantized), lower(quantized, compile=True)
+    ids = torch.randint(0, program.info.vocab_size, (1, 6))
+    greedy_under(eager, compiled.generate(ids, 8, eos_token_id=None), prompt=6, tie=COMPILED_REL)
+    mask = torch.ones(1, 7, dtype=torch.long)
+    _, past = eager.step(ids, mask[:, :6], torch.arange(6)[None], eager.empty_cache(1))
+    decode = (ids[:, -1:], mask, torch.tensor([[6]]), past)
+    calls = [_experts_op_calls(lambda p=p: p.step(*decode, last_token_only=True)) for p in (eager, compiled)]
+    assert calls == [_moe_layers(model), 0]
+    want = eager.step(*decode, last_token_only=True)[0]
+    assert rel_error(compiled.step(*decode, last_token_only=True)[0], want) < COMPILED_REL
+
+
 def test_new_lengths_reuse_one_dynamic_graph(seed):
     model = model_for("qwen2_moe", seed=seed)
     compiled = torch.compile(model, backend="moepass", options=ATEN)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from moepass.ir.ops import ACTIVATIONS, experts
+from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, experts
 from moepass.ir.quant_ops import quantized_experts, quantized_linear
 from moepass.ir.quantized import QuantFormat, quantize
 from moepass.ir.sparse import SPARSE24_LINEAR
@@ -331,6 +332,29 @@ def test_cpu_packed_experts_decode_path_matches_reference(seed):
         )
         out = run_packed_experts(x, ids[rows], weights[rows], packed, (scale, down_scale))
         assert out.dtype == x.dtype and rel_err(out, ref) < BF16_BOUND
+
+
+def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_the_op(seed):
+    """A compiled program inlines the one-token path (`TRACEABLE_BODIES`): expert indices become
+    symbolic integers, so one graph serves every routing, dropped-expert slots included."""
+    k, experts_n, inter, group = 128, 5, 64, 32
+    gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, 4, group, False)
+    down = quantized(torch.randn(experts_n, k, inter) / 8, 4, group, False)
+    packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
+    (gu, dn), down_scale = packed, torch.rand(experts_n, inter) + 0.5
+    weights, ids = routing(4, experts_n, 2, dropped=True)
+    args = (gu.weight, gu.scales, dn.weight, dn.scales, None, None, None, down_scale, "silu", 0.0, 0.0, 4)
+    args += (gu.group_size, dn.group_size)
+    assert TRACEABLE_BODIES[ops.PACKED_EXPERTS] is ops.packed_experts_body
+    compiled = torch.compile(ops.packed_experts_body, fullgraph=True)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        for t in range(4):
+            x, rows = torch.randn(1, k), slice(t, t + 1)
+            want = ops.packed_experts(x, ids[rows], weights[rows], *args)
+            # the same kernels; Inductor may keep the bf16 activation in fp32 (as in a compiled program)
+            assert rel_err(compiled(x, ids[rows], weights[rows], *args), want) < 2**-9
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_cpu_packing_says_why_a_format_cannot_use_aten():
