@@ -155,10 +155,7 @@ def _compress(args: argparse.Namespace) -> None:
             raise MoepassError(f"{flag}: {error}") from None
     if args.out is not None and not args.out.strip():  # an unset shell variable, not "the default"
         raise MoepassError("--out is empty; name the output directory, or leave --out out for the default")
-    out = output_directory(
-        args.out or f"out/{Path(os.path.abspath(args.model.removeprefix('builtin:'))).name}-{recipe.name}",
-        args.force,
-    )
+    out = output_directory(args.out or f"out/{_model_name(args.model)}-{recipe.name}", args.force)
     _refuse_inside(out, args.model)
     tokenizer_source = args.tokenizer or args.model
     _refuse_file_model(args.model)
@@ -194,7 +191,7 @@ def _compress(args: argparse.Namespace) -> None:
     with _data_named("--eval-data"):
         after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
     report = CompressionReport(
-        args.model,
+        args.model if Path(args.model).name not in ("", "..") else _model_name(args.model),
         recipe.to_dict(),
         before,
         after,
@@ -231,6 +228,11 @@ def _data_named(flag: str) -> Iterator[None]:
         yield
     except DataError as error:
         raise MoepassError(f"{flag}: {error}") from None
+
+
+def _model_name(model: str) -> str:
+    """The model's own name: a built-in's, or its directory's (also for `.`)."""
+    return Path(os.path.abspath(model.removeprefix("builtin:"))).name
 
 
 def _refuse_file_model(model: str) -> None:

@@ -564,6 +564,25 @@ def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, 
     assert "note: --calib is unused: recipe rtn reads no calibration data" in err
     assert "parameters" in printed and "weight bytes" in printed and "perplexity" not in printed
     assert (tmp_path / "out" / f"{checkpoint.name}-rtn" / "manifest.json").is_file()
+    monkeypatch.chdir(checkpoint)  # `--model .`: the report is titled by the directory's name
+    out = tmp_path / "here"
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                ".",
+                "--recipe",
+                str(tmp_path / "rtn.yaml"),
+                "--out",
+                str(out),
+                "--eval-per-source",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert f"# Compression report: {checkpoint.name}, recipe `rtn`" in (out / "report.md").read_text()
 
 
 def test_cli_compress_refuses_a_recipe_the_model_cannot_take_before_evaluating(
