@@ -260,11 +260,12 @@ def _packed_int4_decode(
         e = ids[0, slot].item()
         torch._check(e >= 0)
         torch._check(e < experts)
-        h = act(matmul(x, gate_up_weight[e], gate_up_group, gate_up_scales[e]).float(), alpha, limit)
+        gate_up = matmul(x, gate_up_weight.select(0, e), gate_up_group, gate_up_scales.select(0, e))
+        h = act(gate_up.float(), alpha, limit)
         if down_input_scale is not None:
-            h = h * down_input_scale[e]
-        y = matmul(h.to(torch.bfloat16), down_weight[e], down_group, down_scales[e]).float()
-        y = y * slot_weights[:, slot : slot + 1]
+            h = h * down_input_scale.select(0, e)
+        y = matmul(h.to(torch.bfloat16), down_weight.select(0, e), down_group, down_scales.select(0, e))
+        y = y.float() * slot_weights[:, slot : slot + 1]
         out = y if out is None else out + y
     return out.to(hidden.dtype)
 
@@ -272,8 +273,8 @@ def _packed_int4_decode(
 def packed_experts_body(*args) -> Tensor:
     """`moepass::packed_experts` as traceable code (`TRACEABLE_BODIES`) where it pays: a single token's
     experts inline, so a compiled decode step skips the op's Python dispatch (~50 us a layer on a tiny
-    model, a third of its decode step); other shapes keep the op. Compiling it needs
-    `torch._dynamo.config.capture_scalar_outputs` (the expert indices)."""
+    model, a third of its decode step); other shapes keep the op. Dynamo must be allowed to read the
+    expert indices as integers (`torch._dynamo.config.capture_scalar_outputs`, or `fullgraph=True`)."""
     decoded = _packed_int4_decode(*args)
     return packed_experts(*args) if decoded is None else decoded
 

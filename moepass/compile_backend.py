@@ -9,6 +9,8 @@ over (real weights in hand, before aot_autograd):
   2. quantize (option `quantize`): data-free RTN of the routed expert weights, `moepass::quantized_experts`;
   3. lower (option `lower`): on CPU, quantized ops onto ATen's packed int4/int8 kernels (the
      `cpu_packed_weights` pass's rewrites); on CUDA the canonical ops already dispatch to Triton;
+     a one-token (decode) step's int4 experts are traced inline for Inductor where Dynamo may read
+     tensor values as integers (`fullgraph=True`, or `torch._dynamo.config.capture_scalar_outputs`);
   4. aot_autograd to ATen (the vocabulary torch.export gives), then Inductor, or with
      `inductor=False` the ATen graph runs as it is.
 
@@ -39,7 +41,7 @@ from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 
 from moepass.errors import MoepassError
-from moepass.ir.ops import EXPERTS
+from moepass.ir.ops import EXPERTS, TRACEABLE_BODIES
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, STORED_TENSORS
 from moepass.ir.quantized import FormatError, QuantFormat, quantize
 from moepass.ir.sparse import SPARSE24_EXPERTS
@@ -124,6 +126,7 @@ class CompileReport:
     quantized: int = 0  # experts ops quantized by the `quantize` option
     lowered: int = 0  # quantized ops moved onto the device's packed kernels
     kept_reference: dict[str, str] = field(default_factory=dict)  # quantized ops not lowered, and why
+    inlined: int = 0  # one-token packed experts ops traced inline for Inductor (`_inline_decode_experts`)
     ops: collections.Counter = field(default_factory=collections.Counter)  # moepass ops handed to aot
 
 
@@ -161,6 +164,8 @@ def moepass_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
             )
     if opts.lower:
         _lower(gm, inputs, report)
+    if opts.inductor:
+        report.inlined = _inline_decode_experts(gm, example_inputs)
     gm.recompile()
     _register_constants(gm)
     _REPORTS.append(report)
@@ -169,6 +174,7 @@ def moepass_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     stats["experts_outlined"] += len(report.outlined)
     stats["experts_quantized"] += report.quantized
     stats["ops_lowered"] += report.lowered
+    stats["experts_inlined"] += report.inlined
     # weights read at compile time into converted constants: the graph no longer reads these inputs.
     # Held weakly: Dynamo caches the compiled callable, which must not keep the originals (the float
     # weights `quantize` sheds) alive once the model is gone
@@ -298,6 +304,23 @@ def _lower(gm: fx.GraphModule, inputs: dict, report: CompileReport) -> None:
             report.lowered += 1
         else:
             report.kept_reference[node.name] = reason
+
+
+def _inline_decode_experts(gm: fx.GraphModule, example_inputs: list) -> int:
+    """One-token packed experts ops -> their traceable body, so Inductor calls the kernels from its own
+    code instead of through the op's Python dispatch (a third of a tiny model's decode step). The body
+    reads the expert indices as integers, which Dynamo's shape environment allows under
+    `fullgraph=True` or `torch._dynamo.config.capture_scalar_outputs`; otherwise the op stays."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None or fake_mode.shape_env is None or not fake_mode.shape_env.allow_scalar_outputs:
+        return 0
+    count = 0
+    for node in gm.graph.nodes:
+        hidden = node.args[0].meta.get("example_value") if node.target is PACKED_EXPERTS else None
+        if hidden is not None and isinstance(hidden.shape[0], int) and hidden.shape[0] == 1:
+            node.target = TRACEABLE_BODIES[PACKED_EXPERTS]
+            count += 1
+    return count
 
 
 def _materialize(gm: fx.GraphModule, inputs: dict, node: fx.Node, names: tuple[str, ...]) -> None:

@@ -35,6 +35,7 @@ from moepass.ir.quantized import QuantFormat, dequantize, quantize
 from moepass.lowering import lower
 
 ATEN = {"inductor": False}
+PACKED = "moepass.packed_experts.default"
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +116,22 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     longer = torch.randint(0, program.info.vocab_size, (2, 11))
     greedy_under(eager, compiled.generate(longer, 12, eos_token_id=None), prompt=11, tie=COMPILED_REL)
     assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the dynamic graphs
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_backend_runs_a_decode_steps_int4_experts_inline_where_dynamo_captures_scalars(fullgraph, seed):
+    """A one-token step's packed experts become Inductor's own kernel calls when Dynamo may read the
+    expert indices as integers (fullgraph=True here); otherwise the op stays. Same numbers either way."""
+    model = model_for("mixtral", seed=seed, num_experts_per_tok=8)  # no near-tied top-k to flip
+    ids = _ids(model, batch=1, seq=1)
+    options = {"quantize": "int4", "group_size": 32}
+    with torch.no_grad():
+        reference = _dequantized_model(model, "mixtral", QuantFormat(4, 32))(ids).logits
+        compiled = torch.compile(model, backend="moepass", options=options, fullgraph=fullgraph)(ids).logits
+    torch.testing.assert_close(compiled, reference, rtol=3e-2, atol=3e-2)  # ATen's int4 kernel: bf16
+    (report,) = compile_reports()
+    layers = _moe_layers(model)
+    assert (report.inlined, report.ops) == ((layers, {}) if fullgraph else (0, {PACKED: layers}))
 
 
 def _experts_op_calls(step) -> int:
