@@ -341,9 +341,9 @@ def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_th
     gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, 4, group, False)
     down = quantized(torch.randn(experts_n, k, inter) / 8, 4, group, False)
     packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
-    (gu, dn), down_scale = packed, torch.rand(experts_n, inter) + 0.5
+    (gu, dn), scales = packed, (torch.rand(k) + 0.5, torch.rand(experts_n, inter) + 0.5)  # AWQ's
     weights, ids = routing(4, experts_n, 2, dropped=True)
-    args = (gu.weight, gu.scales, dn.weight, dn.scales, None, None, None, down_scale, "silu", 0.0, 0.0, 4)
+    args = (gu.weight, gu.scales, dn.weight, dn.scales, None, None, *scales, "silu", 0.0, 0.0, 4)
     args += (gu.group_size, dn.group_size)
     assert TRACEABLE_BODIES[ops.PACKED_EXPERTS] is ops.packed_experts_body
     compiled = torch.compile(ops.packed_experts_body, fullgraph=True)
