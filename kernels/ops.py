@@ -247,25 +247,30 @@ def _packed_int4_decode(
 
     Traceable: each expert index becomes a symbolic integer and its weights views at it, so a compiled
     decode step calls the kernels from its own code (`packed_experts_body`)."""
-    if hidden.shape[0] != 1 or bits != 4 or gate_up_bias is not None or down_bias is not None:
+    if hidden.shape[0] != 1 or bits != 4:
         return None
-    matmul, act = torch.ops.aten._weight_int4pack_mm_for_cpu, ACTIVATIONS[activation]
-    experts = gate_up_weight.shape[0]
+    act, experts = ACTIVATIONS[activation], gate_up_weight.shape[0]
+
+    def project(e, x: Tensor, weight: Tensor, scales: Tensor, group: int, bias: Tensor | None) -> Tensor:
+        """Expert e's projection: ATen's int4 matmul in bf16; its result and the bias in fp32."""
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), weight.select(0, e), group, scales.select(0, e)
+        ).float()
+        return y if bias is None else y + bias.select(0, e)
+
     # an id outside the experts is one dropped behind a router that kept its row: it adds nothing
     slot_weights = topk_weights * ((topk_ids >= 0) & (topk_ids < experts))
     ids = topk_ids.clamp(0, experts - 1)
-    x = (hidden if gate_up_input_scale is None else hidden * gate_up_input_scale).to(torch.bfloat16)
+    x = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
     out = None
     for slot in range(ids.shape[1]):
         e = ids[0, slot].item()
         torch._check(e >= 0)
         torch._check(e < experts)
-        gate_up = matmul(x, gate_up_weight.select(0, e), gate_up_group, gate_up_scales.select(0, e))
-        h = act(gate_up.float(), alpha, limit)
+        h = act(project(e, x, gate_up_weight, gate_up_scales, gate_up_group, gate_up_bias), alpha, limit)
         if down_input_scale is not None:
             h = h * down_input_scale.select(0, e)
-        y = matmul(h.to(torch.bfloat16), down_weight.select(0, e), down_group, down_scales.select(0, e))
-        y = y.float() * slot_weights[:, slot : slot + 1]
+        y = project(e, h, down_weight, down_scales, down_group, down_bias) * slot_weights[:, slot : slot + 1]
         out = y if out is None else out + y
     return out.to(hidden.dtype)
 

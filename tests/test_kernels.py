@@ -150,7 +150,7 @@ def test_fused_moe_matches_float64_reference(seed, activation, num_experts, top_
 
 
 def reference_quantized_experts(
-    x, ids, weights, gate_up, down, bits, group, down_bias=None, scales=(None, None)
+    x, ids, weights, gate_up, down, bits, group, down_bias=None, scales=(None, None), gate_up_bias=None
 ):
     """The quantized experts op in float64 (SiLU experts; `scales`: AWQ input scales of gate/up, down)."""
     return quantized_experts(
@@ -163,8 +163,7 @@ def reference_quantized_experts(
         down[0],
         f64(down[1]),
         down[2],
-        None,
-        None if down_bias is None else f64(down_bias),
+        *(None if b is None else f64(b) for b in (gate_up_bias, down_bias)),
         *(None if s is None else f64(s) for s in scales),
         "silu",
         0.0,
@@ -268,7 +267,7 @@ def test_sparse24_gemm_matches_float64_reference(seed, rows, bits, group, symmet
 # ------------------------------------------------------------------------------------------------
 # CPU paths and op registration
 # ------------------------------------------------------------------------------------------------
-def run_packed_experts(x, ids, weights, packed, scales=(None, None)):
+def run_packed_experts(x, ids, weights, packed, scales=(None, None), biases=(None, None)):
     """The CPU packed experts op (SiLU) on `packed` = [gate_up, down] from `pack_for_cpu`."""
     gate_up, down = packed
     return ops.packed_experts(
@@ -279,8 +278,7 @@ def run_packed_experts(x, ids, weights, packed, scales=(None, None)):
         gate_up.scales,
         down.weight,
         down.scales,
-        None,
-        None,
+        *biases,
         *scales,
         "silu",
         0.0,
@@ -317,7 +315,8 @@ def test_cpu_packed_ops_match_reference(seed, bits, group, symmetric):
     assert rel_err(out, ref) < BF16_BOUND
 
 
-def test_cpu_packed_experts_decode_path_matches_reference(seed):
+@pytest.mark.parametrize("biased", [False, True])  # GPT-OSS's experts have biases
+def test_cpu_packed_experts_decode_path_matches_reference(seed, biased):
     """One token (the decode step) takes a shorter path through the packed experts: same math."""
     k, experts_n, inter, group = 256, 6, 128, 64
     gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, 4, group, False)
@@ -325,25 +324,29 @@ def test_cpu_packed_experts_decode_path_matches_reference(seed):
     packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
     scale, down_scale = torch.rand(k) + 0.5, torch.rand(experts_n, inter) + 0.5
     weights, ids = routing(4, experts_n, 2, dropped=True)  # token 0 has a slot on a dropped expert
+    biases = (torch.randn(experts_n, 2 * inter), torch.randn(experts_n, k)) if biased else (None, None)
     for t in range(4):
         x, rows = torch.randn(1, k), slice(t, t + 1)
         ref = reference_quantized_experts(
-            x, ids[rows], weights[rows], gate_up, down, 4, group, scales=(scale, down_scale)
+            x, ids[rows], weights[rows], gate_up, down, 4, group, biases[1], (scale, down_scale), biases[0]
         )
-        out = run_packed_experts(x, ids[rows], weights[rows], packed, (scale, down_scale))
+        out = run_packed_experts(x, ids[rows], weights[rows], packed, (scale, down_scale), biases)
         assert out.dtype == x.dtype and rel_err(out, ref) < BF16_BOUND
 
 
-def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_the_op(seed):
+@pytest.mark.parametrize("biased", [False, True])
+def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_the_op(seed, biased):
     """A compiled program inlines the one-token path (`TRACEABLE_BODIES`): expert indices become
-    symbolic integers, so one graph serves every routing, dropped-expert slots included."""
+    symbolic integers, so one graph serves every routing, dropped-expert slots included, and the
+    compiled code calls ATen's kernels itself, not the op."""
     k, experts_n, inter, group = 128, 5, 64, 32
     gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, 4, group, False)
     down = quantized(torch.randn(experts_n, k, inter) / 8, 4, group, False)
     packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
     (gu, dn), scales = packed, (torch.rand(k) + 0.5, torch.rand(experts_n, inter) + 0.5)  # AWQ's
     weights, ids = routing(4, experts_n, 2, dropped=True)
-    args = (gu.weight, gu.scales, dn.weight, dn.scales, None, None, *scales, "silu", 0.0, 0.0, 4)
+    biases = (torch.randn(experts_n, 2 * inter), torch.randn(experts_n, k)) if biased else (None, None)
+    args = (gu.weight, gu.scales, dn.weight, dn.scales, *biases, *scales, "silu", 0.0, 0.0, 4)
     args += (gu.group_size, dn.group_size)
     assert TRACEABLE_BODIES[ops.PACKED_EXPERTS] is ops.packed_experts_body
     compiled = torch.compile(ops.packed_experts_body, fullgraph=True)
@@ -354,7 +357,10 @@ def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_th
             want = ops.packed_experts(x, ids[rows], weights[rows], *args)
             # the same kernels; Inductor may keep the bf16 activation in fp32 (as in a compiled program)
             assert rel_err(compiled(x, ids[rows], weights[rows], *args), want) < 2**-9
+        with torch.profiler.profile() as profile:
+            compiled(x, ids[rows], weights[rows], *args)
     assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert not [e for e in profile.events() if e.name == "moepass::packed_experts"]
 
 
 def test_cpu_packing_says_why_a_format_cannot_use_aten():
