@@ -566,22 +566,8 @@ def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, 
     assert (tmp_path / "out" / f"{checkpoint.name}-rtn" / "manifest.json").is_file()
     monkeypatch.chdir(checkpoint)  # `--model .`: the report is titled by the directory's name
     out = tmp_path / "here"
-    assert (
-        main(
-            [
-                "compress",
-                "--model",
-                ".",
-                "--recipe",
-                str(tmp_path / "rtn.yaml"),
-                "--out",
-                str(out),
-                "--eval-per-source",
-                "0",
-            ]
-        )
-        == 0
-    )
+    here = ["compress", "--model", ".", "--recipe", str(tmp_path / "rtn.yaml"), "--out", str(out)]
+    assert main([*here, "--eval-per-source", "0"]) == 0
     assert f"# Compression report: {checkpoint.name}, recipe `rtn`" in (out / "report.md").read_text()
 
 
