@@ -20,10 +20,22 @@ from .printer import format_summary
 from .structure import StructureMap, build_structure
 from .verifier import verify
 
-# traceable bodies may read a few tensor values as integers (a decode step's expert indices): the
-# compiled step traces them as symbolic integers instead of breaking the graph there. One reusable
-# patch: entering it costs ~3 us a step
-_CAPTURE_SCALARS = torch._dynamo.config.patch(capture_scalar_outputs=True)
+
+@contextlib.contextmanager
+def _capturing_scalars() -> Iterator[None]:
+    """Dynamo traces tensor values read as integers (a decode step's expert indices, in traceable
+    bodies) as symbolic integers instead of breaking the graph there. Set and restored by hand: a
+    `config.patch` object cannot be re-entered on torch 2.11 (a step inside a step, or two threads),
+    and a new one per step costs 13 us; already on, it is left alone."""
+    config = torch._dynamo.config
+    if config.capture_scalar_outputs:
+        yield
+        return
+    config.capture_scalar_outputs = True
+    try:
+        yield
+    finally:
+        config.capture_scalar_outputs = False
 
 
 @dataclass
@@ -207,7 +219,7 @@ class MoEProgram(nn.Module, StepGeneration):
         # out unlike a decode step's), would each cost another compile
         inputs = [t.contiguous() for t in (input_ids, attention_mask, position_ids, *past)]
         try:
-            with _CAPTURE_SCALARS:
+            with _capturing_scalars():
                 outputs = self._compiled_steps[last_token_only](*inputs)
         except BackendCompilerFailed as error:
             raise MoepassError(

@@ -242,11 +242,12 @@ def _packed_int4_decode(
     down_group: int,
 ) -> Tensor | None:
     """One token through its k int4 experts with the fewest calls (None for other shapes and formats):
-    the same arithmetic as `run_experts` (bf16 matmuls, fp32 activation and slot-ordered fp32 sum) at
-    2/3 of its cost, which at decode is mostly per-call overhead (`tools/bench_ops.py`).
+    `run_experts`' arithmetic on the packed weights (bf16 matmuls, slot-ordered fp32 sum), except that
+    each projection's result, bias and activation stay in fp32 (bf16/fp16 models: within one rounding
+    of it), at 2/3 of its cost, which at decode is mostly per-call overhead (`tools/bench_ops.py`).
 
-    Traceable: each expert index becomes a symbolic integer and its weights views at it, so a compiled
-    decode step calls the kernels from its own code (`packed_experts_body`)."""
+    Traceable: under torch.compile each expert index becomes a symbolic integer and its weights views
+    at it, so a compiled decode step calls the kernels from its own code (`packed_experts_body`)."""
     if hidden.shape[0] != 1 or bits != 4:
         return None
     act, experts = ACTIVATIONS[activation], gate_up_weight.shape[0]
@@ -258,21 +259,29 @@ def _packed_int4_decode(
         ).float()
         return y if bias is None else y + bias.select(0, e)
 
-    # an id outside the experts is one dropped behind a router that kept its row: it adds nothing
-    slot_weights = topk_weights * ((topk_ids >= 0) & (topk_ids < experts))
-    ids = topk_ids.clamp(0, experts - 1)
+    # an id outside the experts is one dropped behind a router that kept its row: it adds nothing.
+    # Eager code skips it; traced code cannot branch on a value, so it runs a real expert there and
+    # masks that slot out (`where`, not a zero weight: the clamped expert's output may be inf)
+    tracing = torch.compiler.is_compiling()
+    ids = topk_ids[0].clamp(0, experts - 1) if tracing else topk_ids[0].tolist()
+    valid = (topk_ids >= 0) & (topk_ids < experts) if tracing else None
     x = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
     out = None
-    for slot in range(ids.shape[1]):
-        e = ids[0, slot].item()
-        torch._check(e >= 0)
-        torch._check(e < experts)
+    for slot in range(topk_ids.shape[1]):
+        if tracing:
+            e = ids[slot].item()
+            torch._check(e >= 0)
+            torch._check(e < experts)
+        elif not 0 <= (e := ids[slot]) < experts:
+            continue
         h = act(project(e, x, gate_up_weight, gate_up_scales, gate_up_group, gate_up_bias), alpha, limit)
         if down_input_scale is not None:
             h = h * down_input_scale.select(0, e)
-        y = project(e, h, down_weight, down_scales, down_group, down_bias) * slot_weights[:, slot : slot + 1]
+        y = project(e, h, down_weight, down_scales, down_group, down_bias) * topk_weights[:, slot : slot + 1]
+        if tracing:
+            y = torch.where(valid[:, slot : slot + 1], y, 0.0)
         out = y if out is None else out + y
-    return out.to(hidden.dtype)
+    return hidden.new_zeros(hidden.shape) if out is None else out.to(hidden.dtype)
 
 
 def packed_experts_body(*args) -> Tensor:

@@ -191,7 +191,7 @@ def _compress(args: argparse.Namespace) -> None:
     with _data_named("--eval-data"):
         after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
     report = CompressionReport(
-        args.model if Path(args.model).name not in ("", "..") else _model_name(args.model),
+        args.model,
         recipe.to_dict(),
         before,
         after,
@@ -231,8 +231,8 @@ def _data_named(flag: str) -> Iterator[None]:
 
 
 def _model_name(model: str) -> str:
-    """The model's own name: a built-in's, or its directory's (also for `.`)."""
-    return Path(os.path.abspath(model.removeprefix("builtin:"))).name
+    """The model's own name: a built-in's, or its directory's (also for `.`; "model" for `/`)."""
+    return Path(os.path.abspath(model.removeprefix("builtin:"))).name or "model"
 
 
 def _refuse_file_model(model: str) -> None:

@@ -307,7 +307,7 @@ def _lower(gm: fx.GraphModule, inputs: dict, report: CompileReport) -> None:
 
 
 def _inline_decode_experts(gm: fx.GraphModule, example_inputs: list) -> int:
-    """One-token packed experts ops -> their traceable body, so Inductor calls the kernels from its own
+    """One-token packed int4 experts ops -> their traceable body, so Inductor calls the kernels from its own
     code instead of through the op's Python dispatch (a third of a tiny model's decode step). The body
     reads the expert indices as integers, which Dynamo's shape environment allows under
     `fullgraph=True` or `torch._dynamo.config.capture_scalar_outputs`; otherwise the op stays."""
@@ -315,8 +315,8 @@ def _inline_decode_experts(gm: fx.GraphModule, example_inputs: list) -> int:
     if fake_mode is None or fake_mode.shape_env is None or not fake_mode.shape_env.allow_scalar_outputs:
         return 0
     count = 0
-    for node in gm.graph.nodes:
-        hidden = node.args[0].meta.get("example_value") if node.target is PACKED_EXPERTS else None
+    for node in [n for n in gm.graph.nodes if n.target is PACKED_EXPERTS and op_args(n)["bits"] == 4]:
+        hidden = op_args(node)["hidden"].meta.get("example_value")
         if hidden is not None and isinstance(hidden.shape[0], int) and hidden.shape[0] == 1:
             node.target = TRACEABLE_BODIES[PACKED_EXPERTS]
             count += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,13 @@ class CompressionReport:
     original_experts: dict[int, int]
     original_size: tuple[int, int]  # (parameters, weight bytes) before compression
     plots: dict[str, str] = field(default_factory=dict)  # analysis -> png file name
+
+    @property
+    def title(self) -> str:
+        """The model as titles name it: as given, but `.` or `..` by the directory they stand for."""
+        if Path(self.model).name not in ("", ".."):
+            return self.model
+        return Path(os.path.abspath(self.model)).name or self.model
 
     def summary_table(self) -> str:
         params, nbytes = model_size(self.program)
@@ -46,7 +54,7 @@ class CompressionReport:
             kept = f"{100 * a / b:.1f}% kept" if b else ""
             rows.append(["next-token accuracy", f"{100 * b:.2f}%", f"{100 * a:.2f}%", kept])
         return format_table(
-            ["", "before", "after", "change"], rows, title=f"{self.model}: {self.recipe['name']}"
+            ["", "before", "after", "change"], rows, title=f"{self.title}: {self.recipe['name']}"
         )
 
     def structure_table(self) -> str:
@@ -88,7 +96,7 @@ class CompressionReport:
     def markdown(self) -> str:
         report = self.program.report
         parts = [
-            f"# Compression report: {self.model}, recipe `{self.recipe['name']}`",
+            f"# Compression report: {self.title}, recipe `{self.recipe['name']}`",
             "",
             self.recipe.get("description", ""),
             "",

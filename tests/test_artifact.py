@@ -569,6 +569,7 @@ def test_cli_compress_without_evaluation_reports_the_size(checkpoint, tmp_path, 
     here = ["compress", "--model", ".", "--recipe", str(tmp_path / "rtn.yaml"), "--out", str(out)]
     assert main([*here, "--eval-per-source", "0"]) == 0
     assert f"# Compression report: {checkpoint.name}, recipe `rtn`" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["model"] == "."  # as given
 
 
 def test_cli_compress_refuses_a_recipe_the_model_cannot_take_before_evaluating(

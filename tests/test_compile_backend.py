@@ -31,6 +31,7 @@ from moepass.compile_backend import (
 )
 from moepass.data import TokenSet
 from moepass.ir.families import FAMILIES as FAMILY_SPECS
+from moepass.ir.program import _capturing_scalars
 from moepass.ir.quantized import QuantFormat, dequantize, quantize
 from moepass.lowering import lower
 
@@ -118,20 +119,36 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the dynamic graphs
 
 
-@pytest.mark.parametrize("fullgraph", [True, False])
-def test_backend_runs_a_decode_steps_int4_experts_inline_where_dynamo_captures_scalars(fullgraph, seed):
-    """A one-token step's packed experts become Inductor's own kernel calls when Dynamo may read the
-    expert indices as integers (fullgraph=True here); otherwise the op stays. Same numbers either way."""
+@pytest.mark.parametrize(("fullgraph", "bits"), [(True, 4), (False, 4), (True, 8)])
+def test_backend_runs_a_decode_steps_int4_experts_inline_where_dynamo_captures_scalars(fullgraph, bits, seed):
+    """A one-token step's packed int4 experts become Inductor's own kernel calls when Dynamo may read
+    the expert indices as integers (fullgraph=True here); otherwise, and for int8, the op stays. Same
+    numbers either way."""
     model = model_for("mixtral", seed=seed, num_experts_per_tok=8)  # no near-tied top-k to flip
     ids = _ids(model, batch=1, seq=1)
-    options = {"quantize": "int4", "group_size": 32}
+    fmt = QuantFormat(4, 32) if bits == 4 else QuantFormat(8, -1, symmetric=True)  # ATen's int8 format
+    options = {"quantize": f"int{bits}", "group_size": fmt.group_size, "symmetric": fmt.symmetric}
     with torch.no_grad():
-        reference = _dequantized_model(model, "mixtral", QuantFormat(4, 32))(ids).logits
+        reference = _dequantized_model(model, "mixtral", fmt)(ids).logits
         compiled = torch.compile(model, backend="moepass", options=options, fullgraph=fullgraph)(ids).logits
-    torch.testing.assert_close(compiled, reference, rtol=3e-2, atol=3e-2)  # ATen's int4 kernel: bf16
+    torch.testing.assert_close(compiled, reference, rtol=3e-2, atol=3e-2)  # ATen's kernels: bf16
     (report,) = compile_reports()
     layers = _moe_layers(model)
-    assert (report.inlined, report.ops) == ((layers, {}) if fullgraph else (0, {PACKED: layers}))
+    inline = fullgraph and bits == 4
+    assert (report.lowered, report.inlined, report.ops) == (
+        (layers, layers, {}) if inline else (layers, 0, {PACKED: layers})
+    )
+
+
+def test_scalar_capture_around_compiled_steps_nests_and_restores():
+    """A step inside a step (or a caller that turned it on) must neither fail nor switch it off early."""
+    config = torch._dynamo.config
+    assert not config.capture_scalar_outputs
+    with _capturing_scalars():
+        with _capturing_scalars():
+            assert config.capture_scalar_outputs
+        assert config.capture_scalar_outputs
+    assert not config.capture_scalar_outputs
 
 
 def _experts_op_calls(step) -> int:

@@ -332,6 +332,7 @@ def test_cpu_packed_experts_decode_path_matches_reference(seed, biased):
         )
         out = run_packed_experts(x, ids[rows], weights[rows], packed, (scale, down_scale), biases)
         assert out.dtype == x.dtype and rel_err(out, ref) < BF16_BOUND
+    assert not run_packed_experts(x, ids[:1, :0], weights[:1, :0], packed).any()  # no slot: zeros
 
 
 @pytest.mark.parametrize("biased", [False, True])
@@ -345,6 +346,8 @@ def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_th
     packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
     (gu, dn), scales = packed, (torch.rand(k) + 0.5, torch.rand(experts_n, inter) + 0.5)  # AWQ's
     weights, ids = routing(4, experts_n, 2, dropped=True)
+    # a dropped slot's weight never reaches the sum, not even as 0 * weight
+    weights = weights.masked_fill((ids < 0) | (ids >= experts_n), float("nan"))
     biases = (torch.randn(experts_n, 2 * inter), torch.randn(experts_n, k)) if biased else (None, None)
     args = (gu.weight, gu.scales, dn.weight, dn.scales, *biases, *scales, "silu", 0.0, 0.0, 4)
     args += (gu.group_size, dn.group_size)
@@ -355,6 +358,7 @@ def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_th
         for t in range(4):
             x, rows = torch.randn(1, k), slice(t, t + 1)
             want = ops.packed_experts(x, ids[rows], weights[rows], *args)
+            assert want.isfinite().all()
             # the same kernels; Inductor may keep the bf16 activation in fp32 (as in a compiled program)
             assert rel_err(compiled(x, ids[rows], weights[rows], *args), want) < 2**-9
         with torch.profiler.profile() as profile:
