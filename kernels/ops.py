@@ -240,14 +240,17 @@ def _packed_int4_decode(
     bits: int,
     gate_up_group: int,
     down_group: int,
+    *,
+    traced: bool = False,
 ) -> Tensor | None:
     """One token through its k int4 experts with the fewest calls (None for other shapes and formats):
     `run_experts`' arithmetic on the packed weights (bf16 matmuls, slot-ordered fp32 sum), except that
     each projection's result, bias and activation stay in fp32 (bf16/fp16 models: within one rounding
     of it), at 2/3 of its cost, which at decode is mostly per-call overhead (`tools/bench_ops.py`).
 
-    Traceable: under torch.compile each expert index becomes a symbolic integer and its weights views
-    at it, so a compiled decode step calls the kernels from its own code (`packed_experts_body`)."""
+    `traced` (`packed_experts_body`): each expert index becomes a symbolic integer and its weights
+    views at it, so a compiled decode step calls the kernels from its own code. (Asked, not detected:
+    torch 2.11's `torch.compiler.is_compiling()` is False while aot_autograd traces a backend's graph.)"""
     if hidden.shape[0] != 1 or bits != 4:
         return None
     act, experts = ACTIVATIONS[activation], gate_up_weight.shape[0]
@@ -262,13 +265,12 @@ def _packed_int4_decode(
     # an id outside the experts is one dropped behind a router that kept its row: it adds nothing.
     # Eager code skips it; traced code cannot branch on a value, so it runs a real expert there and
     # masks that slot out (`where`, not a zero weight: the clamped expert's output may be inf)
-    tracing = torch.compiler.is_compiling()
-    ids = topk_ids[0].clamp(0, experts - 1) if tracing else topk_ids[0].tolist()
-    valid = (topk_ids >= 0) & (topk_ids < experts) if tracing else None
+    ids = topk_ids[0].clamp(0, experts - 1) if traced else topk_ids[0].tolist()
+    valid = (topk_ids >= 0) & (topk_ids < experts) if traced else None
     x = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
     out = None
     for slot in range(topk_ids.shape[1]):
-        if tracing:
+        if traced:
             e = ids[slot].item()
             torch._check(e >= 0)
             torch._check(e < experts)
@@ -278,7 +280,7 @@ def _packed_int4_decode(
         if down_input_scale is not None:
             h = h * down_input_scale.select(0, e)
         y = project(e, h, down_weight, down_scales, down_group, down_bias) * topk_weights[:, slot : slot + 1]
-        if tracing:
+        if traced:
             y = torch.where(valid[:, slot : slot + 1], y, 0.0)
         out = y if out is None else out + y
     return hidden.new_zeros(hidden.shape) if out is None else out.to(hidden.dtype)
@@ -289,7 +291,7 @@ def packed_experts_body(*args) -> Tensor:
     experts inline, so a compiled decode step skips the op's Python dispatch (~50 us a layer on a tiny
     model, a third of its decode step); other shapes keep the op. Dynamo must be allowed to read the
     expert indices as integers (`torch._dynamo.config.capture_scalar_outputs`, or `fullgraph=True`)."""
-    decoded = _packed_int4_decode(*args)
+    decoded = _packed_int4_decode(*args, traced=True)
     return packed_experts(*args) if decoded is None else decoded
 
 
