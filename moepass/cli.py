@@ -123,7 +123,7 @@ def _compress(args: argparse.Namespace) -> None:
     from moepass.hf_export import hf_checkpoint, hf_config
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
-    from moepass.zoo import save_tokenizer
+    from moepass.zoo import model_name, save_tokenizer
 
     torch.set_num_threads(args.threads)
     device = _device(args)
@@ -155,7 +155,7 @@ def _compress(args: argparse.Namespace) -> None:
             raise MoepassError(f"{flag}: {error}") from None
     if args.out is not None and not args.out.strip():  # an unset shell variable, not "the default"
         raise MoepassError("--out is empty; name the output directory, or leave --out out for the default")
-    out = output_directory(args.out or f"out/{_model_name(args.model)}-{recipe.name}", args.force)
+    out = output_directory(args.out or f"out/{model_name(args.model)}-{recipe.name}", args.force)
     _refuse_inside(out, args.model)
     tokenizer_source = args.tokenizer or args.model
     _refuse_file_model(args.model)
@@ -228,11 +228,6 @@ def _data_named(flag: str) -> Iterator[None]:
         yield
     except DataError as error:
         raise MoepassError(f"{flag}: {error}") from None
-
-
-def _model_name(model: str) -> str:
-    """The model's own name: a built-in's, or its directory's (also for `.`; "model" for `/`)."""
-    return Path(os.path.abspath(model.removeprefix("builtin:"))).name or "model"
 
 
 def _refuse_file_model(model: str) -> None:

@@ -315,9 +315,11 @@ def _inline_decode_experts(gm: fx.GraphModule, example_inputs: list) -> int:
     if fake_mode is None or fake_mode.shape_env is None or not fake_mode.shape_env.allow_scalar_outputs:
         return 0
     count = 0
-    for node in [n for n in gm.graph.nodes if n.target is PACKED_EXPERTS and op_args(n)["bits"] == 4]:
-        hidden = op_args(node)["hidden"].meta.get("example_value")
-        if hidden is not None and isinstance(hidden.shape[0], int) and hidden.shape[0] == 1:
+    for node in [n for n in gm.graph.nodes if n.target is PACKED_EXPERTS]:
+        args = op_args(node)
+        hidden = args["hidden"].meta.get("example_value")
+        one_token = hidden is not None and isinstance(hidden.shape[0], int) and hidden.shape[0] == 1
+        if one_token and args["bits"] == 4:
             node.target = TRACEABLE_BODIES[PACKED_EXPERTS]
             count += 1
     return count

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from moepass.evaluate import EvalResult, model_size
 from moepass.ir import MoEProgram
 from moepass.json_document import json_document
 from moepass.table import format_table, human_bytes, human_count
+from moepass.zoo import model_name
 
 
 @dataclass
@@ -27,9 +27,7 @@ class CompressionReport:
     @property
     def title(self) -> str:
         """The model as titles name it: as given, but `.` or `..` by the directory they stand for."""
-        if Path(self.model).name not in ("", ".."):
-            return self.model
-        return Path(os.path.abspath(self.model)).name or self.model
+        return self.model if Path(self.model).name not in ("", "..") else model_name(self.model)
 
     def summary_table(self) -> str:
         params, nbytes = model_size(self.program)

@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,6 +148,11 @@ TRAINED = ("tiny-mixtral", "tiny-deepseek")
 
 def models_dir():
     return resources.files("moepass") / "assets" / "models"
+
+
+def model_name(name_or_path: str | os.PathLike) -> str:
+    """A model's own name: a built-in's, or its directory's (also for `.`; "model" for `/`)."""
+    return Path(os.path.abspath(str(name_or_path).removeprefix(BUILTIN_PREFIX))).name or "model"
 
 
 def builtin_names() -> list[str]:
