@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,8 +67,7 @@ def test_transformers_probing_for_its_kernels_package_leaves_our_ops_intact():
         f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
         "import torch, moepass; from moepass.ir.quantized import QuantFormat, quantize; "
         "from moepass.kernels import ops, pack_for_cpu; "
-        "from transformers.utils.import_utils import is_kernels_available; "
-        "assert not is_kernels_available(); "
+        "import transformers.integrations.hub_kernels, kernels; "
         "assert 'kernels.ops' not in sys.modules, 'our ops were registered a second time'; "
         "q = quantize(torch.randn(64, 128), QuantFormat(4, 32)); p = pack_for_cpu(*q, 4, 32); "
         "x = torch.randn(3, 128); "
@@ -75,3 +76,28 @@ def test_transformers_probing_for_its_kernels_package_leaves_our_ops_intact():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch.Size([3, 64])" in out.stdout
+
+
+@pytest.mark.parametrize("hub_installed", [True, False])
+def test_checkout_root_hands_kernels_imports_to_the_hub_package(tmp_path, hub_installed):
+    """From the repo root, `import kernels` (transformers >= 5.25 does it at import) must reach the hub
+    package installed behind our kernels/ folder, submodules included; with none installed, it gets a
+    module that defines nothing."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("from .layer import Mode\n")
+    (site / "kernels" / "layer.py").write_text("Mode = 'hub'\n")
+    behind = [str(site)] if hub_installed else []
+    code = (
+        "import sys; "
+        f"sys.path[:] = [''] + {behind!r} + [p for p in sys.path[1:] if 'site-packages' not in p]; "
+        "import kernels; "
+        "print(kernels.__file__, kernels.Mode if hasattr(kernels, 'Mode') else "
+        "[name for name in vars(kernels) if not name.startswith('_')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    where, what = out.stdout.split(maxsplit=1)
+    if hub_installed:
+        assert (Path(where), what.strip()) == (site / "kernels" / "__init__.py", "hub")
+    else:
+        assert (Path(where), what.strip()) == (ROOT / "kernels" / "__init__.py", "[]")
