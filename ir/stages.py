@@ -32,6 +32,48 @@ def split_stages(
     graph, building their modules is what costs, and a pass that asks for one block at a time would
     otherwise pay for every block each time (quadratic in depth)."""
     graph = graph_module.graph
+    owner, order = _owners(graph)
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    needed_later = {a.name for a in output_node.all_input_nodes} | set(observe)
+    consumers: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        for source in node.all_input_nodes:
+            consumers.setdefault(source.name, set()).add(owner.get(node.name, "output"))
+    _check_stage(only, order)
+    stages = []
+    for key in order if only is None else [only]:
+        members = [n for n in graph.nodes if owner.get(n.name) == key]
+        outputs = [
+            n.name
+            for n in members
+            if n.name in needed_later or any(c != key for c in consumers.get(n.name, ()))
+        ]
+        stages.append(_build(graph_module, key, members, outputs))
+    return stages
+
+
+def observing_stage(graph_module: fx.GraphModule, key: str, observe: set[str]) -> Stage:
+    """The part of stage `key` that computes the nodes in `observe`, returning exactly those: a
+    search that scores candidates by an attention output, or statistics of a projection's input,
+    need not run the rest of the block (its experts, above all) on every calibration batch."""
+    owner, order = _owners(graph_module.graph)
+    _check_stage(key, order)
+    by_name = {n.name: n for n in graph_module.graph.nodes}
+    strangers = sorted(name for name in observe if owner.get(name) != key)
+    if strangers:
+        raise ValueError(f"{key} computes no node named {', '.join(strangers)}")
+    needed, pending = set(), [by_name[name] for name in observe]
+    while pending:  # the observed nodes' ancestors inside the stage
+        node = pending.pop()
+        if node.name not in needed:
+            needed.add(node.name)
+            pending += [a for a in node.all_input_nodes if owner.get(a.name) == key]
+    members = [n for n in graph_module.graph.nodes if n.name in needed]
+    return _build(graph_module, key, members, [n.name for n in members if n.name in observe])
+
+
+def _owners(graph: fx.Graph) -> tuple[dict[str, str], list[str]]:
+    """The stage each computing node belongs to, and the stages in execution order."""
     owner: dict[str, str] = {}
     blocks: list[int] = []
     for node in graph.nodes:
@@ -46,25 +88,12 @@ def split_stages(
         elif int(key.split()[1]) not in blocks:
             blocks.append(int(key.split()[1]))
         owner[node.name] = key
-    order = ["prelude", *[f"block {i}" for i in blocks], "tail"]
-    output_node = next(n for n in graph.nodes if n.op == "output")
-    needed_later = {a.name for a in output_node.all_input_nodes} | set(observe)
-    consumers: dict[str, set[str]] = {}
-    for node in graph.nodes:
-        for source in node.all_input_nodes:
-            consumers.setdefault(source.name, set()).add(owner.get(node.name, "output"))
-    if only is not None and only not in order:
-        raise ValueError(f"the graph has no stage {only!r} (stages: {', '.join(order)})")
-    stages = []
-    for key in order if only is None else [only]:
-        members = [n for n in graph.nodes if owner.get(n.name) == key]
-        outputs = [
-            n.name
-            for n in members
-            if n.name in needed_later or any(c != key for c in consumers.get(n.name, ()))
-        ]
-        stages.append(_build(graph_module, key, members, outputs))
-    return stages
+    return owner, ["prelude", *[f"block {i}" for i in blocks], "tail"]
+
+
+def _check_stage(key: str | None, order: list[str]) -> None:
+    if key is not None and key not in order:
+        raise ValueError(f"the graph has no stage {key!r} (stages: {', '.join(order)})")
 
 
 def _block_key(node: fx.Node) -> str | None:

@@ -22,7 +22,7 @@ from torch import Tensor
 from moepass.data import TokenSet
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
-from moepass.ir.stages import Stage, split_stages
+from moepass.ir.stages import Stage, observing_stage, split_stages
 
 logger = logging.getLogger("moepass")
 MODES = ("whole", "sequential")
@@ -158,10 +158,10 @@ class BlockwiseRunner:
                 )
 
     def stage(self, block: int, observe: set[str]) -> Stage:
-        """Block `block`'s stage as the graph is now, returning `observe` too; bound to the weights
-        installed now (a search can swap candidates into `stage.module` without touching the program)."""
-        (stage,) = split_stages(self.program.graph_module, observe=observe, only=f"block {block}")
-        return stage
+        """The part of block `block`'s stage that computes `observe`, as the graph is now; bound to the
+        weights installed now (a search can swap candidates into `stage.module` without touching the
+        program)."""
+        return observing_stage(self.program.graph_module, f"block {block}", observe)
 
     @torch.no_grad()
     def observe(
@@ -175,7 +175,8 @@ class BlockwiseRunner:
     @torch.no_grad()
     def outputs(self, block: int) -> list[dict[str, Tensor]]:
         """Everything block `block` hands to later stages, per batch (to commit now or later)."""
-        return list(self._run(self.stage(block, set())))
+        (stage,) = split_stages(self.program.graph_module, only=f"block {block}")
+        return list(self._run(stage))
 
     def _run(self, stage: Stage, batches: int | None = None) -> Iterable[dict[str, Tensor]]:
         for batch, state in enumerate(self.states[:batches]):

@@ -17,7 +17,7 @@ from moepass.data import TokenSet
 from moepass.evaluate import model_size
 from moepass.ir.quant_ops import QUANTIZED_EMBEDDING, QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.ir.quantized import QuantFormat, dequantize, quantize
-from moepass.ir.stages import split_stages
+from moepass.ir.stages import observing_stage, split_stages
 from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import set_tensor
 from moepass.pass_manager import PassError
@@ -82,6 +82,32 @@ def test_stages_built_one_at_a_time_run_the_program(family, trimmed):
         assert torch.equal(state[stages[-1].outputs[0]], program(ids))
     with pytest.raises(ValueError, match="no stage 'block 99'"):
         split_stages(gm, only="block 99")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # Qwen2-MoE: shared experts
+def test_observing_stage_computes_what_it_observes_and_no_more(family):
+    """The statistics and scale searches observe nodes before the experts: the stage they run must
+    give the full stage's values of those nodes without computing the experts op."""
+    _, program = captured(family, num_hidden_layers=2)
+    gm, block = program.graph_module, program.structure.blocks[1]
+    attention_out = next(n for n in gm.graph.nodes if n.name == block.attention_residual).args[1].name
+    observe = {attention_out, block.mlp.route_ids}
+    (full,) = split_stages(gm, observe=observe, only="block 1")
+    part = observing_stage(gm, "block 1", observe)
+    assert sorted(part.outputs) == sorted(observe)
+    assert not [n for n in part.module.graph.nodes if n.target is torch.ops.moepass.experts.default]
+    assert [n for n in full.module.graph.nodes if n.target is torch.ops.moepass.experts.default]
+    state = _graph_inputs(program, torch.randint(3, 128, (2, 7)))
+    (prelude, block0) = split_stages(gm, only="prelude") + split_stages(gm, only="block 0")
+    for stage in (prelude, block0):
+        state.update(zip(stage.outputs, stage.module(*[state[n] for n in stage.inputs]), strict=True))
+    with torch.no_grad():
+        ours = dict(zip(part.outputs, part.module(*[state[n] for n in part.inputs]), strict=True))
+        theirs = dict(zip(full.outputs, full.module(*[state[n] for n in full.inputs]), strict=True))
+    for name in observe:
+        assert torch.equal(ours[name], theirs[name]), name
+    with pytest.raises(ValueError, match="block 1 computes no node named nowhere"):
+        observing_stage(gm, "block 1", {"nowhere"})
 
 
 def test_gptq_beats_rtn_on_correlated_inputs(seed):
