@@ -401,9 +401,51 @@ def _(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, ac
     return hidden.new_empty(hidden.shape)  # contiguous, as the real op returns
 
 
+def inlines_experts(hidden: Tensor) -> bool:
+    """Whether a traceable experts body runs these tokens inline: one token (a decode step), on the
+    CPU — on a GPU, reading each expert index as an integer would wait for the device every slot."""
+    return isinstance(hidden.shape[0], int) and hidden.shape[0] == 1 and hidden.device.type == "cpu"
+
+
+def experts_body(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    gate_up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+) -> Tensor:
+    """`moepass::experts` as traceable code (`TRACEABLE_BODIES`) for a CPU decode step's single token:
+    `run_experts`' one-token arithmetic with each expert index read as a symbolic integer and its
+    weights viewed at it, so a compiled step multiplies by the k chosen experts' weights from its own
+    code instead of calling the op. Other shapes keep the op. Dynamo must be allowed to read the
+    indices as integers (`torch._dynamo.config.capture_scalar_outputs`, or `fullgraph=True`)."""
+    args = (hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit)
+    if not inlines_experts(hidden):
+        return experts(*args)
+    act, count = ACTIVATIONS[activation], gate_up.shape[0]
+    # a traced step cannot skip a slot routed to a dropped expert (an id outside the experts): it runs
+    # a real expert there and masks the slot out (`where`: that expert's output may be inf)
+    ids, valid = topk_ids[0].clamp(0, count - 1), (topk_ids >= 0) & (topk_ids < count)
+    out = hidden.new_zeros(hidden.shape, dtype=torch.float32)
+    for slot in range(topk_ids.shape[1]):
+        e = ids[slot].item()
+        torch._check(e >= 0)
+        torch._check(e < count)
+        bias = None if gate_up_bias is None else gate_up_bias.select(0, e)
+        h = act(F.linear(hidden, gate_up.select(0, e), bias), alpha, limit)
+        y = F.linear(h, down.select(0, e), None if down_bias is None else down_bias.select(0, e))
+        out = out + torch.where(valid[:, slot : slot + 1], y.float() * topk_weights[:, slot : slot + 1], 0.0)
+    return out.to(hidden.dtype)
+
+
 ROUTE = torch.ops.moepass.route.default
+EXPERTS = torch.ops.moepass.experts.default
 # op -> its body as plain tensor code Dynamo can trace. Steps run through torch.compile call these
 # inline (`MoEProgram` with `compile=True`), so Inductor fuses them with their neighbours: on CPU a
 # custom op is an opaque call costing ~25 µs, which at decode is as much as the arithmetic.
-TRACEABLE_BODIES: dict[Any, Callable] = {ROUTE: routing}
-EXPERTS = torch.ops.moepass.experts.default
+TRACEABLE_BODIES: dict[Any, Callable] = {ROUTE: routing, EXPERTS: experts_body}

@@ -41,7 +41,7 @@ from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import make_boxed_func
 
 from moepass.errors import MoepassError
-from moepass.ir.ops import EXPERTS, TRACEABLE_BODIES
+from moepass.ir.ops import EXPERTS, TRACEABLE_BODIES, inlines_experts
 from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR, STORED_TENSORS
 from moepass.ir.quantized import FormatError, QuantFormat, quantize
 from moepass.ir.sparse import SPARSE24_EXPERTS
@@ -126,7 +126,7 @@ class CompileReport:
     quantized: int = 0  # experts ops quantized by the `quantize` option
     lowered: int = 0  # quantized ops moved onto the device's packed kernels
     kept_reference: dict[str, str] = field(default_factory=dict)  # quantized ops not lowered, and why
-    inlined: int = 0  # one-token packed experts ops traced inline for Inductor (`_inline_decode_experts`)
+    inlined: int = 0  # one-token experts ops traced inline for Inductor (`_inline_decode_experts`)
     ops: collections.Counter = field(default_factory=collections.Counter)  # moepass ops handed to aot
 
 
@@ -307,20 +307,20 @@ def _lower(gm: fx.GraphModule, inputs: dict, report: CompileReport) -> None:
 
 
 def _inline_decode_experts(gm: fx.GraphModule, example_inputs: list) -> int:
-    """One-token packed int4 experts ops -> their traceable body, so Inductor calls the kernels from its own
-    code instead of through the op's Python dispatch (a third of a tiny model's decode step). The body
-    reads the expert indices as integers, which Dynamo's shape environment allows under
-    `fullgraph=True` or `torch._dynamo.config.capture_scalar_outputs`; otherwise the op stays."""
+    """One-token float and packed int4 experts ops -> their traceable bodies, so Inductor multiplies by
+    the chosen experts' weights from its own code instead of through the op's Python dispatch (a third
+    of a tiny int4 model's decode step). The bodies read the expert indices as integers, which
+    Dynamo's shape environment allows under `fullgraph=True` or
+    `torch._dynamo.config.capture_scalar_outputs`; otherwise the ops stay."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is None or fake_mode.shape_env is None or not fake_mode.shape_env.allow_scalar_outputs:
         return 0
     count = 0
-    for node in [n for n in gm.graph.nodes if n.target is PACKED_EXPERTS]:
+    for node in [n for n in gm.graph.nodes if n.target in (EXPERTS, PACKED_EXPERTS)]:
         args = op_args(node)
         hidden = args["hidden"].meta.get("example_value")
-        one_token = hidden is not None and isinstance(hidden.shape[0], int) and hidden.shape[0] == 1
-        if one_token and args["bits"] == 4:
-            node.target = TRACEABLE_BODIES[PACKED_EXPERTS]
+        if hidden is not None and inlines_experts(hidden) and (node.target is EXPERTS or args["bits"] == 4):
+            node.target = TRACEABLE_BODIES[node.target]
             count += 1
     return count
 

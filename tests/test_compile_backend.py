@@ -119,24 +119,29 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     assert counters["stats"]["unique_graphs"] == graphs  # new lengths reuse the dynamic graphs
 
 
-@pytest.mark.parametrize(("fullgraph", "bits"), [(True, 4), (False, 4), (True, 8)])
-def test_backend_runs_a_decode_steps_int4_experts_inline_where_dynamo_captures_scalars(fullgraph, bits, seed):
-    """A one-token step's packed int4 experts become Inductor's own kernel calls when Dynamo may read
-    the expert indices as integers (fullgraph=True here); otherwise, and for int8, the op stays. Same
-    numbers either way."""
+@pytest.mark.parametrize(
+    ("fullgraph", "bits"), [(True, 4), (False, 4), (True, 8), (True, None), (False, None)]
+)
+def test_backend_runs_a_decode_steps_experts_inline_where_dynamo_captures_scalars(fullgraph, bits, seed):
+    """A one-token step's float or packed int4 experts become Inductor's own kernel calls when Dynamo
+    may read the expert indices as integers (fullgraph=True here); otherwise, and for int8, the op
+    stays. Same numbers either way."""
     model = model_for("mixtral", seed=seed, num_experts_per_tok=8)  # no near-tied top-k to flip
     ids = _ids(model, batch=1, seq=1)
     fmt = QuantFormat(4, 32) if bits == 4 else QuantFormat(8, -1, symmetric=True)  # ATen's int8 format
-    options = {"quantize": f"int{bits}", "group_size": fmt.group_size, "symmetric": fmt.symmetric}
+    options = {} if bits is None else {"quantize": f"int{bits}", "group_size": fmt.group_size}
+    options.update({} if bits is None else {"symmetric": fmt.symmetric})
     with torch.no_grad():
-        reference = _dequantized_model(model, "mixtral", fmt)(ids).logits
+        reference = (model if bits is None else _dequantized_model(model, "mixtral", fmt))(ids).logits
         compiled = torch.compile(model, backend="moepass", options=options, fullgraph=fullgraph)(ids).logits
-    torch.testing.assert_close(compiled, reference, rtol=3e-2, atol=3e-2)  # ATen's kernels: bf16
+    tolerance = 1e-5 if bits is None else 3e-2  # ATen's int kernels compute in bf16
+    torch.testing.assert_close(compiled, reference, rtol=tolerance, atol=tolerance)
     (report,) = compile_reports()
     layers = _moe_layers(model)
-    inline = fullgraph and bits == 4
+    lowered, kept = (0, "moepass.experts.default") if bits is None else (layers, PACKED)
+    inline = fullgraph and bits != 8
     assert (report.lowered, report.inlined, report.ops) == (
-        (layers, layers, {}) if inline else (layers, 0, {PACKED: layers})
+        (lowered, layers, {}) if inline else (lowered, 0, {kept: layers})
     )
 
 
@@ -151,24 +156,29 @@ def test_scalar_capture_around_compiled_steps_nests_and_restores():
     assert not config.capture_scalar_outputs
 
 
-def _experts_op_calls(step) -> int:
+def _experts_op_calls(step, op: str) -> int:
     with torch.profiler.profile() as profile:
         step()
-    return sum(event.name == "moepass::packed_experts" for event in profile.events())
+    return sum(event.name == f"moepass::{op}" for event in profile.events())
 
 
-def test_compiled_single_token_steps_run_the_int4_experts_inline():
-    """At batch 1 a compiled decode step calls the experts' kernels from its own code (the op's
-    Python dispatch was a third of a tiny model's step), and generation still follows the program."""
+@pytest.mark.parametrize("op", ["experts", "packed_experts"])  # uncompressed, int4
+def test_compiled_single_token_steps_run_the_experts_inline(op):
+    """At batch 1 a compiled decode step multiplies by the chosen experts' weights from its own code
+    (the op's Python dispatch was a third of a tiny int4 model's step), and generation still follows
+    the program."""
     model, program = captured("mixtral", num_hidden_layers=1)
-    quantized = rtn(program, 4, 32)
-    eager, compiled = lower(quantized), lower(quantized, compile=True)
+    if op == "packed_experts":
+        program = rtn(program, 4, 32)
+    eager, compiled = lower(program), lower(program, compile=True)
     ids = torch.randint(0, program.info.vocab_size, (1, 6))
     greedy_under(eager, compiled.generate(ids, 8, eos_token_id=None), prompt=6, tie=COMPILED_REL)
     mask = torch.ones(1, 7, dtype=torch.long)
     _, past = eager.step(ids, mask[:, :6], torch.arange(6)[None], eager.empty_cache(1))
     decode = (ids[:, -1:], mask, torch.tensor([[6]]), past)
-    calls = [_experts_op_calls(lambda p=p: p.step(*decode, last_token_only=True)) for p in (eager, compiled)]
+    calls = [
+        _experts_op_calls(lambda p=p: p.step(*decode, last_token_only=True), op) for p in (eager, compiled)
+    ]
     assert calls == [_moe_layers(model), 0]
     want = eager.step(*decode, last_token_only=True)[0]
     assert rel_error(compiled.step(*decode, last_token_only=True)[0], want) < COMPILED_REL

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, experts
+from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, experts, experts_body
 from moepass.ir.quant_ops import quantized_experts, quantized_linear
 from moepass.ir.quantized import QuantFormat, quantize
 from moepass.ir.sparse import SPARSE24_LINEAR
@@ -365,6 +365,36 @@ def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_th
             compiled(x, ids[rows], weights[rows], *args)
     assert counters["stats"]["unique_graphs"] == graphs + 1
     assert not [e for e in profile.events() if e.name == "moepass::packed_experts"]
+
+
+@pytest.mark.parametrize("activation,biased", [("silu", False), ("clamped_swiglu", True)])
+def test_float_experts_decode_body_compiles_without_graph_breaks_and_matches_the_op(seed, activation, biased):
+    """Uncompressed programs inline their one-token experts the same way: one graph for every
+    routing, dropped-expert slots masked out (their NaN weights never reach the sum), no op call."""
+    h, experts_n, inter = 64, 5, 48
+    gate_up, down = torch.randn(experts_n, 2 * inter, h) / 8, torch.randn(experts_n, h, inter) / 7
+    weights, ids = routing(4, experts_n, 2, dropped=True)
+    weights = weights.masked_fill((ids < 0) | (ids >= experts_n), float("nan"))
+    biases = (torch.randn(experts_n, 2 * inter), torch.randn(experts_n, h)) if biased else (None, None)
+    args = (gate_up, down, *biases, activation, 1.702, 7.0)
+    assert TRACEABLE_BODIES[torch.ops.moepass.experts.default] is experts_body
+    compiled = torch.compile(experts_body, fullgraph=True)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        for t in range(4):
+            x, rows = torch.randn(1, h), slice(t, t + 1)
+            want = experts(x, ids[rows], weights[rows], *args)
+            assert want.isfinite().all()
+            assert rel_err(compiled(x, ids[rows], weights[rows], *args), want) < FP32_BOUND
+        with torch.profiler.profile() as profile:
+            compiled(x, ids[rows], weights[rows], *args)
+        several = torch.randn(3, h)  # more tokens: the op itself
+        assert torch.equal(
+            experts_body(several, ids[:3], weights[:3].nan_to_num(), *args),
+            experts(several, ids[:3], weights[:3].nan_to_num(), *args),
+        )
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert not [e for e in profile.events() if e.name == "moepass::experts"]
 
 
 def test_cpu_packing_says_why_a_format_cannot_use_aten():
