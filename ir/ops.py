@@ -407,24 +407,13 @@ def inlines_experts(hidden: Tensor) -> bool:
     return isinstance(hidden.shape[0], int) and hidden.shape[0] == 1 and hidden.device.type == "cpu"
 
 
-def experts_body(
-    hidden: Tensor,
-    topk_ids: Tensor,
-    topk_weights: Tensor,
-    gate_up: Tensor,
-    down: Tensor,
-    gate_up_bias: Tensor | None,
-    down_bias: Tensor | None,
-    activation: str,
-    alpha: float,
-    limit: float,
-) -> Tensor:
+def experts_body(*args) -> Tensor:
     """`moepass::experts` as traceable code (`TRACEABLE_BODIES`) for a CPU decode step's single token:
     `run_experts`' one-token arithmetic with each expert index read as a symbolic integer and its
     weights viewed at it, so a compiled step multiplies by the k chosen experts' weights from its own
     code instead of calling the op. Other shapes keep the op. Dynamo must be allowed to read the
     indices as integers (`torch._dynamo.config.capture_scalar_outputs`, or `fullgraph=True`)."""
-    args = (hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit)
+    hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit = args
     if not inlines_experts(hidden):
         return experts(*args)
     act, count = ACTIVATIONS[activation], gate_up.shape[0]
