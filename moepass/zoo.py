@@ -179,8 +179,10 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = N
         return random_model(family, dtype=dtype or torch.float32)
     path = _checkpoint_dir(name_or_path)
     with _readable(path, "a transformers causal LM checkpoint"):
+        # use_kernels=False: transformers >= 5.25 swaps some layers' forwards for hub kernels by default
+        # (on CUDA: RMSNorm, SiLU, RoPE; fetched from the Hub); capture wants the plain modules
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype or "auto"
+            path, local_files_only=True, dtype=dtype or "auto", use_kernels=False
         )
     return model.eval()
 

@@ -186,3 +186,10 @@ def test_bfloat16_builtins_equal_the_checkpoint_loaded_by_transformers(family, s
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected(ids).logits)
+
+
+def test_checkpoints_load_without_hub_kernels(tmp_path):
+    """transformers >= 5.25 kernelizes a model on load by default (hub kernels for RMSNorm, SiLU and
+    RoPE on GPUs, fetched from the Hub); moepass loads the plain modules it captures."""
+    random_model("mixtral", seed=0).save_pretrained(tmp_path)
+    assert load_model(tmp_path).use_kernels is False
