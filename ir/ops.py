@@ -14,7 +14,7 @@ Canonical expert layout (all families are converted to it at capture time):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -407,6 +407,20 @@ def inlines_experts(hidden: Tensor) -> bool:
     return isinstance(hidden.shape[0], int) and hidden.shape[0] == 1 and hidden.device.type == "cpu"
 
 
+def traced_expert_slots(topk_ids: Tensor, count: int) -> Iterator[tuple[int, Any, Tensor]]:
+    """For one token in traced code: each slot's expert index as a symbolic integer (to view that
+    expert's weights at) and the slot's mask [1, 1]. Traced code cannot skip a slot routed to a dropped
+    expert (an id outside the `count` experts, behind a router that kept its row): it runs a real
+    expert there, and the caller masks the slot out with `where` (not a zero weight: that expert's
+    output may be inf)."""
+    ids, valid = topk_ids[0].clamp(0, count - 1), (topk_ids >= 0) & (topk_ids < count)
+    for slot in range(topk_ids.shape[1]):
+        e = ids[slot].item()
+        torch._check(e >= 0)
+        torch._check(e < count)
+        yield slot, e, valid[:, slot : slot + 1]
+
+
 def experts_body(*args) -> Tensor:
     """`moepass::experts` as traceable code (`TRACEABLE_BODIES`) for a CPU decode step's single token:
     `run_experts`' one-token arithmetic with each expert index read as a symbolic integer and its
@@ -416,19 +430,13 @@ def experts_body(*args) -> Tensor:
     hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, activation, alpha, limit = args
     if not inlines_experts(hidden):
         return experts(*args)
-    act, count = ACTIVATIONS[activation], gate_up.shape[0]
-    # a traced step cannot skip a slot routed to a dropped expert (an id outside the experts): it runs
-    # a real expert there and masks the slot out (`where`: that expert's output may be inf)
-    ids, valid = topk_ids[0].clamp(0, count - 1), (topk_ids >= 0) & (topk_ids < count)
+    act = ACTIVATIONS[activation]
     out = hidden.new_zeros(hidden.shape, dtype=torch.float32)
-    for slot in range(topk_ids.shape[1]):
-        e = ids[slot].item()
-        torch._check(e >= 0)
-        torch._check(e < count)
+    for slot, e, valid in traced_expert_slots(topk_ids, gate_up.shape[0]):
         bias = None if gate_up_bias is None else gate_up_bias.select(0, e)
         h = act(F.linear(hidden, gate_up.select(0, e), bias), alpha, limit)
         y = F.linear(h, down.select(0, e), None if down_bias is None else down_bias.select(0, e))
-        out = out + torch.where(valid[:, slot : slot + 1], y.float() * topk_weights[:, slot : slot + 1], 0.0)
+        out = out + torch.where(valid, y.float() * topk_weights[:, slot : slot + 1], 0.0)
     return out.to(hidden.dtype)
 
 

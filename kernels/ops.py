@@ -19,7 +19,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moepass.ir.ops import ACTIVATIONS, TRACEABLE_BODIES, check_experts, expert_at, experts, run_experts
+from moepass.ir.ops import (
+    ACTIVATIONS,
+    TRACEABLE_BODIES,
+    check_experts,
+    expert_at,
+    experts,
+    run_experts,
+    traced_expert_slots,
+)
 from moepass.ir.quant_ops import (
     CODE_ARGUMENTS,
     check_quantized_experts,
@@ -262,26 +270,22 @@ def _packed_int4_decode(
         ).float()
         return y if bias is None else y + bias.select(0, e)
 
-    # an id outside the experts is one dropped behind a router that kept its row: it adds nothing.
-    # Eager code skips it; traced code cannot branch on a value, so it runs a real expert there and
-    # masks that slot out (`where`, not a zero weight: the clamped expert's output may be inf)
-    ids = topk_ids[0].clamp(0, experts - 1) if traced else topk_ids[0].tolist()
-    valid = (topk_ids >= 0) & (topk_ids < experts) if traced else None
+    # an id outside the experts is one dropped behind a router that kept its row: it adds nothing
+    # (eager code skips its slot, traced code masks it out)
+    slots = (
+        traced_expert_slots(topk_ids, experts)
+        if traced
+        else ((slot, e, None) for slot, e in enumerate(topk_ids[0].tolist()) if 0 <= e < experts)
+    )
     x = hidden if gate_up_input_scale is None else hidden * gate_up_input_scale
     out = None
-    for slot in range(topk_ids.shape[1]):
-        if traced:
-            e = ids[slot].item()
-            torch._check(e >= 0)
-            torch._check(e < experts)
-        elif not 0 <= (e := ids[slot]) < experts:
-            continue
+    for slot, e, valid in slots:
         h = act(project(e, x, gate_up_weight, gate_up_scales, gate_up_group, gate_up_bias), alpha, limit)
         if down_input_scale is not None:
             h = h * down_input_scale.select(0, e)
         y = project(e, h, down_weight, down_scales, down_group, down_bias) * topk_weights[:, slot : slot + 1]
-        if traced:
-            y = torch.where(valid[:, slot : slot + 1], y, 0.0)
+        if valid is not None:
+            y = torch.where(valid, y, 0.0)
         out = y if out is None else out + y
     return hidden.new_zeros(hidden.shape) if out is None else out.to(hidden.dtype)
 

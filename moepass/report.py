@@ -9,6 +9,7 @@ from moepass.evaluate import EvalResult, model_size
 from moepass.ir import MoEProgram
 from moepass.json_document import json_document
 from moepass.table import format_table, human_bytes, human_count
+from moepass.zoo import model_name
 
 
 @dataclass
@@ -26,8 +27,6 @@ class CompressionReport:
     @property
     def title(self) -> str:
         """The model as titles name it: as given, but `.` or `..` by the directory they stand for."""
-        from moepass.zoo import model_name  # zoo imports transformers: only when a title needs it
-
         return self.model if Path(self.model).name not in ("", "..") else model_name(self.model)
 
     def summary_table(self) -> str:
