@@ -150,7 +150,28 @@ def _shadow_copy(model: nn.Module) -> nn.Module:
     shadow = copy.deepcopy(model, memo)
     if getattr(shadow.config, "output_router_logits", False):
         shadow.config.output_router_logits = False
+    _restore_torch_forwards(shadow)
     return shadow.eval()
+
+
+def _restore_torch_forwards(shadow: nn.Module) -> None:
+    """Undo Hub-kernel forwards on the shadow. transformers >= 5.25 kernelizes models loaded onto a GPU
+    by default (Liger RMSNorm, rotary and SiLU kernels from the Hub): `kernelize` gives each module of a
+    Hub-extensible class (`kernel_layer_name`), and each kernelized function wrapper a module holds in
+    `_kernel_funcs`, its own `forward`. Their kernels compute what the class's torch forward computes,
+    which is what the IR's canonical ops, lowering and ONNX export read; reverting is `kernels`' own
+    revert (drop the instance forward)."""
+    restored = 0
+    for module in shadow.modules():
+        for holder in (module, *module.__dict__.get("_kernel_funcs", {}).values()):
+            if hasattr(type(holder), "kernel_layer_name") and "forward" in holder.__dict__:
+                del holder.__dict__["forward"]
+                holder.__dict__.pop("_kernel_repo", None)
+                restored += 1
+    if getattr(shadow, "use_kernels", False):
+        shadow._use_kernels = False  # else `eval()` would kernelize the shadow again (a new kernels mode)
+    if restored:
+        logger.info("capture: traced the torch forwards of %d Hub-kernelized modules", restored)
 
 
 # transformers' own MLA key builders (DeepSeek V2/V3), by qualified name: a patched one is left alone

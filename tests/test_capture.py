@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import types
 
 import pytest
 import torch
@@ -223,6 +224,60 @@ def test_user_model_is_not_modified(family):
     for key, (tensor, value) in after["tensors"].items():
         assert tensor is before["tensors"][key][0] and torch.equal(value, before["tensors"][key][1]), key
     program.verify()
+
+
+def _hub_kernel_forward(self, *args, **kwargs):
+    """Stands in for a Hub kernel: the class's torch forward, off by one, so a trace of it shows."""
+    out = type(self).forward(self, *args, **kwargs)
+    return tuple(t + 1 for t in out) if isinstance(out, tuple) else out + 1
+
+
+def _hub_kernelized(model) -> list:
+    """What `kernels.kernelize` does to a model (transformers >= 5.25 does it on load onto a GPU):
+    each Hub-extensible module, and each kernelized function wrapper in `_kernel_funcs`, gets its own
+    forward. Returns those holders."""
+    holders = [
+        holder
+        for module in model.modules()
+        for holder in (module, *module.__dict__.get("_kernel_funcs", {}).values())
+        if hasattr(type(holder), "kernel_layer_name")
+    ]
+    for holder in holders:
+        holder.forward = types.MethodType(_hub_kernel_forward, holder)
+    return holders
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_capture_of_hub_kernelized_model_traces_torch_forwards(family, seed, monkeypatch):
+    """A model with Hub kernels (RMSNorm, rotary) is captured as transformers' torch code, and left
+    kernelized; capture never kernelizes anything again (that would fetch kernels from the Hub)."""
+    from transformers import PreTrainedModel
+
+    model = model_for(family, seed=seed)
+    if not any(hasattr(type(m), "kernel_layer_name") for m in model.modules()):
+        pytest.skip("this transformers has no Hub-extensible layers (the `kernels` package is missing)")
+    from kernels import Mode
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        holders = _hub_kernelized(model)
+        kernelized = model(ids).logits
+    assert (kernelized - expected).abs().max().item() > 1e-2, "the stand-in kernels must change the logits"
+    model.train()
+    # as `set_use_kernels` leaves a model kernelized for training: its `eval()` kernelizes again
+    model._use_kernels, model._kernels_mode = True, Mode.TRAINING
+
+    def kernelize_again(*args, **kwargs):
+        raise AssertionError("capture kernelized a model")
+
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", kernelize_again)
+    program = moepass.capture(model)
+    assert (program(ids) - expected).abs().max().item() <= TOL
+    assert all("forward" in vars(holder) for holder in holders) and model.use_kernels
+    model._use_kernels = False
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, kernelized)  # the user's model still runs its kernels
 
 
 def test_decode_step_cost_grows_only_through_attention(seed):
