@@ -117,10 +117,9 @@ def scales_and_zeros(
 
 def codes_for(weight: Tensor, scale: Tensor, zero: Tensor, fmt: QuantFormat) -> Tensor:
     """Integer codes (int16) of `weight` [..., N, K] for per-group scale/zero [..., N, G]."""
-    group = fmt.group(weight.shape[-1])
-    s = scale.repeat_interleave(group, dim=-1)
-    z = zero.repeat_interleave(group, dim=-1)
-    return torch.clamp(torch.round(weight.float() / s) + z, 0, fmt.max_code).to(torch.int16)
+    grouped = weight.float().unflatten(-1, (scale.shape[-1], fmt.group(weight.shape[-1])))
+    codes = torch.round(grouped / scale[..., None]) + zero[..., None]
+    return torch.clamp(codes, 0, fmt.max_code).to(torch.int16).flatten(-2)
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
@@ -137,8 +136,10 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
         return packed.to(torch.int16)
     # arithmetic, not `& 0x0F` and `>> 4`: torch 2.11's ONNX exporter lowers a uint8 shift to a Where
     # that onnxruntime cannot run (the quantized embedding's lookup exports this as standard ops)
-    wide = packed.to(torch.int32)
-    return torch.stack([wide % 16, wide // 16], dim=-1).flatten(-2).to(torch.int16)
+    # (in int16 and `wide - 16 * high` rather than `%`: 2.4x faster on CPU)
+    wide = packed.to(torch.int16)
+    high = wide // 16
+    return torch.stack([wide - 16 * high, high], dim=-1).flatten(-2)
 
 
 def packed_width(count: int, bits: int) -> int:
@@ -194,12 +195,10 @@ def dequantize(
     k = codes.shape[-1]
     group = k if group_size == -1 else group_size
     groups = k // group
-    if zeros is None:
-        zero = torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int16, device=scales.device)
-    else:
-        zero = unpack(zeros, bits)[..., :groups]
-    weight = (codes - zero.repeat_interleave(group, dim=-1)).to(scales.dtype if dtype is None else dtype)
-    return weight * scales.repeat_interleave(group, dim=-1).to(weight.dtype)
+    # per-group views, not scales repeated to [N, K] (repeat_interleave costs 4x the rest on CPU)
+    zero = 2 ** (bits - 1) if zeros is None else unpack(zeros, bits)[..., :groups, None]
+    weight = (codes.unflatten(-1, (groups, group)) - zero).to(scales.dtype if dtype is None else dtype)
+    return (weight * scales.to(weight.dtype)[..., None]).flatten(-2)
 
 
 def in_features(qweight: Tensor, bits: int) -> int:

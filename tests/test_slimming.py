@@ -22,7 +22,7 @@ from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import set_tensor
 from moepass.pass_manager import PassError
 from moepass.passes import ConfigError
-from moepass.passes.awq import fake_quantize, search_scale
+from moepass.passes.awq import fake_quantize, linear_loss, output_error, search_scale
 from moepass.passes.gptq import gptq_quantize
 from moepass.passes.sparsegpt import sparsegpt_prune
 from moepass.passes.wanda import wanda_prune
@@ -140,6 +140,25 @@ def test_awq_scales_protect_outlier_input_channels(seed):
     awq = dequantize(*quantize(weight * s, fmt, "w"), 4, 32) / s
     baseline = dequantize(*quantize(weight, fmt, "w"), 4, 32)
     assert error([awq]) < 0.5 * error([baseline])
+
+
+@pytest.mark.parametrize("tokens", [300, 40])  # more tokens than a group's width (Gram matrices), fewer
+@pytest.mark.parametrize("group", [16, 64])
+def test_awq_output_error_is_the_mean_squared_output_change(seed, tokens, group):
+    """AWQ scores candidates through Gram matrices when the inputs are narrower than the token count;
+    the scores must be the plain mean squared output errors, per (row, group) and per weight."""
+    x = torch.randn(tokens, 64) * torch.linspace(0.1, 3, 64)
+    weights = [torch.randn(24, 64), torch.randn(8, 64)]
+    candidates = [w + 0.05 * torch.randn_like(w) for w in weights]
+    d = (candidates[0] - weights[0]).double().view(24, -1, group)
+    xg = x.double().view(tokens, -1, group)
+    expected = torch.einsum("tgk,ngk->tng", xg, d).pow(2).mean(0)
+    got = output_error(x, group)(candidates[0] - weights[0])
+    assert got.shape == (24, 64 // group)
+    assert torch.allclose(got.double(), expected, rtol=1e-4)
+    pairs = zip(candidates, weights, strict=True)
+    whole = sum(F.linear(x.double(), c.double() - w.double()).pow(2).mean() for c, w in pairs)
+    assert linear_loss(x, weights)(candidates) == pytest.approx(whole.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize(

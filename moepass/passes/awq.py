@@ -89,21 +89,44 @@ def search_scale(x: Tensor, weights: list[Tensor], loss, fmt: QuantFormat, grid:
     return best_scale
 
 
+def output_error(x: Tensor, group: int):
+    """A function of a weight change d [n, k] giving, per (row, group of `group` input channels), the
+    mean over x's rows [T, k] of (x_g . d_g)^2, as [n, k / group]. Through each group's Gram matrix
+    x_g^T x_g when the group is narrower than T: a change then costs n*k*group, not n*k*T (AWQ scores
+    every candidate scale and clipping range this way); directly otherwise."""
+    tokens, k = x.shape
+    xg = x.float().view(tokens, k // group, group)
+    if group < tokens:
+        gram = torch.einsum("tgk,tgl->gkl", xg, xg) / tokens
+
+        def error(d: Tensor) -> Tensor:
+            d = d.float().view(d.shape[0], -1, group)
+            return (torch.einsum("ngk,gkl->ngl", d, gram) * d).sum(-1)
+
+        return error
+    return lambda d: torch.einsum("tgk,ngk->tng", xg, d.float().view(d.shape[0], -1, group)).pow(2).mean(0)
+
+
+def linear_loss(x: Tensor, weights: list[Tensor]):
+    """Scores candidates for `weights` (each [n, k], all reading x) by the mean squared error of
+    their outputs, summed over the weights."""
+    error = output_error(x, x.shape[-1])
+    return lambda candidate: sum(error(c - w).mean().item() for c, w in zip(candidate, weights, strict=True))
+
+
 def search_clip(weight: Tensor, x: Tensor, fmt: QuantFormat, steps: int, max_shrink: float) -> Tensor:
     """`weight` with each (row, group) clipped to the range that minimises that group's output error."""
     n, k = weight.shape
     group = fmt.group(k)
     w = weight.float().view(n, -1, group)
-    xg = x.float()[: SAMPLE_TOKENS // 4].view(-1, k // group, group)  # [T, G, g]
-    reference = torch.einsum("tgk,ngk->tng", xg, w)
+    error = output_error(x[: SAMPLE_TOKENS // 4], group)
     best_err = torch.full((n, k // group), float("inf"), device=weight.device)
     best = w.clone()
     top = w.abs().amax(-1, keepdim=True)
     for step in range(steps):
         limit = top * (1 - max_shrink * step / steps)
         clipped = w.clamp(-limit, limit)
-        q = fake_quantize(clipped.view(n, k), fmt).float().view(n, -1, group)
-        err = (torch.einsum("tgk,ngk->tng", xg, q) - reference).pow(2).mean(0)
+        err = error(fake_quantize(clipped.view(n, k), fmt).float() - weight.float())
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better.unsqueeze(-1), clipped, best)
@@ -209,15 +232,7 @@ class AWQPass(QuantizationPass):
         weights = [get(t.weight) for t in group]
         fmt = c.format_for(*weights)
         x = x.to(weights[0].dtype)
-        reference = [F.linear(x, w) for w in weights]
-
-        def direct_loss(candidate):
-            return sum(
-                (F.linear(x, w) - r).float().pow(2).mean().item()
-                for w, r in zip(candidate, reference, strict=True)
-            )
-
-        loss = loss or direct_loss
+        loss = loss or linear_loss(x, weights)
 
         s = search_scale(x, weights, loss, fmt, c.grid).to(weights[0].dtype)
         scaled = [w * s for w in weights]
@@ -283,12 +298,7 @@ class AWQPass(QuantizationPass):
                 if c.clip:
                     w = search_clip(w, xe / s, fmt, c.clip_grid, c.max_shrink)
                 h = act(F.linear(xe, gate_up[e], None if gu_bias is None else gu_bias[e]), alpha, limit)
-                reference_down = F.linear(h, down[e])
-
-                def down_loss(candidate, h=h, reference_down=reference_down):
-                    return (F.linear(h, candidate[0]) - reference_down).float().pow(2).mean().item()
-
-                sd = search_scale(h, [down[e]], down_loss, fmt, c.grid).to(down.dtype)
+                sd = search_scale(h, [down[e]], linear_loss(h, [down[e]]), fmt, c.grid).to(down.dtype)
                 wd = down[e] * sd
                 if c.clip:
                     wd = search_clip(wd, h / sd, fmt, c.clip_grid, c.max_shrink)
