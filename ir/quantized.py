@@ -192,12 +192,19 @@ def dequantize(
 ) -> Tensor:
     """W [..., N, K] from the stored layout (`group_size` -1: per-channel)."""
     codes = unpack(qweight, bits)
-    k = codes.shape[-1]
-    group = k if group_size == -1 else group_size
-    groups = k // group
-    # per-group views, not scales repeated to [N, K] (repeat_interleave costs 4x the rest on CPU)
-    zero = 2 ** (bits - 1) if zeros is None else unpack(zeros, bits)[..., :groups, None]
-    weight = (codes.unflatten(-1, (groups, group)) - zero).to(scales.dtype if dtype is None else dtype)
+    group = codes.shape[-1] if group_size == -1 else group_size
+    zero = 2 ** (bits - 1) if zeros is None else unpack(zeros, bits)[..., : codes.shape[-1] // group]
+    return dequantize_codes(codes, zero, scales, group, dtype)
+
+
+def dequantize_codes(
+    codes: Tensor, zero: int | Tensor, scales: Tensor, group: int, dtype: torch.dtype | None = None
+) -> Tensor:
+    """W [..., N, K] from integer codes, the per-group zero points (one int, or [..., N, G] integers)
+    and scales [..., N, G]: on per-group views, not scales repeated to [N, K] (repeat_interleave costs
+    4x the rest on CPU)."""
+    zero = zero if isinstance(zero, int) else zero[..., None]
+    weight = (codes.unflatten(-1, (-1, group)) - zero).to(scales.dtype if dtype is None else dtype)
     return (weight * scales.to(weight.dtype)[..., None]).flatten(-2)
 
 

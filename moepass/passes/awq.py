@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moepass.calibration import BlockwiseRunner
 from moepass.ir.ops import ACTIVATIONS, run_experts
-from moepass.ir.quantized import QuantFormat, codes_for, dequantize, packed_triple, quantize, scales_and_zeros
+from moepass.ir.quantized import QuantFormat, codes_for, dequantize_codes, quantize, scales_and_zeros
 from moepass.ir.surgery import quantize_experts, quantize_linear, set_tensor
 from moepass.quantization import (
     QuantizationPass,
@@ -56,13 +56,11 @@ class AWQConfig(QuantizeConfig):
 
 
 def fake_quantize(weight: Tensor, fmt: QuantFormat) -> Tensor:
+    """What round-to-nearest in `fmt` stores for `weight`, dequantized (without packing the codes)."""
     scale, zero = scales_and_zeros(weight, fmt)
-    return dequantize(
-        *packed_triple(codes_for(weight, scale, zero, fmt), scale, zero, fmt, weight.dtype),
-        fmt.bits,
-        fmt.group_size,
-        dtype=weight.dtype,
-    )
+    codes = codes_for(weight, scale, zero, fmt)
+    group = fmt.group(weight.shape[-1])
+    return dequantize_codes(codes, zero.to(torch.int16), scale.to(weight.dtype), group, weight.dtype)
 
 
 def search_scale(x: Tensor, weights: list[Tensor], loss, fmt: QuantFormat, grid: int) -> Tensor:
@@ -126,7 +124,7 @@ def search_clip(weight: Tensor, x: Tensor, fmt: QuantFormat, steps: int, max_shr
     for step in range(steps):
         limit = top * (1 - max_shrink * step / steps)
         clipped = w.clamp(-limit, limit)
-        err = error(fake_quantize(clipped.view(n, k), fmt).float() - weight.float())
+        err = error(fake_quantize(clipped.view(n, k), fmt).float() - w.view(n, k))
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better.unsqueeze(-1), clipped, best)
