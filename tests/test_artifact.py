@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 
+import onnxruntime
 import pytest
 import torch
 import transformers
@@ -507,6 +508,15 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     assert texts["torch"] == texts["onnx"] and texts["torch"].startswith("It is")
     assert main(["eval", str(onnx_dir), "--max-per-source", "1"]) == 0  # scored by onnxruntime
     assert "(ONNX export, onnxruntime)" in capsys.readouterr().out
+    int8_dir = tmp_path / "onnx-int8"
+    assert main(["export-onnx", str(out), str(int8_dir), "--int8-activations"]) == 0
+    assert "MatMulNBits/QMoE on int8 activations (accuracy_level 4)" in capsys.readouterr().out
+    if tuple(map(int, onnxruntime.__version__.split(".")[:2])) >= (1, 31):
+        assert main(["eval", str(int8_dir), "--max-per-source", "1"]) == 0
+        assert "(ONNX export, onnxruntime, int8 activations)" in capsys.readouterr().out
+    else:
+        assert main(["eval", str(int8_dir), "--max-per-source", "1"]) == 2
+        assert "exported with int8 activations" in capsys.readouterr().err
     assert main(["eval", str(onnx_dir), "--program"]) == 2
     assert "is an ONNX export, run by onnxruntime's CPU provider" in capsys.readouterr().err
     assert main(["export-onnx", str(out), str(onnx_dir)]) == 2  # refused before loading anything

@@ -234,6 +234,62 @@ def test_int8_experts_run_off_the_fused_ops_keeping_every_expert(group_size, for
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
 
 
+def _accuracy_levels(path) -> Counter:
+    """(op type, accuracy_level or None) of every MatMulNBits and QMoE node, If branches included."""
+    levels: Counter = Counter()
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            if node.op_type in ("MatMulNBits", "QMoE"):
+                level = {a.name: a.i for a in node.attribute}.get("accuracy_level")
+                levels[node.op_type, level] += 1
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    visit(attribute.g.node)
+
+    visit(onnx.load(str(path / "model.onnx")).graph.node)
+    return levels
+
+
+@pytest.mark.parametrize(  # GPT-OSS int8: MatMulNBits in an If per expert
+    "family,bits,overrides", [("mixtral", 4, {}), ("gpt_oss", 8, {"num_hidden_layers": 1, "num_experts": 4})]
+)
+def test_int8_activations_set_every_quantized_matmul_and_stay_close(family, bits, overrides, tmp_path):
+    _, program = captured(family, **overrides)
+    quantized = rtn(program, bits, 16)
+    exact = export_onnx(quantized, tmp_path / "exact")
+    fast = export_onnx(quantized, tmp_path / "int8", int8_activations=True)
+    levels = _accuracy_levels(fast)
+    assert levels and set(level for _, level in levels) == {4}
+    assert Counter({op: n for (op, _), n in levels.items()}) == Counter(
+        {op: n for (op, _), n in _accuracy_levels(exact).items()}
+    )
+    assert all(level is None for _, level in _accuracy_levels(exact))
+    manifests = [json.loads((p / "onnx_manifest.json").read_text()) for p in (exact, fast)]
+    assert [m["int8_activations"] for m in manifests] == [False, True]
+    assert sum(n for kind, n in manifests[1]["rewrites"].items() if "int8 activations" in kind) == sum(
+        levels.values()
+    )
+    if tuple(map(int, runtime.ort.__version__.split(".")[:2])) < runtime.OLDEST_FOR_INT8_ACTIVATIONS:
+        with pytest.raises(MoepassError, match=r"exported with int8 activations.*'onnxruntime>=1.31'"):
+            OnnxProgram(fast)
+        return
+    ids = torch.randint(0, program.info.vocab_size, (2, 9))
+    want, got = OnnxProgram(exact)(ids), OnnxProgram(fast)(ids)
+    assert 0 < float((got - want).norm() / want.norm()) < 0.03  # ~0.7%
+
+
+def test_int8_activations_are_refused_without_quantized_matmuls(tmp_path, monkeypatch):
+    with pytest.raises(OnnxExportError, match=r"int8_activations: MixtralForCausalLM has no quantized"):
+        export_onnx(captured("mixtral")[1], tmp_path / "onnx", int8_activations=True)
+    assert not (tmp_path / "onnx").exists()
+    # an onnxruntime without QMoE's accuracy_level is named before it fails to load the file
+    path = export_onnx(rtn(captured("mixtral")[1], 4, 16), tmp_path / "int8", int8_activations=True)
+    monkeypatch.setattr(runtime.ort, "__version__", "1.30.2")
+    with pytest.raises(MoepassError, match=r"onnxruntime 1.30.2 cannot run .*'onnxruntime>=1.31'"):
+        OnnxProgram(path)
+
+
 def test_awq_scales_fold_into_the_fused_qmoe_op(tmp_path):
     _, program = captured("mixtral")
     ids = torch.randint(3, program.info.vocab_size, (8, 17))

@@ -1,5 +1,5 @@
 """End-to-end CPU speed: transformers eager vs the lowered moepass program (as it is, and through
-torch.compile) vs onnxruntime (one thread).
+torch.compile) vs onnxruntime (exact, and with int8 activations in its quantized matmuls; one thread).
 
     python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral mid-deepseek] [--variants ...]
                               [--engines ...] [--rounds 3] [--work build/bench-e2e]
@@ -11,6 +11,7 @@ sigmoid routing, and one shared expert; MLA attention). Variants: uncompressed, 
 groups of 128, every linear), the paper recipe's shape (25% of MoE sub-layers dropped + int4;
 which layers and how the codes were found do not change the speed, so the benchmark drops by a
 fixed seed instead of calibrating), and 25% of each layer's experts dropped (seeded) + int4.
+"onnxruntime int8 activations" runs an export with `int8_activations=True` (quantized variants only).
 Each (model, variant, engine) runs in its own process, loading what a user would load (a
 transformers checkpoint, a moepass artifact lowered on load, an exported ONNX directory), so peak
 memory is that of one engine: the max RSS of the process, imports included. Prefill: one 128-token
@@ -61,7 +62,8 @@ MID_DEEPSEEK = dict(
     v_head_dim=32,
 )
 RANDOM_MODELS = {"mid-mixtral": ("mixtral", MID_MIXTRAL), "mid-deepseek": ("deepseek_v3", MID_DEEPSEEK)}
-ENGINES = ("moepass PyTorch", "moepass PyTorch compiled", "onnxruntime")
+INT8_ONNX = "onnxruntime int8 activations"
+ENGINES = ("moepass PyTorch", "moepass PyTorch compiled", "onnxruntime", INT8_ONNX)
 INT4 = {
     "bits": 4,
     "group_size": 128,
@@ -99,12 +101,17 @@ def prepare(model_name: str, work: Path, variants: list[str]) -> dict[str, Path]
         recipe = VARIANTS[variant]
         slug = variant.replace(" ", "-")
         artifact, onnx_dir = work / model_name / slug, work / model_name / f"{slug}.onnx"
-        if not artifact.exists() or not onnx_dir.exists():
+        int8_dir = work / model_name / f"{slug}.int8-activations.onnx"
+        if not artifact.exists() or not onnx_dir.exists() or (recipe and not int8_dir.exists()):
             compressed = moepass.compress(program, recipe) if recipe else program
             print(f"  {model_name} {variant}: saving and exporting ...", file=sys.stderr, flush=True)
             moepass.save(compressed, artifact, overwrite=True)
             export_onnx(compressed, onnx_dir, overwrite=True)
-        paths[variant], paths[f"{variant}.onnx"] = artifact, onnx_dir
+            if recipe:  # int8 activations need quantized matmuls
+                export_onnx(compressed, int8_dir, overwrite=True, int8_activations=True)
+        paths[variant], paths[f"{variant} onnxruntime"] = artifact, onnx_dir
+        if recipe:
+            paths[f"{variant} {INT8_ONNX}"] = int8_dir
     return paths
 
 
@@ -261,8 +268,9 @@ def main() -> None:
         runs = [("uncompressed", "transformers eager", paths["hf"])]  # the baseline, whatever variants run
         for variant in args.variants:
             for engine in args.engines:
-                path = paths[f"{variant}.onnx"] if engine == "onnxruntime" else paths[variant]
-                runs.append((variant, engine, path))
+                if engine == INT8_ONNX and f"{variant} {engine}" not in paths:
+                    continue  # nothing quantized to run on int8 activations
+                runs.append((variant, engine, paths.get(f"{variant} {engine}", paths[variant])))
         rounds = []  # each round measures every run once, in the same order: noise hits all alike
         for number in range(1, args.rounds + 1):
             rounds.append([_run_child(engine, path) for _, engine, path in runs])

@@ -21,6 +21,8 @@ from .export import LOGITS_TO_KEEP, MANIFEST_FILE, MODEL_FILE
 # the oldest onnxruntime that runs every export (pyproject's floor): 1.20-1.23 lack MoE's
 # `swiglu_fusion`, QMoE's zero points and int8 MatMulNBits, and fail to load or on the first step
 OLDEST_ONNXRUNTIME = (1, 30)
+# exports with int8 activations set QMoE's `accuracy_level`, an attribute 1.30 does not know
+OLDEST_FOR_INT8_ACTIVATIONS = (1, 31)
 
 
 class OnnxProgram(StepGeneration):
@@ -43,16 +45,25 @@ class OnnxProgram(StepGeneration):
             self.info = ProgramInfo(**manifest["info"])
             self.input_names, self.output_names = manifest["inputs"], manifest["outputs"]
             self._parameters = int(manifest.get("parameters", 0))  # exports before it was recorded: 0
+            self.int8_activations = bool(manifest.get("int8_activations", False))
         except (ValueError, TypeError, KeyError, AttributeError) as error:  # JSON errors are ValueErrors
             raise MoepassError(
                 f"{path / MANIFEST_FILE} is damaged or from another moepass "
                 f"({type(error).__name__}: {error}); export the model again"
             ) from None
-        if tuple(int(part) for part in ort.__version__.split(".")[:2]) < OLDEST_ONNXRUNTIME:
+        version = tuple(int(part) for part in ort.__version__.split(".")[:2])
+        if version < OLDEST_ONNXRUNTIME:
             oldest = ".".join(map(str, OLDEST_ONNXRUNTIME))
             raise MoepassError(
                 f"onnxruntime {ort.__version__} is older than {oldest}, the oldest that runs moepass "
                 f"exports (their MoE, QMoE and MatMulNBits contrib ops); pip install 'onnxruntime>={oldest}'"
+            )
+        if self.int8_activations and version < OLDEST_FOR_INT8_ACTIVATIONS:
+            oldest = ".".join(map(str, OLDEST_FOR_INT8_ACTIVATIONS))
+            raise MoepassError(
+                f"{path} was exported with int8 activations, which onnxruntime {ort.__version__} cannot "
+                f"run (QMoE's accuracy_level came in {oldest}); pip install 'onnxruntime>={oldest}', or "
+                "export again without int8 activations"
             )
         self.path = path
         # exports before this input existed compute every position's logits, cut here instead
