@@ -161,6 +161,20 @@ def test_awq_output_error_is_the_mean_squared_output_change(seed, tokens, group)
     assert linear_loss(x, weights)(candidates) == pytest.approx(whole.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_stats_sum_many_batches_like_float64(dtype, seed):
+    """Each batch is summed in float32, the running totals in float64: after 64 batches of large,
+    correlated activations the Hessian and the squares match float64 sums of the same inputs."""
+    batches = [(_correlated_inputs(512, 96) * 30).to(dtype) for _ in range(64)]
+    stats = InputStats(96, device="cpu")
+    for x in batches:
+        stats.add(x.view(8, 64, 96))
+    x = torch.cat(batches).double()
+    assert stats.tokens == 64 * 512
+    torch.testing.assert_close(stats.mean_hessian(), 2 * x.T @ x / len(x), rtol=1e-6, atol=1e-6 * 900)
+    torch.testing.assert_close(stats.mean_squares(), x.pow(2).mean(0), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize(
     "inputs,method",
     [
