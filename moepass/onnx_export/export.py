@@ -109,9 +109,9 @@ def export_onnx(
 
     `int8_activations`: the quantized matmuls (MatMulNBits, QMoE) quantize their activations to int8
     per block as they run (onnxruntime's `accuracy_level` 4, onnxruntime-genai's CPU default) and
-    multiply in integers: decode steps ~1.5x faster on CPU for ~0.01% perplexity on the bundled model
-    (BENCHMARKS.md), but the logits no longer equal the PyTorch program's to float rounding. Needs
-    onnxruntime >= 1.31 (QMoE's `accuracy_level`)."""
+    multiply in integers: decode steps 1.2-2.3x faster on CPU for -0.03..+0.05% perplexity on the
+    bundled models (BENCHMARKS.md), but the logits no longer equal the PyTorch program's to float
+    rounding. Needs onnxruntime >= 1.31 (QMoE's `accuracy_level`)."""
     if not isinstance(program, MoEProgram):
         raise OnnxExportError(
             f"export_onnx takes a MoEProgram (see moepass.capture), got {type(program).__name__}"
