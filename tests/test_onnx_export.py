@@ -276,7 +276,10 @@ def test_int8_activations_set_every_quantized_matmul_and_stay_close(family, bits
         return
     ids = torch.randint(0, program.info.vocab_size, (2, 9))
     want, got = OnnxProgram(exact)(ids), OnnxProgram(fast)(ids)
-    assert 0 < float((got - want).norm() / want.norm()) < 0.03  # ~0.7%
+    # per position: one whose top-k is a near tie may route differently (7-8% off, seen), a typical one
+    # is ~0.7% off; a wrong scale or layout would move every position
+    errors = ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()
+    assert errors.max() > 0 and errors.median() < 0.02
 
 
 def test_int8_activations_are_refused_without_quantized_matmuls(tmp_path, monkeypatch):
