@@ -43,7 +43,40 @@ def check_prompt(
 
 class StepGeneration:
     """`generate` for classes with `step(ids, mask, positions, past, last_token_only=...)`,
-    `empty_cache(batch)` and `info` (eos_token_ids, pad_token_id)."""
+    `empty_cache(batch)`, `cache_names` and `info` (eos_token_ids, pad_token_id, vocab_size)."""
+
+    def check_step(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]
+    ) -> None:
+        """Refuse, by name, step inputs the graph would run wrong or fail on deep inside: a mask of
+        length 1 broadcasts silently (over a padded past: wrong logits), one of another wrong length
+        or a missing past tensor fails in an anonymous graph node, and onnxruntime's Gather counts a
+        negative token id from the end of the vocabulary. Ids are range-checked on the CPU only:
+        on a GPU that would wait for the device every step (its embedding asserts instead)."""
+        on_cpu = input_ids.device.type == "cpu"
+        check_prompt(input_ids, vocab_size=self.info.vocab_size if on_cpu else None)
+        if len(past) != len(self.cache_names):
+            raise MoepassError(
+                f"this decoder takes {len(self.cache_names)} past tensors ({', '.join(self.cache_names)}), "
+                f"got {len(past)}; start from empty_cache(batch)"
+            )
+        batch, seq = input_ids.shape
+        past_len = past[0].shape[2] if past and past[0].dim() == 4 else 0
+        for name, tensor in zip(self.cache_names, past, strict=True):
+            if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[2] != past_len:
+                raise MoepassError(
+                    f"{name} is {list(tensor.shape)}: past tensors must all be [batch = {batch}, heads, "
+                    f"past length = {past_len}, head dim]"
+                )
+        if tuple(attention_mask.shape) != (batch, past_len + seq):
+            raise MoepassError(
+                f"attention_mask must be [batch, past + new tokens] = [{batch}, {past_len + seq}], "
+                f"got {list(attention_mask.shape)}"
+            )
+        if tuple(position_ids.shape) != (batch, seq):
+            raise MoepassError(
+                f"position_ids must be [{batch}, {seq}] like input_ids, got {list(position_ids.shape)}"
+            )
 
     @torch.no_grad()
     def generate(

@@ -202,6 +202,7 @@ class MoEProgram(nn.Module, StepGeneration):
 
         `last_token_only` returns logits for the last position only ([batch, 1, vocab]): generation
         needs no more, and a prompt's LM head then costs one row instead of one per token."""
+        self.check_step(input_ids, attention_mask, position_ids, past)
         if self._code_is_stale:  # run inside a `batch_edits` block (a pass calibrating between edits)
             self._regenerate_code()
         graph_module = self._last_token_module() if last_token_only else self.graph_module

@@ -6,7 +6,7 @@ import logging
 
 from torch import nn
 
-from moepass.data import TokenSet, calibration_set, check_fits, window_length
+from moepass.data import TokenSet, calibration_set, check_fits, check_source, window_length
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram, capture
 from moepass.pass_manager import PassManager, PassReport
@@ -69,6 +69,8 @@ def _calibration_tokens(recipe: Recipe, calibration, tokenizer, program: MoEProg
 
 def _tokenized(recipe: Recipe, calibration, tokenizer, seq_len: int) -> TokenSet:
     spec = recipe.calibration
+    if calibration is not None:  # token ids given where text belongs: say so, not "needs a tokenizer"
+        check_source(calibration)
     if tokenizer is None:
         raise MoepassError(
             "compress needs a tokenizer to build calibration data from text (tokenizer=...), "

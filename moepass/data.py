@@ -113,7 +113,13 @@ def corpus_dir():
 
 def check_source(data) -> None:
     """What can be told of a data source without reading it (a built-in's name, an empty or missing
-    path): the CLI asks before minutes of loading a model."""
+    path, token ids where text belongs): the CLI asks before minutes of loading a model."""
+    if isinstance(data, Tensor) or type(data).__module__ == "numpy":
+        raise DataError(
+            f"data is an array ({data.dtype} {list(data.shape)}), not text: pass text (a path, "
+            "'builtin:<split>' or records), or token windows as moepass.data.TokenSet(input_ids, "
+            "labels, sources)"
+        )
     if isinstance(data, str) and data.startswith(BUILTIN_PREFIX):
         if data.removeprefix(BUILTIN_PREFIX) not in BUILTIN_SPLITS:
             raise DataError(

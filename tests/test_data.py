@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -114,6 +115,7 @@ def test_sampling_is_deterministic_and_seeded(tokenizer):
         (lambda tok: evaluation_set("builtin:test", tok, vocab_size=128), "tokenizer does not belong"),
         (lambda tok: tokenize([Document("text", "a")], object(), 8), "unsupported tokenizer type object"),
         (lambda tok: load_documents(42), "cannot read data of type int"),
+        (lambda tok: load_documents(np.zeros((2, 3))), r"data is an array \(float64 \[2, 3\]\), not text"),
         (lambda tok: load_documents({"text": "hello"}), "data is one mapping; pass a list of records"),
         (lambda tok: load_documents([{"text": None}]), "record 1's 'text' is a NoneType, not a string"),
         (lambda tok: load_documents([{"body": "x"}]), r"has no 'text' field \(has \['body'\]\)"),

@@ -367,7 +367,7 @@ def test_prefill_runs_the_lm_head_only_on_the_positions_asked_for(tmp_path_facto
     torch.testing.assert_close(last, program.step(ids, mask, positions, past, last_token_only=True)[0])
 
 
-def test_runtime_refuses_inputs_onnxruntime_would_misread(tmp_path_factory):
+def test_steps_refuse_inputs_the_graph_would_misread(tmp_path_factory):
     _, program = captured("olmoe")
     exported = OnnxProgram(_exported("olmoe", tmp_path_factory))
     ids = torch.randint(0, program.info.vocab_size, (2, 5))
@@ -378,22 +378,24 @@ def test_runtime_refuses_inputs_onnxruntime_would_misread(tmp_path_factory):
         with pytest.raises(MoepassError, match=r"input_ids must be integer token ids \[batch, tokens\]"):
             engine(ids[0])  # a shape that did not unpack
     ids[1, 3] = 0
-    past = [torch.zeros(2, t.shape[1], 3, t.shape[3]) for t in exported.empty_cache(2)]
-    positions = torch.arange(3, 8).expand(2, -1)
-    with pytest.raises(
-        MoepassError, match=r"attention_mask must be \[batch, past \+ new tokens\] = \[2, 8\]"
-    ):
-        exported.step(ids, torch.ones(2, 5, dtype=torch.long), positions, past)
-    with pytest.raises(MoepassError, match="position_ids must be"):
-        exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions[:, :1], past)
-    with pytest.raises(MoepassError, match=f"takes {len(past)} past tensors"):
-        exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions, past[:-1])
-    past[-1] = past[-1][:1]
-    with pytest.raises(MoepassError, match=f"{exported.cache_names[-1]} is .*: past tensors must all be"):
-        exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions, past)
-    past[-1] = torch.zeros(2, 3, 8)  # 3-D
-    with pytest.raises(MoepassError, match=f"{exported.cache_names[-1]} is \\[2, 3, 8\\]: past tensors"):
-        exported.step(ids, torch.ones(2, 8, dtype=torch.long), positions, past)
+    positions, mask = torch.arange(3, 8).expand(2, -1), torch.ones(2, 8, dtype=torch.long)
+    for engine in (program, exported):  # one check serves both steps
+        past = [torch.zeros(2, t.shape[1], 3, t.shape[3]) for t in engine.empty_cache(2)]
+        for short in (5, 1):  # [2, 1] would broadcast over the past: silently wrong where it is padded
+            with pytest.raises(
+                MoepassError, match=r"attention_mask must be \[batch, past \+ new tokens\] = \[2, 8\]"
+            ):
+                engine.step(ids, mask[:, :short], positions, past)
+        with pytest.raises(MoepassError, match="position_ids must be"):
+            engine.step(ids, mask, positions[:, :1], past)
+        with pytest.raises(MoepassError, match=f"takes {len(past)} past tensors"):
+            engine.step(ids, mask, positions, past[:-1])
+        past[-1] = past[-1][:1]
+        with pytest.raises(MoepassError, match=f"{engine.cache_names[-1]} is .*: past tensors must all be"):
+            engine.step(ids, mask, positions, past)
+        past[-1] = torch.zeros(2, 3, 8)  # 3-D
+        with pytest.raises(MoepassError, match=f"{engine.cache_names[-1]} is \\[2, 3, 8\\]: past tensors"):
+            engine.step(ids, mask, positions, past)
     with pytest.raises(
         MoepassError, match=r"input_ids must be integer token ids \[batch, tokens\], got float32"
     ):

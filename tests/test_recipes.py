@@ -237,6 +237,12 @@ def test_calibration_errors():
         moepass.compress(program, drop_one, calibration=empty)
     with pytest.raises(moepass.MoepassError, match="needs a tokenizer"):
         moepass.compress(program, drop_one)
+    ids = torch.randint(0, program.info.vocab_size, (4, 16))
+    for tokenizer in (None, Tokenizer.from_file(str(corpus_dir() / "tokenizer.json"))):  # not a record list
+        with pytest.raises(
+            DataError, match=r"data is an array \(torch.int64 \[4, 16\]\), not text: .*TokenSet"
+        ):
+            moepass.compress(program, drop_one, calibration=ids, tokenizer=tokenizer)
     tokenizer = Tokenizer.from_file(str(corpus_dir() / "tokenizer.json"))
     with pytest.raises(DataError, match="too short"):
         moepass.compress(program, drop_one, calibration=["a few words"], tokenizer=tokenizer)

@@ -114,7 +114,7 @@ class OnnxProgram(StepGeneration):
         last_token_only: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """One decoder step in onnxruntime (the contract of `MoEProgram.step`)."""
-        self._check_inputs(input_ids, attention_mask, position_ids, past)
+        self.check_step(input_ids, attention_mask, position_ids, past)
         tensors = (input_ids, attention_mask, position_ids, *past)
         feeds = {
             name: np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
@@ -127,36 +127,6 @@ class OnnxProgram(StepGeneration):
         ]
         logits = outputs[0][:, -1:] if last_token_only else outputs[0]
         return logits, outputs[1:]
-
-    def _check_inputs(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]
-    ) -> None:
-        """Refuse, by name, what onnxruntime would run wrong or fail on deep in the graph: its Gather
-        takes negative token ids as counted from the end of the vocabulary (PyTorch raises), a mask
-        of the wrong length fails in an anonymous Add node, one of length 1 broadcasts silently."""
-        check_prompt(input_ids, vocab_size=self.info.vocab_size)
-        if len(past) != len(self.cache_names):
-            raise MoepassError(
-                f"this decoder takes {len(self.cache_names)} past tensors ({', '.join(self.cache_names)}), "
-                f"got {len(past)}; start from empty_cache(batch)"
-            )
-        batch, seq = input_ids.shape
-        past_len = past[0].shape[2] if past and past[0].dim() == 4 else 0
-        for name, tensor in zip(self.cache_names, past, strict=True):
-            if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[2] != past_len:
-                raise MoepassError(
-                    f"{name} is {list(tensor.shape)}: past tensors must all be [batch = {batch}, heads, "
-                    f"past length = {past_len}, head dim]"
-                )
-        if tuple(attention_mask.shape) != (batch, past_len + seq):
-            raise MoepassError(
-                f"attention_mask must be [batch, past + new tokens] = [{batch}, {past_len + seq}], "
-                f"got {list(attention_mask.shape)}"
-            )
-        if tuple(position_ids.shape) != (batch, seq):
-            raise MoepassError(
-                f"position_ids must be [{batch}, {seq}] like input_ids, got {list(position_ids.shape)}"
-            )
 
     def weight_sizes(self) -> tuple[int, int]:
         """(parameters, bytes) as `moepass.evaluate.model_size` reports them: the exported program's
