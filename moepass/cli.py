@@ -613,8 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8-activations",
         action="store_true",
         help="quantized matmuls quantize their activations to int8 as they run (onnxruntime's "
-        "accuracy_level 4): faster CPU decoding, logits slightly off the PyTorch program's; "
-        "needs onnxruntime >= 1.31",
+        "accuracy_level 4; int8 experts on its fused QMoE op): faster CPU decoding, logits slightly "
+        "off the PyTorch program's; needs onnxruntime >= 1.31",
     )
     onnx.set_defaults(run=_export_onnx)
 

@@ -14,8 +14,9 @@ reference implementation is the op's definition and whose ONNX translation is th
   moepass_onnx::qmoe  ->  com.microsoft::QMoE
       The same on 4-bit codes in the stored layout ([E, N, K/2] uint8, scales [E, N, K/block], packed
       zero points [E, N, K/block/2] or absent); onnxruntime 1.32 matches the dequantized math to 1e-6
-      for 4 bits. 8 bits keep the MatMulNBits form: 1.32's CPU QMoE runs 8-bit experts on int8
-      activations (0.5-1% off; exact only with the process-wide ORT_QMOE_CPU_QNBIT_GEMM=fp32).
+      for 4 bits. 8 bits only in exports with int8 activations, since the CPU QMoE (1.31, 1.32) runs
+      8-bit experts on int8 activations whatever `accuracy_level` says (0.5-1% off; exact only with
+      the process-wide ORT_QMOE_CPU_QNBIT_GEMM=fp32); exact exports keep their MatMulNBits form.
 Both always renormalize the top-k weights (`normalize_routing_weights=1`): onnxruntime does not
 honour 0, so the exporter rescales the output for routing that does not renormalize. Routing they
 cannot compute reaches them as logits under which softmax top-k is its choice

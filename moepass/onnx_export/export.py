@@ -109,9 +109,10 @@ def export_onnx(
 
     `int8_activations`: the quantized matmuls (MatMulNBits, QMoE) quantize their activations to int8
     per block as they run (onnxruntime's `accuracy_level` 4, onnxruntime-genai's CPU default) and
-    multiply in integers: decode steps 1.2-2.3x faster on CPU for -0.03..+0.05% perplexity on the
-    bundled models (BENCHMARKS.md), but the logits no longer equal the PyTorch program's to float
-    rounding. Needs onnxruntime >= 1.31 (QMoE's `accuracy_level`)."""
+    multiply in integers, and 8-bit experts run on the fused QMoE op (one `If` per expert otherwise):
+    decode steps 1.2-2.3x faster on CPU for -0.03..+0.05% perplexity on the bundled models
+    (BENCHMARKS.md), but the logits no longer equal the PyTorch program's to float rounding. Needs
+    onnxruntime >= 1.31 (QMoE's `accuracy_level`)."""
     if not isinstance(program, MoEProgram):
         raise OnnxExportError(
             f"export_onnx takes a MoEProgram (see moepass.capture), got {type(program).__name__}"
@@ -128,11 +129,19 @@ def export_onnx(
             "float32; an artifact keeps its dtype: compress --dtype float32)"
         )
     path = output_directory(path, overwrite)
-    graph_module, rewrites = exportable_graph(program)
+    graph_module, rewrites = exportable_graph(program, int8_activations)
     if int8_activations and not any(n.target in _QUANTIZED_MATMULS for n in graph_module.graph.nodes):
         raise OnnxExportError(
             f"int8_activations: {program.info.model_class} has no quantized linear or experts that export "
             "as MatMulNBits or QMoE (quantize it first, e.g. the rtn pass), so nothing would change"
+        )
+    if not int8_activations and (slow := _int8_matmuls_on_floats(graph_module)):
+        logger.warning(
+            "%d of this program's ops become 8-bit MatMulNBits on float activations, which onnxruntime "
+            "(1.30-1.32) runs by dequantizing the weight on every call: such an export decodes slower "
+            "than the unquantized model's (BENCHMARKS.md); export with int8_activations=True (CLI "
+            "--int8-activations) for its integer kernels, or quantize to 4 bits",
+            slow,
         )
     start = time.perf_counter()
     onnx_program = _export(graph_module, program)
@@ -176,9 +185,12 @@ def output_names(program: MoEProgram) -> list[str]:
     return ["logits", *(name.replace("past_", "present_", 1) for name in program.cache_names)]
 
 
-def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int]]:
+def exportable_graph(
+    program: MoEProgram, int8_activations: bool = False
+) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of the program's graph with every moepass op in a form the ONNX exporter translates;
-    also the count of each rewrite."""
+    also the count of each rewrite. `int8_activations` lets 8-bit experts onto QMoE, whose CPU
+    kernel runs them on int8 activations whatever the node says."""
     program = program.fork()
     _logits_to_keep(program)
     rewrites: dict[str, int] = {}
@@ -191,7 +203,9 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
     except MoepassError as error:
         raise OnnxExportError(f"{program.info.model_class}: {error}") from None
     for node in list(graph_module.graph.nodes):  # first, while routes are still moepass ops
-        if node.target in (EXPERTS, QUANTIZED_EXPERTS) and (kind := _contrib_moe(graph_module, node)):
+        if node.target in (EXPERTS, QUANTIZED_EXPERTS) and (
+            kind := _contrib_moe(graph_module, node, int8_activations)
+        ):
             rewrites[kind] = rewrites.get(kind, 0) + 1
     for node in list(graph_module.graph.nodes):
         if node.target is QUANTIZED_LINEAR:
@@ -209,6 +223,13 @@ def exportable_graph(program: MoEProgram) -> tuple[fx.GraphModule, dict[str, int
     graph_module.graph.lint()
     graph_module.recompile()
     return graph_module, rewrites
+
+
+def _int8_matmuls_on_floats(graph_module: fx.GraphModule) -> int:
+    """Quantized linears and experts ops that export as 8-bit MatMulNBits (bits: their 8th / 14th
+    argument, as `_quantized_linear` and `_nbits_experts` build them)."""
+    bits_at = {MATMUL_NBITS: 7, decompose.nbits_experts: 13}
+    return sum(n.target in bits_at and n.args[bits_at[n.target]] == 8 for n in graph_module.graph.nodes)
 
 
 def _logits_to_keep(program: MoEProgram) -> None:
@@ -265,7 +286,7 @@ def _quiet(logger_name: str):
         library.setLevel(level)
 
 
-def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
+def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node, int8_activations: bool) -> str | None:
     """Experts onto onnxruntime's fused `MoE` (fp32 weights) or `QMoE` (int4, power-of-two blocks):
     SwiGLU experts (plain or GPT-OSS's clamped form, biases or not) on fp32 activations. None leaves
     the node to the other forms.
@@ -296,7 +317,7 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     gate_up_bias, down_bias = arg_tensors(graph_module, args, "gate_up_bias", "down_bias")
     fc1_bias = None if gate_up_bias is None else interleave_gate_up(gate_up_bias)
     if quantized:
-        if (tensors := _qmoe_tensors(graph_module, args)) is None:
+        if (tensors := _qmoe_tensors(graph_module, args, int8_activations)) is None:
             return None
         op, stored, kind = QMOE, list(STORED_TENSORS[QUANTIZED_EXPERTS]), f"QMoE int{args['bits']}"
     else:
@@ -337,12 +358,13 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     return f"{node.target._opname} -> com.microsoft::{kind}"
 
 
-def _qmoe_tensors(graph_module: fx.GraphModule, args: dict) -> dict | None:
+def _qmoe_tensors(graph_module: fx.GraphModule, args: dict, int8_activations: bool) -> dict | None:
     """QMoE's weight inputs from quantized experts' stored tensors, or None where QMoE cannot take
-    them (not int4, per-channel, blocks MatMulNBits cannot take, a down-projection input scale
-    behind a clamp or a bias)."""
+    them (per-channel, blocks MatMulNBits cannot take, a down-projection input scale behind a clamp
+    or a bias) or would not compute what they do: 8 bits unless the export asks for int8 activations
+    (the CPU kernel puts 8-bit experts on them)."""
     bits, group = args["bits"], args["group_size"]
-    if bits != 4 or group == -1:
+    if (bits == 8 and not int8_activations) or group == -1:
         return None
     if args["down_input_scale"] is not None and (
         args["activation"] == "clamped_swiglu" or args["gate_up_bias"] is not None
