@@ -125,7 +125,7 @@ class CompileReport:
     skipped: dict[str, str] = field(default_factory=dict)  # experts modules left as traced, and why
     quantized: int = 0  # experts ops quantized by the `quantize` option
     lowered: int = 0  # quantized ops moved onto the device's packed kernels
-    kept_reference: dict[str, str] = field(default_factory=dict)  # quantized ops not lowered, and why
+    kept_reference: dict[str, str] = field(default_factory=dict)  # weights of ops not lowered -> why
     inlined: int = 0  # one-token experts ops traced inline for Inductor (`_inline_decode_experts`)
     ops: collections.Counter = field(default_factory=collections.Counter)  # moepass ops handed to aot
 
@@ -283,8 +283,9 @@ def _quantize_experts(gm: fx.GraphModule, inputs: dict, fmt: QuantFormat) -> int
     return count
 
 
-# device type -> quantized op -> rewrite onto the device's kernel (None when done, else why not)
-LOWERINGS: dict[str, dict[object, Callable[[fx.GraphModule, fx.Node], str | None]]] = {
+# device type -> quantized op -> rewrite onto the device's kernel (None when done, else the weight
+# no kernel takes and why)
+LOWERINGS: dict[str, dict[object, Callable[[fx.GraphModule, fx.Node], tuple[str, str] | None]]] = {
     "cpu": {QUANTIZED_EXPERTS: lower_experts_node, QUANTIZED_LINEAR: lower_linear_node},
     "cuda": {},  # the canonical ops' CUDA kernels are Triton already
 }
@@ -299,11 +300,12 @@ def _lower(gm: fx.GraphModule, inputs: dict, report: CompileReport) -> None:
         if rewrite is None:
             continue
         _materialize(gm, inputs, node, STORED_TENSORS[op])
-        reason = rewrite(gm, node)
-        if reason is None:
+        refusal = rewrite(gm, node)
+        if refusal is None:
             report.lowered += 1
         else:
-            report.kept_reference[node.name] = reason
+            tensor, reason = refusal
+            report.kept_reference[tensor] = reason
 
 
 def _inline_decode_experts(gm: fx.GraphModule, example_inputs: list) -> int:

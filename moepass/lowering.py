@@ -13,6 +13,7 @@ compressed further or saved (save the program before lowering; `moepass.load` lo
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 
@@ -61,9 +62,24 @@ def lower(
     lowered.info.compiled = compile
     lowered.report = report
     logger.info("lowered for %s: %s", device_type, ", ".join(name for name, _ in PIPELINES[device_type]))
+    _warn_reference_ops(report, device_type)
     if compile:
         logger.info("torch.compile: the first prompt and the first decoded token compile (30-90 s cold)")
     return lowered
+
+
+def _warn_reference_ops(report: PassReport, device_type: str) -> None:
+    """Say which quantized ops no kernel took: they dequantize their weights on every call, which
+    decodes slower than the float model (int8 in groups of 128: 0.5x on CPU, BENCHMARKS.md)."""
+    kept = Counter(reason for r in report.records for reason in r.summary.get("kept reference", {}).values())
+    if kept:
+        logger.warning(
+            "lowered for %s: %d quantized ops keep the reference path (weights dequantized on every call, "
+            "slower than unquantized): %s",
+            device_type,
+            kept.total(),
+            "; ".join(f"{count} x {reason}" for reason, count in kept.items()),
+        )
 
 
 def target_device(device: str | torch.device, lowering: bool = True) -> torch.device:

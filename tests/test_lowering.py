@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 import moepass
 from helpers import ALL_TARGETS, FAMILIES, captured, rel_error, rtn
 from moepass.artifact import ArtifactError, load, save
-from moepass.ir.quant_ops import QUANTIZED_LINEAR
+from moepass.ir.quant_ops import QUANTIZED_EXPERTS, QUANTIZED_LINEAR
 from moepass.kernels.ops import PACKED_EXPERTS, PACKED_LINEAR
 from moepass.lowering import lower
 from moepass.pass_manager import PassError, PassManager
@@ -58,14 +60,19 @@ def test_quantized_programs_run_on_aten_packed_kernels(family, bits):
     assert rel_error(lowered(ids), quantized(ids)) < BF16_REL
 
 
-def test_formats_the_kernels_cannot_take_keep_the_reference_op():
+def test_formats_the_kernels_cannot_take_keep_the_reference_op(caplog):
     _, program = captured("mixtral")
     quantized = rtn(program, 4, group_size=16)  # ATen's int4 kernel needs groups of 32+
-    lowered = lower(quantized)
+    with caplog.at_level(logging.WARNING, logger="moepass"):
+        lowered = lower(quantized)
     summary = _summary(lowered, "cpu_packed_weights")
-    assert summary["converted"] == 0 and all(
-        "32/64/128/256" in r or "MOEPASS" in r for r in summary["kept reference"].values()
-    )
+    kept = summary["kept reference"]
+    assert summary["converted"] == 0 and all("32/64/128/256" in r for r in kept.values())
+    # every quantized op kept (by its weight), and the user told: these decode slower than float
+    reference_ops = (QUANTIZED_LINEAR, QUANTIZED_EXPERTS)
+    assert len(kept) == sum(n.target in reference_ops for n in lowered.graph_module.graph.nodes) > 0
+    assert f"lowered for cpu: {len(kept)} quantized ops keep the reference path" in caplog.text
+    assert f"{len(kept)} x int4 CPU kernel needs groups of 32/64/128/256 inputs, got 16" in caplog.text
     ids = torch.randint(0, program.info.vocab_size, (1, 5))
     assert torch.allclose(lowered(ids), quantized(ids), atol=1e-5, rtol=1e-4)
 

@@ -38,28 +38,30 @@ class CpuPackedWeights(TransformPass):
         converted, kept = 0, {}
         for node in list(graph_module.graph.nodes):
             if node.target is QUANTIZED_LINEAR:
-                reason = lower_linear_node(graph_module, node)
+                refusal = lower_linear_node(graph_module, node)
             elif node.target is QUANTIZED_EXPERTS:
-                reason = lower_experts_node(graph_module, node)
+                refusal = lower_experts_node(graph_module, node)
             else:
                 continue
-            if reason is None:
+            if refusal is None:
                 converted += 1
             else:
-                kept[node.name] = reason
+                tensor, reason = refusal
+                kept[tensor] = reason
         if converted:
             program.graph_changed()
         return TransformResult(converted > 0, {"converted": converted, "kept reference": kept})
 
 
-def lower_linear_node(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
+def lower_linear_node(graph_module: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
+    """Swap the node for the packed op; else (the weight no kernel takes, why)."""
     args = op_args(node)
     bits, group = args["bits"], args["group_size"]
     qweight, scales, zeros = arg_tensors(graph_module, args, "qweight", "scales", "zeros")
     n, k = qweight.shape[0], in_features(qweight, bits)
     reason = why_not_packable(n, k, bits, group, zeros is None)
     if reason is not None:
-        return f"{args['qweight'].target}: {reason}"
+        return args["qweight"].target, reason
     packed = pack_for_cpu(qweight, scales, zeros, bits, group)
     prefix = args["qweight"].target.rpartition(".")[0]
     with graph_module.graph.inserting_before(node):
@@ -76,7 +78,7 @@ def lower_linear_node(graph_module: fx.GraphModule, node: fx.Node) -> str | None
     return None
 
 
-def lower_experts_node(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
+def lower_experts_node(graph_module: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
     args = op_args(node)
     bits, group = args["bits"], args["group_size"]
     projections = {}
@@ -87,7 +89,7 @@ def lower_experts_node(graph_module: fx.GraphModule, node: fx.Node) -> str | Non
         n, k = qweight.shape[-2], in_features(qweight, bits)
         reason = why_not_packable(n, k, bits, group, zeros is None)
         if reason is not None:
-            return f"{args[f'{proj}_qweight'].target}: {reason}"
+            return args[f"{proj}_qweight"].target, reason
         projections[proj] = pack_for_cpu(qweight, scales, zeros, bits, group)
     prefix = args["gate_up_qweight"].target.rpartition(".")[0]
     with graph_module.graph.inserting_before(node):
