@@ -1,12 +1,13 @@
 """Writing outputs atomically: a reader (or a crash) sees the old output or the complete new one.
 
 Everything is written to a temporary sibling of the target, then renamed onto it in one step. An
-existing directory is replaced only when asked (`overwrite`), and only when it looks like an output
-moepass or transformers wrote — never an arbitrary directory a mistyped path happens to name.
+existing directory is replaced only when asked (`overwrite`), and only when its manifest says moepass
+wrote it — never an arbitrary directory (a user's checkpoint) a mistyped path happens to name.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,8 +19,14 @@ from moepass.errors import ArtifactError
 
 logger = logging.getLogger("moepass")
 
-# a directory holding one of these is an earlier output (moepass artifact, ONNX export, HF checkpoint)
-OUTPUT_MARKERS = ("manifest.json", "onnx_manifest.json", "config.json")
+# an earlier output holds one of these documents naming its format: a moepass artifact, an ONNX
+# export, a transformers checkpoint moepass wrote (`save(format="hf")`). A config.json alone is no
+# mark: every checkpoint a user downloaded or trained holds one.
+OUTPUT_MARKERS = {
+    "manifest.json": "moepass-artifact",
+    "onnx_manifest.json": "moepass-onnx",
+    "moepass.json": "moepass-hf-checkpoint",
+}
 
 
 def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -34,11 +41,12 @@ def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
         if not overwrite:
             raise ArtifactError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
         entries = sorted(os.listdir(path))
-        if entries and not any(marker in entries for marker in OUTPUT_MARKERS):
+        if entries and not _earlier_output(path):
             shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
             raise ArtifactError(
-                f"{path} holds {shown} but no {', '.join(OUTPUT_MARKERS)}: not an earlier output, so "
-                "overwrite (--force) will not delete it; name another directory or empty it yourself"
+                f"{path} holds {shown} but no moepass manifest ({', '.join(OUTPUT_MARKERS)}): not an "
+                "earlier output of moepass, so overwrite (--force) will not delete it; name another "
+                "directory or empty it yourself"
             )
     parent = path.parent
     while not parent.exists():
@@ -46,6 +54,17 @@ def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ArtifactError(f"cannot write {path}: {parent} is not a writable directory")
     return path
+
+
+def _earlier_output(path: Path) -> bool:
+    for name, format in OUTPUT_MARKERS.items():
+        try:
+            document = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(document, dict) and document.get("format") == format:
+            return True
+    return False
 
 
 def write_atomically(path: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool) -> Path:

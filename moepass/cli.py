@@ -9,8 +9,10 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -52,6 +54,17 @@ def _inspect(args: argparse.Namespace) -> None:
     print(program.summary())
 
 
+EVAL_FORMAT = "moepass-eval"  # marks `eval --json` files: only those are ever overwritten
+
+
+def _earlier_eval_result(path: str) -> bool:
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("format") == EVAL_FORMAT
+
+
 def _eval(args: argparse.Namespace) -> None:
     from moepass.artifact import is_artifact
     from moepass.atomic_write import write_file_atomically
@@ -69,6 +82,11 @@ def _eval(args: argparse.Namespace) -> None:
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
             raise MoepassError(
                 f"--json {args.json}: cannot write a file there ({directory} must be a writable directory)"
+            )
+        if os.path.exists(args.json) and not _earlier_eval_result(args.json):
+            raise MoepassError(
+                f"--json {args.json} exists and is not an earlier `moepass eval --json` result (the data, a "
+                "manifest?); it is never overwritten: name another file"
             )
     try:  # a typo is an error now, not after loading the model
         check_source(args.data)
@@ -111,7 +129,7 @@ def _eval(args: argparse.Namespace) -> None:
     )
     print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {result.seq_len} tokens"))
     if args.json:
-        text = result.to_json() + "\n"
+        text = json.dumps({"format": EVAL_FORMAT, **result.to_dict()}, indent=2, allow_nan=False) + "\n"
         write_file_atomically(args.json, lambda path: path.write_text(text, encoding="utf-8"))
         print(f"wrote {args.json}")
 
@@ -120,7 +138,7 @@ def _compress(args: argparse.Namespace) -> None:
     from moepass.artifact import manifest_of, unique_tensors, write_checkpoint
     from moepass.atomic_write import output_directory, write_atomically
     from moepass.compress import compress, needs_data
-    from moepass.data import DataError, check_source
+    from moepass.data import DataError, check_source, evaluation_set, window_length
     from moepass.evaluate import evaluate, model_size
     from moepass.hf_export import hf_checkpoint, hf_config
     from moepass.recipes import load_recipe
@@ -147,7 +165,7 @@ def _compress(args: argparse.Namespace) -> None:
                     f"transformers checkpoint holds; {USE_MOEPASS_FORMAT}"
                 )
     sources = [("--eval-data", args.eval_data)] if args.eval_per_source else []
-    calibration_flag = "--calib" if args.calib else f"recipe {recipe.name}: calibration.data"
+    calibration_flag = "--calib" if args.calib is not None else f"recipe {recipe.name}: calibration.data"
     if needs_data(recipe):
         sources.append((calibration_flag, recipe.calibration.data))
     for flag, data in sources:  # a typo is an error now, not after loading the model
@@ -157,8 +175,9 @@ def _compress(args: argparse.Namespace) -> None:
             raise MoepassError(f"{flag}: {error}") from None
     if args.out is not None and not args.out.strip():  # an unset shell variable, not "the default"
         raise MoepassError("--out is empty; name the output directory, or leave --out out for the default")
-    out = output_directory(args.out or f"out/{model_name(args.model)}-{recipe.name}", args.force)
-    _refuse_inside(out, args.model)
+    out = args.out or f"out/{model_name(args.model)}-{recipe.name}"
+    _refuse_inside(out, args.model)  # the specific reason first; output_directory would refuse it too
+    out = output_directory(out, args.force)
     tokenizer_source = args.tokenizer or args.model
     _refuse_file_model(args.model)
     tokenizer = _tokenizer(args)
@@ -176,22 +195,27 @@ def _compress(args: argparse.Namespace) -> None:
                 f"{what}: windows of {length} tokens exceed the model's {positions} positions "
                 "(max_position_embeddings); use a shorter one, or leave it out (then it fits)"
             )
+    held_out = None
+    if args.eval_per_source:  # read now: a file that fails to tokenize must not cost the passes' work
+        with _data_named("--eval-data"):
+            held_out = evaluation_set(
+                args.eval_data,
+                tokenizer,
+                seq_len=window_length(args.eval_seq_len, positions),  # 256, or the model's positions
+                max_per_source=args.eval_per_source,
+                vocab_size=original.info.vocab_size,
+                text_key=recipe.calibration.text_key,  # --text-key, else the recipe's
+            )
     # compressing first (it forks `original`) fails a recipe this model cannot take before minutes of
     # evaluation: the pass manager refuses such a recipe before any pass runs
     with _data_named(calibration_flag):
         program = compress(original, recipe, tokenizer=tokenizer)
-    evaluation = {
-        "tokenizer": tokenizer,
-        "seq_len": args.eval_seq_len,  # default: 256, or the model's positions if fewer
-        "max_per_source": args.eval_per_source,
-        "text_key": recipe.calibration.text_key,  # --text-key, else the recipe's
-    }
     with _data_named("--eval-data"):
-        before = evaluate(original, args.eval_data, **evaluation) if args.eval_per_source else None
+        before = None if held_out is None else evaluate(original, held_out)
     if args.format == "hf":  # what the recipe's passes cannot tell up front
         hf_config(program, hint=f"; {USE_MOEPASS_FORMAT}")
     with _data_named("--eval-data"):
-        after = evaluate(program, args.eval_data, **evaluation) if args.eval_per_source else None
+        after = None if held_out is None else evaluate(program, held_out)
     report = CompressionReport(
         args.model,
         recipe.to_dict(),
@@ -217,7 +241,8 @@ def _compress(args: argparse.Namespace) -> None:
     write_atomically(out, fill, overwrite=args.force)
     # printed once written: a pager or `head` closing the pipe early must not cost the result
     print(report.summary_table(), report.structure_table(), program.report, sep="\n\n")
-    print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json, plots/)")
+    plots = ", plots/" if (out / "plots").is_dir() else ""
+    print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json{plots})")
 
 
 @contextlib.contextmanager
@@ -284,7 +309,7 @@ def _tokenizer_to_write(source: str, tokenizer):
     return source if os.path.exists(source) or trained_model_dir(source) else tokenizer
 
 
-def _refuse_inside(out: Path, model: str) -> None:
+def _refuse_inside(out: str | Path, model: str) -> None:
     """--out naming the model's own directory (or one holding it) would replace the model with --force;
     compared with symbolic links resolved, so a link to the model (or named by --out) is caught too."""
     if os.path.exists(model) and Path(os.path.realpath(model)).is_relative_to(os.path.realpath(out)):
@@ -399,8 +424,8 @@ def _export_onnx(args: argparse.Namespace) -> None:
     from moepass.table import format_table
     from moepass.zoo import load_tokenizer
 
-    out = output_directory(args.out, args.force)  # before minutes of loading and capturing
-    _refuse_inside(out, args.model)
+    _refuse_inside(args.out, args.model)
+    output_directory(args.out, args.force)  # before minutes of loading and capturing
     program = _load_program(args.model, lower=False, dtype=_dtype(args))
     run = f"moepass generate {shlex.quote(args.out)} --onnx"
     try:
@@ -634,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    # SIGTERM (kill, Slurm, docker stop) unwinds like Ctrl-C, so a write in progress removes its staging
+    # directory (as large as the model) instead of leaving it behind
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
         args.run(args)
     except MoepassError as error:
@@ -642,7 +671,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` or a pager that closed: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not fail
         return 1
+    except KeyboardInterrupt as error:  # not a traceback from wherever the signal landed
+        name = str(error) or signal.SIGINT.name
+        print(f"moepass {args.command}: interrupted ({name}); nothing was left half-written", file=sys.stderr)
+        return 128 + signal.Signals[name].value
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,10 @@ def hf_checkpoint(program: MoEProgram) -> tuple[dict[str, dict], dict[str, torch
     if len(floating) == 1:  # the weights' dtype, not the source config's: from_pretrained casts to it
         config["dtype"] = str(floating.pop()).removeprefix("torch.")
         config.pop("torch_dtype", None)
-    documents = {"config.json": config}
+    # marks the directory as moepass's output (`atomic_write.OUTPUT_MARKERS`), and says what made it
+    recipes = [entry["recipe"] for entry in program.info.history if "recipe" in entry]
+    marker = {"format": "moepass-hf-checkpoint", "recipes": recipes}
+    documents = {"config.json": config, "moepass.json": marker}
     if program.info.generation_config:
         documents["generation_config.json"] = program.info.generation_config
     return documents, state

@@ -17,7 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import moepass
-from helpers import captured
+from helpers import captured, model_for
 from moepass import artifact
 from moepass.artifact import ArtifactError, load, save
 from moepass.atomic_write import write_atomically, write_file_atomically
@@ -265,14 +265,29 @@ def test_existing_targets_and_failed_writes(tmp_path, monkeypatch):
     assert (target / "manifest.json").read_text() == before
 
 
-def test_overwrite_never_deletes_a_directory_that_is_not_an_earlier_output(tmp_path):
+def test_overwrite_never_deletes_a_directory_that_is_not_an_earlier_output(tmp_path, seed):
     _, program = captured("olmoe")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(ArtifactError, match=r"holds notes\.txt but no manifest\.json.* will not delete it"):
+    with pytest.raises(ArtifactError, match=r"holds notes\.txt but no moepass manifest.* will not delete it"):
         save(program, mine, overwrite=True)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # a user's checkpoint (every one holds a config.json), or another tool's manifest.json, is no output
+    # of ours; a transformers checkpoint moepass wrote says so in moepass.json and may be replaced
+    user = tmp_path / "user-checkpoint"
+    model_for("olmoe", seed=seed).save_pretrained(user)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"format": "some-other-tool"}')
+    for directory in (user, tmp_path / "other"):
+        before = sorted(p.name for p in directory.iterdir())
+        with pytest.raises(ArtifactError, match="not an earlier output of moepass"):
+            save(program, directory, overwrite=True)
+        assert sorted(p.name for p in directory.iterdir()) == before
+    ours = save(program, tmp_path / "ours-hf", format="hf")
+    assert json.loads((ours / "moepass.json").read_text())["format"] == "moepass-hf-checkpoint"
+    save(program, ours, overwrite=True)  # replaced by a moepass artifact
+    assert (ours / "manifest.json").is_file() and not (ours / "config.json").exists()
     (tmp_path / "empty").mkdir()
     save(program, tmp_path / "empty", overwrite=True)  # an empty directory holds nothing to lose
     assert (tmp_path / "empty" / "manifest.json").is_file()
@@ -645,6 +660,7 @@ def test_cli_compress_rejects_a_bad_recipe_before_any_work(checkpoint, tmp_path,
     )
     for flags, message in [
         (["--calib", "builtin:validaton"], "--calib: unknown built-in data 'builtin:validaton'"),
+        (["--calib", ""], "--calib: the data path is empty"),  # not the recipe's data
         (
             ["--eval-data", "/no/such/test.jsonl"],
             "--eval-data: data path '/no/such/test.jsonl' does not exist",
@@ -676,7 +692,9 @@ def test_cli_compress_names_the_data_at_fault_and_writes_before_printing(
     (tmp_path / "none.txt").touch()  # no bytes at all: told before the model is read
     assert main([*argv, "--calib", str(tmp_path / "none.txt"), "--out", str(tmp_path / "a")]) == 2
     assert re.search(r"error: --calib: data file '.*none\.txt' is empty", capsys.readouterr().err)
-    assert main([*argv, "--eval-data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "b")]) == 2
+    with monkeypatch.context() as patch:  # read before the passes: a bad file must not cost their work
+        patch.setattr(sys.modules["moepass.compress"], "compress", lambda *_, **__: pytest.fail("compressed"))
+        assert main([*argv, "--eval-data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "b")]) == 2
     assert "error: --eval-data: the data holds no text" in capsys.readouterr().err
     for command in (["compress", "--model"], ["generate"], ["eval"]):
         assert main([*command, str(tmp_path / "empty.txt")]) == 2

@@ -3,12 +3,17 @@ exit with status 2."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 
 import pytest
 import torch
 
 from helpers import model_for
+from moepass import cli
+from moepass.atomic_write import write_atomically
 from moepass.cli import main
 
 
@@ -202,6 +207,12 @@ def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed):
     expected = evaluate(model, docs, tokenizer=load_tokenizer(str(tmp_path / "model")), seq_len=32)
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["overall"] == json.loads(expected.to_json())["overall"]
+    assert main([*argv, "--text-key", "body", "--json", str(tmp_path / "r.json")]) == 0  # its own: replaced
+    # any other file (the data itself, a manifest) is never overwritten, and refused before the work
+    data = (tmp_path / "body.jsonl").read_bytes()
+    assert main([*argv, "--text-key", "body", "--json", str(tmp_path / "body.jsonl")]) == 2
+    assert "is not an earlier `moepass eval --json` result" in capsys.readouterr().err
+    assert (tmp_path / "body.jsonl").read_bytes() == data
 
 
 def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_drops_at_the_start():
@@ -224,3 +235,22 @@ def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_drops_at_the_star
         for token in (4, 5):
             stream(torch.tensor([token]))
         assert written == [" even", " round"] and generated == [4, 5]
+
+
+def test_sigterm_mid_write_unwinds_like_ctrl_c_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """kill, Slurm and docker stop send SIGTERM: its default ends the process where it stands, leaving
+    a staging directory as large as the model beside the output."""
+
+    def run(args):
+        def fill(staging):
+            (staging / "part").write_text("x")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # interrupted: the handler raises
+
+        write_atomically(tmp_path / "out", fill, overwrite=False)
+
+    monkeypatch.setattr(cli, "_recipes", run)  # any command; the parser reads the name when built
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["recipes"]) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is before
+    assert "moepass recipes: interrupted (SIGTERM); nothing was left half-written" in capsys.readouterr().err
