@@ -45,8 +45,6 @@ class PruneConfig(PassConfig):
     sparsity: float = 0.5  # share of weights zeroed per output row (unstructured)
     pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
     targets: tuple[str, ...] = ("experts",)  # add "shared_experts", "attention", "dense_mlp" to widen
-    min_tokens: int = 16
-    propagation: Literal["dense", "pruned"] = "dense"
 
     def check(self) -> None:
         check_range("sparsity", self.sparsity, 0.0, 1.0, inclusive_low=False)
@@ -64,7 +62,6 @@ class PruneConfig(PassConfig):
         unknown = [t for t in self.targets if t not in CATEGORIES or t in QUANTIZATION_ONLY]
         if unknown:
             raise ConfigError(f"targets: {unknown[0]!r} is not allowed; choose among {allowed}")
-        check_range("min_tokens", self.min_tokens, 0)
 
     def nm(self) -> tuple[int, int] | None:
         """(n zeros, per m) for N:M patterns."""
@@ -72,6 +69,19 @@ class PruneConfig(PassConfig):
             return None
         n, m = self.pattern.split(":")
         return int(m) - int(n), int(m)  # 2:4 keeps 2 of 4 -> 2 zeros per 4
+
+
+@dataclass(frozen=True)
+class CalibratedPruneConfig(PruneConfig):
+    """Wanda's and SparseGPT's: magnitude pruning reads no calibration data, so it takes no
+    calibration options."""
+
+    min_tokens: int = 16  # experts with fewer calibration tokens fall back to magnitude
+    propagation: Literal["dense", "pruned"] = "dense"
+
+    def check(self) -> None:
+        super().check()
+        check_range("min_tokens", self.min_tokens, 0)
 
 
 def check_groups(cols: int, config: PruneConfig, name: str) -> None:

@@ -42,7 +42,6 @@ class QuantizeConfig(PassConfig):
     targets: tuple[str, ...] = (
         DEFAULT_TARGETS  # among: experts, shared_experts, attention, dense_mlp, lm_head, embeddings
     )
-    min_tokens: int = 16  # experts with fewer calibration tokens fall back to round-to-nearest
 
     def check(self) -> None:
         if self.bits not in (4, 8):
@@ -56,7 +55,6 @@ class QuantizeConfig(PassConfig):
         unknown = [t for t in self.targets if t not in CATEGORIES]
         if unknown:
             raise ConfigError(f"targets: {unknown[0]!r} is not allowed; choose among {', '.join(CATEGORIES)}")
-        check_range("min_tokens", self.min_tokens, 0)
 
     @property
     def format(self) -> QuantFormat:
@@ -65,6 +63,17 @@ class QuantizeConfig(PassConfig):
     def format_for(self, *weights: Tensor) -> QuantFormat:
         """The format of these weights (one op's), fitted to rows shorter than the group."""
         return self.format.fitted(*(w.shape[-1] for w in weights))
+
+
+@dataclass(frozen=True)
+class CalibratedQuantizeConfig(QuantizeConfig):
+    """GPTQ's and AWQ's: RTN reads no calibration data, so it takes no calibration options."""
+
+    min_tokens: int = 16  # experts with fewer calibration tokens fall back to round-to-nearest
+
+    def check(self) -> None:
+        super().check()
+        check_range("min_tokens", self.min_tokens, 0)
 
 
 class QuantizationPass(TransformPass):

@@ -12,7 +12,7 @@ from helpers import captured
 from moepass.data import DataError, TokenSet, corpus_dir
 from moepass.pass_manager import PassError
 from moepass.passes import ConfigError
-from moepass.pruning import PruneConfig
+from moepass.pruning import CalibratedPruneConfig
 from moepass.recipes import builtin_recipes, load_recipe
 
 
@@ -55,6 +55,12 @@ def test_builtin_recipes_load_and_include_the_papers():
         ({"passes": [{"awq": [1, 2]}]}, r"passes\[0\].awq: expected a mapping of options, got list"),
         ({"passes": [{1: {}}]}, r"passes\[0\]: a pass name is a string; got 1"),
         ({"passes": [{"gptq": {1: 2, "x": 3}}]}, r"passes\[0\].gptq.1: unknown option; allowed: bits"),
+        # calibration options on passes that read no calibration data: refused, not ignored
+        (
+            {"passes": [{"rtn": {"min_tokens": 99}}]},
+            r"rtn.min_tokens: unknown option; allowed: bits, group_size, symmetric, targets$",
+        ),
+        ({"passes": [{"magnitude": {"propagation": "pruned"}}]}, r"magnitude.propagation: unknown option"),
         ({1: "a", "foo": "b", "passes": []}, r"1: unknown recipe key; allowed: name"),
         (
             {"passes": [{"rtn": {}}, {"cpu_packed_weights": {}}]},
@@ -127,9 +133,9 @@ def test_builtin_recipes_load_and_include_the_papers():
             {"passes": [{"awq": {"targets": ["experts"]}}, {"magnitude": {}}]},
             r"passes\[1\]: pass magnitude would compress experts after awq quantized them",
         ),
-        (
-            [PruneConfig(pattern="2:4")],
-            r"passes\[0\]: PruneConfig configures .*magnitude.*; write \(name, config\)",
+        (  # Wanda and SparseGPT share it (magnitude's PruneConfig names its pass alone)
+            [CalibratedPruneConfig(pattern="2:4")],
+            r"passes\[0\]: CalibratedPruneConfig configures (sparsegpt, wanda|wanda, sparsegpt); write",
         ),
     ],
 )

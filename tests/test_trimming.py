@@ -317,8 +317,11 @@ def test_a_drop_ratio_never_removes_more_than_it_asks(ratio, dropped):
     for pass_name in ("layer_drop", "block_drop"):
         program = moepass.compress(original, [(pass_name, {"ratio": ratio})], calibration=data)
         assert len(program.info.edits) == dropped, pass_name
-    with pytest.raises(moepass.MoepassError, match=r"ratio 0\.1 of 6 MoE sub-layers rounds to 0"):
+    # the smallest ratio that drops one (ceil(100 / 6) / 100 = 0.17), which the test checks it does
+    with pytest.raises(moepass.MoepassError, match=r"0\.1 of 6 MoE sub-layers rounds to 0 .*ratio 0\.17 "):
         moepass.compress(original, [("layer_drop", {"ratio": 0.1})], calibration=data)
+    least = moepass.compress(original, [("layer_drop", {"ratio": 0.17, "metric": "random"})])
+    assert len(least.info.edits) == 1
     one_left = moepass.compress(original, [("layer_drop", {"count": 5, "metric": "random"})])
     for options in ({"ratio": 0.5}, {"count": 1}):  # not "raise the ratio": nothing can be dropped
         with pytest.raises(moepass.MoepassError, match="has 1 MoE sub-layers left; one must remain"):

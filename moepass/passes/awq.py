@@ -24,8 +24,8 @@ from moepass.ir.ops import ACTIVATIONS, run_experts
 from moepass.ir.quantized import QuantFormat, codes_for, dequantize_codes, quantize, scales_and_zeros
 from moepass.ir.surgery import quantize_experts, quantize_linear, set_tensor
 from moepass.quantization import (
+    CalibratedQuantizeConfig,
     QuantizationPass,
-    QuantizeConfig,
     quantization_targets,
     quantize_head_rtn,
     quantize_table,
@@ -42,7 +42,7 @@ LOSS_BATCHES = 2  # calibration batches run through the graph per candidate atte
 
 
 @dataclass(frozen=True)
-class AWQConfig(QuantizeConfig):
+class AWQConfig(CalibratedQuantizeConfig):
     grid: int = 20  # scale exponents tried: 0, 1/grid, ..., (grid-1)/grid
     clip: bool = True
     clip_grid: int = 20

@@ -23,8 +23,8 @@ from moepass.ir.ops import ACTIVATIONS
 from moepass.ir.quantized import QuantFormat, dequantize, packed_triple, quantize, scales_and_zeros
 from moepass.ir.surgery import quantize_experts, quantize_linear
 from moepass.quantization import (
+    CalibratedQuantizeConfig,
     QuantizationPass,
-    QuantizeConfig,
     quantization_targets,
     quantize_head_rtn,
     quantize_table,
@@ -46,7 +46,7 @@ SEQUENTIAL = [
 
 
 @dataclass(frozen=True)
-class GPTQConfig(QuantizeConfig):
+class GPTQConfig(CalibratedQuantizeConfig):
     damp: float = 0.01  # of the mean Hessian diagonal
     block_size: int = 128
     act_order: bool = False

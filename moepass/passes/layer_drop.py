@@ -50,7 +50,11 @@ def drop_count(count: int | None, ratio: float | None, available: int, what: str
             f"{where}: dropping {n} of {available} {what} would leave none; drop at most {available - 1}"
         )
     if n < 1:
-        raise ConfigError(f"{where}: ratio {ratio} of {available} {what} rounds to 0; raise it or give count")
+        least = math.ceil(100 / available) / 100
+        raise ConfigError(
+            f"{where}: ratio {ratio} of {available} {what} rounds to 0 (a ratio never drops more than its "
+            f"share); ask for ratio {least} or count 1 (a recipe file's `- {where}: {{count: 1}}`)"
+        )
     return n
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from moepass.pruning import (
-    PruneConfig,
+    CalibratedPruneConfig,
     check_groups,
     check_zeroes,
     mask_lowest,
@@ -26,7 +26,7 @@ BLOCK = 128
 DAMP = 0.01
 
 
-def sparsegpt_prune(weight, stats, config: PruneConfig, name: str):
+def sparsegpt_prune(weight, stats, config: CalibratedPruneConfig, name: str):
     w = weight.detach().double().clone()
     cols = w.shape[1]
     h = stats.mean_hessian() if stats is not None else torch.eye(cols, dtype=torch.float64, device=w.device)
@@ -68,7 +68,7 @@ def sparsegpt_prune(weight, stats, config: PruneConfig, name: str):
 @register_pass
 class SparseGPTPass(TransformPass):
     name = "sparsegpt"
-    config_class = PruneConfig
+    config_class = CalibratedPruneConfig
     needs_calibration = True
 
     def run(self, program, context) -> TransformResult:

@@ -4,12 +4,12 @@ For a routed expert the norms come from the tokens routed to it only."""
 
 from __future__ import annotations
 
-from moepass.pruning import PruneConfig, magnitude_prune, mask_lowest, prune_program
+from moepass.pruning import CalibratedPruneConfig, magnitude_prune, mask_lowest, prune_program
 
 from .base import TransformPass, TransformResult, register_pass
 
 
-def wanda_prune(weight, stats, config: PruneConfig, name: str):
+def wanda_prune(weight, stats, config: CalibratedPruneConfig, name: str):
     if stats is None:  # no (or too few) calibration tokens: magnitude
         return magnitude_prune(weight, config, name)
     score = weight.abs().double() * stats.mean_squares().sqrt()
@@ -19,7 +19,7 @@ def wanda_prune(weight, stats, config: PruneConfig, name: str):
 @register_pass
 class WandaPass(TransformPass):
     name = "wanda"
-    config_class = PruneConfig
+    config_class = CalibratedPruneConfig
     needs_calibration = True
 
     def run(self, program, context) -> TransformResult:
