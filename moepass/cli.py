@@ -69,7 +69,7 @@ def _eval(args: argparse.Namespace) -> None:
     from moepass.artifact import is_artifact
     from moepass.atomic_write import write_file_atomically
     from moepass.data import DataError, check_source
-    from moepass.evaluate import evaluate
+    from moepass.evaluate import evaluate, model_config
     from moepass.ir import capture
     from moepass.zoo import load_model
 
@@ -116,17 +116,19 @@ def _eval(args: argparse.Namespace) -> None:
         what = "captured program" if args.program else "transformers model"
     info = getattr(subject, "info", None)  # a program's, else the transformers model's config
     _check_tokenizer_fits(tokenizer, (subject.config if info is None else info).vocab_size, args)
+    _refuse_long_windows([("--seq-len", args.seq_len)], model_config(subject, "max_position_embeddings"))
     per_source = None if args.max_per_source == 0 else args.max_per_source
-    result = evaluate(
-        subject,
-        args.data,
-        tokenizer=tokenizer,
-        seq_len=args.seq_len,
-        max_per_source=per_source,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        text_key=args.text_key,
-    )
+    with _data_named("--data"):  # what reading finds (no text, too short) names the flag
+        result = evaluate(
+            subject,
+            args.data,
+            tokenizer=tokenizer,
+            seq_len=args.seq_len,
+            max_per_source=per_source,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            text_key=args.text_key,
+        )
     print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {result.seq_len} tokens"))
     if args.json:
         text = json.dumps({"format": EVAL_FORMAT, **result.to_dict()}, indent=2, allow_nan=False) + "\n"
@@ -189,12 +191,7 @@ def _compress(args: argparse.Namespace) -> None:
     windows = [("--eval-seq-len", args.eval_seq_len)]
     if needs_data(recipe):
         windows.append((f"recipe {recipe.name}: calibration.seq_len", recipe.calibration.seq_len))
-    for what, length in windows:  # before minutes of evaluation, not after
-        if positions and length and length > positions:
-            raise MoepassError(
-                f"{what}: windows of {length} tokens exceed the model's {positions} positions "
-                "(max_position_embeddings); use a shorter one, or leave it out (then it fits)"
-            )
+    _refuse_long_windows(windows, positions)
     held_out = None
     if args.eval_per_source:  # read now: a file that fails to tokenize must not cost the passes' work
         with _data_named("--eval-data"):
@@ -243,6 +240,16 @@ def _compress(args: argparse.Namespace) -> None:
     print(report.summary_table(), report.structure_table(), program.report, sep="\n\n")
     plots = ", plots/" if (out / "plots").is_dir() else ""
     print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json{plots})")
+
+
+def _refuse_long_windows(windows: list[tuple[str, int | None]], positions: int | None) -> None:
+    """(flag, window length) pairs longer than the model's positions, named before minutes of work."""
+    for what, length in windows:
+        if positions and length and length > positions:
+            raise MoepassError(
+                f"{what}: windows of {length} tokens exceed the model's {positions} positions "
+                "(max_position_embeddings); use a shorter one, or leave it out (then it fits)"
+            )
 
 
 @contextlib.contextmanager
@@ -369,9 +376,14 @@ def _generate(args: argparse.Namespace) -> None:
         program = _load_program(args.model, lower=not args.no_lower, compile=args.compile, device=device)
     _check_tokenizer_fits(tokenizer, program.info.vocab_size, args)
     generated: list[int] = []
-    stream = text_stream(tokenizer, prompt_ids, generated, lambda text: print(text, end="", flush=True))
+    echo = [args.prompt]  # printed with the first text: after generate's warnings, not amid them
+
+    def write(text: str) -> None:
+        print(*echo, text, sep="", end="", flush=True)
+        echo.clear()
+
+    stream = text_stream(tokenizer, prompt_ids, generated, write)
     generator = torch.Generator(device).manual_seed(args.seed)  # sampling draws where the logits are
-    print(args.prompt, end="", flush=True)
     start = time.perf_counter()
     program.generate(
         torch.tensor([prompt_ids], device=device),
@@ -383,6 +395,7 @@ def _generate(args: argparse.Namespace) -> None:
         streamer=stream,
     )
     seconds = time.perf_counter() - start
+    print(*echo, sep="", end="", flush=True)  # if nothing was generated (EOS first, or 0 tokens)
     engine = "onnxruntime" if args.onnx else "PyTorch"
     if args.onnx and program.int8_activations:
         engine += ", int8 activations"
@@ -527,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser = functools.partial(commands.add_parser, formatter_class=_HelpWithDefaults)
     inspect = commands.add_parser("inspect", help="capture a model and print its IR summary")
-    inspect.add_argument("model", help=f"local checkpoint directory or one of: {', '.join(builtin_names())}")
+    inspect.add_argument(
+        "model", help=f"moepass artifact, checkpoint directory or one of: {', '.join(builtin_names())}"
+    )
     inspect.add_argument("--dtype", choices=sorted(_DTYPES), help="load the weights in this dtype")
     inspect.set_defaults(run=_inspect)
 
@@ -565,7 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp = commands.add_parser(
         "compress", help="compress a model with a recipe; writes artifact, report, plots"
     )
-    comp.add_argument("--model", default="builtin:tiny-mixtral", help="built-in name or checkpoint directory")
+    comp.add_argument(
+        "--model",
+        default="builtin:tiny-mixtral",
+        help="built-in name, checkpoint directory or moepass artifact (compressed further)",
+    )
     comp.add_argument("--recipe", default="paper-layer-drop", help="built-in recipe name or YAML file")
     comp.add_argument(
         "--calib", default=None, help="calibration data (default: the recipe's, builtin:validation)"

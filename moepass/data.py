@@ -130,7 +130,8 @@ def check_source(data) -> None:
         if not str(data).strip():  # Path("") is the current directory
             raise DataError("the data path is empty; give builtin:validation, a file or a directory")
         if not Path(data).exists():
-            raise DataError(f"data path {str(data)!r} does not exist")
+            where = "" if Path(data).is_absolute() else f" (relative paths are read from {Path.cwd()})"
+            raise DataError(f"data path {str(data)!r} does not exist{where}")
         if Path(data).is_file() and Path(data).stat().st_size == 0:
             raise DataError(f"data file {str(data)!r} is empty")
 

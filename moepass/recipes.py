@@ -103,6 +103,8 @@ def load_recipe(spec) -> Recipe:
             mark = getattr(error, "problem_mark", None)
             at = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             raise ConfigError(f"{at}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+        if isinstance(data, dict) and "name" not in data and NAME.fullmatch(path.stem):
+            data = {"name": path.stem, **data}  # errors and the default output directory name the file
         return recipe_from_dict(data, where=f"{path.name}: ")
     raise ConfigError(f"cannot use a {type(spec).__name__} as a recipe")
 

@@ -208,6 +208,13 @@ def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed):
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["overall"] == json.loads(expected.to_json())["overall"]
     assert main([*argv, "--text-key", "body", "--json", str(tmp_path / "r.json")]) == 0  # its own: replaced
+    # what only reading or the loaded model can tell still names the flag at fault
+    (tmp_path / "blank.txt").write_text("  \n")
+    assert main([*argv[:2], "--data", str(tmp_path / "blank.txt")]) == 2
+    assert "error: --data: the data holds no text" in capsys.readouterr().err
+    too_long = str(model.config.max_position_embeddings + 1)
+    assert main([*argv[:-1], too_long, "--text-key", "body"]) == 2
+    assert f"error: --seq-len: windows of {too_long} tokens exceed the model's" in capsys.readouterr().err
     # any other file (the data itself, a manifest) is never overwritten, and refused before the work
     data = (tmp_path / "body.jsonl").read_bytes()
     assert main([*argv, "--text-key", "body", "--json", str(tmp_path / "body.jsonl")]) == 2

@@ -98,7 +98,8 @@ def test_sampling_is_deterministic_and_seeded(tokenizer):
     "call,message",
     [
         (lambda tok: load_documents("builtin:train"), "unknown built-in data 'builtin:train'"),
-        (lambda tok: load_documents("/no/such/file.txt"), "does not exist"),
+        (lambda tok: load_documents("/no/such/file.txt"), "'/no/such/file.txt' does not exist$"),
+        (lambda tok: load_documents("no/such.txt"), r"does not exist \(relative paths are read from /"),
         (lambda tok: load_documents(""), "the data path is empty"),  # not the current directory
         (lambda tok: tokenize([Document("   ", "a")], tok, 8), "holds no text"),
         (lambda tok: tokenize([Document("two words", "a")], tok, 64), "too short"),

@@ -170,6 +170,7 @@ def test_yaml_recipe_files(tmp_path):
         "  - gptq: {<<: *q, group_size: 32, targets: [attention]}\n"
     )
     merged = load_recipe(tmp_path / "merged.yaml")
+    assert merged.name == "merged"  # no name: the file's, in errors and the default output directory
     assert (merged.passes[1][1].bits, merged.passes[1][1].group_size) == (4, 32)
     assert merged.passes[1][1].targets == ("attention",)
     (tmp_path / "few.samples.yaml").write_text("calibration: {samples: 0}\npasses:\n  - awq: {bits: 3}\n")
