@@ -20,12 +20,14 @@ from moepass.errors import ArtifactError
 logger = logging.getLogger("moepass")
 
 # an earlier output holds one of these documents naming its format: a moepass artifact, an ONNX
-# export, a transformers checkpoint moepass wrote (`save(format="hf")`). A config.json alone is no
-# mark: every checkpoint a user downloaded or trained holds one.
+# export, a transformers checkpoint moepass wrote (`save(format="hf")`), a `compress` report (which
+# an analysis-only recipe writes alone). A config.json alone is no mark: every checkpoint a user
+# downloaded or trained holds one.
 OUTPUT_MARKERS = {
     "manifest.json": "moepass-artifact",
     "onnx_manifest.json": "moepass-onnx",
     "moepass.json": "moepass-hf-checkpoint",
+    "report.json": "moepass-report",
 }
 
 

@@ -207,12 +207,15 @@ def _compress(args: argparse.Namespace) -> None:
     # evaluation: the pass manager refuses such a recipe before any pass runs
     with _data_named(calibration_flag):
         program = compress(original, recipe, tokenizer=tokenizer)
+    # a recipe of analyses alone changes nothing: no second evaluation, no copy of the model (a
+    # transform that happened to change nothing still writes its artifact, which the user may load)
+    transformed = any(record.modified is not None for record in program.report.records)
     with _data_named("--eval-data"):
         before = None if held_out is None else evaluate(original, held_out)
-    if args.format == "hf":  # what the recipe's passes cannot tell up front
+    if args.format == "hf" and transformed:  # what the recipe's passes cannot tell up front
         hf_config(program, hint=f"; {USE_MOEPASS_FORMAT}")
     with _data_named("--eval-data"):
-        after = None if held_out is None else evaluate(program, held_out)
+        after = evaluate(program, held_out) if held_out is not None and transformed else before
     report = CompressionReport(
         args.model,
         recipe.to_dict(),
@@ -223,23 +226,28 @@ def _compress(args: argparse.Namespace) -> None:
         experts,
         model_size(original),
     )
-    if args.format == "hf":
+    documents, tensors = {}, {}
+    if transformed and args.format == "hf":
         documents, tensors = hf_checkpoint(program)
-    else:
+    elif transformed:
         tensors, aliases = unique_tensors(program)
         documents = {"manifest.json": manifest_of(program, aliases)}
-    what = ", ".join([*documents, "model.safetensors"])
 
     def fill(staging: Path) -> None:
-        write_checkpoint(staging, documents, tensors)
-        save_tokenizer(_tokenizer_to_write(tokenizer_source, tokenizer), staging)
+        if transformed:
+            write_checkpoint(staging, documents, tensors)
+            save_tokenizer(_tokenizer_to_write(tokenizer_source, tokenizer), staging)
         report.write(staging)
 
     write_atomically(out, fill, overwrite=args.force)
     # printed once written: a pager or `head` closing the pipe early must not cost the result
-    print(report.summary_table(), report.structure_table(), program.report, sep="\n\n")
-    plots = ", plots/" if (out / "plots").is_dir() else ""
-    print(f"\nwrote {out}/ ({what}; tokenizer, report.md, report.json{plots})")
+    analyses = [] if transformed else [result.table() for result in program.report.analyses.values()]
+    print(report.summary_table(), report.structure_table(), program.report, *analyses, sep="\n\n")
+    written = (
+        [*documents, "model.safetensors", "tokenizer"] if transformed else ["the model unchanged: no copy"]
+    )
+    written += ["report.md", "report.json", *(["plots/"] if (out / "plots").is_dir() else [])]
+    print(f"\nwrote {out}/ ({', '.join(written)})")
 
 
 def _refuse_long_windows(windows: list[tuple[str, int | None]], positions: int | None) -> None:

@@ -82,6 +82,7 @@ class CompressionReport:
 
     def to_dict(self) -> dict:
         return {
+            "format": "moepass-report",  # marks the directory as moepass's output (atomic_write)
             "model": self.model,
             "recipe": self.recipe,
             "before": None if self.before is None else self.before.to_dict(),

@@ -717,3 +717,30 @@ def test_cli_compress_names_the_data_at_fault_and_writes_before_printing(
     monkeypatch.setattr(os, "dup2", lambda *args: None)  # main silences the real stdout: not here
     assert main(["compress", "--model", str(checkpoint), *quantize]) == 1
     assert (out / "manifest.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_cli_analysis_only_recipe_prints_its_tables_and_copies_no_model(checkpoint, tmp_path, capsys):
+    """A recipe of analyses changes nothing: its output is the report (printed and written), without a
+    second evaluation of the same model or a copy of its weights (as large as the model)."""
+    (tmp_path / "look.yaml").write_text(
+        "calibration: {samples: 4, seq_len: 64}\npasses:\n  - expert_importance: {}\n"
+    )
+    out = tmp_path / "out"
+    argv = [
+        "compress",
+        "--model",
+        str(checkpoint),
+        "--recipe",
+        str(tmp_path / "look.yaml"),
+        "--out",
+        str(out),
+    ]
+    argv += ["--eval-per-source", "1", "--eval-seq-len", "64"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "the model unchanged: no copy" in printed and "model.safetensors" not in printed
+    report = json.loads((out / "report.json").read_text())
+    importance = next(iter(report["passes"]["analyses"].values()))
+    assert report["before"] == report["after"] and importance
+    assert not (out / "model.safetensors").exists() and (out / "report.md").is_file()
+    assert main([*argv, "--force"]) == 0  # its report marks it as an earlier output

@@ -14,6 +14,7 @@ Shared experts are not routed, so they are never scored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -61,9 +62,14 @@ class ExpertImportance:
         return rows
 
     def table(self) -> str:
+        by_layer = self._by_original_index()
+        # one number of decimals for the whole table (3 significant digits on its largest score), so
+        # the columns line up and compare at a glance
+        top = max((abs(v) for row in by_layer for v in row if v is not None), default=0.0)
+        decimals = max(0, 2 - math.floor(math.log10(top))) if top > 0 else 3
         rows = [
-            [layer, *("-" if v is None else f"{v:.4g}" for v in row)]
-            for layer, row in zip(self.per_layer, self._by_original_index(), strict=True)
+            [layer, *("-" if v is None else f"{v:.{decimals}f}" for v in row)]
+            for layer, row in zip(self.per_layer, by_layer, strict=True)
         ]
         return format_table(
             ["block", *[f"e{i}" for i in range(len(rows[0]) - 1)]],
