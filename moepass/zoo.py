@@ -224,6 +224,11 @@ def load_tokenizer(name_or_path: str | os.PathLike):
             "(its checkpoint directory or tokenizer.json; CLI: --tokenizer)"
         )
     path = _checkpoint_dir(name_or_path)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):  # else transformers
+        raise MoepassError(  # blames a missing sentencepiece or tiktoken package
+            f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass the model's tokenizer "
+            "(its checkpoint directory or tokenizer.json; CLI: --tokenizer)"
+        )
     with _readable(path, "a tokenizer (no tokenizer.json; pass another with --tokenizer)"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     # with no vocabulary files, transformers builds some tokenizer classes (Qwen2, GPT-NeoX) empty: every

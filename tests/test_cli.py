@@ -157,6 +157,10 @@ def test_damaged_checkpoints_and_tokenizers_are_named(tmp_path, capsys):
 def test_a_tokenizer_that_cannot_serve_the_model_is_refused_by_name(tmp_path, capsys):
     model_for("mixtral", seed=0).save_pretrained(tmp_path / "mixtral")  # a vocabulary of 128
     model_for("qwen3_moe", seed=0).save_pretrained(tmp_path / "qwen3")  # and no tokenizer files
+    model_for("qwen3_moe", seed=0).save_pretrained(tmp_path / "qwen3-config-only")
+    (tmp_path / "qwen3-config-only" / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "Qwen2Tokenizer"}'
+    )
     (tmp_path / "file").write_text("x")
     for argv, message in [
         (
@@ -167,9 +171,13 @@ def test_a_tokenizer_that_cannot_serve_the_model_is_refused_by_name(tmp_path, ca
             ["generate", str(tmp_path / "mixtral"), "--tokenizer", "tokenizr.json"],
             "--tokenizer tokenizr.json: no such file or directory",
         ),
-        (  # transformers builds an empty Qwen2 tokenizer: perplexity 128 at 100% accuracy, before
+        (  # transformers would blame a missing sentencepiece package, or build an empty Qwen2 tokenizer
             ["eval", str(tmp_path / "qwen3")],
-            "qwen3 holds no tokenizer vocabulary: transformers built an empty Qwen2Tokenizer",
+            "qwen3 holds no tokenizer files (tokenizer.json, ",
+        ),
+        (  # a config naming a class but no vocabulary: perplexity 128 at 100% accuracy, before
+            ["eval", str(tmp_path / "qwen3-config-only")],
+            "qwen3-config-only holds no tokenizer vocabulary: transformers built an empty Qwen2Tokenizer",
         ),
         (["compress", "--out", str(tmp_path / "file"), "--force"], "file is a file; name a directory"),
     ]:
