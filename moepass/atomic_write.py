@@ -59,14 +59,17 @@ def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _earlier_output(path: Path) -> bool:
-    for name, format in OUTPUT_MARKERS.items():
-        try:
-            document = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue
-        if isinstance(document, dict) and document.get("format") == format:
-            return True
-    return False
+    return any(names_format(path / name, format) for name, format in OUTPUT_MARKERS.items())
+
+
+def names_format(path: str | os.PathLike, format: str) -> bool:
+    """Whether `path` is a JSON document naming `format`: how moepass knows its own outputs (and only
+    those) may be replaced."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("format") == format
 
 
 def write_atomically(path: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool) -> Path:

@@ -57,17 +57,9 @@ def _inspect(args: argparse.Namespace) -> None:
 EVAL_FORMAT = "moepass-eval"  # marks `eval --json` files: only those are ever overwritten
 
 
-def _earlier_eval_result(path: str) -> bool:
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(document, dict) and document.get("format") == EVAL_FORMAT
-
-
 def _eval(args: argparse.Namespace) -> None:
     from moepass.artifact import is_artifact
-    from moepass.atomic_write import write_file_atomically
+    from moepass.atomic_write import names_format, write_file_atomically
     from moepass.data import DataError, check_source
     from moepass.evaluate import evaluate, model_config
     from moepass.ir import capture
@@ -83,7 +75,7 @@ def _eval(args: argparse.Namespace) -> None:
             raise MoepassError(
                 f"--json {args.json}: cannot write a file there ({directory} must be a writable directory)"
             )
-        if os.path.exists(args.json) and not _earlier_eval_result(args.json):
+        if os.path.exists(args.json) and not names_format(args.json, EVAL_FORMAT):
             raise MoepassError(
                 f"--json {args.json} exists and is not an earlier `moepass eval --json` result (the data, a "
                 "manifest?); it is never overwritten: name another file"
@@ -403,7 +395,7 @@ def _generate(args: argparse.Namespace) -> None:
         streamer=stream,
     )
     seconds = time.perf_counter() - start
-    print(*echo, sep="", end="", flush=True)  # if nothing was generated (EOS first, or 0 tokens)
+    print(*echo, sep="", end="", flush=True)  # if nothing was generated (EOS first)
     engine = "onnxruntime" if args.onnx else "PyTorch"
     if args.onnx and program.int8_activations:
         engine += ", int8 activations"
