@@ -55,14 +55,15 @@ class StepGeneration:
         on a GPU that would wait for the device every step (its embedding asserts instead)."""
         on_cpu = input_ids.device.type == "cpu"
         check_prompt(input_ids, vocab_size=self.info.vocab_size if on_cpu else None)
-        if len(past) != len(self.cache_names):
+        names = self.cache_names  # read once: a program finds them in its graph
+        if len(past) != len(names):
             raise MoepassError(
-                f"this decoder takes {len(self.cache_names)} past tensors ({', '.join(self.cache_names)}), "
-                f"got {len(past)}; start from empty_cache(batch)"
+                f"this decoder takes {len(names)} past tensors ({', '.join(names)}), got {len(past)}; "
+                "start from empty_cache(batch)"
             )
         batch, seq = input_ids.shape
         past_len = past[0].shape[2] if past and past[0].dim() == 4 else 0
-        for name, tensor in zip(self.cache_names, past, strict=True):
+        for name, tensor in zip(names, past, strict=True):
             if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[2] != past_len:
                 raise MoepassError(
                     f"{name} is {list(tensor.shape)}: past tensors must all be [batch = {batch}, heads, "

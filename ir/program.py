@@ -76,6 +76,7 @@ class MoEProgram(nn.Module, StepGeneration):
         self.info = info
         self.report = None  # the PassReport of the last recipe applied by moepass.compress
         self._structure: StructureMap | None = None
+        self._cache_names: list[str] | None = None
         self._last_token_graph: fx.GraphModule | None = None
         self._compiled_steps: dict[bool, Callable] = {}
         self._batched_edits = 0  # open `batch_edits` blocks
@@ -92,7 +93,7 @@ class MoEProgram(nn.Module, StepGeneration):
         """Call after editing the graph: frees nodes and modules it no longer uses, regenerates its
         code (at the end of a `batch_edits` block) and rebuilds the structure map on demand."""
         remove_dead_nodes(self.graph_module.graph)
-        self._structure = None
+        self._structure, self._cache_names = None, None
         self._last_token_graph = None
         self._compiled_steps = {}
         self._code_is_stale = True
@@ -170,7 +171,10 @@ class MoEProgram(nn.Module, StepGeneration):
     # -- running ------------------------------------------------------------------------------
     @property
     def cache_names(self) -> list[str]:
-        return [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"][3:]
+        if self._cache_names is None:  # every step checks its inputs against them: not a graph walk each
+            placeholders = [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+            self._cache_names = placeholders[3:]
+        return self._cache_names
 
     def empty_cache(self, batch_size: int) -> list[Tensor]:
         """Zero-length past tensors for a prefill step."""
