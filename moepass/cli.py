@@ -60,7 +60,7 @@ EVAL_FORMAT = "moepass-eval"  # marks `eval --json` files: only those are ever o
 def _eval(args: argparse.Namespace) -> None:
     from moepass.artifact import is_artifact
     from moepass.atomic_write import names_format, write_file_atomically
-    from moepass.data import DataError, check_source
+    from moepass.data import load_documents
     from moepass.evaluate import evaluate, model_config
     from moepass.ir import capture
     from moepass.zoo import load_model
@@ -80,10 +80,8 @@ def _eval(args: argparse.Namespace) -> None:
                 f"--json {args.json} exists and is not an earlier `moepass eval --json` result (the data, a "
                 "manifest?); it is never overwritten: name another file"
             )
-    try:  # a typo is an error now, not after loading the model
-        check_source(args.data)
-    except DataError as error:
-        raise MoepassError(f"--data: {error}") from None
+    with _data_named("--data"):  # read now (text is small): a bad record is named before the model loads
+        documents = load_documents(args.data, text_key=args.text_key)
     onnx = os.path.isfile(os.path.join(args.model, "onnx_manifest.json"))
     if onnx and (args.program or args.dtype or device.type != "cpu"):
         raise MoepassError(
@@ -113,13 +111,12 @@ def _eval(args: argparse.Namespace) -> None:
     with _data_named("--data"):  # what reading finds (no text, too short) names the flag
         result = evaluate(
             subject,
-            args.data,
+            documents,
             tokenizer=tokenizer,
             seq_len=args.seq_len,
             max_per_source=per_source,
             batch_size=args.batch_size,
             seed=args.seed,
-            text_key=args.text_key,
         )
     print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {result.seq_len} tokens"))
     if args.json:

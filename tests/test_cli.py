@@ -194,7 +194,7 @@ def test_a_tokenizer_json_file_is_a_tokenizer(tmp_path):
     )
 
 
-def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed):
+def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed, monkeypatch):
     import json
     import shutil
 
@@ -208,8 +208,13 @@ def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed):
     texts = [f"It was the {i}th morning, and the house was quiet before anyone came down." for i in range(40)]
     (tmp_path / "body.jsonl").write_text("\n".join(json.dumps({"body": t, "source": "mine"}) for t in texts))
     argv = ["eval", str(tmp_path / "model"), "--data", str(tmp_path / "body.jsonl"), "--seq-len", "32"]
-    assert main(argv) == 2
-    assert "record 1 has no 'text' field (has ['body', 'source'])" in capsys.readouterr().err
+    with monkeypatch.context() as patch:  # the data is read before the model loads
+        patch.setattr("moepass.zoo.load_model", lambda *_, **__: pytest.fail("loaded the model first"))
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        r"--data: \S*body\.jsonl: record 1 has no 'text' field \(has \['body', 'source'\]\)", err
+    )
     assert main([*argv, "--text-key", "body", "--json", str(tmp_path / "r.json")]) == 0
     docs = [Document(t, "mine") for t in texts]
     expected = evaluate(model, docs, tokenizer=load_tokenizer(str(tmp_path / "model")), seq_len=32)
