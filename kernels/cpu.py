@@ -9,9 +9,13 @@ but over a third of int8 per-channel rounding (8e-3): lowering adds a third to a
 error; `moepass.load(..., lower=False)` keeps float math.
 
 They need weights converted once, ahead of time (`pack_for_cpu`): int4 codes into ATen's tile
-layout with (scale, offset) pairs per group, int8 per-channel symmetric codes as int8. Formats ATen
-cannot express (int4 with groups of 16 or output counts not divisible by 16; int8 with groups or zero
-points) keep the reference path — `pack_for_cpu` says why.
+layout with (scale, offset) pairs per group, int8 codes as int8 (code - 128). ATen's int8 kernel
+takes one scale per output row, so int8 in groups (or with zero points) runs it once per group of
+inputs, on that group's codes and scales, and adds the zero points' share, sum_g s_g (128 - z_g)
+sum(x_g), as one small fp32 matmul: 2.3-3x faster than fp32 on Mixtral-size linears, 0.4-1.2x on
+small ones, where dequantizing every call was 3-70x slower than fp32 (throwaway A/B, BENCHMARKS.md).
+Formats ATen cannot express (int4 with groups of 16 or output counts not divisible by 16) keep the
+reference path — `pack_for_cpu` says why.
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ _INT4_GROUPS = (256, 128, 64, 32)  # ATen's supported int4 group sizes, largest 
 class CpuPacked:
     """One weight (or a stack of expert weights) in an ATen prepacked layout."""
 
-    weight: Tensor  # int4: [..., N, K/2] uint8 tiles; int8: [..., N, K] int8
-    scales: Tensor  # int4: [..., K/group, N, 2] bf16 (scale, offset); int8: [..., N] bf16
+    # int4: [..., N, K/2] uint8 tiles; int8: [..., N, K] int8, in groups holding [..., G, N, K/G] (the
+    # codes group by group, so each group's block is contiguous) in that shape
+    weight: Tensor
+    # int4: [..., K/group, N, 2] bf16 (scale, offset); int8: [..., N] bf16, in groups [..., 2, G, N]
+    # fp32 (per group: scale, scale * (128 - zero point))
+    scales: Tensor
     bits: int
-    group_size: int  # the group ATen sees (int4), -1 for int8
+    group_size: int  # the group ATen sees (int4), int8's group, -1 for per-channel symmetric int8
 
 
 def why_not_packable(n: int, k: int, bits: int, group_size: int, symmetric: bool) -> str | None:
@@ -46,9 +54,7 @@ def why_not_packable(n: int, k: int, bits: int, group_size: int, symmetric: bool
             return f"int4 CPU kernel needs groups of 32/64/128/256 inputs, got {group_size}"
         return None
     if bits == 8:
-        if group_size != -1 or not symmetric:
-            return "int8 CPU kernel needs per-channel symmetric quantization (group_size -1, symmetric)"
-        return None
+        return None  # groups and zero points: one kernel call per group (`packed_linear`)
     return f"no CPU kernel for {bits}-bit weights"
 
 
@@ -66,12 +72,22 @@ def pack_for_cpu(
     groups = flat_s.shape[-1]
     group = k // groups
     if bits == 8:
-        codes = unpack(flat_q, 8)[..., :k].to(torch.int16) - 128
+        codes = (unpack(flat_q, 8)[..., :k].to(torch.int16) - 128).to(torch.int8)
+        if group_size == -1 and flat_z is None:  # one scale per row: one kernel call
+            return CpuPacked(
+                codes.reshape(*lead, n, k).contiguous(),
+                flat_s[..., 0].to(torch.bfloat16).reshape(*lead, n).contiguous(),
+                8,
+                -1,
+            )
+        zero = torch.full_like(flat_s, 128.0) if flat_z is None else flat_z.float()
+        by_group = codes.view(-1, n, groups, group).transpose(1, 2).contiguous()  # [.., G, N, group]
+        pairs = torch.stack([flat_s, flat_s * (128.0 - zero)], dim=1).transpose(-1, -2)  # [.., 2, G, N]
         return CpuPacked(
-            codes.to(torch.int8).reshape(*lead, n, k).contiguous(),
-            flat_s[..., 0].to(torch.bfloat16).reshape(*lead, n).contiguous(),
+            by_group.reshape(*lead, n, k),  # the IR's [N, K] shape, over group-major codes
+            pairs.reshape(*lead, 2, groups, n).contiguous(),
             8,
-            -1,
+            group,
         )
     aten_group = next(g for g in _INT4_GROUPS if group % g == 0 and k % g == 0)
     repeat = group // aten_group
@@ -97,7 +113,21 @@ def packed_linear(
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     if bits == 4:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scales)
-    else:
+    elif group_size == -1:
         y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
+    else:
+        y = _int8_by_group(x.reshape(-1, x.shape[-1]), x2, weight, scales)
     y = y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
+
+
+def _int8_by_group(x: Tensor, x2: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x [M, K] (x2: in bf16) times int8 weights in groups (`pack_for_cpu`): ATen's per-row-scale
+    kernel on each group's codes, plus the zero points' share in fp32."""
+    groups, (n, k) = scales.shape[-2], weight.shape
+    blocks = weight.view(groups, n, k // groups)
+    y = x.float().reshape(-1, groups, k // groups).sum(-1) @ scales[1]
+    row_scales = scales[0].to(torch.bfloat16)
+    for g, x_g in enumerate(x2.reshape(-1, groups, k // groups).transpose(0, 1).contiguous()):
+        y += torch.ops.aten._weight_int8pack_mm(x_g, blocks[g], row_scales[g])
+    return y

@@ -70,7 +70,7 @@ def lower(
 
 def _warn_reference_ops(report: PassReport, device_type: str) -> None:
     """Say which quantized ops no kernel took: they dequantize their weights on every call, which
-    decodes slower than the float model (int8 in groups of 128: 0.5x on CPU, BENCHMARKS.md)."""
+    decodes slower than the float model (int8 in groups of 128 did: 0.5x eager on CPU, BENCHMARKS.md)."""
     kept = Counter(reason for r in report.records for reason in r.summary.get("kept reference", {}).values())
     if kept:
         logger.warning(

@@ -45,11 +45,13 @@ def test_lossless_lowering_equals_the_canonical_program(family):
     assert _summary(lowered, "fuse_sibling_linears")["groups"] >= len(program.structure.blocks)
 
 
-@pytest.mark.parametrize("family,bits", [("mixtral", 4), ("qwen2_moe", 8), ("deepseek_v3", 4)])
-def test_quantized_programs_run_on_aten_packed_kernels(family, bits):
+@pytest.mark.parametrize(  # int8 per channel (one ATen call) and in groups with zero points (one per group)
+    "family,bits,group", [("mixtral", 4, 32), ("qwen2_moe", 8, -1), ("olmoe", 8, 16), ("deepseek_v3", 4, 32)]
+)
+def test_quantized_programs_run_on_aten_packed_kernels(family, bits, group):
     _, program = captured(family)
     targets = ["experts", "lm_head"] if family == "deepseek_v3" else ALL_TARGETS  # its MLA has 16 inputs
-    quantized = rtn(program, bits, -1 if bits == 8 else 32, symmetric=bits == 8, targets=targets)
+    quantized = rtn(program, bits, group, symmetric=group == -1, targets=targets)
     ops = _ops(lower(quantized))
     assert ops.get(PACKED_LINEAR, 0) > 0
     if "attention" in targets:  # quantized q/k/v fuse before packing: fewer packed matmuls
