@@ -181,7 +181,7 @@ def packed_experts(
     down_group: int,
 ) -> Tensor:
     """`moepass::quantized_experts` on expert weights prepacked for ATen's CPU kernels."""
-    decoded = _packed_int4_decode(
+    decoded = _packed_decode(
         hidden,
         topk_ids,
         topk_weights,
@@ -230,7 +230,7 @@ def packed_experts(
     )
 
 
-def _packed_int4_decode(
+def _packed_decode(
     hidden,
     topk_ids,
     topk_weights,
@@ -251,24 +251,22 @@ def _packed_int4_decode(
     *,
     traced: bool = False,
 ) -> Tensor | None:
-    """One token through its k int4 experts with the fewest calls (None for other shapes and formats):
-    `run_experts`' arithmetic on the packed weights (bf16 matmuls, slot-ordered fp32 sum), except that
-    each projection's result, bias and activation stay in fp32 (bf16/fp16 models: within one rounding
-    of it), at 2/3 of its cost, which at decode is mostly per-call overhead (`tools/bench_ops.py`).
+    """One token through its k experts with the fewest calls (None for more tokens): `run_experts`'
+    arithmetic on the packed weights (bf16 matmuls, slot-ordered fp32 sum), except that each
+    projection's result, bias and activation stay in fp32 (bf16/fp16 models: within one rounding of
+    it), at 2/3 of its cost, which at decode is mostly per-call overhead (`tools/bench_ops.py`).
 
     `traced` (`packed_experts_body`): each expert index becomes a symbolic integer and its weights
     views at it, so a compiled decode step calls the kernels from its own code. (Asked, not detected:
     torch 2.11's `torch.compiler.is_compiling()` is False while aot_autograd traces a backend's graph.)"""
-    if hidden.shape[0] != 1 or bits != 4:
+    if hidden.shape[0] != 1:
         return None
     act, experts = ACTIVATIONS[activation], gate_up_weight.shape[0]
 
     def project(e, x: Tensor, weight: Tensor, scales: Tensor, group: int, bias: Tensor | None) -> Tensor:
-        """Expert e's projection: ATen's int4 matmul in bf16; its result and the bias in fp32."""
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), weight.select(0, e), group, scales.select(0, e)
-        ).float()
-        return y if bias is None else y + bias.select(0, e)
+        """Expert e's projection: ATen's packed matmul in bf16; its result and the bias in fp32."""
+        bias = None if bias is None else bias.select(0, e)
+        return _aten_packed_linear(x.float(), weight.select(0, e), scales.select(0, e), bias, bits, group)
 
     # an id outside the experts is one dropped behind a router that kept its row: it adds nothing
     # (eager code skips its slot, traced code masks it out)
@@ -292,10 +290,11 @@ def _packed_int4_decode(
 
 def packed_experts_body(*args) -> Tensor:
     """`moepass::packed_experts` as traceable code (`TRACEABLE_BODIES`) where it pays: a single token's
-    experts inline, so a compiled decode step skips the op's Python dispatch (~50 us a layer on a tiny
-    model, a third of its decode step); other shapes keep the op. Dynamo must be allowed to read the
-    expert indices as integers (`torch._dynamo.config.capture_scalar_outputs`, or `fullgraph=True`)."""
-    decoded = _packed_int4_decode(*args, traced=True)
+    experts (int4 or int8) inline, so a compiled decode step skips the op's Python dispatch (~50 us a
+    layer on a tiny model, a third of its decode step); other shapes keep the op. Dynamo must be
+    allowed to read the expert indices as integers (`torch._dynamo.config.capture_scalar_outputs`,
+    or `fullgraph=True`)."""
+    decoded = _packed_decode(*args, traced=True)
     return packed_experts(*args) if decoded is None else decoded
 
 

@@ -9,7 +9,7 @@ over (real weights in hand, before aot_autograd):
   2. quantize (option `quantize`): data-free RTN of the routed expert weights, `moepass::quantized_experts`;
   3. lower (option `lower`): on CPU, quantized ops onto ATen's packed int4/int8 kernels (the
      `cpu_packed_weights` pass's rewrites); on CUDA the canonical ops already dispatch to Triton;
-     a one-token (decode) step's int4 experts are traced inline for Inductor where Dynamo may read
+     a one-token (decode) step's experts are traced inline for Inductor where Dynamo may read
      tensor values as integers (`fullgraph=True`, or `torch._dynamo.config.capture_scalar_outputs`);
   4. aot_autograd to ATen (the vocabulary torch.export gives), then Inductor, or with
      `inductor=False` the ATen graph runs as it is.
@@ -309,10 +309,10 @@ def _lower(gm: fx.GraphModule, inputs: dict, report: CompileReport) -> None:
 
 
 def _inline_decode_experts(gm: fx.GraphModule, example_inputs: list) -> int:
-    """One-token float and packed int4 experts ops -> their traceable bodies, so Inductor multiplies by
-    the chosen experts' weights from its own code instead of through the op's Python dispatch (a third
-    of a tiny int4 model's decode step). The bodies read the expert indices as integers, which
-    Dynamo's shape environment allows under `fullgraph=True` or
+    """One-token float and packed (int4, int8) experts ops -> their traceable bodies, so Inductor
+    multiplies by the chosen experts' weights from its own code instead of through the op's Python
+    dispatch (a third of a tiny int4 model's decode step). The bodies read the expert indices as
+    integers, which Dynamo's shape environment allows under `fullgraph=True` or
     `torch._dynamo.config.capture_scalar_outputs`; otherwise the ops stay."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is None or fake_mode.shape_env is None or not fake_mode.shape_env.allow_scalar_outputs:
@@ -321,7 +321,7 @@ def _inline_decode_experts(gm: fx.GraphModule, example_inputs: list) -> int:
     for node in [n for n in gm.graph.nodes if n.target in (EXPERTS, PACKED_EXPERTS)]:
         args = op_args(node)
         hidden = args["hidden"].meta.get("example_value")
-        if hidden is not None and inlines_experts(hidden) and (node.target is EXPERTS or args["bits"] == 4):
+        if hidden is not None and inlines_experts(hidden):
             node.target = TRACEABLE_BODIES[node.target]
             count += 1
     return count

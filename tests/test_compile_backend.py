@@ -123,12 +123,12 @@ def test_compiled_steps_match_the_lowered_program_and_do_not_recompile_per_token
     ("fullgraph", "bits"), [(True, 4), (False, 4), (True, 8), (True, None), (False, None)]
 )
 def test_backend_runs_a_decode_steps_experts_inline_where_dynamo_captures_scalars(fullgraph, bits, seed):
-    """A one-token step's float or packed int4 experts become Inductor's own kernel calls when Dynamo
-    may read the expert indices as integers (fullgraph=True here); otherwise, and for int8, the op
-    stays. Same numbers either way."""
+    """A one-token step's float or packed int4/int8 experts become Inductor's own kernel calls when
+    Dynamo may read the expert indices as integers (fullgraph=True here); otherwise the op stays.
+    Same numbers either way."""
     model = model_for("mixtral", seed=seed, num_experts_per_tok=8)  # no near-tied top-k to flip
     ids = _ids(model, batch=1, seq=1)
-    fmt = QuantFormat(4, 32) if bits == 4 else QuantFormat(8, -1, symmetric=True)  # ATen's int8 format
+    fmt = QuantFormat(4, 32) if bits == 4 else QuantFormat(8, 32)  # int8: a kernel call per group
     options = {} if bits is None else {"quantize": f"int{bits}", "group_size": fmt.group_size}
     options.update({} if bits is None else {"symmetric": fmt.symmetric})
     with torch.no_grad():
@@ -139,9 +139,8 @@ def test_backend_runs_a_decode_steps_experts_inline_where_dynamo_captures_scalar
     (report,) = compile_reports()
     layers = _moe_layers(model)
     lowered, kept = (0, "moepass.experts.default") if bits is None else (layers, PACKED)
-    inline = fullgraph and bits != 8
     assert (report.lowered, report.inlined, report.ops) == (
-        (lowered, layers, {}) if inline else (lowered, 0, {kept: layers})
+        (lowered, layers, {}) if fullgraph else (lowered, 0, {kept: layers})
     )
 
 

@@ -324,41 +324,49 @@ def test_cpu_packed_ops_match_reference(seed, bits, group, symmetric):
     assert rel_err(out, ref) < BF16_BOUND
 
 
+# one token's packed formats: int4 in groups; int8 in groups, per channel, with zero points
+DECODE_FORMATS = [(4, 64, False), (8, 64, True), (8, -1, True), (8, -1, False)]
+
+
+@pytest.mark.parametrize("bits,group,symmetric", DECODE_FORMATS)
 @pytest.mark.parametrize("biased", [False, True])  # GPT-OSS's experts have biases
-def test_cpu_packed_experts_decode_path_matches_reference(seed, biased):
+def test_cpu_packed_experts_decode_path_matches_reference(seed, biased, bits, group, symmetric):
     """One token (the decode step) takes a shorter path through the packed experts: same math."""
-    k, experts_n, inter, group = 256, 6, 128, 64
-    gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, 4, group, False)
-    down = quantized(torch.randn(experts_n, k, inter) / 8, 4, group, False)
-    packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
+    k, experts_n, inter = 256, 6, 128
+    gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, bits, group, symmetric)
+    down = quantized(torch.randn(experts_n, k, inter) / 8, bits, group, symmetric)
+    packed = [pack_for_cpu(*w, bits, group) for w in (gate_up, down)]
     scale, down_scale = torch.rand(k) + 0.5, torch.rand(experts_n, inter) + 0.5
     weights, ids = routing(4, experts_n, 2, dropped=True)  # token 0 has a slot on a dropped expert
     biases = (torch.randn(experts_n, 2 * inter), torch.randn(experts_n, k)) if biased else (None, None)
     for t in range(4):
         x, rows = torch.randn(1, k), slice(t, t + 1)
         ref = reference_quantized_experts(
-            x, ids[rows], weights[rows], gate_up, down, 4, group, biases[1], (scale, down_scale), biases[0]
+            x, ids[rows], weights[rows], gate_up, down, bits, group, biases[1], (scale, down_scale), biases[0]
         )
         out = run_packed_experts(x, ids[rows], weights[rows], packed, (scale, down_scale), biases)
         assert out.dtype == x.dtype and rel_err(out, ref) < BF16_BOUND
     assert not run_packed_experts(x, ids[:1, :0], weights[:1, :0], packed).any()  # no slot: zeros
 
 
+@pytest.mark.parametrize("bits,group,symmetric", DECODE_FORMATS)
 @pytest.mark.parametrize("biased", [False, True])
-def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_the_op(seed, biased):
+def test_packed_experts_decode_body_compiles_without_graph_breaks_and_matches_the_op(
+    seed, biased, bits, group, symmetric
+):
     """A compiled program inlines the one-token path (`TRACEABLE_BODIES`): expert indices become
     symbolic integers, so one graph serves every routing, dropped-expert slots included, and the
     compiled code calls ATen's kernels itself, not the op."""
-    k, experts_n, inter, group = 128, 5, 64, 32
-    gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, 4, group, False)
-    down = quantized(torch.randn(experts_n, k, inter) / 8, 4, group, False)
-    packed = [pack_for_cpu(*w, 4, group) for w in (gate_up, down)]
+    k, experts_n, inter = 128, 5, 64
+    gate_up = quantized(torch.randn(experts_n, 2 * inter, k) / 16, bits, group, symmetric)
+    down = quantized(torch.randn(experts_n, k, inter) / 8, bits, group, symmetric)
+    packed = [pack_for_cpu(*w, bits, group) for w in (gate_up, down)]
     (gu, dn), scales = packed, (torch.rand(k) + 0.5, torch.rand(experts_n, inter) + 0.5)  # AWQ's
     weights, ids = routing(4, experts_n, 2, dropped=True)
     # a dropped slot's weight never reaches the sum, not even as 0 * weight
     weights = weights.masked_fill((ids < 0) | (ids >= experts_n), float("nan"))
     biases = (torch.randn(experts_n, 2 * inter), torch.randn(experts_n, k)) if biased else (None, None)
-    args = (gu.weight, gu.scales, dn.weight, dn.scales, *biases, *scales, "silu", 0.0, 0.0, 4)
+    args = (gu.weight, gu.scales, dn.weight, dn.scales, *biases, *scales, "silu", 0.0, 0.0, bits)
     args += (gu.group_size, dn.group_size)
     assert TRACEABLE_BODIES[ops.PACKED_EXPERTS] is ops.packed_experts_body
     compiled = torch.compile(ops.packed_experts_body, fullgraph=True)
