@@ -215,13 +215,14 @@ def test_complex_rotation_on_real_pairs_equals_complex_math(seed):
     "group_size,form,ifs",
     [
         (16, "quantized_experts -> MatMulNBits int8", "one per expert"),
-        (-1, "quantized_experts (standard ops)", "one"),  # a 48-input block MatMulNBits cannot take
+        (8, "quantized_experts (standard ops)", "one"),  # an 8-input block MatMulNBits cannot take
     ],
 )
 def test_int8_experts_run_off_the_fused_ops_keeping_every_expert(group_size, form, ifs, tmp_path):
-    # GPT-OSS experts (biases, clamped SwiGLU) in int8, which QMoE does not take exactly: power-of-two
-    # blocks put each expert under its own If, taken only when some token chose it, its codes on
-    # MatMulNBits; other blocks dequantize in the graph (decode gathers k experts, prefill runs all)
+    # GPT-OSS experts (biases, clamped SwiGLU) in int8 blocks, which QMoE does not take exactly:
+    # power-of-two blocks put each expert under its own If, taken only when some token chose it, its
+    # codes on MatMulNBits; other blocks dequantize in the graph (decode gathers k experts, prefill
+    # runs all)
     _, program = captured("gpt_oss", num_hidden_layers=1, num_experts=4)  # an If per expert: few
     quantized = rtn(program, 8, group_size, symmetric=False)
     export_onnx(quantized, tmp_path / "onnx")
@@ -233,6 +234,32 @@ def test_int8_experts_run_off_the_fused_ops_keeping_every_expert(group_size, for
     if ifs == "one per expert":
         assert _op_counts(tmp_path / "onnx", inside_if=True)["MatMulNBits"] == 2 * experts
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
+
+
+@pytest.mark.parametrize(
+    "family,symmetric,overrides",
+    [
+        ("mixtral", True, {}),  # 96-input rows: no MatMulNBits form
+        ("gpt_oss", False, {"num_hidden_layers": 1, "num_experts": 4, "intermediate_size": 64}),
+    ],
+)
+def test_per_channel_int8_experts_run_on_qmoe_rows(family, symmetric, overrides, tmp_path):
+    """Per-channel int8 experts (the usual int8 format; GPT-OSS's with biases and clamped SwiGLU) go
+    onto QMoE's per-row layout, which onnxruntime computes exactly, instead of a MatMulNBits per expert
+    under its own If that dequantizes every call, or standard ops; with int8 activations, experts
+    whose rows MatMulNBits takes keep that form (its int8 kernels beat QMoE there)."""
+    _, program = captured(family, **overrides)
+    quantized = rtn(program, 8, -1, symmetric)
+    export_onnx(quantized, tmp_path / "onnx")
+    layers = len(program.structure.moe_blocks)
+    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    assert sum(n for kind, n in rewrites.items() if "QMoE int8" in kind) == layers
+    assert _op_counts(tmp_path / "onnx").get("If", 0) == 0
+    _matches(quantized, OnnxProgram(tmp_path / "onnx"))
+    export_onnx(quantized, tmp_path / "int8", int8_activations=True)
+    experts, on_matmul_nbits = program.structure.moe_blocks[0].mlp.num_experts, family == "gpt_oss"
+    assert _accuracy_levels(tmp_path / "int8")["QMoE", 4] == (0 if on_matmul_nbits else layers)
+    assert _op_counts(tmp_path / "int8").get("If", 0) == (layers * experts if on_matmul_nbits else 0)
 
 
 def _accuracy_levels(path) -> Counter:

@@ -8,7 +8,8 @@ Models: the bundled tiny-mixtral, a mid-size random Mixtral (hidden 512, interme
 8 layers, 8 experts top-2; speed depends on shapes, not values) and, on request, a mid-size random
 DeepSeek-V3 (hidden 512, 8 layers, the first dense; 16 routed experts of width 256, top-2 by grouped
 sigmoid routing, and one shared expert; MLA attention). Variants: uncompressed, int4 (RTN,
-groups of 128, every linear), int8 (the same in 8 bits), the paper recipe's shape (25% of MoE
+groups of 128, every linear), int8 (the same in 8 bits), int8 per-channel (symmetric, one scale
+per output row: the usual int8 weight format), the paper recipe's shape (25% of MoE
 sub-layers dropped + int4; which layers and how the codes were found do not change the speed, so
 the benchmark drops by a fixed seed instead of calibrating), and 25% of each layer's experts
 dropped (seeded) + int4.
@@ -74,6 +75,7 @@ VARIANTS = {
     "uncompressed": [],
     "int4": [("rtn", INT4)],
     "int8": [("rtn", dict(INT4, bits=8))],
+    "int8 per-channel": [("rtn", dict(INT4, bits=8, group_size=-1, symmetric=True))],
     "paper recipe": [("rtn", INT4), ("layer_drop", {"ratio": 0.25, "metric": "random", "seed": 0})],
     # a quarter of each layer's experts dropped: onnxruntime must keep its fused MoE/QMoE op
     "25% experts + int4": [("expert_drop", {"ratio": 0.25, "score": "random"}), ("rtn", INT4)],

@@ -14,9 +14,12 @@ reference implementation is the op's definition and whose ONNX translation is th
   moepass_onnx::qmoe  ->  com.microsoft::QMoE
       The same on 4-bit codes in the stored layout ([E, N, K/2] uint8, scales [E, N, K/block], packed
       zero points [E, N, K/block/2] or absent); onnxruntime 1.32 matches the dequantized math to 1e-6
-      for 4 bits. 8 bits only in exports with int8 activations, since the CPU QMoE (1.31, 1.32) runs
-      8-bit experts on int8 activations whatever `accuracy_level` says (0.5-1% off; exact only with
+      for 4 bits. 8 bits in blocks only in exports with int8 activations, since the CPU QMoE (1.31,
+      1.32) runs them on int8 activations whatever `accuracy_level` says (0.5-1% off; exact only with
       the process-wide ORT_QMOE_CPU_QNBIT_GEMM=fp32); exact exports keep their MatMulNBits form.
+      8-bit per-channel weights (`block_size` -1 here, 0 to onnxruntime) take its per-row layout,
+      which both 1.30 and 1.32 compute exactly (3e-7): scales [E, N], zero points [E, N]. (4-bit
+      rows are exact too, zero points packed along N; not used: unmeasured.)
 Both always renormalize the top-k weights (`normalize_routing_weights=1`): onnxruntime does not
 honour 0, so the exporter rescales the output for routing that does not renormalize. Routing they
 cannot compute reaches them as logits under which softmax top-k is its choice
@@ -218,9 +221,24 @@ def qmoe(
     bits: int,
     block_size: int,
 ) -> Tensor:
-    fc1_dense = dequantize(fc1, fc1_scales, fc1_zeros, bits, block_size, x.dtype)
-    fc2_dense = dequantize(fc2, fc2_scales, fc2_zeros, bits, block_size, x.dtype)
+    fc1_dense = _qmoe_dense(fc1, fc1_scales, fc1_zeros, bits, block_size, x.dtype)
+    fc2_dense = _qmoe_dense(fc2, fc2_scales, fc2_zeros, bits, block_size, x.dtype)
     return moe(x, router_logits, fc1_dense, fc1_bias, fc2_dense, fc2_bias, k, activation, alpha, limit)
+
+
+def _qmoe_dense(
+    weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, block_size: int, dtype: torch.dtype
+) -> Tensor:
+    """QMoE's expert weights [E, N, K] as floats: blocks in the stored layout, rows (-1, 8 bits) in
+    onnxruntime's (`qmoe_rows`)."""
+    if block_size != -1:
+        return dequantize(weight, scales, zeros, bits, block_size, dtype)
+    return dequantize(weight, scales[..., None], None if zeros is None else zeros[..., None], bits, -1, dtype)
+
+
+def qmoe_rows(scales: Tensor, zeros: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """8-bit per-channel scales and zero points, stored [E, N, 1] -> QMoE's per-row [E, N]."""
+    return scales[..., 0], None if zeros is None else zeros[..., 0]
 
 
 @qmoe.register_fake
@@ -235,7 +253,7 @@ def _qmoe_onnx(
     return _QMOE_OP(
         x, router_logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, None, None, None,
         fc1_zeros, fc2_zeros, k=k, activation_type="swiglu", normalize_routing_weights=1,
-        swiglu_fusion=1, expert_weight_bits=bits, block_size=block_size,
+        swiglu_fusion=1, expert_weight_bits=bits, block_size=max(block_size, 0),
         **_swiglu_attributes(activation, alpha, limit),
     )  # fmt: skip
 

@@ -1,6 +1,7 @@
 """Standard-op forms of moepass's canonical ops, substituted into a graph copy before ONNX export
-where onnxruntime's fused MoE/QMoE ops cannot take the experts (fp16, 8 bits, per-channel scales,
-activations other than SwiGLU), and the routing those ops are handed when they cannot compute it.
+where onnxruntime's fused MoE/QMoE ops cannot take the experts (fp16, most 8-bit formats, 4 bits per
+channel, activations other than SwiGLU), and the routing those ops are handed when they cannot
+compute it.
 
 Routing and experts stay in the exported graph as computations, never as the sample's choices
 (routing and quantized linears that MatMulNBits cannot take trace the ops' own bodies,

@@ -67,6 +67,7 @@ from .contrib import (
     TRANSLATIONS,
     fits_matmul_nbits,
     interleave_gate_up,
+    qmoe_rows,
 )
 
 logger = logging.getLogger("moepass")
@@ -109,7 +110,8 @@ def export_onnx(
 
     `int8_activations`: the quantized matmuls (MatMulNBits, QMoE) quantize their activations to int8
     per block as they run (onnxruntime's `accuracy_level` 4, onnxruntime-genai's CPU default) and
-    multiply in integers, and 8-bit experts run on the fused QMoE op (one `If` per expert otherwise):
+    multiply in integers, and 8-bit experts in blocks run on the fused QMoE op (one `If` per expert
+    otherwise; per-channel ones leave it for MatMulNBits where those take them, both measured):
     decode steps 1.2-2.3x faster on CPU for -0.03..+0.05% perplexity on the bundled models
     (BENCHMARKS.md), but the logits no longer equal the PyTorch program's to float rounding. Needs
     onnxruntime >= 1.31 (QMoE's `accuracy_level`)."""
@@ -189,8 +191,8 @@ def exportable_graph(
     program: MoEProgram, int8_activations: bool = False
 ) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of the program's graph with every moepass op in a form the ONNX exporter translates;
-    also the count of each rewrite. `int8_activations` lets 8-bit experts onto QMoE, whose CPU
-    kernel runs them on int8 activations whatever the node says."""
+    also the count of each rewrite. `int8_activations` lets 8-bit experts in blocks onto QMoE,
+    whose CPU kernel runs them on int8 activations whatever the node says."""
     program = program.fork()
     _logits_to_keep(program)
     rewrites: dict[str, int] = {}
@@ -287,7 +289,8 @@ def _quiet(logger_name: str):
 
 
 def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node, int8_activations: bool) -> str | None:
-    """Experts onto onnxruntime's fused `MoE` (fp32 weights) or `QMoE` (int4, power-of-two blocks):
+    """Experts onto onnxruntime's fused `MoE` (fp32 weights) or `QMoE` (int4 in power-of-two blocks,
+    int8 per channel, int8 in blocks with int8 activations; `_qmoe_tensors`):
     SwiGLU experts (plain or GPT-OSS's clamped form, biases or not) on fp32 activations. None leaves
     the node to the other forms.
 
@@ -360,31 +363,41 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node, int8_activations: 
 
 def _qmoe_tensors(graph_module: fx.GraphModule, args: dict, int8_activations: bool) -> dict | None:
     """QMoE's weight inputs from quantized experts' stored tensors, or None where QMoE cannot take
-    them (per-channel, blocks MatMulNBits cannot take, a down-projection input scale behind a clamp
-    or a bias) or would not compute what they do: 8 bits unless the export asks for int8 activations
-    (the CPU kernel puts 8-bit experts on them)."""
+    them (blocks MatMulNBits cannot take, a down-projection input scale behind a clamp or a bias),
+    would not compute what they do (8 bits in blocks, which the CPU kernel runs on int8 activations,
+    unless the export asks for them) or run slower there than the other forms: 4 bits per channel
+    (unmeasured), 8 bits per channel where the export has int8 activations and MatMulNBits takes
+    the rows (a MatMulNBits per expert: mid-size Mixtral decode 253 vs 161 tok/s; in exact exports
+    QMoE wins, 53 vs 21 tok/s, BENCHMARKS.md)."""
     bits, group = args["bits"], args["group_size"]
-    if (bits == 8 and not int8_activations) or group == -1:
+    if (bits == 8 and group != -1 and not int8_activations) or (bits == 4 and group == -1):
         return None
     if args["down_input_scale"] is not None and (
         args["activation"] == "clamped_swiglu" or args["gate_up_bias"] is not None
     ):
         return None
     gate_up, down = (arg_tensors(graph_module, args, *n) for n in EXPERT_PACKED_TENSORS.values())
-    if any(fits_matmul_nbits(in_features(q[0], bits), group, bits) for q in (gate_up, down)):
+    misfits = [fits_matmul_nbits(in_features(q[0], bits), group, bits) for q in (gate_up, down)]
+    if group != -1 and any(misfits):
+        return None
+    if group == -1 and int8_activations and not any(misfits):  # MatMulNBits per expert: faster there
         return None
     scales = gate_up[1].float()
     if args["down_input_scale"] is not None:
         down_scale = tensor_at(graph_module, args["down_input_scale"].target).float()
         rows = scales.shape[1] // 2
         scales = torch.cat([scales[:, :rows], scales[:, rows:] * down_scale.unsqueeze(-1)], dim=1)
+    fc1 = (interleave_gate_up(scales), None if gate_up[2] is None else interleave_gate_up(gate_up[2]))
+    fc2 = (down[1].float(), down[2])
+    if group == -1:
+        fc1, fc2 = qmoe_rows(*fc1), qmoe_rows(*fc2)
     return {
         "fc1": interleave_gate_up(gate_up[0]),
-        "fc1_scales": interleave_gate_up(scales),
-        "fc1_zeros": None if gate_up[2] is None else interleave_gate_up(gate_up[2]),
+        "fc1_scales": fc1[0],
+        "fc1_zeros": fc1[1],
         "fc2": down[0],
-        "fc2_scales": down[1].float(),
-        "fc2_zeros": down[2],
+        "fc2_scales": fc2[0],
+        "fc2_zeros": fc2[1],
     }
 
 
