@@ -10,6 +10,7 @@ A failing pass raises PassError naming the pass, its config and the passes that 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -27,6 +28,8 @@ from moepass.passes.base import (
     TransformResult,
     create_pass,
     out_of_stage_order,
+    run_analyses,
+    shares_calibration,
 )
 from moepass.slimming import coverage, coverage_table
 from moepass.table import format_table, human_bytes
@@ -173,20 +176,21 @@ class PassManager:
         context = PassContext(self, program)
         before = coverage(program)
         if self.scoring == "one-shot":
-            for transform in (p for p in self.passes if isinstance(p, TransformPass)):
-                for name, config in transform.required_analyses():
-                    self.analysis(program, name, config)
+            transforms = [p for p in self.passes if isinstance(p, TransformPass)]
+            self.analyses(program, [request for t in transforms for request in t.required_analyses()])
             self._pinned = True
         edited = False
-        for p in self.passes:
+        for i, p in enumerate(self.passes):
             if isinstance(p, AnalysisPass):  # after an edit: of the edited program, even when one-shot
-                self.analysis(program, p.name, p.config, fresh=edited)
+                if i == 0 or not isinstance(self.passes[i - 1], AnalysisPass):  # a run of analyses: at once
+                    run = list(itertools.takewhile(lambda q: isinstance(q, AnalysisPass), self.passes[i:]))
+                    self.analyses(program, [(q.name, q.config) for q in run], fresh=edited)
                 continue
             if p.needs_calibration and self.calibration is None:
                 raise PassError(
                     f"pass {p.name} needs calibration data, and none was given (pass calibration=...)"
                 )
-            result = self._timed(p, lambda p=p: _run_batched(p, program, context))
+            result = self._timed([p], lambda p=p: _run_batched(p, program, context))
             self.report.records[-1].modified = result.modified
             edited |= result.modified
             self.report.records[-1].summary = result.summary
@@ -231,25 +235,43 @@ class PassManager:
     def analysis(self, program, name: str, config: PassConfig | None = None, fresh: bool = False):
         """The cached result, or a new one (`fresh`: always new, and not cached, so that one-shot
         transforms keep their scores). Each run is reported: a re-scoring as `name(...) #2`, ..."""
-        analysis = create_pass(name, config)
-        key = (analysis.name, analysis.config)
-        if key in self._cache and not fresh:
-            return self._cache[key]
-        if self.calibration is None:
-            raise PassError(f"pass {name} needs calibration data, and none was given (pass calibration=...)")
-        result = self._timed(analysis, lambda: analysis.run(program, PassContext(self, program)))
-        label = f"{analysis.name}({analysis.config.describe()})"
-        runs = sum(1 for k in self.report.analyses if k.split(" #")[0] == label)
-        self.report.analyses[f"{label} #{runs + 1}" if runs else label] = result
-        if not fresh:
-            self._cache[key] = result
+        (result,) = self.analyses(program, [(name, config)], fresh)
         return result
+
+    def analyses(self, program, requests: list[tuple[str, PassConfig | None]], fresh: bool = False) -> list:
+        """`analysis` for several at once: those not cached watch one calibration run together
+        (`run_analyses`; a forward pass over the calibration data each would cost), reported as
+        one pass record."""
+        wanted = [create_pass(name, config) for name, config in requests]
+        keys = [(a.name, a.config) for a in wanted]
+        due = {k: a for k, a in zip(keys, wanted, strict=True) if fresh or k not in self._cache}
+        if due and self.calibration is None:
+            name = next(iter(due))[0]
+            raise PassError(f"pass {name} needs calibration data, and none was given (pass calibration=...)")
+        context = PassContext(self, program)
+        shared = [a for a in due.values() if shares_calibration(a)]
+        computed = {}
+        if shared:
+            observed = self._timed(shared, lambda: run_analyses(shared, program, context))
+            computed.update(zip(shared, observed, strict=True))
+        for alone in (a for a in due.values() if not shares_calibration(a)):
+            computed[alone] = self._timed([alone], lambda a=alone: a.run(program, context))
+        new = {key: computed[analysis] for key, analysis in due.items()}
+        for (name, config), result in new.items():
+            label = f"{name}({config.describe()})"
+            runs = sum(1 for k in self.report.analyses if k.split(" #")[0] == label)
+            self.report.analyses[f"{label} #{runs + 1}" if runs else label] = result
+            if not fresh:
+                self._cache[name, config] = result
+        return [new[k] if k in new else self._cache[k] for k in keys]
 
     def invalidate(self, keep: frozenset[str], force: bool = False) -> None:
         if force or not self._pinned:
             self._cache = {k: v for k, v in self._cache.items() if k[0] in keep}
 
-    def _timed(self, p: Pass, work):
+    def _timed(self, passes: list[Pass], work):
+        """`work()`, recorded as one pass record for `passes` (analyses sharing a calibration run)."""
+        label = " + ".join(_label(p) for p in passes)
         start = time.perf_counter()
         with _PeakRSS() as peak:
             try:
@@ -258,13 +280,15 @@ class PassManager:
                 raise
             except Exception as error:
                 raise PassError(
-                    f"pass {_label(p)} failed after {self._done_text()}: {type(error).__name__}: {error}",
+                    f"pass {label} failed after {self._done_text()}: {type(error).__name__}: {error}",
                     error,
                 ) from None
-        self.report.records.append(
-            PassRecord(p.name, p.kind, p.config.describe(), time.perf_counter() - start, peak.value)
-        )
-        self._done.append(p.name)
+        name = " + ".join(p.name for p in passes)
+        configs = [p.config.describe() for p in passes]
+        config = configs[0] if len(passes) == 1 else "; ".join(c or "defaults" for c in configs)
+        seconds = time.perf_counter() - start
+        self.report.records.append(PassRecord(name, passes[0].kind, config, seconds, peak.value))
+        self._done.append(name)
         return result
 
     def _done_text(self) -> str:

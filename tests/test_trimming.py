@@ -4,6 +4,7 @@ Trimming transforms against module surgery on it."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 
@@ -442,6 +443,32 @@ def test_an_analysis_after_an_edit_scores_the_edited_program():
         assert score != before.per_layer[layer] or layer < min(dropped)
 
 
+@pytest.mark.parametrize("mode", ["whole", "sequential"])
+def test_analyses_in_a_row_share_one_calibration_run_with_the_same_results(mode, monkeypatch):
+    """Analyses side by side watch one forward pass over the calibration data (each used to run its
+    own), and find exactly what each finds alone."""
+    _, program = captured("deepseek_v3")
+    data = _calibration(program.info.vocab_size)
+    passes = [
+        ("expert_importance", {"score": "reap"}),
+        ("moe_similarity", {"metric": "S_NM"}),
+        ("block_similarity", {}),
+    ]
+    runs, real = [], moepass.passes.base.run_calibration
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moepass.passes.base, "run_calibration", counted)
+    together = _analyses(program, passes, data, mode)
+    assert len(runs) == 1
+    alone = [_analyses(program, [p], data, mode)[0] for p in passes]
+    assert len(runs) == 4
+    for joint, single in zip(together, alone, strict=True):  # JSON: NaN (block pairs past the end) too
+        assert json.dumps(joint.to_dict()) == json.dumps(single.to_dict())
+
+
 def test_composed_trimming_one_shot_scores_the_original_model():
     _, original = captured("qwen2_moe", num_hidden_layers=4)
     data = _calibration(128)
@@ -450,8 +477,12 @@ def test_composed_trimming_one_shot_scores_the_original_model():
         "passes": [{"expert_drop": {"keep": 6}}, {"layer_drop": {"count": 1}}, {"block_drop": {"count": 1}}],
     }
     program = moepass.compress(original, recipe, calibration=data)
-    kinds = [r.kind for r in program.report.records]
-    assert kinds == ["analysis"] * 3 + ["transform"] * 3  # every score computed before the first edit
+    # every score computed before the first edit, in one calibration run
+    assert [(r.kind, r.name) for r in program.report.records][:2] == [
+        ("analysis", "expert_importance + moe_similarity + block_similarity"),
+        ("transform", "expert_drop"),
+    ]
+    assert len(program.report.records) == 4 and len(program.report.analyses) == 3
     program.verify()
     iterative = moepass.compress(original, {**recipe, "scoring": "iterative"}, calibration=data)
     assert [r.kind for r in iterative.report.records].count("analysis") == 3

@@ -14,8 +14,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
+from moepass.calibration import Observer, run_calibration
 from moepass.errors import MoepassError
 
 
@@ -76,12 +77,43 @@ class Pass:
         return self.not_in_hf_checkpoints
 
 
+class AnalysisObserver(Observer, Protocol):
+    def result(self) -> Any:
+        """The analysis' result, once the calibration run is over."""
+
+
 class AnalysisPass(Pass):
     kind = "analysis"
 
+    def observer(self, program, context) -> AnalysisObserver:
+        """What this analysis watches of a calibration run (`moepass.calibration.Observer`), and its
+        result from that. Analyses watch runs rather than start them so that several share one
+        forward pass over the calibration data (`run_analyses`)."""
+        raise NotImplementedError
+
     def run(self, program, context):
         """Return a result object with `table()`, `to_dict()` and optionally `plot(path)`."""
-        raise NotImplementedError
+        (result,) = run_analyses([self], program, context)
+        return result
+
+
+def shares_calibration(analysis: AnalysisPass) -> bool:
+    """Whether `analysis` can watch a shared calibration run (it defines `observer`; one that
+    overrides only `run` calibrates on its own)."""
+    return type(analysis).observer is not AnalysisPass.observer
+
+
+def run_analyses(analyses: list[AnalysisPass], program, context) -> list:
+    """The analyses' results from one calibration run: each observes the same forward passes."""
+    observers = [a.observer(program, context) for a in analyses]
+    run_calibration(
+        program,
+        context.calibration,
+        observers,
+        mode=context.calibration_mode,
+        batch_size=context.batch_size,
+    )
+    return [o.result() for o in observers]
 
 
 class TransformPass(Pass):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moepass.calibration import run_calibration
 from moepass.plots import heatmap
 from moepass.table import format_table
 
@@ -98,24 +97,19 @@ class _Observer:
         self.tokens += h[0].numel() // h[0].shape[-1]
         del self.seen[batch]
 
+    def result(self) -> BlockSimilarity:
+        n = len(self.blocks)
+        matrix = [
+            [self.sums[i][g] / max(1, self.tokens) if g < n - i else float("nan") for g in range(n)]
+            for i in range(n)
+        ]
+        return BlockSimilarity(self.blocks, matrix, self.tokens)
+
 
 @register_pass
 class BlockSimilarityPass(AnalysisPass):
     name = "block_similarity"
     config_class = BlockSimilarityConfig
 
-    def run(self, program, context) -> BlockSimilarity:
-        observer = _Observer(program)
-        run_calibration(
-            program,
-            context.calibration,
-            [observer],
-            mode=context.calibration_mode,
-            batch_size=context.batch_size,
-        )
-        n = len(observer.blocks)
-        matrix = [
-            [observer.sums[i][g] / max(1, observer.tokens) if g < n - i else float("nan") for g in range(n)]
-            for i in range(n)
-        ]
-        return BlockSimilarity(observer.blocks, matrix, observer.tokens)
+    def observer(self, program, context) -> _Observer:
+        return _Observer(program)

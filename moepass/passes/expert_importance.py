@@ -23,7 +23,6 @@ from typing import Literal
 import torch
 from torch import fx
 
-from moepass.calibration import run_calibration
 from moepass.ir import MoEEntry
 from moepass.ir.structure import tensor_at
 from moepass.ir.surgery import kept_original_experts
@@ -196,15 +195,7 @@ class ExpertImportancePass(AnalysisPass):
     name = "expert_importance"
     config_class = ExpertImportanceConfig
 
-    def run(self, program, context) -> ExpertImportance:
+    def observer(self, program, context) -> _Observer:
         if not program.structure.moe_blocks:  # a block drop can remove a model's only MoE layer
             raise ConfigError(f"{self.name}: the program has no MoE layer left")
-        observer = _Observer(program, self.config.score, context.calibration.seq_len)
-        run_calibration(
-            program,
-            context.calibration,
-            [observer],
-            mode=context.calibration_mode,
-            batch_size=context.batch_size,
-        )
-        return observer.result()
+        return _Observer(program, self.config.score, context.calibration.seq_len)

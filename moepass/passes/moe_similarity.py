@@ -16,7 +16,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from moepass.calibration import run_calibration
 from moepass.plots import lines
 from moepass.table import format_table
 
@@ -70,6 +69,7 @@ def mean_cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class _Observer:
     def __init__(self, program, metric: str):
+        self.metric = metric
         blocks = program.structure.moe_blocks
         if metric == "S_NM":
             self.pairs = {b.index: (b.attention_residual, b.mlp_residual) for b in blocks}
@@ -88,22 +88,17 @@ class _Observer:
                 self.sums[layer] += mean_cosine_sum(x, y.reshape(x.shape))
                 self.tokens[layer] += x.numel() // x.shape[-1]
 
+    def result(self) -> MoESimilarity:
+        per_layer = {k: self.sums[k] / max(1, self.tokens[k]) for k in self.pairs}
+        return MoESimilarity(self.metric, per_layer, max(self.tokens.values(), default=0))
+
 
 @register_pass
 class MoESimilarityPass(AnalysisPass):
     name = "moe_similarity"
     config_class = MoESimilarityConfig
 
-    def run(self, program, context) -> MoESimilarity:
+    def observer(self, program, context) -> _Observer:
         if not program.structure.moe_blocks:  # a block drop can remove a model's only MoE layer
             raise ConfigError(f"{self.name}: the program has no MoE layer left")
-        observer = _Observer(program, self.config.metric)
-        run_calibration(
-            program,
-            context.calibration,
-            [observer],
-            mode=context.calibration_mode,
-            batch_size=context.batch_size,
-        )
-        per_layer = {k: observer.sums[k] / max(1, observer.tokens[k]) for k in observer.pairs}
-        return MoESimilarity(self.config.metric, per_layer, max(observer.tokens.values(), default=0))
+        return _Observer(program, self.config.metric)
