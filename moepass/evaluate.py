@@ -6,6 +6,7 @@ logits), so compressed and original models are compared on identical tokens with
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -120,6 +121,14 @@ def evaluate(
             f"seq_len={seq_len} cuts text into windows, but this TokenSet's windows are {data.seq_len} "
             "tokens: leave seq_len out, or build the TokenSet with the windows you want"
         )
+    if isinstance(data, TokenSet):
+        defaults = inspect.signature(evaluate).parameters
+        text_options = {"max_per_source": max_per_source, "seed": seed, "text_key": text_key}
+        if changed := [f"{k}={v!r}" for k, v in text_options.items() if v != defaults[k].default]:
+            raise DataError(
+                f"{', '.join(changed)}: options that pick windows of text data, but a TokenSet is scored "
+                "whole, as it is: leave them out, or pass the text (or a TokenSet of the windows you want)"
+            )
     if not isinstance(data, TokenSet):
         if tokenizer is None:
             raise DataError("evaluate() needs a tokenizer to read text data (or pass a TokenSet)")

@@ -149,3 +149,8 @@ def test_data_the_model_cannot_score_is_refused(seed):
         moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8], ["a", "a"]), batch_size=0)
     with pytest.raises(DataError, match="TokenSet's windows are 8 tokens"):
         moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8], ["a", "a"]), seq_len=4)
+    # options that pick windows of text would be ignored: named, not dropped silently
+    with pytest.raises(DataError, match=r"^max_per_source=4, seed=1: options that pick windows of text"):
+        moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8], ["a", "a"]), max_per_source=4, seed=1)
+    with pytest.raises(DataError, match=r"^text_key='body': options that pick"):
+        moepass.evaluate(program, TokenSet(ids[:, :8], ids[:, :8], ["a", "a"]), text_key="body")
