@@ -15,7 +15,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import moepass
-from helpers import ALL_TARGETS, captured, rtn, seed_for
+from helpers import ALL_TARGETS, captured, rel_error, rtn, seed_for
 from moepass.artifact import ArtifactError
 from moepass.data import TokenSet
 from moepass.errors import MoepassError
@@ -256,6 +256,12 @@ def test_per_channel_int8_experts_run_on_qmoe_rows(family, symmetric, overrides,
     assert sum(n for kind, n in rewrites.items() if "QMoE int8" in kind) == layers
     assert _op_counts(tmp_path / "onnx").get("If", 0) == 0
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
+    # the QMoE op's reference implementation reads the per-row layout as onnxruntime does
+    graph_module, _ = exportable_graph(quantized)
+    ids = torch.randint(0, program.info.vocab_size, (2, 7))
+    mask, positions = torch.ones_like(ids), torch.arange(7).expand(2, -1)
+    rewritten = graph_module(ids, mask, positions, *quantized.empty_cache(2), torch.tensor(0))[0]
+    assert rel_error(rewritten, quantized(ids)) < 1e-5
     export_onnx(quantized, tmp_path / "int8", int8_activations=True)
     experts, on_matmul_nbits = program.structure.moe_blocks[0].mlp.num_experts, family == "gpt_oss"
     assert _accuracy_levels(tmp_path / "int8")["QMoE", 4] == (0 if on_matmul_nbits else layers)
