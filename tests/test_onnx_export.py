@@ -237,52 +237,91 @@ def test_int8_experts_run_off_the_fused_ops_keeping_every_expert(group_size, for
 
 
 @pytest.mark.parametrize(
-    "family,symmetric,overrides",
+    "family,bits,symmetric,overrides,qmoe_block",
     [
-        ("mixtral", True, {}),  # 96-input rows: no MatMulNBits form
-        ("gpt_oss", False, {"num_hidden_layers": 1, "num_experts": 4, "intermediate_size": 64}),
+        ("mixtral", 8, True, {}, 0),  # 96-input rows: no MatMulNBits form
+        ("gpt_oss", 8, False, {"num_hidden_layers": 1, "num_experts": 4, "intermediate_size": 64}, 0),
+        ("mixtral", 4, False, {}, 32),  # 64 and 96 inputs: blocks of 32
+        ("gpt_oss", 4, True, {"num_hidden_layers": 1, "num_experts": 4, "intermediate_size": 64}, 64),
+        ("mixtral", 4, False, {"intermediate_size": 40}, 0),  # 64 and 40 inputs: blocks of 8 are too few
     ],
 )
-def test_per_channel_int8_experts_run_on_qmoe_rows(family, symmetric, overrides, tmp_path):
-    """Per-channel int8 experts (the usual int8 format; GPT-OSS's with biases and clamped SwiGLU) go
-    onto QMoE's per-row layout, which onnxruntime computes exactly, instead of a MatMulNBits per expert
-    under its own If that dequantizes every call, or standard ops; with int8 activations, experts
-    whose rows MatMulNBits takes keep that form (its int8 kernels beat QMoE there)."""
+def test_per_channel_experts_run_on_qmoe(family, bits, symmetric, overrides, qmoe_block, tmp_path):
+    """Per-channel experts (GPT-OSS's with biases and clamped SwiGLU) run on QMoE, exactly: int4 in
+    blocks repeating each row's scale (its fast blocked kernels), or on its per-row layout (int8,
+    and int4 whose input counts share no power-of-two block of 16+; 4-bit zero points two rows a
+    byte). They used to take a MatMulNBits per expert under its own If, or standard ops. Exports
+    with int8 activations keep int8 rows MatMulNBits takes on that form (its int8 kernels are
+    faster there)."""
     _, program = captured(family, **overrides)
-    quantized = rtn(program, 8, -1, symmetric)
-    export_onnx(quantized, tmp_path / "onnx")
+    quantized = rtn(program, bits, -1, symmetric)
     layers = len(program.structure.moe_blocks)
-    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
-    assert sum(n for kind, n in rewrites.items() if "QMoE int8" in kind) == layers
-    assert _op_counts(tmp_path / "onnx").get("If", 0) == 0
+    experts, rows_fit = program.structure.moe_blocks[0].mlp.num_experts, family == "gpt_oss"
+    for name, int8_activations in (("onnx", False), ("int8", True)):
+        export_onnx(quantized, tmp_path / name, int8_activations=int8_activations)
+        on_qmoe = not (bits == 8 and int8_activations and rows_fit)
+        rewrites = json.loads((tmp_path / name / "onnx_manifest.json").read_text())["rewrites"]
+        assert sum(n for kind, n in rewrites.items() if f"QMoE int{bits}" in kind) == layers * on_qmoe
+        assert _op_counts(tmp_path / name).get("If", 0) == (0 if on_qmoe else layers * experts)
+        assert _contrib_attributes(tmp_path / name, "block_size")["QMoE", qmoe_block] == layers * on_qmoe
+        if int8_activations:
+            assert _contrib_attributes(tmp_path / name)["QMoE", 4] == layers * on_qmoe
     _matches(quantized, OnnxProgram(tmp_path / "onnx"))
-    # the QMoE op's reference implementation reads the per-row layout as onnxruntime does
+    # the QMoE op's reference implementation reads its layouts as onnxruntime does
     graph_module, _ = exportable_graph(quantized)
     ids = torch.randint(0, program.info.vocab_size, (2, 7))
     mask, positions = torch.ones_like(ids), torch.arange(7).expand(2, -1)
     rewritten = graph_module(ids, mask, positions, *quantized.empty_cache(2), torch.tensor(0))[0]
     assert rel_error(rewritten, quantized(ids)) < 1e-5
-    export_onnx(quantized, tmp_path / "int8", int8_activations=True)
-    experts, on_matmul_nbits = program.structure.moe_blocks[0].mlp.num_experts, family == "gpt_oss"
-    assert _accuracy_levels(tmp_path / "int8")["QMoE", 4] == (0 if on_matmul_nbits else layers)
-    assert _op_counts(tmp_path / "int8").get("If", 0) == (layers * experts if on_matmul_nbits else 0)
 
 
-def _accuracy_levels(path) -> Counter:
-    """(op type, accuracy_level or None) of every MatMulNBits and QMoE node, If branches included."""
-    levels: Counter = Counter()
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_channel_linears_of_any_length_run_on_matmul_nbits(bits, tmp_path):
+    """A per-channel linear whose input count is no power of two (Qwen-MoE's 80-input shared-expert
+    down projection here, DeepSeek-V3's 7168-input attention) runs on MatMulNBits in blocks of the
+    largest power of two dividing it, each row's scale repeated (the same weights): it was
+    dequantized in the graph on every call."""
+    _, program = captured("qwen2_moe")
+    quantized = rtn(program, bits, -1)
+    export_onnx(quantized, tmp_path / "onnx")
+    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    assert not [kind for kind in rewrites if "dequantized in the graph" in kind]
+    blocks = _contrib_attributes(tmp_path / "onnx", "block_size")
+    assert blocks["MatMulNBits", 16] == len(program.structure.moe_blocks)  # 80 = 16 x 5
+    _matches(quantized, OnnxProgram(tmp_path / "onnx"))
+
+
+def test_per_channel_fp16_experts_of_any_length_run_on_matmul_nbits(tmp_path):
+    """fp16 experts (which QMoE does not take here) of 96-input rows: MatMulNBits per expert in blocks
+    of 32, each row's scale repeated, instead of standard ops."""
+    program = moepass.capture(random_model("mixtral", seed=seed_for("fp16 rows"), dtype=torch.float16))
+    quantized = rtn(program, 4, -1)
+    export_onnx(quantized, tmp_path / "onnx")
+    layers, experts = len(program.structure.moe_blocks), program.structure.moe_blocks[0].mlp.num_experts
+    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    assert rewrites["quantized_experts -> MatMulNBits int4"] == layers
+    assert _contrib_attributes(tmp_path / "onnx", "block_size")["MatMulNBits", 32] == layers * experts
+    ids = torch.randint(0, program.info.vocab_size, (2, 9))
+    logits, reference = OnnxProgram(tmp_path / "onnx")(ids).float(), quantized(ids).float()
+    # fp16 rounding may flip a near-tie routing choice: most positions match to fp16 precision
+    error = (logits - reference).norm(dim=-1) / reference.norm(dim=-1)
+    assert (error < 5e-3).float().mean() >= 0.9, error
+
+
+def _contrib_attributes(path, name: str = "accuracy_level") -> Counter:
+    """(op type, attribute `name` or None) of every MatMulNBits and QMoE node, If branches included."""
+    values: Counter = Counter()
 
     def visit(nodes) -> None:
         for node in nodes:
             if node.op_type in ("MatMulNBits", "QMoE"):
-                level = {a.name: a.i for a in node.attribute}.get("accuracy_level")
-                levels[node.op_type, level] += 1
+                values[node.op_type, {a.name: a.i for a in node.attribute}.get(name)] += 1
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.GRAPH:
                     visit(attribute.g.node)
 
     visit(onnx.load(str(path / "model.onnx")).graph.node)
-    return levels
+    return values
 
 
 @pytest.mark.parametrize(  # int8 experts: QMoE with int8 activations, MatMulNBits in an If per expert without
@@ -301,7 +340,7 @@ def test_int8_activations_set_every_quantized_matmul_and_stay_close(
         fast = export_onnx(quantized, tmp_path / "int8", int8_activations=True)
     # exact 8-bit MatMulNBits (every linear, and experts not on QMoE) are slow in onnxruntime: said once
     assert len(slow) == (bits == 8) and not any("8-bit" in r.getMessage() for r in caplog.records)
-    levels, exact_levels = _accuracy_levels(fast), _accuracy_levels(exact)
+    levels, exact_levels = _contrib_attributes(fast), _contrib_attributes(exact)
     assert levels and set(level for _, level in levels) == {4}
     assert all(level is None for _, level in exact_levels)
     layers = len(program.structure.moe_blocks)

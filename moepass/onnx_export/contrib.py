@@ -18,8 +18,11 @@ reference implementation is the op's definition and whose ONNX translation is th
       1.32) runs them on int8 activations whatever `accuracy_level` says (0.5-1% off; exact only with
       the process-wide ORT_QMOE_CPU_QNBIT_GEMM=fp32); exact exports keep their MatMulNBits form.
       8-bit per-channel weights (`block_size` -1 here, 0 to onnxruntime) take its per-row layout,
-      which both 1.30 and 1.32 compute exactly (3e-7): scales [E, N], zero points [E, N]. (4-bit
-      rows are exact too, zero points packed along N; not used: unmeasured.)
+      which both 1.30 and 1.32 compute exactly (3e-7): scales [E, N], zero points [E, N]. 4-bit
+      per-channel weights take blocks repeating each row's scale (`rows_as_blocks`: its blocked
+      kernels decode 1.1-2.3x faster than a MatMulNBits per expert, BENCHMARKS.md), or its per-row
+      layout, zero points two rows a byte ([E, N/2]), where no power-of-two block of 16+ divides
+      both projections' inputs.
 Both always renormalize the top-k weights (`normalize_routing_weights=1`): onnxruntime does not
 honour 0, so the exporter rescales the output for routing that does not renormalize. Routing they
 cannot compute reaches them as logits under which softmax top-k is its choice
@@ -36,7 +39,7 @@ from torch import Tensor
 
 from moepass.ir.ops import experts, routing
 from moepass.ir.quant_ops import dequantized_linear
-from moepass.ir.quantized import dequantize
+from moepass.ir.quantized import dequantize, pack, unpack
 
 MICROSOFT = onnxscript.values.Opset("com.microsoft", 1)
 
@@ -84,6 +87,29 @@ def fits_matmul_nbits(k: int, group_size: int, bits: int) -> str | None:
     if block < 16 or block & (block - 1):
         return f"MatMulNBits needs a power-of-two block of at least 16 inputs, got {block}"
     return None
+
+
+def row_block(k: int) -> int | None:
+    """The block size per-channel weights with `k` inputs take on the blocked contrib ops, their row's
+    scale repeated per block (`rows_as_blocks`: the same weights): the largest power of two dividing
+    `k`, at most 128; None below 16 (the ops' least)."""
+    block = min(k & -k, 128)
+    return block if block >= 16 else None
+
+
+def rows_as_blocks(
+    scales: Tensor, zeros: Tensor | None, bits: int, k: int, block: int
+) -> tuple[Tensor, Tensor | None]:
+    """Per-channel scales [..., N, 1] and zero points (stored layout) as `block`-input blocks holding
+    the same values: [..., N, k/block], zero points packed as `moepass.ir.quantized` packs them."""
+    groups = k // block
+    scales = scales.expand(*scales.shape[:-1], groups).contiguous()
+    if zeros is not None:
+        codes = unpack(zeros, bits)[..., :1].expand(*zeros.shape[:-1], groups)
+        if bits == 4 and groups % 2:  # an odd block count pads the last byte's high nibble
+            codes = torch.nn.functional.pad(codes, (0, 1))
+        zeros = pack(codes, bits)
+    return scales, zeros
 
 
 @torch.library.custom_op("moepass_onnx::matmul_nbits", mutates_args=())
@@ -229,16 +255,20 @@ def qmoe(
 def _qmoe_dense(
     weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, block_size: int, dtype: torch.dtype
 ) -> Tensor:
-    """QMoE's expert weights [E, N, K] as floats: blocks in the stored layout, rows (-1, 8 bits) in
+    """QMoE's expert weights [E, N, K] as floats: blocks in the stored layout, rows (-1) in
     onnxruntime's (`qmoe_rows`)."""
     if block_size != -1:
         return dequantize(weight, scales, zeros, bits, block_size, dtype)
-    return dequantize(weight, scales[..., None], None if zeros is None else zeros[..., None], bits, -1, dtype)
+    if zeros is not None:  # [E, N] codes (4-bit: two rows a byte) back to the stored [E, N, 1]
+        zeros = unpack(zeros, bits)[..., : scales.shape[-1], None].to(torch.uint8)
+    return dequantize(weight, scales[..., None], zeros, bits, -1, dtype)
 
 
-def qmoe_rows(scales: Tensor, zeros: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """8-bit per-channel scales and zero points, stored [E, N, 1] -> QMoE's per-row [E, N]."""
-    return scales[..., 0], None if zeros is None else zeros[..., 0]
+def qmoe_rows(scales: Tensor, zeros: Tensor | None, bits: int) -> tuple[Tensor, Tensor | None]:
+    """Per-channel scales and zero points, stored [E, N, 1] -> QMoE's per-row [E, N] (4-bit zero
+    points two rows a byte, the even row in the low nibble: N is even, being 2 x intermediate for
+    gate/up and the hidden size, 4-bit gate/up's even input count, for down)."""
+    return scales[..., 0], None if zeros is None else pack(unpack(zeros, bits)[..., 0], bits)
 
 
 @qmoe.register_fake

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import math
 import operator
 import os
 import time
@@ -68,6 +69,8 @@ from .contrib import (
     fits_matmul_nbits,
     interleave_gate_up,
     qmoe_rows,
+    row_block,
+    rows_as_blocks,
 )
 
 logger = logging.getLogger("moepass")
@@ -251,13 +254,13 @@ def _logits_to_keep(program: MoEProgram) -> None:
 
 def _quantized_linear(graph_module: fx.GraphModule, node: fx.Node) -> str:
     args = op_args(node)
-    qweight, scales, zeros = arg_tensors(graph_module, args, *PACKED_TENSORS)
+    packed = arg_tensors(graph_module, args, *PACKED_TENSORS)
     bits, group = args["bits"], args["group_size"]
-    n, k = qweight.shape[0], in_features(qweight, bits)
-    if fits_matmul_nbits(k, group, bits) is not None:
+    n, k = packed[0].shape[0], in_features(packed[0], bits)
+    if (nbits_form := _matmul_nbits_blocks(packed, k, group, bits)) is None:
         node.target = dequantized_linear
         return "quantized_linear (dequantized in the graph)"
-    block = k if group == -1 else group
+    block, (qweight, scales, zeros) = nbits_form
     graph, prefix = graph_module.graph, args["qweight"].target.rpartition(".")[0]
     tensors = dict(
         zip(("b", "scales", "zero_points"), _nbits_layout(qweight, scales, zeros, bits, block), strict=True)
@@ -289,8 +292,8 @@ def _quiet(logger_name: str):
 
 
 def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node, int8_activations: bool) -> str | None:
-    """Experts onto onnxruntime's fused `MoE` (fp32 weights) or `QMoE` (int4 in power-of-two blocks,
-    int8 per channel, int8 in blocks with int8 activations; `_qmoe_tensors`):
+    """Experts onto onnxruntime's fused `MoE` (fp32 weights) or `QMoE` (int4 in power-of-two blocks
+    or per channel, int8 per channel, int8 in blocks with int8 activations; `_qmoe_tensors`):
     SwiGLU experts (plain or GPT-OSS's clamped form, biases or not) on fp32 activations. None leaves
     the node to the other forms.
 
@@ -320,8 +323,9 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node, int8_activations: 
     gate_up_bias, down_bias = arg_tensors(graph_module, args, "gate_up_bias", "down_bias")
     fc1_bias = None if gate_up_bias is None else interleave_gate_up(gate_up_bias)
     if quantized:
-        if (tensors := _qmoe_tensors(graph_module, args, int8_activations)) is None:
+        if (qmoe_form := _qmoe_tensors(graph_module, args, int8_activations)) is None:
             return None
+        block_size, tensors = qmoe_form
         op, stored, kind = QMOE, list(STORED_TENSORS[QUANTIZED_EXPERTS]), f"QMoE int{args['bits']}"
     else:
         gate_up, down = arg_tensors(graph_module, args, "gate_up", "down")
@@ -338,7 +342,7 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node, int8_activations: 
             x = graph.call_function(torch.ops.aten.mul.Tensor, (x, args["gate_up_input_scale"]))
         consts = [install_tensor(graph_module, f"{prefix}.onnx_{n}", tensors[n]) for n in FUSED_INPUTS[op]]
         activation = (args["activation"], args["alpha"], args["limit"])
-        extra = (*activation, args["bits"], args["group_size"]) if quantized else activation
+        extra = (*activation, args["bits"], block_size) if quantized else activation
         choice = (args["topk_ids"], args["topk_weights"], num_experts)
         if route is not None:
             r = op_args(route)
@@ -361,16 +365,20 @@ def _contrib_moe(graph_module: fx.GraphModule, node: fx.Node, int8_activations: 
     return f"{node.target._opname} -> com.microsoft::{kind}"
 
 
-def _qmoe_tensors(graph_module: fx.GraphModule, args: dict, int8_activations: bool) -> dict | None:
+def _qmoe_tensors(
+    graph_module: fx.GraphModule, args: dict, int8_activations: bool
+) -> tuple[int, dict] | None:
     """QMoE's weight inputs from quantized experts' stored tensors, or None where QMoE cannot take
     them (blocks MatMulNBits cannot take, a down-projection input scale behind a clamp or a bias),
     would not compute what they do (8 bits in blocks, which the CPU kernel runs on int8 activations,
-    unless the export asks for them) or run slower there than the other forms: 4 bits per channel
-    (unmeasured), 8 bits per channel where the export has int8 activations and MatMulNBits takes
-    the rows (a MatMulNBits per expert: mid-size Mixtral decode 253 vs 161 tok/s; in exact exports
-    QMoE wins, 53 vs 21 tok/s, BENCHMARKS.md)."""
+    unless the export asks for them) or run slower there than the other forms: 8 bits per channel
+    where the export has int8 activations and MatMulNBits takes the rows (a MatMulNBits per expert:
+    mid-size Mixtral decode 253 vs 161 tok/s; in exact exports QMoE wins, 53 vs 21 tok/s). 4 bits per
+    channel go in blocks repeating each row's scale (mid-size Mixtral decode 4.2x vs 2.9-3.8x eager
+    on a MatMulNBits per expert, 4.1x vs 0.2x where rows of 1536 left standard ops; BENCHMARKS.md),
+    on rows where no block of 16+ inputs fits."""
     bits, group = args["bits"], args["group_size"]
-    if (bits == 8 and group != -1 and not int8_activations) or (bits == 4 and group == -1):
+    if bits == 8 and group != -1 and not int8_activations:
         return None
     if args["down_input_scale"] is not None and (
         args["activation"] == "clamped_swiglu" or args["gate_up_bias"] is not None
@@ -380,7 +388,9 @@ def _qmoe_tensors(graph_module: fx.GraphModule, args: dict, int8_activations: bo
     misfits = [fits_matmul_nbits(in_features(q[0], bits), group, bits) for q in (gate_up, down)]
     if group != -1 and any(misfits):
         return None
-    if group == -1 and int8_activations and not any(misfits):  # MatMulNBits per expert: faster there
+    hidden, intermediate = in_features(gate_up[0], bits), in_features(down[0], bits)
+    blocks = row_block(math.gcd(hidden, intermediate)) if group == -1 and bits == 4 else None
+    if group == -1 and int8_activations and not blocks and not any(misfits):  # MatMulNBits: faster
         return None
     scales = gate_up[1].float()
     if args["down_input_scale"] is not None:
@@ -389,9 +399,13 @@ def _qmoe_tensors(graph_module: fx.GraphModule, args: dict, int8_activations: bo
         scales = torch.cat([scales[:, :rows], scales[:, rows:] * down_scale.unsqueeze(-1)], dim=1)
     fc1 = (interleave_gate_up(scales), None if gate_up[2] is None else interleave_gate_up(gate_up[2]))
     fc2 = (down[1].float(), down[2])
-    if group == -1:
-        fc1, fc2 = qmoe_rows(*fc1), qmoe_rows(*fc2)
-    return {
+    if blocks:
+        fc1 = rows_as_blocks(*fc1, bits, hidden, blocks)
+        fc2 = rows_as_blocks(*fc2, bits, intermediate, blocks)
+    elif group == -1:
+        fc1, fc2 = qmoe_rows(*fc1, bits), qmoe_rows(*fc2, bits)
+    block_size = blocks or group
+    return block_size, {
         "fc1": interleave_gate_up(gate_up[0]),
         "fc1_scales": fc1[0],
         "fc1_zeros": fc1[1],
@@ -433,10 +447,13 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         in_features(gate_up[0], bits),
         in_features(down[0], bits),
     )
-    gate_up_block = hidden if group == -1 else group
-    down_block = intermediate if group == -1 else group
-    if fits_matmul_nbits(hidden, gate_up_block, bits) or fits_matmul_nbits(intermediate, down_block, bits):
+    forms = [
+        _matmul_nbits_blocks(gate_up, hidden, group, bits),
+        _matmul_nbits_blocks(down, intermediate, group, bits),
+    ]
+    if None in forms:
         return None
+    (gate_up_block, gate_up), (down_block, down) = forms
     graph, prefix = graph_module.graph, args["gate_up_qweight"].target.rpartition(".")[0]
     shaped = []  # per projection: (b, scales, zeros) stacked over experts, in MatMulNBits' shapes
     for triple, block in ((gate_up, gate_up_block), (down, down_block)):
@@ -460,6 +477,16 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         )  # fmt: skip
     _replace(graph_module, node, new, list(STORED_TENSORS[QUANTIZED_EXPERTS]))
     return f"quantized_experts -> MatMulNBits int{bits}"
+
+
+def _matmul_nbits_blocks(packed: tuple, k: int, group: int, bits: int) -> tuple[int, tuple] | None:
+    """(block size, (codes, scales, zeros)) in which MatMulNBits takes a stored weight with `k`
+    inputs, or None where it cannot: per-channel rows of no power-of-two length become blocks
+    repeating each row's scale (`rows_as_blocks`; otherwise they would be dequantized every call)."""
+    block = k if group == -1 else group
+    if group == -1 and fits_matmul_nbits(k, block, bits) is not None and (rows := row_block(k)):
+        block, packed = rows, (packed[0], *rows_as_blocks(*packed[1:], bits, k, rows))
+    return None if fits_matmul_nbits(k, block, bits) is not None else (block, packed)
 
 
 def _nbits_layout(qweight, scales, zeros, bits: int, block: int) -> list:
