@@ -29,6 +29,7 @@ from moepass.zoo import random_model
 REL_TOL = 1e-5  # fp32 end to end; ORT's kernels sum in other orders than ATen's
 # (batch, new tokens, past tokens): prefill, batched decode, chunked prefill on a cache
 SHAPES = [(1, 5, 0), (3, 1, 7), (2, 4, 3)]
+GPT_OSS_SMALL = {"num_hidden_layers": 1, "num_experts": 4, "intermediate_size": 64}
 
 
 def _matches(program, exported: OnnxProgram) -> None:
@@ -237,29 +238,32 @@ def test_int8_experts_run_off_the_fused_ops_keeping_every_expert(group_size, for
 
 
 @pytest.mark.parametrize(
-    "family,bits,symmetric,overrides,qmoe_block",
+    "family,bits,symmetric,overrides,qmoe_block,int8_on_nbits",
     [
-        ("mixtral", 8, True, {}, 0),  # 96-input rows: no MatMulNBits form
-        ("gpt_oss", 8, False, {"num_hidden_layers": 1, "num_experts": 4, "intermediate_size": 64}, 0),
-        ("mixtral", 4, False, {}, 32),  # 64 and 96 inputs: blocks of 32
-        ("gpt_oss", 4, True, {"num_hidden_layers": 1, "num_experts": 4, "intermediate_size": 64}, 64),
-        ("mixtral", 4, False, {"intermediate_size": 40}, 0),  # 64 and 40 inputs: blocks of 8 are too few
+        ("mixtral", 8, True, {}, 0, True),  # 64 and 96 inputs: blocks of 64 and 32 for MatMulNBits
+        ("gpt_oss", 8, False, GPT_OSS_SMALL, 0, True),
+        ("mixtral", 8, False, {"intermediate_size": 40}, 0, False),  # 40 = 8 x 5: no block of 16+
+        ("mixtral", 4, False, {}, 32, False),  # 64 and 96 inputs: blocks of 32
+        ("gpt_oss", 4, True, GPT_OSS_SMALL, 64, False),
+        ("mixtral", 4, False, {"intermediate_size": 40}, 0, False),
     ],
 )
-def test_per_channel_experts_run_on_qmoe(family, bits, symmetric, overrides, qmoe_block, tmp_path):
+def test_per_channel_experts_run_on_qmoe(
+    family, bits, symmetric, overrides, qmoe_block, int8_on_nbits, tmp_path
+):
     """Per-channel experts (GPT-OSS's with biases and clamped SwiGLU) run on QMoE, exactly: int4 in
     blocks repeating each row's scale (its fast blocked kernels), or on its per-row layout (int8,
     and int4 whose input counts share no power-of-two block of 16+; 4-bit zero points two rows a
     byte). They used to take a MatMulNBits per expert under its own If, or standard ops. Exports
-    with int8 activations keep int8 rows MatMulNBits takes on that form (its int8 kernels are
-    faster there)."""
+    with int8 activations put int8 experts on a MatMulNBits each (in blocks repeating the row's
+    scale where rows are no power of two) wherever a block of 16+ fits: its int8 kernels are faster."""
     _, program = captured(family, **overrides)
     quantized = rtn(program, bits, -1, symmetric)
     layers = len(program.structure.moe_blocks)
-    experts, rows_fit = program.structure.moe_blocks[0].mlp.num_experts, family == "gpt_oss"
+    experts = program.structure.moe_blocks[0].mlp.num_experts
     for name, int8_activations in (("onnx", False), ("int8", True)):
         export_onnx(quantized, tmp_path / name, int8_activations=int8_activations)
-        on_qmoe = not (bits == 8 and int8_activations and rows_fit)
+        on_qmoe = not (int8_activations and int8_on_nbits)
         rewrites = json.loads((tmp_path / name / "onnx_manifest.json").read_text())["rewrites"]
         assert sum(n for kind, n in rewrites.items() if f"QMoE int{bits}" in kind) == layers * on_qmoe
         assert _op_counts(tmp_path / name).get("If", 0) == (0 if on_qmoe else layers * experts)

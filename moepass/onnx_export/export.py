@@ -372,8 +372,9 @@ def _qmoe_tensors(
     them (blocks MatMulNBits cannot take, a down-projection input scale behind a clamp or a bias),
     would not compute what they do (8 bits in blocks, which the CPU kernel runs on int8 activations,
     unless the export asks for them) or run slower there than the other forms: 8 bits per channel
-    where the export has int8 activations and MatMulNBits takes the rows (a MatMulNBits per expert:
-    mid-size Mixtral decode 253 vs 161 tok/s; in exact exports QMoE wins, 53 vs 21 tok/s). 4 bits per
+    where the export has int8 activations and MatMulNBits takes the rows, in blocks repeating the
+    row's scale where they are no power of two (a MatMulNBits per expert: mid-size Mixtral decode 253
+    vs 161 tok/s, 238 vs 109 with 1536-wide experts; in exact exports QMoE wins, 53 vs 21). 4 bits per
     channel go in blocks repeating each row's scale (mid-size Mixtral decode 4.2x vs 2.9-3.8x eager
     on a MatMulNBits per expert, 4.1x vs 0.2x where rows of 1536 left standard ops; BENCHMARKS.md),
     on rows where no block of 16+ inputs fits."""
@@ -385,12 +386,14 @@ def _qmoe_tensors(
     ):
         return None
     gate_up, down = (arg_tensors(graph_module, args, *n) for n in EXPERT_PACKED_TENSORS.values())
-    misfits = [fits_matmul_nbits(in_features(q[0], bits), group, bits) for q in (gate_up, down)]
-    if group != -1 and any(misfits):
-        return None
     hidden, intermediate = in_features(gate_up[0], bits), in_features(down[0], bits)
+    if group != -1 and any(fits_matmul_nbits(k, group, bits) for k in (hidden, intermediate)):
+        return None
     blocks = row_block(math.gcd(hidden, intermediate)) if group == -1 and bits == 4 else None
-    if group == -1 and int8_activations and not blocks and not any(misfits):  # MatMulNBits: faster
+    on_nbits = all(
+        _matmul_nbits_blocks(q, k, group, bits) for q, k in ((gate_up, hidden), (down, intermediate))
+    )
+    if group == -1 and int8_activations and not blocks and on_nbits:  # MatMulNBits: faster
         return None
     scales = gate_up[1].float()
     if args["down_input_scale"] is not None:
