@@ -51,6 +51,11 @@ def _matches(program, exported: OnnxProgram) -> None:
     )
 
 
+def _rewrites(path) -> dict[str, int]:
+    """The export manifest's count of each rewrite kind."""
+    return json.loads((path / "onnx_manifest.json").read_text())["rewrites"]
+
+
 def _op_counts(path, *, inside_if: bool = False) -> dict[str, int]:
     """Node counts of the main graph, or of the If branches (the experts' decode/prefill paths)."""
     model = onnx.load(str(path / "model.onnx"))
@@ -87,7 +92,7 @@ def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
     # biases and clamped SwiGLU): softmax top-k families route in the op; the others in the graph
     counts, layers = _op_counts(path), len(program.structure.moe_blocks)
     assert (counts.get("MoE", 0), counts.get("If", 0)) == (layers, 0)
-    rewrites = json.loads((path / "onnx_manifest.json").read_text())["rewrites"]
+    rewrites = _rewrites(path)
     in_graph = rewrites.get("experts -> com.microsoft::MoE (routing in the graph)", 0)
     assert in_graph == (layers if family in ("phimoe", "deepseek_v2", "gpt_oss") else 0)
     # every expert's weights are in the file, whatever the export sample routed to
@@ -139,7 +144,7 @@ def test_trimmed_programs_export_what_is_left(tmp_path):
     # routes in the graph); the dropped one is absent
     counts = _op_counts(tmp_path / "onnx")
     assert (counts.get("If", 0), counts.get("MoE", 0)) == (0, len(program.structure.moe_blocks) - 1)
-    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    rewrites = _rewrites(tmp_path / "onnx")
     assert rewrites["experts -> com.microsoft::MoE (routing in the graph)"] == 1
     _matches(trimmed, OnnxProgram(tmp_path / "onnx"))  # routes to dropped experts contribute nothing
 
@@ -227,7 +232,7 @@ def test_int8_experts_run_off_the_fused_ops_keeping_every_expert(group_size, for
     _, program = captured("gpt_oss", num_hidden_layers=1, num_experts=4)  # an If per expert: few
     quantized = rtn(program, 8, group_size, symmetric=False)
     export_onnx(quantized, tmp_path / "onnx")
-    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    rewrites = _rewrites(tmp_path / "onnx")
     (block,) = program.structure.moe_blocks
     experts = block.mlp.num_experts
     assert rewrites[form] == 1
@@ -264,7 +269,7 @@ def test_per_channel_experts_run_on_qmoe(
     for name, int8_activations in (("onnx", False), ("int8", True)):
         export_onnx(quantized, tmp_path / name, int8_activations=int8_activations)
         on_qmoe = not (int8_activations and int8_on_nbits)
-        rewrites = json.loads((tmp_path / name / "onnx_manifest.json").read_text())["rewrites"]
+        rewrites = _rewrites(tmp_path / name)
         assert sum(n for kind, n in rewrites.items() if f"QMoE int{bits}" in kind) == layers * on_qmoe
         assert _op_counts(tmp_path / name).get("If", 0) == (0 if on_qmoe else layers * experts)
         assert _contrib_attributes(tmp_path / name, "block_size")["QMoE", qmoe_block] == layers * on_qmoe
@@ -288,7 +293,7 @@ def test_per_channel_linears_of_any_length_run_on_matmul_nbits(bits, tmp_path):
     _, program = captured("qwen2_moe")
     quantized = rtn(program, bits, -1)
     export_onnx(quantized, tmp_path / "onnx")
-    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    rewrites = _rewrites(tmp_path / "onnx")
     assert not [kind for kind in rewrites if "dequantized in the graph" in kind]
     blocks = _contrib_attributes(tmp_path / "onnx", "block_size")
     assert blocks["MatMulNBits", 16] == len(program.structure.moe_blocks)  # 80 = 16 x 5
@@ -302,7 +307,7 @@ def test_per_channel_fp16_experts_of_any_length_run_on_matmul_nbits(tmp_path):
     quantized = rtn(program, 4, -1)
     export_onnx(quantized, tmp_path / "onnx")
     layers, experts = len(program.structure.moe_blocks), program.structure.moe_blocks[0].mlp.num_experts
-    rewrites = json.loads((tmp_path / "onnx" / "onnx_manifest.json").read_text())["rewrites"]
+    rewrites = _rewrites(tmp_path / "onnx")
     assert rewrites["quantized_experts -> MatMulNBits int4"] == layers
     assert _contrib_attributes(tmp_path / "onnx", "block_size")["MatMulNBits", 32] == layers * experts
     ids = torch.randint(0, program.info.vocab_size, (2, 9))

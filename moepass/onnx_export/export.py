@@ -254,13 +254,12 @@ def _logits_to_keep(program: MoEProgram) -> None:
 
 def _quantized_linear(graph_module: fx.GraphModule, node: fx.Node) -> str:
     args = op_args(node)
-    packed = arg_tensors(graph_module, args, *PACKED_TENSORS)
+    qweight, scales, zeros = arg_tensors(graph_module, args, *PACKED_TENSORS)
     bits, group = args["bits"], args["group_size"]
-    n, k = packed[0].shape[0], in_features(packed[0], bits)
-    if (nbits_form := _matmul_nbits_blocks(packed, k, group, bits)) is None:
+    n, k = qweight.shape[0], in_features(qweight, bits)
+    if (block := _matmul_nbits_block(k, group, bits)) is None:
         node.target = dequantized_linear
         return "quantized_linear (dequantized in the graph)"
-    block, (qweight, scales, zeros) = nbits_form
     graph, prefix = graph_module.graph, args["qweight"].target.rpartition(".")[0]
     tensors = dict(
         zip(("b", "scales", "zero_points"), _nbits_layout(qweight, scales, zeros, bits, block), strict=True)
@@ -390,9 +389,7 @@ def _qmoe_tensors(
     if group != -1 and any(fits_matmul_nbits(k, group, bits) for k in (hidden, intermediate)):
         return None
     blocks = row_block(math.gcd(hidden, intermediate)) if group == -1 and bits == 4 else None
-    on_nbits = all(
-        _matmul_nbits_blocks(q, k, group, bits) for q, k in ((gate_up, hidden), (down, intermediate))
-    )
+    on_nbits = all(_matmul_nbits_block(k, group, bits) for k in (hidden, intermediate))
     if group == -1 and int8_activations and not blocks and on_nbits:  # MatMulNBits: faster
         return None
     scales = gate_up[1].float()
@@ -450,13 +447,9 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
         in_features(gate_up[0], bits),
         in_features(down[0], bits),
     )
-    forms = [
-        _matmul_nbits_blocks(gate_up, hidden, group, bits),
-        _matmul_nbits_blocks(down, intermediate, group, bits),
-    ]
-    if None in forms:
+    gate_up_block, down_block = (_matmul_nbits_block(k, group, bits) for k in (hidden, intermediate))
+    if gate_up_block is None or down_block is None:
         return None
-    (gate_up_block, gate_up), (down_block, down) = forms
     graph, prefix = graph_module.graph, args["gate_up_qweight"].target.rpartition(".")[0]
     shaped = []  # per projection: (b, scales, zeros) stacked over experts, in MatMulNBits' shapes
     for triple, block in ((gate_up, gate_up_block), (down, down_block)):
@@ -482,20 +475,23 @@ def _nbits_experts(graph_module: fx.GraphModule, node: fx.Node) -> str | None:
     return f"quantized_experts -> MatMulNBits int{bits}"
 
 
-def _matmul_nbits_blocks(packed: tuple, k: int, group: int, bits: int) -> tuple[int, tuple] | None:
-    """(block size, (codes, scales, zeros)) in which MatMulNBits takes a stored weight with `k`
-    inputs, or None where it cannot: per-channel rows of no power-of-two length become blocks
-    repeating each row's scale (`rows_as_blocks`; otherwise they would be dequantized every call)."""
+def _matmul_nbits_block(k: int, group: int, bits: int) -> int | None:
+    """The block size in which MatMulNBits takes a stored weight with `k` inputs, or None where it
+    cannot: per-channel rows of no power-of-two length take blocks repeating each row's scale
+    (`row_block`; `_nbits_layout` repeats it), rather than being dequantized every call."""
     block = k if group == -1 else group
-    if group == -1 and fits_matmul_nbits(k, block, bits) is not None and (rows := row_block(k)):
-        block, packed = rows, (packed[0], *rows_as_blocks(*packed[1:], bits, k, rows))
-    return None if fits_matmul_nbits(k, block, bits) is not None else (block, packed)
+    if group == -1 and fits_matmul_nbits(k, block, bits) is not None:
+        block = row_block(k)
+    return None if block is None or fits_matmul_nbits(k, block, bits) is not None else block
 
 
 def _nbits_layout(qweight, scales, zeros, bits: int, block: int) -> list:
     """Stored codes/scales/zeros ([..., N, ...]; leading dims kept) in MatMulNBits' input shapes:
-    b [..., N, K/block, block*bits/8], scales and packed zeros flattened per leading index."""
+    b [..., N, K/block, block*bits/8], scales and packed zeros flattened per leading index
+    (per-channel ones repeated per block where the block is shorter than the row)."""
     lead, k = qweight.shape[:-2], in_features(qweight, bits)
+    if scales.shape[-1] != k // block:
+        scales, zeros = rows_as_blocks(scales, zeros, bits, k, block)
     return [
         qweight.reshape(*lead, qweight.shape[-2], k // block, block * bits // 8),
         scales.reshape(*lead, -1),
