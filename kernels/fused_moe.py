@@ -14,6 +14,8 @@ registers. Block sizes come from a shape heuristic, so expert counts produced by
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -39,8 +41,9 @@ def _weight_tile(
     z_ptr,
     expert,
     offs_n,
-    offs_k,
-    mask,
+    n_mask,
+    k0,
+    K,
     stride_we,
     stride_wn,
     stride_se,
@@ -50,10 +53,15 @@ def _weight_tile(
     QUANT: tl.constexpr,
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     if QUANT == 0:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         tile = tl.load(
-            w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0
+            w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
+            mask=n_mask[:, None] & (offs_k[None, :] < K),
+            other=0.0,
         ).to(tl.float32)
     else:
         tile = _dequantized_tile(
@@ -61,14 +69,17 @@ def _weight_tile(
             s_ptr + expert * stride_se,
             z_ptr + expert * stride_ze,
             offs_n,
-            offs_k,
-            mask,
+            n_mask,
+            k0,
+            K,
             stride_wn,
             stride_sn,
             stride_zn,
             QUANT,
             GROUP,
             HAS_ZEROS,
+            BLOCK_N,
+            BLOCK_K,
         )
     return tile
 
@@ -166,15 +177,16 @@ def _grouped_gemm_kernel(
         if HAS_IN_SCALE:
             scale_ptr = in_scale_ptr + expert * stride_ie if IN_SCALE_PER_EXPERT else in_scale_ptr
             a = a * tl.load(scale_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
-        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        n_mask = offs_n < N
         w = _weight_tile(
             w_ptr,
             s_ptr,
             z_ptr,
             expert,
             offs_n,
-            offs_k,
-            mask,
+            n_mask,
+            k0,
+            K,
             stride_we,
             stride_wn,
             stride_se,
@@ -184,6 +196,8 @@ def _grouped_gemm_kernel(
             QUANT,
             GROUP,
             HAS_ZEROS,
+            BLOCK_N,
+            BLOCK_K,
         )
         acc += _dot(a, w, DOT_HALF)
         if GATED:
@@ -193,8 +207,9 @@ def _grouped_gemm_kernel(
                 z_ptr,
                 expert,
                 offs_n + N,
-                offs_k,
-                mask,
+                n_mask,
+                k0,
+                K,
                 stride_we,
                 stride_wn,
                 stride_se,
@@ -204,6 +219,8 @@ def _grouped_gemm_kernel(
                 QUANT,
                 GROUP,
                 HAS_ZEROS,
+                BLOCK_N,
+                BLOCK_K,
             )
             acc_up += _dot(a, w_up, DOT_HALF)
     if HAS_BIAS:
@@ -240,7 +257,7 @@ def align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Ten
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
+    padded[num_experts:].zero_()  # not `= 0`: a host-to-device copy, which CUDA graph capture refuses
     ends = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)
     experts = flat[order]
@@ -255,11 +272,23 @@ def align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Ten
     return sorted_slots[:-1], block_expert
 
 
-def _blocks(slots: int, num_experts: int, n: int, k: int, group: int) -> tuple[int, int, int]:
+class Tiles(NamedTuple):
+    """A grouped GEMM launch: tile sizes, warps and software-pipeline stages (Triton's defaults)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def tiles_for(slots: int, num_experts: int, n: int, k: int, group: int) -> Tiles:
+    """The launch for `slots` routed rows over `num_experts` experts of an [n, k] weight (a shape
+    heuristic; `tools/device/bench_kernels.py --sweep` times alternatives on a GPU)."""
     per_expert = slots / max(num_experts, 1)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
     block_n = 64 if n >= 64 else 32
-    return block_m, block_n, k_block(group)
+    return Tiles(block_m, block_n, k_block(group))
 
 
 def fused_moe(
@@ -292,7 +321,8 @@ def fused_moe(
     group_h = h if quant is None or quant["group_size"] == -1 else quant["group_size"]
     group_i = inter if quant is None or quant["group_size"] == -1 else quant["group_size"]
     num_slots = tokens * top_k
-    block_m, block_n, block_k = _blocks(num_slots, num_experts, inter, h, group_h)
+    launch = tiles_for(num_slots, num_experts, inter, h, group_h)
+    block_m, block_n = launch.block_m, launch.block_n
     direct = tokens == 1
     if direct:
         sorted_slots, block_expert = topk_ids, topk_ids.reshape(-1)
@@ -348,6 +378,8 @@ def fused_moe(
             BLOCK_N=block_n,
             BLOCK_K=bk,
             DOT_HALF=dot_half(hidden.dtype),
+            num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
         )
 
     q = quant or {}
@@ -365,9 +397,9 @@ def fused_moe(
         True,
         True,
         False,
-        block_k,
+        launch.block_k,
     )
-    down_block_k = _blocks(num_slots, num_experts, h, inter, group_i)[2]
+    down_block_k = tiles_for(num_slots, num_experts, h, inter, group_i).block_k
     run(
         act,
         down,

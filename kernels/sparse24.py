@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moepass.ir.sparse import SparsityPatternError, compress_24, decompress_24
 
-from .quant_gemm import _dequantized_tile, _dot, dense_rows, dot_half, k_block, workspace
+from .quant_gemm import _dequantized_gather, _dot, dense_rows, dot_half, k_block, workspace
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _values(
             tl.float32
         )
     else:
-        tile = _dequantized_tile(
+        tile = _dequantized_gather(
             v_ptr, s_ptr, z_ptr, offs_n, offs_c, mask, stride_vn, stride_sn, stride_zn, BITS, GROUP, HAS_ZEROS
         )
     return tile

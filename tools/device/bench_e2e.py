@@ -142,6 +142,45 @@ def measure(name: str, engine, device, prompt_len: int, decode_tokens: int) -> d
     return {"prefill ms": prefill_s * 1e3, "decode ms/token": step_s * 1e3, "peak GB": _peak_gb(device)}
 
 
+def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
+def check_fp32_capture(shapes: dict, device: torch.device) -> None:
+    """The captured program against transformers in fp32 (Triton's dot in full precision), on two
+    layers of the benchmark's shapes: the correctness gate, free of bf16 rounding."""
+    torch.manual_seed(3)
+    with device:
+        model = transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(**dict(shapes, num_hidden_layers=2))
+        )
+    ids = torch.randint(3, 500, (2, 24), device=device)
+    with torch.no_grad():
+        err = _relative(moepass.capture(model.eval())(ids), model(ids).logits)
+    log(f"fp32, 2 layers: captured program vs transformers, relative error {err:.2e}")
+    assert err < 1e-3, "the captured program disagrees with transformers in fp32"
+
+
+def check_bf16_capture(model, program, device: torch.device) -> None:
+    """The same in bf16 over all layers, next to transformers' own spread (its eager experts against
+    its grouped_mm ones): over 32 random layers rounding flips near-tied routing choices, and each
+    flip moves a token's output, so neither implementation is the exact answer."""
+    ids = torch.randint(3, 500, (1, 24), device=device)
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.set_experts_implementation("eager")
+        spread = _relative(model(ids).logits, ref)
+        model.set_experts_implementation("grouped_mm")
+        err = _relative(program(ids), ref)
+    log(
+        f"{ref.dtype}: captured program vs transformers grouped_mm {err:.2e}; "
+        f"transformers eager vs grouped_mm {spread:.2e}"
+    )
+    assert err < max(2e-2, 2 * spread), (
+        "the captured program disagrees with transformers beyond its own spread"
+    )
+
+
 def check_calibrated_passes(device: torch.device) -> None:
     """Calibrated passes on a program on `device` against the same passes on CPU: their statistics
     (Hessians, input norms, clip searches) must be made on the program's device."""
@@ -199,6 +238,7 @@ def main() -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}")
 
+    check_fp32_capture(shapes, device)
     torch.manual_seed(0)
     config = transformers.MixtralConfig(**shapes)
     torch.set_default_dtype(dtype)  # built in bf16: Mixtral-8x7B in fp32 (187 GB) would not fit
@@ -215,15 +255,8 @@ def main() -> None:
     )
     log(f"model built: {bf16_bytes / 1e9:.1f} GB, experts {model.config._experts_implementation}")
 
-    # correctness first: the captured program against transformers on the same input
     program = moepass.capture(model)
-    check = torch.randint(3, 500, (1, 24), device=device)
-    with torch.no_grad():
-        ref = model(check).logits.float()
-    err = float((program(check).float() - ref).norm() / ref.norm())
-    log(f"captured program vs transformers: relative error {err:.2e}")
-    assert err < 2e-2, "the captured program disagrees with transformers"
-
+    check_bf16_capture(model, program, device)
     rows = {"transformers grouped_mm": measure("transformers", hf_engine(model, device), device, prompt_len,
                                                  decode_tokens)}  # fmt: skip
     rows["moepass uncompressed"] = measure("moepass", program_engine(program, device), device, prompt_len,

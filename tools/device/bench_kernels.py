@@ -2,6 +2,7 @@
 
     python tools/device/bench_kernels.py            # on the GPU machine (H200)
     python tools/device/bench_kernels.py --smoke    # logic check on CPU: tiny shapes, Triton interpreter
+    python tools/device/bench_kernels.py --sweep 120  # then time other fused-MoE launches for 120 s
 
 For each MoE shape — Mixtral-8x7B (H 4096, I 14336, E 8, top-2) and a fine-grained one (H 2048, I 768,
 E 128, top-8) — at M = 1, 16, 256, 2048 tokens: bf16 and W4A16 (int4, g128) fused MoE against
@@ -15,6 +16,7 @@ Runs under torch 2.11 / triton 3.6 / transformers 5.17.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -31,7 +33,8 @@ import triton
 from moepass.ir.ops import ACTIVATIONS, run_experts
 from moepass.ir.quantized import QuantFormat, dequantize, quantize
 from moepass.kernels import compress_24
-from moepass.kernels.fused_moe import fused_moe
+from moepass.kernels import fused_moe as fused_moe_module
+from moepass.kernels.fused_moe import Tiles, fused_moe, tiles_for
 from moepass.kernels.quant_gemm import quant_gemm
 from moepass.kernels.sparse24 import sparse24_gemm
 from moepass.table import format_table
@@ -249,10 +252,79 @@ def matrix_rows(n: int, k: int, device, checks, rows_list=(1, 16)):
     return out
 
 
+# launches the sweep tries beside the heuristic's: (M rows) -> tiles; block_k divides every group used
+SWEEP = {
+    "decode": [Tiles(16, 32, 128), Tiles(16, 64, 128, 4, 4), Tiles(16, 128, 64), Tiles(16, 64, 64, 2, 4),
+               Tiles(16, 32, 64, 2, 3), Tiles(16, 128, 128, 8, 3)],
+    "prefill": [Tiles(64, 128, 64), Tiles(128, 64, 64, 8), Tiles(128, 128, 64, 8), Tiles(128, 128, 32, 8, 4),
+                Tiles(64, 128, 64, 8, 4), Tiles(128, 128, 64, 4, 4)],
+}  # fmt: skip
+
+
+def _launch(tiles: Tiles) -> str:
+    return "/".join(map(str, tiles))
+
+
+def sweep_rows(shapes, device, seconds: float) -> list[list]:
+    """Each fused-MoE case under the heuristic's launch and the SWEEP alternatives (outputs checked
+    against the heuristic's), until `seconds` pass: data for `tiles_for`, not a tuning file."""
+    deadline, rows = time.perf_counter() + seconds, []
+    for name, hidden, inter, num_experts, top_k in shapes:
+        gen = torch.Generator(device=device).manual_seed(2)
+        gate_up = (
+            torch.randn(num_experts, 2 * inter, hidden, device=device, generator=gen) / hidden**0.5
+        ).bfloat16()
+        down = (torch.randn(num_experts, hidden, inter, device=device, generator=gen) / inter**0.5).bfloat16()
+        fmt = QuantFormat(bits=4, group_size=GROUP, symmetric=False)
+        gq, dq = quantize(gate_up, fmt), quantize(down, fmt)
+        quant = {"bits": 4, "group_size": GROUP, "gate_up_scales": gq[1], "gate_up_zeros": gq[2],
+                 "down_scales": dq[1], "down_zeros": dq[2]}  # fmt: skip
+        for tokens in (1, 16, 2048) if num_experts <= 8 else (2048,):
+            x = torch.randn(tokens, hidden, device=device, generator=gen).bfloat16()
+            weights, ids = (
+                torch.randn(tokens, num_experts, device=device, generator=gen).softmax(-1).topk(top_k, -1)
+            )
+            weights = weights.bfloat16()
+            runs = {
+                "bf16": functools.partial(fused_moe, x, ids, weights, gate_up, down),
+                "w4a16": functools.partial(fused_moe, x, ids, weights, gq[0], dq[0], quant=quant),
+            }
+            for variant, run in runs.items():
+                heuristic = tiles_for(tokens * top_k, num_experts, inter, hidden, GROUP)
+                reference, base_ms = run(), time_ms(run, device)
+                for launch in SWEEP["decode" if tokens <= 16 else "prefill"]:
+                    if time.perf_counter() > deadline:
+                        return rows
+                    fused_moe_module.tiles_for = lambda *_, launch=launch: launch
+                    try:
+                        err, ms = rel_err(run(), reference), time_ms(run, device)
+                        result = [f"{err:.1e}", f"{ms:.4f}", f"{base_ms / ms:.2f}x"]
+                    except Exception as error:  # a launch the chip refuses (registers, shared memory)
+                        result = [type(error).__name__, "-", "-"]
+                    finally:
+                        fused_moe_module.tiles_for = tiles_for
+                    rows.append(
+                        [
+                            name,
+                            variant,
+                            tokens,
+                            _launch(heuristic),
+                            f"{base_ms:.4f}",
+                            _launch(launch),
+                            *result,
+                        ]
+                    )
+                    print("  sweep:", " | ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter"
+    )
+    parser.add_argument(
+        "--sweep", type=float, default=0.0, metavar="SECONDS", help="time other launches last"
     )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -298,6 +370,15 @@ def main() -> None:
             title="Single matrix, decode sizes",
         )
     )
+    if args.sweep:
+        print()
+        print(
+            format_table(
+                ["shape", "weights", "M", "heuristic", "ms", "launch", "vs heuristic out", "ms", "speedup"],
+                sweep_rows(shapes, device, args.sweep),
+                title="Fused MoE launches (block_m/block_n/block_k/num_warps/num_stages)",
+            )
+        )
     if failed:
         sys.exit(f"{len(failed)} correctness check(s) failed")
 
