@@ -146,6 +146,7 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_HALF: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """out[slot, n] for the BLOCK_M expert-sorted slots of this program; gated: the gate rows are
     [0, N) and the up rows [N, 2N) of the expert's weight, combined by the activation.
@@ -165,8 +166,12 @@ def _grouped_gemm_kernel(
     valid = slots < num_slots
     rows = slots // top_k if A_BY_TOKEN else slots
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:  # accumulate out^T = W a^T: the (dequantized) weight tile is the dot's first operand
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
@@ -199,7 +204,10 @@ def _grouped_gemm_kernel(
             BLOCK_N,
             BLOCK_K,
         )
-        acc += _dot(a, w, DOT_HALF)
+        if SWAP_AB:
+            acc += _dot(w, a, DOT_HALF)
+        else:
+            acc += _dot(a, w, DOT_HALF)
         if GATED:
             w_up = _weight_tile(
                 w_ptr,
@@ -222,7 +230,12 @@ def _grouped_gemm_kernel(
                 BLOCK_N,
                 BLOCK_K,
             )
-            acc_up += _dot(a, w_up, DOT_HALF)
+            if SWAP_AB:
+                acc_up += _dot(w_up, a, DOT_HALF)
+            else:
+                acc_up += _dot(a, w_up, DOT_HALF)
+    if SWAP_AB:
+        acc, acc_up = tl.trans(acc), tl.trans(acc_up)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[
             None, :
@@ -273,22 +286,38 @@ def align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Ten
 
 
 class Tiles(NamedTuple):
-    """A grouped GEMM launch: tile sizes, warps and software-pipeline stages (Triton's defaults)."""
+    """A grouped GEMM launch: tile sizes, warps, software-pipeline stages (Triton's defaults), and
+    whether the weight tile is the dot's first operand (out^T = W a^T)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False
 
 
-def tiles_for(slots: int, num_experts: int, n: int, k: int, group: int) -> Tiles:
-    """The launch for `slots` routed rows over `num_experts` experts of an [n, k] weight (a shape
-    heuristic; `tools/device/bench_kernels.py --sweep` times alternatives on a GPU)."""
+def tiles_for(slots: int, num_experts: int, n: int, group: int, quantized: bool) -> Tiles:
+    """The launch for `slots` routed rows over `num_experts` experts of a weight with `n` outputs,
+    from the H200 sweep of `tools/device/bench_kernels.py --sweep` (Mixtral-8x7B and 128-expert
+    shapes, BENCHMARKS.md): decode streams weights in tiles of 128 inputs (1.5-2.1x at one token),
+    long prompts take 128-row tiles on 8 warps (1.3-1.6x at 2048 tokens)."""
     per_expert = slots / max(num_experts, 1)
-    block_m = 16 if per_expert <= 16 else (32 if per_expert <= 64 else 64)
     block_n = 64 if n >= 64 else 32
-    return Tiles(block_m, block_n, k_block(group))
+    if per_expert <= 16:
+        block_k = k_block(group, largest=128)
+        return Tiles(16, 32, block_k) if quantized else Tiles(16, block_n, block_k, num_stages=4)
+    if per_expert <= 64:
+        return Tiles(32, block_n, k_block(group))
+    if quantized:
+        return (
+            Tiles(128, 64, k_block(group), num_warps=8)
+            if per_expert >= 128
+            else Tiles(64, 64, k_block(group))
+        )
+    return (
+        Tiles(128, 128, k_block(group), num_warps=8) if per_expert >= 256 else Tiles(64, 128, k_block(group))
+    )
 
 
 def fused_moe(
@@ -321,7 +350,7 @@ def fused_moe(
     group_h = h if quant is None or quant["group_size"] == -1 else quant["group_size"]
     group_i = inter if quant is None or quant["group_size"] == -1 else quant["group_size"]
     num_slots = tokens * top_k
-    launch = tiles_for(num_slots, num_experts, inter, h, group_h)
+    launch = tiles_for(num_slots, num_experts, inter, group_h, bits > 0)
     block_m, block_n = launch.block_m, launch.block_n
     direct = tokens == 1
     if direct:
@@ -378,6 +407,7 @@ def fused_moe(
             BLOCK_N=block_n,
             BLOCK_K=bk,
             DOT_HALF=dot_half(hidden.dtype),
+            SWAP_AB=launch.swap_ab,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
@@ -399,7 +429,7 @@ def fused_moe(
         False,
         launch.block_k,
     )
-    down_block_k = tiles_for(num_slots, num_experts, h, inter, group_i).block_k
+    down_block_k = tiles_for(num_slots, num_experts, h, group_i, bits > 0).block_k
     run(
         act,
         down,

@@ -229,11 +229,11 @@ def _quant_gemm_kernel(
     )
 
 
-def k_block(group: int) -> int:
-    """The largest power of two <= 64 that divides the quantization group, so a tile reads one scale
-    per row; 32 when none >= 16 does (the dequantizer indexes groups per element, so a tile may
-    straddle groups — correct, only less efficient)."""
-    return next((b for b in (64, 32, 16) if group % b == 0), 32)
+def k_block(group: int, largest: int = 64) -> int:
+    """The largest power of two <= `largest` that divides the quantization group, so a tile reads one
+    scale per row; 32 when none >= 16 does (the dequantizer then reads groups per element: a tile
+    may straddle groups — correct, only less efficient)."""
+    return next((b for b in (128, 64, 32, 16) if b <= largest and group % b == 0), 32)
 
 
 def blocks_for(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int]:

@@ -24,7 +24,8 @@ from moepass.kernels import (
     pack_for_cpu,
     why_not_packable,
 )
-from moepass.kernels.fused_moe import align
+from moepass.kernels import fused_moe as fused_moe_module
+from moepass.kernels.fused_moe import Tiles, align, tiles_for
 from moepass.kernels.quant_gemm import POISON_ENV
 
 FP32_BOUND = 1e-5  # fp32 accumulation over K <= 256 against float64
@@ -195,6 +196,42 @@ def test_fused_moe_quantized_matches_float64_reference(
         x, ids, weights, *gate_up, *down, None, down_bias, gate_up_scale, down_scale, *tail
     )
     assert rel_err(out, ref) < FP32_BOUND
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [Tiles(16, 32, 128), Tiles(16, 64, 64, 4, 4, True), Tiles(32, 32, 32, 2, 3, True), Tiles(128, 64, 64, 8)],
+    ids=str,
+)
+@pytest.mark.parametrize("bits,group", [(0, -1), (4, 32), (8, -1)])
+def test_every_fused_moe_launch_computes_the_same_experts(seed, monkeypatch, launch, bits, group):
+    """Tile shapes, warps and the swapped orientation (out^T = W a^T) change only how the kernel
+    walks the experts; a sweep on the GPU (tools/device/bench_kernels.py) tries any of them."""
+    tokens, num_experts, top_k, hidden, inter = 37, 3, 2, 128, 64
+    x = torch.randn(tokens, hidden)
+    weights, ids = routing(tokens, num_experts, top_k, dropped=True)
+    gate_up = torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5
+    down = torch.randn(num_experts, hidden, inter) / inter**0.5
+    monkeypatch.setattr(fused_moe_module, "tiles_for", lambda *_: launch)
+    if bits == 0:
+        ref = experts(
+            x.double(), ids, weights.double(), gate_up.double(), down.double(), None, None, "silu", 0, 0
+        )
+        out = ops.triton_experts(x, ids, weights, gate_up, down, None, None, "silu", 0.0, 0.0)
+    else:
+        gate_up, down = quantized(gate_up, bits, group, False), quantized(down, bits, group, False)
+        ref = reference_quantized_experts(x, ids, weights, gate_up, down, bits, group)
+        tail = ("silu", 0.0, 0.0, bits, group)
+        out = ops.triton_quantized_experts(x, ids, weights, *gate_up, *down, None, None, None, None, *tail)
+    assert rel_err(out, ref) < FP32_BOUND
+
+
+@pytest.mark.parametrize("quantized_weights", [False, True])
+def test_tiles_for_takes_long_prompts_in_128_row_tiles_and_decode_in_128_input_tiles(quantized_weights):
+    prompt = tiles_for(2048 * 2, 8, 14336, 128, quantized_weights)
+    decode = tiles_for(2, 8, 14336, 128, quantized_weights)
+    assert (prompt.block_m, prompt.num_warps, decode.block_m, decode.block_k) == (128, 8, 16, 128)
+    assert tiles_for(2, 8, 14336, 48, quantized_weights).block_k == 16  # a tile inside one group
 
 
 def test_fused_moe_bf16(seed):

@@ -183,26 +183,37 @@ def check_bf16_capture(model, program, device: torch.device) -> None:
 
 def check_calibrated_passes(device: torch.device) -> None:
     """Calibrated passes on a program on `device` against the same passes on CPU: their statistics
-    (Hessians, input norms, clip searches) must be made on the program's device."""
+    (Hessians, input norms, clip searches) must be made on the program's device. AWQ picks each
+    layer's scales from a grid by loss, and on random weights near-tied choices flip with the last
+    bits of the device's sums (the first H200 run: 9.5e-2 apart, the deterministic passes 3e-7), so
+    AWQ is held to the quality of its CPU result (error against the uncompressed program) instead."""
     torch.manual_seed(1)
     program = moepass.capture(transformers.MixtralForCausalLM(transformers.MixtralConfig(**SMOKE)).eval())
     ids = torch.randint(3, 500, (8, 33))
     tokens = TokenSet(ids[:, :-1], ids[:, 1:], ["random"] * 8)
     check = torch.randint(3, 500, (2, 16))
-    rows, worst = [], 0.0
+    with torch.no_grad():
+        uncompressed = program(check)
+    rows, failed = [], []
     for name, options in (("gptq", {"group_size": 32}), ("awq", {"group_size": 32}), ("wanda", {}),
                           ("sparsegpt", {"pattern": "2:4"})):  # fmt: skip
         on_cpu = moepass.compress(program, [(name, options)], calibration=tokens)
         on_device = moepass.compress(program.fork().to(device), [(name, options)], calibration=tokens)
         with torch.no_grad():
             ref, got = on_cpu(check), on_device(check.to(device)).cpu()
-        error = float((got - ref).norm() / ref.norm())
-        rows.append([name, f"{error:.2e}"])
-        worst = max(worst, error)
+        apart, cpu_loss, device_loss = (
+            _relative(got, ref),
+            _relative(ref, uncompressed),
+            _relative(got, uncompressed),
+        )
+        rows.append([name, f"{apart:.2e}", f"{cpu_loss:.3f}", f"{device_loss:.3f}"])
+        if not (apart < 5e-2 or (name == "awq" and device_loss < 1.1 * cpu_loss)):
+            failed.append(name)
+    header = ["pass", "logits vs the CPU-compressed program", "CPU's error", f"{device.type}'s error"]
     print(
-        format_table(["pass", "logits vs the CPU-compressed program"], rows, title=f"compressed on {device}")
+        format_table(header, rows, title=f"compressed on {device} (errors against the uncompressed program)")
     )
-    assert worst < 5e-2, "a pass compresses differently on the device than on CPU"
+    assert not failed, f"{failed} compress differently on the device than on CPU"
 
 
 def check_cli(device: torch.device) -> None:
@@ -268,14 +279,16 @@ def main() -> None:
                                            prompt_len, decode_tokens)  # fmt: skip
     floor_ms = active / BANDWIDTH * 1e3
     print_table(rows, floor_ms, active, prompt_len)
-    _reset_peak(device)
-    check_calibrated_passes(device)
-    check_cli(device)
-    if args.compiled:  # last: a run cut off while compiling keeps every result above
+    if args.compiled:  # before the checks: the number the decode target needs
         lowered = moepass.lower(compressed, compile=True)
         rows["paper recipe compiled"] = measure("paper recipe compiled", program_engine(lowered, device),
                                                 device, prompt_len, decode_tokens)  # fmt: skip
         print_table(rows, floor_ms, active, prompt_len)
+        del lowered
+    del compressed
+    _reset_peak(device)
+    check_calibrated_passes(device)
+    check_cli(device)
 
 
 def print_table(rows: dict[str, dict], floor_ms: float, active: float, prompt_len: int) -> None:

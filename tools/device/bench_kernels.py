@@ -254,15 +254,16 @@ def matrix_rows(n: int, k: int, device, checks, rows_list=(1, 16)):
 
 # launches the sweep tries beside the heuristic's: (M rows) -> tiles; block_k divides every group used
 SWEEP = {
-    "decode": [Tiles(16, 32, 128), Tiles(16, 64, 128, 4, 4), Tiles(16, 128, 64), Tiles(16, 64, 64, 2, 4),
-               Tiles(16, 32, 64, 2, 3), Tiles(16, 128, 128, 8, 3)],
-    "prefill": [Tiles(64, 128, 64), Tiles(128, 64, 64, 8), Tiles(128, 128, 64, 8), Tiles(128, 128, 32, 8, 4),
-                Tiles(64, 128, 64, 8, 4), Tiles(128, 128, 64, 4, 4)],
+    "decode": [Tiles(16, 32, 128), Tiles(16, 64, 128, 4, 4), Tiles(16, 32, 128, 4, 3, True),
+               Tiles(16, 64, 128, 4, 4, True), Tiles(16, 64, 64, 4, 3, True), Tiles(16, 32, 256, 4, 3, True),
+               Tiles(16, 64, 128, 8, 4, True)],
+    "prefill": [Tiles(64, 128, 64), Tiles(128, 64, 64, 8), Tiles(128, 128, 64, 8), Tiles(128, 64, 64, 8, 4),
+                Tiles(128, 64, 128, 8, 3), Tiles(128, 64, 64, 8, 3, True)],
 }  # fmt: skip
 
 
 def _launch(tiles: Tiles) -> str:
-    return "/".join(map(str, tiles))
+    return "/".join(map(str, tiles[:5])) + (" swap" if tiles.swap_ab else "")
 
 
 def sweep_rows(shapes, device, seconds: float) -> list[list]:
@@ -290,7 +291,7 @@ def sweep_rows(shapes, device, seconds: float) -> list[list]:
                 "w4a16": functools.partial(fused_moe, x, ids, weights, gq[0], dq[0], quant=quant),
             }
             for variant, run in runs.items():
-                heuristic = tiles_for(tokens * top_k, num_experts, inter, hidden, GROUP)
+                heuristic = tiles_for(tokens * top_k, num_experts, inter, GROUP, variant != "bf16")
                 reference, base_ms = run(), time_ms(run, device)
                 for launch in SWEEP["decode" if tokens <= 16 else "prefill"]:
                     if time.perf_counter() > deadline:
@@ -376,7 +377,7 @@ def main() -> None:
             format_table(
                 ["shape", "weights", "M", "heuristic", "ms", "launch", "vs heuristic out", "ms", "speedup"],
                 sweep_rows(shapes, device, args.sweep),
-                title="Fused MoE launches (block_m/block_n/block_k/num_warps/num_stages)",
+                title="Fused MoE launches (block_m/n/k, num_warps, num_stages; swap: out^T = W a^T)",
             )
         )
     if failed:
