@@ -85,6 +85,12 @@ def _weight_tile(
 
 
 @triton.jit
+def _product(a, w, DOT_HALF: tl.constexpr, SWAP_AB: tl.constexpr):
+    """a @ w^T, or its transpose w @ a^T with the weight tile as the dot's first operand."""
+    return _dot(w, a, DOT_HALF) if SWAP_AB else _dot(a, w, DOT_HALF)
+
+
+@triton.jit
 def _activate(gate, up, ACT: tl.constexpr, alpha, limit):
     if ACT == 0:
         out = gate * tl.sigmoid(gate) * up
@@ -204,10 +210,7 @@ def _grouped_gemm_kernel(
             BLOCK_N,
             BLOCK_K,
         )
-        if SWAP_AB:
-            acc += _dot(w, a, DOT_HALF)
-        else:
-            acc += _dot(a, w, DOT_HALF)
+        acc += _product(a, w, DOT_HALF, SWAP_AB)
         if GATED:
             w_up = _weight_tile(
                 w_ptr,
@@ -230,10 +233,7 @@ def _grouped_gemm_kernel(
                 BLOCK_N,
                 BLOCK_K,
             )
-            if SWAP_AB:
-                acc_up += _dot(w_up, a, DOT_HALF)
-            else:
-                acc_up += _dot(a, w_up, DOT_HALF)
+            acc_up += _product(a, w_up, DOT_HALF, SWAP_AB)
     if SWAP_AB:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)
     if HAS_BIAS:
@@ -298,26 +298,23 @@ class Tiles(NamedTuple):
 
 
 def tiles_for(slots: int, num_experts: int, n: int, group: int, quantized: bool) -> Tiles:
-    """The launch for `slots` routed rows over `num_experts` experts of a weight with `n` outputs,
-    from the H200 sweep of `tools/device/bench_kernels.py --sweep` (Mixtral-8x7B and 128-expert
-    shapes, BENCHMARKS.md): decode streams weights in tiles of 128 inputs (1.5-2.1x at one token),
-    long prompts take 128-row tiles on 8 warps (1.3-1.6x at 2048 tokens)."""
+    """The launch for `slots` routed rows over `num_experts` experts of a weight with `n` outputs.
+
+    Changed from 64-row/64-input tiles only where three H200 runs (BENCHMARKS.md, 2026-12-04) agreed:
+    quantized decode streams weights 128 inputs at a time on 32-output tiles (Mixtral-8x7B 1.5x at 1
+    and 16 tokens; 0.75x on 128 small experts), long prompts take 128-row tiles on 8 warps (2048
+    tokens: bf16 1.6x, int4 1.2-1.6x). Dense decode kept its tiles: its sweeps and tables disagreed."""
     per_expert = slots / max(num_experts, 1)
     block_n = 64 if n >= 64 else 32
     if per_expert <= 16:
-        block_k = k_block(group, largest=128)
-        return Tiles(16, 32, block_k) if quantized else Tiles(16, block_n, block_k, num_stages=4)
+        return Tiles(16, 32, k_block(group, largest=128)) if quantized else Tiles(16, block_n, k_block(group))
     if per_expert <= 64:
         return Tiles(32, block_n, k_block(group))
-    if quantized:
-        return (
-            Tiles(128, 64, k_block(group), num_warps=8)
-            if per_expert >= 128
-            else Tiles(64, 64, k_block(group))
-        )
-    return (
-        Tiles(128, 128, k_block(group), num_warps=8) if per_expert >= 256 else Tiles(64, 128, k_block(group))
-    )
+    if quantized and per_expert >= 128:
+        return Tiles(128, 64, k_block(group), num_warps=8)
+    if not quantized and per_expert >= 256:
+        return Tiles(128, 128, k_block(group), num_warps=8)
+    return Tiles(64, block_n, k_block(group))
 
 
 def fused_moe(

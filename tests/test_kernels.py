@@ -227,10 +227,15 @@ def test_every_fused_moe_launch_computes_the_same_experts(seed, monkeypatch, lau
 
 
 @pytest.mark.parametrize("quantized_weights", [False, True])
-def test_tiles_for_takes_long_prompts_in_128_row_tiles_and_decode_in_128_input_tiles(quantized_weights):
-    prompt = tiles_for(2048 * 2, 8, 14336, 128, quantized_weights)
-    decode = tiles_for(2, 8, 14336, 128, quantized_weights)
-    assert (prompt.block_m, prompt.num_warps, decode.block_m, decode.block_k) == (128, 8, 16, 128)
+def test_tiles_for_takes_long_prompts_in_128_row_tiles_and_quantized_decode_in_128_input_tiles(
+    quantized_weights,
+):
+    prompt, decode = (
+        tiles_for(2048 * 2, 8, 14336, 128, quantized_weights),
+        tiles_for(2, 8, 14336, 128, quantized_weights),
+    )
+    assert (prompt.block_m, prompt.num_warps, decode.block_m) == (128, 8, 16)
+    assert decode.block_k == (128 if quantized_weights else 64)
     assert tiles_for(2, 8, 14336, 48, quantized_weights).block_k == 16  # a tile inside one group
 
 

@@ -104,22 +104,22 @@ def reference_moe(x, ids, weights, expert_weights, num_experts):
     )
 
 
-def moe_rows(name: str, hidden: int, inter: int, num_experts: int, top_k: int, tokens_list, device, checks):
-    gen = torch.Generator(device=device).manual_seed(0)
+def moe_weights(hidden: int, inter: int, num_experts: int, gen: torch.Generator):
+    """Random bf16 experts, their int4 g128 codes, and the `quant` dict `fused_moe` takes."""
     gate_up = (
-        torch.randn(num_experts, 2 * inter, hidden, device=device, generator=gen) / hidden**0.5
+        torch.randn(num_experts, 2 * inter, hidden, device=gen.device, generator=gen) / hidden**0.5
     ).bfloat16()
-    down = (torch.randn(num_experts, hidden, inter, device=device, generator=gen) / inter**0.5).bfloat16()
+    down = (torch.randn(num_experts, hidden, inter, device=gen.device, generator=gen) / inter**0.5).bfloat16()
     fmt = QuantFormat(bits=4, group_size=GROUP, symmetric=False)
     gq, dq = quantize(gate_up, fmt), quantize(down, fmt)
-    quant = {
-        "bits": 4,
-        "group_size": GROUP,
-        "gate_up_scales": gq[1],
-        "gate_up_zeros": gq[2],
-        "down_scales": dq[1],
-        "down_zeros": dq[2],
-    }
+    quant = {"bits": 4, "group_size": GROUP, "gate_up_scales": gq[1], "gate_up_zeros": gq[2],
+             "down_scales": dq[1], "down_zeros": dq[2]}  # fmt: skip
+    return gate_up, down, gq, dq, quant
+
+
+def moe_rows(name: str, hidden: int, inter: int, num_experts: int, top_k: int, tokens_list, device, checks):
+    gen = torch.Generator(device=device).manual_seed(0)
+    gate_up, down, gq, dq, quant = moe_weights(hidden, inter, num_experts, gen)
     baseline = hf_grouped_mm_experts(gate_up, down, top_k)
     expert_bytes = {
         "bf16": 3 * hidden * inter * 2,
@@ -272,14 +272,7 @@ def sweep_rows(shapes, device, seconds: float) -> list[list]:
     deadline, rows = time.perf_counter() + seconds, []
     for name, hidden, inter, num_experts, top_k in shapes:
         gen = torch.Generator(device=device).manual_seed(2)
-        gate_up = (
-            torch.randn(num_experts, 2 * inter, hidden, device=device, generator=gen) / hidden**0.5
-        ).bfloat16()
-        down = (torch.randn(num_experts, hidden, inter, device=device, generator=gen) / inter**0.5).bfloat16()
-        fmt = QuantFormat(bits=4, group_size=GROUP, symmetric=False)
-        gq, dq = quantize(gate_up, fmt), quantize(down, fmt)
-        quant = {"bits": 4, "group_size": GROUP, "gate_up_scales": gq[1], "gate_up_zeros": gq[2],
-                 "down_scales": dq[1], "down_zeros": dq[2]}  # fmt: skip
+        gate_up, down, gq, dq, quant = moe_weights(hidden, inter, num_experts, gen)
         for tokens in (1, 16, 2048) if num_experts <= 8 else (2048,):
             x = torch.randn(tokens, hidden, device=device, generator=gen).bfloat16()
             weights, ids = (
