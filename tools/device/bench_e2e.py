@@ -5,14 +5,18 @@
 
 Mixtral-8x7B shapes (32 layers, hidden 4096, intermediate 14336, 8 experts top-2, 32/8 heads) with
 random bf16 weights — speed and memory depend on shapes, not values. The paper recipe is applied
-structurally: drop 8 of 32 MoE layers (a fixed random choice) and RTN int4 g128 on the experts
+structurally: drop 8 of 32 MoE layers (a fixed random choice) and RTN int4 g128 on what the built-in
+`paper-layer-drop` recipe quantizes (experts and attention; bf16 attention alone is 2.7 GB)
 (calibration-free, because the weights are random). Batch-1 decode ms/token (prompt 16, 32 tokens,
 KV cache), prefill time for 2048 tokens, and peak memory of each phase (`max_memory_allocated`
 after a reset, weights included), all in the same run. The HF model and the uncompressed program are
 freed before the compressed one runs, so its peak is its own. Floors: bf16 weights read per token /
-4.14 TB/s. Last, calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) compress a tiny model on the
-device and on CPU: the logits must agree; and the CLI compresses, evaluates and samples from the
-bundled model with `--device`. Runs under torch 2.11 / triton 3.6 / transformers 5.17.
+4.14 TB/s. Then calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) compress a tiny model on the
+device and on CPU: the results must agree; the CLI compresses, evaluates and samples from the
+bundled model with `--device`; and last, with `--compiled`, the paper recipe runs through
+torch.compile (~3 min of compiling on the H200 machine). Runs under torch 2.11 / triton 3.6 /
+transformers 5.17. The first runs are in BENCHMARKS.md (2026-12-04): budget ~7 minutes of device
+time for a full run with `--compiled`.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def paper_recipe(group_size: int) -> list:
     """Drop first: the 8 dropped layers are then never quantized (less time, a lower peak)."""
     return [
         ("layer_drop", {"ratio": 0.25, "metric": "random", "seed": 0}),
-        ("rtn", {"bits": 4, "group_size": group_size, "targets": ["experts"]}),
+        ("rtn", {"bits": 4, "group_size": group_size}),  # the slimming passes' default targets
     ]
 
 
