@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite and the GPU scripts' CPU smoke runs under the oldest versions pyproject admits,
+# The test suite, the GPU scripts' CPU smoke runs and an sm_90 compile of every Triton kernel
+# (tools/device/compile_sm90.py) under the oldest versions pyproject admits,
 # which are the lent GPU machine's (it cannot install packages): torch 2.11, triton 3.6,
 # transformers 5.17, onnxruntime 1.30, onnx 1.23.1, onnxscript 0.7.2. CI tests the newest versions; run this after
 # touching capture, export or kernels, and before a GPU session. About 20 minutes; the virtual
@@ -21,5 +22,6 @@ print("torch", torch.__version__, "triton", triton.__version__, "transformers", 
       "onnxruntime", onnxruntime.__version__)'
 "$VENV/bin/python" tools/device/bench_kernels.py --smoke > build/lower-bounds-kernels.log
 "$VENV/bin/python" tools/device/bench_e2e.py --smoke > build/lower-bounds-e2e.log
-echo "GPU scripts' smoke runs passed (tables in build/lower-bounds-*.log)"
+"$VENV/bin/python" tools/device/compile_sm90.py > build/lower-bounds-sm90.log  # ~5 min cold
+echo "GPU scripts' smoke runs passed, every kernel compiles for sm_90 (tables in build/lower-bounds-*.log)"
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest "$@"
