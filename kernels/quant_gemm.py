@@ -35,6 +35,22 @@ def dense_rows(*tensors: Tensor | None) -> list[Tensor | None]:
 
 
 @triton.jit
+def _dequantized(codes, s_rows, z_rows, group, mask, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """(codes - zero point) * scale in fp32, the scales and zero points of `group` read from the rows'
+    pointers (broadcast against `group`; 4-bit zero points two groups a byte, low nibble first)."""
+    scale = tl.load(s_rows + group, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        if BITS == 4:
+            zbyte = tl.load(z_rows + group // 2, mask=mask, other=0).to(tl.int32)
+            zero = (zbyte >> ((group % 2) * 4)) & 0xF
+        else:
+            zero = tl.load(z_rows + group, mask=mask, other=0).to(tl.int32)
+    else:
+        zero = 1 << (BITS - 1)
+    return (codes - zero).to(tl.float32) * scale
+
+
+@triton.jit
 def _dequantized_gather(
     q_ptr,
     s_ptr,
@@ -58,19 +74,15 @@ def _dequantized_gather(
         codes = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :], mask=mask, other=0).to(
             tl.int32
         )
-    group = offs_k // GROUP
-    scale = tl.load(s_ptr + offs_n[:, None] * stride_sn + group[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        if BITS == 4:
-            zbyte = tl.load(z_ptr + offs_n[:, None] * stride_zn + group[None, :] // 2, mask=mask, other=0)
-            zero = (zbyte.to(tl.int32) >> ((group[None, :] % 2) * 4)) & 0xF
-        else:
-            zero = tl.load(z_ptr + offs_n[:, None] * stride_zn + group[None, :], mask=mask, other=0).to(
-                tl.int32
-            )
-    else:
-        zero = 1 << (BITS - 1)
-    return (codes - zero).to(tl.float32) * scale
+    return _dequantized(
+        codes,
+        s_ptr + offs_n[:, None] * stride_sn,
+        z_ptr + offs_n[:, None] * stride_zn,
+        (offs_k // GROUP)[None, :],
+        mask,
+        BITS,
+        HAS_ZEROS,
+    )
 
 
 @triton.jit
@@ -127,17 +139,16 @@ def _dequantized_tile(
             mask=n_mask[:, None] & (offs_k[None, :] < K),
             other=0,
         ).to(tl.int32)
-    group = k0 // GROUP
-    scale = tl.load(s_ptr + offs_n * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    if HAS_ZEROS:
-        if BITS == 4:
-            zbyte = tl.load(z_ptr + offs_n * stride_zn + group // 2, mask=n_mask, other=0).to(tl.int32)
-            zero = ((zbyte >> ((group % 2) * 4)) & 0xF)[:, None]
-        else:
-            zero = tl.load(z_ptr + offs_n * stride_zn + group, mask=n_mask, other=0).to(tl.int32)[:, None]
-    else:
-        zero = 1 << (BITS - 1)
-    return (codes - zero).to(tl.float32) * scale
+    rows = offs_n[:, None]  # one scale and zero point per row: the tile's group is k0 // GROUP
+    return _dequantized(
+        codes,
+        s_ptr + rows * stride_sn,
+        z_ptr + rows * stride_zn,
+        k0 // GROUP,
+        n_mask[:, None],
+        BITS,
+        HAS_ZEROS,
+    )
 
 
 @triton.jit

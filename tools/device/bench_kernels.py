@@ -16,6 +16,7 @@ Runs under torch 2.11 / triton 3.6 / transformers 5.17.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -252,7 +253,8 @@ def matrix_rows(n: int, k: int, device, checks, rows_list=(1, 16)):
     return out
 
 
-# launches the sweep tries beside the heuristic's: (M rows) -> tiles; block_k divides every group used
+# launches the sweep tries beside the heuristic's, by regime; a block_k of 256 exceeds int4's groups
+# of 128, so those tiles read scales element by element (`_dequantized_gather`)
 SWEEP = {
     "decode": [Tiles(16, 32, 128), Tiles(16, 64, 128, 4, 4), Tiles(16, 32, 128, 4, 3, True),
                Tiles(16, 64, 128, 4, 4, True), Tiles(16, 64, 64, 4, 3, True), Tiles(16, 32, 256, 4, 3, True),
@@ -266,6 +268,16 @@ def _launch(tiles: Tiles) -> str:
     return "/".join(map(str, tiles[:5])) + (" swap" if tiles.swap_ab else "")
 
 
+@contextlib.contextmanager
+def launched_as(tiles: Tiles):
+    """Every fused-MoE launch inside uses `tiles` instead of the heuristic's."""
+    fused_moe_module.tiles_for = lambda *_: tiles
+    try:
+        yield
+    finally:
+        fused_moe_module.tiles_for = tiles_for
+
+
 def _against_heuristic(run, reference: torch.Tensor, launch: Tiles, device) -> tuple[float, float, float]:
     """(error vs the heuristic's output, heuristic ms, `launch` ms): the two launches alternate twice
     and each keeps its median, since separate measurements of one launch drifted up to 2x on the
@@ -273,12 +285,9 @@ def _against_heuristic(run, reference: torch.Tensor, launch: Tiles, device) -> t
     base, alt = [], []
     for _ in range(2):
         base.append(time_ms(run, device))
-        fused_moe_module.tiles_for = lambda *_: launch
-        try:
+        with launched_as(launch):
             err = rel_err(run(), reference)
             alt.append(time_ms(run, device))
-        finally:
-            fused_moe_module.tiles_for = tiles_for
     return err, statistics.median(base), statistics.median(alt)
 
 
@@ -300,7 +309,8 @@ def sweep_rows(shapes, device, seconds: float) -> list[list]:
                 "w4a16": functools.partial(fused_moe, x, ids, weights, gq[0], dq[0], quant=quant),
             }
             for variant, run in runs.items():
-                heuristic = tiles_for(tokens * top_k, num_experts, inter, GROUP, variant != "bf16")
+                group = hidden if variant == "bf16" else GROUP  # a dense weight is one group per row
+                heuristic = tiles_for(tokens * top_k, num_experts, inter, group, variant != "bf16")
                 reference = run()
                 for launch in SWEEP["decode" if tokens <= 16 else "prefill"]:
                     if time.perf_counter() > deadline:

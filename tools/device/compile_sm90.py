@@ -13,6 +13,7 @@ block on the H200).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import Counter
@@ -23,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from bench_kernels import SWEEP, launched_as
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 from moepass.ir.quantized import QuantFormat, quantize
 from moepass.kernels import compress_24
-from moepass.kernels import fused_moe as fused_moe_module
-from moepass.kernels.fused_moe import fused_moe, tiles_for
+from moepass.kernels.fused_moe import fused_moe
 from moepass.kernels.quant_gemm import quant_gemm
 from moepass.kernels.sparse24 import sparse24_gemm
 from moepass.table import format_table
@@ -84,8 +85,6 @@ def launch(fn, *args, **kwargs) -> None:
 
 
 def moe_launches(dtype: torch.dtype) -> None:
-    from bench_kernels import SWEEP
-
     for experts, top_k, tokens, hidden, inter in ((8, 2, 1, 256, 512), (8, 2, 16, 256, 512),
                                                   (8, 2, 256, 256, 512), (8, 2, 2048, 256, 512),
                                                   (128, 8, 2048, 256, 128)):  # fmt: skip
@@ -104,15 +103,11 @@ def moe_launches(dtype: torch.dtype) -> None:
             quant = {"bits": bits, "group_size": group, "gate_up_scales": gs, "gate_up_zeros": gz,
                      "down_scales": ds, "down_zeros": dz}  # fmt: skip
             quantized.append((gq, dq, quant))
-        launches = [None, *SWEEP["decode" if tokens <= 16 else "prefill"]]  # None: the heuristic's
-        for tiles in launches:
-            fused_moe_module.tiles_for = tiles_for if tiles is None else (lambda *_, t=tiles: t)
-            try:
+        for tiles in [None, *SWEEP["decode" if tokens <= 16 else "prefill"]]:  # None: the heuristic's
+            with contextlib.nullcontext() if tiles is None else launched_as(tiles):
                 launch(fused_moe, x, ids, weights, gate_up, down)
                 for gq, dq, quant in quantized:
                     launch(fused_moe, x, ids, weights, gq, dq, quant=quant)
-            finally:
-                fused_moe_module.tiles_for = tiles_for
 
 
 def matrix_launches(dtype: torch.dtype) -> None:
