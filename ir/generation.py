@@ -10,6 +10,8 @@ from torch import Tensor
 
 from moepass.errors import MoepassError
 
+from .static_cache import check_window, static_capacity
+
 logger = logging.getLogger("moepass")
 
 
@@ -43,7 +45,8 @@ def check_prompt(
 
 class StepGeneration:
     """`generate` for classes with `step(ids, mask, positions, past, last_token_only=...)`,
-    `empty_cache(batch)`, `cache_names` and `info` (eos_token_ids, pad_token_id, vocab_size)."""
+    `empty_cache(batch)`, `cache_names` and `info` (eos_token_ids, pad_token_id, vocab_size,
+    attention); those with `static_cache` and `static_step` also decode into a static cache."""
 
     def check_step(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]
@@ -93,12 +96,15 @@ class StepGeneration:
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
         streamer: Callable[[Tensor], None] | None = None,
+        cache_implementation: str = "dynamic",
     ) -> Tensor:
         """Greedy (or sampled) generation with the KV cache: prompt plus up to `max_new_tokens`.
 
         Matches transformers `generate`: left padding via `attention_mask`, positions from the mask,
         finished sequences padded with `pad_token_id` (default: the first EOS id), `top_k` 0 or None
         for no limit. `streamer` is called with each step's new tokens [batch] as soon as chosen.
+        `cache_implementation="static"` decodes into caches allocated once for prompt + new tokens
+        (`static_step`): no cache copied per step, and one shape for every step (CUDA graphs).
         """
         check_prompt(input_ids, attention_mask, self.info.vocab_size)
         if max_new_tokens < 0:
@@ -109,6 +115,15 @@ class StepGeneration:
             )
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {top_k}")
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}"
+            )
+        if cache_implementation == "static" and not hasattr(self, "static_step"):
+            raise MoepassError(
+                f"{type(self).__name__} decodes with a growing (dynamic) cache only; "
+                "cache_implementation='static' is for the PyTorch program (MoEProgram)"
+            )
         positions_known = self.info.config.get("max_position_embeddings")
         if positions_known and input_ids.shape[-1] + max_new_tokens > positions_known:
             logger.warning(  # as transformers does: the user may know the model extrapolates
@@ -130,8 +145,16 @@ class StepGeneration:
         eos_ids = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         tokens, past, step_ids = input_ids, self.empty_cache(batch), input_ids
+        static = None  # the static cache, from the second step on
+        if cache_implementation == "static" and max_new_tokens > 1:  # refused before the prompt runs
+            # every token enters the cache but the last one generated
+            capacity = static_capacity(input_ids.shape[1] + max_new_tokens - 1, self.info.attention)
+            check_window(self.info.attention, capacity)
         for i in range(max_new_tokens):
-            logits, past = self.step(step_ids, mask, positions, past, last_token_only=True)
+            if static is None:
+                logits, past = self.step(step_ids, mask, positions, past, last_token_only=True)
+            else:
+                logits = self.static_step(step_ids, positions, static)
             next_tokens = _pick(logits[:, -1].float(), do_sample, temperature, top_k, generator)
             if eos:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
@@ -142,8 +165,12 @@ class StepGeneration:
             if not unfinished.any() or i == max_new_tokens - 1:
                 break
             step_ids = next_tokens[:, None]
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
             positions = positions[:, -1:] + 1
+            if cache_implementation == "dynamic":
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            elif static is None:
+                static = self.static_cache(past, mask, capacity)
+                past = []
         return tokens
 
 

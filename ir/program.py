@@ -17,6 +17,7 @@ from .canonicalize import remove_dead_nodes
 from .generation import StepGeneration, check_prompt
 from .ops import TRACEABLE_BODIES
 from .printer import format_summary
+from .static_cache import StaticCache, check_window, static_decode_graph
 from .structure import StructureMap, build_structure
 from .verifier import verify
 
@@ -78,7 +79,8 @@ class MoEProgram(nn.Module, StepGeneration):
         self._structure: StructureMap | None = None
         self._cache_names: list[str] | None = None
         self._last_token_graph: fx.GraphModule | None = None
-        self._compiled_steps: dict[bool, Callable] = {}
+        self._static_decode_graph: fx.GraphModule | None = None
+        self._compiled_steps: dict[bool | str, Callable] = {}
         self._batched_edits = 0  # open `batch_edits` blocks
         self._code_is_stale = False
 
@@ -94,7 +96,7 @@ class MoEProgram(nn.Module, StepGeneration):
         code (at the end of a `batch_edits` block) and rebuilds the structure map on demand."""
         remove_dead_nodes(self.graph_module.graph)
         self._structure, self._cache_names = None, None
-        self._last_token_graph = None
+        self._last_token_graph = self._static_decode_graph = None
         self._compiled_steps = {}
         self._code_is_stale = True
         if not self._batched_edits:
@@ -165,7 +167,8 @@ class MoEProgram(nn.Module, StepGeneration):
         result = super()._apply(fn, recurse)
         if probe.device != before:
             _retarget_devices(self.graph_module, probe.device)
-            self._last_token_graph, self._compiled_steps = None, {}  # they hold the old device's constants
+            # they hold the old device's constants
+            self._last_token_graph, self._static_decode_graph, self._compiled_steps = None, None, {}
         return result
 
     # -- running ------------------------------------------------------------------------------
@@ -210,29 +213,73 @@ class MoEProgram(nn.Module, StepGeneration):
         if self._code_is_stale:  # run inside a `batch_edits` block (a pass calibrating between edits)
             self._regenerate_code()
         graph_module = self._last_token_module() if last_token_only else self.graph_module
+        outputs = self._run(last_token_only, graph_module, input_ids, attention_mask, position_ids, *past)
+        return outputs[0], list(outputs[1:])
+
+    def static_cache(self, past: list[Tensor], attention_mask: Tensor, capacity: int) -> StaticCache:
+        """A static cache of `capacity` slots holding a prefill step's caches and mask, for
+        `static_step`; refused past a sliding window (`moepass.ir.static_cache`)."""
+        check_window(self.info.attention, capacity)
+        return StaticCache.from_prefill(past, attention_mask, capacity)
+
+    @torch.no_grad()
+    def static_step(self, input_ids: Tensor, position_ids: Tensor, cache: StaticCache) -> Tensor:
+        """One decode step of one token per sequence ([batch, 1] ids and positions) into a static
+        cache, written in place: logits [batch, 1, vocab]. Every step has the same shapes, so a
+        compiled program on CUDA replays it as a CUDA graph instead of launching each kernel."""
+        batch = cache.mask.shape[0]
+        for name, tensor in (("input_ids", input_ids), ("position_ids", position_ids)):
+            if tuple(tensor.shape) != (batch, 1):
+                raise MoepassError(
+                    f"{name} must be [batch = {batch}, 1]: a static-cache step decodes one token per "
+                    f"sequence, got {list(tensor.shape)} (run prompts through `step`)"
+                )
+        if cache.length >= cache.capacity:
+            raise MoepassError(f"the static cache is full ({cache.capacity} slots); allocate a larger one")
+        if self._code_is_stale:
+            self._regenerate_code()
+        cache.mask[:, cache.length] = 1
+        slot = torch.tensor([cache.length], device=input_ids.device)
+        (logits,) = self._run(
+            "static", self._static_decode_module(), input_ids, cache.mask, position_ids, *cache.tensors, slot
+        )
+        cache.length += 1
+        return logits
+
+    def _run(self, key: bool | str, graph_module: fx.GraphModule, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """The step graph run as it is, or (a program lowered with `compile=True`) through
+        torch.compile, compiled once per `key` (prompt, single token or static-cache decode)."""
         if not self.info.compiled:
-            outputs = graph_module(input_ids, attention_mask, position_ids, *past)
-            return outputs[0], list(outputs[1:])
-        if last_token_only not in self._compiled_steps:
-            # dynamic lengths: one graph for prompts and one for single tokens, not one per cache length
+            return graph_module(*inputs)
+        on_cuda = self.device.type == "cuda"
+        if key not in self._compiled_steps:
             traceable = _with_traceable_bodies(graph_module)
-            # on CPU a C++ wrapper calls the kernels: a decode step is ~100 small calls, and Python's
-            # per-call cost was 15-20% of a tiny-mixtral step (`tools/bench_e2e.py`)
-            options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-            self._compiled_steps[last_token_only] = torch.compile(traceable, dynamic=True, options=options)
+            if key == "static" and on_cuda:
+                # fixed shapes: Inductor replays the whole step as a CUDA graph (decode at batch 1 is
+                # bound by launching kernels, not by the GPU)
+                compiled = torch.compile(traceable, mode="reduce-overhead")
+            else:
+                # dynamic lengths: one graph for prompts and one for single tokens, not one per cache
+                # length; on CPU a C++ wrapper calls the kernels: a decode step is ~100 small calls,
+                # and Python's per-call cost was 15-20% of a tiny-mixtral step (`tools/bench_e2e.py`)
+                options = {"cpp_wrapper": True} if not on_cuda else None
+                compiled = torch.compile(traceable, dynamic=True, options=options)
+            self._compiled_steps[key] = compiled
         # compiled graphs guard on their inputs' strides: expanded positions, or a prompt's cache (laid
         # out unlike a decode step's), would each cost another compile
-        inputs = [t.contiguous() for t in (input_ids, attention_mask, position_ids, *past)]
+        inputs = tuple(t.contiguous() for t in inputs)
         try:
             with _capturing_scalars():
-                outputs = self._compiled_steps[last_token_only](*inputs)
+                outputs = self._compiled_steps[key](*inputs)
         except BackendCompilerFailed as error:
             raise MoepassError(
                 f"torch.compile (Inductor) could not compile this program's step: "
                 f"{type(error.inner_exception).__name__}: {str(error.inner_exception).splitlines()[0]}; "
                 "lower it without compile=True (Inductor needs a C++ compiler on CPU)"
             ) from error
-        return outputs[0], list(outputs[1:])
+        if key == "static" and on_cuda:  # a CUDA graph's next replay overwrites its outputs
+            outputs = tuple(t.clone() for t in outputs)
+        return outputs
 
     def _last_token_module(self) -> fx.GraphModule:
         """The step graph with the final hidden states cut to the last position before the LM head;
@@ -245,6 +292,13 @@ class MoEProgram(nn.Module, StepGeneration):
             head.replace_input_with(head.args[0], last)
             self._last_token_graph = fx.GraphModule(self.graph_module, graph)
         return self._last_token_graph
+
+    def _static_decode_module(self) -> fx.GraphModule:
+        """The last-token step graph decoding into static caches (`static_decode_graph`)."""
+        if self._static_decode_graph is None:
+            graph = static_decode_graph(_graph_copy(self._last_token_module()), self.cache_names)
+            self._static_decode_graph = fx.GraphModule(self.graph_module, graph)
+        return self._static_decode_graph
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -348,10 +348,12 @@ def _generate(args: argparse.Namespace) -> None:
     from tokenizers import Tokenizer
 
     torch.set_num_threads(args.threads)
-    if args.onnx and (args.compile or args.no_lower or args.device.split(":")[0] != "cpu"):
+    if args.onnx and (
+        args.compile or args.no_lower or args.static_cache or args.device.split(":")[0] != "cpu"
+    ):
         raise MoepassError(
-            "--compile, --no-lower and --device choose how PyTorch runs (onnxruntime runs on its CPU "
-            "provider); drop them with --onnx"
+            "--compile, --no-lower, --static-cache and --device choose how PyTorch runs (onnxruntime runs "
+            "on its CPU provider, growing its past tensors); drop them with --onnx"
         )
     if args.compile and args.no_lower:
         raise MoepassError("--compile compiles the lowered program; drop --no-lower")
@@ -390,6 +392,7 @@ def _generate(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         generator=generator,
         streamer=stream,
+        cache_implementation="static" if args.static_cache else "dynamic",
     )
     seconds = time.perf_counter() - start
     print(*echo, sep="", end="", flush=True)  # if nothing was generated (EOS first)
@@ -636,6 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="run the lowered program through torch.compile (faster decode; compiles ~1 min first)",
+    )
+    gen.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="decode into a KV cache allocated once (one shape per step: with --compile on CUDA, replayed "
+        "as a CUDA graph)",
     )
     gen.add_argument("--threads", type=_at_least(1), default=1, help="torch / onnxruntime CPU threads")
     gen.add_argument("--device", default="cpu", help=DEVICE_HELP + "; lowered for it")

@@ -515,12 +515,13 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     for name in ("tokenizer_config.json", "chat_template.jinja"):
         assert (onnx_dir / name).read_text() == (checkpoint / name).read_text()
     texts = {}
-    for engine, argv in {"torch": [str(out)], "onnx": [str(onnx_dir), "--onnx"]}.items():
+    engines = {"torch": [str(out)], "static": [str(out), "--static-cache"], "onnx": [str(onnx_dir), "--onnx"]}
+    for engine, argv in engines.items():
         assert main(["generate", *argv, "--prompt", "It is", "--max-new-tokens", "6"]) == 0
         captured_io = capsys.readouterr()
         texts[engine] = captured_io.out
         assert "tokens in" in captured_io.err
-    assert texts["torch"] == texts["onnx"] and texts["torch"].startswith("It is")
+    assert texts["torch"] == texts["static"] == texts["onnx"] and texts["torch"].startswith("It is")
     assert main(["eval", str(onnx_dir), "--max-per-source", "1"]) == 0  # scored by onnxruntime
     assert "(ONNX export, onnxruntime)" in capsys.readouterr().out
     int8_dir = tmp_path / "onnx-int8"

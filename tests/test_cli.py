@@ -118,7 +118,7 @@ def test_a_device_is_checked_before_any_model_is_loaded(argv, device, message, c
 
 
 def test_onnx_generation_refuses_the_pytorch_options(tmp_path, capsys):
-    for option in (["--compile"], ["--no-lower"], ["--device", "meta"]):
+    for option in (["--compile"], ["--no-lower"], ["--static-cache"], ["--device", "meta"]):
         assert main(["generate", str(tmp_path), "--onnx", *option]) == 2
         assert "drop them with --onnx" in capsys.readouterr().err
 

@@ -495,6 +495,8 @@ def test_steps_refuse_inputs_the_graph_would_misread(tmp_path_factory):
         exported(ids.float() + 0.5)  # onnxruntime would be fed truncated ids
     with pytest.raises(MoepassError, match="input_ids holds no tokens"):
         exported(ids[:, :0])
+    with pytest.raises(MoepassError, match=r"OnnxProgram decodes with a growing \(dynamic\) cache only"):
+        exported.generate(ids, 2, cache_implementation="static")  # its graph takes and returns past tensors
 
 
 def test_a_truncated_onnx_model_is_refused_naming_the_file(tmp_path, tmp_path_factory):

@@ -14,7 +14,9 @@ freed before the compressed one runs, so its peak is its own. Floors: bf16 weigh
 4.14 TB/s. Then calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) compress a tiny model on the
 device and on CPU: the results must agree; the CLI compresses, evaluates and samples from the
 bundled model with `--device`; and last, with `--compiled`, the paper recipe runs through
-torch.compile (~3 min of compiling on the H200 machine). Runs under torch 2.11 / triton 3.6 /
+torch.compile: decoding into a static cache (every step one shape: replayed as a CUDA graph; checked
+against the eager program first), then with the growing cache (~3 min of compiling on the H200
+machine; the static-cache compile has not run on a GPU yet). Runs under torch 2.11 / triton 3.6 /
 transformers 5.17. The first runs are in BENCHMARKS.md (2026-12-04): budget ~7 minutes of device
 time for a full run with `--compiled`.
 """
@@ -40,6 +42,7 @@ import transformers
 import moepass
 from moepass.cli import main as cli
 from moepass.data import TokenSet
+from moepass.ir.static_cache import static_capacity
 from moepass.table import format_table
 
 BANDWIDTH = 4.14e12  # bytes/s, H200 device copy
@@ -114,7 +117,10 @@ def hf_engine(model, device):
     return prefill, decode
 
 
-def program_engine(program, device):
+def program_engine(program, device, static: bool = False):
+    """Prefill and decode through `MoEProgram.step`; `static` decodes into a static cache
+    (`static_step`: one shape every step, replayed as a CUDA graph by a compiled program)."""
+
     def prefill(ids):
         mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1], device=device)[None]
         program.step(ids, mask, positions, program.empty_cache(1), last_token_only=True)
@@ -122,18 +128,42 @@ def program_engine(program, device):
     def decode(ids, steps):
         mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1], device=device)[None]
         logits, past = program.step(ids, mask, positions, program.empty_cache(1), last_token_only=True)
+        if static:
+            cache = program.static_cache(past, mask, static_capacity(ids.shape[1] + steps, {}))
         token = logits[:, -1:].argmax(-1)
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
             positions = positions[:, -1:] + 1
-            logits, past = program.step(token, mask, positions, past, last_token_only=True)
+            if static:
+                logits = program.static_step(token, positions, cache)
+            else:
+                mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
+                logits, past = program.step(token, mask, positions, past, last_token_only=True)
             token = logits[:, -1:].argmax(-1)
         _sync(device)
         return (time.perf_counter() - start) / steps
 
     return prefill, decode
+
+
+def check_static_decode(program, reference, device: torch.device) -> None:
+    """A compiled static-cache step (CUDA graph) against the eager program's growing-cache step:
+    the logits of 4 decode steps fed the same tokens agree to bf16 rounding."""
+    ids = torch.randint(3, 500, (1, 16), device=device)
+    mask, positions = torch.ones_like(ids), torch.arange(16, device=device)[None]
+    logits, past = reference.step(ids, mask, positions, reference.empty_cache(1), last_token_only=True)
+    _, prefilled = program.step(ids, mask, positions, program.empty_cache(1), last_token_only=True)
+    cache, worst = program.static_cache(prefilled, mask, 256), 0.0
+    for _ in range(4):
+        token, positions = logits[:, -1:].argmax(-1), positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
+        got = program.static_step(token, positions, cache)
+        logits, past = reference.step(token, mask, positions, past, last_token_only=True)
+        worst = max(worst, _relative(got, logits))
+    log(f"static-cache compiled decode vs eager: relative error {worst:.2e} over 4 steps")
+    if worst > 0.05:
+        raise SystemExit(f"FAIL: static-cache decode differs from eager by {worst:.2e}")
 
 
 def measure(name: str, engine, device, prompt_len: int, decode_tokens: int) -> dict:
@@ -287,6 +317,11 @@ def main() -> None:
     check_cli(device)
     if args.compiled:  # last: compiling the 24-layer program took ~180 s on the H200 machine
         lowered = moepass.lower(compressed, compile=True)
+        check_static_decode(lowered, compressed, device)  # compiles the static-cache step
+        rows["paper recipe compiled, static cache"] = measure(
+            "paper recipe compiled, static cache", program_engine(lowered, device, static=True), device,
+            prompt_len, decode_tokens)  # fmt: skip
+        print_table(rows, floor_ms, active, prompt_len)
         rows["paper recipe compiled"] = measure("paper recipe compiled", program_engine(lowered, device),
                                                 device, prompt_len, decode_tokens)  # fmt: skip
         print_table(rows, floor_ms, active, prompt_len)

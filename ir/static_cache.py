@@ -1,0 +1,110 @@
+"""Decoding into a static KV cache: fixed-capacity key/value buffers written in place.
+
+The step graph grows its caches (`present = cat(past, new)`): each decode step copies every layer's
+whole cache, and each step has new shapes, so a compiled step can never be captured in a CUDA graph.
+The static decode graph is the last-token step graph with each such `cat` replaced by an in-place
+`index_copy_` of the new token into slot `cache_position` of a [batch, heads, capacity, head dim]
+buffer. The attention mask spans the whole capacity (slots not yet written are masked out), so the
+graph's attention reads `capacity` keys and treats the query as the last position: for causal
+attention that is exact (every written slot precedes it); a sliding window is exact only while the
+capacity fits inside the window, so longer capacities are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx
+
+from moepass.errors import MoepassError
+
+_CAT = torch.ops.aten.cat.default
+_SLIDING = re.compile(r"sliding (\d+)")
+
+
+@dataclass
+class StaticCache:
+    """The caches of a batch being decoded: buffers [batch, heads, capacity, head dim] (as the graph
+    names them, `cache_names`), the attention mask over all slots [batch, capacity], and how many
+    slots hold tokens (`length`, the next token's slot)."""
+
+    tensors: list[Tensor]
+    mask: Tensor
+    length: int
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    @classmethod
+    def from_prefill(cls, past: list[Tensor], attention_mask: Tensor, capacity: int) -> StaticCache:
+        """Buffers of `capacity` slots holding a prefill's caches (`past`, one [batch, heads, length,
+        head dim] per cache name) and its mask [batch, length]."""
+        batch, length = attention_mask.shape
+        if capacity < length:
+            raise MoepassError(f"a static cache of {capacity} slots cannot hold the {length} tokens given")
+        tensors = []
+        for tensor in past:
+            buffer = tensor.new_zeros(batch, tensor.shape[1], capacity, tensor.shape[3])
+            buffer[:, :, :length] = tensor
+            if buffer.is_cuda:  # written in place by a CUDA graph: it must stay at one address
+                torch._dynamo.mark_static_address(buffer)
+            tensors.append(buffer)
+        mask = attention_mask.new_zeros(batch, capacity)
+        mask[:, :length] = attention_mask
+        return cls(tensors, mask, length)
+
+
+def static_capacity(needed: int, attention: dict[int, str]) -> int:
+    """Slots to allocate for `needed` tokens: rounded up to a multiple of 64, so that prompts of
+    similar lengths share one compiled step (and CUDA graph), but not past a sliding window that
+    `needed` fits. Not more: every step attends over every slot, and on CPU masked slots cost as
+    much as written ones (flash attention at 1024 slots: 14x its time at 17)."""
+    windows = [int(match.group(1)) for d in attention.values() if (match := _SLIDING.search(d))]
+    return max(needed, min([-(-needed // 64) * 64, *windows]))
+
+
+def check_window(attention: dict[int, str], capacity: int) -> None:
+    """Refuse a capacity past a layer's sliding window (see the module docstring), naming the layer."""
+    for layer, description in sorted(attention.items()):
+        match = _SLIDING.search(description)
+        if match and capacity > int(match.group(1)):
+            raise MoepassError(
+                f"layer {layer} attends through a sliding window of {match.group(1)} tokens: a static "
+                f"cache of {capacity} slots would attend past it; decode with the dynamic cache "
+                f"(cache_implementation='dynamic') or keep prompt + new tokens <= {match.group(1)}"
+            )
+
+
+def static_decode_graph(graph: fx.Graph, cache_names: list[str]) -> fx.Graph:
+    """`graph` (a step graph: (ids, mask, positions, *past) -> (logits, *present)) edited in place into
+    (ids, mask, positions, *caches, cache_position) -> (logits,), writing the new token of every cache
+    into slot `cache_position` (a [1] int64 tensor) of its buffer."""
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    output = graph.output_node()
+    logits, *presents = output.args[0]
+    with graph.inserting_after(placeholders[cache_names[-1]]):
+        cache_position = graph.placeholder("cache_position")
+    for name, present in zip(cache_names, presents, strict=True):
+        past = placeholders[name]
+        if not (
+            present.op == "call_function"
+            and present.target is _CAT
+            and len(present.args[0]) == 2
+            and present.args[0][0] is past
+            and present.args[1] in (2, -2)
+        ):
+            raise MoepassError(
+                f"cannot decode into a static cache: {name}'s present is not cat({name}, new tokens) "
+                f"along the sequence (it is {present.format_node()})"
+            )
+        with graph.inserting_before(present):
+            written = graph.call_function(
+                torch.ops.aten.index_copy_.default, (past, 2, cache_position, present.args[0][1])
+            )
+        present.replace_all_uses_with(written)
+        graph.erase_node(present)
+    output.args = ((logits,),)
+    return graph

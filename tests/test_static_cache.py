@@ -1,0 +1,106 @@
+"""Static-cache decoding: in-place writes into fixed buffers give the growing cache's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moepass
+from helpers import FAMILIES, captured, rtn
+from moepass.errors import MoepassError
+from moepass.ir.static_cache import StaticCache, static_capacity
+
+WINDOW = 8  # gpt_oss's random config: sliding-window layers of 8 tokens
+
+
+def _padded_prompt(vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, vocab, (2, length))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: the masked prompt slots must stay masked in the static cache
+    return ids, mask
+
+
+def _decode_both_ways(program, ids, mask, steps: int, capacity: int):
+    """Logits of `steps` greedy decode steps through the growing cache and through a static one fed
+    the same tokens, after one prefill."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    logits, past = program.step(ids, mask, positions, program.empty_cache(ids.shape[0]), last_token_only=True)
+    static = program.static_cache(past, mask, capacity)
+    dynamic_logits, static_logits = [], []
+    for _ in range(steps):
+        token, positions = logits[:, -1:].argmax(-1), positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
+        static_logits.append(program.static_step(token, positions, static))
+        logits, past = program.step(token, mask, positions, past, last_token_only=True)
+        dynamic_logits.append(logits)
+    return torch.cat(dynamic_logits, 1), torch.cat(static_logits, 1), static
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_steps_give_the_dynamic_steps_logits(family, seed):
+    model, program = captured(family)
+    ids, mask = _padded_prompt(model.config.vocab_size, 3)
+    capacity = WINDOW if family == "gpt_oss" else 32  # slots past the tokens stay masked
+    dynamic, static, cache = _decode_both_ways(program, ids, mask, 5, capacity)
+    assert (static - dynamic).abs().max() <= 1e-5, family
+    assert cache.length == 8 and cache.capacity == capacity
+    assert torch.equal(cache.mask[:, :8], torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], 1))
+    assert not cache.mask[:, 8:].any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_generation_matches_transformers(family, seed):
+    model, program = captured(family)
+    ids, mask = _padded_prompt(model.config.vocab_size, 4)
+    new = WINDOW - 4 if family == "gpt_oss" else 12
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    got = program.generate(ids, new, attention_mask=mask, cache_implementation="static")
+    assert torch.equal(got, expected), family
+
+
+def test_quantized_lowered_programs_decode_into_static_caches(seed):
+    """The CPU lowering's packed int4 ops, fused linears and input-major weights, on a static cache."""
+    model, program = captured("deepseek_v3")
+    lowered = moepass.lower(rtn(program, bits=4, group_size=32))
+    ids, mask = _padded_prompt(model.config.vocab_size, 5)
+    dynamic, static, _ = _decode_both_ways(lowered, ids, mask, 4, 16)
+    assert (static - dynamic).abs().max() <= 1e-4
+
+
+def test_compiled_static_decoding_compiles_once_for_every_step_and_similar_prompts(seed):
+    model, program = captured("mixtral")
+    compiled = moepass.lower(program, compile=True)
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    want = program.generate(ids, 6, eos_token_id=None)
+    assert torch.equal(compiled.generate(ids, 6, eos_token_id=None, cache_implementation="static"), want)
+    longer = torch.randint(3, model.config.vocab_size, (1, 9))  # a new prompt length, same capacity
+    compiled.generate(longer, 1, eos_token_id=None)  # compiles the prompt graph for this length
+    want = program.generate(longer, 10, eos_token_id=None)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.generate(longer, 10, eos_token_id=None, cache_implementation="static")
+    assert torch.equal(got, want)
+
+
+def test_capacity_rounds_up_but_not_past_a_sliding_window():
+    assert static_capacity(5, {}) == 64 and static_capacity(65, {0: "GQA"}) == 128
+    assert static_capacity(5, {0: "GQA", 1: f"GQA, sliding {WINDOW}"}) == WINDOW
+    assert static_capacity(WINDOW + 1, {1: f"sliding {WINDOW}"}) == WINDOW + 1  # refused when used
+
+
+def test_static_decoding_refuses_what_it_would_get_wrong(seed):
+    model, program = captured("gpt_oss")
+    ids = torch.randint(3, model.config.vocab_size, (1, 4))
+    with pytest.raises(MoepassError, match=f"layer 0 attends through a sliding window of {WINDOW} tokens"):
+        program.generate(ids, WINDOW - 2, cache_implementation="static")
+    with pytest.raises(ValueError, match="cache_implementation must be 'dynamic' or 'static', got 'Static'"):
+        program.generate(ids, 2, cache_implementation="Static")
+    mask, positions = torch.ones_like(ids), torch.arange(4)[None]
+    _, past = program.step(ids, mask, positions, program.empty_cache(1))
+    with pytest.raises(MoepassError, match="cannot hold the 4 tokens"):
+        StaticCache.from_prefill(past, mask, 3)
+    cache = program.static_cache(past, mask, 5)
+    with pytest.raises(MoepassError, match=r"input_ids must be \[batch = 1, 1\].*got \[1, 2\]"):
+        program.static_step(ids[:, :2], positions[:, :2], cache)
+    program.static_step(ids[:, :1], positions[:, -1:] + 1, cache)
+    with pytest.raises(MoepassError, match=r"the static cache is full \(5 slots\)"):
+        program.static_step(ids[:, :1], positions[:, -1:] + 2, cache)
