@@ -17,8 +17,9 @@ bundled model with `--device`; and last, with `--compiled`, the paper recipe run
 torch.compile: decoding into a static cache (every step one shape: replayed as a CUDA graph; checked
 against the eager program first), then with the growing cache (~3 min of compiling on the H200
 machine; the static-cache compile has not run on a GPU yet). Runs under torch 2.11 / triton 3.6 /
-transformers 5.17. The first runs are in BENCHMARKS.md (2026-12-04): budget ~7 minutes of device
-time for a full run with `--compiled`.
+transformers 5.17. The first runs are in BENCHMARKS.md (2026-12-04): about 3 minutes without
+`--compiled`, 6 with the growing cache's compile alone (run 3); budget ~9 for both compiles, in a
+command of its own (each command may run 10 minutes).
 """
 
 from __future__ import annotations
