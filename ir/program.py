@@ -17,7 +17,7 @@ from .canonicalize import remove_dead_nodes
 from .generation import StepGeneration, check_prompt
 from .ops import TRACEABLE_BODIES
 from .printer import format_summary
-from .static_cache import StaticCache, check_window, static_decode_graph
+from .static_cache import StaticCache, check_window, replays_as_cuda_graph, static_decode_graph
 from .structure import StructureMap, build_structure
 from .verifier import verify
 
@@ -251,10 +251,10 @@ class MoEProgram(nn.Module, StepGeneration):
         torch.compile, compiled once per `key` (prompt, single token or static-cache decode)."""
         if not self.info.compiled:
             return graph_module(*inputs)
-        on_cuda = self.device.type == "cuda"
+        replayed = key == "static" and replays_as_cuda_graph(self.device)
         if key not in self._compiled_steps:
             traceable = _with_traceable_bodies(graph_module)
-            if key == "static" and on_cuda:
+            if replayed:
                 # fixed shapes: Inductor replays the whole step as a CUDA graph (decode at batch 1 is
                 # bound by launching kernels, not by the GPU)
                 compiled = torch.compile(traceable, mode="reduce-overhead")
@@ -262,7 +262,7 @@ class MoEProgram(nn.Module, StepGeneration):
                 # dynamic lengths: one graph for prompts and one for single tokens, not one per cache
                 # length; on CPU a C++ wrapper calls the kernels: a decode step is ~100 small calls,
                 # and Python's per-call cost was 15-20% of a tiny-mixtral step (`tools/bench_e2e.py`)
-                options = {"cpp_wrapper": True} if not on_cuda else None
+                options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
                 compiled = torch.compile(traceable, dynamic=True, options=options)
             self._compiled_steps[key] = compiled
         # compiled graphs guard on their inputs' strides: expanded positions, or a prompt's cache (laid
@@ -277,7 +277,7 @@ class MoEProgram(nn.Module, StepGeneration):
                 f"{type(error.inner_exception).__name__}: {str(error.inner_exception).splitlines()[0]}; "
                 "lower it without compile=True (Inductor needs a C++ compiler on CPU)"
             ) from error
-        if key == "static" and on_cuda:  # a CUDA graph's next replay overwrites its outputs
+        if replayed:  # a CUDA graph's next replay overwrites its outputs
             outputs = tuple(t.clone() for t in outputs)
         return outputs
 

@@ -21,6 +21,8 @@ from torch import Tensor, fx
 from moepass.errors import MoepassError
 
 _CAT = torch.ops.aten.cat.default
+# where a compiled program replays its static-cache step as a CUDA graph (Inductor's cudagraph trees)
+CUDA_GRAPH_DEVICES = ("cuda",)
 _SLIDING = re.compile(r"sliding (\d+)")
 
 
@@ -49,12 +51,17 @@ class StaticCache:
         for tensor in past:
             buffer = tensor.new_zeros(batch, tensor.shape[1], capacity, tensor.shape[3])
             buffer[:, :, :length] = tensor
-            if buffer.is_cuda:  # written in place by a CUDA graph: it must stay at one address
-                torch._dynamo.mark_static_address(buffer)
+            if replays_as_cuda_graph(buffer.device):  # written in place by a CUDA graph:
+                torch._dynamo.mark_static_address(buffer)  # replays need it at one address
             tensors.append(buffer)
         mask = attention_mask.new_zeros(batch, capacity)
         mask[:, :length] = attention_mask
         return cls(tensors, mask, length)
+
+
+def replays_as_cuda_graph(device: torch.device) -> bool:
+    """Whether a compiled program on `device` replays its static-cache step as a CUDA graph."""
+    return device.type in CUDA_GRAPH_DEVICES
 
 
 def static_capacity(needed: int, attention: dict[int, str]) -> int:

@@ -8,6 +8,7 @@ import torch
 import moepass
 from helpers import FAMILIES, captured, rtn
 from moepass.errors import MoepassError
+from moepass.ir import static_cache
 from moepass.ir.static_cache import StaticCache, static_capacity
 
 WINDOW = 8  # gpt_oss's random config: sliding-window layers of 8 tokens
@@ -78,6 +79,21 @@ def test_compiled_static_decoding_compiles_once_for_every_step_and_similar_promp
     want = program.generate(longer, 10, eos_token_id=None)
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = compiled.generate(longer, 10, eos_token_id=None, cache_implementation="static")
+    assert torch.equal(got, want)
+
+
+def test_the_cuda_graph_compile_runs_each_step_without_recompiling(seed, monkeypatch):
+    """The CUDA path's compile (static shapes, `mode="reduce-overhead"`, caches at static addresses,
+    outputs copied out of the graph's memory) taken on CPU, where Inductor skips the CUDA graph but
+    compiles the same step: every decode step must reuse the first compile."""
+    monkeypatch.setattr(static_cache, "CUDA_GRAPH_DEVICES", ("cuda", "cpu"))
+    model, program = captured("mixtral")  # as above: Inductor's cache serves the prompt's compile
+    compiled = moepass.lower(program, compile=True)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    want = program.generate(ids, 8, eos_token_id=None)
+    compiled.generate(ids, 3, eos_token_id=None, cache_implementation="static")  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.generate(ids, 8, eos_token_id=None, cache_implementation="static")
     assert torch.equal(got, want)
 
 
