@@ -10,19 +10,24 @@ capturing many seeds of one config cheap.
 A model whose forward the key cannot see (forward hooks, an instance-level `forward`), or whose graph
 reads a tensor made while tracing, is always traced. Patched model code (a class's forward, a modeling
 module's function) is part of the key; an in-place change to a registry (re-registering an attention
-function under the same name) is not: call `clear()` after one.
+function under the same name) is not: call `clear()` after one. So are the modules' settings the key
+can compare (numbers, strings, dtypes, containers of them, functions by name: `settings`); an object
+attribute of another kind (other than the config, which is in the key) is not.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import itertools
 import json
 import logging
 import sys
+import types
 from collections import OrderedDict
 
+import torch
 from torch import Tensor, fx, nn
 
 from .structure import tensor_at
@@ -88,17 +93,42 @@ def tensor_signature(name: str, tensor: Tensor) -> tuple:
 
 
 def settings(module: nn.Module, skip: str = "") -> str:
-    """The module's own plain attributes (numbers, strings, dataclasses such as a converted MoE
-    block's routing spec), but `skip`: traced as constants, so an edit (`gate.top_k = 1`) needs a
-    fresh trace."""
-    plain = (int, float, bool, str, type(None))
-    return repr(
-        sorted(
-            (key, value)
-            for key, value in vars(module).items()
-            if key != skip and (isinstance(value, plain) or _is_dataclass_instance(value))
-        )
-    )
+    """The module's own settings, but `skip`: traced as constants, so an edit (`gate.top_k = 1`, a
+    tuple of scaling factors) needs a fresh trace. Numbers, strings, dtypes, enums, dataclasses
+    (a converted MoE block's routing spec) and containers of them; functions by qualified name; not
+    nn.Module's own underscored tables, nor other objects (configs: the key holds the model's)."""
+    entries = []
+    for key, value in vars(module).items():
+        if key.startswith("_"):  # nn.Module's tables (parameters, hooks), or a plain private flag
+            setting = value if isinstance(value, _PLAIN) else _OPAQUE
+        else:
+            setting = _setting(value)
+        if key != skip and setting is not _OPAQUE:
+            entries.append((key, setting))
+    return repr(sorted(entries))
+
+
+_PLAIN = (int, float, bool, str, type(None))
+_OPAQUE = object()
+
+
+def _setting(value):
+    """`value` as a comparable constant, or `_OPAQUE` when it holds an object the key cannot read."""
+    if isinstance(value, _PLAIN) or _is_dataclass_instance(value):
+        return value
+    if isinstance(value, torch.dtype | torch.device | enum.Enum):
+        return repr(value)
+    if isinstance(value, types.FunctionType | types.BuiltinFunctionType):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, tuple | list | set | frozenset):
+        items = [_setting(item) for item in value]
+        if isinstance(value, set | frozenset):
+            items.sort(key=repr)
+        return _OPAQUE if any(item is _OPAQUE for item in items) else (type(value).__name__, *items)
+    if isinstance(value, dict):
+        items = [(repr(key), _setting(item)) for key, item in value.items()]
+        return _OPAQUE if any(item is _OPAQUE for _, item in items) else ("dict", *items)
+    return _OPAQUE
 
 
 def _is_dataclass_instance(value) -> bool:

@@ -406,6 +406,32 @@ def test_recapture_traces_again_when_the_graph_could_differ(seed, caplog, monkey
     _assert_program_matches_eager(program, top1, seed)
 
 
+def test_recapture_traces_again_when_a_container_setting_differs(seed, caplog, monkeypatch):
+    """Model code reading a tuple, list or dict attribute traces it as constants: models differing
+    only there (same class, config and shapes) must not share a trace."""
+    base = functools.partial(model_for, "mixtral", seed=seed, num_hidden_layers=1)
+    norm_class = type(base().model.norm)
+    norm_forward = norm_class.forward
+    monkeypatch.setattr(norm_class, "forward", lambda self, x: norm_forward(self, x) * self.gains[0])
+    models = []
+    for gains in [(1.0,), (2.0,), [3.0], [0.5], {0: 1.5}, {0: 0.25}]:
+        model = base()
+        for norm in (m for m in model.modules() if isinstance(m, norm_class)):
+            norm.gains = gains
+        models.append(model)
+    trace_cache.clear()
+    caplog.set_level(logging.INFO, logger="moepass")
+    for model in models:
+        caplog.clear()
+        program = moepass.capture(model)
+        assert not _trace_reused(caplog), model.model.norm.gains
+        _assert_program_matches_eager(program, model, seed)
+    caplog.clear()
+    program = moepass.capture(models[2])  # gains seen before: their trace serves
+    assert _trace_reused(caplog)
+    _assert_program_matches_eager(program, models[2], seed)
+
+
 def test_the_trace_cache_keeps_graphs_within_its_node_budget(seed, caplog, monkeypatch):
     """Eviction is by nodes (a graph's memory), oldest first: the newest graph always stays."""
     trace_cache.clear()
