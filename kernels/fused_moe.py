@@ -5,8 +5,9 @@
                experts that get no tokens cost nothing);
   2. gate/up   one grouped GEMM computes each row's gate and up tiles together and applies the
                activation (SwiGLU, GELU/ReLU-GLU, GPT-OSS's clamped SwiGLU) in the epilogue;
-  3. down      a second grouped GEMM multiplies by each slot's routing weight in its epilogue;
-  4. combine   the k slots of every token are summed in fp32.
+  3. down      a second grouped GEMM multiplies by each slot's routing weight in its epilogue
+               (a launch may split its K loop across programs, each summing into its own plane);
+  4. combine   the k slots (and K-loop planes) of every token are summed in fp32.
 Weights are dense (fp32/fp16/bf16) or W4A16/W8A16 in the stored quantized layout, dequantized in
 registers. Block sizes come from a shape heuristic, so expert counts produced by expert drop
 (5, 6, 7, 48, 96...) need no tuning entry.
@@ -137,6 +138,7 @@ def _grouped_gemm_kernel(
     stride_be,
     stride_ie,
     stride_om,
+    stride_os,
     GATED: tl.constexpr,
     ACT: tl.constexpr,
     A_BY_TOKEN: tl.constexpr,
@@ -153,13 +155,17 @@ def _grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     DOT_HALF: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """out[slot, n] for the BLOCK_M expert-sorted slots of this program; gated: the gate rows are
     [0, N) and the up rows [N, 2N) of the expert's weight, combined by the activation.
 
     DIRECT (one token): program m serves slot m alone and reads its expert from the routing itself,
-    so a decode step needs no alignment kernels."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    so a decode step needs no alignment kernels. SPLIT_K > 1 (not gated: the activation needs whole
+    sums): program k of the third grid axis sums the k-th share of the K blocks into its own plane of
+    `out` (stride_os apart), bias in plane 0; the caller adds the planes."""
+    tl.static_assert(SPLIT_K == 1 or not GATED, "split-K would activate partial sums")
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     expert = tl.load(block_expert_ptr + pid_m)
     live = (expert >= 0) & (expert < num_experts)  # unused blocks of `align`, dropped experts
     k_end = tl.where(live, K, 0)
@@ -178,7 +184,9 @@ def _grouped_gemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K  # whole K blocks: never inside a group
+    k_start = pid_k * per_split
+    for k0 in range(k_start, tl.minimum(k_start + per_split, k_end), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
             a_ptr + rows[:, None] * stride_am + offs_k[None, :],
@@ -237,7 +245,8 @@ def _grouped_gemm_kernel(
     if SWAP_AB:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[
+        bias_mask = offs_n < tl.where(pid_k == 0, N, 0)  # the bias once: in plane 0
+        acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=bias_mask, other=0.0).to(tl.float32)[
             None, :
         ]
         if GATED:
@@ -249,7 +258,7 @@ def _grouped_gemm_kernel(
     if MUL_ROUTE:
         acc = acc * tl.load(route_w_ptr + slots, mask=valid, other=0.0).to(tl.float32)[:, None]
     tl.store(
-        out_ptr + slots[:, None] * stride_om + offs_n[None, :],
+        out_ptr + pid_k.to(tl.int64) * stride_os + slots[:, None] * stride_om + offs_n[None, :],
         acc,
         mask=valid[:, None] & (offs_n[None, :] < N),
     )
@@ -286,8 +295,9 @@ def align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Ten
 
 
 class Tiles(NamedTuple):
-    """A grouped GEMM launch: tile sizes, warps, software-pipeline stages (Triton's defaults), and
-    whether the weight tile is the dot's first operand (out^T = W a^T)."""
+    """A grouped GEMM launch: tile sizes, warps, software-pipeline stages (Triton's defaults),
+    whether the weight tile is the dot's first operand (out^T = W a^T), and how many programs share
+    the down projection's K loop (split-K: more programs stream a decode step's few rows' weights)."""
 
     block_m: int
     block_n: int
@@ -295,6 +305,7 @@ class Tiles(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False
+    split_k: int = 1
 
 
 def tiles_for(slots: int, num_experts: int, n: int, group: int, quantized: bool) -> Tiles:
@@ -355,12 +366,13 @@ def fused_moe(
     else:
         sorted_slots, block_expert = align(topk_ids, num_experts, block_m)
     act = workspace((num_slots, inter), hidden.device)
-    out = workspace((num_slots, h), hidden.device)
+    out = workspace((launch.split_k, num_slots, h), hidden.device)  # a plane per share of the K loop
     route = topk_weights.reshape(-1).float().contiguous()
 
     def run(a, w, scales, zeros, bias, in_scale, target, n, k, group, gated, by_token, mul_route, bk):
         w, scales, zeros, bias, in_scale = dense_rows(w, scales, zeros, bias, in_scale)
-        grid = (block_expert.numel(), triton.cdiv(n, block_n))
+        split_k = 1 if gated else launch.split_k
+        grid = (block_expert.numel(), triton.cdiv(n, block_n), split_k)
         _grouped_gemm_kernel[grid](
             a,
             w,
@@ -388,7 +400,8 @@ def fused_moe(
             zeros.stride(1) if zeros is not None else 0,
             bias.stride(0) if bias is not None else 0,
             in_scale.stride(0) if in_scale is not None and in_scale.dim() == 2 else 0,
-            target.stride(0),
+            target.stride(-2),
+            target.stride(0) if split_k > 1 else 0,
             GATED=gated,
             ACT=ACTIVATIONS[activation],
             A_BY_TOKEN=by_token,
@@ -405,6 +418,7 @@ def fused_moe(
             BLOCK_K=bk,
             DOT_HALF=dot_half(hidden.dtype),
             SWAP_AB=launch.swap_ab,
+            SPLIT_K=split_k,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
@@ -443,5 +457,6 @@ def fused_moe(
         True,
         down_block_k,
     )
-    # slots outside [0, E) were never written
-    return torch.where(routed.unsqueeze(-1), out.view(tokens, top_k, h), 0.0).sum(dim=1).to(hidden.dtype)
+    # slots outside [0, E) were never written; each token sums its k slots' K-loop shares
+    slots = torch.where(routed.unsqueeze(-1), out.view(launch.split_k, tokens, top_k, h), 0.0)
+    return slots.sum(dim=(0, 2)).to(hidden.dtype)

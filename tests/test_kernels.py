@@ -200,13 +200,21 @@ def test_fused_moe_quantized_matches_float64_reference(
 
 @pytest.mark.parametrize(
     "launch",
-    [Tiles(16, 32, 128), Tiles(16, 64, 64, 4, 4, True), Tiles(32, 32, 32, 2, 3, True), Tiles(128, 64, 64, 8)],
+    [
+        Tiles(16, 32, 128),
+        Tiles(16, 64, 64, 4, 4, True),
+        Tiles(32, 32, 32, 2, 3, True),
+        Tiles(128, 64, 64, 8),
+        Tiles(16, 32, 16, split_k=3),  # K = 64: four K blocks in shares of two, the last share empty
+        Tiles(16, 32, 32, 4, 3, True, 4),
+    ],
     ids=str,
 )
 @pytest.mark.parametrize("bits,group", [(0, -1), (4, 32), (8, -1)])
 def test_every_fused_moe_launch_computes_the_same_experts(seed, monkeypatch, launch, bits, group):
-    """Tile shapes, warps and the swapped orientation (out^T = W a^T) change only how the kernel
-    walks the experts; a sweep on the GPU (tools/device/bench_kernels.py) tries any of them."""
+    """Tile shapes, warps, the swapped orientation (out^T = W a^T) and split-K (the down projection's
+    bias added once) change only how the kernel walks the experts; a sweep on the GPU
+    (tools/device/bench_kernels.py) tries any of them."""
     tokens, num_experts, top_k, hidden, inter = 37, 3, 2, 128, 64
     x = torch.randn(tokens, hidden)
     weights, ids = routing(tokens, num_experts, top_k, dropped=True)
@@ -214,10 +222,20 @@ def test_every_fused_moe_launch_computes_the_same_experts(seed, monkeypatch, lau
     down = torch.randn(num_experts, hidden, inter) / inter**0.5
     monkeypatch.setattr(fused_moe_module, "tiles_for", lambda *_: launch)
     if bits == 0:
+        bias = torch.randn(num_experts, hidden)
         ref = experts(
-            x.double(), ids, weights.double(), gate_up.double(), down.double(), None, None, "silu", 0, 0
+            x.double(),
+            ids,
+            weights.double(),
+            gate_up.double(),
+            down.double(),
+            None,
+            bias.double(),
+            "silu",
+            0,
+            0,
         )
-        out = ops.triton_experts(x, ids, weights, gate_up, down, None, None, "silu", 0.0, 0.0)
+        out = ops.triton_experts(x, ids, weights, gate_up, down, None, bias, "silu", 0.0, 0.0)
     else:
         gate_up, down = quantized(gate_up, bits, group, False), quantized(down, bits, group, False)
         ref = reference_quantized_experts(x, ids, weights, gate_up, down, bits, group)

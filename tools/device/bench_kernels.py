@@ -253,19 +253,22 @@ def matrix_rows(n: int, k: int, device, checks, rows_list=(1, 16)):
     return out
 
 
-# launches the sweep tries beside the heuristic's, by regime; a block_k of 256 exceeds int4's groups
-# of 128, so those tiles read scales element by element (`_dequantized_gather`)
+# launches the sweep tries beside the heuristic's, by regime (decode's split-K ones first: not yet
+# measured); a block_k of 256 exceeds int4's groups of 128, so those tiles read scales element by
+# element (`_dequantized_gather`)
 SWEEP = {
-    "decode": [Tiles(16, 32, 128), Tiles(16, 64, 128, 4, 4), Tiles(16, 32, 128, 4, 3, True),
-               Tiles(16, 64, 128, 4, 4, True), Tiles(16, 64, 64, 4, 3, True), Tiles(16, 32, 256, 4, 3, True),
-               Tiles(16, 64, 128, 8, 4, True)],
+    "decode": [Tiles(16, 32, 128, split_k=4), Tiles(16, 32, 128, 4, 3, True, 4),
+               Tiles(16, 64, 128, 4, 4, True, 8), Tiles(16, 32, 128), Tiles(16, 64, 128, 4, 4),
+               Tiles(16, 32, 128, 4, 3, True), Tiles(16, 64, 128, 4, 4, True), Tiles(16, 64, 64, 4, 3, True),
+               Tiles(16, 32, 256, 4, 3, True), Tiles(16, 64, 128, 8, 4, True)],
     "prefill": [Tiles(64, 128, 64), Tiles(128, 64, 64, 8), Tiles(128, 128, 64, 8), Tiles(128, 64, 64, 8, 4),
                 Tiles(128, 64, 128, 8, 3), Tiles(128, 64, 64, 8, 3, True)],
 }  # fmt: skip
 
 
 def _launch(tiles: Tiles) -> str:
-    return "/".join(map(str, tiles[:5])) + (" swap" if tiles.swap_ab else "")
+    split = f" split-K {tiles.split_k}" if tiles.split_k > 1 else ""
+    return "/".join(map(str, tiles[:5])) + (" swap" if tiles.swap_ab else "") + split
 
 
 @contextlib.contextmanager
@@ -393,7 +396,8 @@ def main() -> None:
                     "speedup",
                 ],
                 sweep_rows(shapes, device, args.sweep),
-                title="Fused MoE launches (block_m/n/k, num_warps, num_stages; swap: out^T = W a^T)",
+                title="Fused MoE launches (block_m/n/k, num_warps, num_stages; swap: out^T = W a^T; split-K: "
+                "programs sharing the down projection's K loop)",
             )
         )
     if failed:
