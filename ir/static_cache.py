@@ -64,24 +64,27 @@ def replays_as_cuda_graph(device: torch.device) -> bool:
     return device.type in CUDA_GRAPH_DEVICES
 
 
+def sliding_windows(attention: dict[int, str]) -> dict[int, int]:
+    """Layer -> sliding-window length, read from the program's per-layer attention notes."""
+    return {layer: int(m.group(1)) for layer, note in attention.items() if (m := _SLIDING.search(note))}
+
+
 def static_capacity(needed: int, attention: dict[int, str]) -> int:
     """Slots to allocate for `needed` tokens: rounded up to a multiple of 64, so that prompts of
     similar lengths share one compiled step (and CUDA graph), but not past a sliding window that
     `needed` fits. Not more: every step attends over every slot, and on CPU masked slots cost as
     much as written ones (flash attention at 1024 slots: 14x its time at 17)."""
-    windows = [int(match.group(1)) for d in attention.values() if (match := _SLIDING.search(d))]
-    return max(needed, min([-(-needed // 64) * 64, *windows]))
+    return max(needed, min([-(-needed // 64) * 64, *sliding_windows(attention).values()]))
 
 
 def check_window(attention: dict[int, str], capacity: int) -> None:
     """Refuse a capacity past a layer's sliding window (see the module docstring), naming the layer."""
-    for layer, description in sorted(attention.items()):
-        match = _SLIDING.search(description)
-        if match and capacity > int(match.group(1)):
+    for layer, window in sorted(sliding_windows(attention).items()):
+        if capacity > window:
             raise MoepassError(
-                f"layer {layer} attends through a sliding window of {match.group(1)} tokens: a static "
+                f"layer {layer} attends through a sliding window of {window} tokens: a static "
                 f"cache of {capacity} slots would attend past it; decode with the dynamic cache "
-                f"(cache_implementation='dynamic') or keep prompt + new tokens <= {match.group(1)}"
+                f"(cache_implementation='dynamic') or keep prompt + new tokens <= {window}"
             )
 
 

@@ -51,7 +51,9 @@ def decode_static(
     near tie decided the other way would otherwise send the two down different texts)."""
     mask, positions = torch.ones_like(prompt), torch.arange(prompt.shape[1])[None]
     logits, past = program.step(prompt, mask, positions, program.empty_cache(1), last_token_only=True)
-    cache = program.static_cache(past, mask, static_capacity(prompt.shape[1] + len(fed), {}))
+    cache = program.static_cache(
+        past, mask, static_capacity(prompt.shape[1] + len(fed), program.info.attention)
+    )
     times, steps = [], []
     for chooser in [logits, *fed[:-1]]:
         token, positions = chooser[:, -1:].argmax(-1), positions[:, -1:] + 1

@@ -132,7 +132,9 @@ def program_engine(program, device, static: bool = False):
         mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1], device=device)[None]
         logits, past = program.step(ids, mask, positions, program.empty_cache(1), last_token_only=True)
         if static:
-            cache = program.static_cache(past, mask, static_capacity(ids.shape[1] + steps, {}))
+            cache = program.static_cache(
+                past, mask, static_capacity(ids.shape[1] + steps, program.info.attention)
+            )
         token = logits[:, -1:].argmax(-1)
         _sync(device)
         start = time.perf_counter()
@@ -157,7 +159,7 @@ def check_static_decode(program, reference, device: torch.device) -> None:
     mask, positions = torch.ones_like(ids), torch.arange(16, device=device)[None]
     logits, past = reference.step(ids, mask, positions, reference.empty_cache(1), last_token_only=True)
     _, prefilled = program.step(ids, mask, positions, program.empty_cache(1), last_token_only=True)
-    cache, worst = program.static_cache(prefilled, mask, 256), 0.0
+    cache, worst = program.static_cache(prefilled, mask, static_capacity(16 + 4, program.info.attention)), 0.0
     for _ in range(4):
         token, positions = logits[:, -1:].argmax(-1), positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
