@@ -97,6 +97,7 @@ class StepGeneration:
         generator: torch.Generator | None = None,
         streamer: Callable[[Tensor], None] | None = None,
         cache_implementation: str = "dynamic",
+        cache_capacity: int | None = None,
     ) -> Tensor:
         """Greedy (or sampled) generation with the KV cache: prompt plus up to `max_new_tokens`.
 
@@ -105,6 +106,8 @@ class StepGeneration:
         for no limit. `streamer` is called with each step's new tokens [batch] as soon as chosen.
         `cache_implementation="static"` decodes into caches allocated once for prompt + new tokens
         (`static_step`): no cache copied per step, and one shape for every step (CUDA graphs).
+        `cache_capacity` fixes its slots (default: prompt + new tokens, rounded up to 64), so that
+        prompts of any length share one compiled step and its buffers.
         """
         check_prompt(input_ids, attention_mask, self.info.vocab_size)
         if max_new_tokens < 0:
@@ -124,6 +127,8 @@ class StepGeneration:
                 f"{type(self).__name__} decodes with a growing (dynamic) cache only; "
                 "cache_implementation='static' is for the PyTorch program (MoEProgram)"
             )
+        if cache_capacity is not None and cache_implementation != "static":
+            raise ValueError("cache_capacity sizes a static cache: pass cache_implementation='static'")
         positions_known = self.info.config.get("max_position_embeddings")
         if positions_known and input_ids.shape[-1] + max_new_tokens > positions_known:
             logger.warning(  # as transformers does: the user may know the model extrapolates
@@ -148,7 +153,15 @@ class StepGeneration:
         static = None  # the static cache, from the second step on
         if cache_implementation == "static" and max_new_tokens > 1:  # refused before the prompt runs
             # every token enters the cache but the last one generated
-            capacity = static_capacity(input_ids.shape[1] + max_new_tokens - 1, self.info.attention)
+            needed = input_ids.shape[1] + max_new_tokens - 1
+            capacity = cache_capacity
+            if capacity is None:
+                capacity = static_capacity(needed, self.info.attention)
+            if capacity < needed:
+                raise MoepassError(
+                    f"cache_capacity={capacity} cannot hold {input_ids.shape[1]} prompt + "
+                    f"{max_new_tokens - 1} decoded tokens: pass at least {needed}"
+                )
             check_window(self.info.attention, capacity)
         for i in range(max_new_tokens):
             if static is None:

@@ -80,6 +80,7 @@ class MoEProgram(nn.Module, StepGeneration):
         self._cache_names: list[str] | None = None
         self._last_token_graph: fx.GraphModule | None = None
         self._static_decode_graph: fx.GraphModule | None = None
+        self._latest_static_cache: StaticCache | None = None  # its buffers serve the next one
         self._compiled_steps: dict[bool | str, Callable] = {}
         self._batched_edits = 0  # open `batch_edits` blocks
         self._code_is_stale = False
@@ -167,8 +168,9 @@ class MoEProgram(nn.Module, StepGeneration):
         result = super()._apply(fn, recurse)
         if probe.device != before:
             _retarget_devices(self.graph_module, probe.device)
-            # they hold the old device's constants
+            # they hold the old device's constants (or, the cache, its memory)
             self._last_token_graph, self._static_decode_graph, self._compiled_steps = None, None, {}
+            self._latest_static_cache = None
         return result
 
     # -- running ------------------------------------------------------------------------------
@@ -218,9 +220,15 @@ class MoEProgram(nn.Module, StepGeneration):
 
     def static_cache(self, past: list[Tensor], attention_mask: Tensor, capacity: int) -> StaticCache:
         """A static cache of `capacity` slots holding a prefill step's caches and mask, for
-        `static_step`; refused past a sliding window (`moepass.ir.static_cache`)."""
+        `static_step`; refused past a sliding window (`moepass.ir.static_cache`).
+
+        The previous cache's buffers are reused when shaped alike (that cache is then retired): a
+        CUDA graph records the addresses it writes, so new buffers each `generate` would record the
+        step again each time and keep every recording. Memory held: one cache's buffers."""
         check_window(self.info.attention, capacity)
-        return StaticCache.from_prefill(past, attention_mask, capacity)
+        cache = StaticCache.from_prefill(past, attention_mask, capacity, recycle=self._latest_static_cache)
+        self._latest_static_cache = cache
+        return cache
 
     @torch.no_grad()
     def static_step(self, input_ids: Tensor, position_ids: Tensor, cache: StaticCache) -> Tensor:
@@ -234,6 +242,12 @@ class MoEProgram(nn.Module, StepGeneration):
                     f"{name} must be [batch = {batch}, 1]: a static-cache step decodes one token per "
                     f"sequence, got {list(tensor.shape)} (run prompts through `step`)"
                 )
+        if cache.retired:
+            raise MoepassError(
+                "this static cache's buffers now serve a later static_cache() of the same shape (the "
+                "program reuses them): to decode two caches of one shape at once, build the other with "
+                "StaticCache.from_prefill, which allocates its own"
+            )
         if cache.length >= cache.capacity:
             raise MoepassError(f"the static cache is full ({cache.capacity} slots); allocate a larger one")
         if self._code_is_stale:

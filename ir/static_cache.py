@@ -30,33 +30,51 @@ _SLIDING = re.compile(r"sliding (\d+)")
 class StaticCache:
     """The caches of a batch being decoded: buffers [batch, heads, capacity, head dim] (as the graph
     names them, `cache_names`), the attention mask over all slots [batch, capacity], and how many
-    slots hold tokens (`length`, the next token's slot)."""
+    slots hold tokens (`length`, the next token's slot). `retired`: a later cache took its buffers."""
 
     tensors: list[Tensor]
     mask: Tensor
     length: int
+    retired: bool = False
 
     @property
     def capacity(self) -> int:
         return self.mask.shape[1]
 
     @classmethod
-    def from_prefill(cls, past: list[Tensor], attention_mask: Tensor, capacity: int) -> StaticCache:
+    def from_prefill(
+        cls, past: list[Tensor], attention_mask: Tensor, capacity: int, recycle: StaticCache | None = None
+    ) -> StaticCache:
         """Buffers of `capacity` slots holding a prefill's caches (`past`, one [batch, heads, length,
-        head dim] per cache name) and its mask [batch, length]."""
+        head dim] per cache name) and its mask [batch, length]; `recycle`'s buffers where they have
+        the layout needed (then `recycle` is retired), new ones otherwise."""
         batch, length = attention_mask.shape
         if capacity < length:
             raise MoepassError(f"a static cache of {capacity} slots cannot hold the {length} tokens given")
-        tensors = []
-        for tensor in past:
-            buffer = tensor.new_zeros(batch, tensor.shape[1], capacity, tensor.shape[3])
+        if recycle is not None and _layout(recycle.tensors, recycle.mask, recycle.capacity) == _layout(
+            past, attention_mask, capacity
+        ):
+            recycle.retired = True
+            tensors, mask = recycle.tensors, recycle.mask
+        else:
+            tensors = [t.new_empty(batch, t.shape[1], capacity, t.shape[3]) for t in past]
+            for buffer in tensors:
+                if replays_as_cuda_graph(buffer.device):  # written in place by a CUDA graph:
+                    torch._dynamo.mark_static_address(buffer)  # replays need it at one address
+            mask = attention_mask.new_empty(batch, capacity)
+        for buffer, tensor in zip(tensors, past, strict=True):
             buffer[:, :, :length] = tensor
-            if replays_as_cuda_graph(buffer.device):  # written in place by a CUDA graph:
-                torch._dynamo.mark_static_address(buffer)  # replays need it at one address
-            tensors.append(buffer)
-        mask = attention_mask.new_zeros(batch, capacity)
+            buffer[:, :, length:] = 0  # masked; zeroed so that no earlier sequence's values remain
         mask[:, :length] = attention_mask
+        mask[:, length:] = 0
         return cls(tensors, mask, length)
+
+
+def _layout(tensors: list[Tensor], mask: Tensor, capacity: int) -> tuple:
+    """What two static caches must share for one's buffers to serve the other: the capacity, and
+    every buffer's batch, heads, head dim, dtype and device (lengths aside)."""
+    tensors = [*tensors, mask[:, None, :, None]]
+    return (capacity, *((t.shape[0], t.shape[1], t.shape[3], t.dtype, t.device) for t in tensors))
 
 
 def replays_as_cuda_graph(device: torch.device) -> bool:

@@ -59,6 +59,41 @@ def test_static_generation_matches_transformers(family, seed):
     assert torch.equal(got, expected), family
 
 
+def test_a_later_cache_of_the_same_shape_reuses_the_buffers_refilled(seed):
+    """A CUDA graph writes where it was recorded, so a program hands each static cache the previous
+    one's buffers: the later cache must hold its own prompt and mask only (none of the earlier
+    sequence's slots), and the earlier cache is refused from then on."""
+    model, program = captured("qwen2_moe")
+    _, _, first = _decode_both_ways(program, *_padded_prompt(model.config.vocab_size, 6), 6, 32)
+    ids, mask = _padded_prompt(model.config.vocab_size, 3)  # shorter: the first's slots 7-11 are stale
+    dynamic, static, second = _decode_both_ways(program, ids, mask, 4, 32)
+    assert (static - dynamic).abs().max() <= 1e-5
+    pointers = [t.data_ptr() for t in (*second.tensors, second.mask)]
+    assert pointers == [t.data_ptr() for t in (*first.tensors, first.mask)]
+    assert second.length == 7 and not second.mask[:, 7:].any()
+    assert not any(t[:, :, 7:].any() for t in second.tensors)
+    token, positions = ids[:, :1], torch.full_like(ids[:, :1], 7)
+    with pytest.raises(MoepassError, match="buffers now serve a later static_cache"):
+        program.static_step(token, positions, first)
+    _, past = program.step(ids[:1], mask[:1], positions[:1, :1].expand(1, 3), program.empty_cache(1))
+    third = program.static_cache(past, mask[:1], 32)  # another batch: buffers of its own
+    assert third.tensors[0].data_ptr() not in pointers and not second.retired
+    program.static_step(token, positions, second)
+
+
+def test_a_fixed_cache_capacity_serves_every_prompt_length(seed):
+    model, program = captured("olmoe")
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    want = program.generate(ids, 6, eos_token_id=None)
+    got = program.generate(ids, 6, eos_token_id=None, cache_implementation="static", cache_capacity=40)
+    assert torch.equal(got, want)
+    assert program._latest_static_cache.capacity == 40
+    with pytest.raises(MoepassError, match="cache_capacity=9 cannot hold 5 prompt \\+ 5 decoded tokens"):
+        program.generate(ids, 6, cache_implementation="static", cache_capacity=9)
+    with pytest.raises(ValueError, match="cache_capacity sizes a static cache"):
+        program.generate(ids, 6, cache_capacity=40)
+
+
 def test_quantized_lowered_programs_decode_into_static_caches(seed):
     """The CPU lowering's packed int4 ops, fused linears and input-major weights, on a static cache."""
     model, program = captured("deepseek_v3")
@@ -82,19 +117,23 @@ def test_compiled_static_decoding_compiles_once_for_every_step_and_similar_promp
     assert torch.equal(got, want)
 
 
-def test_the_cuda_graph_compile_runs_each_step_without_recompiling(seed, monkeypatch):
+def test_the_cuda_graph_compile_runs_each_step_and_call_without_recompiling(seed, monkeypatch):
     """The CUDA path's compile (static shapes, `mode="reduce-overhead"`, caches at static addresses,
     outputs copied out of the graph's memory) taken on CPU, where Inductor skips the CUDA graph but
-    compiles the same step: every decode step must reuse the first compile."""
+    compiles the same step: every decode step, and a later call's (another prompt, the same static
+    buffers: a CUDA graph would replay, not record again), must reuse the first compile."""
     monkeypatch.setattr(static_cache, "CUDA_GRAPH_DEVICES", ("cuda", "cpu"))
     model, program = captured("mixtral")  # as above: Inductor's cache serves the prompt's compile
     compiled = moepass.lower(program, compile=True)
-    ids = torch.randint(3, model.config.vocab_size, (1, 5))
-    want = program.generate(ids, 8, eos_token_id=None)
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
     compiled.generate(ids, 3, eos_token_id=None, cache_implementation="static")  # compiles
+    buffers = [t.data_ptr() for t in compiled._latest_static_cache.tensors]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        got = compiled.generate(ids, 8, eos_token_id=None, cache_implementation="static")
-    assert torch.equal(got, want)
+        for prompt in ids:  # the first as before, then another
+            prompt = prompt[None].expand(2, -1)
+            got = compiled.generate(prompt, 8, eos_token_id=None, cache_implementation="static")
+            assert torch.equal(got, program.generate(prompt, 8, eos_token_id=None))
+            assert [t.data_ptr() for t in compiled._latest_static_cache.tensors] == buffers
 
 
 def test_capacity_rounds_up_but_not_past_a_sliding_window():
