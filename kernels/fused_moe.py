@@ -15,14 +15,12 @@ registers. Block sizes come from a shape heuristic, so expert counts produced by
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .quant_gemm import _dequantized_tile, _dot, dense_rows, dot_half, k_block, workspace
+from .quant_gemm import Tiles, _tile_product, dense_rows, dot_half, k_block, workspace
 
 ACTIVATIONS = {
     "silu": 0,
@@ -33,62 +31,6 @@ ACTIVATIONS = {
     "relu": 3,
     "clamped_swiglu": 4,
 }
-
-
-@triton.jit
-def _weight_tile(
-    w_ptr,
-    s_ptr,
-    z_ptr,
-    expert,
-    offs_n,
-    n_mask,
-    k0,
-    K,
-    stride_we,
-    stride_wn,
-    stride_se,
-    stride_sn,
-    stride_ze,
-    stride_zn,
-    QUANT: tl.constexpr,
-    GROUP: tl.constexpr,
-    HAS_ZEROS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    if QUANT == 0:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        tile = tl.load(
-            w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
-            mask=n_mask[:, None] & (offs_k[None, :] < K),
-            other=0.0,
-        ).to(tl.float32)
-    else:
-        tile = _dequantized_tile(
-            w_ptr + expert * stride_we,
-            s_ptr + expert * stride_se,
-            z_ptr + expert * stride_ze,
-            offs_n,
-            n_mask,
-            k0,
-            K,
-            stride_wn,
-            stride_sn,
-            stride_zn,
-            QUANT,
-            GROUP,
-            HAS_ZEROS,
-            BLOCK_N,
-            BLOCK_K,
-        )
-    return tile
-
-
-@triton.jit
-def _product(a, w, DOT_HALF: tl.constexpr, SWAP_AB: tl.constexpr):
-    """a @ w^T, or its transpose w @ a^T with the weight tile as the dot's first operand."""
-    return _dot(w, a, DOT_HALF) if SWAP_AB else _dot(a, w, DOT_HALF)
 
 
 @triton.jit
@@ -156,6 +98,7 @@ def _grouped_gemm_kernel(
     DOT_HALF: tl.constexpr,
     SWAP_AB: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr,
 ):
     """out[slot, n] for the BLOCK_M expert-sorted slots of this program; gated: the gate rows are
     [0, N) and the up rows [N, 2N) of the expert's weight, combined by the activation.
@@ -170,6 +113,7 @@ def _grouped_gemm_kernel(
     live = (expert >= 0) & (expert < num_experts)  # unused blocks of `align`, dropped experts
     k_end = tl.where(live, K, 0)
     expert = tl.where(live, expert, 0).to(tl.int64)  # expert x stride passes 2**31 for large MoEs
+    w_ptr, s_ptr, z_ptr = w_ptr + expert * stride_we, s_ptr + expert * stride_se, z_ptr + expert * stride_ze
     if DIRECT:
         slots = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_slots)
     else:
@@ -197,51 +141,15 @@ def _grouped_gemm_kernel(
             scale_ptr = in_scale_ptr + expert * stride_ie if IN_SCALE_PER_EXPERT else in_scale_ptr
             a = a * tl.load(scale_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
         n_mask = offs_n < N
-        w = _weight_tile(
-            w_ptr,
-            s_ptr,
-            z_ptr,
-            expert,
-            offs_n,
-            n_mask,
-            k0,
-            K,
-            stride_we,
-            stride_wn,
-            stride_se,
-            stride_sn,
-            stride_ze,
-            stride_zn,
-            QUANT,
-            GROUP,
-            HAS_ZEROS,
-            BLOCK_N,
-            BLOCK_K,
-        )
-        acc += _product(a, w, DOT_HALF, SWAP_AB)
+        acc += _tile_product(
+            a, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, stride_zn, QUANT, GROUP,
+            HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT
+        )  # fmt: skip
         if GATED:
-            w_up = _weight_tile(
-                w_ptr,
-                s_ptr,
-                z_ptr,
-                expert,
-                offs_n + N,
-                n_mask,
-                k0,
-                K,
-                stride_we,
-                stride_wn,
-                stride_se,
-                stride_sn,
-                stride_ze,
-                stride_zn,
-                QUANT,
-                GROUP,
-                HAS_ZEROS,
-                BLOCK_N,
-                BLOCK_K,
-            )
-            acc_up += _product(a, w_up, DOT_HALF, SWAP_AB)
+            acc_up += _tile_product(
+                a, w_ptr, s_ptr, z_ptr, offs_n + N, n_mask, k0, K, stride_wn, stride_sn, stride_zn, QUANT,
+                GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT
+            )  # fmt: skip
     if SWAP_AB:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)
     if HAS_BIAS:
@@ -292,20 +200,6 @@ def align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Ten
     block_expert = torch.searchsorted(ends[:num_experts], block_start, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1)
     return sorted_slots[:-1], block_expert
-
-
-class Tiles(NamedTuple):
-    """A grouped GEMM launch: tile sizes, warps, software-pipeline stages (Triton's defaults),
-    whether the weight tile is the dot's first operand (out^T = W a^T), and how many programs share
-    the down projection's K loop (split-K: more programs stream a decode step's few rows' weights)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-    swap_ab: bool = False
-    split_k: int = 1
 
 
 def tiles_for(slots: int, num_experts: int, n: int, group: int, quantized: bool) -> Tiles:
@@ -419,6 +313,7 @@ def fused_moe(
             DOT_HALF=dot_half(hidden.dtype),
             SWAP_AB=launch.swap_ab,
             SPLIT_K=split_k,
+            SCALE_AFTER_DOT=launch.scale_after_dot and bits > 0 and group % bk == 0,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )

@@ -5,12 +5,15 @@ BLOCK_K that never straddle a quantization group (BLOCK_K divides the group), co
 dequantized in registers (`(code - zero) * scale`), fp32 accumulation. For few rows (decode, M <= 16)
 the K dimension is additionally split across programs (split-K) so that enough programs stream the
 weight: partial sums land in an fp32 workspace [SPLIT_K, M, N] that is reduced afterwards.
-Block sizes come from a heuristic over the shapes — no tuning file whose absence makes a shape slow.
+The launch (`Tiles`) comes from a heuristic over the shapes — no tuning file whose absence makes a
+shape slow; `tools/device/bench_kernels.py --sweep` times others on the GPU (the swapped orientation,
+scales applied after the dot). The tile helpers here serve the fused MoE's grouped GEMMs too.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,10 +38,9 @@ def dense_rows(*tensors: Tensor | None) -> list[Tensor | None]:
 
 
 @triton.jit
-def _dequantized(codes, s_rows, z_rows, group, mask, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """(codes - zero point) * scale in fp32, the scales and zero points of `group` read from the rows'
-    pointers (broadcast against `group`; 4-bit zero points two groups a byte, low nibble first)."""
-    scale = tl.load(s_rows + group, mask=mask, other=0.0).to(tl.float32)
+def _zero_points(z_rows, group, mask, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """The zero points of `group` read from the rows' pointers (broadcast against `group`; 4-bit zero
+    points two groups a byte, low nibble first); the code midpoint when symmetric."""
     if HAS_ZEROS:
         if BITS == 4:
             zbyte = tl.load(z_rows + group // 2, mask=mask, other=0).to(tl.int32)
@@ -47,7 +49,15 @@ def _dequantized(codes, s_rows, z_rows, group, mask, BITS: tl.constexpr, HAS_ZER
             zero = tl.load(z_rows + group, mask=mask, other=0).to(tl.int32)
     else:
         zero = 1 << (BITS - 1)
-    return (codes - zero).to(tl.float32) * scale
+    return zero
+
+
+@triton.jit
+def _dequantized(codes, s_rows, z_rows, group, mask, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """(codes - zero point) * scale in fp32, scales and zero points of `group` read from the rows'
+    pointers."""
+    scale = tl.load(s_rows + group, mask=mask, other=0.0).to(tl.float32)
+    return (codes - _zero_points(z_rows, group, mask, BITS, HAS_ZEROS)).to(tl.float32) * scale
 
 
 @triton.jit
@@ -103,13 +113,9 @@ def _dequantized_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """W[offs_n, k0:k0 + BLOCK_K] in fp32 from packed codes, per-group scales and (packed) zero points.
-
-    Inside one group, loads are contiguous runs (int4: each byte once, split into its two nibbles)
-    plus one scale and zero point per row: element-by-element gathers of bytes, scales and zero
-    points ran at 2% of the H200's bandwidth (BENCHMARKS.md)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+    """W[offs_n, k0:k0 + BLOCK_K] in fp32 from packed codes, per-group scales and (packed) zero points."""
     if GROUP % BLOCK_K != 0:  # no power of two >= 16 divides the group: the tile straddles groups
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         return _dequantized_gather(
             q_ptr,
             s_ptr,
@@ -124,6 +130,34 @@ def _dequantized_tile(
             GROUP,
             HAS_ZEROS,
         )
+    codes = _centered_codes(
+        q_ptr, z_ptr, offs_n, n_mask, k0, K, stride_qn, stride_zn, BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K
+    )
+    return codes.to(tl.float32) * _group_scales(s_ptr, offs_n, n_mask, k0, stride_sn, GROUP)[:, None]
+
+
+@triton.jit
+def _centered_codes(
+    q_ptr,
+    z_ptr,
+    offs_n,
+    n_mask,
+    k0,
+    K,
+    stride_qn,
+    stride_zn,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """code - zero point of W[offs_n, k0:k0 + BLOCK_K] (int32, |value| <= 255: exact in bf16), for a
+    tile inside one group (BLOCK_K divides GROUP).
+
+    Loads are contiguous runs (int4: each byte once, split into its two nibbles) plus one zero point
+    per row: element-by-element gathers of bytes, scales and zero points ran at 2% of the H200's
+    bandwidth (BENCHMARKS.md)."""
     if BITS == 4:
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(
@@ -134,36 +168,38 @@ def _dequantized_tile(
         # code 2j is byte j's low nibble, code 2j + 1 its high nibble
         codes = tl.reshape(tl.join(packed & 0xF, (packed >> 4) & 0xF), (BLOCK_N, BLOCK_K))
     else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         codes = tl.load(
             q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :],
             mask=n_mask[:, None] & (offs_k[None, :] < K),
             other=0,
         ).to(tl.int32)
-    rows = offs_n[:, None]  # one scale and zero point per row: the tile's group is k0 // GROUP
-    return _dequantized(
-        codes,
-        s_ptr + rows * stride_sn,
-        z_ptr + rows * stride_zn,
-        k0 // GROUP,
-        n_mask[:, None],
-        BITS,
-        HAS_ZEROS,
+    # one zero point per row: the tile's group is k0 // GROUP
+    return codes - _zero_points(
+        z_ptr + offs_n[:, None] * stride_zn, k0 // GROUP, n_mask[:, None], BITS, HAS_ZEROS
     )
+
+
+@triton.jit
+def _group_scales(s_ptr, offs_n, n_mask, k0, stride_sn, GROUP: tl.constexpr):
+    """[BLOCK_N] fp32: the rows' scales of the group holding column k0."""
+    return tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _dot(a, w, DOT_HALF: tl.constexpr):
     """a @ w^T on tensor cores: operands in bf16 (1) or fp16 (2) when the activations are; fp32
     otherwise — and always under the interpreter, whose 16-bit float math is wrong — in full precision
-    (0), or TF32 (3) where torch allows it for its own fp32 matmuls."""
+    (0), or TF32 (3) where torch allows it for its own fp32 matmuls. Either operand may be integer
+    codes (converted exactly: |code| <= 255 fits bf16's and fp16's mantissas)."""
     if DOT_HALF == 1:
         out = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
     elif DOT_HALF == 2:
         out = tl.dot(a.to(tl.float16), tl.trans(w.to(tl.float16)))
     elif DOT_HALF == 3:
-        out = tl.dot(a, tl.trans(w), input_precision="tf32")
+        out = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="tf32")
     else:
-        out = tl.dot(a, tl.trans(w), input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
     return out
 
 
@@ -174,6 +210,74 @@ def dot_half(dtype: torch.dtype) -> int:
         return 0
     fp32 = 3 if torch.backends.cuda.matmul.allow_tf32 else 0
     return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, fp32)
+
+
+@triton.jit
+def _product(a, w, DOT_HALF: tl.constexpr, SWAP_AB: tl.constexpr):
+    """a @ w^T, or its transpose w @ a^T with the weight tile as the dot's first operand."""
+    return _dot(w, a, DOT_HALF) if SWAP_AB else _dot(a, w, DOT_HALF)
+
+
+@triton.jit
+def _tile_product(
+    a,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    offs_n,
+    n_mask,
+    k0,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_zn,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_HALF: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr,
+):
+    """This K block's share of a @ W[offs_n]^T (or its transpose), W dense (QUANT 0) or quantized.
+    SCALE_AFTER_DOT (quantized, the tile inside one group): the dot takes the codes less their zero
+    points, exact small integers, and its [M, N] result is scaled per output column, instead of
+    every weight element scaled."""
+    if SCALE_AFTER_DOT:
+        codes = _centered_codes(
+            w_ptr,
+            z_ptr,
+            offs_n,
+            n_mask,
+            k0,
+            K,
+            stride_wn,
+            stride_zn,
+            QUANT,
+            GROUP,
+            HAS_ZEROS,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        out = _product(a, codes, DOT_HALF, SWAP_AB)
+        scales = _group_scales(s_ptr, offs_n, n_mask, k0, stride_sn, GROUP)
+        out = out * scales[:, None] if SWAP_AB else out * scales[None, :]
+    else:
+        if QUANT == 0:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                mask=n_mask[:, None] & (offs_k[None, :] < K),
+                other=0.0,
+            ).to(tl.float32)
+        else:
+            w = _dequantized_tile(
+                w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, stride_zn, QUANT, GROUP,
+                HAS_ZEROS, BLOCK_N, BLOCK_K
+            )  # fmt: skip
+        out = _product(a, w, DOT_HALF, SWAP_AB)
+    return out
 
 
 @triton.jit
@@ -202,13 +306,18 @@ def _quant_gemm_kernel(
     BLOCK_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,
     DOT_HALF: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr,
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x stride may pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:  # accumulate out^T = W x^T
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):  # a share may be empty
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0).to(
@@ -216,28 +325,34 @@ def _quant_gemm_kernel(
         )
         if HAS_IN_SCALE:
             x = x * tl.load(in_scale_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
-        w = _dequantized_tile(
-            q_ptr,
-            s_ptr,
-            z_ptr,
-            offs_n,
-            offs_n < N,
-            k0,
-            K,
-            stride_qn,
-            stride_sn,
-            stride_zn,
-            BITS,
-            GROUP,
-            HAS_ZEROS,
-            BLOCK_N,
-            BLOCK_K,
-        )
-        acc += _dot(x, w, DOT_HALF)
+        acc += _tile_product(
+            x, q_ptr, s_ptr, z_ptr, offs_n, offs_n < N, k0, K, stride_qn, stride_sn, stride_zn, BITS, GROUP,
+            HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT
+        )  # fmt: skip
+    if SWAP_AB:
+        acc = tl.trans(acc)
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(
         out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=out_mask
     )
+
+
+class Tiles(NamedTuple):
+    """A GEMM launch (`quant_gemm`, or the fused MoE's grouped GEMMs): tile sizes, warps, software
+    pipeline stages (Triton's defaults), whether the weight tile is the dot's first operand (out^T =
+    W a^T), how many programs share the K loop (split-K: more programs stream a decode step's few
+    rows' weights; the fused MoE splits its down projection only), and whether quantized tiles inside
+    one group scale the dot's result rather than each weight (fewer operations per weight element,
+    which decode does little else with)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    swap_ab: bool = False
+    split_k: int = 1
+    scale_after_dot: bool = False
 
 
 def k_block(group: int, largest: int = 64) -> int:
@@ -247,8 +362,8 @@ def k_block(group: int, largest: int = 64) -> int:
     return next((b for b in (128, 64, 32, 16) if b <= largest and group % b == 0), 32)
 
 
-def blocks_for(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for an [m, k] x [n, k]^T product.
+def blocks_for(m: int, n: int, k: int, group: int) -> Tiles:
+    """The launch for an [m, k] x [n, k]^T product.
 
     Decode-sized m gets the smallest row tile and splits K
     so that roughly 4 programs per 128 output columns stream the weight."""
@@ -261,7 +376,7 @@ def blocks_for(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int]:
         split = max(1, min(8, k_tiles // 4))
         while k_tiles % split:
             split -= 1
-    return block_m, block_n, block_k, split
+    return Tiles(block_m, block_n, block_k, split_k=split)
 
 
 def quant_gemm(
@@ -281,10 +396,11 @@ def quant_gemm(
     m, k = x2.shape
     n = qweight.shape[0]
     group = k if group_size == -1 else group_size
-    block_m, block_n, block_k, split = blocks_for(m, n, k, group)
+    launch = blocks_for(m, n, k, group)
+    block_k, split = launch.block_k, launch.split_k
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     out = workspace((split, m, n), x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    grid = (triton.cdiv(m, launch.block_m), triton.cdiv(n, launch.block_n), split)
     _quant_gemm_kernel[grid](
         x2,
         qweight,
@@ -305,11 +421,15 @@ def quant_gemm(
         GROUP=group,
         HAS_ZEROS=zeros is not None,
         HAS_IN_SCALE=input_scale is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n,
         BLOCK_K=block_k,
         K_PER_SPLIT=k_per_split,
         DOT_HALF=dot_half(x.dtype),
+        SWAP_AB=launch.swap_ab,
+        SCALE_AFTER_DOT=launch.scale_after_dot and group % block_k == 0,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     y = out.sum(0) if split > 1 else out[0]
     if bias is not None:

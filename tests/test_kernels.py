@@ -25,6 +25,7 @@ from moepass.kernels import (
     why_not_packable,
 )
 from moepass.kernels import fused_moe as fused_moe_module
+from moepass.kernels import quant_gemm as quant_gemm_module
 from moepass.kernels.fused_moe import Tiles, align, tiles_for
 from moepass.kernels.quant_gemm import POISON_ENV
 
@@ -87,6 +88,32 @@ def test_quant_gemm_matches_float64_reference(seed, bits, group, symmetric, rows
     assert rel_err(
         plain, quantized_linear(x.double(), qweight, f64(scales), zeros, None, None, bits, group)
     ) < (FP32_BOUND)
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [
+        Tiles(16, 32, 32, split_k=3, scale_after_dot=True),  # six K blocks in shares of two
+        Tiles(16, 64, 64, 4, 4, True, 2, True),
+        Tiles(32, 32, 64, 2, 3, True),
+        Tiles(16, 32, 64, scale_after_dot=True),  # int4's 64-input tiles straddle groups of 32: ignored
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (8, -1, True)])
+@pytest.mark.parametrize("rows", [1, 19])
+def test_every_quant_gemm_launch_computes_the_same_product(
+    seed, monkeypatch, launch, bits, group, symmetric, rows
+):
+    """The swapped orientation and scaling after the dot, like tile sizes, change only how the kernel
+    walks the weight: the GPU sweep (tools/device/bench_kernels.py) tries them."""
+    weight = torch.randn(100, 192) / 192**0.5
+    qweight, scales, zeros = quantized(weight, bits, group, symmetric)
+    x, input_scale = torch.randn(rows, 192), torch.rand(192) + 0.5
+    monkeypatch.setattr(quant_gemm_module, "blocks_for", lambda *_: launch)
+    ref = quantized_linear(x.double(), qweight, f64(scales), zeros, None, f64(input_scale), bits, group)
+    out = ops.triton_quantized_linear(x, qweight, scales, zeros, None, input_scale, bits, group)
+    assert rel_err(out, ref) < FP32_BOUND
 
 
 def test_quant_gemm_half_precision_inputs(seed):
@@ -207,15 +234,19 @@ def test_fused_moe_quantized_matches_float64_reference(
         Tiles(128, 64, 64, 8),
         Tiles(16, 32, 16, split_k=3),  # K = 64: four K blocks in shares of two, the last share empty
         Tiles(16, 32, 32, 4, 3, True, 4),
+        Tiles(16, 32, 32, scale_after_dot=True),
+        Tiles(16, 32, 16, 4, 3, True, 4, True),
+        Tiles(16, 32, 64, scale_after_dot=True),  # int4's 64-input tiles straddle groups of 32: ignored
     ],
     ids=str,
 )
 @pytest.mark.parametrize("bits,group", [(0, -1), (4, 32), (8, -1)])
-def test_every_fused_moe_launch_computes_the_same_experts(seed, monkeypatch, launch, bits, group):
-    """Tile shapes, warps, the swapped orientation (out^T = W a^T) and split-K (the down projection's
-    bias added once) change only how the kernel walks the experts; a sweep on the GPU
-    (tools/device/bench_kernels.py) tries any of them."""
-    tokens, num_experts, top_k, hidden, inter = 37, 3, 2, 128, 64
+@pytest.mark.parametrize("tokens", [37, 1])  # 1: the decode path, each program one routed slot
+def test_every_fused_moe_launch_computes_the_same_experts(seed, monkeypatch, launch, bits, group, tokens):
+    """Tile shapes, warps, the swapped orientation (out^T = W a^T), split-K (the down projection's
+    bias added once) and scaling after the dot change only how the kernel walks the experts; a sweep
+    on the GPU (tools/device/bench_kernels.py) tries any of them."""
+    num_experts, top_k, hidden, inter = 3, 2, 128, 64
     x = torch.randn(tokens, hidden)
     weights, ids = routing(tokens, num_experts, top_k, dropped=True)
     gate_up = torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5

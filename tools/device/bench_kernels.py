@@ -2,7 +2,7 @@
 
     python tools/device/bench_kernels.py            # on the GPU machine (H200)
     python tools/device/bench_kernels.py --smoke    # logic check on CPU: tiny shapes, Triton interpreter
-    python tools/device/bench_kernels.py --sweep 120  # then time other fused-MoE launches for 120 s
+    python tools/device/bench_kernels.py --sweep 120  # then time other launches for 120 s
 
 For each MoE shape — Mixtral-8x7B (H 4096, I 14336, E 8, top-2) and a fine-grained one (H 2048, I 768,
 E 128, top-8) — at M = 1, 16, 256, 2048 tokens: bf16 and W4A16 (int4, g128) fused MoE against
@@ -35,8 +35,9 @@ from moepass.ir.ops import ACTIVATIONS, run_experts
 from moepass.ir.quantized import QuantFormat, dequantize, quantize
 from moepass.kernels import compress_24
 from moepass.kernels import fused_moe as fused_moe_module
+from moepass.kernels import quant_gemm as quant_gemm_module
 from moepass.kernels.fused_moe import Tiles, fused_moe, tiles_for
-from moepass.kernels.quant_gemm import quant_gemm
+from moepass.kernels.quant_gemm import blocks_for, quant_gemm
 from moepass.kernels.sparse24 import sparse24_gemm
 from moepass.table import format_table
 
@@ -253,32 +254,41 @@ def matrix_rows(n: int, k: int, device, checks, rows_list=(1, 16)):
     return out
 
 
-# launches the sweep tries beside the heuristic's, by regime (decode's split-K ones first: not yet
-# measured); a block_k of 256 exceeds int4's groups of 128, so those tiles read scales element by
-# element (`_dequantized_gather`)
+# launches the sweep tries beside the heuristic's, by regime (not yet measured first: scaling after
+# the dot, then split-K); a block_k of 256 exceeds int4's groups of 128, so those tiles read scales
+# element by element (`_dequantized_gather`). "matrix": `quant_gemm` at decode sizes.
 SWEEP = {
-    "decode": [Tiles(16, 32, 128, split_k=4), Tiles(16, 32, 128, 4, 3, True, 4),
+    "decode": [Tiles(16, 32, 128, scale_after_dot=True), Tiles(16, 32, 128, split_k=4, scale_after_dot=True),
+               Tiles(16, 32, 128, 4, 3, True, 4, True), Tiles(16, 64, 128, 4, 4, True, 1, True),
+               Tiles(16, 32, 128, split_k=4), Tiles(16, 32, 128, 4, 3, True, 4),
                Tiles(16, 64, 128, 4, 4, True, 8), Tiles(16, 32, 128), Tiles(16, 64, 128, 4, 4),
                Tiles(16, 32, 128, 4, 3, True), Tiles(16, 64, 128, 4, 4, True), Tiles(16, 64, 64, 4, 3, True),
                Tiles(16, 32, 256, 4, 3, True), Tiles(16, 64, 128, 8, 4, True)],
     "prefill": [Tiles(64, 128, 64), Tiles(128, 64, 64, 8), Tiles(128, 128, 64, 8), Tiles(128, 64, 64, 8, 4),
-                Tiles(128, 64, 128, 8, 3), Tiles(128, 64, 64, 8, 3, True)],
+                Tiles(128, 64, 128, 8, 3), Tiles(128, 64, 64, 8, 3, True),
+                Tiles(128, 64, 64, 8, scale_after_dot=True)],
+    "matrix": [Tiles(16, 64, 64, split_k=8, scale_after_dot=True),
+               Tiles(16, 32, 128, split_k=8, scale_after_dot=True), Tiles(16, 64, 128, 4, 4, True, 4, True),
+               Tiles(16, 32, 128, 4, 3, True, 8, True),
+               Tiles(16, 128, 128, 8, 3, False, 4, True), Tiles(16, 32, 128, split_k=8),
+               Tiles(16, 64, 64, 4, 3, True, 8)],
 }  # fmt: skip
 
 
 def _launch(tiles: Tiles) -> str:
     split = f" split-K {tiles.split_k}" if tiles.split_k > 1 else ""
-    return "/".join(map(str, tiles[:5])) + (" swap" if tiles.swap_ab else "") + split
+    scaled = " scale after dot" if tiles.scale_after_dot else ""
+    return "/".join(map(str, tiles[:5])) + (" swap" if tiles.swap_ab else "") + split + scaled
 
 
 @contextlib.contextmanager
 def launched_as(tiles: Tiles):
-    """Every fused-MoE launch inside uses `tiles` instead of the heuristic's."""
-    fused_moe_module.tiles_for = lambda *_: tiles
+    """Every fused-MoE and `quant_gemm` launch inside uses `tiles` instead of the heuristic's."""
+    fused_moe_module.tiles_for = quant_gemm_module.blocks_for = lambda *_: tiles
     try:
         yield
     finally:
-        fused_moe_module.tiles_for = tiles_for
+        fused_moe_module.tiles_for, quant_gemm_module.blocks_for = tiles_for, blocks_for
 
 
 def _against_heuristic(run, reference: torch.Tensor, launch: Tiles, device) -> tuple[float, float, float]:
@@ -294,10 +304,45 @@ def _against_heuristic(run, reference: torch.Tensor, launch: Tiles, device) -> t
     return err, statistics.median(base), statistics.median(alt)
 
 
-def sweep_rows(shapes, device, seconds: float) -> list[list]:
-    """Each fused-MoE case under the heuristic's launch and the SWEEP alternatives (outputs checked
-    against the heuristic's), until `seconds` pass: data for `tiles_for`, not a tuning file."""
-    deadline, rows = time.perf_counter() + seconds, []
+def sweep_rows(shapes, matrix: tuple[int, int], device, seconds: float) -> list[list]:
+    """`quant_gemm` at decode sizes (a quarter of the time), then each fused-MoE case, under the
+    heuristic's launch and the SWEEP alternatives (outputs checked against the heuristic's), until
+    `seconds` pass: data for `blocks_for` and `tiles_for`, not a tuning file."""
+    start, rows = time.perf_counter(), []
+    for deadline, cases in ((start + seconds / 4, matrix_cases(*matrix, device)),
+                            (start + seconds, moe_cases(shapes, device))):  # fmt: skip
+        for case, variant, tokens, heuristic, run, regime in cases:
+            reference = run()
+            for launch in SWEEP[regime]:
+                if time.perf_counter() > deadline:
+                    break
+                if variant == "bf16" and launch.scale_after_dot:  # no scales: the same launch
+                    continue
+                try:
+                    err, base_ms, ms = _against_heuristic(run, reference, launch, device)
+                    result = [f"{base_ms:.4f}", f"{err:.1e}", f"{ms:.4f}", f"{base_ms / ms:.2f}x"]
+                except Exception as error:  # a launch the chip refuses (registers, shared memory)
+                    result = ["-", type(error).__name__, "-", "-"]
+                rows.append([case, variant, tokens, _launch(heuristic), _launch(launch), *result])
+                print("  sweep:", " | ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+def matrix_cases(n: int, k: int, device):
+    """(case, weights, rows, heuristic launch, run, sweep regime) for `quant_gemm` at decode sizes."""
+    gen = torch.Generator(device=device).manual_seed(3)
+    weight = (torch.randn(n, k, device=device, generator=gen) / k**0.5).bfloat16()
+    for bits, symmetric in ((4, False), (8, True)):
+        packed = quantize(weight, QuantFormat(bits, GROUP, symmetric))
+        for m in (1, 16):
+            x = torch.randn(m, k, device=device, generator=gen).bfloat16()
+            run = functools.partial(quant_gemm, x, *packed, bits, GROUP)
+            yield f"{n}x{k}", f"w{bits}a16", m, blocks_for(m, n, k, GROUP), run, "matrix"
+
+
+def moe_cases(shapes, device):
+    """(case, weights, tokens, heuristic launch, run, sweep regime) for each fused-MoE case, W4A16
+    first (the decode target)."""
     for name, hidden, inter, num_experts, top_k in shapes:
         gen = torch.Generator(device=device).manual_seed(2)
         gate_up, down, gq, dq, quant = moe_weights(hidden, inter, num_experts, gen)
@@ -308,24 +353,13 @@ def sweep_rows(shapes, device, seconds: float) -> list[list]:
             )
             weights = weights.bfloat16()
             runs = {
-                "bf16": functools.partial(fused_moe, x, ids, weights, gate_up, down),
                 "w4a16": functools.partial(fused_moe, x, ids, weights, gq[0], dq[0], quant=quant),
+                "bf16": functools.partial(fused_moe, x, ids, weights, gate_up, down),
             }
             for variant, run in runs.items():
                 group = hidden if variant == "bf16" else GROUP  # a dense weight is one group per row
                 heuristic = tiles_for(tokens * top_k, num_experts, inter, group, variant != "bf16")
-                reference = run()
-                for launch in SWEEP["decode" if tokens <= 16 else "prefill"]:
-                    if time.perf_counter() > deadline:
-                        return rows
-                    try:
-                        err, base_ms, ms = _against_heuristic(run, reference, launch, device)
-                        result = [f"{base_ms:.4f}", f"{err:.1e}", f"{ms:.4f}", f"{base_ms / ms:.2f}x"]
-                    except Exception as error:  # a launch the chip refuses (registers, shared memory)
-                        result = ["-", type(error).__name__, "-", "-"]
-                    rows.append([name, variant, tokens, _launch(heuristic), _launch(launch), *result])
-                    print("  sweep:", " | ".join(map(str, rows[-1])), flush=True)
-    return rows
+                yield name, variant, tokens, heuristic, run, "decode" if tokens <= 16 else "prefill"
 
 
 def main() -> None:
@@ -395,9 +429,10 @@ def main() -> None:
                     "ms",
                     "speedup",
                 ],
-                sweep_rows(shapes, device, args.sweep),
-                title="Fused MoE launches (block_m/n/k, num_warps, num_stages; swap: out^T = W a^T; split-K: "
-                "programs sharing the down projection's K loop)",
+                sweep_rows(shapes, matrix, device, args.sweep),
+                title="quant_gemm and fused MoE launches (block_m/n/k, num_warps, num_stages; swap: out^T = "
+                "W a^T; split-K: programs sharing the (down projection's) K loop; scale after dot: "
+                "quantized tiles scale the dot's result)",
             )
         )
     if failed:

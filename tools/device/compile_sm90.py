@@ -6,7 +6,7 @@ A stub driver names the target (cuda, capability 90) and every launch becomes a 
 through Triton's own pipeline down to the cubin (its bundled ptxas); nothing runs, so the outputs
 are garbage and only compile errors and resource use are reported. The launches cover the kernel
 wrappers' regimes (decode, 16 rows, prompts; bf16 and fp16 activations; int4/int8 in groups and
-per channel; 2:4) and the fused-MoE launches `bench_kernels.py --sweep` tries. Exits 1 on any
+per channel; 2:4) and the launches `bench_kernels.py --sweep` tries. Exits 1 on any
 compile error; a table gives each kernel's compile count and largest shared memory (228 KB per
 block on the H200).
 """
@@ -119,7 +119,10 @@ def matrix_launches(dtype: torch.dtype) -> None:
     for rows in (1, 16, 256, 2048):
         x = torch.randn(rows, 4096, dtype=dtype)
         for bits, group, symmetric in FORMATS:
-            launch(quant_gemm, x, *quantize(weight, QuantFormat(bits, group, symmetric)), bits, group)
+            packed = quantize(weight, QuantFormat(bits, group, symmetric))
+            for tiles in [None, *(SWEEP["matrix"] if rows <= 16 else [])]:  # None: the heuristic's
+                with contextlib.nullcontext() if tiles is None else launched_as(tiles):
+                    launch(quant_gemm, x, *packed, bits, group)
         launch(sparse24_gemm, x, values, meta)
         launch(sparse24_gemm, x, sq[0], meta, sq[1], sq[2], 4, 64)
 
