@@ -99,6 +99,7 @@ def _grouped_gemm_kernel(
     SWAP_AB: tl.constexpr,
     SPLIT_K: tl.constexpr,
     SCALE_AFTER_DOT: tl.constexpr,
+    GEMV: tl.constexpr,
 ):
     """out[slot, n] for the BLOCK_M expert-sorted slots of this program; gated: the gate rows are
     [0, N) and the up rows [N, 2N) of the expert's weight, combined by the activation.
@@ -143,12 +144,12 @@ def _grouped_gemm_kernel(
         n_mask = offs_n < N
         acc += _tile_product(
             a, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, stride_zn, QUANT, GROUP,
-            HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT
+            HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT, GEMV
         )  # fmt: skip
         if GATED:
             acc_up += _tile_product(
                 a, w_ptr, s_ptr, z_ptr, offs_n + N, n_mask, k0, K, stride_wn, stride_sn, stride_zn, QUANT,
-                GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT
+                GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT, GEMV
             )  # fmt: skip
     if SWAP_AB:
         acc, acc_up = tl.trans(acc), tl.trans(acc_up)
@@ -314,6 +315,7 @@ def fused_moe(
             SWAP_AB=launch.swap_ab,
             SPLIT_K=split_k,
             SCALE_AFTER_DOT=launch.scale_after_dot and bits > 0 and group % bk == 0,
+            GEMV=launch.gemv,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )

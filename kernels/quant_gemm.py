@@ -213,9 +213,16 @@ def dot_half(dtype: torch.dtype) -> int:
 
 
 @triton.jit
-def _product(a, w, DOT_HALF: tl.constexpr, SWAP_AB: tl.constexpr):
-    """a @ w^T, or its transpose w @ a^T with the weight tile as the dot's first operand."""
-    return _dot(w, a, DOT_HALF) if SWAP_AB else _dot(a, w, DOT_HALF)
+def _product(a, w, DOT_HALF: tl.constexpr, SWAP_AB: tl.constexpr, GEMV: tl.constexpr):
+    """a @ w^T, or its transpose w @ a^T with the weight tile as the dot's first operand. GEMV: as a
+    broadcast multiply summed over K in fp32, off the tensor cores, for 1-row tiles (a decode step's
+    token): the weight tile then never goes through shared memory into the dot's operand layout."""
+    if GEMV:
+        out = tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        out = tl.trans(out) if SWAP_AB else out
+    else:
+        out = _dot(w, a, DOT_HALF) if SWAP_AB else _dot(a, w, DOT_HALF)
+    return out
 
 
 @triton.jit
@@ -239,6 +246,7 @@ def _tile_product(
     DOT_HALF: tl.constexpr,
     SWAP_AB: tl.constexpr,
     SCALE_AFTER_DOT: tl.constexpr,
+    GEMV: tl.constexpr,
 ):
     """This K block's share of a @ W[offs_n]^T (or its transpose), W dense (QUANT 0) or quantized.
     SCALE_AFTER_DOT (quantized, the tile inside one group): the dot takes the codes less their zero
@@ -260,7 +268,7 @@ def _tile_product(
             BLOCK_N,
             BLOCK_K,
         )
-        out = _product(a, codes, DOT_HALF, SWAP_AB)
+        out = _product(a, codes, DOT_HALF, SWAP_AB, GEMV)
         scales = _group_scales(s_ptr, offs_n, n_mask, k0, stride_sn, GROUP)
         out = out * scales[:, None] if SWAP_AB else out * scales[None, :]
     else:
@@ -276,7 +284,7 @@ def _tile_product(
                 w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, stride_zn, QUANT, GROUP,
                 HAS_ZEROS, BLOCK_N, BLOCK_K
             )  # fmt: skip
-        out = _product(a, w, DOT_HALF, SWAP_AB)
+        out = _product(a, w, DOT_HALF, SWAP_AB, GEMV)
     return out
 
 
@@ -308,6 +316,7 @@ def _quant_gemm_kernel(
     DOT_HALF: tl.constexpr,
     SWAP_AB: tl.constexpr,
     SCALE_AFTER_DOT: tl.constexpr,
+    GEMV: tl.constexpr,
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x stride may pass 2**31
@@ -327,7 +336,7 @@ def _quant_gemm_kernel(
             x = x * tl.load(in_scale_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
         acc += _tile_product(
             x, q_ptr, s_ptr, z_ptr, offs_n, offs_n < N, k0, K, stride_qn, stride_sn, stride_zn, BITS, GROUP,
-            HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT
+            HAS_ZEROS, BLOCK_N, BLOCK_K, DOT_HALF, SWAP_AB, SCALE_AFTER_DOT, GEMV
         )  # fmt: skip
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -341,9 +350,10 @@ class Tiles(NamedTuple):
     """A GEMM launch (`quant_gemm`, or the fused MoE's grouped GEMMs): tile sizes, warps, software
     pipeline stages (Triton's defaults), whether the weight tile is the dot's first operand (out^T =
     W a^T), how many programs share the K loop (split-K: more programs stream a decode step's few
-    rows' weights; the fused MoE splits its down projection only), and whether quantized tiles inside
+    rows' weights; the fused MoE splits its down projection only), whether quantized tiles inside
     one group scale the dot's result rather than each weight (fewer operations per weight element,
-    which decode does little else with)."""
+    which decode does little else with), and whether the product is a GEMV (`_product`; meant for
+    block_m 1)."""
 
     block_m: int
     block_n: int
@@ -353,6 +363,7 @@ class Tiles(NamedTuple):
     swap_ab: bool = False
     split_k: int = 1
     scale_after_dot: bool = False
+    gemv: bool = False
 
 
 def k_block(group: int, largest: int = 64) -> int:
@@ -428,6 +439,7 @@ def quant_gemm(
         DOT_HALF=dot_half(x.dtype),
         SWAP_AB=launch.swap_ab,
         SCALE_AFTER_DOT=launch.scale_after_dot and group % block_k == 0,
+        GEMV=launch.gemv,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )

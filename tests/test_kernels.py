@@ -97,6 +97,8 @@ def test_quant_gemm_matches_float64_reference(seed, bits, group, symmetric, rows
         Tiles(16, 64, 64, 4, 4, True, 2, True),
         Tiles(32, 32, 64, 2, 3, True),
         Tiles(16, 32, 64, scale_after_dot=True),  # int4's 64-input tiles straddle groups of 32: ignored
+        Tiles(1, 64, 32, split_k=2, scale_after_dot=True, gemv=True),
+        Tiles(4, 32, 64, 2, 3, True, gemv=True),  # a GEMV of 4 rows: a [4, 32, 64] product summed
     ],
     ids=str,
 )
@@ -105,8 +107,8 @@ def test_quant_gemm_matches_float64_reference(seed, bits, group, symmetric, rows
 def test_every_quant_gemm_launch_computes_the_same_product(
     seed, monkeypatch, launch, bits, group, symmetric, rows
 ):
-    """The swapped orientation and scaling after the dot, like tile sizes, change only how the kernel
-    walks the weight: the GPU sweep (tools/device/bench_kernels.py) tries them."""
+    """The swapped orientation, scaling after the dot and the GEMV product, like tile sizes, change
+    only how the kernel walks the weight: the GPU sweep (tools/device/bench_kernels.py) tries them."""
     weight = torch.randn(100, 192) / 192**0.5
     qweight, scales, zeros = quantized(weight, bits, group, symmetric)
     x, input_scale = torch.randn(rows, 192), torch.rand(192) + 0.5
@@ -237,6 +239,8 @@ def test_fused_moe_quantized_matches_float64_reference(
         Tiles(16, 32, 32, scale_after_dot=True),
         Tiles(16, 32, 16, 4, 3, True, 4, True),
         Tiles(16, 32, 64, scale_after_dot=True),  # int4's 64-input tiles straddle groups of 32: ignored
+        Tiles(1, 32, 32, gemv=True),  # a program per routed slot, off the tensor cores
+        Tiles(1, 64, 16, 2, 3, True, 4, True, True),
     ],
     ids=str,
 )
@@ -244,8 +248,8 @@ def test_fused_moe_quantized_matches_float64_reference(
 @pytest.mark.parametrize("tokens", [37, 1])  # 1: the decode path, each program one routed slot
 def test_every_fused_moe_launch_computes_the_same_experts(seed, monkeypatch, launch, bits, group, tokens):
     """Tile shapes, warps, the swapped orientation (out^T = W a^T), split-K (the down projection's
-    bias added once) and scaling after the dot change only how the kernel walks the experts; a sweep
-    on the GPU (tools/device/bench_kernels.py) tries any of them."""
+    bias added once), scaling after the dot and the GEMV product change only how the kernel walks the
+    experts; a sweep on the GPU (tools/device/bench_kernels.py) tries any of them."""
     num_experts, top_k, hidden, inter = 3, 2, 128, 64
     x = torch.randn(tokens, hidden)
     weights, ids = routing(tokens, num_experts, top_k, dropped=True)

@@ -254,31 +254,36 @@ def matrix_rows(n: int, k: int, device, checks, rows_list=(1, 16)):
     return out
 
 
-# launches the sweep tries beside the heuristic's, by regime (not yet measured first: scaling after
-# the dot, then split-K); a block_k of 256 exceeds int4's groups of 128, so those tiles read scales
-# element by element (`_dequantized_gather`). "matrix": `quant_gemm` at decode sizes.
+# launches the sweep tries beside the heuristic's, by regime, those not yet measured first: GEMV
+# products (1-row tiles off the tensor cores), scaling after the dot, split-K; a block_k of 256
+# exceeds int4's groups of 128, so those tiles read scales element by element
+# (`_dequantized_gather`). "matrix": `quant_gemm` at decode sizes.
 SWEEP = {
-    "decode": [Tiles(16, 32, 128, scale_after_dot=True), Tiles(16, 32, 128, split_k=4, scale_after_dot=True),
+    "decode": [Tiles(1, 64, 128, scale_after_dot=True, gemv=True),
+               Tiles(1, 128, 128, 8, 3, False, 1, True, True), Tiles(1, 64, 128, 4, 3, False, 4, True, True),
+               Tiles(16, 32, 128, scale_after_dot=True), Tiles(16, 32, 128, split_k=4, scale_after_dot=True),
                Tiles(16, 32, 128, 4, 3, True, 4, True), Tiles(16, 64, 128, 4, 4, True, 1, True),
-               Tiles(16, 32, 128, split_k=4), Tiles(16, 32, 128, 4, 3, True, 4),
+               Tiles(1, 64, 128, gemv=True), Tiles(16, 32, 128, split_k=4), Tiles(16, 32, 128, 4, 3, True, 4),
                Tiles(16, 64, 128, 4, 4, True, 8), Tiles(16, 32, 128), Tiles(16, 64, 128, 4, 4),
                Tiles(16, 32, 128, 4, 3, True), Tiles(16, 64, 128, 4, 4, True), Tiles(16, 64, 64, 4, 3, True),
                Tiles(16, 32, 256, 4, 3, True), Tiles(16, 64, 128, 8, 4, True)],
     "prefill": [Tiles(64, 128, 64), Tiles(128, 64, 64, 8), Tiles(128, 128, 64, 8), Tiles(128, 64, 64, 8, 4),
                 Tiles(128, 64, 128, 8, 3), Tiles(128, 64, 64, 8, 3, True),
                 Tiles(128, 64, 64, 8, scale_after_dot=True)],
-    "matrix": [Tiles(16, 64, 64, split_k=8, scale_after_dot=True),
+    "matrix": [Tiles(1, 64, 128, split_k=4, scale_after_dot=True, gemv=True),
+               Tiles(1, 128, 128, 8, 3, False, 8, True, True), Tiles(1, 32, 128, 4, 3, False, 8, True, True),
+               Tiles(16, 64, 64, split_k=8, scale_after_dot=True),
                Tiles(16, 32, 128, split_k=8, scale_after_dot=True), Tiles(16, 64, 128, 4, 4, True, 4, True),
-               Tiles(16, 32, 128, 4, 3, True, 8, True),
-               Tiles(16, 128, 128, 8, 3, False, 4, True), Tiles(16, 32, 128, split_k=8),
-               Tiles(16, 64, 64, 4, 3, True, 8)],
+               Tiles(16, 32, 128, 4, 3, True, 8, True), Tiles(16, 128, 128, 8, 3, False, 4, True),
+               Tiles(16, 32, 128, split_k=8), Tiles(16, 64, 64, 4, 3, True, 8)],
 }  # fmt: skip
 
 
 def _launch(tiles: Tiles) -> str:
     split = f" split-K {tiles.split_k}" if tiles.split_k > 1 else ""
     scaled = " scale after dot" if tiles.scale_after_dot else ""
-    return "/".join(map(str, tiles[:5])) + (" swap" if tiles.swap_ab else "") + split + scaled
+    gemv = " gemv" if tiles.gemv else ""
+    return "/".join(map(str, tiles[:5])) + (" swap" if tiles.swap_ab else "") + split + scaled + gemv
 
 
 @contextlib.contextmanager
@@ -432,7 +437,7 @@ def main() -> None:
                 sweep_rows(shapes, matrix, device, args.sweep),
                 title="quant_gemm and fused MoE launches (block_m/n/k, num_warps, num_stages; swap: out^T = "
                 "W a^T; split-K: programs sharing the (down projection's) K loop; scale after dot: "
-                "quantized tiles scale the dot's result)",
+                "quantized tiles scale the dot's result; gemv: a product summed off the tensor cores)",
             )
         )
     if failed:
