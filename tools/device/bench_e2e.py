@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import transformers
+from torch._dynamo.utils import counters
 
 import moepass
 from moepass.cli import main as cli
@@ -333,6 +334,9 @@ def main() -> None:
             rows["paper recipe compiled, static cache"] = measure(
                 "paper recipe compiled, static cache", program_engine(lowered, device, static=True), device,
                 prompt_len, decode_tokens)  # fmt: skip
+            # Inductor falls back to launching kernels, with a warning, where it cannot use a CUDA graph
+            skips = counters["inductor"]["cudagraph_skips"]
+            log(f"CUDA graphs skipped by Inductor: {skips}" + (" (see its warnings above)" if skips else ""))
             print_table(rows, floor_ms, active, prompt_len)
             static_failure = None
         except (Exception, SystemExit) as error:
