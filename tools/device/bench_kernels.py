@@ -333,6 +333,16 @@ def sweep_rows(shapes, matrix: tuple[int, int], device, seconds: float) -> list[
     return rows
 
 
+def best_launches(swept: list[list]) -> list[list]:
+    """Per (shape, weights, M): the sweep's fastest launch, the evidence a heuristic change needs."""
+    best: dict[tuple, tuple[float, str]] = {}
+    for shape, variant, tokens, _, launch, *_, speedup in swept:
+        ratio = 0.0 if speedup == "-" else float(speedup.rstrip("x"))
+        if ratio > best.get((shape, variant, tokens), (0.0, ""))[0]:
+            best[(shape, variant, tokens)] = (ratio, launch)
+    return [[*case, launch, f"{ratio:.2f}x"] for case, (ratio, launch) in best.items()]
+
+
 def matrix_cases(n: int, k: int, device):
     """(case, weights, rows, heuristic launch, run, sweep regime) for `quant_gemm` at decode sizes."""
     gen = torch.Generator(device=device).manual_seed(3)
@@ -420,6 +430,7 @@ def main() -> None:
         )
     )
     if args.sweep:
+        swept = sweep_rows(shapes, matrix, device, args.sweep)
         print()
         print(
             format_table(
@@ -434,12 +445,15 @@ def main() -> None:
                     "ms",
                     "speedup",
                 ],
-                sweep_rows(shapes, matrix, device, args.sweep),
+                swept,
                 title="quant_gemm and fused MoE launches (block_m/n/k, num_warps, num_stages; swap: out^T = "
                 "W a^T; split-K: programs sharing the (down projection's) K loop; scale after dot: "
                 "quantized tiles scale the dot's result; gemv: a product summed off the tensor cores)",
             )
         )
+        print()
+        print(format_table(["shape", "weights", "M", "fastest launch", "speedup"], best_launches(swept),
+                           title="Fastest launch per case (same-run ratio to the heuristic's)"))  # fmt: skip
     if failed:
         sys.exit(f"{len(failed)} correctness check(s) failed")
 
