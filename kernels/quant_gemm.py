@@ -7,7 +7,7 @@ the K dimension is additionally split across programs (split-K) so that enough p
 weight: partial sums land in an fp32 workspace [SPLIT_K, M, N] that is reduced afterwards.
 The launch (`Tiles`) comes from a heuristic over the shapes — no tuning file whose absence makes a
 shape slow; `tools/device/bench_kernels.py --sweep` times others on the GPU (the swapped orientation,
-scales applied after the dot). The tile helpers here serve the fused MoE's grouped GEMMs too.
+scales applied after the dot, GEMV products). The tile helpers here serve the fused MoE too.
 """
 
 from __future__ import annotations
