@@ -175,7 +175,7 @@ class StepGeneration:
             tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
             if streamer is not None:
                 streamer(next_tokens)
-            if not unfinished.any() or i == max_new_tokens - 1:
+            if i == max_new_tokens - 1 or (eos and not unfinished.any()):  # no device sync without EOS ids
                 break
             step_ids = next_tokens[:, None]
             positions = positions[:, -1:] + 1

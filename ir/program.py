@@ -253,10 +253,16 @@ class MoEProgram(nn.Module, StepGeneration):
         if self._code_is_stale:
             self._regenerate_code()
         cache.mask[:, cache.length] = 1
-        slot = torch.tensor([cache.length], device=input_ids.device)
         (logits,) = self._run(
-            "static", self._static_decode_module(), input_ids, cache.mask, position_ids, *cache.tensors, slot
+            "static",
+            self._static_decode_module(),
+            input_ids,
+            cache.mask,
+            position_ids,
+            *cache.tensors,
+            cache.slot,
         )
+        cache.slot += 1
         cache.length += 1
         return logits
 

@@ -30,11 +30,14 @@ _SLIDING = re.compile(r"sliding (\d+)")
 class StaticCache:
     """The caches of a batch being decoded: buffers [batch, heads, capacity, head dim] (as the graph
     names them, `cache_names`), the attention mask over all slots [batch, capacity], and how many
-    slots hold tokens (`length`, the next token's slot). `retired`: a later cache took its buffers."""
+    slots hold tokens (`length`, the next token's slot; `slot` holds it on the buffers' device, where
+    each step advances it: a host value copied per step would wait for the device every step).
+    `retired`: a later cache took its buffers."""
 
     tensors: list[Tensor]
     mask: Tensor
     length: int
+    slot: Tensor
     retired: bool = False
 
     @property
@@ -55,19 +58,20 @@ class StaticCache:
             past, attention_mask, capacity
         ):
             recycle.retired = True
-            tensors, mask = recycle.tensors, recycle.mask
+            tensors, mask, slot = recycle.tensors, recycle.mask, recycle.slot.fill_(length)
         else:
             tensors = [t.new_empty(batch, t.shape[1], capacity, t.shape[3]) for t in past]
             for buffer in tensors:
                 if replays_as_cuda_graph(buffer.device):  # written in place by a CUDA graph:
                     torch._dynamo.mark_static_address(buffer)  # replays need it at one address
             mask = attention_mask.new_empty(batch, capacity)
+            slot = torch.full((1,), length, dtype=torch.int64, device=mask.device)
         for buffer, tensor in zip(tensors, past, strict=True):
             buffer[:, :, :length] = tensor
             buffer[:, :, length:] = 0  # masked; zeroed so that no earlier sequence's values remain
         mask[:, :length] = attention_mask
         mask[:, length:] = 0
-        return cls(tensors, mask, length)
+        return cls(tensors, mask, length, slot)
 
 
 def _layout(tensors: list[Tensor], mask: Tensor, capacity: int) -> tuple:

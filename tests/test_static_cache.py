@@ -44,7 +44,7 @@ def test_static_steps_give_the_dynamic_steps_logits(family, seed):
     capacity = WINDOW if family == "gpt_oss" else 32  # slots past the tokens stay masked
     dynamic, static, cache = _decode_both_ways(program, ids, mask, 5, capacity)
     assert (static - dynamic).abs().max() <= 1e-5, family
-    assert cache.length == 8 and cache.capacity == capacity
+    assert cache.length == 8 and cache.capacity == capacity and cache.slot.tolist() == [8]
     assert torch.equal(cache.mask[:, :8], torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], 1))
     assert not cache.mask[:, 8:].any()
 
