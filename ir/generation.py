@@ -106,8 +106,9 @@ class StepGeneration:
         for no limit. `streamer` is called with each step's new tokens [batch] as soon as chosen.
         `cache_implementation="static"` decodes into caches allocated once for prompt + new tokens
         (`static_step`): no cache copied per step, and one shape for every step (CUDA graphs).
-        `cache_capacity` fixes its slots (default: prompt + new tokens, rounded up to 64), so that
-        prompts of any length share one compiled step and its buffers.
+        `cache_capacity` fixes its slots (default: what prompt + new tokens need, the last token
+        aside, rounded up to 64 but not past a sliding window), so that prompts of any length share
+        one compiled step and its buffers.
         """
         check_prompt(input_ids, attention_mask, self.info.vocab_size)
         if max_new_tokens < 0:
@@ -129,6 +130,8 @@ class StepGeneration:
             )
         if cache_capacity is not None and cache_implementation != "static":
             raise ValueError("cache_capacity sizes a static cache: pass cache_implementation='static'")
+        if cache_capacity is not None and (not isinstance(cache_capacity, int) or cache_capacity < 1):
+            raise ValueError(f"cache_capacity must be a positive number of slots, got {cache_capacity!r}")
         positions_known = self.info.config.get("max_position_embeddings")
         if positions_known and input_ids.shape[-1] + max_new_tokens > positions_known:
             logger.warning(  # as transformers does: the user may know the model extrapolates

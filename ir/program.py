@@ -99,6 +99,7 @@ class MoEProgram(nn.Module, StepGeneration):
         self._structure, self._cache_names = None, None
         self._last_token_graph = self._static_decode_graph = None
         self._compiled_steps = {}
+        self.release_static_cache()  # its layout may be gone with the edit
         self._code_is_stale = True
         if not self._batched_edits:
             self._regenerate_code()
@@ -170,7 +171,7 @@ class MoEProgram(nn.Module, StepGeneration):
             _retarget_devices(self.graph_module, probe.device)
             # they hold the old device's constants (or, the cache, its memory)
             self._last_token_graph, self._static_decode_graph, self._compiled_steps = None, None, {}
-            self._latest_static_cache = None
+            self.release_static_cache()
         return result
 
     # -- running ------------------------------------------------------------------------------
@@ -218,17 +219,28 @@ class MoEProgram(nn.Module, StepGeneration):
         outputs = self._run(last_token_only, graph_module, input_ids, attention_mask, position_ids, *past)
         return outputs[0], list(outputs[1:])
 
-    def static_cache(self, past: list[Tensor], attention_mask: Tensor, capacity: int) -> StaticCache:
+    def static_cache(
+        self, past: list[Tensor], attention_mask: Tensor, capacity: int, *, reuse: bool = True
+    ) -> StaticCache:
         """A static cache of `capacity` slots holding a prefill step's caches and mask, for
         `static_step`; refused past a sliding window (`moepass.ir.static_cache`).
 
-        The previous cache's buffers are reused when shaped alike (that cache is then retired): a
-        CUDA graph records the addresses it writes, so new buffers each `generate` would record the
-        step again each time and keep every recording. Memory held: one cache's buffers."""
+        `reuse`: take the previous cache's buffers when shaped alike (that cache is then retired),
+        and keep this one's for the next: a CUDA graph records the addresses it writes, so new
+        buffers each `generate` would record the step again each time and keep every recording. A
+        program so holds one cache's buffers (`release_static_cache` frees them) and decodes one
+        static cache per shape at a time, from one thread. `reuse=False`: buffers of its own."""
         check_window(self.info.attention, capacity)
+        if not reuse:
+            return StaticCache.from_prefill(past, attention_mask, capacity)
         cache = StaticCache.from_prefill(past, attention_mask, capacity, recycle=self._latest_static_cache)
         self._latest_static_cache = cache
         return cache
+
+    def release_static_cache(self) -> None:
+        """Let the buffers of the last reused static cache go (memory for other work); the next
+        static cache allocates its own."""
+        self._latest_static_cache = None
 
     @torch.no_grad()
     def static_step(self, input_ids: Tensor, position_ids: Tensor, cache: StaticCache) -> Tensor:
@@ -245,14 +257,15 @@ class MoEProgram(nn.Module, StepGeneration):
         if cache.retired:
             raise MoepassError(
                 "this static cache's buffers now serve a later static_cache() of the same shape (the "
-                "program reuses them): to decode two caches of one shape at once, build the other with "
-                "StaticCache.from_prefill, which allocates its own"
+                "program reuses them): to decode several caches of one shape at once, create them with "
+                "static_cache(..., reuse=False)"
             )
         if cache.length >= cache.capacity:
             raise MoepassError(f"the static cache is full ({cache.capacity} slots); allocate a larger one")
         if self._code_is_stale:
             self._regenerate_code()
         cache.mask[:, cache.length] = 1
+        cache.slot.fill_(cache.length)  # a scalar argument of a fill kernel: no copy waits for the device
         (logits,) = self._run(
             "static",
             self._static_decode_module(),
@@ -262,7 +275,6 @@ class MoEProgram(nn.Module, StepGeneration):
             *cache.tensors,
             cache.slot,
         )
-        cache.slot += 1
         cache.length += 1
         return logits
 

@@ -30,15 +30,19 @@ _SLIDING = re.compile(r"sliding (\d+)")
 class StaticCache:
     """The caches of a batch being decoded: buffers [batch, heads, capacity, head dim] (as the graph
     names them, `cache_names`), the attention mask over all slots [batch, capacity], and how many
-    slots hold tokens (`length`, the next token's slot; `slot` holds it on the buffers' device, where
-    each step advances it: a host value copied per step would wait for the device every step).
-    `retired`: a later cache took its buffers."""
+    slots hold tokens (`length`, the next token's slot). `slot` holds `length` on the buffers'
+    device, written by each step: a host value copied per step would wait for the device every
+    step. `retired`: a later cache took its buffers."""
 
     tensors: list[Tensor]
     mask: Tensor
     length: int
-    slot: Tensor
+    slot: Tensor | None = None
     retired: bool = False
+
+    def __post_init__(self) -> None:
+        if self.slot is None:
+            self.slot = torch.full((1,), self.length, dtype=torch.int64, device=self.mask.device)
 
     @property
     def capacity(self) -> int:
@@ -54,18 +58,23 @@ class StaticCache:
         batch, length = attention_mask.shape
         if capacity < length:
             raise MoepassError(f"a static cache of {capacity} slots cannot hold the {length} tokens given")
+        for i, tensor in enumerate(past):  # before any buffer is taken: a refused call retires nothing
+            if tensor.dim() != 4 or tuple(tensor.shape[::2]) != (batch, length):
+                raise MoepassError(
+                    f"past tensor {i} is {list(tensor.shape)}: a static cache takes [batch = {batch}, heads, "
+                    f"length = {length}, head dim] past tensors, as long as the attention mask"
+                )
         if recycle is not None and _layout(recycle.tensors, recycle.mask, recycle.capacity) == _layout(
             past, attention_mask, capacity
         ):
             recycle.retired = True
-            tensors, mask, slot = recycle.tensors, recycle.mask, recycle.slot.fill_(length)
+            tensors, mask, slot = recycle.tensors, recycle.mask, recycle.slot
         else:
             tensors = [t.new_empty(batch, t.shape[1], capacity, t.shape[3]) for t in past]
             for buffer in tensors:
                 if replays_as_cuda_graph(buffer.device):  # written in place by a CUDA graph:
                     torch._dynamo.mark_static_address(buffer)  # replays need it at one address
-            mask = attention_mask.new_empty(batch, capacity)
-            slot = torch.full((1,), length, dtype=torch.int64, device=mask.device)
+            mask, slot = attention_mask.new_empty(batch, capacity), None
         for buffer, tensor in zip(tensors, past, strict=True):
             buffer[:, :, :length] = tensor
             buffer[:, :, length:] = 0  # masked; zeroed so that no earlier sequence's values remain
@@ -106,7 +115,8 @@ def check_window(attention: dict[int, str], capacity: int) -> None:
             raise MoepassError(
                 f"layer {layer} attends through a sliding window of {window} tokens: a static "
                 f"cache of {capacity} slots would attend past it; decode with the dynamic cache "
-                f"(cache_implementation='dynamic') or keep prompt + new tokens <= {window}"
+                f"(cache_implementation='dynamic') or keep prompt + new tokens (and cache_capacity) "
+                f"<= {window}"
             )
 
 

@@ -252,6 +252,7 @@ def _tile_product(
     SCALE_AFTER_DOT (quantized, the tile inside one group): the dot takes the codes less their zero
     points, exact small integers, and its [M, N] result is scaled per output column, instead of
     every weight element scaled."""
+    tl.static_assert(QUANT > 0 or not SCALE_AFTER_DOT, "dense weights have no scales to apply after the dot")
     if SCALE_AFTER_DOT:
         codes = _centered_codes(
             w_ptr,

@@ -279,6 +279,45 @@ def test_every_fused_moe_launch_computes_the_same_experts(seed, monkeypatch, lau
     assert rel_err(out, ref) < FP32_BOUND
 
 
+def test_launch_options_reach_the_kernels_where_they_apply(seed, monkeypatch):
+    """Scaling after the dot needs quantized tiles inside one group; GEMV always applies. (The launch
+    tests above would pass if an option were silently dropped.)"""
+    seen = []
+
+    def recording(kernel):
+        class Launches:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    seen.append((kwargs["SCALE_AFTER_DOT"], kwargs["GEMV"]))
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Launches()
+
+    monkeypatch.setattr(
+        fused_moe_module, "_grouped_gemm_kernel", recording(fused_moe_module._grouped_gemm_kernel)
+    )
+    monkeypatch.setattr(
+        quant_gemm_module, "_quant_gemm_kernel", recording(quant_gemm_module._quant_gemm_kernel)
+    )
+    x, (weights, ids) = torch.randn(3, 128), routing(3, 2, 2)
+    gate_up, down = torch.randn(2, 128, 128), torch.randn(2, 128, 64)
+    quant = quantized(gate_up, 4, 32, False), quantized(down, 4, 32, False)
+    tail = ("silu", 0.0, 0.0, 4, 32)
+    for block_k, applies in ((32, True), (64, False)):  # 64-input tiles straddle groups of 32
+        launch = Tiles(16, 32, block_k, scale_after_dot=True, gemv=True)
+        monkeypatch.setattr(fused_moe_module, "tiles_for", lambda *_, launch=launch: launch)
+        monkeypatch.setattr(quant_gemm_module, "blocks_for", lambda *_, launch=launch: launch)
+        seen.clear()
+        ops.triton_quantized_experts(x, ids, weights, *quant[0], *quant[1], None, None, None, None, *tail)
+        ops.triton_quantized_linear(x, *(t[0] for t in quant[0]), None, None, 4, 32)  # expert 0's
+        assert seen == [(applies, True)] * 3, block_k
+    seen.clear()
+    ops.triton_experts(x, ids, weights, gate_up, down, None, None, "silu", 0.0, 0.0)  # dense: no scales
+    assert seen == [(False, True)] * 2
+
+
 @pytest.mark.parametrize("quantized_weights", [False, True])
 def test_tiles_for_takes_long_prompts_in_128_row_tiles_and_quantized_decode_in_128_input_tiles(
     quantized_weights,

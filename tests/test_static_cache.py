@@ -44,7 +44,7 @@ def test_static_steps_give_the_dynamic_steps_logits(family, seed):
     capacity = WINDOW if family == "gpt_oss" else 32  # slots past the tokens stay masked
     dynamic, static, cache = _decode_both_ways(program, ids, mask, 5, capacity)
     assert (static - dynamic).abs().max() <= 1e-5, family
-    assert cache.length == 8 and cache.capacity == capacity and cache.slot.tolist() == [8]
+    assert cache.length == 8 and cache.capacity == capacity
     assert torch.equal(cache.mask[:, :8], torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], 1))
     assert not cache.mask[:, 8:].any()
 
@@ -78,7 +78,13 @@ def test_a_later_cache_of_the_same_shape_reuses_the_buffers_refilled(seed):
     _, past = program.step(ids[:1], mask[:1], positions[:1, :1].expand(1, 3), program.empty_cache(1))
     third = program.static_cache(past, mask[:1], 32)  # another batch: buffers of its own
     assert third.tensors[0].data_ptr() not in pointers and not second.retired
+    with pytest.raises(MoepassError, match=r"past tensor 0 is \[1, .*, 3, .*length = 4"):
+        program.static_cache(past, torch.ones(1, 4, dtype=mask.dtype), 32)  # refused: retires nothing
+    own = program.static_cache(past, mask[:1], 32, reuse=False)
+    assert own.tensors[0].data_ptr() != third.tensors[0].data_ptr() and not third.retired
     program.static_step(token, positions, second)
+    program.release_static_cache()
+    assert program.static_cache(past, mask[:1], 32).tensors[0].data_ptr() != third.tensors[0].data_ptr()
 
 
 def test_a_fixed_cache_capacity_serves_every_prompt_length(seed):
@@ -92,6 +98,8 @@ def test_a_fixed_cache_capacity_serves_every_prompt_length(seed):
         program.generate(ids, 6, cache_implementation="static", cache_capacity=9)
     with pytest.raises(ValueError, match="cache_capacity sizes a static cache"):
         program.generate(ids, 6, cache_capacity=40)
+    with pytest.raises(ValueError, match="cache_capacity must be a positive number of slots, got 0"):
+        program.generate(ids, 1, cache_implementation="static", cache_capacity=0)
 
 
 def test_quantized_lowered_programs_decode_into_static_caches(seed):
