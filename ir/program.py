@@ -97,12 +97,17 @@ class MoEProgram(nn.Module, StepGeneration):
         code (at the end of a `batch_edits` block) and rebuilds the structure map on demand."""
         remove_dead_nodes(self.graph_module.graph)
         self._structure, self._cache_names = None, None
-        self._last_token_graph = self._static_decode_graph = None
-        self._compiled_steps = {}
-        self.release_static_cache()  # its layout may be gone with the edit
+        self._forget_derived_steps()
         self._code_is_stale = True
         if not self._batched_edits:
             self._regenerate_code()
+
+    def _forget_derived_steps(self) -> None:
+        """Drop what was built from the graph on its device: the last-token and static-decode
+        graphs, their compiled steps and the held static cache (whose layout an edit may change)."""
+        self._last_token_graph = self._static_decode_graph = None
+        self._compiled_steps = {}
+        self.release_static_cache()
 
     @contextlib.contextmanager
     def batch_edits(self) -> Iterator[None]:
@@ -169,9 +174,7 @@ class MoEProgram(nn.Module, StepGeneration):
         result = super()._apply(fn, recurse)
         if probe.device != before:
             _retarget_devices(self.graph_module, probe.device)
-            # they hold the old device's constants (or, the cache, its memory)
-            self._last_token_graph, self._static_decode_graph, self._compiled_steps = None, None, {}
-            self.release_static_cache()
+            self._forget_derived_steps()  # they hold the old device's constants (the cache, its memory)
         return result
 
     # -- running ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .quant_gemm import Tiles, _tile_product, dense_rows, dot_half, k_block, workspace
+from .quant_gemm import Tiles, _tile_product, dense_rows, dot_half, k_block, scales_after_dot, workspace
 
 ACTIVATIONS = {
     "silu": 0,
@@ -314,7 +314,7 @@ def fused_moe(
             DOT_HALF=dot_half(hidden.dtype),
             SWAP_AB=launch.swap_ab,
             SPLIT_K=split_k,
-            SCALE_AFTER_DOT=launch.scale_after_dot and bits > 0 and group % bk == 0,
+            SCALE_AFTER_DOT=scales_after_dot(launch, bits, group, bk),
             GEMV=launch.gemv,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,

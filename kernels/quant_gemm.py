@@ -367,6 +367,11 @@ class Tiles(NamedTuple):
     gemv: bool = False
 
 
+def scales_after_dot(launch: Tiles, bits: int, group: int, block_k: int) -> bool:
+    """Whether `launch`'s scale-after-dot applies: quantized weights, tiles inside one group."""
+    return launch.scale_after_dot and bits > 0 and group % block_k == 0
+
+
 def k_block(group: int, largest: int = 64) -> int:
     """The largest power of two <= `largest` that divides the quantization group, so a tile reads one
     scale per row; 32 when none >= 16 does (the dequantizer then reads groups per element: a tile
@@ -439,7 +444,7 @@ def quant_gemm(
         K_PER_SPLIT=k_per_split,
         DOT_HALF=dot_half(x.dtype),
         SWAP_AB=launch.swap_ab,
-        SCALE_AFTER_DOT=launch.scale_after_dot and group % block_k == 0,
+        SCALE_AFTER_DOT=scales_after_dot(launch, bits, group, block_k),
         GEMV=launch.gemv,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,

@@ -177,6 +177,12 @@ def check_static_decode(program, reference, device: torch.device) -> None:
         raise SystemExit(f"FAIL: static-cache decode differs from eager by {typical:.2e} (median of 4 steps)")
 
 
+def log_cudagraph_skips() -> None:
+    """Inductor falls back to launching kernels, with only a warning, where it cannot use a CUDA graph."""
+    skips = counters["inductor"]["cudagraph_skips"]
+    log(f"CUDA graphs skipped by Inductor: {skips}" + (" (see its warnings above)" if skips else ""))
+
+
 def measure(name: str, engine, device, prompt_len: int, decode_tokens: int) -> dict:
     prefill, decode = engine
     ids = torch.randint(3, 500, (1, prompt_len), device=device)
@@ -333,7 +339,7 @@ def main() -> None:
         rows["moepass uncompressed compiled, static cache"] = measure(
             "uncompressed compiled, static cache", program_engine(lowered, device, static=True), device,
             prompt_len, decode_tokens)  # fmt: skip
-        log(f"CUDA graphs skipped by Inductor: {counters['inductor']['cudagraph_skips']}")
+        log_cudagraph_skips()
         del lowered
         torch._dynamo.reset()  # the compiled steps hold the uncompressed weights
         gc.collect()
@@ -356,9 +362,7 @@ def main() -> None:
             rows["paper recipe compiled, static cache"] = measure(
                 "paper recipe compiled, static cache", program_engine(lowered, device, static=True), device,
                 prompt_len, decode_tokens)  # fmt: skip
-            # Inductor falls back to launching kernels, with a warning, where it cannot use a CUDA graph
-            skips = counters["inductor"]["cudagraph_skips"]
-            log(f"CUDA graphs skipped by Inductor: {skips}" + (" (see its warnings above)" if skips else ""))
+            log_cudagraph_skips()
             print_table(rows, floor_ms, active, prompt_len)
             static_failure = None
         except (Exception, SystemExit) as error:
