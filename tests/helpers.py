@@ -134,6 +134,15 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
+def position_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Relative error of each position's logits, flattened. The pad token first in a sequence of a
+    random model has all-zero logits (a zero embedding row; zero-initialised biases): such a position
+    counts as exact only where `got` is zero too, instead of 0/0 = NaN."""
+    got, want = got.float(), want.float()
+    scale = want.norm(dim=-1).clamp_min(torch.finfo(want.dtype).tiny)
+    return ((got - want).norm(dim=-1) / scale).flatten()
+
+
 def greedy_under(reference, sequences: torch.Tensor, prompt: int, tie: float = 1e-4) -> None:
     """Every generated token is the reference's greedy choice on that prefix, up to a near tie (fused
     kernels sum in another order: two logits within `tie` of the scale may swap)."""
