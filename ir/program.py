@@ -17,7 +17,13 @@ from .canonicalize import remove_dead_nodes
 from .generation import StepGeneration, check_prompt
 from .ops import TRACEABLE_BODIES
 from .printer import format_summary
-from .static_cache import StaticCache, check_window, replays_as_cuda_graph, static_decode_graph
+from .static_cache import (
+    StaticCache,
+    StaticCachePool,
+    check_window,
+    replays_as_cuda_graph,
+    static_decode_graph,
+)
 from .structure import StructureMap, build_structure
 from .verifier import verify
 
@@ -80,7 +86,7 @@ class MoEProgram(nn.Module, StepGeneration):
         self._cache_names: list[str] | None = None
         self._last_token_graph: fx.GraphModule | None = None
         self._static_decode_graph: fx.GraphModule | None = None
-        self._latest_static_cache: StaticCache | None = None  # its buffers serve the next one
+        self._static_caches = StaticCachePool()  # their buffers serve the next of each layout
         self._compiled_steps: dict[bool | str, Callable] = {}
         self._batched_edits = 0  # open `batch_edits` blocks
         self._code_is_stale = False
@@ -104,7 +110,7 @@ class MoEProgram(nn.Module, StepGeneration):
 
     def _forget_derived_steps(self) -> None:
         """Drop what was built from the graph on its device: the last-token and static-decode
-        graphs, their compiled steps and the held static cache (whose layout an edit may change)."""
+        graphs, their compiled steps and the held static caches (whose layout an edit may change)."""
         self._last_token_graph = self._static_decode_graph = None
         self._compiled_steps = {}
         self.release_static_cache()
@@ -228,22 +234,21 @@ class MoEProgram(nn.Module, StepGeneration):
         """A static cache of `capacity` slots holding a prefill step's caches and mask, for
         `static_step`; refused past a sliding window (`moepass.ir.static_cache`).
 
-        `reuse`: take the previous cache's buffers when shaped alike (that cache is then retired),
-        and keep this one's for the next: a CUDA graph records the addresses it writes, so new
-        buffers each `generate` would record the step again each time and keep every recording. A
-        program so holds one cache's buffers (`release_static_cache` frees them) and decodes one
-        static cache per shape at a time, from one thread. `reuse=False`: buffers of its own."""
+        `reuse`: take the buffers of the previous cache of the same layout (batch, capacity, dtype,
+        device; that cache is then retired), and keep this one's for the next: a CUDA graph records
+        the addresses it writes, so new buffers each `generate` would record the step again each
+        time and keep every recording. A program so holds the buffers of the latest cache of up to 4
+        layouts (`StaticCachePool`; `release_static_cache` frees them) and decodes one static cache
+        per layout at a time, from one thread. `reuse=False`: buffers of its own."""
         check_window(self.info.attention, capacity)
         if not reuse:
             return StaticCache.from_prefill(past, attention_mask, capacity)
-        cache = StaticCache.from_prefill(past, attention_mask, capacity, recycle=self._latest_static_cache)
-        self._latest_static_cache = cache
-        return cache
+        return self._static_caches.take(past, attention_mask, capacity)
 
     def release_static_cache(self) -> None:
-        """Let the buffers of the last reused static cache go (memory for other work); the next
-        static cache allocates its own."""
-        self._latest_static_cache = None
+        """Let the buffers of the held static caches go (memory for other work); later static
+        caches allocate their own."""
+        self._static_caches.clear()
 
     @torch.no_grad()
     def static_step(self, input_ids: Tensor, position_ids: Tensor, cache: StaticCache) -> Tensor:
@@ -259,8 +264,8 @@ class MoEProgram(nn.Module, StepGeneration):
                 )
         if cache.retired:
             raise MoepassError(
-                "this static cache's buffers now serve a later static_cache() of the same shape (the "
-                "program reuses them): to decode several caches of one shape at once, create them with "
+                "this static cache's buffers now serve a later static_cache() of the same layout (the "
+                "program reuses them): to decode several caches of one layout at once, create them with "
                 "static_cache(..., reuse=False)"
             )
         if cache.length >= cache.capacity:

@@ -55,18 +55,9 @@ class StaticCache:
         """Buffers of `capacity` slots holding a prefill's caches (`past`, one [batch, heads, length,
         head dim] per cache name) and its mask [batch, length]; `recycle`'s buffers where they have
         the layout needed (then `recycle` is retired), new ones otherwise."""
+        check_prefill(past, attention_mask, capacity)
         batch, length = attention_mask.shape
-        if capacity < length:
-            raise MoepassError(f"a static cache of {capacity} slots cannot hold the {length} tokens given")
-        for i, tensor in enumerate(past):  # before any buffer is taken: a refused call retires nothing
-            if tensor.dim() != 4 or tuple(tensor.shape[::2]) != (batch, length):
-                raise MoepassError(
-                    f"past tensor {i} is {list(tensor.shape)}: a static cache takes [batch = {batch}, heads, "
-                    f"length = {length}, head dim] past tensors, as long as the attention mask"
-                )
-        if recycle is not None and _layout(recycle.tensors, recycle.mask, recycle.capacity) == _layout(
-            past, attention_mask, capacity
-        ):
+        if recycle is not None and recycle.layout == cache_layout(past, attention_mask, capacity):
             recycle.retired = True
             tensors, mask, slot = recycle.tensors, recycle.mask, recycle.slot
         else:
@@ -82,12 +73,62 @@ class StaticCache:
         mask[:, length:] = 0
         return cls(tensors, mask, length, slot)
 
+    @property
+    def layout(self) -> tuple:
+        return cache_layout(self.tensors, self.mask, self.capacity)
 
-def _layout(tensors: list[Tensor], mask: Tensor, capacity: int) -> tuple:
+
+def check_prefill(past: list[Tensor], attention_mask: Tensor, capacity: int) -> None:
+    """Refuse caches a static cache cannot take: too many tokens, or past tensors not [batch, heads,
+    length, head dim] for the mask's batch and length."""
+    batch, length = attention_mask.shape
+    if capacity < length:
+        raise MoepassError(f"a static cache of {capacity} slots cannot hold the {length} tokens given")
+    for i, tensor in enumerate(past):
+        if tensor.dim() != 4 or tuple(tensor.shape[::2]) != (batch, length):
+            raise MoepassError(
+                f"past tensor {i} is {list(tensor.shape)}: a static cache takes [batch = {batch}, heads, "
+                f"length = {length}, head dim] past tensors, as long as the attention mask"
+            )
+
+
+def cache_layout(tensors: list[Tensor], mask: Tensor, capacity: int) -> tuple:
     """What two static caches must share for one's buffers to serve the other: the capacity, and
     every buffer's batch, heads, head dim, dtype and device (lengths aside)."""
     tensors = [*tensors, mask[:, None, :, None]]
     return (capacity, *((t.shape[0], t.shape[1], t.shape[3], t.dtype, t.device) for t in tensors))
+
+
+class StaticCachePool:
+    """The buffers of the latest static cache of each layout (at most `layouts` of them, the least
+    recently used let go first), each handed to the next cache of its layout.
+
+    Why: Inductor's cudagraph trees record a step again when a static input moves to a new address
+    and keep every recording, so a cache allocated per `generate` would add a recording per call;
+    holding one cache per layout also serves callers alternating batch sizes or capacities."""
+
+    def __init__(self, layouts: int = 4):
+        self.layouts = layouts
+        self._held: dict[tuple, StaticCache] = {}
+
+    def take(self, past: list[Tensor], attention_mask: Tensor, capacity: int) -> StaticCache:
+        """A static cache holding the prefill, in the buffers of the held cache of its layout (which
+        is retired) or in new ones; held in turn for the next cache of that layout."""
+        check_prefill(past, attention_mask, capacity)  # before any buffer is taken: retires nothing
+        layout = cache_layout(past, attention_mask, capacity)
+        cache = StaticCache.from_prefill(past, attention_mask, capacity, recycle=self._held.pop(layout, None))
+        self._held[layout] = cache  # the most recently used last
+        while len(self._held) > self.layouts:
+            del self._held[next(iter(self._held))]
+        return cache
+
+    def held(self) -> list[StaticCache]:
+        """The held caches, least recently used first."""
+        return list(self._held.values())
+
+    def clear(self) -> None:
+        """Let every held buffer go; later caches allocate their own."""
+        self._held.clear()
 
 
 def replays_as_cuda_graph(device: torch.device) -> bool:

@@ -9,7 +9,7 @@ import moepass
 from helpers import FAMILIES, captured, rtn
 from moepass.errors import MoepassError
 from moepass.ir import static_cache
-from moepass.ir.static_cache import StaticCache, static_capacity
+from moepass.ir.static_cache import StaticCache, StaticCachePool, static_capacity
 
 WINDOW = 8  # gpt_oss's random config: sliding-window layers of 8 tokens
 
@@ -78,13 +78,43 @@ def test_a_later_cache_of_the_same_shape_reuses_the_buffers_refilled(seed):
     _, past = program.step(ids[:1], mask[:1], positions[:1, :1].expand(1, 3), program.empty_cache(1))
     third = program.static_cache(past, mask[:1], 32)  # another batch: buffers of its own
     assert third.tensors[0].data_ptr() not in pointers and not second.retired
+    *_, fourth = _decode_both_ways(program, ids, mask, 1, 32)  # batch 2 again: the second's buffers
+    assert [t.data_ptr() for t in (*fourth.tensors, fourth.mask)] == pointers and second.retired
+    assert not third.retired
     with pytest.raises(MoepassError, match=r"past tensor 0 is \[1, .*, 3, .*length = 4"):
         program.static_cache(past, torch.ones(1, 4, dtype=mask.dtype), 32)  # refused: retires nothing
     own = program.static_cache(past, mask[:1], 32, reuse=False)
     assert own.tensors[0].data_ptr() != third.tensors[0].data_ptr() and not third.retired
-    program.static_step(token, positions, second)
+    program.static_step(token, positions, fourth)
     program.release_static_cache()
     assert program.static_cache(past, mask[:1], 32).tensors[0].data_ptr() != third.tensors[0].data_ptr()
+
+
+def test_the_pool_holds_the_latest_cache_of_each_layout_and_lets_the_least_recent_go(seed):
+    """Alternating batch sizes reuse each one's buffers (a CUDA graph per layout replays); past the
+    pool's size the least recently used layout is let go, not retired."""
+    pool = StaticCachePool(layouts=2)
+
+    def take(batch: int, capacity: int = 8) -> StaticCache:
+        past = [torch.randn(batch, 2, 3, 4) for _ in range(2)]
+        return pool.take(past, torch.ones(batch, 3, dtype=torch.long), capacity)
+
+    one, two = take(1), take(2)
+    again = take(1)  # batch 1 again: its buffers, refilled
+    assert again.tensors[0].data_ptr() == one.tensors[0].data_ptr() and one.retired and not two.retired
+    three = take(3)  # a third layout: batch 2's, the least recently used, is let go
+    assert [c.mask.shape[0] for c in pool.held()] == [1, 3]
+    assert take(2).tensors[0].data_ptr() != two.tensors[0].data_ptr() and not two.retired
+    assert [c.mask.shape[0] for c in pool.held()] == [3, 2] and not three.retired
+    assert take(3, capacity=9).tensors[0].data_ptr() != three.tensors[0].data_ptr()  # capacity: layout
+    held = pool.held()
+    with pytest.raises(MoepassError, match="cannot hold the 3 tokens"):
+        take(3, capacity=2)
+    with pytest.raises(MoepassError, match=r"past tensor 0 is \[3, 2, 4, 4\]"):  # a held layout's
+        pool.take([torch.randn(3, 2, 4, 4)] * 2, torch.ones(3, 3, dtype=torch.long), 9)
+    assert pool.held() == held and not any(c.retired for c in held)  # refusals take nothing
+    pool.clear()
+    assert pool.held() == []
 
 
 def test_a_fixed_cache_capacity_serves_every_prompt_length(seed):
@@ -93,7 +123,7 @@ def test_a_fixed_cache_capacity_serves_every_prompt_length(seed):
     want = program.generate(ids, 6, eos_token_id=None)
     got = program.generate(ids, 6, eos_token_id=None, cache_implementation="static", cache_capacity=40)
     assert torch.equal(got, want)
-    assert program._latest_static_cache.capacity == 40
+    assert program._static_caches.held()[-1].capacity == 40  # the latest cache: the pinned capacity
     with pytest.raises(MoepassError, match="cache_capacity=9 cannot hold 5 prompt \\+ 5 decoded tokens"):
         program.generate(ids, 6, cache_implementation="static", cache_capacity=9)
     with pytest.raises(ValueError, match="cache_capacity sizes a static cache"):
@@ -135,13 +165,13 @@ def test_the_cuda_graph_compile_runs_each_step_and_call_without_recompiling(seed
     compiled = moepass.lower(program, compile=True)
     ids = torch.randint(3, model.config.vocab_size, (2, 5))
     compiled.generate(ids, 3, eos_token_id=None, cache_implementation="static")  # compiles
-    buffers = [t.data_ptr() for t in compiled._latest_static_cache.tensors]
+    buffers = [t.data_ptr() for t in compiled._static_caches.held()[-1].tensors]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for prompt in ids:  # the first as before, then another
             prompt = prompt[None].expand(2, -1)
             got = compiled.generate(prompt, 8, eos_token_id=None, cache_implementation="static")
             assert torch.equal(got, program.generate(prompt, 8, eos_token_id=None))
-            assert [t.data_ptr() for t in compiled._latest_static_cache.tensors] == buffers
+            assert [t.data_ptr() for t in compiled._static_caches.held()[-1].tensors] == buffers
 
 
 def test_capacity_rounds_up_but_not_past_a_sliding_window():
