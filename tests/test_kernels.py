@@ -26,8 +26,8 @@ from moepass.kernels import (
 )
 from moepass.kernels import fused_moe as fused_moe_module
 from moepass.kernels import quant_gemm as quant_gemm_module
-from moepass.kernels.fused_moe import Tiles, align, tiles_for
-from moepass.kernels.quant_gemm import POISON_ENV
+from moepass.kernels.fused_moe import align, tiles_for
+from moepass.kernels.quant_gemm import POISON_ENV, Tiles
 
 FP32_BOUND = 1e-5  # fp32 accumulation over K <= 256 against float64
 BF16_BOUND = 1.5e-2  # bf16 activations (the CPU ATen paths, bf16 inputs)

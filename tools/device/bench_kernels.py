@@ -36,8 +36,8 @@ from moepass.ir.quantized import QuantFormat, dequantize, quantize
 from moepass.kernels import compress_24
 from moepass.kernels import fused_moe as fused_moe_module
 from moepass.kernels import quant_gemm as quant_gemm_module
-from moepass.kernels.fused_moe import Tiles, fused_moe, tiles_for
-from moepass.kernels.quant_gemm import blocks_for, quant_gemm
+from moepass.kernels.fused_moe import fused_moe, tiles_for
+from moepass.kernels.quant_gemm import Tiles, blocks_for, quant_gemm
 from moepass.kernels.sparse24 import sparse24_gemm
 from moepass.table import format_table
 
