@@ -175,7 +175,11 @@ def _restore_torch_forwards(shadow: nn.Module) -> None:
 
 
 # transformers' own MLA key builders (DeepSeek V2/V3), by qualified name: a patched one is left alone
-_MLA_EXPAND_KV = ("DeepseekV2Attention.expand_kv", "DeepseekV3Attention.expand_kv")
+_MLA_EXPAND_KV = (
+    "DeepseekV2Attention.expand_kv",
+    "DeepseekV3Attention.expand_kv",
+    "Glm4MoeLiteAttention.expand_kv",
+)
 
 
 def _concatenate_mla_keys(shadow: nn.Module) -> None:

@@ -28,6 +28,7 @@ class Family:
     attention_notes: tuple[str, ...] = ()  # shown by the printer, e.g. "sinks"
     router_name: str = "gate"  # transformers' attribute names inside the MoE block,
     shared_name: str = "shared_experts"  # used to write checkpoints back in its layout
+    correction_bias_name: str | None = None  # where the block holds a selection bias the router does not
     experts_to_hf: Callable[[dict], dict] | None = None  # canonical expert tensors -> transformers layout
 
 
@@ -201,6 +202,13 @@ def _convert_deepseek_v3(block, config) -> SparseMoE:
     return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
 
 
+def _convert_minimax_m2(block, config) -> SparseMoE:
+    """DeepSeek-V3's sigmoid routing without groups or scaling; the selection bias is the block's."""
+    spec = RoutingSpec("sigmoid_topk", block.gate.top_k, renormalize=True)
+    router = Router(block.gate.weight, None, block.e_score_correction_bias, fp32=False)
+    return SparseMoE(router, _experts(block, config), spec)
+
+
 def _convert_phimoe(block, config) -> SparseMoE:
     router = block.router
     spec = RoutingSpec("sparsemixer", 2, jitter_eps=float(router.router_jitter_noise))
@@ -252,6 +260,20 @@ _register(Family("qwen3_moe", "Qwen3-MoE", ("Qwen3MoeSparseMoeBlock",), _convert
 _register(Family("olmoe", "OLMoE", ("OlmoeSparseMoeBlock",), _convert_qwen_olmoe, ("qk-norm",)))
 _register(Family("deepseek_v2", "DeepSeek-V2", ("DeepseekV2Moe",), _convert_deepseek_v2))
 _register(Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deepseek_v3))
+# GLM-4.5/4.6: DeepSeek-V3's MoE block (grouped sigmoid routing, shared experts) under GQA attention
+_register(Family("glm4_moe", "GLM-4-MoE", ("Glm4MoeMoE",), _convert_deepseek_v3))
+# GLM-4.7-Flash: the same block under DeepSeek's multi-head latent attention
+_register(Family("glm4_moe_lite", "GLM-4-MoE-Lite", ("Glm4MoeLiteMoE",), _convert_deepseek_v3))
+_register(
+    Family(
+        "minimax_m2",
+        "MiniMax-M2",
+        ("MiniMaxM2SparseMoeBlock",),
+        _convert_minimax_m2,
+        ("qk-norm",),
+        correction_bias_name="e_score_correction_bias",
+    )
+)
 _register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe, router_name="router"))
 _register(
     Family(

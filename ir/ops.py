@@ -65,7 +65,8 @@ def _softmax_topk(logits, bias, top_k, n_group, topk_group, renormalize, jitter_
 
 @_routing_kind("sigmoid_topk")
 def _sigmoid_topk(logits, bias, top_k, n_group, topk_group, renormalize, jitter_eps):
-    """DeepSeek-V3: sigmoid scores, bias used for selection only, group-limited by top-2 sums."""
+    """DeepSeek-V3, GLM-4-MoE, MiniMax-M2: sigmoid scores, bias used for selection only, group-limited by
+    top-2 sums."""
     scores = torch.sigmoid(logits.float())
     choice = scores if bias is None else scores + bias.float()
     if n_group > 1:

@@ -105,8 +105,9 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
             if key in config:
                 config[key] = moe.num_experts
         config["num_experts_per_tok"] = moe.top_k
-    if isinstance(config.get("layer_types"), list):
-        config["layer_types"] = [config["layer_types"][i] for i in blocks]
+    for key in ("layer_types", "mlp_layer_types"):  # per-layer attention kinds; GLM-4-MoE-Lite's MLP kinds
+        if isinstance(config.get(key), list):
+            config[key] = [config[key][i] for i in blocks]
     structure = program.structure
     if "first_k_dense_replace" in config:
         kinds = [structure.block(i).is_moe for i in blocks]
@@ -131,6 +132,8 @@ def _named_tensors(program: MoEProgram):
 
 
 def _moe_name(rest: str, family) -> str:
+    if family.correction_bias_name:
+        rest = rest.replace("mlp.router.e_score_correction_bias", f"mlp.{family.correction_bias_name}")
     rest = rest.replace("mlp.router.", f"mlp.{family.router_name}.")
     return rest.replace("mlp.shared_experts.", f"mlp.{family.shared_name}.")
 

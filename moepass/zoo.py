@@ -96,6 +96,32 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "DeepseekV3ForCausalLM",
         dict(_MLA, intermediate_size=96, q_lora_rank=32, n_group=2, topk_group=1, routed_scaling_factor=2.5),
     ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            head_dim=16,
+            use_qk_norm=True,
+            attention_bias=True,
+        ),
+    ),
+    "glm4_moe_lite": (
+        "Glm4MoeLiteConfig",
+        "Glm4MoeLiteForCausalLM",
+        dict(_MLA, intermediate_size=96, q_lora_rank=32, n_group=2, topk_group=1, routed_scaling_factor=1.8),
+    ),
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        dict(intermediate_size=48, num_local_experts=8, head_dim=16, partial_rotary_factor=0.5),
+    ),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
     "gpt_oss": (
         "GptOssConfig",
@@ -136,11 +162,20 @@ def random_config(family: str, **overrides: Any):
 def random_model(
     family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
 ) -> nn.Module:
-    """A tiny randomly initialised causal-LM MoE model of `family`, in eval mode."""
+    """A tiny randomly initialised causal-LM MoE model of `family`, in eval mode.
+
+    Routers' selection biases (`e_score_correction_bias`, zeros at initialisation) get random values,
+    as trained checkpoints have, so that the routing which reads them is exercised.
+    """
     config = random_config(family, **overrides)
     model_class = getattr(transformers, RANDOM_FAMILIES[family][1])
     torch.manual_seed(seed)
-    return _cast(model_class(config), dtype).eval()
+    model = model_class(config)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.05)
+    return _cast(model, dtype).eval()
 
 
 TRAINED = ("tiny-mixtral", "tiny-deepseek")

@@ -61,8 +61,9 @@ def hf_keep_experts(model, keep: dict[int, list[int]]):
         router.weight = torch.nn.Parameter(router.weight[rows])
         if getattr(router, "bias", None) is not None:
             router.bias = torch.nn.Parameter(router.bias[rows])
-        if hasattr(router, "e_score_correction_bias"):
-            router.e_score_correction_bias = router.e_score_correction_bias[rows]
+        for holder in (router, block):  # MiniMax-M2's block holds it, DeepSeek's router
+            if hasattr(holder, "e_score_correction_bias"):
+                holder.e_score_correction_bias = holder.e_score_correction_bias[rows]
         router.top_k = min(router.top_k, len(kept))
         router.num_experts = len(kept)
         experts = block.experts

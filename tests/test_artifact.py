@@ -24,7 +24,7 @@ from moepass.atomic_write import write_atomically, write_file_atomically
 from moepass.cli import main
 from moepass.data import TokenSet, corpus_dir, load_documents
 from moepass.hf_export import NotExpressibleError, hf_checkpoint
-from moepass.ir.surgery import keep_experts
+from moepass.ir.surgery import drop_block, keep_experts
 from moepass.passes import PASSES, TransformPass, create_pass
 from moepass.quantization import QuantizationPass
 from moepass.zoo import random_model
@@ -44,9 +44,10 @@ def _same_outputs(a, b, vocab: int = 128) -> None:
     assert torch.equal(a.generate(ids, 6), b.generate(ids, 6))
 
 
-# plain and shared-expert, group-routed families; GPT-OSS's converted expert layout and Qwen's shared
-# experts round-trip in tests/test_sparse24.py
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+# plain and shared-expert, group-routed families, a selection bias held by the block (MiniMax-M2) and
+# per-layer MLP kinds (GLM-4-MoE-Lite); GPT-OSS's converted expert layout and Qwen's shared experts
+# round-trip in tests/test_sparse24.py
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "minimax_m2", "glm4_moe_lite"])
 def test_moepass_format_round_trip(family, tmp_path):
     _, original = captured(family)
     recipe = [
@@ -73,7 +74,10 @@ def test_moepass_format_round_trip(family, tmp_path):
     _same_outputs(program, reloaded)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe"])
+@pytest.mark.parametrize(
+    "family",
+    ["mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2", "gpt_oss", "phimoe"],
+)
 def test_transformers_format_loads_in_stock_transformers(family, tmp_path):
     _, original = captured(family)
     keep = 6 if family != "phimoe" else 4
@@ -83,6 +87,21 @@ def test_transformers_format_loads_in_stock_transformers(family, tmp_path):
     save(program, tmp_path / "hf", format="hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert model.config.num_hidden_layers == original.info.num_layers - 1
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family,key", [("glm4_moe_lite", "mlp_layer_types"), ("gpt_oss", "layer_types")])
+def test_transformers_format_drops_the_first_blocks_entry_of_per_layer_lists(family, key, tmp_path):
+    """Block 0 is GLM-4-MoE-Lite's dense MLP and GPT-OSS's sliding attention: the config's per-layer
+    list must lose that entry, or stock transformers builds the remaining layers of the wrong kinds."""
+    _, original = captured(family)
+    program = original.fork()
+    drop_block(program, 0)
+    save(program, tmp_path / "hf", format="hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert getattr(model.config, key) == original.info.config[key][1:]
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         assert (model(ids).logits - program(ids)).abs().max() <= 1e-5

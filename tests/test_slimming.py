@@ -311,11 +311,25 @@ def test_groups_longer_than_a_row_fit_the_row(family):
         assert (quantized(ids) - expected).norm() / expected.norm() < 1e-4
 
 
-METHODS = ["gptq", "awq", "wanda", "sparsegpt", "magnitude", "gptq", "awq", "wanda"]
+# one calibrated method per family (a family added without one fails here, by name)
+METHODS = {
+    "mixtral": "gptq",
+    "qwen2_moe": "awq",
+    "qwen3_moe": "wanda",
+    "olmoe": "sparsegpt",
+    "deepseek_v2": "magnitude",
+    "deepseek_v3": "gptq",
+    "glm4_moe": "awq",
+    "glm4_moe_lite": "gptq",
+    "minimax_m2": "sparsegpt",
+    "phimoe": "awq",
+    "gpt_oss": "wanda",
+}
 
 
-@pytest.mark.parametrize("family,method", list(zip(FAMILIES, METHODS, strict=True)))
-def test_slimming_runs_on_every_family_and_stays_verified(family, method):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slimming_runs_on_every_family_and_stays_verified(family):
+    method = METHODS[family]
     model, program = captured(family)
     options = {"group_size": 16} if method in ("gptq", "awq") else {"pattern": "2:4"}
     options["targets"] = (
