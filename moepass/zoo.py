@@ -164,17 +164,19 @@ def random_model(
 ) -> nn.Module:
     """A tiny randomly initialised causal-LM MoE model of `family`, in eval mode.
 
-    Routers' selection biases (`e_score_correction_bias`, zeros at initialisation) get random values,
-    as trained checkpoints have, so that the routing which reads them is exercised.
+    Tensors that initialise to one value (biases and routers' selection biases at zero, norm gains at
+    one) get random perturbations, as trained checkpoints have: code that dropped, mixed up or
+    misplaced them would otherwise compute the same function.
     """
     config = random_config(family, **overrides)
     model_class = getattr(transformers, RANDOM_FAMILIES[family][1])
     torch.manual_seed(seed)
     model = model_class(config)
+    selection_biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0.0, 0.05)
+        for tensor in [*model.parameters(), *selection_biases]:
+            if tensor.numel() > 1 and (tensor == tensor.flatten()[0]).all():
+                tensor.add_(torch.randn_like(tensor) * 0.05)
     return _cast(model, dtype).eval()
 
 
