@@ -52,6 +52,7 @@ def capture(model: nn.Module, *, example_inputs: Tensor | dict | None = None) ->
     start = time.perf_counter()
     family = family_of(model)
     _check_weights_are_loaded(model)
+    _check_weights_are_full_precision(model)
     _check_rotary_is_traceable(model)
     shadow = _shadow_copy(model)
     convert_moe_blocks(shadow, family)
@@ -93,6 +94,32 @@ def _check_weights_are_loaded(model: nn.Module) -> None:
             f"{type(model).__name__}: weights on {len(devices)} devices ({spread}); move the model to one "
             "device (model.to(device)) before capture"
         )
+
+
+_FULL_PRECISION = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DEQUANTIZE = (
+    "moepass compresses full-precision weights itself: load the unquantized checkpoint, or dequantize "
+    "as it loads (from_pretrained(..., quantization_config=FineGrainedFP8Config(dequantize=True)) for "
+    "FP8, Mxfp4Config(dequantize=True) for MXFP4) or after (model.dequantize())"
+)
+
+
+def _check_weights_are_full_precision(model: nn.Module) -> None:
+    """Refuse weights a quantizer still holds (FP8, MXFP4, GPTQ, bitsandbytes, torchao...): their
+    scales live outside the tensors moepass reads, so the program would compute with codes as values."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "unknown")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} was loaded quantized by transformers "
+            f"(quant_method={getattr(method, 'value', method)!r}); {_DEQUANTIZE}"
+        )
+    for name, param in model.named_parameters():
+        if param.dtype not in _FULL_PRECISION or type(param.data) is not Tensor:
+            kind = param.dtype if type(param.data) is Tensor else f"a {type(param.data).__name__}"
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: {name} is {kind}, not a full-precision weight; {_DEQUANTIZE}"
+            )
 
 
 # rotary embeddings that pick their frequencies from the largest position id (a data-dependent branch)

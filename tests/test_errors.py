@@ -82,6 +82,30 @@ def test_weights_never_loaded_are_refused_by_name():
         moepass.capture(model)
 
 
+def test_weights_a_quantizer_holds_are_refused_by_name():
+    """FP8 or other quantized weights keep their scales outside the tensors capture reads: computing
+    with the codes would give garbage, so capture refuses them and says how to dequantize."""
+    from transformers import FineGrainedFP8Config
+    from transformers.quantizers import AutoHfQuantizer
+
+    model = model_for("mixtral", seed=0)
+    model.hf_quantizer = AutoHfQuantizer.from_config(FineGrainedFP8Config())  # as from_pretrained sets it
+    with pytest.raises(
+        UnsupportedModelError, match=r"loaded quantized by transformers \(quant_method='fp8'\)"
+    ):
+        moepass.capture(model)
+    del model.hf_quantizer
+    experts = model.model.layers[1].mlp.experts
+    codes = experts.gate_up_proj.detach().to(torch.float8_e4m3fn)
+    experts.gate_up_proj = torch.nn.Parameter(codes, requires_grad=False)
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj is torch\.float8_e4m3fn, not a full-precision "
+        r"weight; .*dequantize=True",
+    ):
+        moepass.capture(model)
+
+
 def test_batch_one_example_still_gives_dynamic_batch(seed):
     model = model_for("mixtral", seed=seed)
     program = moepass.capture(model, example_inputs=torch.tensor([[7]]))
