@@ -419,8 +419,7 @@ def check_fits(tokens: TokenSet, vocab_size: int | None, max_positions: int | No
 def _encoder(tokenizer):
     """(encode texts -> id lists, end-of-sequence id) for a `tokenizers.Tokenizer` or a transformers one."""
     if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer: no eos attribute, look it up
-        ids = (tokenizer.token_to_id(token) for token in END_OF_TEXT)
-        eos = next((i for i in ids if i is not None), None)
+        eos = end_of_text_id(tokenizer)
         plain = _without_padding_or_truncation(tokenizer)
         # no special tokens, as on the transformers path: a BOS-adding post-processor would put a
         # BOS inside every packed window
@@ -433,6 +432,12 @@ def _encoder(tokenizer):
         f"unsupported tokenizer type {type(tokenizer).__name__}: pass a tokenizers.Tokenizer "
         f"or a transformers tokenizer"
     )
+
+
+def end_of_text_id(tokenizer) -> int | None:
+    """The id of the first `END_OF_TEXT` token a `tokenizers.Tokenizer` holds (it names no EOS itself)."""
+    ids = (tokenizer.token_to_id(token) for token in END_OF_TEXT)
+    return next((i for i in ids if i is not None), None)
 
 
 def _without_padding_or_truncation(tokenizer):

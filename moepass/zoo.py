@@ -10,6 +10,7 @@ A local directory holding a transformers checkpoint loads offline.
 from __future__ import annotations
 
 import contextlib
+import json
 import lzma
 import os
 import shutil
@@ -24,6 +25,7 @@ from safetensors.torch import load as safetensors_load
 from tokenizers import Tokenizer
 from torch import nn
 
+from moepass.data import end_of_text_id
 from moepass.errors import MoepassError
 
 BUILTIN_PREFIX = "builtin:"
@@ -252,7 +254,11 @@ def load_tokenizer(name_or_path: str | os.PathLike):
             )
         return Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):  # checkpoint or moepass artifact
-        return load_tokenizer(os.path.join(name_or_path, "tokenizer.json"))
+        tokenizer = load_tokenizer(os.path.join(name_or_path, "tokenizer.json"))
+        if end_of_text_id(tokenizer) is not None or not _names_eos(name_or_path):
+            return tokenizer
+        # its end-of-text token is one only tokenizer_config.json names (eos_token): transformers reads it
+        return _transformers_tokenizer(name_or_path)
     if not os.path.isfile(os.path.join(name_or_path, "config.json")) and any(
         os.path.isfile(os.path.join(name_or_path, f)) for f in ("manifest.json", "model.onnx")
     ):
@@ -266,7 +272,21 @@ def load_tokenizer(name_or_path: str | os.PathLike):
             f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass the model's tokenizer "
             "(its checkpoint directory or tokenizer.json; CLI: --tokenizer)"
         )
-    with _readable(path, "a tokenizer (no tokenizer.json; pass another with --tokenizer)"):
+    return _transformers_tokenizer(path)
+
+
+def _names_eos(directory: str) -> bool:
+    """tokenizer_config.json beside the vocabulary names an EOS token (data packs it between documents)."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+        return isinstance(config, dict) and bool(config.get("eos_token"))
+    return False
+
+
+def _transformers_tokenizer(path: str):
+    with _readable(path, "a tokenizer transformers can load (pass another with --tokenizer)"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     # with no vocabulary files, transformers builds some tokenizer classes (Qwen2, GPT-NeoX) empty: every
     # text would become no tokens, and perplexity the vocabulary size at 100% accuracy

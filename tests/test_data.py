@@ -172,6 +172,25 @@ def test_documents_are_separated_by_the_tokenizers_end_of_text_never_a_guess():
         tokenize(docs, no_end, 5)
 
 
+def test_an_end_of_text_token_only_tokenizer_config_names_separates_documents(tmp_path):
+    """A checkpoint whose EOS is a token of its own (not one of END_OF_TEXT) names it in
+    tokenizer_config.json: loading the directory reads it there, so packing does not fail."""
+    from tokenizers import models, pre_tokenizers
+
+    from moepass.zoo import load_tokenizer
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "[e~[": 3}
+    own_eos = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    own_eos.pre_tokenizer = pre_tokenizers.Whitespace()
+    own_eos.save(str(tmp_path / "tokenizer.json"))
+    docs = [Document("hello world", "a"), Document("world hello", "a")]
+    with pytest.raises(DataError, match="no end-of-text token"):  # the file alone names no EOS
+        tokenize(docs, load_tokenizer(tmp_path), 5)
+    config = {"eos_token": "[e~[", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert tokenize(docs, load_tokenizer(tmp_path), 5).input_ids.tolist() == [[1, 2, 3, 2, 1]]
+
+
 def test_settings_saved_in_a_tokenizer_file_do_not_change_the_tokens(tokenizer):
     """A tokenizer.json saved with padding, truncation and a BOS-adding post-processor (as after a
     transformers call with padding=True, or Llama-style files) packs the same tokens as the plain one
