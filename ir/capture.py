@@ -115,11 +115,18 @@ def _check_weights_are_full_precision(model: nn.Module) -> None:
             f"(quant_method={getattr(method, 'value', method)!r}); {_DEQUANTIZE}"
         )
     for name, param in model.named_parameters():
-        if param.dtype not in _FULL_PRECISION or type(param.data) is not Tensor:
-            kind = param.dtype if type(param.data) is Tensor else f"a {type(param.data).__name__}"
+        form = quantized_form(param)
+        if form is not None:
             raise UnsupportedModelError(
-                f"{type(model).__name__}: {name} is {kind}, not a full-precision weight; {_DEQUANTIZE}"
+                f"{type(model).__name__}: {name} is {form}, not a full-precision weight; {_DEQUANTIZE}"
             )
+
+
+def quantized_form(weight: Tensor) -> str | None:
+    """What `weight` holds when it is not full-precision values (a quantizer's codes or tensor type)."""
+    if type(weight.data) is not Tensor:
+        return f"a {type(weight.data).__name__}"
+    return None if weight.dtype in _FULL_PRECISION else str(weight.dtype)
 
 
 # rotary embeddings that pick their frequencies from the largest position id (a data-dependent branch)

@@ -22,6 +22,7 @@ from torch import Tensor, fx, nn
 from transformers import PretrainedConfig
 
 from moepass.errors import MoepassError
+from moepass.ir.capture import quantized_form
 from moepass.ir.families import FAMILIES, Family
 from moepass.ir.ops import EXPERTS
 from moepass.ir.surgery import install_tensor
@@ -137,6 +138,10 @@ def _resolve(path: str, frame_scopes: tuple[dict, dict]) -> tuple[nn.Module, Pre
 
 def _outline(graph_module, path, region: _Region, inputs: dict, frame_scopes) -> str | None:
     block, config = _resolve(region.block_path, frame_scopes)
+    for name, weight in block.experts.named_parameters():
+        form = quantized_form(weight)
+        if form is not None:  # a quantizer's codes, whose scales live elsewhere: no weights to read
+            return f"its {name} is {form}, quantized by transformers"
     own = {id(t) for t in (*block.experts.parameters(), *block.experts.buffers())}
     inside = set(region.nodes)
     external = []

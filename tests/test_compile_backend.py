@@ -347,6 +347,39 @@ def test_quantize_refuses_experts_it_cannot_see(seed):
     assert isinstance(info.value.inner_exception, CompileOptionError)
 
 
+class _Fp8Experts(torch.nn.Module):
+    """Experts as a transformers FP8 quantizer leaves them: float8 codes, the scales beside them."""
+
+    def __init__(self, experts):
+        super().__init__()
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(experts, name).detach()
+            scale = weight.abs().amax(dim=(1, 2), keepdim=True) / 448
+            self.register_parameter(name, torch.nn.Parameter((weight / scale).to(torch.float8_e4m3fn), False))
+            self.register_buffer(f"{name}_scale", scale)
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        gate_up = self.gate_up_proj.float() * self.gate_up_proj_scale
+        down = self.down_proj.float() * self.down_proj_scale
+        gate, up = torch.einsum("th,eih->tei", hidden, gate_up).chunk(2, dim=-1)
+        out = torch.einsum("tei,ehi->teh", torch.nn.functional.silu(gate) * up, down)
+        routing = torch.zeros(hidden.shape[0], out.shape[1]).scatter(1, top_k_index, top_k_weights)
+        return (out * routing[..., None]).sum(1)
+
+
+def test_quantize_refuses_experts_a_quantizer_holds(seed):
+    """FP8 codes are no weights (their scales live beside them): rounding them to int4 would compute
+    garbage, so the experts are refused by name rather than quantized."""
+    model = model_for("mixtral", seed=seed)
+    for layer in model.model.layers:
+        layer.mlp.experts = _Fp8Experts(layer.mlp.experts)
+    message = (
+        r"cannot quantize .*experts: its gate_up_proj is torch\.float8_e4m3fn, quantized by transformers"
+    )
+    with pytest.raises(BackendCompilerFailed, match=message):
+        _compiled_logits(model, _ids(model), {"quantize": "int4", "group_size": 16, **ATEN})
+
+
 class _Wrapper(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
