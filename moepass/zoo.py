@@ -255,10 +255,11 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         return Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):  # checkpoint or moepass artifact
         tokenizer = load_tokenizer(os.path.join(name_or_path, "tokenizer.json"))
-        if end_of_text_id(tokenizer) is not None or not _names_eos(name_or_path):
-            return tokenizer
-        # its end-of-text token is one only tokenizer_config.json names (eos_token): transformers reads it
-        return _transformers_tokenizer(name_or_path)
+        if end_of_text_id(tokenizer) is None and _names_eos(name_or_path):
+            # an end-of-text token only tokenizer_config.json names (eos_token): transformers reads it
+            with contextlib.suppress(MoepassError):  # else data packing names the missing token
+                return _transformers_tokenizer(name_or_path)
+        return tokenizer
     if not os.path.isfile(os.path.join(name_or_path, "config.json")) and any(
         os.path.isfile(os.path.join(name_or_path, f)) for f in ("manifest.json", "model.onnx")
     ):
