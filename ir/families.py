@@ -29,10 +29,14 @@ class Family:
     router_name: str = "gate"  # transformers' attribute names inside the MoE block,
     shared_name: str = "shared_experts"  # used to write checkpoints back in its layout
     correction_bias_name: str | None = None  # where the block holds a selection bias the router does not
+    correction_bias_to_hf: Callable[[torch.Tensor], torch.Tensor] | None = None  # its transformers shape
     experts_to_hf: Callable[[dict], dict] | None = None  # canonical expert tensors -> transformers layout
 
 
 FAMILIES: dict[str, Family] = {}
+# config keys naming the routed expert count, and the experts per token, across families
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_k")
 
 
 def _register(family: Family) -> Family:
@@ -209,6 +213,16 @@ def _convert_minimax_m2(block, config) -> SparseMoE:
     return SparseMoE(router, _experts(block, config), spec)
 
 
+def _convert_ernie4_5_moe(block, config) -> SparseMoE:
+    """Softmax top-k with a selection-only bias (stored [1, E]), renormalized: the sum it clamps at
+    `moe_norm_min` is at least k/E for k of E softmax probabilities."""
+    gate = block.gate
+    bias = gate.moe_statics.e_score_correction_bias.reshape(-1)
+    spec = RoutingSpec("softmax_topk", gate.top_k, renormalize=True, logits_fp32=True)
+    router = Router(gate.weight, None, bias, fp32=True)
+    return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
+
+
 def _convert_phimoe(block, config) -> SparseMoE:
     router = block.router
     spec = RoutingSpec("sparsemixer", 2, jitter_eps=float(router.router_jitter_noise))
@@ -272,6 +286,16 @@ _register(
         _convert_minimax_m2,
         ("qk-norm",),
         correction_bias_name="e_score_correction_bias",
+    )
+)
+_register(
+    Family(
+        "ernie4_5_moe",
+        "ERNIE-4.5-MoE",
+        ("Ernie4_5_MoeSparseMoeBlock",),
+        _convert_ernie4_5_moe,
+        correction_bias_name="gate.moe_statics.e_score_correction_bias",
+        correction_bias_to_hf=lambda bias: bias.reshape(1, -1),
     )
 )
 _register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe, router_name="router"))

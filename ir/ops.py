@@ -52,12 +52,17 @@ def _group_mask(choice: Tensor, n_group: int, topk_group: int, group_score: str)
 
 @_routing_kind("softmax_topk")
 def _softmax_topk(logits, bias, top_k, n_group, topk_group, renormalize, jitter_eps):
-    """Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2: softmax over all experts, (group-limited) top-k."""
+    """Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, ERNIE-4.5: softmax over all experts, (group-limited)
+    top-k; ERNIE's bias shifts the selection only, the probabilities weight the chosen experts."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     choice = probs
     if n_group > 1:
         choice = probs.masked_fill(~_group_mask(probs, n_group, topk_group, "max"), 0.0)
-    weights, ids = torch.topk(choice, top_k, dim=-1)
+    if bias is None:
+        weights, ids = torch.topk(choice, top_k, dim=-1)
+    else:
+        ids = torch.topk(choice + bias.float(), top_k, dim=-1)[1]
+        weights = choice.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids

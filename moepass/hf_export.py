@@ -15,13 +15,12 @@ import torch
 from moepass.artifact import named_tensors
 from moepass.errors import MoepassError
 from moepass.ir import MoEProgram
-from moepass.ir.families import FAMILIES
+from moepass.ir.families import EXPERT_COUNT_KEYS, FAMILIES, TOP_K_KEYS
 from moepass.ir.quant_ops import CODE_ARGUMENTS
 from moepass.ir.sparse import SPARSE24_OPS
 from moepass.ir.structure import op_args
 from moepass.ir.surgery import expand_sparse24
 
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
@@ -77,6 +76,8 @@ def hf_checkpoint(program: MoEProgram) -> tuple[dict[str, dict], dict[str, torch
         match = _BLOCK.match(name)
         if match:
             old, rest = int(match.group(1)), match.group(2)
+            if rest == "mlp.router.e_score_correction_bias" and family.correction_bias_to_hf:
+                tensor = family.correction_bias_to_hf(tensor)
             name = f"model.layers.{renumber[old]}.{_moe_name(rest, family)}"
         state[name] = tensor
     state = _experts_layout(state, family)
@@ -104,7 +105,8 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
         for key in EXPERT_COUNT_KEYS:
             if key in config:
                 config[key] = moe.num_experts
-        config["num_experts_per_tok"] = moe.top_k
+        for key in [k for k in TOP_K_KEYS if k in config] or TOP_K_KEYS[:1]:
+            config[key] = moe.top_k
     for key in ("layer_types", "mlp_layer_types"):  # per-layer attention kinds; GLM-4-MoE-Lite's MLP kinds
         if isinstance(config.get(key), list):
             config[key] = [config[key][i] for i in blocks]
@@ -115,6 +117,8 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
         if any(not k for k in kinds[leading:]):
             raise NotExpressibleError(f"dense layers are no longer all before the MoE layers{hint}")
         config["first_k_dense_replace"] = leading
+    if "moe_layer_start_index" in config:
+        config.update(_moe_layer_range(config, [structure.block(i).is_moe for i in blocks], hint))
     if config.get("mlp_only_layers"):
         config["mlp_only_layers"] = [new for new, i in enumerate(blocks) if not structure.block(i).is_moe]
     if config.get("decoder_sparse_step", 1) != 1 and len(blocks) != program.info.num_layers:
@@ -123,6 +127,17 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
         )
     config.pop("_name_or_path", None)
     return config
+
+
+def _moe_layer_range(config: dict, kinds: list[bool], hint: str) -> dict:
+    """ERNIE-4.5's MoE layers: every `interval`-th layer from `start` to `end`. The kept layers' kinds
+    in those terms (the model's interval, else 1), or NotExpressibleError."""
+    moe = [i for i, is_moe in enumerate(kinds) if is_moe]
+    start, end = (moe[0], moe[-1]) if moe else (len(kinds), len(kinds))
+    for interval in dict.fromkeys((config.get("moe_layer_interval", 1), 1)):
+        if kinds == [(i + 1) % interval == 0 and start <= i <= end for i in range(len(kinds))]:
+            return dict(moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval)
+    raise NotExpressibleError(f"the remaining MoE layers {moe} are no one range of every n-th layer{hint}")
 
 
 def _named_tensors(program: MoEProgram):

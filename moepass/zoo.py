@@ -10,6 +10,7 @@ A local directory holding a transformers checkpoint loads offline.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import lzma
 import os
@@ -27,6 +28,7 @@ from torch import nn
 
 from moepass.data import end_of_text_id
 from moepass.errors import MoepassError
+from moepass.ir.families import EXPERT_COUNT_KEYS
 
 BUILTIN_PREFIX = "builtin:"
 # a checkpoint's tokenizer: the vocabulary (tokenizer.json, or sentencepiece / BPE files) and, beside
@@ -124,6 +126,19 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "MiniMaxM2ForCausalLM",
         dict(intermediate_size=48, num_local_experts=8, head_dim=16, partial_rotary_factor=0.5),
     ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            moe_num_experts=8,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            use_bias=True,
+            tie_word_embeddings=False,  # as every family here; tied models have tests of their own
+        ),
+    ),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
     "gpt_oss": (
         "GptOssConfig",
@@ -137,8 +152,6 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
 }
-# Keys that name the routed expert count, per family (for `num_experts=` overrides).
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def random_config(family: str, **overrides: Any):
@@ -152,7 +165,7 @@ def random_config(family: str, **overrides: Any):
     kwargs = {**_COMMON, "num_experts_per_tok": 2, **family_overrides}
     if "num_experts" in overrides:
         count = overrides.pop("num_experts")
-        for key in _EXPERT_KEYS:
+        for key in EXPERT_COUNT_KEYS:
             if key in kwargs:
                 kwargs[key] = count
     if "top_k" in overrides:
@@ -168,18 +181,24 @@ def random_model(
 
     Tensors that initialise to one value (biases and routers' selection biases at zero, norm gains at
     one) get random perturbations, as trained checkpoints have: code that dropped, mixed up or
-    misplaced them would otherwise compute the same function.
+    misplaced them would otherwise compute the same function. Selection biases get smaller ones, of
+    the size of the scores they shift (a softmax over 8 experts spreads ~0.02): larger ones would
+    route every token alike.
     """
     config = random_config(family, **overrides)
     model_class = getattr(transformers, RANDOM_FAMILIES[family][1])
     torch.manual_seed(seed)
     model = model_class(config)
-    selection_biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
     with torch.no_grad():
-        for tensor in [*model.parameters(), *selection_biases]:
-            if tensor.numel() > 1 and (tensor == tensor.flatten()[0]).all():
-                tensor.add_(torch.randn_like(tensor) * 0.05)
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            selection_bias = name.endswith("e_score_correction_bias")
+            if (isinstance(tensor, nn.Parameter) or selection_bias) and _is_constant(tensor):
+                tensor.add_(torch.randn_like(tensor) * (0.01 if selection_bias else 0.05))
     return _cast(model, dtype).eval()
+
+
+def _is_constant(tensor: torch.Tensor) -> bool:
+    return tensor.numel() > 1 and bool((tensor == tensor.flatten()[0]).all())
 
 
 TRAINED = ("tiny-mixtral", "tiny-deepseek")

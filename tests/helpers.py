@@ -7,6 +7,7 @@ import os
 import zlib
 
 import torch
+from torch import nn
 
 from moepass.zoo import RANDOM_FAMILIES, random_model
 
@@ -61,9 +62,14 @@ def hf_keep_experts(model, keep: dict[int, list[int]]):
         router.weight = torch.nn.Parameter(router.weight[rows])
         if getattr(router, "bias", None) is not None:
             router.bias = torch.nn.Parameter(router.bias[rows])
-        for holder in (router, block):  # MiniMax-M2's block holds it, DeepSeek's router
-            if hasattr(holder, "e_score_correction_bias"):
-                holder.e_score_correction_bias = holder.e_score_correction_bias[rows]
+        # DeepSeek's router holds it, MiniMax-M2's block, ERNIE-4.5's router statistics ([1, E])
+        for holder in (router, block, getattr(router, "moe_statics", None)):
+            bias = getattr(holder, "e_score_correction_bias", None)
+            if bias is not None:
+                sliced = bias[..., rows]
+                holder.e_score_correction_bias = (
+                    nn.Parameter(sliced, False) if isinstance(bias, nn.Parameter) else sliced
+                )
         router.top_k = min(router.top_k, len(kept))
         router.num_experts = len(kept)
         experts = block.experts

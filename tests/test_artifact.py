@@ -23,7 +23,7 @@ from moepass.artifact import ArtifactError, load, save
 from moepass.atomic_write import write_atomically, write_file_atomically
 from moepass.cli import main
 from moepass.data import TokenSet, corpus_dir, load_documents
-from moepass.hf_export import NotExpressibleError, hf_checkpoint
+from moepass.hf_export import NotExpressibleError, hf_checkpoint, hf_config
 from moepass.ir.surgery import drop_block, keep_experts
 from moepass.passes import PASSES, TransformPass, create_pass
 from moepass.quantization import QuantizationPass
@@ -44,10 +44,10 @@ def _same_outputs(a, b, vocab: int = 128) -> None:
     assert torch.equal(a.generate(ids, 6), b.generate(ids, 6))
 
 
-# plain and shared-expert, group-routed families, a selection bias held by the block (MiniMax-M2) and
-# per-layer MLP kinds (GLM-4-MoE-Lite); GPT-OSS's converted expert layout and Qwen's shared experts
-# round-trip in tests/test_sparse24.py
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "minimax_m2", "glm4_moe_lite"])
+# plain and shared-expert, group-routed families, selection biases held by the block (MiniMax-M2) or
+# as [1, E] (ERNIE-4.5), per-layer MLP kinds (GLM-4-MoE-Lite); GPT-OSS's converted expert layout and
+# Qwen's shared experts round-trip in tests/test_sparse24.py
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "minimax_m2", "ernie4_5_moe", "glm4_moe_lite"])
 def test_moepass_format_round_trip(family, tmp_path):
     _, original = captured(family)
     recipe = [
@@ -76,7 +76,17 @@ def test_moepass_format_round_trip(family, tmp_path):
 
 @pytest.mark.parametrize(
     "family",
-    ["mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2", "gpt_oss", "phimoe"],
+    [
+        "mixtral",
+        "qwen2_moe",
+        "deepseek_v3",
+        "glm4_moe",
+        "glm4_moe_lite",
+        "minimax_m2",
+        "ernie4_5_moe",
+        "gpt_oss",
+        "phimoe",
+    ],
 )
 def test_transformers_format_loads_in_stock_transformers(family, tmp_path):
     _, original = captured(family)
@@ -105,6 +115,25 @@ def test_transformers_format_drops_the_first_blocks_entry_of_per_layer_lists(fam
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
+
+
+def test_transformers_format_places_ernies_moe_layers_or_refuses(tmp_path):
+    """ERNIE-4.5 places its MoE layers as every n-th layer of a range: dropping a block re-derives the
+    range, and a drop no range describes is refused, not written with layers of the wrong kinds."""
+    _, original = captured("ernie4_5_moe")  # dense, MoE, MoE
+    program = original.fork()
+    drop_block(program, 0)
+    save(program, tmp_path / "hf", format="hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (model.config.moe_layer_start_index, model.config.moe_layer_end_index) == (0, 1)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
+    _, alternating = captured("ernie4_5_moe", num_hidden_layers=6, moe_layer_interval=2)  # MoE: 1, 3, 5
+    program = alternating.fork()
+    drop_block(program, 0)  # MoE at 0, 2 and 4 of 5 layers: every 2nd layer counts from the 2nd
+    with pytest.raises(NotExpressibleError, match=r"remaining MoE layers \[0, 2, 4\] are no one range"):
+        hf_config(program)
 
 
 def test_transformers_format_keeps_tied_embeddings_and_the_weights_dtype(tmp_path):

@@ -322,6 +322,7 @@ METHODS = {
     "glm4_moe": "awq",
     "glm4_moe_lite": "gptq",
     "minimax_m2": "sparsegpt",
+    "ernie4_5_moe": "wanda",
     "phimoe": "awq",
     "gpt_oss": "wanda",
 }
