@@ -76,9 +76,8 @@ def hf_checkpoint(program: MoEProgram) -> tuple[dict[str, dict], dict[str, torch
         match = _BLOCK.match(name)
         if match:
             old, rest = int(match.group(1)), match.group(2)
-            if rest == "mlp.router.e_score_correction_bias" and family.correction_bias_to_hf:
-                tensor = family.correction_bias_to_hf(tensor)
-            name = f"model.layers.{renumber[old]}.{_moe_name(rest, family)}"
+            rest, tensor = _moe_tensor(rest, tensor, family)
+            name = f"model.layers.{renumber[old]}.{rest}"
         state[name] = tensor
     state = _experts_layout(state, family)
     if config.get("tie_word_embeddings"):  # one tensor; the program may hold it under either name
@@ -146,11 +145,15 @@ def _named_tensors(program: MoEProgram):
             yield name, tensor.detach().contiguous().cpu()
 
 
-def _moe_name(rest: str, family) -> str:
-    if family.correction_bias_name:
-        rest = rest.replace("mlp.router.e_score_correction_bias", f"mlp.{family.correction_bias_name}")
+def _moe_tensor(rest: str, tensor: torch.Tensor, family) -> tuple[str, torch.Tensor]:
+    """A block tensor's name (after `model.layers.N.`) and value in the family's transformers layout."""
+    if rest == "mlp.router.e_score_correction_bias":
+        if family.correction_bias_to_hf:
+            tensor = family.correction_bias_to_hf(tensor)
+        if family.correction_bias_name:
+            return f"mlp.{family.correction_bias_name}", tensor
     rest = rest.replace("mlp.router.", f"mlp.{family.router_name}.")
-    return rest.replace("mlp.shared_experts.", f"mlp.{family.shared_name}.")
+    return rest.replace("mlp.shared_experts.", f"mlp.{family.shared_name}."), tensor
 
 
 def _experts_layout(state: dict, family) -> dict:
