@@ -92,6 +92,7 @@ class StepGeneration:
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float = 1.0,
         eos_token_id: int | list[int] | None = ...,  # default: the model's generation config
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
@@ -103,7 +104,8 @@ class StepGeneration:
 
         Matches transformers `generate`: left padding via `attention_mask`, positions from the mask,
         finished sequences padded with `pad_token_id` (default: the first EOS id), `top_k` 0 or None
-        for no limit. `streamer` is called with each step's new tokens [batch] as soon as chosen.
+        for no limit, then `top_p` (nucleus: the likeliest tokens whose probabilities reach it).
+        `streamer` is called with each step's new tokens [batch] as soon as chosen.
         `cache_implementation="static"` decodes into caches allocated once for prompt + new tokens
         (`static_step`): no cache copied per step, and one shape for every step (CUDA graphs).
         `cache_capacity` fixes its slots (default: what prompt + new tokens need, the last token
@@ -119,6 +121,8 @@ class StepGeneration:
             )
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {top_k}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: no limit), got {top_p}")
         if cache_implementation not in ("dynamic", "static"):
             raise ValueError(
                 f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}"
@@ -171,7 +175,7 @@ class StepGeneration:
                 logits, past = self.step(step_ids, mask, positions, past, last_token_only=True)
             else:
                 logits = self.static_step(step_ids, positions, static)
-            next_tokens = _pick(logits[:, -1].float(), do_sample, temperature, top_k, generator)
+            next_tokens = _pick(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
             if eos:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
                 unfinished &= ~torch.isin(next_tokens, eos_ids)
@@ -191,12 +195,26 @@ class StepGeneration:
 
 
 def _pick(
-    logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    generator: torch.Generator | None,
 ) -> Tensor:
+    """The next tokens [batch] from the last position's logits [batch, vocab], processed in
+    transformers' order (temperature, top-k, top-p) so that the same seed draws the same tokens."""
     if not do_sample:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        # drop the unlikeliest tokens while what they hold together stays within 1 - top_p; the
+        # likeliest token is always kept
+        ascending, order = torch.sort(logits, dim=-1)
+        dropped = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        dropped[:, -1] = False
+        logits = logits.masked_fill(dropped.scatter(1, order, dropped), float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

@@ -357,6 +357,10 @@ def _generate(args: argparse.Namespace) -> None:
         )
     if args.compile and args.no_lower:
         raise MoepassError("--compile compiles the lowered program; drop --no-lower")
+    options = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p}
+    shaping = [option for option, value in options.items() if value is not None]
+    if shaping and not args.sample:
+        raise MoepassError(f"{', '.join(shaping)} shape sampling, and decoding is greedy: add --sample")
     device = torch.device("cpu") if args.onnx else _device(args)
     _refuse_file_model(args.model)
     tokenizer = _tokenizer(args)
@@ -388,8 +392,9 @@ def _generate(args: argparse.Namespace) -> None:
         torch.tensor([prompt_ids], device=device),
         args.max_new_tokens,
         do_sample=args.sample,
-        temperature=args.temperature,
+        temperature=args.temperature or 1.0,
         top_k=args.top_k,
+        top_p=args.top_p or 1.0,
         generator=generator,
         streamer=stream,
         cache_implementation="static" if args.static_cache else "dynamic",
@@ -521,6 +526,16 @@ def _positive_float(text: str) -> float:
 _positive_float.__name__ = "number"
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+_probability.__name__ = "probability"
+
+
 class _HelpWithDefaults(argparse.HelpFormatter):
     """Each option's --help line ends with its default, where it has one worth showing."""
 
@@ -622,10 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="tokens to generate")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument(
-        "--temperature", type=_positive_float, default=1.0, help="with --sample: softmax temperature"
+        "--temperature", type=_positive_float, help="with --sample: softmax temperature (default: 1)"
     )
+    gen.add_argument("--top-k", type=_at_least(1), help="with --sample: draw among the k likeliest tokens")
     gen.add_argument(
-        "--top-k", type=_at_least(1), default=None, help="with --sample: draw among the k likeliest tokens"
+        "--top-p",
+        type=_probability,
+        help="with --sample: draw among the likeliest tokens whose probabilities add up to P (nucleus)",
     )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--tokenizer", help="tokenizer.json or directory (default: the model's)")

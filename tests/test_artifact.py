@@ -564,12 +564,20 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
         assert (onnx_dir / name).read_text() == (checkpoint / name).read_text()
     texts = {}
     engines = {"torch": [str(out)], "static": [str(out), "--static-cache"], "onnx": [str(onnx_dir), "--onnx"]}
+    sampling = ["--sample", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "3"]
     for engine, argv in engines.items():
-        assert main(["generate", *argv, "--prompt", "It is", "--max-new-tokens", "6"]) == 0
-        captured_io = capsys.readouterr()
-        texts[engine] = captured_io.out
-        assert "tokens in" in captured_io.err
-    assert texts["torch"] == texts["static"] == texts["onnx"] and texts["torch"].startswith("It is")
+        for decoding, options in {"greedy": [], "sampled": sampling}.items():
+            assert main(["generate", *argv, "--prompt", "It is", "--max-new-tokens", "6", *options]) == 0
+            captured_io = capsys.readouterr()
+            texts[engine, decoding] = captured_io.out
+            assert "tokens in" in captured_io.err
+    for decoding in ("greedy", "sampled"):  # the same draws from the same seed, whatever the engine
+        assert texts["torch", decoding] == texts["static", decoding] == texts["onnx", decoding]
+        assert texts["torch", decoding].startswith("It is")
+    assert main(["generate", str(out), "--top-p", "0.9", "--temperature", "0.7"]) == 2  # not ignored silently
+    assert "--temperature, --top-p shape sampling, and decoding is greedy: add --sample" in (
+        capsys.readouterr().err
+    )
     assert main(["eval", str(onnx_dir), "--max-per-source", "1"]) == 0  # scored by onnxruntime
     assert "(ONNX export, onnxruntime)" in capsys.readouterr().out
     int8_dir = tmp_path / "onnx-int8"

@@ -117,7 +117,7 @@ def test_generation_stops_at_eos_like_transformers(captured, seed):
 
 
 def test_sampled_generation_matches_transformers(captured, seed):
-    """Same processing (temperature, then top-k) and the same draws from the global generator."""
+    """Same processing (temperature, top-k, then top-p) and the same draws from the global generator."""
     family, model, program, _ = captured
     ids = torch.randint(3, model.config.vocab_size, (2, 5))
     options = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7}
@@ -130,10 +130,18 @@ def test_sampled_generation_matches_transformers(captured, seed):
     for no_limit in (0, None):
         torch.manual_seed(seed)
         assert torch.equal(program.generate(ids, top_k=no_limit, **options), unlimited), (family, no_limit)
+    for top_k, top_p in ((0, 0.8), (20, 0.9), (0, 0.05)):  # 0.05: little more than the likeliest token
+        torch.manual_seed(seed)
+        expected = model.generate(ids, top_k=top_k, top_p=top_p, **options)
+        torch.manual_seed(seed)
+        assert torch.equal(program.generate(ids, top_k=top_k, top_p=top_p, **options), expected), top_p
     with pytest.raises(ValueError, match="temperature must be > 0 to sample, got 0"):
         program.generate(ids, 2, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_k must be >= 0"):
         program.generate(ids, 2, do_sample=True, top_k=-1)
+    for top_p in (0, 1.5):
+        with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+            program.generate(ids, 2, do_sample=True, top_p=top_p)
 
 
 def test_generation_past_the_models_positions_warns(caplog):

@@ -76,6 +76,8 @@ def test_passes_lists_every_registered_pass_with_its_options(capsys):
             "--max-new-tokens: must be at least 1",
         ),
         (["generate", "builtin:tiny-mixtral", "--top-k", "0"], "--top-k: must be at least 1, got 0"),
+        (["generate", "builtin:tiny-mixtral", "--top-p", "0"], "--top-p: must be in (0, 1], got 0"),
+        (["generate", "builtin:tiny-mixtral", "--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
         (
             ["generate", "builtin:tiny-mixtral", "--temperature", "0"],
             "--temperature: must be a positive number",
