@@ -273,19 +273,21 @@ def _refuse_file_model(model: str) -> None:
         )
 
 
-def _tokenizer(args: argparse.Namespace):
-    """`--tokenizer`, else the model's own; an error names the flag that chose it."""
+def _tokenizer(args: argparse.Namespace, load: Callable | None = None):
+    """`--tokenizer`, else the model's own, read by `load` (default: `zoo.load_tokenizer`); an error
+    names the flag that chose it."""
     from moepass.zoo import BUILTIN_PREFIX, load_tokenizer
 
+    load = load or load_tokenizer
     if not args.tokenizer:
-        return load_tokenizer(args.model)
+        return load(args.model)
     if not os.path.exists(args.tokenizer) and not args.tokenizer.startswith(BUILTIN_PREFIX):
         raise MoepassError(
             f"--tokenizer {args.tokenizer}: no such file or directory (a tokenizer.json file, a checkpoint "
             "directory or a built-in model)"
         )
     try:
-        return load_tokenizer(args.tokenizer)
+        return load(args.tokenizer)
     except MoepassError as error:
         raise MoepassError(f"--tokenizer {args.tokenizer}: {error}") from None
 
@@ -361,14 +363,22 @@ def _generate(args: argparse.Namespace) -> None:
     shaping = [option for option, value in options.items() if value is not None]
     if shaping and not args.sample:
         raise MoepassError(f"{', '.join(shaping)} shape sampling, and decoding is greedy: add --sample")
+    if args.system is not None and not args.chat:
+        raise MoepassError("--system is the chat's system message: add --chat")
     device = torch.device("cpu") if args.onnx else _device(args)
     _refuse_file_model(args.model)
-    tokenizer = _tokenizer(args)
-    # with the special tokens the tokenizer adds by default (a BOS where the model was trained with one),
-    # the same whether tokenizer.json is read directly or through transformers
-    prompt_ids = tokenizer.encode(args.prompt)
-    if isinstance(tokenizer, Tokenizer):
-        prompt_ids = prompt_ids.ids
+    if args.chat:
+        from moepass.zoo import chat_prompt_ids, load_chat_tokenizer
+
+        tokenizer = _tokenizer(args, load=load_chat_tokenizer)
+        prompt_ids = chat_prompt_ids(tokenizer, args.prompt, args.system)
+    else:
+        tokenizer = _tokenizer(args)
+        # with the special tokens the tokenizer adds by default (a BOS where the model was trained with
+        # one), the same whether tokenizer.json is read directly or through transformers
+        prompt_ids = tokenizer.encode(args.prompt)
+        if isinstance(tokenizer, Tokenizer):
+            prompt_ids = prompt_ids.ids
     if not prompt_ids:
         raise MoepassError("the prompt is empty after tokenization; pass --prompt TEXT")
     if args.onnx:
@@ -379,7 +389,8 @@ def _generate(args: argparse.Namespace) -> None:
         program = _load_program(args.model, lower=not args.no_lower, compile=args.compile, device=device)
     _check_tokenizer_fits(tokenizer, program.info.vocab_size, args)
     generated: list[int] = []
-    echo = [args.prompt]  # printed with the first text: after generate's warnings, not amid them
+    # printed with the first text: after generate's warnings, not amid them; a chat prints the reply alone
+    echo = [] if args.chat else [args.prompt]
 
     def write(text: str) -> None:
         print(*echo, text, sep="", end="", flush=True)
@@ -633,7 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="stream text from a compressed artifact or a model")
     gen.add_argument("model", help="moepass artifact directory, built-in name or checkpoint directory")
-    gen.add_argument("--prompt", default="The ", help="text to continue")
+    gen.add_argument("--prompt", default="The ", help="text to continue (with --chat: the user's message)")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="put the prompt in the model's chat template, as a user message the model answers (instruct "
+        "models); prints the reply alone",
+    )
+    gen.add_argument("--system", help="with --chat: a system message before the user's")
     gen.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="tokens to generate")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument(

@@ -295,6 +295,42 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     return _transformers_tokenizer(path)
 
 
+def load_chat_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer of a model directory (checkpoint, moepass artifact or ONNX export) through
+    transformers, which reads the chat template beside it (chat_template.jinja or
+    tokenizer_config.json): instruct models answer well only to prompts in their template."""
+    name_or_path = os.fspath(name_or_path)
+    builtin = name_or_path.startswith(BUILTIN_PREFIX)
+    directory = trained_model_dir(name_or_path) if builtin else name_or_path
+    if directory is None or not os.path.isdir(directory):
+        raise MoepassError(
+            f"{name_or_path!r} is no model directory, and a chat template lives in one (beside the "
+            "tokenizer); pass the checkpoint directory"
+        )
+    load_tokenizer(name_or_path)  # the same errors for a directory with no tokenizer
+    tokenizer = _transformers_tokenizer(directory)
+    if not getattr(tokenizer, "chat_template", None):
+        raise MoepassError(
+            f"{name_or_path} has no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json): a base model continues text as it is"
+        )
+    return tokenizer
+
+
+def chat_prompt_ids(tokenizer, message: str, system: str | None = None) -> list[int]:
+    """A user message (after an optional system one) in the tokenizer's chat template, ready for the
+    assistant's reply. Rendered to text, then tokenized without added special tokens: the template
+    writes its own (a second BOS would shift what the model sees)."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": message}
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # jinja's TemplateError, or what the template raises itself
+        raise MoepassError(f"the model's chat template refused the messages: {error}") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _names_eos(directory: str) -> bool:
     """tokenizer_config.json beside the vocabulary names an EOS token (data packs it between documents)."""
     path = os.path.join(directory, "tokenizer_config.json")

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, processors
 
 import moepass
 from helpers import captured, model_for
@@ -613,6 +614,49 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     assert "drop --no-lower" in capsys.readouterr().err
     with pytest.raises(ArtifactError, match="compile=True needs lower=True"):
         load(out, lower=False, compile=True)
+
+
+def test_cli_chat_answers_a_message_put_in_the_models_chat_template(checkpoint, tmp_path, capsys):
+    """--chat: the prompt becomes a user message in the checkpoint's template, tokenized without a
+    second BOS; the reply alone is printed, and it is transformers' greedy reply to the same ids."""
+    chat = tmp_path / "chat"
+    shutil.copytree(checkpoint, chat)
+    (chat / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>"})
+    )
+    vocabulary = Tokenizer.from_file(str(chat / "tokenizer.json"))  # adds a BOS, as Mixtral's does
+    bos = ("<bos>", vocabulary.token_to_id("<bos>"))
+    vocabulary.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[bos])
+    vocabulary.save(str(chat / "tokenizer.json"))
+    (chat / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat)
+    rendered = "<bos><system>Be brief.\n<user>Hello there\n<assistant>"  # the template, by hand
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer("Hi")["input_ids"][0] == tokenizer.bos_token_id  # by default: not in a chat
+    model = transformers.AutoModelForCausalLM.from_pretrained(chat).eval()
+    reply = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :]
+    argv = ["generate", str(chat), "--chat", "--prompt", "Hello there", "--max-new-tokens", "6"]
+    assert main([*argv, "--system", "Be brief."]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == tokenizer.decode(reply, skip_special_tokens=True) and printed.out.strip()
+    assert f"prompt {len(ids)} tokens" in printed.err
+
+    (chat / "chat_template.jinja").write_text(
+        "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    )
+    assert main([*argv, "--system", "Be brief."]) == 2
+    assert "the model's chat template refused the messages: System role not supported" in (
+        capsys.readouterr().err
+    )
+    (chat / "chat_template.jinja").unlink()
+    assert main(argv) == 2
+    assert f"{chat} has no chat template (chat_template.jinja, or chat_template in" in capsys.readouterr().err
+    assert main(["generate", str(chat), "--system", "Be brief."]) == 2
+    assert "--system is the chat's system message: add --chat" in capsys.readouterr().err
 
 
 def test_cli_compress_format_hf_refuses_a_recipe_by_its_pass_options_before_any_work(tmp_path, capsys):
