@@ -278,6 +278,8 @@ _register(Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deep
 _register(Family("glm4_moe", "GLM-4-MoE", ("Glm4MoeMoE",), _convert_deepseek_v3))
 # GLM-4.7-Flash: the same block under DeepSeek's multi-head latent attention
 _register(Family("glm4_moe_lite", "GLM-4-MoE-Lite", ("Glm4MoeLiteMoE",), _convert_deepseek_v3))
+# dots.llm1: the same block under GQA attention with qk-norm, its last layers sliding-window
+_register(Family("dots1", "dots.llm1", ("Dots1MoE",), _convert_deepseek_v3, ("qk-norm",)))
 _register(
     Family(
         "minimax_m2",

@@ -121,6 +121,24 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "Glm4MoeLiteForCausalLM",
         dict(_MLA, intermediate_size=96, q_lora_rank=32, n_group=2, topk_group=1, routed_scaling_factor=1.8),
     ),
+    "dots1": (
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            head_dim=16,
+            sliding_window=8,
+            max_window_layers=2,  # layers from the third on slide
+        ),
+    ),
     "minimax_m2": (
         "MiniMaxM2Config",
         "MiniMaxM2ForCausalLM",

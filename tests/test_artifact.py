@@ -83,6 +83,7 @@ def test_moepass_format_round_trip(family, tmp_path):
         "deepseek_v3",
         "glm4_moe",
         "glm4_moe_lite",
+        "dots1",
         "minimax_m2",
         "ernie4_5_moe",
         "gpt_oss",
@@ -103,10 +104,13 @@ def test_transformers_format_loads_in_stock_transformers(family, tmp_path):
         assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("family,key", [("glm4_moe_lite", "mlp_layer_types"), ("gpt_oss", "layer_types")])
+@pytest.mark.parametrize(
+    "family,key", [("glm4_moe_lite", "mlp_layer_types"), ("gpt_oss", "layer_types"), ("dots1", "layer_types")]
+)
 def test_transformers_format_drops_the_first_blocks_entry_of_per_layer_lists(family, key, tmp_path):
-    """Block 0 is GLM-4-MoE-Lite's dense MLP and GPT-OSS's sliding attention: the config's per-layer
-    list must lose that entry, or stock transformers builds the remaining layers of the wrong kinds."""
+    """Block 0 is GLM-4-MoE-Lite's dense MLP, GPT-OSS's sliding attention and dots.llm1's dense MLP
+    under full attention (its later layers slide): the config's per-layer list must lose that entry,
+    or stock transformers builds the remaining layers of the wrong kinds."""
     _, original = captured(family)
     program = original.fork()
     drop_block(program, 0)

@@ -321,6 +321,7 @@ METHODS = {
     "deepseek_v3": "gptq",
     "glm4_moe": "awq",
     "glm4_moe_lite": "gptq",
+    "dots1": "magnitude",
     "minimax_m2": "sparsegpt",
     "ernie4_5_moe": "wanda",
     "phimoe": "awq",

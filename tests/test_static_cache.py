@@ -11,7 +11,8 @@ from moepass.errors import MoepassError
 from moepass.ir import static_cache
 from moepass.ir.static_cache import StaticCache, StaticCachePool, static_capacity
 
-WINDOW = 8  # gpt_oss's random config: sliding-window layers of 8 tokens
+WINDOW = 8  # the random configs' sliding-window layers, in these families:
+SLIDING = ("gpt_oss", "dots1")
 
 
 def _padded_prompt(vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +42,7 @@ def _decode_both_ways(program, ids, mask, steps: int, capacity: int):
 def test_static_steps_give_the_dynamic_steps_logits(family, seed):
     model, program = captured(family)
     ids, mask = _padded_prompt(model.config.vocab_size, 3)
-    capacity = WINDOW if family == "gpt_oss" else 32  # slots past the tokens stay masked
+    capacity = WINDOW if family in SLIDING else 32  # slots past the tokens stay masked
     dynamic, static, cache = _decode_both_ways(program, ids, mask, 5, capacity)
     assert (static - dynamic).abs().max() <= 1e-5, family
     assert cache.length == 8 and cache.capacity == capacity
@@ -53,7 +54,7 @@ def test_static_steps_give_the_dynamic_steps_logits(family, seed):
 def test_static_generation_matches_transformers(family, seed):
     model, program = captured(family)
     ids, mask = _padded_prompt(model.config.vocab_size, 4)
-    new = WINDOW - 4 if family == "gpt_oss" else 12
+    new = WINDOW - 4 if family in SLIDING else 12
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     got = program.generate(ids, new, attention_mask=mask, cache_implementation="static")
     assert torch.equal(got, expected), family
