@@ -141,10 +141,17 @@ def _compress(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)  # validate before any work
     if args.text_key:
         recipe = replace(recipe, calibration=replace(recipe.calibration, text_key=args.text_key))
-    if args.calib is not None and not needs_data(recipe):
-        print(f"note: --calib is unused: recipe {recipe.name} reads no calibration data", file=sys.stderr)
-    elif args.calib is not None:  # the report and the artifact's history record the data used
-        recipe = replace(recipe, calibration=replace(recipe.calibration, data=args.calib))
+    flags = {"--calib": "data", "--calib-samples": "samples", "--calib-seq-len": "seq_len"}
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in flags}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if given and not needs_data(recipe):
+        print(
+            f"note: {', '.join(given)} unused: recipe {recipe.name} reads no calibration data",
+            file=sys.stderr,
+        )
+    elif given:  # the report and the artifact's history record the calibration used
+        overrides = {flags[flag]: value for flag, value in given.items()}
+        recipe = replace(recipe, calibration=replace(recipe.calibration, **overrides))
     if args.format == "hf":
         from moepass.passes import PASSES
 
@@ -179,7 +186,8 @@ def _compress(args: argparse.Namespace) -> None:
     positions = original.info.config.get("max_position_embeddings")
     windows = [("--eval-seq-len", args.eval_seq_len)]
     if needs_data(recipe):
-        windows.append((f"recipe {recipe.name}: calibration.seq_len", recipe.calibration.seq_len))
+        named = "--calib-seq-len" if args.calib_seq_len else f"recipe {recipe.name}: calibration.seq_len"
+        windows.append((named, recipe.calibration.seq_len))
     _refuse_long_windows(windows, positions)
     held_out = None
     if args.eval_per_source:  # read now: a file that fails to tokenize must not cost the passes' work
@@ -215,6 +223,14 @@ def _compress(args: argparse.Namespace) -> None:
         experts,
         model_size(original),
     )
+    if needs_data(recipe):
+        spec = recipe.calibration
+        windows = f"{spec.samples} windows of {window_length(spec.seq_len, positions)} tokens"
+        report.data["calibration"] = f"{windows} from {spec.data}"
+    if held_out is not None:
+        report.data["evaluation"] = (
+            f"{len(held_out)} windows of {held_out.seq_len} tokens from {args.eval_data}"
+        )
     documents, tensors = {}, {}
     if transformed and args.format == "hf":
         documents, tensors = hf_checkpoint(program)
@@ -231,7 +247,14 @@ def _compress(args: argparse.Namespace) -> None:
     write_atomically(out, fill, overwrite=args.force)
     # printed once written: a pager or `head` closing the pipe early must not cost the result
     analyses = [] if transformed else [result.table() for result in program.report.analyses.values()]
-    print(report.summary_table(), report.structure_table(), program.report, *analyses, sep="\n\n")
+    print(
+        report.summary_table(),
+        report.structure_table(),
+        program.report,
+        *analyses,
+        *report.data_lines(),
+        sep="\n\n",
+    )
     written = (
         [*documents, "model.safetensors", "tokenizer"] if transformed else ["the model unchanged: no copy"]
     )
@@ -629,6 +652,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--force", action="store_true", help="replace an existing output directory")
     comp.add_argument("--eval-data", default="builtin:test", help="held-out text scored before and after")
+    comp.add_argument(
+        "--calib-samples", type=_at_least(1), help="calibration windows (default: the recipe's, 128)"
+    )
+    comp.add_argument(
+        "--calib-seq-len",
+        type=_at_least(2),
+        help=f"calibration window length (default: the recipe's, {DEFAULT_SEQ_LEN} or the model's positions "
+        "if fewer)",
+    )
     comp.add_argument("--text-key", help=TEXT_KEY_HELP + " (--calib and --eval-data; default: the recipe's)")
     comp.add_argument(
         "--eval-per-source", type=_at_least(0), default=64, help="evaluation windows per domain; 0 = skip"

@@ -23,6 +23,7 @@ class CompressionReport:
     original_experts: dict[int, int]
     original_size: tuple[int, int]  # (parameters, weight bytes) before compression
     plots: dict[str, str] = field(default_factory=dict)  # analysis -> png file name
+    data: dict[str, str] = field(default_factory=dict)  # "calibration"/"evaluation" -> what was read
 
     @property
     def title(self) -> str:
@@ -90,7 +91,12 @@ class CompressionReport:
             "edits": self.program.info.edits,
             "passes": self.program.report.to_dict() if self.program.report else {},
             "plots": self.plots,
+            "data": self.data,
         }
+
+    def data_lines(self) -> list[str]:
+        """What the passes were calibrated on and the quality measured on: results depend on both."""
+        return [f"{use.capitalize()}: {what}." for use, what in self.data.items()]
 
     def markdown(self) -> str:
         report = self.program.report
@@ -99,6 +105,7 @@ class CompressionReport:
             "",
             self.recipe.get("description", ""),
             "",
+            *([*self.data_lines(), ""] if self.data else []),
             "```",
             self.summary_table(),
             "```",

@@ -3,6 +3,8 @@ exit with status 2."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import re
 import signal
@@ -196,8 +198,59 @@ def test_a_tokenizer_json_file_is_a_tokenizer(tmp_path):
     )
 
 
+def test_compress_calibration_size_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """--calib-samples and --calib-seq-len replace the recipe's; what calibrated the passes and what
+    scored them is stated in the printed result and report.md, and kept in report.json."""
+    compress = importlib.import_module("moepass.compress")  # the module; moepass.compress is the function
+    read = []
+
+    def calibration_set(*args, **kwargs):
+        tokens = real(*args, **kwargs)
+        read.append(tuple(tokens.input_ids.shape))
+        return tokens
+
+    real = compress.calibration_set
+    monkeypatch.setattr(compress, "calibration_set", calibration_set)
+    out = tmp_path / "out"
+    argv = ["compress", "--model", "builtin:tiny-mixtral", "--recipe", "int4-gptq", "--out", str(out)]
+    sizes = [
+        "--calib-samples",
+        "3",
+        "--calib-seq-len",
+        "32",
+        "--eval-per-source",
+        "1",
+        "--eval-seq-len",
+        "16",
+    ]
+    assert main([*argv, *sizes]) == 0
+    assert read == [(3, 32)]
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        report["recipe"]["calibration"]["samples"] == 3 and report["recipe"]["calibration"]["seq_len"] == 32
+    )
+    domains = len(report["before"]["domains"])
+    assert report["data"] == {
+        "calibration": "3 windows of 32 tokens from builtin:validation",
+        "evaluation": f"{domains} windows of 16 tokens from builtin:test",
+    }
+    for line in (
+        "Calibration: 3 windows of 32 tokens from builtin:validation.",
+        f"Evaluation: {domains} windows",
+    ):
+        assert line in printed and line in (out / "report.md").read_text()
+
+    recipe = tmp_path / "rtn.yaml"  # reads no calibration data
+    recipe.write_text("name: rtn\npasses:\n  - rtn: {}\n")
+    argv = ["compress", "--recipe", str(recipe), "--out", str(tmp_path / "rtn"), "--eval-per-source", "0"]
+    assert main([*argv, "--calib-samples", "3"]) == 0
+    assert "note: --calib-samples unused: recipe rtn reads no calibration data" in capsys.readouterr().err
+    assert json.loads((tmp_path / "rtn" / "report.json").read_text())["data"] == {}
+    assert read == [(3, 32)]
+
+
 def test_eval_text_key_names_the_records_text_field(tmp_path, capsys, seed, monkeypatch):
-    import json
     import shutil
 
     from moepass.data import Document, corpus_dir
