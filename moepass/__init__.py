@@ -21,6 +21,7 @@ from moepass.errors import (  # noqa: E402
 from moepass.evaluate import EvalResult, evaluate  # noqa: E402
 from moepass.ir import MoEProgram, capture  # noqa: E402
 from moepass.kernels import ops as _kernel_ops  # noqa: E402, F401  (CUDA kernels of the canonical ops)
+from moepass.multiple_choice import evaluate_choices, load_questions  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -50,8 +51,10 @@ __all__ = [
     "capture",
     "compress",
     "evaluate",
+    "evaluate_choices",
     "export_onnx",
     "load",
+    "load_questions",
     "lower",
     "save",
 ]

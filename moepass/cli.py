@@ -59,7 +59,7 @@ EVAL_FORMAT = "moepass-eval"  # marks `eval --json` files: only those are ever o
 
 def _eval(args: argparse.Namespace) -> None:
     from moepass.artifact import is_artifact
-    from moepass.atomic_write import names_format, write_file_atomically
+    from moepass.atomic_write import names_format
     from moepass.data import load_documents
     from moepass.evaluate import evaluate, model_config
     from moepass.ir import capture
@@ -80,8 +80,17 @@ def _eval(args: argparse.Namespace) -> None:
                 f"--json {args.json} exists and is not an earlier `moepass eval --json` result (the data, a "
                 "manifest?); it is never overwritten: name another file"
             )
-    with _data_named("--data"):  # read now (text is small): a bad record is named before the model loads
-        documents = load_documents(args.data, text_key=args.text_key)
+    if args.choices and (args.data is not None or args.seq_len is not None):
+        raise MoepassError("--choices scores questions, --data and --seq-len text windows: give one of them")
+    per_source = None if args.max_per_source == 0 else args.max_per_source
+    if args.choices:  # read now (questions are small): a bad record is named before the model loads
+        from moepass.multiple_choice import evaluate_choices, load_questions
+
+        with _data_named("--choices"):
+            questions = load_questions(args.choices, max_per_task=per_source, seed=args.seed)
+    else:
+        with _data_named("--data"):
+            documents = load_documents(args.data or "builtin:test", text_key=args.text_key)
     onnx = os.path.isfile(os.path.join(args.model, "onnx_manifest.json"))
     if onnx and (args.program or args.dtype or device.type != "cpu"):
         raise MoepassError(
@@ -106,8 +115,13 @@ def _eval(args: argparse.Namespace) -> None:
         what = "captured program" if args.program else "transformers model"
     info = getattr(subject, "info", None)  # a program's, else the transformers model's config
     _check_tokenizer_fits(tokenizer, (subject.config if info is None else info).vocab_size, args)
+    if args.choices:
+        with _data_named("--choices"):
+            result = evaluate_choices(subject, questions, tokenizer, batch_size=args.batch_size)
+        print(result.table(title=f"{args.model} ({what}) on {args.choices}"))
+        _write_eval_json(args, result.to_dict())
+        return
     _refuse_long_windows([("--seq-len", args.seq_len)], model_config(subject, "max_position_embeddings"))
-    per_source = None if args.max_per_source == 0 else args.max_per_source
     with _data_named("--data"):  # what reading finds (no text, too short) names the flag
         result = evaluate(
             subject,
@@ -118,9 +132,16 @@ def _eval(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             seed=args.seed,
         )
-    print(result.table(title=f"{args.model} ({what}) on {args.data}, windows of {result.seq_len} tokens"))
+    data = args.data or "builtin:test"
+    print(result.table(title=f"{args.model} ({what}) on {data}, windows of {result.seq_len} tokens"))
+    _write_eval_json(args, result.to_dict())
+
+
+def _write_eval_json(args: argparse.Namespace, result: dict) -> None:
+    from moepass.atomic_write import write_file_atomically
+
     if args.json:
-        text = json.dumps({"format": EVAL_FORMAT, **result.to_dict()}, indent=2, allow_nan=False) + "\n"
+        text = json.dumps({"format": EVAL_FORMAT, **result}, indent=2, allow_nan=False) + "\n"
         write_file_atomically(args.json, lambda path: path.write_text(text, encoding="utf-8"))
         print(f"wrote {args.json}")
 
@@ -595,15 +616,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--dtype", choices=sorted(_DTYPES), help="load the weights in this dtype")
     inspect.set_defaults(run=_inspect)
 
-    evaluation = commands.add_parser("eval", help="perplexity and next-token accuracy on held-out text")
+    evaluation = commands.add_parser(
+        "eval", help="perplexity and next-token accuracy on held-out text, or multiple-choice accuracy"
+    )
     evaluation.add_argument(
         "model",
         help=f"checkpoint directory, moepass artifact, ONNX export or one of: {', '.join(builtin_names())}",
     )
     evaluation.add_argument(
         "--data",
-        default="builtin:test",
-        help="builtin:test, builtin:validation, a .txt/.jsonl(.gz)/.json file or a directory",
+        help="builtin:test, builtin:validation, a .txt/.jsonl(.gz)/.json file or a directory (default: "
+        "builtin:test)",
+    )
+    evaluation.add_argument(
+        "--choices",
+        help='multiple-choice questions instead: a .jsonl(.gz)/.json file of {"context": ..., "choices": '
+        '[...], "label": index, "task": name} records; acc and acc_norm per task, as lm-evaluation-harness',
     )
     evaluation.add_argument("--text-key", default="text", help=TEXT_KEY_HELP)
     evaluation.add_argument(
@@ -615,10 +643,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tokens per evaluation window (default: {DEFAULT_SEQ_LEN}, or the model's positions if fewer)",
     )
     evaluation.add_argument(
-        "--max-per-source", type=_at_least(0), default=64, help="windows per domain; 0 = all"
+        "--max-per-source",
+        type=_at_least(0),
+        default=64,
+        help="windows per domain (with --choices: questions per task); 0 = all",
     )
-    evaluation.add_argument("--batch-size", type=_at_least(1), default=8, help="windows per forward pass")
-    evaluation.add_argument("--seed", type=int, default=0, help="which windows are drawn")
+    evaluation.add_argument(
+        "--batch-size", type=_at_least(1), default=8, help="windows (or choices) per forward pass"
+    )
+    evaluation.add_argument("--seed", type=int, default=0, help="which windows (or questions) are drawn")
     evaluation.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads")
     evaluation.add_argument("--device", default="cpu", help=DEVICE_HELP)
     evaluation.add_argument("--dtype", choices=sorted(_DTYPES), help="load the weights in this dtype")

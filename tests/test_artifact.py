@@ -585,6 +585,20 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     )
     assert main(["eval", str(onnx_dir), "--max-per-source", "1"]) == 0  # scored by onnxruntime
     assert "(ONNX export, onnxruntime)" in capsys.readouterr().out
+    questions = tmp_path / "questions.jsonl"  # multiple choice: onnxruntime scores as PyTorch does
+    questions.write_text(
+        json.dumps({"context": "It is", "choices": ["a truth", "the end of it"], "label": 0})
+    )
+    for subject in (out, onnx_dir):
+        result = tmp_path / f"{subject.name}.json"
+        assert main(["eval", str(subject), "--choices", str(questions), "--json", str(result)]) == 0
+    scores = [
+        json.loads((tmp_path / f"{d.name}.json").read_text())["loglikelihoods"] for d in (out, onnx_dir)
+    ]
+    assert (
+        scores[0][0] == pytest.approx(scores[1][0], abs=1e-3)
+        and capsys.readouterr().out.count("acc_norm") == 2
+    )
     int8_dir = tmp_path / "onnx-int8"
     assert main(["export-onnx", str(out), str(int8_dir), "--int8-activations"]) == 0
     assert "MatMulNBits/QMoE on int8 activations (accuracy_level 4)" in capsys.readouterr().out
