@@ -153,6 +153,7 @@ def _compress(args: argparse.Namespace) -> None:
     from moepass.data import DataError, check_source, evaluation_set, window_length
     from moepass.evaluate import evaluate, model_size
     from moepass.hf_export import hf_checkpoint, hf_config
+    from moepass.multiple_choice import evaluate_choices, load_questions, tokenize_questions
     from moepass.recipes import load_recipe
     from moepass.report import CompressionReport
     from moepass.zoo import model_name, save_tokenizer
@@ -192,6 +193,10 @@ def _compress(args: argparse.Namespace) -> None:
             check_source(data)
         except DataError as error:
             raise MoepassError(f"{flag}: {error}") from None
+    questions = None
+    if args.eval_choices:
+        with _data_named("--eval-choices"):
+            questions = load_questions(args.eval_choices)
     if args.out is not None and not args.out.strip():  # an unset shell variable, not "the default"
         raise MoepassError("--out is empty; name the output directory, or leave --out out for the default")
     out = args.out or f"out/{model_name(args.model)}-{recipe.name}"
@@ -221,6 +226,9 @@ def _compress(args: argparse.Namespace) -> None:
                 vocab_size=original.info.vocab_size,
                 text_key=recipe.calibration.text_key,  # --text-key, else the recipe's
             )
+    if questions is not None:
+        with _data_named("--eval-choices"):
+            tokenize_questions(questions, tokenizer, original)  # a choice too long fails now, not after
     # compressing first (it forks `original`) fails a recipe this model cannot take before minutes of
     # evaluation: the pass manager refuses such a recipe before any pass runs
     with _data_named(calibration_flag):
@@ -244,6 +252,12 @@ def _compress(args: argparse.Namespace) -> None:
         experts,
         model_size(original),
     )
+    if questions is not None:
+        with _data_named("--eval-choices"):
+            choices_before = evaluate_choices(original, questions, tokenizer)
+            choices_after = evaluate_choices(program, questions, tokenizer) if transformed else choices_before
+        report.choices = (choices_before, choices_after)
+        report.data["multiple choice"] = f"{len(questions)} questions from {args.eval_choices}"
     if needs_data(recipe):
         spec = recipe.calibration
         windows = f"{spec.samples} windows of {window_length(spec.seq_len, positions)} tokens"
@@ -268,8 +282,10 @@ def _compress(args: argparse.Namespace) -> None:
     write_atomically(out, fill, overwrite=args.force)
     # printed once written: a pager or `head` closing the pipe early must not cost the result
     analyses = [] if transformed else [result.table() for result in program.report.analyses.values()]
+    choices = [] if report.choices is None else [report.choices_table()]
     print(
         report.summary_table(),
+        *choices,
         report.structure_table(),
         program.report,
         *analyses,
@@ -697,6 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--text-key", help=TEXT_KEY_HELP + " (--calib and --eval-data; default: the recipe's)")
     comp.add_argument(
         "--eval-per-source", type=_at_least(0), default=64, help="evaluation windows per domain; 0 = skip"
+    )
+    comp.add_argument(
+        "--eval-choices",
+        help="multiple-choice questions scored before and after too (a file as eval --choices reads)",
     )
     comp.add_argument(
         "--eval-seq-len",

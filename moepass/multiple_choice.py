@@ -154,25 +154,11 @@ def evaluate_choices(model, questions: list[Question], tokenizer, *, batch_size:
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     start = time.perf_counter()
-    prefix = _document_start(tokenizer)
-    positions = model_config(model, "max_position_embeddings")
-    sequences = [
-        (q_index, _sequence(prefix, tokenizer, q.context, choice, positions, q_index))
-        for q_index, q in enumerate(questions)
-        for choice in q.choices
-    ]
-    vocab_size = model_config(model, "vocab_size")
-    if vocab_size is not None:
-        largest = max(max(ids) for _, (ids, _) in sequences)
-        if largest >= vocab_size:
-            raise DataError(
-                f"token id {largest} is outside the model's vocabulary of {vocab_size}: the tokenizer "
-                "does not belong to this model"
-            )
+    sequences = tokenize_questions(questions, tokenizer, model)
     device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
     scores: list[float] = []
     for begin in range(0, len(sequences), batch_size):
-        batch = [seq for _, seq in sequences[begin : begin + batch_size]]
+        batch = sequences[begin : begin + batch_size]
         longest = max(len(ids) for ids, _ in batch) - 1
         inputs = torch.zeros(len(batch), longest, dtype=torch.long)
         for row, (ids, _) in enumerate(batch):
@@ -200,6 +186,27 @@ def evaluate_choices(model, questions: list[Question], tokenizer, *, batch_size:
     seconds = time.perf_counter() - start
     logger.info("multiple choice: %d questions, %d choices (%.1fs)", len(questions), len(sequences), seconds)
     return ChoiceResult(tasks, loglikelihoods, seconds, {t: math.fsum(c) / len(c) for t, c in chance.items()})
+
+
+def tokenize_questions(questions: list[Question], tokenizer, model) -> list[tuple[list[int], int]]:
+    """Per choice, in order: (token ids of the question's context and the choice, how many of the last
+    ones are the choice's), fitted to `model`'s positions and checked against its vocabulary. Cheap:
+    a command checks the questions with it before hours of compression."""
+    prefix = _document_start(tokenizer)
+    positions = model_config(model, "max_position_embeddings")
+    sequences = [
+        _sequence(prefix, tokenizer, q.context, choice, positions, index)
+        for index, q in enumerate(questions)
+        for choice in q.choices
+    ]
+    vocab_size = model_config(model, "vocab_size")
+    largest = max(max(ids) for ids, _ in sequences)
+    if vocab_size is not None and largest >= vocab_size:
+        raise DataError(
+            f"token id {largest} is outside the model's vocabulary of {vocab_size}: the tokenizer does "
+            "not belong to this model"
+        )
+    return sequences
 
 
 def _document_start(tokenizer) -> list[int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from moepass.evaluate import EvalResult, model_size
 from moepass.ir import MoEProgram
 from moepass.json_document import json_document
+from moepass.multiple_choice import ChoiceResult
 from moepass.table import format_table, human_bytes, human_count
 from moepass.zoo import model_name
 
@@ -24,6 +25,7 @@ class CompressionReport:
     original_size: tuple[int, int]  # (parameters, weight bytes) before compression
     plots: dict[str, str] = field(default_factory=dict)  # analysis -> png file name
     data: dict[str, str] = field(default_factory=dict)  # "calibration"/"evaluation" -> what was read
+    choices: tuple[ChoiceResult, ChoiceResult] | None = None  # multiple choice, before and after
 
     @property
     def title(self) -> str:
@@ -52,6 +54,11 @@ class CompressionReport:
             b, a = self.before.overall.accuracy, self.after.overall.accuracy
             kept = f"{100 * a / b:.1f}% kept" if b else ""
             rows.append(["next-token accuracy", f"{100 * b:.2f}%", f"{100 * a:.2f}%", kept])
+        if self.choices is not None:
+            before, after = (result.overall for result in self.choices)
+            for name, metric in (("acc", "accuracy"), ("acc_norm", "accuracy_norm")):
+                b, a = getattr(before, metric), getattr(after, metric)
+                rows.append([f"multiple choice {name}", f"{100 * b:.2f}%", f"{100 * a:.2f}%", _points(a, b)])
         return format_table(
             ["", "before", "after", "change"], rows, title=f"{self.title}: {self.recipe['name']}"
         )
@@ -81,7 +88,26 @@ class CompressionReport:
             ["block", "block kept", "mlp", "routing"], rows, title="Structure after compression"
         )
 
+    def choices_table(self) -> str:
+        """acc_norm (the paper's metric) before and after, per task and overall."""
+        before, after = self.choices
+        pairs = {name: (score, after.tasks[name]) for name, score in before.tasks.items()}
+        if len(pairs) > 1:
+            pairs["overall"] = (before.overall, after.overall)
+        rows = [
+            [
+                name,
+                b.questions,
+                *(f"{100 * s.accuracy_norm:.2f}%" for s in (b, a)),
+                _points(a.accuracy_norm, b.accuracy_norm),
+            ]
+            for name, (b, a) in pairs.items()
+        ]
+        header = ["task", "questions", "acc_norm before", "after", "change"]
+        return format_table(header, rows, title="Multiple choice")
+
     def to_dict(self) -> dict:
+        choices = [] if self.choices is None else [result.to_dict()["tasks"] for result in self.choices]
         return {
             "format": "moepass-report",  # marks the directory as moepass's output (atomic_write)
             "model": self.model,
@@ -92,6 +118,7 @@ class CompressionReport:
             "passes": self.program.report.to_dict() if self.program.report else {},
             "plots": self.plots,
             "data": self.data,
+            "choices": None if self.choices is None else dict(zip(("before", "after"), choices, strict=True)),
         }
 
     def data_lines(self) -> list[str]:
@@ -115,6 +142,8 @@ class CompressionReport:
             "```",
             "",
         ]
+        if self.choices is not None:
+            parts += ["```", self.choices_table(), "```", ""]
         if report is not None:
             parts += ["```", str(report), "```", ""]
             for name, table in report.coverage_tables():
@@ -141,3 +170,7 @@ class CompressionReport:
 
 def _ratio(after: float, before: float) -> str:
     return f"{100 * (after / before - 1):+.1f}%" if before else ""
+
+
+def _points(after: float, before: float) -> str:
+    return f"{100 * (after - before):+.2f} pts"

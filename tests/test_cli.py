@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from helpers import model_for
-from moepass import cli
+from moepass import cli, evaluate_choices, load, load_questions
 from moepass.atomic_write import write_atomically
 from moepass.cli import main
+from moepass.zoo import load_model, load_tokenizer
 
 
 def test_inspect_builtin(capsys):
@@ -212,6 +213,11 @@ def test_compress_calibration_size_from_the_command_line(tmp_path, capsys, monke
     real = compress.calibration_set
     monkeypatch.setattr(compress, "calibration_set", calibration_set)
     out = tmp_path / "out"
+    questions = tmp_path / "questions.jsonl"
+    choices = ["a dark night", "the", "of the house"]
+    questions.write_text(
+        "".join(json.dumps({"context": "It was", "choices": choices, "label": i}) + "\n" for i in range(3))
+    )
     argv = ["compress", "--model", "builtin:tiny-mixtral", "--recipe", "int4-gptq", "--out", str(out)]
     sizes = [
         "--calib-samples",
@@ -223,23 +229,28 @@ def test_compress_calibration_size_from_the_command_line(tmp_path, capsys, monke
         "--eval-seq-len",
         "16",
     ]
-    assert main([*argv, *sizes]) == 0
+    assert main([*argv, *sizes, "--eval-choices", str(questions)]) == 0
     assert read == [(3, 32)]
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    assert (
-        report["recipe"]["calibration"]["samples"] == 3 and report["recipe"]["calibration"]["seq_len"] == 32
-    )
+    calibration = report["recipe"]["calibration"]
+    assert (calibration["samples"], calibration["seq_len"]) == (3, 32)
     domains = len(report["before"]["domains"])
     assert report["data"] == {
         "calibration": "3 windows of 32 tokens from builtin:validation",
         "evaluation": f"{domains} windows of 16 tokens from builtin:test",
+        "multiple choice": f"3 questions from {questions}",
     }
-    for line in (
+    stated = [
         "Calibration: 3 windows of 32 tokens from builtin:validation.",
         f"Evaluation: {domains} windows",
-    ):
+    ]
+    for line in [*stated, "Multiple choice: 3 questions from", "acc_norm before", "multiple choice acc_norm"]:
         assert line in printed and line in (out / "report.md").read_text()
+    tokenizer, asked = load_tokenizer("builtin:tiny-mixtral"), load_questions(questions)
+    for when, subject in (("before", load_model("builtin:tiny-mixtral")), ("after", load(out, lower=False))):
+        assert report["choices"][when] == evaluate_choices(subject, asked, tokenizer).to_dict()["tasks"]
+    assert report["choices"]["before"]["questions"]["acc"] == pytest.approx(1 / 3)  # one likeliest, 3 labels
 
     recipe = tmp_path / "rtn.yaml"  # reads no calibration data
     recipe.write_text("name: rtn\npasses:\n  - rtn: {}\n")
