@@ -93,6 +93,7 @@ class StepGeneration:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
         eos_token_id: int | list[int] | None = ...,  # default: the model's generation config
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
@@ -104,7 +105,9 @@ class StepGeneration:
 
         Matches transformers `generate`: left padding via `attention_mask`, positions from the mask,
         finished sequences padded with `pad_token_id` (default: the first EOS id), `top_k` 0 or None
-        for no limit, then `top_p` (nucleus: the likeliest tokens whose probabilities reach it).
+        for no limit, then `top_p` (nucleus: the likeliest tokens whose probabilities reach it);
+        `repetition_penalty` > 1 makes every token already in the sequence (prompt included) less
+        likely, greedy or sampled.
         `streamer` is called with each step's new tokens [batch] as soon as chosen.
         `cache_implementation="static"` decodes into caches allocated once for prompt + new tokens
         (`static_step`): no cache copied per step, and one shape for every step (CUDA graphs).
@@ -123,6 +126,10 @@ class StepGeneration:
             raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {top_k}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1: no limit), got {top_p}")
+        if not 0 < repetition_penalty < float("inf"):
+            raise ValueError(
+                f"repetition_penalty must be a positive number (1: none), got {repetition_penalty}"
+            )
         if cache_implementation not in ("dynamic", "static"):
             raise ValueError(
                 f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}"
@@ -175,7 +182,10 @@ class StepGeneration:
                 logits, past = self.step(step_ids, mask, positions, past, last_token_only=True)
             else:
                 logits = self.static_step(step_ids, positions, static)
-            next_tokens = _pick(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
+            scores = logits[:, -1].float()
+            if repetition_penalty != 1:
+                scores = _penalize_repeats(scores, tokens, repetition_penalty)
+            next_tokens = _pick(scores, do_sample, temperature, top_k, top_p, generator)
             if eos:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
                 unfinished &= ~torch.isin(next_tokens, eos_ids)
@@ -192,6 +202,13 @@ class StepGeneration:
                 static = self.static_cache(past, mask, capacity)
                 past = []
         return tokens
+
+
+def _penalize_repeats(scores: Tensor, tokens: Tensor, penalty: float) -> Tensor:
+    """transformers' repetition penalty: the scores of tokens already in the sequence move towards
+    less likely (positive ones divided by `penalty`, negative ones multiplied)."""
+    seen = scores.gather(1, tokens)
+    return scores.scatter(1, tokens, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
 def _pick(

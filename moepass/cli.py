@@ -167,10 +167,8 @@ def _compress(args: argparse.Namespace) -> None:
     given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in flags}
     given = {flag: value for flag, value in given.items() if value is not None}
     if given and not needs_data(recipe):
-        print(
-            f"note: {', '.join(given)} unused: recipe {recipe.name} reads no calibration data",
-            file=sys.stderr,
-        )
+        unused = f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} unused"
+        print(f"note: {unused}: recipe {recipe.name} reads no calibration data", file=sys.stderr)
     elif given:  # the report and the artifact's history record the calibration used
         overrides = {flags[flag]: value for flag, value in given.items()}
         recipe = replace(recipe, calibration=replace(recipe.calibration, **overrides))
@@ -466,6 +464,7 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=args.temperature or 1.0,
         top_k=args.top_k,
         top_p=args.top_p or 1.0,
+        repetition_penalty=args.repetition_penalty,
         generator=generator,
         streamer=stream,
         cache_implementation="static" if args.static_cache else "dynamic",
@@ -748,6 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_probability,
         help="with --sample: draw among the likeliest tokens whose probabilities add up to P (nucleus)",
     )
+    gen.add_argument(
+        "--repetition-penalty",
+        type=_positive_float,
+        default=1.0,
+        help="above 1: tokens already in the text (prompt included) become less likely, greedy or sampled",
+    )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--tokenizer", help="tokenizer.json or directory (default: the model's)")
     gen.add_argument(
@@ -797,11 +802,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a line is logged, not as it was when the first command ran:
+    a notebook or test that replaces (and closes) it between commands still gets the lines."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:  # StreamHandler.__init__ sets it; the property decides
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = logging.getLogger("moepass")  # progress lines; other libraries' logs stay at their defaults
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -117,7 +117,8 @@ def test_generation_stops_at_eos_like_transformers(captured, seed):
 
 
 def test_sampled_generation_matches_transformers(captured, seed):
-    """Same processing (temperature, top-k, then top-p) and the same draws from the global generator."""
+    """Same processing (repetition penalty, temperature, top-k, then top-p) and the same draws from the
+    global generator."""
     family, model, program, _ = captured
     ids = torch.randint(3, model.config.vocab_size, (2, 5))
     options = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7}
@@ -135,6 +136,14 @@ def test_sampled_generation_matches_transformers(captured, seed):
         expected = model.generate(ids, top_k=top_k, top_p=top_p, **options)
         torch.manual_seed(seed)
         assert torch.equal(program.generate(ids, top_k=top_k, top_p=top_p, **options), expected), top_p
+    greedy = {"max_new_tokens": 8, "do_sample": False}
+    for decoding in (greedy, {**options, "top_k": 0}):  # the penalty acts on greedy choices too
+        torch.manual_seed(seed)
+        expected = model.generate(ids, repetition_penalty=5.0, **decoding)
+        torch.manual_seed(seed)
+        assert torch.equal(program.generate(ids, repetition_penalty=5.0, **decoding), expected), decoding
+    with pytest.raises(ValueError, match="repetition_penalty must be a positive number"):
+        program.generate(ids, 2, repetition_penalty=0.0)
     with pytest.raises(ValueError, match="temperature must be > 0 to sample, got 0"):
         program.generate(ids, 2, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_k must be >= 0"):

@@ -80,6 +80,10 @@ def test_passes_lists_every_registered_pass_with_its_options(capsys):
         ),
         (["generate", "builtin:tiny-mixtral", "--top-k", "0"], "--top-k: must be at least 1, got 0"),
         (["generate", "builtin:tiny-mixtral", "--top-p", "0"], "--top-p: must be in (0, 1], got 0"),
+        (
+            ["generate", "builtin:tiny-mixtral", "--repetition-penalty", "0"],
+            "--repetition-penalty: must be a positive number",
+        ),
         (["generate", "builtin:tiny-mixtral", "--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
         (
             ["generate", "builtin:tiny-mixtral", "--temperature", "0"],
@@ -256,7 +260,7 @@ def test_compress_calibration_size_from_the_command_line(tmp_path, capsys, monke
     recipe.write_text("name: rtn\npasses:\n  - rtn: {}\n")
     argv = ["compress", "--recipe", str(recipe), "--out", str(tmp_path / "rtn"), "--eval-per-source", "0"]
     assert main([*argv, "--calib-samples", "3"]) == 0
-    assert "note: --calib-samples unused: recipe rtn reads no calibration data" in capsys.readouterr().err
+    assert "note: --calib-samples is unused: recipe rtn reads no calibration data" in capsys.readouterr().err
     assert json.loads((tmp_path / "rtn" / "report.json").read_text())["data"] == {}
     assert read == [(3, 32)]
 
@@ -340,3 +344,18 @@ def test_sigterm_mid_write_unwinds_like_ctrl_c_and_leaves_nothing_behind(tmp_pat
     assert main(["recipes"]) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is before
     assert "moepass recipes: interrupted (SIGTERM); nothing was left half-written" in capsys.readouterr().err
+
+
+def test_progress_lines_go_to_stderr_as_it_is_now(monkeypatch):
+    """A notebook or test runner replaces (and closes) sys.stderr between commands: the next command's
+    progress lines reach the new one, with no logging error from the closed one."""
+    import io
+
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    assert main(["inspect", "builtin:random-mixtral"]) == 0
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    assert main(["inspect", "builtin:random-mixtral"]) == 0
+    assert "capture done in" in second.getvalue() and "Logging error" not in second.getvalue()
