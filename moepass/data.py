@@ -268,7 +268,8 @@ def tokenize(docs: Sequence[Document], tokenizer, seq_len: int) -> TokenSet:
         raise DataError(f"seq_len must be an integer of at least 2, got {seq_len!r}")
     if not docs or not any(d.text.strip() for d in docs):
         raise DataError("the data holds no text")
-    encode, eos = _encoder(tokenizer)
+    encode, eos = encoder(tokenizer)
+    eos = _separator(eos)
     inputs, labels, sources = [], [], []
     streams: dict[str, list[int]] = {}
     for doc, ids in zip(docs, encode([d.text for d in docs]), strict=True):
@@ -416,18 +417,19 @@ def check_fits(tokens: TokenSet, vocab_size: int | None, max_positions: int | No
         )
 
 
-def _encoder(tokenizer):
-    """(encode texts -> id lists, end-of-sequence id) for a `tokenizers.Tokenizer` or a transformers one."""
+def encoder(tokenizer):
+    """(encode texts -> id lists without special tokens, end-of-text id or None) for a
+    `tokenizers.Tokenizer` or a transformers one."""
     if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer: no eos attribute, look it up
         eos = end_of_text_id(tokenizer)
         plain = _without_padding_or_truncation(tokenizer)
         # no special tokens, as on the transformers path: a BOS-adding post-processor would put a
         # BOS inside every packed window
         encode = lambda texts: [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
-        return encode, _separator(eos)
+        return encode, eos
     if callable(tokenizer) and hasattr(tokenizer, "eos_token_id"):  # transformers tokenizer
         encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
-        return encode, _separator(tokenizer.eos_token_id)
+        return encode, tokenizer.eos_token_id
     raise DataError(
         f"unsupported tokenizer type {type(tokenizer).__name__}: pass a tokenizers.Tokenizer "
         f"or a transformers tokenizer"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moepass.data import JSON_LINES, DataError, _encoder, _read_json_array, _read_jsonl
+from moepass.data import JSON_LINES, DataError, _read_json_array, _read_jsonl, encoder
 from moepass.evaluate import _logits, model_config
 from moepass.table import format_table
 
@@ -210,14 +210,21 @@ def tokenize_questions(questions: list[Question], tokenizer, model) -> list[tupl
 
 
 def _document_start(tokenizer) -> list[int]:
-    """The BOS the tokenizer adds by default, else the end-of-text token documents follow in packed
-    text (and in the bundled models' training)."""
-    encode, eos = _encoder(tokenizer)
+    """The BOS (or other leading tokens) the tokenizer adds by default, else the end-of-text token
+    documents follow in packed text (and in the bundled models' training)."""
+    encode, eos = encoder(tokenizer)
     plain = encode(["a"])[0]
     plain_tokenizers = hasattr(tokenizer, "encode_batch")  # tokenizers.Tokenizer, else transformers'
     default = tokenizer.encode("a").ids if plain_tokenizers else tokenizer("a")["input_ids"]
-    if len(default) > len(plain) and default[len(default) - len(plain) :] == plain:
-        return default[: len(default) - len(plain)]
+    starts = (i for i in range(len(default) - len(plain) + 1) if default[i : i + len(plain)] == plain)
+    start = next(starts, 0)  # where the text's own tokens sit (an EOS may follow them)
+    if start:
+        return default[:start]
+    if eos is None:
+        raise DataError(
+            "the tokenizer adds no BOS and has no end-of-text token to start a question after; load it "
+            "with transformers.AutoTokenizer and set its eos_token"
+        )
     return [eos]
 
 
@@ -233,7 +240,7 @@ def _sequence(
     spaces = len(context) - len(context.rstrip(" "))
     if spaces:
         context, choice = context[: len(context) - spaces], context[len(context) - spaces :] + choice
-    encode, _ = _encoder(tokenizer)
+    encode, _ = encoder(tokenizer)
     context_ids, whole = encode([context, context + choice]) if context else ([], encode([choice])[0])
     shared = 0  # where the two part: the context's end, unless the choice merged into its last token
     while shared < min(len(context_ids), len(whole)) and context_ids[shared] == whole[shared]:

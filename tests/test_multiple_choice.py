@@ -8,13 +8,13 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from helpers import captured
 from moepass import evaluate_choices, load_questions
 from moepass.cli import main
 from moepass.data import DataError, load_documents
-from moepass.multiple_choice import Question
+from moepass.multiple_choice import Question, tokenize_questions
 from moepass.zoo import load_model, load_tokenizer
 
 WORDS = [f"w{i}" for i in range(100)]
@@ -96,6 +96,31 @@ def test_a_long_context_loses_its_start_and_a_choice_never_does(seed):
         assert got == pytest.approx(want, abs=2e-4), kept
     with pytest.raises(DataError, match="is 17 tokens, more than the model's 16 positions"):
         evaluate_choices(program, [Question("w1", (" ".join(["w2"] * 17), "w3"), 0)], _word_tokenizer())
+
+
+@pytest.mark.parametrize(
+    "template,start",
+    [(None, [2]), ("<bos> $A", [1]), ("<bos> $A <eos>", [1]), ("$A <eos>", [2])],
+)
+def test_a_question_starts_after_the_bos_the_tokenizer_adds_else_after_end_of_text(template, start):
+    """As the model saw documents start: after its BOS where the tokenizer adds one (whatever it adds
+    after the text), else after the end-of-text token that separates packed documents."""
+    model, _ = captured("mixtral")
+    tokenizer = _word_tokenizer()
+    if template is not None:
+        specials = [("<bos>", 1), ("<eos>", 2)]
+        tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    (ids, scored), _ = tokenize_questions([Question("w5 w6", ("w7", "w8 w9"), 0)], tokenizer, model)
+    assert ids == [*start, 8, 9, 10] and scored == 1  # no special token after the choice either
+
+
+def test_a_tokenizer_with_no_document_start_is_refused():
+    model, _ = captured("mixtral")
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(DataError, match="adds no BOS and has no end-of-text token"):
+        tokenize_questions([Question("w5", ("w7", "w8"), 0)], tokenizer, model)
 
 
 def test_the_trained_model_picks_true_continuations_well_above_chance():
