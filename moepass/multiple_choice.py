@@ -149,25 +149,28 @@ def _question(record, where: str) -> Question:
 def evaluate_choices(model, questions: list[Question], tokenizer, *, batch_size: int = 8) -> ChoiceResult:
     """Score `model` (transformers causal LM, MoEProgram or OnnxProgram) on `questions`.
 
-    The sequences of one batch (up to `batch_size` choices) are padded on the right: causal
-    attention keeps padding out of every scored position."""
+    Choices are batched longest first (up to `batch_size` of them, across questions) and padded on
+    the right: causal attention keeps padding out of every scored position."""
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     start = time.perf_counter()
     sequences = tokenize_questions(questions, tokenizer, model)
     device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
-    scores: list[float] = []
-    for begin in range(0, len(sequences), batch_size):
-        batch = sequences[begin : begin + batch_size]
-        longest = max(len(ids) for ids, _ in batch) - 1
-        inputs = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, (ids, _) in enumerate(batch):
+    scores = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))  # little padding
+    for begin in range(0, len(order), batch_size):
+        batch = order[begin : begin + batch_size]
+        inputs = torch.zeros(len(batch), len(sequences[batch[0]][0]) - 1, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids = sequences[i][0]
             inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
         logprobs = F.log_softmax(_logits(model, inputs.to(device)).double(), dim=-1).cpu()
-        for row, (ids, scored) in enumerate(batch):
+        for row, i in enumerate(batch):
+            ids, scored = sequences[i]
             targets = torch.tensor(ids[len(ids) - scored :])
-            rows = logprobs[row, len(ids) - 1 - scored : len(ids) - 1]
-            scores.append(float(rows.gather(1, targets[:, None]).sum()))
+            scores[i] = float(
+                logprobs[row, len(ids) - 1 - scored : len(ids) - 1].gather(1, targets[:, None]).sum()
+            )
         if (begin // batch_size) % 50 == 49:
             logger.info("multiple choice: %d/%d choices scored", begin + len(batch), len(sequences))
     tasks: dict[str, TaskScore] = {}
