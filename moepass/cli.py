@@ -645,8 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument(
         "--choices",
-        help='multiple-choice questions instead: a .jsonl(.gz)/.json file of {"context": ..., "choices": '
-        '[...], "label": index, "task": name} records; acc and acc_norm per task, as lm-evaluation-harness',
+        help="multiple-choice questions instead: builtin:continuations (which words follow held-out text) "
+        'or a .jsonl(.gz)/.json file of {"context": ..., "choices": [...], "label": index, "task": name} '
+        "records; acc and acc_norm per task, as lm-evaluation-harness",
     )
     evaluation.add_argument("--text-key", default="text", help=TEXT_KEY_HELP)
     evaluation.add_argument(
@@ -715,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "--eval-choices",
-        help="multiple-choice questions scored before and after too (a file as eval --choices reads)",
+        help="multiple-choice questions scored before and after too (builtin:continuations or a file, as "
+        "eval --choices reads)",
     )
     comp.add_argument(
         "--eval-seq-len",

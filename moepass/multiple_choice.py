@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moepass.data import JSON_LINES, DataError, _read_json_array, _read_jsonl, encoder
+from moepass.data import (
+    BUILTIN_PREFIX,
+    JSON_LINES,
+    DataError,
+    _read_json_array,
+    _read_jsonl,
+    encoder,
+    load_documents,
+)
 from moepass.evaluate import _logits, model_config
 from moepass.table import format_table
 
 logger = logging.getLogger("moepass")
+CONTINUATIONS = "builtin:continuations"
 
 
 @dataclass(frozen=True)
@@ -96,21 +106,9 @@ class ChoiceResult:
 
 def load_questions(path: str | Path, *, max_per_task: int | None = None, seed: int = 0) -> list[Question]:
     """Questions from a JSON Lines (.jsonl, .jsonl.gz) or JSON array file of records
-    `{"context": str, "choices": [str, ...], "label": int, "task": str (optional)}`; at most
-    `max_per_task` of each task, drawn with `seed` (file order kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (questions are a .jsonl, .jsonl.gz or .json file)")
-    name = path.name.lower()
-    if name.endswith(JSON_LINES):
-        records = _read_jsonl(path)
-    elif name.endswith(".json"):
-        records = _read_json_array(path)
-    else:
-        raise DataError(f"{path}: questions are read from .jsonl, .jsonl.gz or .json files")
-    questions = [_question(record, f"{path}: record {i}") for i, record in enumerate(records, 1)]
-    if not questions:
-        raise DataError(f"{path}: holds no questions")
+    `{"context": str, "choices": [str, ...], "label": int, "task": str (optional)}`, or
+    `builtin:continuations`; at most `max_per_task` of each task, drawn with `seed` (file order kept)."""
+    questions = continuation_questions() if str(path) == CONTINUATIONS else _read_questions(Path(path))
     if max_per_task is None:
         return questions
     generator = torch.Generator().manual_seed(seed)
@@ -122,6 +120,50 @@ def load_questions(path: str | Path, *, max_per_task: int | None = None, seed: i
         picks = torch.randperm(len(rows), generator=generator)[:max_per_task].tolist()
         chosen += [rows[p] for p in picks]
     return [questions[i] for i in sorted(chosen)]
+
+
+def _read_questions(path: Path) -> list[Question]:
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no such file (questions are a .jsonl, .jsonl.gz or .json file, or {CONTINUATIONS})"
+        )
+    name = path.name.lower()
+    if name.endswith(JSON_LINES):
+        records = _read_jsonl(path)
+    elif name.endswith(".json"):
+        records = _read_json_array(path)
+    else:
+        raise DataError(f"{path}: questions are read from .jsonl, .jsonl.gz or .json files")
+    questions = [_question(record, f"{path}: record {i}") for i, record in enumerate(records, 1)]
+    if not questions:
+        raise DataError(f"{path}: holds no questions")
+    return questions
+
+
+def continuation_questions(
+    context_words: int = 24, choice_words: int = 6, choices: int = 4
+) -> list[Question]:
+    """`builtin:continuations`: held-out text (the bundled test split) cut after `context_words`
+    words; which `choice_words` words come next, among the same words of other documents of that
+    domain? Offline, and meaningful for any model that reads English or Python: the bundled models
+    score well above chance on it, and compression can lower that."""
+    by_source: dict[str, list[list[str]]] = {}
+    for document in load_documents(BUILTIN_PREFIX + "test"):
+        words = document.text.split()
+        if len(words) >= context_words + choice_words:
+            by_source.setdefault(document.source, []).append(words)
+    generator = random.Random(0)
+    questions = []
+    for source, documents in by_source.items():
+        if len(documents) < choices:
+            continue
+        for index, words in enumerate(documents):
+            others = generator.sample([d for i, d in enumerate(documents) if i != index], choices - 1)
+            texts = [" ".join(d[context_words : context_words + choice_words]) for d in others]
+            label = generator.randrange(choices)
+            texts.insert(label, " ".join(words[context_words : context_words + choice_words]))
+            questions.append(Question(" ".join(words[:context_words]), tuple(texts), label, source))
+    return questions
 
 
 def _question(record, where: str) -> Question:
