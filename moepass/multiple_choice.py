@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,10 +238,11 @@ def tokenize_questions(questions: list[Question], tokenizer, model) -> list[tupl
     """Per choice, in order: (token ids of the question's context and the choice, how many of the last
     ones are the choice's), fitted to `model`'s positions and checked against its vocabulary. Cheap:
     a command checks the questions with it before hours of compression."""
-    prefix = _document_start(tokenizer)
+    encode, eos = encoder(tokenizer)
+    prefix = _document_start(tokenizer, encode, eos)
     positions = model_config(model, "max_position_embeddings")
     sequences = [
-        _sequence(prefix, tokenizer, q.context, choice, positions, index)
+        _sequence(prefix, encode, q.context, choice, positions, index)
         for index, q in enumerate(questions)
         for choice in q.choices
     ]
@@ -254,10 +256,9 @@ def tokenize_questions(questions: list[Question], tokenizer, model) -> list[tupl
     return sequences
 
 
-def _document_start(tokenizer) -> list[int]:
+def _document_start(tokenizer, encode: Callable, eos: int | None) -> list[int]:
     """The BOS (or other leading tokens) the tokenizer adds by default, else the end-of-text token
     documents follow in packed text (and in the bundled models' training)."""
-    encode, eos = encoder(tokenizer)
     plain = encode(["a"])[0]
     plain_tokenizers = hasattr(tokenizer, "encode_batch")  # tokenizers.Tokenizer, else transformers'
     default = tokenizer.encode("a").ids if plain_tokenizers else tokenizer("a")["input_ids"]
@@ -274,7 +275,7 @@ def _document_start(tokenizer) -> list[int]:
 
 
 def _sequence(
-    prefix: list[int], tokenizer, context: str, choice: str, positions: int | None, index: int
+    prefix: list[int], encode: Callable, context: str, choice: str, positions: int | None, index: int
 ) -> tuple[list[int], int]:
     """(token ids of context + choice, how many of the last ones are the choice's). A space joins
     them unless one side has whitespace there (lm-evaluation-harness's target delimiter); a space
@@ -285,7 +286,6 @@ def _sequence(
     spaces = len(context) - len(context.rstrip(" "))
     if spaces:
         context, choice = context[: len(context) - spaces], context[len(context) - spaces :] + choice
-    encode, _ = encoder(tokenizer)
     context_ids, whole = encode([context, context + choice]) if context else ([], encode([choice])[0])
     shared = 0  # where the two part: the context's end, unless the choice merged into its last token
     while shared < min(len(context_ids), len(whole)) and context_ids[shared] == whole[shared]:
