@@ -422,7 +422,7 @@ def encoder(tokenizer):
     `tokenizers.Tokenizer` or a transformers one."""
     if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer: no eos attribute, look it up
         eos = end_of_text_id(tokenizer)
-        plain = _without_padding_or_truncation(tokenizer)
+        plain = without_padding_or_truncation(tokenizer)
         # no special tokens, as on the transformers path: a BOS-adding post-processor would put a
         # BOS inside every packed window
         encode = lambda texts: [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
@@ -442,7 +442,7 @@ def end_of_text_id(tokenizer) -> int | None:
     return next((i for i in ids if i is not None), None)
 
 
-def _without_padding_or_truncation(tokenizer):
+def without_padding_or_truncation(tokenizer):
     """A tokenizer.json saved after padding or truncation was enabled keeps them: every document would
     be cut at that length and pad tokens packed in and scored. A copy without them (transformers turns
     both off per call); the user's tokenizer is left as it is."""

@@ -31,6 +31,7 @@ from moepass.data import (
     _read_jsonl,
     encoder,
     load_documents,
+    without_padding_or_truncation,
 )
 from moepass.evaluate import _logits, model_config
 from moepass.table import format_table
@@ -260,8 +261,10 @@ def _document_start(tokenizer, encode: Callable, eos: int | None) -> list[int]:
     """The BOS (or other leading tokens) the tokenizer adds by default, else the end-of-text token
     documents follow in packed text (and in the bundled models' training)."""
     plain = encode(["a"])[0]
-    plain_tokenizers = hasattr(tokenizer, "encode_batch")  # tokenizers.Tokenizer, else transformers'
-    default = tokenizer.encode("a").ids if plain_tokenizers else tokenizer("a")["input_ids"]
+    if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer: as saved, maybe padding every text
+        default = without_padding_or_truncation(tokenizer).encode("a").ids
+    else:
+        default = tokenizer("a")["input_ids"]
     starts = (i for i in range(len(default) - len(plain) + 1) if default[i : i + len(plain)] == plain)
     start = next(starts, 0)  # where the text's own tokens sit (an EOS may follow them)
     if start:

@@ -100,13 +100,16 @@ def test_a_long_context_loses_its_start_and_a_choice_never_does(seed):
 
 @pytest.mark.parametrize(
     "template,start",
-    [(None, [2]), ("<bos> $A", [1]), ("<bos> $A <eos>", [1]), ("$A <eos>", [2])],
+    [(None, [2]), ("<bos> $A", [1]), ("<bos> $A <eos>", [1]), ("$A <eos>", [2]), ("padded", [1])],
 )
 def test_a_question_starts_after_the_bos_the_tokenizer_adds_else_after_end_of_text(template, start):
     """As the model saw documents start: after its BOS where the tokenizer adds one (whatever it adds
     after the text), else after the end-of-text token that separates packed documents."""
     model, _ = captured("mixtral")
     tokenizer = _word_tokenizer()
+    if template == "padded":  # a tokenizer.json saved with padding on: every text padded to 8 tokens
+        tokenizer.enable_padding(direction="left", pad_id=0, pad_token="<pad>", length=8)
+        template = "<bos> $A"
     if template is not None:
         specials = [("<bos>", 1), ("<eos>", 2)]
         tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
