@@ -117,8 +117,7 @@ def test_generation_stops_at_eos_like_transformers(captured, seed):
 
 
 def test_sampled_generation_matches_transformers(captured, seed):
-    """Same processing (repetition penalty, temperature, top-k, then top-p) and the same draws from the
-    global generator."""
+    """Same processing (temperature, then top-k) and the same draws from the global generator."""
     family, model, program, _ = captured
     ids = torch.randint(3, model.config.vocab_size, (2, 5))
     options = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7}
@@ -131,6 +130,19 @@ def test_sampled_generation_matches_transformers(captured, seed):
     for no_limit in (0, None):
         torch.manual_seed(seed)
         assert torch.equal(program.generate(ids, top_k=no_limit, **options), unlimited), (family, no_limit)
+    with pytest.raises(ValueError, match="temperature must be > 0 to sample, got 0"):
+        program.generate(ids, 2, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        program.generate(ids, 2, do_sample=True, top_k=-1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])  # the logits differ; not the code
+def test_top_p_and_repetition_penalty_match_transformers(family, seed):
+    """Nucleus sampling after top-k, and the repetition penalty (prompt included, greedy or sampled),
+    processed in transformers' order: the same seed draws the same tokens."""
+    model, program = helpers.captured(family)
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    options = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7}
     for top_k, top_p in ((0, 0.8), (20, 0.9), (0, 0.05)):  # 0.05: little more than the likeliest token
         torch.manual_seed(seed)
         expected = model.generate(ids, top_k=top_k, top_p=top_p, **options)
@@ -144,10 +156,6 @@ def test_sampled_generation_matches_transformers(captured, seed):
         assert torch.equal(program.generate(ids, repetition_penalty=5.0, **decoding), expected), decoding
     with pytest.raises(ValueError, match="repetition_penalty must be a positive number"):
         program.generate(ids, 2, repetition_penalty=0.0)
-    with pytest.raises(ValueError, match="temperature must be > 0 to sample, got 0"):
-        program.generate(ids, 2, do_sample=True, temperature=0)
-    with pytest.raises(ValueError, match="top_k must be >= 0"):
-        program.generate(ids, 2, do_sample=True, top_k=-1)
     for top_p in (0, 1.5):
         with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
             program.generate(ids, 2, do_sample=True, top_p=top_p)

@@ -55,7 +55,7 @@ def _reference(model, question: Question) -> list[float]:
     return scores
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])  # shared experts; sliding window and sinks
 def test_choice_scores_equal_transformers_scoring_each_choice_alone(family, seed):
     model, program = captured(family)
     questions = _questions(random.Random(seed), 9)
@@ -130,8 +130,8 @@ def test_the_trained_model_picks_true_continuations_well_above_chance():
     """builtin:continuations: held-out text cut after 24 words, its next 6 words against 6 words of
     three other documents of its domain. A model that learned the text prefers the true ones; the same
     model with its weights shuffled cannot."""
-    questions = load_questions("builtin:continuations", max_per_task=24)
-    assert len(questions) == 72 and {q.task for q in questions} == {"austen", "bible", "python-docs"}
+    questions = load_questions("builtin:continuations", max_per_task=16)
+    assert len(questions) == 48 and {q.task for q in questions} == {"austen", "bible", "python-docs"}
     texts = [" ".join(d.text.split()) for d in load_documents("builtin:test")]
     for q in questions:
         assert len(q.context.split()) == 24 and all(len(c.split()) == 6 for c in q.choices)
