@@ -163,15 +163,17 @@ def _compress(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)  # validate before any work
     if args.text_key:
         recipe = replace(recipe, calibration=replace(recipe.calibration, text_key=args.text_key))
-    flags = {"--calib": "data", "--calib-samples": "samples", "--calib-seq-len": "seq_len"}
-    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in flags}
-    given = {flag: value for flag, value in given.items() if value is not None}
+    calibration = {  # flag: (recipe calibration field, value given)
+        "--calib": ("data", args.calib),
+        "--calib-samples": ("samples", args.calib_samples),
+        "--calib-seq-len": ("seq_len", args.calib_seq_len),
+    }
+    given = {flag: field_value for flag, field_value in calibration.items() if field_value[1] is not None}
     if given and not needs_data(recipe):
         unused = f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} unused"
         print(f"note: {unused}: recipe {recipe.name} reads no calibration data", file=sys.stderr)
     elif given:  # the report and the artifact's history record the calibration used
-        overrides = {flags[flag]: value for flag, value in given.items()}
-        recipe = replace(recipe, calibration=replace(recipe.calibration, **overrides))
+        recipe = replace(recipe, calibration=replace(recipe.calibration, **dict(given.values())))
     if args.format == "hf":
         from moepass.passes import PASSES
 

@@ -325,7 +325,8 @@ def load_chat_tokenizer(name_or_path: str | os.PathLike):
             f"{name_or_path!r} is no model directory, and a chat template lives in one (beside the "
             "tokenizer); pass the checkpoint directory"
         )
-    load_tokenizer(name_or_path)  # the same errors for a directory with no tokenizer
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
+        load_tokenizer(name_or_path)  # raises, naming what the directory lacks, as without --chat
     tokenizer = _transformers_tokenizer(directory)
     if not getattr(tokenizer, "chat_template", None):
         raise MoepassError(
