@@ -30,6 +30,8 @@ REL_TOL = 1e-5  # fp32 end to end; ORT's kernels sum in other orders than ATen's
 # (batch, new tokens, past tokens): prefill, batched decode, chunked prefill on a cache
 SHAPES = [(1, 5, 0), (3, 1, 7), (2, 4, 3)]
 GPT_OSS_SMALL = {"num_hidden_layers": 1, "num_experts": 4, "intermediate_size": 64}
+# tests of one expert layout: one layer of 4 experts (an export costs seconds per layer, more per If)
+MIXTRAL_SMALL = {"num_hidden_layers": 1, "num_local_experts": 4}
 
 
 def _matches(program, exported: OnnxProgram) -> None:
@@ -245,12 +247,12 @@ def test_int8_experts_run_off_the_fused_ops_keeping_every_expert(group_size, for
 @pytest.mark.parametrize(
     "family,bits,symmetric,overrides,qmoe_block,int8_on_nbits",
     [
-        ("mixtral", 8, True, {}, 0, True),  # 64 and 96 inputs: blocks of 64 and 32 for MatMulNBits
+        ("mixtral", 8, True, MIXTRAL_SMALL, 0, True),  # 64 and 96 inputs: MatMulNBits blocks of 64, 32
         ("gpt_oss", 8, False, GPT_OSS_SMALL, 0, True),
-        ("mixtral", 8, False, {"intermediate_size": 40}, 0, False),  # 40 = 8 x 5: no block of 16+
-        ("mixtral", 4, False, {}, 32, False),  # 64 and 96 inputs: blocks of 32
+        ("mixtral", 8, False, {**MIXTRAL_SMALL, "intermediate_size": 40}, 0, False),  # 8 x 5: no 16+
+        ("mixtral", 4, False, MIXTRAL_SMALL, 32, False),  # 64 and 96 inputs: blocks of 32
         ("gpt_oss", 4, True, GPT_OSS_SMALL, 64, False),
-        ("mixtral", 4, False, {"intermediate_size": 40}, 0, False),
+        ("mixtral", 4, False, {**MIXTRAL_SMALL, "intermediate_size": 40}, 0, False),
     ],
 )
 def test_per_channel_experts_run_on_qmoe(
@@ -303,7 +305,8 @@ def test_per_channel_linears_of_any_length_run_on_matmul_nbits(bits, tmp_path):
 def test_per_channel_fp16_experts_of_any_length_run_on_matmul_nbits(tmp_path):
     """fp16 experts (which QMoE does not take here) of 96-input rows: MatMulNBits per expert in blocks
     of 32, each row's scale repeated, instead of standard ops."""
-    program = moepass.capture(random_model("mixtral", seed=seed_for("fp16 rows"), dtype=torch.float16))
+    model = random_model("mixtral", seed=seed_for("fp16 rows"), dtype=torch.float16, **MIXTRAL_SMALL)
+    program = moepass.capture(model)
     quantized = rtn(program, 4, -1)
     export_onnx(quantized, tmp_path / "onnx")
     layers, experts = len(program.structure.moe_blocks), program.structure.moe_blocks[0].mlp.num_experts
@@ -335,7 +338,11 @@ def _contrib_attributes(path, name: str = "accuracy_level") -> Counter:
 
 @pytest.mark.parametrize(  # int8 experts: QMoE with int8 activations, MatMulNBits in an If per expert without
     "family,bits,overrides",
-    [("mixtral", 4, {}), ("mixtral", 8, {}), ("gpt_oss", 8, {"num_hidden_layers": 1, "num_experts": 4})],
+    [
+        ("mixtral", 4, MIXTRAL_SMALL),
+        ("mixtral", 8, MIXTRAL_SMALL),
+        ("gpt_oss", 8, {"num_hidden_layers": 1, "num_experts": 4}),
+    ],
 )
 def test_int8_activations_set_every_quantized_matmul_and_stay_close(
     family, bits, overrides, tmp_path, caplog
@@ -553,7 +560,7 @@ def test_the_export_gives_onnxruntime_the_graph_the_full_onnxscript_optimizer_gi
 
     from moepass.onnx_export import export as exporter
 
-    _, program = captured("deepseek_v3")
+    _, program = captured("deepseek_v3", num_hidden_layers=2)  # a dense layer, a MoE layer
 
     def ops_onnxruntime_runs(directory: Path) -> Counter:
         options = ort.SessionOptions()
