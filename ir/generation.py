@@ -94,6 +94,9 @@ class StepGeneration:
         top_k: int | None = None,
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
+        min_p: float = 0.0,
+        stop_strings: str | list[str] | None = None,
+        tokenizer=None,
         eos_token_id: int | list[int] | None = ...,  # default: the model's generation config
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
@@ -105,9 +108,12 @@ class StepGeneration:
 
         Matches transformers `generate`: left padding via `attention_mask`, positions from the mask,
         finished sequences padded with `pad_token_id` (default: the first EOS id), `top_k` 0 or None
-        for no limit, then `top_p` (nucleus: the likeliest tokens whose probabilities reach it);
+        for no limit, then `top_p` (nucleus: the likeliest tokens whose probabilities reach it),
+        then `min_p` (tokens less likely than min_p times the likeliest one are dropped);
         `repetition_penalty` > 1 makes every token already in the sequence (prompt included) less
-        likely, greedy or sampled.
+        likely, greedy or sampled. A sequence finishes at an EOS id or once its text (decoded by
+        `tokenizer`, a transformers or `tokenizers` one) completes one of `stop_strings` with its
+        newest token; the stop string stays in the output, as in transformers.
         `streamer` is called with each step's new tokens [batch] as soon as chosen.
         `cache_implementation="static"` decodes into caches allocated once for prompt + new tokens
         (`static_step`): no cache copied per step, and one shape for every step (CUDA graphs).
@@ -126,6 +132,14 @@ class StepGeneration:
             raise ValueError(f"top_k must be >= 0 (0 or None: no limit), got {top_k}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1: no limit), got {top_p}")
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0: no limit), got {min_p}")
+        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if stops and (tokenizer is None or not all(isinstance(s, str) and s for s in stops)):
+            raise ValueError(
+                f"stop_strings must be non-empty strings matched in the decoded text, with the model's "
+                f"tokenizer= to decode it; got {stop_strings!r} and tokenizer={type(tokenizer).__name__}"
+            )
         if not 0 < repetition_penalty < float("inf"):
             raise ValueError(
                 f"repetition_penalty must be a positive number (1: none), got {repetition_penalty}"
@@ -158,12 +172,19 @@ class StepGeneration:
         if pad is None and eos:
             pad = eos[0]
         batch = input_ids.shape[0]
+        if stops and pad is None and batch > 1:
+            raise ValueError(
+                "stop_strings finish sequences at different steps, and this model names no pad or EOS "
+                "token to fill the finished ones with: pass pad_token_id"
+            )
+        finishing = bool(eos or stops)  # sequences may finish before max_new_tokens
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
         positions = mask.cumsum(-1) - 1
         positions = positions.masked_fill(mask == 0, 1)
         eos_ids = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         tokens, past, step_ids = input_ids, self.empty_cache(batch), input_ids
+        stopped = _StopStrings(stops, tokenizer, input_ids) if stops else None
         static = None  # the static cache, from the second step on
         if cache_implementation == "static" and max_new_tokens > 1:  # refused before the prompt runs
             # every token enters the cache but the last one generated
@@ -185,14 +206,18 @@ class StepGeneration:
             scores = logits[:, -1].float()
             if repetition_penalty != 1:
                 scores = _penalize_repeats(scores, tokens, repetition_penalty)
-            next_tokens = _pick(scores, do_sample, temperature, top_k, top_p, generator)
-            if eos:
+            next_tokens = _pick(scores, do_sample, temperature, top_k, top_p, min_p, generator)
+            if finishing and pad is not None:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+            if eos:
                 unfinished &= ~torch.isin(next_tokens, eos_ids)
             tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
+            if stopped is not None:
+                unfinished &= ~stopped(tokens, unfinished)
             if streamer is not None:
                 streamer(next_tokens)
-            if i == max_new_tokens - 1 or (eos and not unfinished.any()):  # no device sync without EOS ids
+            # no device sync unless sequences can finish
+            if i == max_new_tokens - 1 or (finishing and not unfinished.any()):
                 break
             step_ids = next_tokens[:, None]
             positions = positions[:, -1:] + 1
@@ -202,6 +227,40 @@ class StepGeneration:
                 static = self.static_cache(past, mask, capacity)
                 past = []
         return tokens
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """Text of token ids without special tokens, from a `tokenizers.Tokenizer` (which skips them by
+    default) or a transformers tokenizer."""
+    if hasattr(tokenizer, "encode_batch"):
+        return tokenizer.decode(ids)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _StopStrings:
+    """Which sequences' text a step's new tokens complete a stop string in. Like transformers'
+    StopStringCriteria, a match must end in the newest token (the prompt's text counts towards it,
+    but a stop string wholly inside the prompt does not stop anything); it is found in the decoded
+    text, past what the previous step's text already held (a multi-byte character completed by the
+    newest token counts as new)."""
+
+    def __init__(self, stops: list[str], tokenizer, prompts: Tensor):
+        self.stops, self.tokenizer = stops, tokenizer
+        self.texts = [decode_text(tokenizer, row) for row in prompts.tolist()]
+
+    def __call__(self, tokens: Tensor, unfinished: Tensor) -> Tensor:
+        done = torch.zeros_like(unfinished)
+        for row in unfinished.nonzero().flatten().tolist():
+            text, before = decode_text(self.tokenizer, tokens[row].tolist()), self.texts[row]
+            new = _shared_start(text, before)  # where this step's text begins
+            self.texts[row] = text
+            done[row] = any(text.find(stop, max(0, new - len(stop) + 1)) >= 0 for stop in self.stops)
+        return done
+
+
+def _shared_start(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _penalize_repeats(scores: Tensor, tokens: Tensor, penalty: float) -> Tensor:
@@ -217,10 +276,12 @@ def _pick(
     temperature: float,
     top_k: int | None,
     top_p: float,
+    min_p: float,
     generator: torch.Generator | None,
 ) -> Tensor:
     """The next tokens [batch] from the last position's logits [batch, vocab], processed in
-    transformers' order (temperature, top-k, top-p) so that the same seed draws the same tokens."""
+    transformers' order (temperature, top-k, top-p, min-p) so that the same seed draws the same
+    tokens."""
     if not do_sample:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -234,4 +295,9 @@ def _pick(
         dropped = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
         dropped[:, -1] = False
         logits = logits.masked_fill(dropped.scatter(1, order, dropped), float("-inf"))
+    if min_p > 0:  # the likeliest token always stays
+        probabilities = logits.softmax(dim=-1)
+        logits = logits.masked_fill(
+            probabilities < min_p * probabilities.amax(-1, keepdim=True), float("-inf")
+        )
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

@@ -419,12 +419,20 @@ def _generate(args: argparse.Namespace) -> None:
         )
     if args.compile and args.no_lower:
         raise MoepassError("--compile compiles the lowered program; drop --no-lower")
-    options = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p}
+    options = {
+        "--temperature": args.temperature,
+        "--top-k": args.top_k,
+        "--top-p": args.top_p,
+        "--min-p": args.min_p,
+    }
     shaping = [option for option, value in options.items() if value is not None]
     if shaping and not args.sample:
         raise MoepassError(f"{', '.join(shaping)} shape sampling, and decoding is greedy: add --sample")
     if args.system is not None and not args.chat:
         raise MoepassError("--system is the chat's system message: add --chat")
+    args.stop = args.stop or []
+    if "" in args.stop:
+        raise MoepassError("--stop '' would stop before the first token: give the text to stop at")
     device = torch.device("cpu") if args.onnx else _device(args)
     _refuse_file_model(args.model)
     if args.chat:
@@ -456,7 +464,7 @@ def _generate(args: argparse.Namespace) -> None:
         print(*echo, text, sep="", end="", flush=True)
         echo.clear()
 
-    stream = text_stream(tokenizer, prompt_ids, generated, write)
+    stream = TextStream(tokenizer, prompt_ids, generated, write, args.stop)
     generator = torch.Generator(device).manual_seed(args.seed)  # sampling draws where the logits are
     start = time.perf_counter()
     program.generate(
@@ -466,13 +474,16 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=args.temperature or 1.0,
         top_k=args.top_k,
         top_p=args.top_p or 1.0,
+        min_p=args.min_p or 0.0,
+        stop_strings=args.stop,
+        tokenizer=tokenizer,
         repetition_penalty=args.repetition_penalty,
         generator=generator,
         streamer=stream,
         cache_implementation="static" if args.static_cache else "dynamic",
     )
     seconds = time.perf_counter() - start
-    print(*echo, sep="", end="", flush=True)  # if nothing was generated (EOS first)
+    stream.finish()
     engine = "onnxruntime" if args.onnx else "PyTorch"
     if args.onnx and program.int8_activations:
         engine += ", int8 activations"
@@ -485,27 +496,51 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
-def text_stream(tokenizer, prompt_ids: list[int], generated: list[int], write: Callable[[str], None]):
+class TextStream:
     """A streamer for `generate` that appends each new token to `generated` and writes the text it
     adds. Decoded after the prompt: a SentencePiece decoder drops the space before a text's first word,
-    so decoding the new tokens alone would glue the first one to the prompt."""
+    so decoding the new tokens alone would glue the first one to the prompt. Text that may begin a
+    stop string is held back until it does not; a completed stop string and what follows it are never
+    written."""
 
-    def decode(ids: list[int]) -> str:
-        if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer skips special tokens already
-            return tokenizer.decode(ids)
-        return tokenizer.decode(ids, skip_special_tokens=True)
+    def __init__(
+        self,
+        tokenizer,
+        prompt_ids: list[int],
+        generated: list[int],
+        write: Callable[[str], None],
+        stops: list[str] = (),
+    ):
+        from moepass.ir.generation import decode_text
 
-    shown = decode(prompt_ids)
+        self.decode = functools.partial(decode_text, tokenizer)
+        self.prompt_ids, self.generated, self.write = prompt_ids, generated, write
+        self.stops, self.stopped = list(stops), False
+        self.text = self.shown = self.decode(prompt_ids)
+        self.prompt_length = len(self.text)
 
-    def stream(next_tokens: torch.Tensor) -> None:
-        nonlocal shown
-        generated.append(int(next_tokens[0]))
-        text = decode(prompt_ids + generated)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            write(text[len(shown) :])
-            shown = text
+    def __call__(self, next_tokens: torch.Tensor) -> None:
+        if self.stopped:
+            return
+        self.generated.append(int(next_tokens[0]))
+        text = self.decode(self.prompt_ids + self.generated)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return
+        self.text, end = text, len(text)
+        for stop in self.stops:  # one begun in the prompt counts too
+            found = text.find(stop, max(0, self.prompt_length - len(stop) + 1))
+            if found >= 0:
+                self.stopped, end = True, min(end, found)
+        if not self.stopped:
+            end -= max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if end > len(self.shown):
+            self.write(text[len(self.shown) : end])
+            self.shown = text[:end]
 
-    return stream
+    def finish(self) -> None:
+        """Write what was held back for a stop string that did not come. Always writes (maybe
+        nothing), so that a writer that echoes the prompt first does so even if no text came."""
+        self.write("" if self.stopped else self.text[len(self.shown) :])
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
@@ -750,6 +785,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p",
         type=_probability,
         help="with --sample: draw among the likeliest tokens whose probabilities add up to P (nucleus)",
+    )
+    gen.add_argument(
+        "--min-p",
+        type=_probability,
+        help="with --sample: drop tokens less likely than P times the likeliest one",
+    )
+    gen.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="stop once the text holds TEXT, printed up to it (repeatable; e.g. --stop $'\\n\\n')",
     )
     gen.add_argument(
         "--repetition-penalty",

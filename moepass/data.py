@@ -144,7 +144,7 @@ def load_documents(data, *, text_key: str = "text") -> list[Document]:
     check_source(data)
     if isinstance(data, str) and data.startswith(BUILTIN_PREFIX):
         with resources.as_file(corpus_dir() / f"{data.removeprefix(BUILTIN_PREFIX)}.jsonl.gz") as path:
-            return _from_records(_read_jsonl(path), "text", str(path))
+            return _from_records(read_jsonl(path), "text", str(path))
     if isinstance(data, (str, Path)):
         path = Path(data)
         if path.is_dir():
@@ -162,9 +162,9 @@ def load_documents(data, *, text_key: str = "text") -> list[Document]:
 def _from_file(path: Path, text_key: str) -> list[Document]:
     name = path.name.lower()
     if name.endswith(JSON_LINES):
-        return _from_records(_read_jsonl(path), text_key, str(path))
+        return _from_records(read_jsonl(path), text_key, str(path))
     if name.endswith(".json"):
-        return _from_records(_read_json_array(path), text_key, str(path))
+        return _from_records(read_json_array(path), text_key, str(path))
     if name.endswith(UNREADABLE_SUFFIXES):
         raise DataError(
             f"{path}: moepass does not read {path.suffix} files; convert the data to JSON Lines "
@@ -196,7 +196,7 @@ def _from_directory(path: Path, text_key: str) -> list[Document]:
     return [doc for f in files for doc in _from_file(f, text_key)]
 
 
-def _read_json_array(path: Path) -> list:
+def read_json_array(path: Path) -> list:
     with _readable(path):
         text = path.read_text(encoding="utf-8-sig")
     try:
@@ -212,7 +212,7 @@ def _read_json_array(path: Path) -> list:
     return records
 
 
-def _read_jsonl(path: Path) -> Iterable[dict]:
+def read_jsonl(path: Path) -> Iterable[dict]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with _readable(path), opener(path, "rt", encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):

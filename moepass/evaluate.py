@@ -148,7 +148,7 @@ def evaluate(
         for begin in range(0, len(rows), batch_size):
             index = torch.tensor(rows[begin : begin + batch_size])
             inputs, labels = data.input_ids[index].to(device), data.labels[index].to(device)
-            logits = _logits(model, inputs).float()
+            logits = inference_logits(model, inputs).float()
             loss = F.cross_entropy(
                 logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORED_LABEL, reduction="sum"
             )
@@ -193,7 +193,7 @@ def model_size(model) -> tuple[int, int]:
     return count, nbytes
 
 
-def _logits(model, input_ids):
+def inference_logits(model, input_ids):
     """Logits in inference mode (no dropout, no router jitter) even for a model left in training
     mode, which is put back as it was."""
     if not isinstance(model, nn.Module):  # an OnnxProgram: inference only

@@ -27,13 +27,13 @@ from moepass.data import (
     BUILTIN_PREFIX,
     JSON_LINES,
     DataError,
-    _read_json_array,
-    _read_jsonl,
     encoder,
     load_documents,
+    read_json_array,
+    read_jsonl,
     without_padding_or_truncation,
 )
-from moepass.evaluate import _logits, model_config
+from moepass.evaluate import inference_logits, model_config
 from moepass.table import format_table
 
 logger = logging.getLogger("moepass")
@@ -131,9 +131,9 @@ def _read_questions(path: Path) -> list[Question]:
         )
     name = path.name.lower()
     if name.endswith(JSON_LINES):
-        records = _read_jsonl(path)
+        records = read_jsonl(path)
     elif name.endswith(".json"):
-        records = _read_json_array(path)
+        records = read_json_array(path)
     else:
         raise DataError(f"{path}: questions are read from .jsonl, .jsonl.gz or .json files")
     questions = [_question(record, f"{path}: record {i}") for i, record in enumerate(records, 1)]
@@ -208,7 +208,7 @@ def evaluate_choices(model, questions: list[Question], tokenizer, *, batch_size:
         for row, i in enumerate(batch):
             ids = sequences[i][0]
             inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        logprobs = F.log_softmax(_logits(model, inputs.to(device)).double(), dim=-1).cpu()
+        logprobs = F.log_softmax(inference_logits(model, inputs.to(device)).double(), dim=-1).cpu()
         for row, i in enumerate(batch):
             ids, scored = sequences[i]
             targets = torch.tensor(ids[len(ids) - scored :])

@@ -143,11 +143,13 @@ def test_top_p_and_repetition_penalty_match_transformers(family, seed):
     model, program = helpers.captured(family)
     ids = torch.randint(3, model.config.vocab_size, (2, 5))
     options = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7}
-    for top_k, top_p in ((0, 0.8), (20, 0.9), (0, 0.05)):  # 0.05: little more than the likeliest token
+    # top_p 0.05: little more than the likeliest token; min_p after top-k and top-p
+    for top_k, top_p, min_p in ((0, 0.8, 0.0), (20, 0.9, 0.0), (0, 0.05, 0.0), (0, 1.0, 0.3), (20, 0.9, 0.1)):
+        shaping = {"top_k": top_k, "top_p": top_p, "min_p": min_p, **options}
         torch.manual_seed(seed)
-        expected = model.generate(ids, top_k=top_k, top_p=top_p, **options)
+        expected = model.generate(ids, **shaping)
         torch.manual_seed(seed)
-        assert torch.equal(program.generate(ids, top_k=top_k, top_p=top_p, **options), expected), top_p
+        assert torch.equal(program.generate(ids, **shaping), expected), shaping
     greedy = {"max_new_tokens": 8, "do_sample": False}
     for decoding in (greedy, {**options, "top_k": 0}):  # the penalty acts on greedy choices too
         torch.manual_seed(seed)
@@ -159,6 +161,52 @@ def test_top_p_and_repetition_penalty_match_transformers(family, seed):
     for top_p in (0, 1.5):
         with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
             program.generate(ids, 2, do_sample=True, top_p=top_p)
+    with pytest.raises(ValueError, match=r"min_p must be in \[0, 1\]"):
+        program.generate(ids, 2, do_sample=True, min_p=1.5)
+
+
+def _character_tokenizer(vocab_size: int):
+    """A transformers tokenizer of one character per token and no special tokens (which decoding
+    skips, and transformers' stop-string matcher reads from its vocabulary): every token a random
+    model draws is text to both."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE({chr(ord("!") + i): i for i in range(vocab_size)}, []))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # the decoding loop is shared; not the logits
+def test_stop_strings_finish_sequences_as_in_transformers(family, seed):
+    """A sequence finishes when its text completes a stop string, even one begun in the prompt or
+    spread over tokens; finished sequences are padded until all finish (or max_new_tokens), as in
+    transformers `generate(stop_strings=..., tokenizer=...)`. One inside the prompt stops nothing."""
+    model, program = helpers.captured(family)
+    tokenizer = _character_tokenizer(model.config.vocab_size)
+    ids = torch.randint(3, model.config.vocab_size, (3, 4))
+    free = program.generate(ids, 10, eos_token_id=None)
+    text = [tokenizer.decode(row) for row in free[:, 4:].tolist()]
+    stops = [
+        text[0][2:4],  # two tokens: sequence 0 stops after 4 new ones (unless it occurs earlier)
+        tokenizer.decode(ids[1, -1:].tolist()) + text[1][0],  # begun in the prompt, done by the first
+        tokenizer.decode(ids[2, :2].tolist()),  # inside sequence 2's prompt: stops only if it recurs
+        text[2][5:7],  # sequence 2 stops after 7 new tokens at most
+    ]
+    options = {"max_new_tokens": 10, "stop_strings": stops, "tokenizer": tokenizer, "pad_token_id": 0}
+    expected = model.generate(ids, **options)
+    got = program.generate(ids, **options)
+    assert torch.equal(got, expected), (got, expected)
+    assert (got[1, 5:] == 0).all() and got.shape[1] <= 4 + 7  # finished rows padded, the batch done early
+    sampled = {"do_sample": True, "temperature": 1.5, "top_k": 0, **options}
+    torch.manual_seed(seed)
+    expected = model.generate(ids, **sampled)
+    torch.manual_seed(seed)
+    assert torch.equal(program.generate(ids, **sampled), expected)
+    with pytest.raises(ValueError, match=r"stop_strings must be non-empty strings .*tokenizer=NoneType"):
+        program.generate(ids, 2, stop_strings=["a"])
+    with pytest.raises(ValueError, match=r"stop_strings must be non-empty strings"):
+        program.generate(ids, 2, stop_strings=[""], tokenizer=tokenizer)
 
 
 def test_generation_past_the_models_positions_warns(caplog):

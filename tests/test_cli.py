@@ -85,6 +85,7 @@ def test_passes_lists_every_registered_pass_with_its_options(capsys):
             "--repetition-penalty: must be a positive number",
         ),
         (["generate", "builtin:tiny-mixtral", "--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
+        (["generate", "builtin:tiny-mixtral", "--min-p", "-0.1"], "--min-p: must be in (0, 1], got -0.1"),
         (
             ["generate", "builtin:tiny-mixtral", "--temperature", "0"],
             "--temperature: must be a positive number",
@@ -313,7 +314,7 @@ def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_drops_at_the_star
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from moepass.cli import text_stream
+    from moepass.cli import TextStream
 
     vocab = {"<unk>": 0, "<s>": 1, "▁The": 2, "▁king": 3, "▁even": 4, "▁round": 5}
     sentencepiece_like = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -323,10 +324,38 @@ def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_drops_at_the_star
     transformers_tokenizer = PreTrainedTokenizerFast(tokenizer_object=sentencepiece_like, bos_token="<s>")
     for tokenizer, prompt in ((sentencepiece_like, [2, 3]), (transformers_tokenizer, [1, 2, 3])):
         written, generated = [], []
-        stream = text_stream(tokenizer, prompt, generated, written.append)
+        stream = TextStream(tokenizer, prompt, generated, written.append)
         for token in (4, 5):
             stream(torch.tensor([token]))
         assert written == [" even", " round"] and generated == [4, 5]
+        # stop strings: text that may begin one waits; a completed one and what follows never show
+        for stops, shown in (
+            ([" round"], [" even", ""]),
+            (["n ro"], [" eve", ""]),
+            (["nx"], [" eve", "n round", ""]),
+        ):
+            written = []
+            stream = TextStream(tokenizer, prompt, [], written.append, stops)
+            for token in (4, 5):
+                stream(torch.tensor([token]))
+            stream.finish()
+            assert written == shown, stops
+
+
+def test_generation_stops_at_the_stop_strings_and_prints_the_text_before_them(capsys):
+    argv = ["generate", "builtin:tiny-mixtral", "--prompt", "It is a truth", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    free = capsys.readouterr().out.rstrip("\n")
+    generated = free[len("It is a truth") :]
+    stop = generated[len(generated) // 2 : len(generated) // 2 + 3]  # mid-text, likely across tokens
+    assert main([*argv, "--stop", "never in this text", "--stop", stop]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.rstrip("\n") == free[: free.index(stop, len("It is a truth"))]
+    assert int(captured.err.split("[")[1].split()[0]) < 12  # tokens generated: it stopped early
+    assert main([*argv, "--min-p", "0.2"]) == 2
+    assert "--min-p shape sampling, and decoding is greedy: add --sample" in capsys.readouterr().err
+    assert main([*argv, "--stop", ""]) == 2
+    assert "--stop '' would stop before the first token" in capsys.readouterr().err
 
 
 def test_sigterm_mid_write_unwinds_like_ctrl_c_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
