@@ -150,10 +150,14 @@ def test_align_groups_every_slot_under_its_expert(seed):
                 assert (flat[slots] == expert).all()
 
 
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize(
-    "num_experts,top_k,tokens", [(1, 1, 5), (2, 2, 1), (5, 2, 37), (7, 3, 19), (16, 4, 33), (6, 1, 70)]
-)
+# (experts, top-k, tokens); odd expert counts carry biases. Every activation runs without and with
+# biases; the other routing shapes with one activation (the epilogue does not depend on them)
+_EPILOGUE_SHAPES = [(2, 2, 1), (7, 3, 19)]
+_CASES = [(a, *shape) for a in sorted(ACTIVATIONS) for shape in _EPILOGUE_SHAPES]
+_CASES += [("silu", *shape) for shape in [(1, 1, 5), (5, 2, 37), (16, 4, 33), (6, 1, 70)]]
+
+
+@pytest.mark.parametrize("activation,num_experts,top_k,tokens", _CASES)
 def test_fused_moe_matches_float64_reference(seed, activation, num_experts, top_k, tokens):
     hidden, inter = 96, 80
     x = torch.randn(tokens, hidden)
