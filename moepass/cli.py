@@ -147,68 +147,27 @@ def _write_eval_json(args: argparse.Namespace, result: dict) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
-    from moepass.artifact import manifest_of, unique_tensors, write_checkpoint
-    from moepass.atomic_write import output_directory, write_atomically
+    """Options -> recipe and inputs (checked before any model loads) -> passes -> scores -> output."""
+    from moepass.atomic_write import output_directory
     from moepass.compress import compress, needs_data
-    from moepass.data import DataError, check_source, evaluation_set, window_length
-    from moepass.evaluate import evaluate, model_size
-    from moepass.hf_export import hf_checkpoint, hf_config
-    from moepass.multiple_choice import evaluate_choices, load_questions, tokenize_questions
-    from moepass.recipes import load_recipe
-    from moepass.report import CompressionReport
-    from moepass.zoo import model_name, save_tokenizer
+    from moepass.data import evaluation_set, window_length
+    from moepass.multiple_choice import tokenize_questions
+    from moepass.zoo import model_name
 
     torch.set_num_threads(args.threads)
     device = _device(args)
-    recipe = load_recipe(args.recipe)  # validate before any work
-    if args.text_key:
-        recipe = replace(recipe, calibration=replace(recipe.calibration, text_key=args.text_key))
-    calibration = {  # flag: (recipe calibration field, value given)
-        "--calib": ("data", args.calib),
-        "--calib-samples": ("samples", args.calib_samples),
-        "--calib-seq-len": ("seq_len", args.calib_seq_len),
-    }
-    given = {flag: field_value for flag, field_value in calibration.items() if field_value[1] is not None}
-    if given and not needs_data(recipe):
-        unused = f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} unused"
-        print(f"note: {unused}: recipe {recipe.name} reads no calibration data", file=sys.stderr)
-    elif given:  # the report and the artifact's history record the calibration used
-        recipe = replace(recipe, calibration=replace(recipe.calibration, **dict(given.values())))
-    if args.format == "hf":
-        from moepass.passes import PASSES
-
-        for name, config in recipe.passes:
-            leaves = PASSES[name](config).leaves_not_in_hf_checkpoints()
-            if leaves:
-                raise MoepassError(
-                    f"--format hf: pass {name} of recipe {recipe.name} leaves {leaves}, which no "
-                    f"transformers checkpoint holds; {USE_MOEPASS_FORMAT}"
-                )
-    sources = [("--eval-data", args.eval_data)] if args.eval_per_source else []
-    calibration_flag = "--calib" if args.calib is not None else f"recipe {recipe.name}: calibration.data"
-    if needs_data(recipe):
-        sources.append((calibration_flag, recipe.calibration.data))
-    for flag, data in sources:  # a typo is an error now, not after loading the model
-        try:
-            check_source(data)
-        except DataError as error:
-            raise MoepassError(f"{flag}: {error}") from None
-    questions = None
-    if args.eval_choices:
-        with _data_named("--eval-choices"):
-            questions = load_questions(args.eval_choices)
+    recipe = _compress_recipe(args)
+    questions = _checked_compress_inputs(args, recipe)
     if args.out is not None and not args.out.strip():  # an unset shell variable, not "the default"
         raise MoepassError("--out is empty; name the output directory, or leave --out out for the default")
     out = args.out or f"out/{model_name(args.model)}-{recipe.name}"
     _refuse_inside(out, args.model)  # the specific reason first; output_directory would refuse it too
     out = output_directory(out, args.force)
-    tokenizer_source = args.tokenizer or args.model
     _refuse_file_model(args.model)
     tokenizer = _tokenizer(args)
     # an artifact compresses further; calibration, the passes and evaluation run on `device`
     original = _load_program(args.model, lower=False, dtype=_dtype(args), device=device)
     _check_tokenizer_fits(tokenizer, original.info.vocab_size, args)
-    experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
     positions = original.info.config.get("max_position_embeddings")
     windows = [("--eval-seq-len", args.eval_seq_len)]
     if needs_data(recipe):
@@ -231,17 +190,87 @@ def _compress(args: argparse.Namespace) -> None:
             tokenize_questions(questions, tokenizer, original)  # a choice too long fails now, not after
     # compressing first (it forks `original`) fails a recipe this model cannot take before minutes of
     # evaluation: the pass manager refuses such a recipe before any pass runs
-    with _data_named(calibration_flag):
+    with _data_named(_calibration_flag(args, recipe)):
         program = compress(original, recipe, tokenizer=tokenizer)
-    # a recipe of analyses alone changes nothing: no second evaluation, no copy of the model (a
-    # transform that happened to change nothing still writes its artifact, which the user may load)
-    transformed = any(record.modified is not None for record in program.report.records)
+    report = _compression_report(args, recipe, original, program, held_out, questions, tokenizer)
+    _write_compressed(args, out, program, report, tokenizer)
+
+
+def _compress_recipe(args: argparse.Namespace):
+    """The recipe with the command line's calibration options in it (the report and the artifact's
+    history record what was used), refused by name where --format hf cannot hold its result."""
+    from moepass.compress import needs_data
+    from moepass.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)  # validate before any work
+    if args.text_key:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, text_key=args.text_key))
+    calibration = {  # flag: (recipe calibration field, value given)
+        "--calib": ("data", args.calib),
+        "--calib-samples": ("samples", args.calib_samples),
+        "--calib-seq-len": ("seq_len", args.calib_seq_len),
+    }
+    given = {flag: field_value for flag, field_value in calibration.items() if field_value[1] is not None}
+    if given and not needs_data(recipe):
+        unused = f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} unused"
+        print(f"note: {unused}: recipe {recipe.name} reads no calibration data", file=sys.stderr)
+    elif given:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, **dict(given.values())))
+    if args.format == "hf":
+        from moepass.passes import PASSES
+
+        for name, config in recipe.passes:
+            leaves = PASSES[name](config).leaves_not_in_hf_checkpoints()
+            if leaves:
+                raise MoepassError(
+                    f"--format hf: pass {name} of recipe {recipe.name} leaves {leaves}, which no "
+                    f"transformers checkpoint holds; {USE_MOEPASS_FORMAT}"
+                )
+    return recipe
+
+
+def _calibration_flag(args: argparse.Namespace, recipe) -> str:
+    return "--calib" if args.calib is not None else f"recipe {recipe.name}: calibration.data"
+
+
+def _checked_compress_inputs(args: argparse.Namespace, recipe):
+    """Data sources checked (a typo is an error now, not after loading the model); the multiple-choice
+    questions, if asked for."""
+    from moepass.compress import needs_data
+    from moepass.data import DataError, check_source
+    from moepass.multiple_choice import load_questions
+
+    sources = [("--eval-data", args.eval_data)] if args.eval_per_source else []
+    if needs_data(recipe):
+        sources.append((_calibration_flag(args, recipe), recipe.calibration.data))
+    for flag, data in sources:
+        try:
+            check_source(data)
+        except DataError as error:
+            raise MoepassError(f"{flag}: {error}") from None
+    if not args.eval_choices:
+        return None
+    with _data_named("--eval-choices"):
+        return load_questions(args.eval_choices)
+
+
+def _compression_report(args: argparse.Namespace, recipe, original, program, held_out, questions, tokenizer):
+    """Before/after scores of what the passes changed, and what calibrated and scored them."""
+    from moepass.compress import needs_data
+    from moepass.data import window_length
+    from moepass.evaluate import evaluate, model_size
+    from moepass.hf_export import hf_config
+    from moepass.multiple_choice import evaluate_choices
+    from moepass.report import CompressionReport
+
+    transformed = _transformed(program)
     with _data_named("--eval-data"):
         before = None if held_out is None else evaluate(original, held_out)
     if args.format == "hf" and transformed:  # what the recipe's passes cannot tell up front
         hf_config(program, hint=f"; {USE_MOEPASS_FORMAT}")
     with _data_named("--eval-data"):
         after = evaluate(program, held_out) if held_out is not None and transformed else before
+    experts = {b.index: b.mlp.num_experts for b in original.structure.moe_blocks}
     report = CompressionReport(
         args.model,
         recipe.to_dict(),
@@ -259,13 +288,32 @@ def _compress(args: argparse.Namespace) -> None:
         report.choices = (choices_before, choices_after)
         report.data["multiple choice"] = f"{len(questions)} questions from {args.eval_choices}"
     if needs_data(recipe):
-        spec = recipe.calibration
+        spec, positions = recipe.calibration, original.info.config.get("max_position_embeddings")
         windows = f"{spec.samples} windows of {window_length(spec.seq_len, positions)} tokens"
         report.data["calibration"] = f"{windows} from {spec.data}"
     if held_out is not None:
         report.data["evaluation"] = (
             f"{len(held_out)} windows of {held_out.seq_len} tokens from {args.eval_data}"
         )
+    return report
+
+
+def _transformed(program) -> bool:
+    """Whether a transform ran. A recipe of analyses alone changes nothing: no second evaluation, no
+    copy of the model (a transform that happened to change nothing still writes its artifact, which
+    the user may load)."""
+    return any(record.modified is not None for record in program.report.records)
+
+
+def _write_compressed(args: argparse.Namespace, out: Path, program, report, tokenizer) -> None:
+    """The artifact (if the passes changed the model) and the report, written atomically; then the
+    tables printed."""
+    from moepass.artifact import manifest_of, unique_tensors, write_checkpoint
+    from moepass.atomic_write import write_atomically
+    from moepass.hf_export import hf_checkpoint
+    from moepass.zoo import save_tokenizer
+
+    transformed = _transformed(program)
     documents, tensors = {}, {}
     if transformed and args.format == "hf":
         documents, tensors = hf_checkpoint(program)
@@ -276,7 +324,7 @@ def _compress(args: argparse.Namespace) -> None:
     def fill(staging: Path) -> None:
         if transformed:
             write_checkpoint(staging, documents, tensors)
-            save_tokenizer(_tokenizer_to_write(tokenizer_source, tokenizer), staging)
+            save_tokenizer(_tokenizer_to_write(args.tokenizer or args.model, tokenizer), staging)
         report.write(staging)
 
     write_atomically(out, fill, overwrite=args.force)
