@@ -112,8 +112,9 @@ class StepGeneration:
         then `min_p` (tokens less likely than min_p times the likeliest one are dropped);
         `repetition_penalty` > 1 makes every token already in the sequence (prompt included) less
         likely, greedy or sampled. A sequence finishes at an EOS id or once its text (decoded by
-        `tokenizer`, a transformers or `tokenizers` one) completes one of `stop_strings` with its
-        newest token; the stop string stays in the output, as in transformers.
+        `tokenizer`, a transformers or `tokenizers` one, special tokens included) completes one of
+        `stop_strings` with its newest token; the stop string stays in the output, as in
+        transformers.
         `streamer` is called with each step's new tokens [batch] as soon as chosen.
         `cache_implementation="static"` decodes into caches allocated once for prompt + new tokens
         (`static_step`): no cache copied per step, and one shape for every step (CUDA graphs).
@@ -229,29 +230,29 @@ class StepGeneration:
         return tokens
 
 
-def decode_text(tokenizer, ids: list[int]) -> str:
-    """Text of token ids without special tokens, from a `tokenizers.Tokenizer` (which skips them by
-    default) or a transformers tokenizer."""
-    if hasattr(tokenizer, "encode_batch"):
-        return tokenizer.decode(ids)
-    return tokenizer.decode(ids, skip_special_tokens=True)
+def decode_text(tokenizer, ids: list[int], special_tokens: bool = False) -> str:
+    """Text of token ids, special tokens left out unless asked for, from a `tokenizers.Tokenizer` or
+    a transformers tokenizer."""
+    return tokenizer.decode(ids, skip_special_tokens=not special_tokens)
 
 
 class _StopStrings:
     """Which sequences' text a step's new tokens complete a stop string in. Like transformers'
     StopStringCriteria, a match must end in the newest token (the prompt's text counts towards it,
-    but a stop string wholly inside the prompt does not stop anything); it is found in the decoded
+    but a stop string wholly inside the prompt does not stop anything), and special tokens count as
+    their text (a chat's "<|im_end|>" is a stop string a user may give); it is found in the decoded
     text, past what the previous step's text already held (a multi-byte character completed by the
     newest token counts as new)."""
 
     def __init__(self, stops: list[str], tokenizer, prompts: Tensor):
         self.stops, self.tokenizer = stops, tokenizer
-        self.texts = [decode_text(tokenizer, row) for row in prompts.tolist()]
+        self.texts = [decode_text(tokenizer, row, special_tokens=True) for row in prompts.tolist()]
 
     def __call__(self, tokens: Tensor, unfinished: Tensor) -> Tensor:
         done = torch.zeros_like(unfinished)
         for row in unfinished.nonzero().flatten().tolist():
-            text, before = decode_text(self.tokenizer, tokens[row].tolist()), self.texts[row]
+            text = decode_text(self.tokenizer, tokens[row].tolist(), special_tokens=True)
+            before = self.texts[row]
             new = _shared_start(text, before)  # where this step's text begins
             self.texts[row] = text
             done[row] = any(text.find(stop, max(0, new - len(stop) + 1)) >= 0 for stop in self.stops)

@@ -166,9 +166,8 @@ def test_top_p_and_repetition_penalty_match_transformers(family, seed):
 
 
 def _character_tokenizer(vocab_size: int):
-    """A transformers tokenizer of one character per token and no special tokens (which decoding
-    skips, and transformers' stop-string matcher reads from its vocabulary): every token a random
-    model draws is text to both."""
+    """A transformers tokenizer of one character per token, none of them special: every token a
+    random model draws is text."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -203,6 +202,12 @@ def test_stop_strings_finish_sequences_as_in_transformers(family, seed):
     expected = model.generate(ids, **sampled)
     torch.manual_seed(seed)
     assert torch.equal(program.generate(ids, **sampled), expected)
+    # a special token's text stops too (a chat's end-of-turn token), though decoded text leaves it out
+    special = tokenizer.convert_ids_to_tokens(int(free[0, 6]))
+    assert tokenizer.add_special_tokens({"additional_special_tokens": [special]}) == 1
+    options["stop_strings"] = [special]
+    got = program.generate(ids, **options)
+    assert torch.equal(got, model.generate(ids, **options)) and (got[0, 7:] == 0).all()
     with pytest.raises(ValueError, match=r"stop_strings must be non-empty strings .*tokenizer=NoneType"):
         program.generate(ids, 2, stop_strings=["a"])
     with pytest.raises(ValueError, match=r"stop_strings must be non-empty strings"):
