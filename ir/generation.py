@@ -230,12 +230,6 @@ class StepGeneration:
         return tokens
 
 
-def decode_text(tokenizer, ids: list[int], special_tokens: bool = False) -> str:
-    """Text of token ids, special tokens left out unless asked for, from a `tokenizers.Tokenizer` or
-    a transformers tokenizer."""
-    return tokenizer.decode(ids, skip_special_tokens=not special_tokens)
-
-
 class _StopStrings:
     """Which sequences' text a step's new tokens complete a stop string in. Like transformers'
     StopStringCriteria, a match must end in the newest token (the prompt's text counts towards it,
@@ -245,14 +239,14 @@ class _StopStrings:
     newest token counts as new)."""
 
     def __init__(self, stops: list[str], tokenizer, prompts: Tensor):
-        self.stops, self.tokenizer = stops, tokenizer
-        self.texts = [decode_text(tokenizer, row, special_tokens=True) for row in prompts.tolist()]
+        # a `tokenizers.Tokenizer` and a transformers tokenizer both decode so
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+        self.stops, self.texts = stops, [self.decode(row) for row in prompts.tolist()]
 
     def __call__(self, tokens: Tensor, unfinished: Tensor) -> Tensor:
         done = torch.zeros_like(unfinished)
         for row in unfinished.nonzero().flatten().tolist():
-            text = decode_text(self.tokenizer, tokens[row].tolist(), special_tokens=True)
-            before = self.texts[row]
+            text, before = self.decode(tokens[row].tolist()), self.texts[row]
             new = _shared_start(text, before)  # where this step's text begins
             self.texts[row] = text
             done[row] = any(text.find(stop, max(0, new - len(stop) + 1)) >= 0 for stop in self.stops)

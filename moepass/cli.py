@@ -478,8 +478,8 @@ def _generate(args: argparse.Namespace) -> None:
         raise MoepassError(f"{', '.join(shaping)} shape sampling, and decoding is greedy: add --sample")
     if args.system is not None and not args.chat:
         raise MoepassError("--system is the chat's system message: add --chat")
-    args.stop = args.stop or []
-    if "" in args.stop:
+    stops = args.stop or []
+    if "" in stops:
         raise MoepassError("--stop '' would stop before the first token: give the text to stop at")
     device = torch.device("cpu") if args.onnx else _device(args)
     _refuse_file_model(args.model)
@@ -512,7 +512,7 @@ def _generate(args: argparse.Namespace) -> None:
         print(*echo, text, sep="", end="", flush=True)
         echo.clear()
 
-    stream = TextStream(tokenizer, prompt_ids, generated, write, args.stop)
+    stream = TextStream(tokenizer, prompt_ids, generated, write, stops)
     generator = torch.Generator(device).manual_seed(args.seed)  # sampling draws where the logits are
     start = time.perf_counter()
     program.generate(
@@ -523,7 +523,7 @@ def _generate(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         top_p=args.top_p or 1.0,
         min_p=args.min_p or 0.0,
-        stop_strings=args.stop,
+        stop_strings=stops,
         tokenizer=tokenizer,
         repetition_penalty=args.repetition_penalty,
         generator=generator,
@@ -559,13 +559,12 @@ class TextStream:
         write: Callable[[str], None],
         stops: list[str] = (),
     ):
-        from moepass.ir.generation import decode_text
-
-        self.decode = functools.partial(decode_text, tokenizer)
+        # a `tokenizers.Tokenizer` and a transformers tokenizer both decode so
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.prompt_ids, self.generated, self.write = prompt_ids, generated, write
         self.stops, self.stopped = list(stops), False
-        self.text = self.shown = self.decode(prompt_ids)
-        self.prompt_length = len(self.text)
+        self.text = self.decode(prompt_ids)
+        self.prompt_length = self.shown = len(self.text)  # `shown`: how much of the text is written
 
     def __call__(self, next_tokens: torch.Tensor) -> None:
         if self.stopped:
@@ -581,14 +580,14 @@ class TextStream:
                 self.stopped, end = True, min(end, found)
         if not self.stopped:
             end -= max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        if end > len(self.shown):
-            self.write(text[len(self.shown) : end])
-            self.shown = text[:end]
+        if end > self.shown:
+            self.write(text[self.shown : end])
+            self.shown = end
 
     def finish(self) -> None:
         """Write what was held back for a stop string that did not come. Always writes (maybe
         nothing), so that a writer that echoes the prompt first does so even if no text came."""
-        self.write("" if self.stopped else self.text[len(self.shown) :])
+        self.write("" if self.stopped else self.text[self.shown :])
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
