@@ -24,6 +24,7 @@ import types
 import warnings
 
 import torch
+import transformers
 from torch import Tensor, fx, nn
 from torch.export import Dim
 from transformers import DynamicCache
@@ -136,6 +137,13 @@ _DATA_DEPENDENT_ROPE = ("dynamic", "longrope")
 def _check_rotary_is_traceable(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if getattr(module, "rope_type", None) in _DATA_DEPENDENT_ROPE and not _is_phimoe_longrope(module):
+            if (getattr(model.config, "rope_parameters", None) or {}).get("alpha") is not None:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: {name} is Hunyuan's NTK-alpha rotary embedding, which "
+                    f"transformers {transformers.__version__} runs as a 'dynamic' one (switching frequencies "
+                    "on the largest position id, which torch.export cannot trace); newer transformers (5.25 "
+                    "does) run it as the static 'ntk_alpha', which moepass captures: upgrade transformers"
+                )
             raise UnsupportedModelError(
                 f"{type(model).__name__}: {name} is a {module.rope_type!r} rotary embedding, which switches "
                 "frequencies on the largest position id; torch.export cannot trace that branch, so moepass "

@@ -223,6 +223,17 @@ def _convert_ernie4_5_moe(block, config) -> SparseMoE:
     return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
 
 
+def _convert_hunyuan_v1_moe(block, config) -> SparseMoE:
+    """Mixtral's renormalized softmax top-k, plus an always-on shared MLP. The router is `gate.wg`,
+    built in fp32 whatever the model's dtype: its logits are fp32 while it stays so."""
+    gate = block.gate
+    fp32 = gate.wg.weight.dtype == torch.float32
+    spec = RoutingSpec("softmax_topk", gate.top_k, renormalize=True, logits_fp32=fp32)
+    return SparseMoE(
+        Router(gate.wg.weight, None, None, fp32=fp32), _experts(block, config), spec, block.shared_mlp
+    )
+
+
 def _convert_phimoe(block, config) -> SparseMoE:
     router = block.router
     spec = RoutingSpec("sparsemixer", 2, jitter_eps=float(router.router_jitter_noise))
@@ -298,6 +309,17 @@ _register(
         _convert_ernie4_5_moe,
         correction_bias_name="gate.moe_statics.e_score_correction_bias",
         correction_bias_to_hf=lambda bias: bias.reshape(1, -1),
+    )
+)
+_register(
+    Family(
+        "hunyuan_v1_moe",
+        "Hunyuan-MoE",
+        ("HunYuanMoEV1Moe",),
+        _convert_hunyuan_v1_moe,
+        ("qk-norm",),
+        router_name="gate.wg",
+        shared_name="shared_mlp",
     )
 )
 _register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe, router_name="router"))

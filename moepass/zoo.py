@@ -157,6 +157,11 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             tie_word_embeddings=False,  # as every family here; tied models have tests of their own
         ),
     ),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        dict(intermediate_size=48, num_experts=8, moe_topk=2, head_dim=16),
+    ),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
     "gpt_oss": (
         "GptOssConfig",

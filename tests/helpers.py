@@ -59,9 +59,10 @@ def hf_keep_experts(model, keep: dict[int, list[int]]):
         block = ref.model.layers[index].mlp
         rows = torch.tensor(kept)
         router = block.gate if hasattr(block, "gate") else block.router
-        router.weight = torch.nn.Parameter(router.weight[rows])
-        if getattr(router, "bias", None) is not None:
-            router.bias = torch.nn.Parameter(router.bias[rows])
+        linear = getattr(router, "wg", router)  # Hunyuan's router holds its weight in a linear `wg`
+        linear.weight = torch.nn.Parameter(linear.weight[rows])
+        if getattr(linear, "bias", None) is not None:
+            linear.bias = torch.nn.Parameter(linear.bias[rows])
         # DeepSeek's router holds it, MiniMax-M2's block, ERNIE-4.5's router statistics ([1, E])
         for holder in (router, block, getattr(router, "moe_statics", None)):
             bias = getattr(holder, "e_score_correction_bias", None)

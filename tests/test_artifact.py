@@ -28,7 +28,7 @@ from moepass.hf_export import NotExpressibleError, hf_checkpoint, hf_config
 from moepass.ir.surgery import drop_block, keep_experts
 from moepass.passes import PASSES, TransformPass, create_pass
 from moepass.quantization import QuantizationPass
-from moepass.zoo import random_model
+from moepass.zoo import random_config, random_model
 
 ATOL = 1e-6  # reloaded weights can sit at other addresses, and BLAS results depend on alignment
 
@@ -86,6 +86,7 @@ def test_moepass_format_round_trip(family, tmp_path):
         "dots1",
         "minimax_m2",
         "ernie4_5_moe",
+        "hunyuan_v1_moe",
         "gpt_oss",
         "phimoe",
     ],
@@ -120,6 +121,33 @@ def test_transformers_format_drops_the_first_blocks_entry_of_per_layer_lists(fam
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         assert (model(ids).logits - program(ids)).abs().max() <= 1e-5
+
+
+def test_hunyuans_fp32_router_in_a_bf16_model_stays_fp32_in_both_formats(seed, tmp_path):
+    """Hunyuan builds its router (`gate.wg`) in fp32 whatever the model's dtype and routes on fp32
+    logits: capture, the moepass artifact and the transformers checkpoint must keep it so."""
+    torch.manual_seed(seed)
+    config = random_config("hunyuan_v1_moe")
+    model = transformers.HunYuanMoEV1ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    assert model.model.layers[0].mlp.gate.wg.weight.dtype == torch.float32
+    ids = torch.randint(3, 128, (2, 9))
+    program = moepass.capture(model)
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+    torch.testing.assert_close(program(ids).float(), expected, atol=0.02 * expected.abs().max(), rtol=0)
+    program = moepass.compress(program, [("expert_drop", {"keep": 6})], calibration=_calibration())
+    save(program, tmp_path / "artifact")
+    save(program, tmp_path / "hf", format="hf")
+    reloaded = load(tmp_path / "artifact", lower=False)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    for block in program.structure.moe_blocks:
+        router = program.graph_module.get_parameter(block.mlp.router_weight)
+        assert router.dtype == torch.float32 and router.shape[0] == 6
+        assert torch.equal(reloaded.graph_module.get_parameter(block.mlp.router_weight), router)
+        assert torch.equal(hf_model.model.layers[block.index].mlp.gate.wg.weight, router)
+    _same_outputs(program, reloaded)
+    with torch.no_grad():
+        assert (hf_model(ids).logits - program(ids)).abs().max() <= ATOL
 
 
 def test_transformers_format_places_ernies_moe_layers_or_refuses(tmp_path):

@@ -15,6 +15,7 @@ import helpers
 import moepass
 from helpers import FAMILIES, hf_router_choices, model_for, seed_for
 from moepass.ir import MoEEntry, trace_cache
+from moepass.ir.families import family_of
 from moepass.ir.ops import EXPERTS, ROUTE
 
 TOL = 1e-5
@@ -254,7 +255,7 @@ def test_structure_map(captured):
             assert moe.num_experts == hf_experts.gate_up_proj.shape[0]
             assert nodes[moe.route_node].target is ROUTE and nodes[moe.experts_node].target is EXPERTS
             assert program.graph_module.get_parameter(moe.router_weight).shape[0] == moe.num_experts
-            has_shared = hasattr(hf_layer.mlp, "shared_experts") or hasattr(hf_layer.mlp, "shared_expert")
+            has_shared = hasattr(hf_layer.mlp, family_of(model).shared_name)
             assert (moe.shared_experts is not None) == has_shared
             assert (moe.shared_expert_gate is not None) == hasattr(hf_layer.mlp, "shared_expert_gate")
     assert structure.embeddings.params == ["model.embed_tokens.weight"]
@@ -544,6 +545,23 @@ def test_a_rotary_embedding_that_branches_on_positions_is_refused_by_name(seed):
     model = model_for("mixtral", seed=seed, rope_parameters=rope, max_position_embeddings=16, head_dim=16)
     with pytest.raises(moepass.MoepassError, match=r"model.rotary_emb is a 'dynamic' rotary embedding"):
         moepass.capture(model)
+
+
+def test_hunyuans_ntk_alpha_rotary_captures_or_asks_for_a_newer_transformers(seed):
+    """Hunyuan-A13B's rotary stretches its base by a fixed alpha. transformers 5.25 runs it as the
+    static 'ntk_alpha' (captured, past the context the frequencies were set for); 5.17 as 'dynamic',
+    which branches on positions: refused, naming the fix."""
+    rope = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}
+    model = model_for("hunyuan_v1_moe", seed=seed, rope_parameters=rope, max_position_embeddings=16)
+    if model.model.rotary_emb.rope_type == "dynamic":
+        with pytest.raises(moepass.MoepassError, match=r"NTK-alpha rotary .* upgrade transformers"):
+            moepass.capture(model)
+        return
+    assert model.model.rotary_emb.rope_type == "ntk_alpha"
+    program = moepass.capture(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (program(ids) - model(ids).logits).abs().max().item() <= TOL
 
 
 def test_phimoe_longrope_captures_and_switches_scale_like_transformers(seed):

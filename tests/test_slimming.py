@@ -324,6 +324,7 @@ METHODS = {
     "dots1": "magnitude",
     "minimax_m2": "sparsegpt",
     "ernie4_5_moe": "wanda",
+    "hunyuan_v1_moe": "gptq",
     "phimoe": "awq",
     "gpt_oss": "wanda",
 }
