@@ -76,19 +76,36 @@ def _op_counts(path, *, inside_if: bool = False) -> dict[str, int]:
 _EXPORTS: dict[str, object] = {}
 
 
-def _exported(family: str, tmp_path_factory):
+def _exported(family: str, tmp_path_factory, **overrides):
     """Each uncompressed family exported once per session (exports take seconds)."""
-    if family not in _EXPORTS:
-        _EXPORTS[family] = export_onnx(captured(family)[1], tmp_path_factory.mktemp(family) / "onnx")
-    return _EXPORTS[family]
+    key = (family, tuple(sorted(overrides.items())))
+    if key not in _EXPORTS:
+        program = captured(family, **overrides)[1]
+        _EXPORTS[key] = export_onnx(program, tmp_path_factory.mktemp(family) / "onnx")
+    return _EXPORTS[key]
 
 
 # mixtral is covered by the trimmed and quantized tests, deepseek_v3 by the quantized one;
-# deepseek_v2's complex-number rotary embedding is exported on real (re, im) pairs
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2", "gpt_oss"])
+# deepseek_v2's complex-number rotary embedding is exported on real (re, im) pairs. Families whose
+# layers repeat the layouts tested here export one MoE layer (after their first, dense, layer).
+ONE_MOE_LAYER = {
+    "glm4_moe": 2,
+    "glm4_moe_lite": 2,
+    "dots1": 2,
+    "minimax_m2": 1,
+    "ernie4_5_moe": 2,
+    "hunyuan_v1_moe": 1,
+}
+ROUTED_IN_THE_GRAPH = {"phimoe", "deepseek_v2", "gpt_oss", *ONE_MOE_LAYER} - {"hunyuan_v1_moe"}
+
+
+@pytest.mark.parametrize(
+    "family", ["qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2", "gpt_oss", *ONE_MOE_LAYER]
+)
 def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
-    program = captured(family)[1]
-    path = _exported(family, tmp_path_factory)
+    overrides = {"num_hidden_layers": ONE_MOE_LAYER[family]} if family in ONE_MOE_LAYER else {}
+    program = captured(family, **overrides)[1]
+    path = _exported(family, tmp_path_factory, **overrides)
     _matches(program, OnnxProgram(path))
     # routing computed at run time, every family's experts on onnxruntime's fused MoE op (GPT-OSS's with
     # biases and clamped SwiGLU): softmax top-k families route in the op; the others in the graph
@@ -96,7 +113,7 @@ def test_uncompressed_families_match_pytorch(family, tmp_path_factory):
     assert (counts.get("MoE", 0), counts.get("If", 0)) == (layers, 0)
     rewrites = _rewrites(path)
     in_graph = rewrites.get("experts -> com.microsoft::MoE (routing in the graph)", 0)
-    assert in_graph == (layers if family in ("phimoe", "deepseek_v2", "gpt_oss") else 0)
+    assert in_graph == (layers if family in ROUTED_IN_THE_GRAPH else 0)
     # every expert's weights are in the file, whatever the export sample routed to
     initializers = {t.name: list(t.dims) for t in onnx.load(str(path / "model.onnx")).graph.initializer}
     for block in program.structure.moe_blocks:
