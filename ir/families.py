@@ -31,6 +31,7 @@ class Family:
     correction_bias_name: str | None = None  # where the block holds a selection bias the router does not
     correction_bias_to_hf: Callable[[torch.Tensor], torch.Tensor] | None = None  # its transformers shape
     experts_to_hf: Callable[[dict], dict] | None = None  # canonical expert tensors -> transformers layout
+    mlp_name: str = "mlp"  # the decoder layer's attribute holding its MLP or MoE block
 
 
 FAMILIES: dict[str, Family] = {}
@@ -185,7 +186,6 @@ def _convert_deepseek_v2(block, config) -> SparseMoE:
         n_group=gate.num_group if grouped else 1,
         topk_group=gate.topk_group if grouped else 1,
         scale=float(gate.routed_scaling_factor),
-        logits_fp32=True,
     )
     router = Router(gate.weight, None, None, fp32=True)
     return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
@@ -200,7 +200,6 @@ def _convert_deepseek_v3(block, config) -> SparseMoE:
         topk_group=gate.topk_group,
         renormalize=bool(gate.norm_topk_prob),
         scale=float(gate.routed_scaling_factor),
-        logits_fp32=True,
     )
     router = Router(gate.weight, None, gate.e_score_correction_bias, fp32=True)
     return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
@@ -218,7 +217,7 @@ def _convert_ernie4_5_moe(block, config) -> SparseMoE:
     `moe_norm_min` is at least k/E for k of E softmax probabilities."""
     gate = block.gate
     bias = gate.moe_statics.e_score_correction_bias.reshape(-1)
-    spec = RoutingSpec("softmax_topk", gate.top_k, renormalize=True, logits_fp32=True)
+    spec = RoutingSpec("softmax_topk", gate.top_k, renormalize=True)
     router = Router(gate.weight, None, bias, fp32=True)
     return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
 
@@ -228,10 +227,18 @@ def _convert_hunyuan_v1_moe(block, config) -> SparseMoE:
     built in fp32 whatever the model's dtype: its logits are fp32 while it stays so."""
     gate = block.gate
     fp32 = gate.wg.weight.dtype == torch.float32
-    spec = RoutingSpec("softmax_topk", gate.top_k, renormalize=True, logits_fp32=fp32)
+    spec = RoutingSpec("softmax_topk", gate.top_k, renormalize=True)
     return SparseMoE(
         Router(gate.wg.weight, None, None, fp32=fp32), _experts(block, config), spec, block.shared_mlp
     )
+
+
+def _convert_granitemoe(block, config) -> SparseMoE:
+    """transformers takes the top-k logits and a softmax over those k (in fp32): the same experts and
+    weights as Mixtral's renormalized softmax top-k, which onnxruntime's MoE op routes by itself."""
+    router = block.router
+    spec = RoutingSpec("softmax_topk", router.top_k, renormalize=True)
+    return SparseMoE(Router(router.weight, None, None, fp32=False), _experts(block, config), spec)
 
 
 def _convert_phimoe(block, config) -> SparseMoE:
@@ -320,6 +327,17 @@ _register(
         ("qk-norm",),
         router_name="gate.wg",
         shared_name="shared_mlp",
+    )
+)
+# Granite 3.x MoE: muP multipliers (embeddings, residual branches, attention scale, logits) stay in the graph
+_register(
+    Family(
+        "granitemoe",
+        "GraniteMoE",
+        ("GraniteMoeMoE",),
+        _convert_granitemoe,
+        router_name="router",
+        mlp_name="block_sparse_moe",
     )
 )
 _register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe, router_name="router"))

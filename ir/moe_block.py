@@ -27,7 +27,6 @@ class RoutingSpec:
     renormalize: bool = False
     scale: float = 1.0
     jitter_eps: float = 0.0
-    logits_fp32: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ROUTING_KINDS:

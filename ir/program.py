@@ -14,6 +14,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from moepass.errors import MoepassError
 
 from .canonicalize import remove_dead_nodes
+from .families import FAMILIES
 from .generation import StepGeneration, check_prompt
 from .ops import TRACEABLE_BODIES
 from .printer import format_summary
@@ -95,7 +96,8 @@ class MoEProgram(nn.Module, StepGeneration):
     @property
     def structure(self) -> StructureMap:
         if self._structure is None:
-            self._structure = build_structure(self.graph_module, self.info.attention)
+            mlp_name = FAMILIES[self.info.family].mlp_name
+            self._structure = build_structure(self.graph_module, self.info.attention, mlp_name)
         return self._structure
 
     def graph_changed(self) -> None:

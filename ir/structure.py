@@ -164,7 +164,11 @@ def module_path(node: fx.Node) -> str | None:
     return None if path.startswith("_empty_nn_module_stack") else path
 
 
-def build_structure(graph_module: fx.GraphModule, attention_notes: dict[int, str]) -> StructureMap:
+def build_structure(
+    graph_module: fx.GraphModule, attention_notes: dict[int, str], mlp_name: str = MLP
+) -> StructureMap:
+    """The structure map of a captured graph; `mlp_name` is the family's attribute for each layer's MLP
+    (`Family.mlp_name`)."""
     graph = graph_module.graph
     by_module: dict[str, list[str]] = defaultdict(list)
     for node in graph.nodes:
@@ -185,7 +189,7 @@ def build_structure(graph_module: fx.GraphModule, attention_notes: dict[int, str
     past = [n.name for n in graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
     block_indices = sorted({int(m.group(1)) for p in by_module if (m := BLOCK_PATH.match(p))})
     blocks = [
-        _block(graph_module, i, entry, nodes, by_module, past, attention_notes.get(i, ""))
+        _block(graph_module, i, entry, nodes, by_module, past, attention_notes.get(i, ""), mlp_name)
         for i in block_indices
     ]
     prelude = [
@@ -209,7 +213,7 @@ def _tensors_read(names: list[str], nodes: dict[str, fx.Node]) -> list[str]:
     return list(found)
 
 
-def _block(graph_module, index, entry, nodes, by_module, past, note) -> BlockEntry:
+def _block(graph_module, index, entry, nodes, by_module, past, note, mlp_name) -> BlockEntry:
     path = f"{LAYERS}.{index}"
     adds = [nodes[n] for n in by_module.get(path, []) if nodes[n].target is _RESIDUAL_ADD]
     attention = entry(
@@ -219,7 +223,7 @@ def _block(graph_module, index, entry, nodes, by_module, past, note) -> BlockEnt
     has_mlp = second is not None
     mlp = mlp_input = None
     if has_mlp:
-        mlp_path = f"{path}.{MLP}"
+        mlp_path = f"{path}.{mlp_name}"
         route = [nodes[n] for n in entry(mlp_path).nodes if nodes[n].target is ROUTE]
         mlp = _moe_entry(graph_module, entry, mlp_path, route[0], nodes) if route else entry(mlp_path)
         inside = set(mlp.nodes)

@@ -147,20 +147,21 @@ def _named_tensors(program: MoEProgram):
 
 def _moe_tensor(rest: str, tensor: torch.Tensor, family) -> tuple[str, torch.Tensor]:
     """A block tensor's name (after `model.layers.N.`) and value in the family's transformers layout."""
-    if rest == "mlp.router.e_score_correction_bias":
+    mlp = family.mlp_name
+    if rest == f"{mlp}.router.e_score_correction_bias":
         if family.correction_bias_to_hf:
             tensor = family.correction_bias_to_hf(tensor)
         if family.correction_bias_name:
-            return f"mlp.{family.correction_bias_name}", tensor
-    rest = rest.replace("mlp.router.", f"mlp.{family.router_name}.")
-    return rest.replace("mlp.shared_experts.", f"mlp.{family.shared_name}."), tensor
+            return f"{mlp}.{family.correction_bias_name}", tensor
+    rest = rest.replace(f"{mlp}.router.", f"{mlp}.{family.router_name}.")
+    return rest.replace(f"{mlp}.shared_experts.", f"{mlp}.{family.shared_name}."), tensor
 
 
 def _experts_layout(state: dict, family) -> dict:
     if family.experts_to_hf is None:
         return state
     grouped: dict[str, dict] = {}
-    for name in [n for n in state if ".mlp.experts." in n]:
+    for name in [n for n in state if f".{family.mlp_name}.experts." in n]:
         prefix, field = name.rsplit(".", 1)
         grouped.setdefault(prefix, {})[field] = state.pop(name)
     for prefix, tensors in grouped.items():

@@ -162,6 +162,18 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "HunYuanMoEV1ForCausalLM",
         dict(intermediate_size=48, num_experts=8, moe_topk=2, head_dim=16),
     ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(  # muP multipliers away from 1, so a graph that dropped one would compute otherwise
+            intermediate_size=48,
+            num_local_experts=8,
+            embedding_multiplier=4.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.05,
+            logits_scaling=2.0,
+        ),
+    ),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
     "gpt_oss": (
         "GptOssConfig",

@@ -9,6 +9,7 @@ import zlib
 import torch
 from torch import nn
 
+from moepass.ir.families import FAMILIES as FAMILY_SPECS
 from moepass.zoo import RANDOM_FAMILIES, random_model
 
 FAMILIES = list(RANDOM_FAMILIES)
@@ -22,12 +23,17 @@ def seed_for(name: str) -> int:
     return zlib.crc32(f"{SESSION_SEED}:{name}".encode())
 
 
+def hf_mlp(model, layer: nn.Module) -> nn.Module:
+    """A transformers decoder layer's MLP or MoE block (GraniteMoE calls it `block_sparse_moe`)."""
+    return getattr(layer, FAMILY_SPECS[model.config.model_type].mlp_name)
+
+
 def hf_router_choices(model, input_ids: torch.Tensor) -> list[set[int]]:
     """Experts selected in each MoE layer by the transformers model itself (via its experts' inputs)."""
     choices: list[set[int]] = []
     hooks = []
     for layer in model.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
+        experts = getattr(hf_mlp(model, layer), "experts", None)
         if experts is None:
             continue
         seen: set[int] = set()
@@ -56,7 +62,7 @@ def hf_keep_experts(model, keep: dict[int, list[int]]):
     experts (router rows and expert tensors sliced, top-k capped at the kept count)."""
     ref = copy.deepcopy(model)
     for index, kept in keep.items():
-        block = ref.model.layers[index].mlp
+        block = hf_mlp(ref, ref.model.layers[index])
         rows = torch.tensor(kept)
         router = block.gate if hasattr(block, "gate") else block.router
         linear = getattr(router, "wg", router)  # Hunyuan's router holds its weight in a linear `wg`
@@ -87,7 +93,7 @@ def hf_expert_usage(model, batches) -> dict[int, tuple[torch.Tensor, torch.Tenso
     usage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = []
     for index, layer in enumerate(model.model.layers):
-        experts = getattr(layer.mlp, "experts", None)
+        experts = getattr(hf_mlp(model, layer), "experts", None)
         if experts is None:
             continue
         num_experts = experts.gate_up_proj.shape[0]

@@ -87,6 +87,7 @@ def test_moepass_format_round_trip(family, tmp_path):
         "minimax_m2",
         "ernie4_5_moe",
         "hunyuan_v1_moe",
+        "granitemoe",
         "gpt_oss",
         "phimoe",
     ],

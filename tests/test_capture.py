@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 import helpers
 import moepass
-from helpers import FAMILIES, hf_router_choices, model_for, seed_for
+from helpers import FAMILIES, hf_mlp, hf_router_choices, model_for, seed_for
 from moepass.ir import MoEEntry, trace_cache
 from moepass.ir.families import family_of
 from moepass.ir.ops import EXPERTS, ROUTE
@@ -233,7 +233,7 @@ def test_structure_map(captured):
     structure = program.structure
     config = model.config
     assert [b.index for b in structure.blocks] == list(range(config.num_hidden_layers))
-    hf_moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    hf_moe = [i for i, layer in enumerate(model.model.layers) if hasattr(hf_mlp(model, layer), "experts")]
     assert [b.index for b in structure.moe_blocks] == hf_moe
     nodes = {n.name: n for n in program.graph_module.graph.nodes}
     for block in structure.blocks:
@@ -251,13 +251,14 @@ def test_structure_map(captured):
         if block.is_moe:
             moe = block.mlp
             assert isinstance(moe, MoEEntry)
-            hf_experts = hf_layer.mlp.experts
+            hf_block = hf_mlp(model, hf_layer)
+            hf_experts = hf_block.experts
             assert moe.num_experts == hf_experts.gate_up_proj.shape[0]
             assert nodes[moe.route_node].target is ROUTE and nodes[moe.experts_node].target is EXPERTS
             assert program.graph_module.get_parameter(moe.router_weight).shape[0] == moe.num_experts
-            has_shared = hasattr(hf_layer.mlp, family_of(model).shared_name)
+            has_shared = hasattr(hf_block, family_of(model).shared_name)
             assert (moe.shared_experts is not None) == has_shared
-            assert (moe.shared_expert_gate is not None) == hasattr(hf_layer.mlp, "shared_expert_gate")
+            assert (moe.shared_expert_gate is not None) == hasattr(hf_block, "shared_expert_gate")
     assert structure.embeddings.params == ["model.embed_tokens.weight"]
     assert structure.lm_head.nodes and structure.final_norm.nodes
 

@@ -22,7 +22,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
 import moepass
-from helpers import FAMILIES, captured, greedy_under, model_for, rel_error, rtn
+from helpers import FAMILIES, captured, greedy_under, hf_mlp, model_for, rel_error, rtn
 from moepass.compile_backend import (
     CompileOptionError,
     CompileOptions,
@@ -52,7 +52,7 @@ def _ids(model, batch: int = 2, seq: int = 7) -> torch.Tensor:
 
 
 def _moe_layers(model) -> int:
-    return sum(hasattr(layer.mlp, "experts") for layer in model.model.layers)
+    return sum(hasattr(hf_mlp(model, layer), "experts") for layer in model.model.layers)
 
 
 def _compiled_logits(model, ids, options) -> torch.Tensor:
@@ -213,9 +213,10 @@ def _dequantized_model(model, family: str, fmt: QuantFormat):
     ref = copy.deepcopy(model)
     spec = FAMILY_SPECS[family]
     for layer in ref.model.layers:
-        if not hasattr(layer.mlp, "experts"):
+        block = hf_mlp(ref, layer)
+        if not hasattr(block, "experts"):
             continue
-        canonical = spec.convert(layer.mlp, ref.config).experts
+        canonical = spec.convert(block, ref.config).experts
         tensors = {
             name: dequantize(*quantize(getattr(canonical, name).detach(), fmt), fmt.bits, fmt.group_size)
             for name in ("gate_up_proj", "down_proj")
@@ -223,7 +224,7 @@ def _dequantized_model(model, family: str, fmt: QuantFormat):
         if spec.experts_to_hf is not None:
             tensors = spec.experts_to_hf(tensors)
         for name, tensor in tensors.items():
-            getattr(layer.mlp.experts, name).data.copy_(tensor)
+            getattr(block.experts, name).data.copy_(tensor)
     return ref
 
 

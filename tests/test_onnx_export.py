@@ -95,8 +95,9 @@ ONE_MOE_LAYER = {
     "minimax_m2": 1,
     "ernie4_5_moe": 2,
     "hunyuan_v1_moe": 1,
+    "granitemoe": 1,
 }
-ROUTED_IN_THE_GRAPH = {"phimoe", "deepseek_v2", "gpt_oss", *ONE_MOE_LAYER} - {"hunyuan_v1_moe"}
+ROUTED_IN_THE_GRAPH = {"phimoe", "deepseek_v2", "gpt_oss", *ONE_MOE_LAYER} - {"hunyuan_v1_moe", "granitemoe"}
 
 
 @pytest.mark.parametrize(

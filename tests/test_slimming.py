@@ -325,6 +325,7 @@ METHODS = {
     "minimax_m2": "sparsegpt",
     "ernie4_5_moe": "wanda",
     "hunyuan_v1_moe": "gptq",
+    "granitemoe": "awq",
     "phimoe": "awq",
     "gpt_oss": "wanda",
 }

@@ -11,6 +11,7 @@ import moepass
 from helpers import FAMILIES, captured, hf_keep_experts, model_for
 from moepass.errors import MoepassError
 from moepass.hf_export import hf_checkpoint
+from moepass.ir.families import FAMILIES as FAMILY_SPECS
 from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
 
 
@@ -30,7 +31,8 @@ def _reference_without(model, block: int | None = None, mlp: int | None = None):
     ref = copy.deepcopy(model)
     layers = ref.model.layers
     if mlp is not None:
-        layers[mlp].mlp = _ZeroMLP(returns_tuple=ref.config.model_type == "gpt_oss")
+        name = FAMILY_SPECS[ref.config.model_type].mlp_name
+        setattr(layers[mlp], name, _ZeroMLP(returns_tuple=ref.config.model_type == "gpt_oss"))
     if block is not None:
         del layers[block]
         for new_index, layer in enumerate(layers):

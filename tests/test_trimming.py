@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import moepass
-from helpers import FAMILIES, captured, hf_keep_experts
+from helpers import FAMILIES, captured, hf_keep_experts, hf_mlp
 from moepass.data import TokenSet
+from moepass.ir.families import FAMILIES as FAMILY_SPECS
 from moepass.pass_manager import PassError, PassManager
 from moepass.passes.block_similarity import BlockSimilarityConfig
 from moepass.passes.expert_importance import ExpertImportanceConfig
@@ -43,7 +44,7 @@ class _Hooks:
         )
         hooks = []
         for i, layer in enumerate(model.model.layers):
-            mlp = layer.mlp
+            mlp = hf_mlp(model, layer)
             router = getattr(mlp, "gate", None) if hasattr(mlp, "experts") else None
             router = getattr(mlp, "router", router)
             if router is not None and hasattr(mlp, "experts"):
@@ -175,7 +176,7 @@ def test_moe_similarity_matches_hooks(family):
             abs_tol=1e-6,
         )
     assert set(s_nm.per_layer) == {
-        i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")
+        i for i, layer in enumerate(model.model.layers) if hasattr(hf_mlp(model, layer), "experts")
     }
 
 
@@ -308,7 +309,7 @@ def test_layer_drop_matches_skipping_the_sublayer(family):
     assert sorted(e["block"] for e in program.info.edits) == expected
     reference = copy.deepcopy(model)
     for index in expected:
-        reference.model.layers[index].mlp = _ZeroMLP(family == "gpt_oss")
+        setattr(reference.model.layers[index], FAMILY_SPECS[family].mlp_name, _ZeroMLP(family == "gpt_oss"))
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (program(ids) - reference(ids).logits).abs().max() <= TOL
