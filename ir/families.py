@@ -298,6 +298,10 @@ _register(Family("glm4_moe", "GLM-4-MoE", ("Glm4MoeMoE",), _convert_deepseek_v3)
 _register(Family("glm4_moe_lite", "GLM-4-MoE-Lite", ("Glm4MoeLiteMoE",), _convert_deepseek_v3))
 # dots.llm1: the same block under GQA attention with qk-norm, its last layers sliding-window
 _register(Family("dots1", "dots.llm1", ("Dots1MoE",), _convert_deepseek_v3, ("qk-norm",)))
+# K-EXAONE: the same block (fp32 router) under qk-norm attention; sliding layers use RoPE, the others none
+_register(
+    Family("exaone_moe", "EXAONE-MoE", ("ExaoneMoeSparseMoEBlock",), _convert_deepseek_v3, ("qk-norm",))
+)
 _register(
     Family(
         "minimax_m2",

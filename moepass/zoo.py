@@ -139,6 +139,23 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             max_window_layers=2,  # layers from the third on slide
         ),
     ),
+    "exaone_moe": (
+        "ExaoneMoeConfig",
+        "ExaoneMoeForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            head_dim=16,
+            sliding_window=8,
+            sliding_window_pattern=2,  # sliding (with RoPE), full (without), sliding
+        ),
+    ),
     "minimax_m2": (
         "MiniMaxM2Config",
         "MiniMaxM2ForCausalLM",

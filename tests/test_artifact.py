@@ -88,6 +88,7 @@ def test_moepass_format_round_trip(family, tmp_path):
         "ernie4_5_moe",
         "hunyuan_v1_moe",
         "granitemoe",
+        "exaone_moe",
         "gpt_oss",
         "phimoe",
     ],

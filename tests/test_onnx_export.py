@@ -96,6 +96,7 @@ ONE_MOE_LAYER = {
     "ernie4_5_moe": 2,
     "hunyuan_v1_moe": 1,
     "granitemoe": 1,
+    "exaone_moe": 3,  # its dense layer, then sliding attention with RoPE and full attention without
 }
 ROUTED_IN_THE_GRAPH = {"phimoe", "deepseek_v2", "gpt_oss", *ONE_MOE_LAYER} - {"hunyuan_v1_moe", "granitemoe"}
 

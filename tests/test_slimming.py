@@ -326,6 +326,7 @@ METHODS = {
     "ernie4_5_moe": "wanda",
     "hunyuan_v1_moe": "gptq",
     "granitemoe": "awq",
+    "exaone_moe": "sparsegpt",
     "phimoe": "awq",
     "gpt_oss": "wanda",
 }
