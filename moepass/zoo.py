@@ -177,7 +177,7 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "hunyuan_v1_moe": (
         "HunYuanMoEV1Config",
         "HunYuanMoEV1ForCausalLM",
-        dict(intermediate_size=48, num_experts=8, moe_topk=2, head_dim=16),
+        dict(intermediate_size=48, num_experts=8, head_dim=16),
     ),
     "granitemoe": (
         "GraniteMoeConfig",
