@@ -483,20 +483,23 @@ def _generate(args: argparse.Namespace) -> None:
         raise MoepassError("--stop '' would stop before the first token: give the text to stop at")
     device = torch.device("cpu") if args.onnx else _device(args)
     _refuse_file_model(args.model)
+    prompts = args.prompt or ["The "]
     if args.chat:
         from moepass.zoo import chat_prompt_ids, load_chat_tokenizer
 
         tokenizer = _tokenizer(args, load=load_chat_tokenizer)
-        prompt_ids = chat_prompt_ids(tokenizer, args.prompt, args.system)
+        prompts_ids = [chat_prompt_ids(tokenizer, prompt, args.system) for prompt in prompts]
     else:
         tokenizer = _tokenizer(args)
         # with the special tokens the tokenizer adds by default (a BOS where the model was trained with
         # one), the same whether tokenizer.json is read directly or through transformers
-        prompt_ids = tokenizer.encode(args.prompt)
+        prompts_ids = [tokenizer.encode(prompt) for prompt in prompts]
         if isinstance(tokenizer, Tokenizer):
-            prompt_ids = prompt_ids.ids
-    if not prompt_ids:
-        raise MoepassError("the prompt is empty after tokenization; pass --prompt TEXT")
+            prompts_ids = [encoding.ids for encoding in prompts_ids]
+    for number, prompt_ids in enumerate(prompts_ids, 1):
+        if not prompt_ids:
+            which = f"prompt {number} ({prompts[number - 1]!r})" if len(prompts) > 1 else "the prompt"
+            raise MoepassError(f"{which} is empty after tokenization; pass --prompt TEXT")
     if args.onnx:
         from moepass.onnx_export.runtime import OnnxProgram
 
@@ -504,20 +507,21 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         program = _load_program(args.model, lower=not args.no_lower, compile=args.compile, device=device)
     _check_tokenizer_fits(tokenizer, program.info.vocab_size, args)
-    generated: list[int] = []
-    # printed with the first text: after generate's warnings, not amid them; a chat prints the reply alone
-    echo = [] if args.chat else [args.prompt]
-
-    def write(text: str) -> None:
-        print(*echo, text, sep="", end="", flush=True)
-        echo.clear()
-
-    stream = TextStream(tokenizer, prompt_ids, generated, write, stops)
+    # a chat prints the replies alone; the prompt is echoed with the first text, after generate's
+    # warnings, not amid them
+    texts = [[] if args.chat else [prompt] for prompt in prompts]
+    # one prompt streams; a batch's texts are printed once all are done (interleaved, unreadable)
+    writers = [_streamed(texts[0])] if len(prompts) == 1 else [text.append for text in texts]
+    streams = [
+        TextStream(tokenizer, ids, write, stops) for ids, write in zip(prompts_ids, writers, strict=True)
+    ]
+    input_ids, attention_mask = _left_padded(prompts_ids, program.info.pad_token_id, device)
     generator = torch.Generator(device).manual_seed(args.seed)  # sampling draws where the logits are
     start = time.perf_counter()
     program.generate(
-        torch.tensor([prompt_ids], device=device),
+        input_ids,
         args.max_new_tokens,
+        attention_mask,
         do_sample=args.sample,
         temperature=args.temperature or 1.0,
         top_k=args.top_k,
@@ -527,21 +531,48 @@ def _generate(args: argparse.Namespace) -> None:
         tokenizer=tokenizer,
         repetition_penalty=args.repetition_penalty,
         generator=generator,
-        streamer=stream,
+        streamer=lambda tokens: [stream(tokens[row : row + 1]) for row, stream in enumerate(streams)],
         cache_implementation="static" if args.static_cache else "dynamic",
     )
     seconds = time.perf_counter() - start
-    stream.finish()
+    for number, (stream, text) in enumerate(zip(streams, texts, strict=True), 1):
+        stream.finish()
+        if len(streams) > 1:
+            print(f"[{number}/{len(streams)}]", "".join(text), sep="\n", end="\n\n", flush=True)
     engine = "onnxruntime" if args.onnx else "PyTorch"
     if args.onnx and program.int8_activations:
         engine += ", int8 activations"
     if args.compile:
         engine += ", torch.compile: the time includes compiling for the prompt and for one token"
+    steps, rows = max(len(stream.generated) for stream in streams), len(streams)
+    lengths = ", ".join(str(len(ids)) for ids in prompts_ids)
+    done = f"\n\n[{steps} tokens" if rows == 1 else f"[{steps} steps x {rows} prompts"
     print(
-        f"\n\n[{len(generated)} tokens in {seconds:.2f}s ({len(generated) / seconds:.1f} tokens/s), "
-        f"prompt {len(prompt_ids)} tokens, {engine}]",
+        f"{done} in {seconds:.2f}s ({steps * rows / seconds:.1f} tokens/s), "
+        f"prompt{'s'[: rows - 1]} {lengths} tokens, {engine}]",
         file=sys.stderr,
     )
+
+
+def _streamed(echo: list[str]) -> Callable[[str], None]:
+    """A writer that prints each text as it comes, the first after `echo` (the prompt)."""
+
+    def write(text: str) -> None:
+        print(*echo, text, sep="", end="", flush=True)
+        echo.clear()
+
+    return write
+
+
+def _left_padded(
+    prompts_ids: list[list[int]], pad_id: int | None, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts padded on the left (as transformers generates), and its attention mask."""
+    longest = max(map(len, prompts_ids))
+    pad = 0 if pad_id is None else pad_id  # masked out: any id serves
+    ids = [[pad] * (longest - len(p)) + p for p in prompts_ids]
+    mask = [[0] * (longest - len(p)) + [1] * len(p) for p in prompts_ids]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 class TextStream:
@@ -551,17 +582,10 @@ class TextStream:
     stop string is held back until it does not; a completed stop string and what follows it are never
     written."""
 
-    def __init__(
-        self,
-        tokenizer,
-        prompt_ids: list[int],
-        generated: list[int],
-        write: Callable[[str], None],
-        stops: list[str] = (),
-    ):
+    def __init__(self, tokenizer, prompt_ids: list[int], write: Callable[[str], None], stops: list[str] = ()):
         # a `tokenizers.Tokenizer` and a transformers tokenizer both decode so
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-        self.prompt_ids, self.generated, self.write = prompt_ids, generated, write
+        self.prompt_ids, self.generated, self.write = prompt_ids, [], write
         self.stops, self.stopped = list(stops), False
         self.text = self.decode(prompt_ids)
         self.prompt_length = self.shown = len(self.text)  # `shown`: how much of the text is written
@@ -814,7 +838,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="stream text from a compressed artifact or a model")
     gen.add_argument("model", help="moepass artifact directory, built-in name or checkpoint directory")
-    gen.add_argument("--prompt", default="The ", help="text to continue (with --chat: the user's message)")
+    gen.add_argument(
+        "--prompt",
+        action="append",
+        help="text to continue (with --chat: the user's message; default 'The '); repeat it for a batch, "
+        "generated together and printed once all are done",
+    )
     gen.add_argument(
         "--chat",
         action="store_true",

@@ -600,15 +600,18 @@ def test_cli_compress_writes_artifact_report_and_plots(checkpoint, tmp_path, cap
     texts = {}
     engines = {"torch": [str(out)], "static": [str(out), "--static-cache"], "onnx": [str(onnx_dir), "--onnx"]}
     sampling = ["--sample", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "3"]
+    batch = ["--prompt", "It is", "--prompt", "A"]  # left-padded: the second prompt is shorter
     for engine, argv in engines.items():
-        for decoding, options in {"greedy": [], "sampled": sampling}.items():
-            assert main(["generate", *argv, "--prompt", "It is", "--max-new-tokens", "6", *options]) == 0
+        for decoding, options in {"greedy": [], "sampled": sampling, "batch": batch}.items():
+            prompt = [] if decoding == "batch" else ["--prompt", "It is"]
+            assert main(["generate", *argv, *prompt, "--max-new-tokens", "6", *options]) == 0
             captured_io = capsys.readouterr()
             texts[engine, decoding] = captured_io.out
-            assert "tokens in" in captured_io.err
-    for decoding in ("greedy", "sampled"):  # the same draws from the same seed, whatever the engine
+            assert "tokens in" in captured_io.err or "steps x 2 prompts in" in captured_io.err
+    for decoding in ("greedy", "sampled", "batch"):  # the same draws from the same seed, whatever the engine
         assert texts["torch", decoding] == texts["static", decoding] == texts["onnx", decoding]
-        assert texts["torch", decoding].startswith("It is")
+        assert texts["torch", decoding].startswith("It is" if decoding != "batch" else "[1/2]\nIt is")
+    assert texts["torch", "batch"].startswith(f"[1/2]\n{texts['torch', 'greedy']}\n\n[2/2]\nA")
     assert main(["generate", str(out), "--top-p", "0.9", "--temperature", "0.7"]) == 2  # not ignored silently
     assert "--temperature, --top-p shape sampling, and decoding is greedy: add --sample" in (
         capsys.readouterr().err

@@ -323,11 +323,11 @@ def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_drops_at_the_star
     assert sentencepiece_like.decode([4]) == "even"  # the trap
     transformers_tokenizer = PreTrainedTokenizerFast(tokenizer_object=sentencepiece_like, bos_token="<s>")
     for tokenizer, prompt in ((sentencepiece_like, [2, 3]), (transformers_tokenizer, [1, 2, 3])):
-        written, generated = [], []
-        stream = TextStream(tokenizer, prompt, generated, written.append)
+        written = []
+        stream = TextStream(tokenizer, prompt, written.append)
         for token in (4, 5):
             stream(torch.tensor([token]))
-        assert written == [" even", " round"] and generated == [4, 5]
+        assert written == [" even", " round"] and stream.generated == [4, 5]
         # stop strings: text that may begin one waits; a completed one and what follows never show
         for stops, shown in (
             ([" round"], [" even", ""]),
@@ -335,7 +335,7 @@ def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_drops_at_the_star
             (["nx"], [" eve", "n round", ""]),
         ):
             written = []
-            stream = TextStream(tokenizer, prompt, [], written.append, stops)
+            stream = TextStream(tokenizer, prompt, written.append, stops)
             for token in (4, 5):
                 stream(torch.tensor([token]))
             stream.finish()
@@ -356,6 +356,32 @@ def test_generation_stops_at_the_stop_strings_and_prints_the_text_before_them(ca
     assert "--min-p shape sampling, and decoding is greedy: add --sample" in capsys.readouterr().err
     assert main([*argv, "--stop", ""]) == 2
     assert "--stop '' would stop before the first token" in capsys.readouterr().err
+
+
+def test_a_batch_of_prompts_prints_what_each_prompt_gives_alone(capsys):
+    """Prompts of different lengths, left-padded into one batch: each text is what it gives alone,
+    greedy; a stop string ends the rows that reach it and leaves the others running."""
+    prompts = ["It is a truth", "The king said that", "Once"]
+    alone = []
+    for prompt in prompts:
+        assert main(["generate", "builtin:tiny-mixtral", "--prompt", prompt, "--max-new-tokens", "10"]) == 0
+        alone.append(capsys.readouterr().out.rstrip("\n"))
+    second = alone[1][len(prompts[1]) :]
+    stop = next(second[i : i + 3] for i in range(len(second)) if second[i : i + 3] not in alone[0] + alone[2])
+    argv = ["generate", "builtin:tiny-mixtral", "--max-new-tokens", "10"]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    for options, expected in (
+        ([], alone),
+        (["--stop", stop], [alone[0], alone[1][: alone[1].index(stop, len(prompts[1]))], alone[2]]),
+    ):
+        assert main([*argv, *options]) == 0
+        captured = capsys.readouterr()
+        blocks = [f"[{i}/3]\n{text}\n\n" for i, text in enumerate(expected, 1)]
+        assert captured.out == "".join(blocks), options
+        assert "[10 steps x 3 prompts in " in captured.err
+    assert main([*argv, "--prompt", ""]) == 2
+    assert "prompt 4 ('') is empty after tokenization" in capsys.readouterr().err
 
 
 def test_sigterm_mid_write_unwinds_like_ctrl_c_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
