@@ -32,6 +32,7 @@ class Family:
     correction_bias_to_hf: Callable[[torch.Tensor], torch.Tensor] | None = None  # its transformers shape
     experts_to_hf: Callable[[dict], dict] | None = None  # canonical expert tensors -> transformers layout
     mlp_name: str = "mlp"  # the decoder layer's attribute holding its MLP or MoE block
+    rotary_in_layer: Callable[[object, int], bool] | None = None  # (config, layer); default: every layer
 
 
 FAMILIES: dict[str, Family] = {}
@@ -121,6 +122,8 @@ def attention_description(config, layer: int, family: Family) -> str:
             parts.append(f"sliding {sliding}")
     elif sliding and use_sliding:
         parts.append(f"sliding {sliding}")
+    if family.rotary_in_layer is not None and not family.rotary_in_layer(config, layer):
+        parts.append("no RoPE")
     return ", ".join([*parts, *family.attention_notes])
 
 
@@ -300,7 +303,16 @@ _register(Family("glm4_moe_lite", "GLM-4-MoE-Lite", ("Glm4MoeLiteMoE",), _conver
 _register(Family("dots1", "dots.llm1", ("Dots1MoE",), _convert_deepseek_v3, ("qk-norm",)))
 # K-EXAONE: the same block (fp32 router) under qk-norm attention; sliding layers use RoPE, the others none
 _register(
-    Family("exaone_moe", "EXAONE-MoE", ("ExaoneMoeSparseMoEBlock",), _convert_deepseek_v3, ("qk-norm",))
+    Family(
+        "exaone_moe",
+        "EXAONE-MoE",
+        ("ExaoneMoeSparseMoEBlock",),
+        _convert_deepseek_v3,
+        ("qk-norm",),
+        rotary_in_layer=lambda config, layer: (
+            config.sliding_window is None or config.layer_types[layer] == "sliding_attention"
+        ),
+    )
 )
 _register(
     Family(

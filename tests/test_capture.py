@@ -279,6 +279,10 @@ def test_printer_lists_every_block(captured):
     text = program.summary()
     for block in program.structure.blocks:
         assert f"\n{block.index:>5}  " in text
+        # layers whose attention skips RoPE, as transformers decides it (EXAONE-MoE's full attention)
+        attention = model.model.layers[block.index].self_attn
+        rotary = getattr(attention, "sliding_window", None) is None or getattr(attention, "is_sliding", True)
+        assert ("no RoPE" in program.info.attention[block.index]) == (not rotary), block.index
     assert "all (tied counted once)" in text
     assert f"E={program.structure.moe_blocks[0].mlp.num_experts}" in text
 
