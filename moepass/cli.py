@@ -516,6 +516,11 @@ def _generate(args: argparse.Namespace) -> None:
         TextStream(tokenizer, ids, write, stops) for ids, write in zip(prompts_ids, writers, strict=True)
     ]
     input_ids, attention_mask = _left_padded(prompts_ids, program.info.pad_token_id, device)
+
+    def stream_rows(tokens: torch.Tensor) -> None:
+        for row, stream in enumerate(streams):
+            stream(tokens[row : row + 1])
+
     generator = torch.Generator(device).manual_seed(args.seed)  # sampling draws where the logits are
     start = time.perf_counter()
     program.generate(
@@ -531,7 +536,7 @@ def _generate(args: argparse.Namespace) -> None:
         tokenizer=tokenizer,
         repetition_penalty=args.repetition_penalty,
         generator=generator,
-        streamer=lambda tokens: [stream(tokens[row : row + 1]) for row, stream in enumerate(streams)],
+        streamer=stream_rows,
         cache_implementation="static" if args.static_cache else "dynamic",
     )
     seconds = time.perf_counter() - start
@@ -549,7 +554,7 @@ def _generate(args: argparse.Namespace) -> None:
     done = f"\n\n[{steps} tokens" if rows == 1 else f"[{steps} steps x {rows} prompts"
     print(
         f"{done} in {seconds:.2f}s ({steps * rows / seconds:.1f} tokens/s), "
-        f"prompt{'s'[: rows - 1]} {lengths} tokens, {engine}]",
+        f"{'prompts' if rows > 1 else 'prompt'} {lengths} tokens, {engine}]",
         file=sys.stderr,
     )
 
