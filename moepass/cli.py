@@ -512,8 +512,10 @@ def _generate(args: argparse.Namespace) -> None:
     texts = [[] if args.chat else [prompt] for prompt in prompts]
     # one prompt streams; a batch's texts are printed once all are done (interleaved, unreadable)
     writers = [_streamed(texts[0])] if len(prompts) == 1 else [text.append for text in texts]
+    ends = program.info.eos_token_ids
     streams = [
-        TextStream(tokenizer, ids, write, stops) for ids, write in zip(prompts_ids, writers, strict=True)
+        TextStream(tokenizer, ids, write, stops, ends)
+        for ids, write in zip(prompts_ids, writers, strict=True)
     ]
     input_ids, attention_mask = _left_padded(prompts_ids, program.info.pad_token_id, device)
 
@@ -585,20 +587,30 @@ class TextStream:
     adds. Decoded after the prompt: a SentencePiece decoder drops the space before a text's first word,
     so decoding the new tokens alone would glue the first one to the prompt. Text that may begin a
     stop string is held back until it does not; a completed stop string and what follows it are never
-    written."""
+    written. An end id (EOS) ends the text unwritten: a batch pads its finished rows with it."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], write: Callable[[str], None], stops: list[str] = ()):
+    def __init__(
+        self,
+        tokenizer,
+        prompt_ids: list[int],
+        write: Callable[[str], None],
+        stops: list[str] = (),
+        end_ids: list[int] = (),
+    ):
         # a `tokenizers.Tokenizer` and a transformers tokenizer both decode so
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.prompt_ids, self.generated, self.write = prompt_ids, [], write
-        self.stops, self.stopped = list(stops), False
+        self.stops, self.end_ids, self.stopped, self.ended = list(stops), set(end_ids), False, False
         self.text = self.decode(prompt_ids)
         self.prompt_length = self.shown = len(self.text)  # `shown`: how much of the text is written
 
     def __call__(self, next_tokens: torch.Tensor) -> None:
-        if self.stopped:
+        if self.stopped or self.ended:
             return
         self.generated.append(int(next_tokens[0]))
+        if self.generated[-1] in self.end_ids:
+            self.ended = True
+            return
         text = self.decode(self.prompt_ids + self.generated)
         if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             return

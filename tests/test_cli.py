@@ -340,6 +340,13 @@ def test_streamed_text_keeps_the_space_a_sentencepiece_decoder_drops_at_the_star
                 stream(torch.tensor([token]))
             stream.finish()
             assert written == shown, stops
+        # an end id (EOS; a batch's padding after it) ends the text: what was held back still shows
+        written = []
+        stream = TextStream(tokenizer, prompt, written.append, ["nx"], end_ids=[2])
+        for token in (4, 2, 5, 2):
+            stream(torch.tensor([token]))
+        stream.finish()
+        assert written == [" eve", "n"] and stream.generated == [4, 2]
 
 
 def test_generation_stops_at_the_stop_strings_and_prints_the_text_before_them(capsys):
