@@ -239,9 +239,8 @@ def _convert_hunyuan_v1_moe(block, config) -> SparseMoE:
 def _convert_granitemoe(block, config) -> SparseMoE:
     """transformers takes the top-k logits and a softmax over those k (in fp32): the same experts and
     weights as Mixtral's renormalized softmax top-k, which onnxruntime's MoE op routes by itself."""
-    router = block.router
-    spec = RoutingSpec("softmax_topk", router.top_k, renormalize=True)
-    return SparseMoE(Router(router.weight, None, None, fp32=False), _experts(block, config), spec)
+    router, spec = _softmax_router(block.router, renormalize=True)
+    return SparseMoE(router, _experts(block, config), spec)
 
 
 def _convert_phimoe(block, config) -> SparseMoE:
