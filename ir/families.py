@@ -243,6 +243,17 @@ def _convert_granitemoe(block, config) -> SparseMoE:
     return SparseMoE(router, _experts(block, config), spec)
 
 
+def _convert_afmoe(block, config) -> SparseMoE:
+    """DeepSeek-V3's sigmoid routing without groups: the selection bias is the block's `expert_bias`,
+    the renormalized weights are scaled by `route_scale`; an always-on shared MLP."""
+    gate = block.router.gate
+    spec = RoutingSpec(
+        "sigmoid_topk", block.router.top_k, renormalize=True, scale=float(block.router.route_scale)
+    )
+    router = Router(gate.weight, None, block.expert_bias, fp32=False)
+    return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
+
+
 def _convert_phimoe(block, config) -> SparseMoE:
     router = block.router
     spec = RoutingSpec("sparsemixer", 2, jitter_eps=float(router.router_jitter_noise))
@@ -353,6 +364,20 @@ _register(
         _convert_granitemoe,
         router_name="router",
         mlp_name="block_sparse_moe",
+    )
+)
+# Arcee Trinity: norms on both sides of each sub-layer; a sigmoid gate on the attention output; sliding
+# layers use RoPE, the full-attention ones none
+_register(
+    Family(
+        "afmoe",
+        "AFMoE",
+        ("AfmoeSparseMoeBlock",),
+        _convert_afmoe,
+        ("qk-norm", "gated output"),
+        router_name="router.gate",
+        correction_bias_name="expert_bias",
+        rotary_in_layer=lambda config, layer: config.layer_types[layer] == "sliding_attention",
     )
 )
 _register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe, router_name="router"))

@@ -42,7 +42,7 @@ def register_experts_op(op, spec: ExpertsOp) -> None:
 
 # Module paths of the transformers causal-LM layout shared by every supported family.
 EMBEDDINGS, LAYERS, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.layers", "model.norm", "lm_head"
-ATTENTION, INPUT_NORM, POST_NORM, MLP = "self_attn", "input_layernorm", "post_attention_layernorm", "mlp"
+ATTENTION, MLP = "self_attn", "mlp"
 BLOCK_PATH = re.compile(rf"^{re.escape(LAYERS)}\.(\d+)(?:\.|$)")
 _RESIDUAL_ADD = torch.ops.aten.add.Tensor
 
@@ -111,14 +111,15 @@ class BlockEntry:
     module: str
     input: str
     output: str
-    input_norm: Entry
+    norms: list[
+        Entry
+    ]  # the block's own norms still in the graph: pre-norms, and post-norms where it has them
     attention: AttentionEntry
     attention_residual: str
-    post_attention_norm: Entry | None
     mlp: MoEEntry | Entry | None
     mlp_residual: str | None
     mlp_input: str | None = None  # the normalised hidden state the MLP reads
-    mlp_output: str | None = None  # what the MLP adds to the residual stream
+    mlp_output: str | None = None  # what the MLP returns (AFMoE norms it before the residual add)
 
     @property
     def is_moe(self) -> bool:
@@ -148,8 +149,9 @@ class StructureMap:
         """Every entry with nodes/params, for the verifier and reports."""
         yield self.embeddings
         for block in self.blocks:
-            yield from (block.input_norm, block.attention)
-            yield from (e for e in (block.post_attention_norm, block.mlp) if e is not None)
+            yield from (*block.norms, block.attention)
+            if block.mlp is not None:
+                yield block.mlp
             if isinstance(block.mlp, MoEEntry):
                 yield from (e for e in (block.mlp.shared_experts, block.mlp.shared_expert_gate) if e)
         yield from (self.final_norm, self.lm_head)
@@ -221,7 +223,7 @@ def _block(graph_module, index, entry, nodes, by_module, past, note, mlp_name) -
     )
     first, second = [*adds, None, None][:2]
     has_mlp = second is not None
-    mlp = mlp_input = None
+    mlp = mlp_input = mlp_output = None
     if has_mlp:
         mlp_path = f"{path}.{mlp_name}"
         route = [nodes[n] for n in entry(mlp_path).nodes if nodes[n].target is ROUTE]
@@ -234,19 +236,24 @@ def _block(graph_module, index, entry, nodes, by_module, past, note, mlp_name) -
             if a.name not in inside and a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
         }
         mlp_input = next(iter(feeds)) if len(feeds) == 1 else None
+        results = {n for n in mlp.nodes if any(u.name not in inside for u in nodes[n].users)}
+        mlp_output = next(iter(results)) if len(results) == 1 else None
+    # the layer's children named *norm*: input/post-attention norms, and AFMoE's pre/post-MLP ones
+    # (after an MLP drop, those the graph no longer computes are gone)
+    children = dict.fromkeys(p[len(path) + 1 :].split(".")[0] for p in by_module if p.startswith(path + "."))
+    norms = [entry(f"{path}.{name}") for name in children if "norm" in name]
     return BlockEntry(
         index=index,
         module=path,
         input=first.args[0].name if first is not None else "",
         output=(second or first).name if first is not None else "",
-        input_norm=entry(f"{path}.{INPUT_NORM}"),
+        norms=norms,
         attention=attention,
         attention_residual=first.name if first is not None else "",
-        post_attention_norm=entry(f"{path}.{POST_NORM}") if has_mlp else None,
         mlp=mlp,
         mlp_residual=second.name if has_mlp else None,
         mlp_input=mlp_input,
-        mlp_output=second.args[1].name if has_mlp else None,
+        mlp_output=mlp_output,
     )
 
 

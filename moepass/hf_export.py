@@ -110,12 +110,13 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
         if isinstance(config.get(key), list):
             config[key] = [config[key][i] for i in blocks]
     structure = program.structure
-    if "first_k_dense_replace" in config:
-        kinds = [structure.block(i).is_moe for i in blocks]
-        leading = next((i for i, is_moe in enumerate(kinds) if is_moe), len(kinds))
-        if any(not k for k in kinds[leading:]):
-            raise NotExpressibleError(f"dense layers are no longer all before the MoE layers{hint}")
-        config["first_k_dense_replace"] = leading
+    for key in ("first_k_dense_replace", "num_dense_layers"):  # DeepSeek-V3's and AFMoE's leading dense
+        if key in config:
+            kinds = [structure.block(i).is_moe for i in blocks]
+            leading = next((i for i, is_moe in enumerate(kinds) if is_moe), len(kinds))
+            if any(not k for k in kinds[leading:]):
+                raise NotExpressibleError(f"dense layers are no longer all before the MoE layers{hint}")
+            config[key] = leading
     if "moe_layer_start_index" in config:
         config.update(_moe_layer_range(config, [structure.block(i).is_moe for i in blocks], hint))
     if config.get("mlp_only_layers"):

@@ -152,9 +152,8 @@ def categorize(program: MoEProgram) -> dict[str, str]:
 
     for block in structure.blocks:
         mark(block.attention.params, "attention")
-        mark(block.input_norm.params, "norms")
-        if block.post_attention_norm is not None:
-            mark(block.post_attention_norm.params, "norms")
+        for norm in block.norms:
+            mark(norm.params, "norms")
         if isinstance(block.mlp, MoEEntry):
             moe = block.mlp
             mark([moe.router_weight, moe.router_bias, moe.correction_bias], "router")
@@ -169,6 +168,11 @@ def categorize(program: MoEProgram) -> dict[str, str]:
     mark(structure.embeddings.params, "embeddings")
     mark(structure.lm_head.params, "lm_head")
     mark(structure.final_norm.params, "norms")
+    prelude = set(structure.prelude)  # rotary frequency tables
+    mark(
+        [n.target for n in program.graph_module.graph.nodes if n.op == "get_attr" and n.name in prelude],
+        "positions",
+    )
     # tensors a pass installed beside known ones (AWQ's input scales) belong to the same module's
     # weights, not to its biases (GPT-OSS's experts module holds both)
     owners: dict[str, str] = {}
@@ -228,6 +232,7 @@ def coverage_table(table: dict[str, dict], title: str = "Compression coverage") 
         "embeddings",
         "lm_head",
         "norms",
+        "positions",
         "other",
     ]
     rows = []

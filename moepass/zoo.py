@@ -191,6 +191,22 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             logits_scaling=2.0,
         ),
     ),
+    "afmoe": (
+        "AfmoeConfig",
+        "AfmoeForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_shared_experts=1,
+            num_dense_layers=1,
+            route_scale=2.5,
+            head_dim=16,
+            sliding_window=8,
+            global_attn_every_n_layers=2,  # sliding (with RoPE), full (without), sliding
+            mup_enabled=True,
+        ),
+    ),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
     "gpt_oss": (
         "GptOssConfig",

@@ -65,18 +65,23 @@ def hf_keep_experts(model, keep: dict[int, list[int]]):
         block = hf_mlp(ref, ref.model.layers[index])
         rows = torch.tensor(kept)
         router = block.gate if hasattr(block, "gate") else block.router
-        linear = getattr(router, "wg", router)  # Hunyuan's router holds its weight in a linear `wg`
+        # Hunyuan's router holds its weight in a linear `wg`, AFMoE's in `gate`
+        linear = getattr(router, "wg", getattr(router, "gate", router))
         linear.weight = torch.nn.Parameter(linear.weight[rows])
         if getattr(linear, "bias", None) is not None:
             linear.bias = torch.nn.Parameter(linear.bias[rows])
-        # DeepSeek's router holds it, MiniMax-M2's block, ERNIE-4.5's router statistics ([1, E])
+        # DeepSeek's router holds it, MiniMax-M2's block, ERNIE-4.5's router statistics ([1, E]);
+        # AFMoE's block calls it `expert_bias`
         for holder in (router, block, getattr(router, "moe_statics", None)):
-            bias = getattr(holder, "e_score_correction_bias", None)
-            if bias is not None:
-                sliced = bias[..., rows]
-                holder.e_score_correction_bias = (
-                    nn.Parameter(sliced, False) if isinstance(bias, nn.Parameter) else sliced
-                )
+            for name in ("e_score_correction_bias", "expert_bias"):
+                bias = getattr(holder, name, None)
+                if bias is not None:
+                    sliced = bias[..., rows]
+                    setattr(
+                        holder,
+                        name,
+                        nn.Parameter(sliced, False) if isinstance(bias, nn.Parameter) else sliced,
+                    )
         router.top_k = min(router.top_k, len(kept))
         router.num_experts = len(kept)
         experts = block.experts

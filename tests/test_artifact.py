@@ -89,6 +89,7 @@ def test_moepass_format_round_trip(family, tmp_path):
         "hunyuan_v1_moe",
         "granitemoe",
         "exaone_moe",
+        "afmoe",
         "gpt_oss",
         "phimoe",
     ],
@@ -108,12 +109,19 @@ def test_transformers_format_loads_in_stock_transformers(family, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "family,key", [("glm4_moe_lite", "mlp_layer_types"), ("gpt_oss", "layer_types"), ("dots1", "layer_types")]
+    "family,key",
+    [
+        ("glm4_moe_lite", "mlp_layer_types"),
+        ("gpt_oss", "layer_types"),
+        ("dots1", "layer_types"),
+        ("afmoe", "layer_types"),
+    ],
 )
 def test_transformers_format_drops_the_first_blocks_entry_of_per_layer_lists(family, key, tmp_path):
-    """Block 0 is GLM-4-MoE-Lite's dense MLP, GPT-OSS's sliding attention and dots.llm1's dense MLP
-    under full attention (its later layers slide): the config's per-layer list must lose that entry,
-    or stock transformers builds the remaining layers of the wrong kinds."""
+    """Block 0 is GLM-4-MoE-Lite's dense MLP, GPT-OSS's sliding attention, dots.llm1's dense MLP
+    under full attention (its later layers slide) and AFMoE's dense MLP under sliding attention: the
+    config's per-layer list must lose that entry and the count of leading dense layers drop to 0, or
+    stock transformers builds the remaining layers of the wrong kinds."""
     _, original = captured(family)
     program = original.fork()
     drop_block(program, 0)

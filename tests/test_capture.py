@@ -244,10 +244,12 @@ def test_structure_map(captured):
         assert block.attention.params and all(
             p.startswith(block.attention.module) for p in block.attention.params
         )
-        assert block.input_norm.params == [
-            f"model.layers.{block.index}.input_layernorm." + n
-            for n, _ in hf_layer.input_layernorm.named_parameters()
-        ]
+        hf_norms = {
+            f"{block.module}.{name}": norm for name, norm in hf_layer.named_children() if "norm" in name
+        }
+        assert {norm.module for norm in block.norms} == hf_norms.keys()
+        for norm in block.norms:
+            assert norm.params == [f"{norm.module}.{n}" for n, _ in hf_norms[norm.module].named_parameters()]
         if block.is_moe:
             moe = block.mlp
             assert isinstance(moe, MoEEntry)
@@ -279,9 +281,11 @@ def test_printer_lists_every_block(captured):
     text = program.summary()
     for block in program.structure.blocks:
         assert f"\n{block.index:>5}  " in text
-        # layers whose attention skips RoPE, as transformers decides it (EXAONE-MoE's full attention)
+        # layers whose attention skips RoPE, as transformers decides it (EXAONE-MoE's and AFMoE's full
+        # attention)
         attention = model.model.layers[block.index].self_attn
         rotary = getattr(attention, "sliding_window", None) is None or getattr(attention, "is_sliding", True)
+        rotary = getattr(attention, "is_local_attention", rotary)
         assert ("no RoPE" in program.info.attention[block.index]) == (not rotary), block.index
     assert "all (tied counted once)" in text
     assert f"E={program.structure.moe_blocks[0].mlp.num_experts}" in text

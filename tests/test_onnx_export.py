@@ -102,6 +102,7 @@ ONE_MOE_LAYER = {
     "hunyuan_v1_moe": 1,
     "granitemoe": 1,
     "exaone_moe": 2,
+    "afmoe": 2,
 }
 ROUTED_IN_THE_GRAPH = {
     "phimoe",
@@ -113,6 +114,7 @@ ROUTED_IN_THE_GRAPH = {
     "minimax_m2",
     "ernie4_5_moe",
     "exaone_moe",
+    "afmoe",
 }
 
 

@@ -327,6 +327,7 @@ METHODS = {
     "hunyuan_v1_moe": "gptq",
     "granitemoe": "awq",
     "exaone_moe": "sparsegpt",
+    "afmoe": "awq",
     "phimoe": "awq",
     "gpt_oss": "wanda",
 }

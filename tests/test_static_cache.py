@@ -12,7 +12,7 @@ from moepass.ir import static_cache
 from moepass.ir.static_cache import StaticCache, StaticCachePool, static_capacity
 
 WINDOW = 8  # the random configs' sliding-window layers, in these families:
-SLIDING = ("gpt_oss", "dots1", "exaone_moe")
+SLIDING = ("gpt_oss", "dots1", "exaone_moe", "afmoe")
 
 
 def _padded_prompt(vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from moepass.errors import MoepassError
 from moepass.hf_export import hf_checkpoint
 from moepass.ir.families import FAMILIES as FAMILY_SPECS
 from moepass.ir.surgery import drop_block, drop_mlp, keep_experts
+from moepass.slimming import categorize
 
 
 class _ZeroMLP(torch.nn.Module):
@@ -56,6 +57,15 @@ def test_drop_block_and_mlp_match_module_surgery(family, seed):
     assert [b.index for b in program.structure.blocks] == [0, 2]
     assert program.structure.block(2).mlp is None
     assert sum(p.numel() for p in program.parameters()) < params_before
+    # the block keeps its attention's norms only (AFMoE norms the attention's output too), and the
+    # coverage report still finds a category for every tensor left
+    kept_norms = ["input_layernorm", "post_attention_layernorm"] if family == "afmoe" else ["input_layernorm"]
+    assert [norm.module for norm in program.structure.block(2).norms] == [
+        f"model.layers.2.{n}" for n in kept_norms
+    ]
+    graph_module = program.graph_module
+    tensors = [name for name, _ in [*graph_module.named_parameters(), *graph_module.named_buffers()]]
+    assert set(tensors) <= categorize(program).keys()
     reference = _reference_without(_reference_without(model, mlp=2), block=1)
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     with torch.no_grad():

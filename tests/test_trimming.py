@@ -49,16 +49,12 @@ class _Hooks:
             router = getattr(mlp, "router", router)
             if router is not None and hasattr(mlp, "experts"):
                 hooks.append(router.register_forward_hook(self._keep(self.router, i, lambda o: o)))
+            # the MLP's pre-norm: AFMoE's `post_attention_layernorm` norms the attention's output
+            mlp_norm = getattr(layer, "pre_mlp_layernorm", layer.post_attention_layernorm)
             hooks.append(
-                layer.post_attention_layernorm.register_forward_pre_hook(
-                    self._keep(self.unit_in, i, lambda a: a[0], pre=True)
-                )
+                mlp_norm.register_forward_pre_hook(self._keep(self.unit_in, i, lambda a: a[0], pre=True))
             )
-            hooks.append(
-                layer.post_attention_layernorm.register_forward_hook(
-                    self._keep(self.norm_out, i, lambda o: o)
-                )
-            )
+            hooks.append(mlp_norm.register_forward_hook(self._keep(self.norm_out, i, lambda o: o)))
             hooks.append(
                 mlp.register_forward_hook(
                     self._keep(self.mlp_out, i, lambda o: o[0] if isinstance(o, tuple) else o)
