@@ -303,6 +303,8 @@ _register(
 )
 _register(Family("qwen3_moe", "Qwen3-MoE", ("Qwen3MoeSparseMoeBlock",), _convert_qwen_olmoe, ("qk-norm",)))
 _register(Family("olmoe", "OLMoE", ("OlmoeSparseMoeBlock",), _convert_qwen_olmoe, ("qk-norm",)))
+# FlexOlmo: OLMoE's block in OLMo-2's layers, which norm each sub-layer's output instead of its input
+_register(Family("flex_olmo", "FlexOlmo", ("FlexOlmoSparseMoeBlock",), _convert_qwen_olmoe, ("qk-norm",)))
 _register(Family("deepseek_v2", "DeepSeek-V2", ("DeepseekV2Moe",), _convert_deepseek_v2))
 _register(Family("deepseek_v3", "DeepSeek-V3", ("DeepseekV3MoE",), _convert_deepseek_v3))
 # GLM-4.5/4.6: DeepSeek-V3's MoE block (grouped sigmoid routing, shared experts) under GQA attention

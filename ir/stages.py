@@ -55,21 +55,26 @@ def split_stages(
 def observing_stage(graph_module: fx.GraphModule, key: str, observe: set[str]) -> Stage:
     """The part of stage `key` that computes the nodes in `observe`, returning exactly those: a
     search that scores candidates by an attention output, or statistics of a projection's input,
-    need not run the rest of the block (its experts, above all) on every calibration batch."""
+    need not run the rest of the block (its experts, above all) on every calibration batch. A value
+    the block reads from earlier stages is observed as it enters (a post-norm block's attention reads
+    the residual stream itself)."""
     owner, order = _owners(graph_module.graph)
     _check_stage(key, order)
     by_name = {n.name: n for n in graph_module.graph.nodes}
-    strangers = sorted(name for name in observe if owner.get(name) != key)
+    read = {a.name for n in graph_module.graph.nodes if owner.get(n.name) == key for a in n.all_input_nodes}
+    entering = [name for name in observe if owner.get(name) != key and name in read]
+    strangers = sorted(name for name in observe if owner.get(name) != key and name not in read)
     if strangers:
         raise ValueError(f"{key} computes no node named {', '.join(strangers)}")
-    needed, pending = set(), [by_name[name] for name in observe]
+    needed, pending = set(), [by_name[name] for name in observe if name not in entering]
     while pending:  # the observed nodes' ancestors inside the stage
         node = pending.pop()
         if node.name not in needed:
             needed.add(node.name)
             pending += [a for a in node.all_input_nodes if owner.get(a.name) == key]
     members = [n for n in graph_module.graph.nodes if n.name in needed]
-    return _build(graph_module, key, members, [n.name for n in members if n.name in observe])
+    outputs = [*entering, *(n.name for n in members if n.name in observe)]
+    return _build(graph_module, key, members, outputs, [by_name[name] for name in entering])
 
 
 def _owners(graph: fx.Graph) -> tuple[dict[str, str], list[str]]:
@@ -103,11 +108,18 @@ def _block_key(node: fx.Node) -> str | None:
     return f"block {path.split('.')[2]}"
 
 
-def _build(graph_module: fx.GraphModule, key: str, members: list[fx.Node], outputs: list[str]) -> Stage:
+def _build(
+    graph_module: fx.GraphModule,
+    key: str,
+    members: list[fx.Node],
+    outputs: list[str],
+    entering: list[fx.Node] = (),
+) -> Stage:
+    """`entering`: earlier values to take as inputs and return as they are, read by a member or not."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     member_names = {n.name for n in members}
-    external = {
+    external = {s.name: s for s in entering} | {
         s.name: s
         for n in members
         for s in n.all_input_nodes
@@ -126,7 +138,7 @@ def _build(graph_module: fx.GraphModule, key: str, members: list[fx.Node], outpu
         for source in node.all_input_nodes:
             lookup(source)
         env[node] = graph.node_copy(node, lookup)
-    by_name = {n.name: env[n] for n in members}
+    by_name = {n.name: env[n] for n in [*members, *entering]}
     graph.output(tuple(by_name[name] for name in outputs))
     block = int(key.split()[1]) if key.startswith("block") else None
     return Stage(key, block, fx.GraphModule(graph_module, graph), list(external), outputs)

@@ -191,6 +191,7 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             logits_scaling=2.0,
         ),
     ),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(intermediate_size=48, num_experts=8)),
     "afmoe": (
         "AfmoeConfig",
         "AfmoeForCausalLM",

@@ -90,6 +90,7 @@ def test_moepass_format_round_trip(family, tmp_path):
         "granitemoe",
         "exaone_moe",
         "afmoe",
+        "flex_olmo",
         "gpt_oss",
         "phimoe",
     ],

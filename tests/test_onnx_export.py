@@ -103,6 +103,7 @@ ONE_MOE_LAYER = {
     "granitemoe": 1,
     "exaone_moe": 2,
     "afmoe": 2,
+    "flex_olmo": 1,
 }
 ROUTED_IN_THE_GRAPH = {
     "phimoe",

@@ -328,6 +328,7 @@ METHODS = {
     "granitemoe": "awq",
     "exaone_moe": "sparsegpt",
     "afmoe": "awq",
+    "flex_olmo": "gptq",
     "phimoe": "awq",
     "gpt_oss": "wanda",
 }

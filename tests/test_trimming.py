@@ -49,12 +49,20 @@ class _Hooks:
             router = getattr(mlp, "router", router)
             if router is not None and hasattr(mlp, "experts"):
                 hooks.append(router.register_forward_hook(self._keep(self.router, i, lambda o: o)))
-            # the MLP's pre-norm: AFMoE's `post_attention_layernorm` norms the attention's output
-            mlp_norm = getattr(layer, "pre_mlp_layernorm", layer.post_attention_layernorm)
-            hooks.append(
-                mlp_norm.register_forward_pre_hook(self._keep(self.unit_in, i, lambda a: a[0], pre=True))
-            )
-            hooks.append(mlp_norm.register_forward_hook(self._keep(self.norm_out, i, lambda o: o)))
+            # the MLP's pre-norm: AFMoE's `post_attention_layernorm` norms the attention's output;
+            # FlexOlmo's layers norm no sub-layer's input, so their MLP reads the residual stream
+            if hasattr(layer, "input_layernorm"):
+                mlp_norm = getattr(layer, "pre_mlp_layernorm", layer.post_attention_layernorm)
+                unit_in = mlp_norm.register_forward_pre_hook(
+                    self._keep(self.unit_in, i, lambda a: a[0], pre=True)
+                )
+                norm_out = mlp_norm.register_forward_hook(self._keep(self.norm_out, i, lambda o: o))
+            else:
+                unit_in = mlp.register_forward_pre_hook(self._keep(self.unit_in, i, lambda a: a[0], pre=True))
+                norm_out = mlp.register_forward_pre_hook(
+                    self._keep(self.norm_out, i, lambda a: a[0], pre=True)
+                )
+            hooks += [unit_in, norm_out]
             hooks.append(
                 mlp.register_forward_hook(
                     self._keep(self.mlp_out, i, lambda o: o[0] if isinstance(o, tuple) else o)
