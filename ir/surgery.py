@@ -48,7 +48,8 @@ def drop_block(program, index: int) -> None:
 
 
 def drop_mlp(program, index: int) -> None:
-    """Remove block `index`'s MLP sub-layer and its pre-norm: the block becomes h + Attn(Norm(h))."""
+    """Remove block `index`'s MLP sub-layer and the norms only it used (its pre-norm; AFMoE's and
+    FlexOlmo's post-norm): the block becomes its attention sub-layer, h + Attn(h) with its norms."""
     block = program.structure.block(index)
     if block.mlp_residual is None:
         raise MoepassError(f"block {index} has no MLP sub-layer left to drop")
