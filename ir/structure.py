@@ -111,14 +111,13 @@ class BlockEntry:
     module: str
     input: str
     output: str
-    norms: list[
-        Entry
-    ]  # the block's own norms still in the graph: pre-norms, and post-norms where it has them
+    # the block's norms still in the graph: pre-norms, and post-norms where the family has them
+    norms: list[Entry]
     attention: AttentionEntry
     attention_residual: str
     mlp: MoEEntry | Entry | None
     mlp_residual: str | None
-    mlp_input: str | None = None  # the normalised hidden state the MLP reads
+    mlp_input: str | None = None  # what the MLP reads: the normed hidden state (post-norm layers: h)
     mlp_output: str | None = None  # what the MLP returns (AFMoE norms it before the residual add)
 
     @property
@@ -238,8 +237,8 @@ def _block(graph_module, index, entry, nodes, by_module, past, note, mlp_name) -
         mlp_input = next(iter(feeds)) if len(feeds) == 1 else None
         results = {n for n in mlp.nodes if any(u.name not in inside for u in nodes[n].users)}
         mlp_output = next(iter(results)) if len(results) == 1 else None
-    # the layer's children named *norm*: input/post-attention norms, and AFMoE's pre/post-MLP ones
-    # (after an MLP drop, those the graph no longer computes are gone)
+    # the layer's children named *norm*: input and post-attention norms, AFMoE's pre/post-MLP ones,
+    # FlexOlmo's post-feedforward one (after an MLP drop, those the graph no longer computes are gone)
     children = dict.fromkeys(p[len(path) + 1 :].split(".")[0] for p in by_module if p.startswith(path + "."))
     norms = [entry(f"{path}.{name}") for name in children if "norm" in name]
     return BlockEntry(
