@@ -551,11 +551,13 @@ def _generate(args: argparse.Namespace) -> None:
         engine += ", int8 activations"
     if args.compile:
         engine += ", torch.compile: the time includes compiling for the prompt and for one token"
+    # a batch steps until its longest row ends; rows that ended earlier count the tokens they kept
     steps, rows = max(len(stream.generated) for stream in streams), len(streams)
+    tokens = sum(len(stream.generated) for stream in streams)
     lengths = ", ".join(str(len(ids)) for ids in prompts_ids)
-    done = f"\n\n[{steps} tokens" if rows == 1 else f"[{steps} steps x {rows} prompts"
+    done = f"\n\n[{steps} tokens" if rows == 1 else f"[{steps} steps x {rows} prompts: {tokens} tokens"
     print(
-        f"{done} in {seconds:.2f}s ({steps * rows / seconds:.1f} tokens/s), "
+        f"{done} in {seconds:.2f}s ({tokens / seconds:.1f} tokens/s), "
         f"{'prompts' if rows > 1 else 'prompt'} {lengths} tokens, {engine}]",
         file=sys.stderr,
     )

@@ -367,26 +367,34 @@ def test_generation_stops_at_the_stop_strings_and_prints_the_text_before_them(ca
 
 def test_a_batch_of_prompts_prints_what_each_prompt_gives_alone(capsys):
     """Prompts of different lengths, left-padded into one batch: each text is what it gives alone,
-    greedy; a stop string ends the rows that reach it and leaves the others running."""
+    greedy; a stop string ends the rows that reach it and leaves the others running. The stats line
+    counts the tokens each row kept, as its run alone does."""
     prompts = ["It is a truth", "The king said that", "Once"]
-    alone = []
-    for prompt in prompts:
-        assert main(["generate", "builtin:tiny-mixtral", "--prompt", prompt, "--max-new-tokens", "10"]) == 0
-        alone.append(capsys.readouterr().out.rstrip("\n"))
-    second = alone[1][len(prompts[1]) :]
-    stop = next(second[i : i + 3] for i in range(len(second)) if second[i : i + 3] not in alone[0] + alone[2])
+
+    def alone(prompt: str, *options: str) -> tuple[str, int]:
+        argv = ["generate", "builtin:tiny-mixtral", "--prompt", prompt, "--max-new-tokens", "10", *options]
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        return captured.out.rstrip("\n"), int(captured.err.split("[")[-1].split()[0])
+
+    texts, counts = zip(*(alone(prompt) for prompt in prompts), strict=True)
+    second = texts[1][len(prompts[1]) :]
+    stop = next(second[i : i + 3] for i in range(len(second)) if second[i : i + 3] not in texts[0] + texts[2])
+    stopped = alone(prompts[1], "--stop", stop)
     argv = ["generate", "builtin:tiny-mixtral", "--max-new-tokens", "10"]
     for prompt in prompts:
         argv += ["--prompt", prompt]
     for options, expected in (
-        ([], alone),
-        (["--stop", stop], [alone[0], alone[1][: alone[1].index(stop, len(prompts[1]))], alone[2]]),
+        ([], zip(texts, counts, strict=True)),
+        (["--stop", stop], [(texts[0], counts[0]), stopped, (texts[2], counts[2])]),
     ):
+        expected = list(expected)
         assert main([*argv, *options]) == 0
         captured = capsys.readouterr()
-        blocks = [f"[{i}/3]\n{text}\n\n" for i, text in enumerate(expected, 1)]
+        blocks = [f"[{i}/3]\n{text}\n\n" for i, (text, _) in enumerate(expected, 1)]
         assert captured.out == "".join(blocks), options
-        assert "[10 steps x 3 prompts in " in captured.err
+        steps, tokens = max(count for _, count in expected), sum(count for _, count in expected)
+        assert f"[{steps} steps x 3 prompts: {tokens} tokens in " in captured.err
     assert main([*argv, "--prompt", ""]) == 2
     assert "prompt 4 ('') is empty after tokenization" in capsys.readouterr().err
 
