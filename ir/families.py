@@ -313,6 +313,8 @@ _register(Family("glm4_moe", "GLM-4-MoE", ("Glm4MoeMoE",), _convert_deepseek_v3)
 _register(Family("glm4_moe_lite", "GLM-4-MoE-Lite", ("Glm4MoeLiteMoE",), _convert_deepseek_v3))
 # dots.llm1: the same block under GQA attention with qk-norm, its last layers sliding-window
 _register(Family("dots1", "dots.llm1", ("Dots1MoE",), _convert_deepseek_v3, ("qk-norm",)))
+# Solar Open: the same block (fp32 router) in plain GQA layers, every one MoE
+_register(Family("solar_open", "Solar Open", ("SolarOpenMoE",), _convert_deepseek_v3))
 # K-EXAONE: the same block (fp32 router) under qk-norm attention; sliding layers use RoPE, the others none
 _register(
     Family(

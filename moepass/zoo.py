@@ -139,6 +139,19 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             max_window_layers=2,  # layers from the third on slide
         ),
     ),
+    "solar_open": (
+        "SolarOpenConfig",
+        "SolarOpenForCausalLM",
+        dict(
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            head_dim=16,
+        ),
+    ),
     "exaone_moe": (
         "ExaoneMoeConfig",
         "ExaoneMoeForCausalLM",

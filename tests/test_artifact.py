@@ -91,6 +91,7 @@ def test_moepass_format_round_trip(family, tmp_path):
         "exaone_moe",
         "afmoe",
         "flex_olmo",
+        "solar_open",
         "gpt_oss",
         "phimoe",
     ],

@@ -104,6 +104,7 @@ ONE_MOE_LAYER = {
     "exaone_moe": 2,
     "afmoe": 2,
     "flex_olmo": 1,
+    "solar_open": 1,
 }
 ROUTED_IN_THE_GRAPH = {
     "phimoe",
@@ -116,6 +117,7 @@ ROUTED_IN_THE_GRAPH = {
     "ernie4_5_moe",
     "exaone_moe",
     "afmoe",
+    "solar_open",
 }
 
 

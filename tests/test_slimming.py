@@ -337,6 +337,7 @@ METHODS = {
     "exaone_moe": "sparsegpt",
     "afmoe": "awq",
     "flex_olmo": "gptq",
+    "solar_open": "wanda",
     "phimoe": "awq",
     "gpt_oss": "wanda",
 }
