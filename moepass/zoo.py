@@ -66,6 +66,16 @@ _MLA: dict[str, Any] = dict(
     qk_rope_head_dim=8,
     v_head_dim=8,
 )
+# DeepSeek-V3's block under GQA attention (GLM-4-MoE, dots.llm1, Solar Open): 2 groups, 1 chosen
+_GROUPED_GQA: dict[str, Any] = dict(
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    head_dim=16,
+)
 # family -> (config class, model class, config overrides for a tiny model)
 RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
@@ -103,18 +113,7 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "glm4_moe": (
         "Glm4MoeConfig",
         "Glm4MoeForCausalLM",
-        dict(
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=2.5,
-            head_dim=16,
-            use_qk_norm=True,
-            attention_bias=True,
-        ),
+        dict(_GROUPED_GQA, intermediate_size=96, use_qk_norm=True, attention_bias=True),
     ),
     "glm4_moe_lite": (
         "Glm4MoeLiteConfig",
@@ -125,33 +124,15 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "Dots1Config",
         "Dots1ForCausalLM",
         dict(
+            _GROUPED_GQA,
             intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            n_shared_experts=1,
             first_k_dense_replace=1,
-            n_group=2,
-            topk_group=1,
             norm_topk_prob=True,
-            routed_scaling_factor=2.5,
-            head_dim=16,
             sliding_window=8,
             max_window_layers=2,  # layers from the third on slide
         ),
     ),
-    "solar_open": (
-        "SolarOpenConfig",
-        "SolarOpenForCausalLM",
-        dict(
-            moe_intermediate_size=32,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=2.5,
-            head_dim=16,
-        ),
-    ),
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(_GROUPED_GQA)),
     "exaone_moe": (
         "ExaoneMoeConfig",
         "ExaoneMoeForCausalLM",
