@@ -109,18 +109,17 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
     for key in ("layer_types", "mlp_layer_types"):  # per-layer attention kinds; GLM-4-MoE-Lite's MLP kinds
         if isinstance(config.get(key), list):
             config[key] = [config[key][i] for i in blocks]
-    structure = program.structure
+    kinds = [program.structure.block(i).is_moe for i in blocks]  # per kept layer: MoE or dense
+    leading = next((new for new, is_moe in enumerate(kinds) if is_moe), len(kinds))
     for key in ("first_k_dense_replace", "num_dense_layers"):  # DeepSeek-V3's and AFMoE's leading dense
         if key in config:
-            kinds = [structure.block(i).is_moe for i in blocks]
-            leading = next((i for i, is_moe in enumerate(kinds) if is_moe), len(kinds))
-            if any(not k for k in kinds[leading:]):
+            if not all(kinds[leading:]):
                 raise NotExpressibleError(f"dense layers are no longer all before the MoE layers{hint}")
             config[key] = leading
     if "moe_layer_start_index" in config:
-        config.update(_moe_layer_range(config, [structure.block(i).is_moe for i in blocks], hint))
+        config.update(_moe_layer_range(config, kinds, hint))
     if config.get("mlp_only_layers"):
-        config["mlp_only_layers"] = [new for new, i in enumerate(blocks) if not structure.block(i).is_moe]
+        config["mlp_only_layers"] = [new for new, is_moe in enumerate(kinds) if not is_moe]
     if config.get("decoder_sparse_step", 1) != 1 and len(blocks) != program.info.num_layers:
         raise NotExpressibleError(
             f"decoder_sparse_step={config['decoder_sparse_step']} cannot describe the remaining layers{hint}"
