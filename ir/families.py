@@ -61,6 +61,14 @@ def family_of(model: nn.Module) -> Family:
     config = model.config
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type)
+    text = getattr(config, "text_config", None)
+    if family is None and getattr(text, "model_type", None) in FAMILIES:  # a multimodal checkpoint
+        display = FAMILIES[text.model_type].display
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is multimodal; moepass compresses its {display} text model: load "
+            f"that with AutoModelForCausalLM.from_pretrained(<its checkpoint>) (or give the checkpoint "
+            f"directory to the `moepass` CLI), which reads the text weights only"
+        )
     if family is None:
         kind = "dense (non-MoE) model" if _looks_dense(model) else "model"
         raise UnsupportedModelError(
@@ -120,10 +128,14 @@ def attention_description(config, layer: int, family: Family) -> str:
     if layer_types is not None and layer < len(layer_types):
         if layer_types[layer] == "sliding_attention" and sliding:
             parts.append(f"sliding {sliding}")
+        if layer_types[layer] == "chunked_attention" and getattr(config, "attention_chunk_size", None):
+            parts.append(f"chunked {config.attention_chunk_size}")  # Llama-4: causal within each chunk
     elif sliding and use_sliding:
         parts.append(f"sliding {sliding}")
     if family.rotary_in_layer is not None and not family.rotary_in_layer(config, layer):
         parts.append("no RoPE")
+        if getattr(config, "attn_temperature_tuning", False):  # Llama-4: queries scaled by position
+            parts.append(f"temperature step {config.floor_scale}")
     return ", ".join([*parts, *family.attention_notes])
 
 
@@ -254,6 +266,33 @@ def _convert_afmoe(block, config) -> SparseMoE:
     return SparseMoE(router, _experts(block, config), spec, block.shared_experts)
 
 
+def _convert_llama4(block, config) -> SparseMoE:
+    """Top-1 on the router's logits, weighted by the chosen logit's sigmoid, which scales the expert's
+    input; experts stored transposed ([E, H, 2I], gate then up); an always-on shared MLP."""
+    if block.top_k != 1:
+        raise UnsupportedModelError(
+            f"num_experts_per_tok={block.top_k}: Llama-4's routing weight scales its expert's input, "
+            "which moepass expresses for one expert per token only (every released Llama-4 routes to 1)"
+        )
+    ex = block.experts
+    _check_activation(ex.act_fn, config.hidden_act)
+    experts = Experts(
+        ex.gate_up_proj.transpose(1, 2).contiguous(),
+        ex.down_proj.transpose(1, 2).contiguous(),
+        activation=config.hidden_act,
+    )
+    router = Router(block.router.weight, None, None, fp32=False)
+    spec = RoutingSpec("topk_sigmoid", 1)
+    return SparseMoE(
+        router, experts, spec, block.shared_expert, returns_router_scores=True, scales_input=True
+    )
+
+
+def _transposed_experts_to_hf(tensors: dict) -> dict:
+    """Inverse of `_convert_llama4`: both projections transposed back ([E, H, 2I], [E, I, H])."""
+    return {name: t.transpose(1, 2).contiguous() for name, t in tensors.items()}
+
+
 def _convert_phimoe(block, config) -> SparseMoE:
     router = block.router
     spec = RoutingSpec("sparsemixer", 2, jitter_eps=float(router.router_jitter_noise))
@@ -382,6 +421,21 @@ _register(
         router_name="router.gate",
         correction_bias_name="expert_bias",
         rotary_in_layer=lambda config, layer: config.layer_types[layer] == "sliding_attention",
+    )
+)
+# Llama 4 (text): every n-th layer without RoPE (attention temperature-tuned by position instead), the
+# others chunked with qk-norm; complex rotary arithmetic; `feed_forward` holds the MLP
+_register(
+    Family(
+        "llama4_text",
+        "Llama-4",
+        ("Llama4TextMoe",),
+        _convert_llama4,
+        router_name="router",
+        shared_name="shared_expert",
+        experts_to_hf=_transposed_experts_to_hf,
+        mlp_name="feed_forward",
+        rotary_in_layer=lambda config, layer: bool(config.no_rope_layers[layer]),
     )
 )
 _register(Family("phimoe", "PhiMoE", ("PhimoeSparseMoeBlock",), _convert_phimoe, router_name="router"))

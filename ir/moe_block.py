@@ -103,6 +103,7 @@ class SparseMoE(nn.Module):
         shared_experts: nn.Module | None = None,
         shared_expert_gate: nn.Module | None = None,
         returns_router_scores: bool = False,
+        scales_input: bool = False,
     ):
         super().__init__()
         self.router = router
@@ -112,6 +113,8 @@ class SparseMoE(nn.Module):
         self.routing = routing
         # GPT-OSS decoder layers unpack `(hidden, router_scores)` from their MLP.
         self.returns_router_scores = returns_router_scores
+        # Llama-4 weights its one expert's *input* by the routing weight (the output is not rescaled)
+        self.scales_input = scales_input
 
     def forward(self, hidden: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         shape = hidden.shape
@@ -128,7 +131,10 @@ class SparseMoE(nn.Module):
             spec.scale,
             spec.jitter_eps,
         )
-        out = self.experts(flat, ids, weights)
+        if self.scales_input:  # one expert per token: [T, 1] weights scale rows, in the model's dtype
+            out = self.experts(flat * weights.to(flat.dtype), ids, torch.ones_like(weights))
+        else:
+            out = self.experts(flat, ids, weights)
         if self.shared_experts is not None:
             shared = self.shared_experts(flat)
             if self.shared_expert_gate is not None:

@@ -90,6 +90,14 @@ def _topk_softmax(logits, bias, top_k, n_group, topk_group, renormalize, jitter_
     return torch.softmax(values, dim=-1), ids
 
 
+@_routing_kind("topk_sigmoid")
+def _topk_sigmoid(logits, bias, top_k, n_group, topk_group, renormalize, jitter_eps):
+    """Llama-4: top-k on the raw logits, each chosen one weighted by its sigmoid. Not `sigmoid_topk`
+    without a bias: sigmoid rounds large logits to the same fp32 value, which would tie them."""
+    values, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.sigmoid(values.float()), ids
+
+
 def _sparsemixer_pick(scores: Tensor, masked: Tensor, jitter_eps: float) -> tuple[Tensor, Tensor]:
     threshold, chosen = masked.max(dim=-1, keepdim=True)
     factor = scores.abs().clamp(min=threshold)

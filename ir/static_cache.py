@@ -6,8 +6,10 @@ The static decode graph is the last-token step graph with each such `cat` replac
 `index_copy_` of the new token into slot `cache_position` of a [batch, heads, capacity, head dim]
 buffer. The attention mask spans the whole capacity (slots not yet written are masked out), so the
 graph's attention reads `capacity` keys and treats the query as the last position: for causal
-attention that is exact (every written slot precedes it); a sliding window is exact only while the
-capacity fits inside the window, so longer capacities are refused.
+attention that is exact (every written slot precedes it); a sliding window, or Llama-4's chunks, only
+while the capacity fits inside one, and Llama-4's position-tuned attention temperature only while it
+is one value over the capacity (it steps every `floor_scale` positions), so longer capacities are
+refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from moepass.errors import MoepassError
 _CAT = torch.ops.aten.cat.default
 # where a compiled program replays its static-cache step as a CUDA graph (Inductor's cudagraph trees)
 CUDA_GRAPH_DEVICES = ("cuda",)
-_SLIDING = re.compile(r"sliding (\d+)")
+# attention notes (`attention_description`) that bound a static cache: note -> (slots, what it is)
+_LIMITS = (
+    (re.compile(r"sliding (\d+)"), 0, "attends through a sliding window of {} tokens"),
+    (re.compile(r"chunked (\d+)"), 0, "attends within chunks of {} tokens"),
+    (re.compile(r"temperature step (\d+)"), -1, "scales its attention temperature every {} positions"),
+)
 
 
 @dataclass
@@ -136,28 +143,34 @@ def replays_as_cuda_graph(device: torch.device) -> bool:
     return device.type in CUDA_GRAPH_DEVICES
 
 
-def sliding_windows(attention: dict[int, str]) -> dict[int, int]:
-    """Layer -> sliding-window length, read from the program's per-layer attention notes."""
-    return {layer: int(m.group(1)) for layer, note in attention.items() if (m := _SLIDING.search(note))}
+def static_limits(attention: dict[int, str]) -> dict[int, tuple[int, str]]:
+    """Layer -> (most slots a static cache computes exactly with, why), from the per-layer attention
+    notes; the tightest where a layer has several."""
+    limits = {}
+    for layer, note in attention.items():
+        for pattern, offset, why in _LIMITS:
+            if (m := pattern.search(note)) and int(m.group(1)) + offset < limits.get(layer, (1 << 62,))[0]:
+                limits[layer] = (int(m.group(1)) + offset, why.format(m.group(1)))
+    return limits
 
 
 def static_capacity(needed: int, attention: dict[int, str]) -> int:
     """Slots to allocate for `needed` tokens: rounded up to a multiple of 64, so that prompts of
-    similar lengths share one compiled step (and CUDA graph), but not past a sliding window that
-    `needed` fits. Not more: every step attends over every slot, and on CPU masked slots cost as
+    similar lengths share one compiled step (and CUDA graph), but not past a limit (a sliding window)
+    that `needed` fits. Not more: every step attends over every slot, and on CPU masked slots cost as
     much as written ones (flash attention at 1024 slots: 14x its time at 17)."""
-    return max(needed, min([-(-needed // 64) * 64, *sliding_windows(attention).values()]))
+    limits = [slots for slots, _ in static_limits(attention).values()]
+    return max(needed, min([-(-needed // 64) * 64, *limits]))
 
 
 def check_window(attention: dict[int, str], capacity: int) -> None:
-    """Refuse a capacity past a layer's sliding window (see the module docstring), naming the layer."""
-    for layer, window in sorted(sliding_windows(attention).items()):
-        if capacity > window:
+    """Refuse a capacity past a layer's limit (see the module docstring), naming the layer."""
+    for layer, (slots, why) in sorted(static_limits(attention).items()):
+        if capacity > slots:
             raise MoepassError(
-                f"layer {layer} attends through a sliding window of {window} tokens: a static "
-                f"cache of {capacity} slots would attend past it; decode with the dynamic cache "
-                f"(cache_implementation='dynamic') or keep prompt + new tokens (and cache_capacity) "
-                f"<= {window}"
+                f"layer {layer} {why}: a static cache of {capacity} slots would compute it wrong; "
+                f"decode with the dynamic cache (cache_implementation='dynamic') or keep prompt + new "
+                f"tokens (and cache_capacity) <= {slots}"
             )
 
 

@@ -85,6 +85,8 @@ class MoEEntry(Entry):
     num_experts: int = 0
     router_rows: int = 0  # = num_experts, unless the router kept rows for dropped experts
     preserve_gate: bool = False
+    # Llama-4: the route weights scale the experts' input rows; the experts op weighs outputs by ones
+    scales_input: bool = False
     top_k: int = 0
     routing: str = ""
     n_group: int = 1
@@ -298,6 +300,8 @@ def _moe_entry(graph_module, entry, path: str, route: fx.Node, nodes) -> MoEEntr
     moe.num_experts = tensor_at(graph_module, moe.gate_up).shape[0]
     moe.router_rows = tensor_at(graph_module, router_weight).shape[0] if router_weight else 0
     moe.preserve_gate = bool(route.meta.get("moepass_preserve_gate", False))
+    weights = args.get("topk_weights")
+    moe.scales_input = getattr(weights, "target", None) is torch.ops.aten.ones_like.default
     moe.top_k, moe.routing, moe.n_group, moe.topk_group = top_k, kind, n_group, topk_group
     moe.activation = args["activation"]
     moe.router_weight, moe.router_bias = router_weight or "", router_bias

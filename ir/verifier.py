@@ -6,6 +6,7 @@ together so a broken transform shows everything it broke at once.
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from moepass.errors import IRVerificationError
@@ -90,19 +91,44 @@ def _check_moe_wiring(where: str, moe: MoEEntry, nodes: dict[str, fx.Node], prob
     if experts is None:
         return  # reported with the entry's missing nodes
     args = op_args(experts)
-    for name, want in (("topk_ids", moe.route_ids), ("topk_weights", moe.route_weights)):
-        got = getattr(args.get(name), "name", None)
+    weights = args.get("topk_weights")
+    if moe.scales_input:  # Llama-4: ones, with the router's weights in the input rows instead
+        weights = weights.args[0]
+        if _unscaled(args.get("hidden"), moe.route_weights) is None:
+            problems.append(
+                f"{where}: experts node {experts.name} weighs its outputs by ones, but its input rows "
+                f"are not scaled by the router's {moe.route_weights}"
+            )
+    for name, want, got in (
+        ("topk_ids", moe.route_ids, args.get("topk_ids")),
+        ("topk_weights", moe.route_weights, weights),
+    ):
+        got = getattr(got, "name", None)
         if got != want:
             problems.append(
                 f"{where}: experts node {experts.name} reads {name} from {got}, not the router's {want}"
             )
     router = nodes.get(moe.router_linear_node or "")
-    width, router_width = _width(args.get("hidden")), _width(router.args[0] if router is not None else None)
+    hidden = _unscaled(args.get("hidden"), moe.route_weights) if moe.scales_input else args.get("hidden")
+    width, router_width = _width(hidden), _width(router.args[0] if router is not None else None)
     if width is not None and router_width is not None and width != router_width:
         problems.append(
             f"{where}: experts node {experts.name} reads a hidden state {width} wide; "
             f"the router reads {router_width}"
         )
+
+
+_CASTS = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+
+
+def _unscaled(node, weights: str):
+    """The rows `node` scales by the route weights `weights` (through a dtype cast), else None."""
+    if not isinstance(node, fx.Node) or node.target is not torch.ops.aten.mul.Tensor:
+        return None
+    rows, factor = node.args
+    while isinstance(factor, fx.Node) and factor.name != weights and factor.target in _CASTS:
+        factor = factor.args[0]
+    return rows if getattr(factor, "name", None) == weights else None
 
 
 def _width(node) -> int | None:

@@ -106,7 +106,8 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
                 config[key] = moe.num_experts
         for key in [k for k in TOP_K_KEYS if k in config] or TOP_K_KEYS[:1]:
             config[key] = moe.top_k
-    for key in ("layer_types", "mlp_layer_types"):  # per-layer attention kinds; GLM-4-MoE-Lite's MLP kinds
+    # per-layer attention kinds; GLM-4-MoE-Lite's MLP kinds; Llama-4's RoPE flags
+    for key in ("layer_types", "mlp_layer_types", "no_rope_layers"):
         if isinstance(config.get(key), list):
             config[key] = [config[key][i] for i in blocks]
     kinds = [program.structure.block(i).is_moe for i in blocks]  # per kept layer: MoE or dense
@@ -120,6 +121,8 @@ def _config(program: MoEProgram, blocks: list[int], moe, hint: str) -> dict:
         config.update(_moe_layer_range(config, kinds, hint))
     if config.get("mlp_only_layers"):
         config["mlp_only_layers"] = [new for new, is_moe in enumerate(kinds) if not is_moe]
+    if config.get("moe_layers") is not None:  # Llama-4 lists its MoE layers
+        config["moe_layers"] = [new for new, is_moe in enumerate(kinds) if is_moe]
     if config.get("decoder_sparse_step", 1) != 1 and len(blocks) != program.info.num_layers:
         raise NotExpressibleError(
             f"decoder_sparse_step={config['decoder_sparse_step']} cannot describe the remaining layers{hint}"

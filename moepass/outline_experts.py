@@ -156,6 +156,11 @@ def _outline(graph_module, path, region: _Region, inputs: dict, frame_scopes) ->
     escaping = [n for n in escaping if n not in keep]
     if any(_is_tensor(n) for n in keep):
         return "a size it computes from an intermediate tensor is used outside it"
+    if len(external) == 1 and len(escaping) == 1:
+        return (
+            "it takes rows the router already scaled, every expert running on every row (Llama-4): no "
+            "expert ids to route by (compile the program moepass.capture gives for the routed op)"
+        )
     if len(external) != 3 or len(escaping) != 1:
         return (
             f"its traced region has {len(external)} activation inputs and {len(escaping)} outputs "

@@ -202,6 +202,22 @@ RANDOM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             mup_enabled=True,
         ),
     ),
+    "llama4_text": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            intermediate_size=32,  # the experts' and the shared MLP's
+            intermediate_size_mlp=96,  # the dense layers'
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            head_dim=16,
+            moe_layers=[1, 2],  # dense, then MoE
+            no_rope_layer_interval=2,  # chunked with RoPE, full without (temperature-tuned), chunked
+            attention_chunk_size=4,
+            floor_scale=4,  # the temperature grows from position 3 on, inside the tests' lengths
+            attn_scale=0.5,
+        ),
+    ),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8)),
     "gpt_oss": (
         "GptOssConfig",

@@ -43,7 +43,13 @@ def hf_router_choices(model, input_ids: torch.Tensor) -> list[set[int]]:
             ids = args[1] if len(args) > 1 else next(iter(kwargs.values()))
             seen.update(int(i) for i in ids.reshape(-1))
 
-        hooks.append(experts.register_forward_pre_hook(record, with_kwargs=True))
+        def record_scores(module, args, output, seen=seen):
+            seen.update(int(i) for i in (output[0] > 0).nonzero()[:, 1])
+
+        if model.config.model_type == "llama4_text":  # experts run every row pre-scaled: no ids to read
+            hooks.append(hf_mlp(model, layer).router.register_forward_hook(record_scores))
+        else:
+            hooks.append(experts.register_forward_pre_hook(record, with_kwargs=True))
     try:
         with torch.no_grad():
             model(input_ids)

@@ -92,6 +92,7 @@ def test_moepass_format_round_trip(family, tmp_path):
         "afmoe",
         "flex_olmo",
         "solar_open",
+        "llama4_text",
         "gpt_oss",
         "phimoe",
     ],
@@ -117,19 +118,23 @@ def test_transformers_format_loads_in_stock_transformers(family, tmp_path):
         ("gpt_oss", "layer_types"),
         ("dots1", "layer_types"),
         ("afmoe", "layer_types"),
+        ("llama4_text", "no_rope_layers"),
     ],
 )
 def test_transformers_format_drops_the_first_blocks_entry_of_per_layer_lists(family, key, tmp_path):
     """Block 0 is GLM-4-MoE-Lite's dense MLP, GPT-OSS's sliding attention, dots.llm1's dense MLP
-    under full attention (its later layers slide) and AFMoE's dense MLP under sliding attention: the
-    config's per-layer list must lose that entry and the count of leading dense layers drop to 0, or
-    stock transformers builds the remaining layers of the wrong kinds."""
+    under full attention (its later layers slide), AFMoE's dense MLP under sliding attention and
+    Llama-4's dense MLP under chunked attention with RoPE: the config's per-layer list must lose that
+    entry and the count (or list) of dense layers follow, or stock transformers builds the remaining
+    layers of the wrong kinds."""
     _, original = captured(family)
     program = original.fork()
     drop_block(program, 0)
     save(program, tmp_path / "hf", format="hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert getattr(model.config, key) == original.info.config[key][1:]
+    if "moe_layers" in original.info.config:
+        assert model.config.moe_layers == [i - 1 for i in original.info.config["moe_layers"]]
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         assert (model(ids).logits - program(ids)).abs().max() <= 1e-5

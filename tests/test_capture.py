@@ -282,10 +282,10 @@ def test_printer_lists_every_block(captured):
     for block in program.structure.blocks:
         assert f"\n{block.index:>5}  " in text
         # layers whose attention skips RoPE, as transformers decides it (EXAONE-MoE's and AFMoE's full
-        # attention)
+        # attention, Llama-4's every n-th layer)
         attention = model.model.layers[block.index].self_attn
         rotary = getattr(attention, "sliding_window", None) is None or getattr(attention, "is_sliding", True)
-        rotary = getattr(attention, "is_local_attention", rotary)
+        rotary = getattr(attention, "is_local_attention", getattr(attention, "use_rope", rotary))
         assert ("no RoPE" in program.info.attention[block.index]) == (not rotary), block.index
     assert "all (tied counted once)" in text
     assert f"E={program.structure.moe_blocks[0].mlp.num_experts}" in text
@@ -293,7 +293,7 @@ def test_printer_lists_every_block(captured):
 
 def test_node_count_does_not_depend_on_expert_count(captured, seed):
     family, _, program, _ = captured
-    if family not in ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"):
+    if family not in ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text"):
         pytest.skip("one family per expert layout and routing kind: a 16-expert capture each (CI time)")
     large = moepass.capture(model_for(family, seed=seed, num_experts=16))
     assert {b.mlp.num_experts for b in program.structure.moe_blocks} != {16}

@@ -70,6 +70,10 @@ def test_family_equals_eager_with_one_experts_op_per_layer(family, seed):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     (report,) = compile_reports()
     layers = _moe_layers(model)
+    if family == "llama4_text":  # its experts read pre-scaled rows, no ids: left as traced, and said why
+        assert not report.outlined and len(report.skipped) == layers and not report.ops
+        assert all("no expert ids to route by" in why for why in report.skipped.values())
+        return
     assert len(report.outlined) == layers and not report.skipped
     assert report.ops == {"moepass.experts.default": layers}
 

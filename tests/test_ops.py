@@ -97,6 +97,17 @@ def test_softmax_topk_matches_float64(seed):
     torch.testing.assert_close(weights.double(), 2.0 * top, rtol=1e-6, atol=1e-7)
 
 
+def test_topk_sigmoid_picks_by_logit_where_the_sigmoid_rounds_to_one(seed):
+    """Llama-4's routing: top-k on the logits, then the chosen ones' sigmoid. Logits past ~17 share one
+    fp32 sigmoid (1.0), so choosing by sigmoid score would tie them; the logits still order them."""
+    logits = torch.randn(11, 6)
+    logits[0] = torch.tensor([20.0, 30.0, 25.0, -1.0, 0.0, 1.0])
+    weights, ids = torch.ops.moepass.route(logits, None, "topk_sigmoid", 2, 1, 1, False, 1.0, 0.0)
+    top, top_ids = logits.double().topk(2, -1)
+    assert torch.equal(ids, top_ids) and ids[0].tolist() == [1, 2]
+    torch.testing.assert_close(weights.double(), torch.sigmoid(top), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "op,args",
     [

@@ -338,6 +338,7 @@ METHODS = {
     "afmoe": "awq",
     "flex_olmo": "gptq",
     "solar_open": "wanda",
+    "llama4_text": "awq",
     "phimoe": "awq",
     "gpt_oss": "wanda",
 }

@@ -12,7 +12,10 @@ from moepass.ir import static_cache
 from moepass.ir.static_cache import StaticCache, StaticCachePool, static_capacity
 
 WINDOW = 8  # the random configs' sliding-window layers, in these families:
-SLIDING = ("gpt_oss", "dots1", "exaone_moe", "afmoe")
+SLIDING = ("gpt_oss", "dots1", "exaone_moe", "afmoe", "llama4_text")
+# Llama-4's random config chunks its attention and steps its temperature every 4 positions; here, like
+# the windows: chunks of 8 and a temperature constant over 8 slots
+OVERRIDES = {"llama4_text": dict(attention_chunk_size=WINDOW, floor_scale=WINDOW + 1)}
 
 
 def _padded_prompt(vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +43,7 @@ def _decode_both_ways(program, ids, mask, steps: int, capacity: int):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_steps_give_the_dynamic_steps_logits(family, seed):
-    model, program = captured(family)
+    model, program = captured(family, **OVERRIDES.get(family, {}))
     ids, mask = _padded_prompt(model.config.vocab_size, 3)
     capacity = WINDOW if family in SLIDING else 32  # slots past the tokens stay masked
     dynamic, static, cache = _decode_both_ways(program, ids, mask, 5, capacity)
@@ -52,7 +55,7 @@ def test_static_steps_give_the_dynamic_steps_logits(family, seed):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_generation_matches_transformers(family, seed):
-    model, program = captured(family)
+    model, program = captured(family, **OVERRIDES.get(family, {}))
     ids, mask = _padded_prompt(model.config.vocab_size, 4)
     new = WINDOW - 4 if family in SLIDING else 12
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
@@ -179,6 +182,8 @@ def test_capacity_rounds_up_but_not_past_a_sliding_window():
     assert static_capacity(5, {}) == 64 and static_capacity(65, {0: "GQA"}) == 128
     assert static_capacity(5, {0: "GQA", 1: f"GQA, sliding {WINDOW}"}) == WINDOW
     assert static_capacity(WINDOW + 1, {1: f"sliding {WINDOW}"}) == WINDOW + 1  # refused when used
+    # Llama-4: chunks of 4 hold 4 slots; a temperature stepping every 4 positions is one value over 3
+    assert static_capacity(2, {0: "chunked 4", 1: "no RoPE, temperature step 4"}) == 3
 
 
 def test_static_decoding_refuses_what_it_would_get_wrong(seed):
@@ -198,3 +203,16 @@ def test_static_decoding_refuses_what_it_would_get_wrong(seed):
     program.static_step(ids[:, :1], positions[:, -1:] + 1, cache)
     with pytest.raises(MoepassError, match=r"the static cache is full \(5 slots\)"):
         program.static_step(ids[:, :1], positions[:, -1:] + 2, cache)
+
+
+def test_static_decoding_refuses_capacities_past_llama4_chunks_and_temperature_steps(seed):
+    """Its random config chunks layers 0 and 2 every 4 tokens and steps layer 1's temperature every 4
+    positions: 4 and 3 slots are exact; one more is refused, naming the layer and why."""
+    model, program = captured("llama4_text")
+    ids = torch.randint(3, model.config.vocab_size, (1, 3))
+    with pytest.raises(MoepassError, match="layer 0 attends within chunks of 4 tokens"):
+        program.generate(ids, 3, cache_implementation="static")  # 5 tokens cached
+    with pytest.raises(MoepassError, match="layer 1 scales its attention temperature every 4 positions"):
+        program.generate(ids, 2, cache_implementation="static")  # 4
+    expected = model.generate(ids[:, :2], max_new_tokens=2, do_sample=False)
+    assert torch.equal(program.generate(ids[:, :2], 2, cache_implementation="static"), expected)

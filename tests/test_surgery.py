@@ -33,7 +33,9 @@ def _reference_without(model, block: int | None = None, mlp: int | None = None):
     layers = ref.model.layers
     if mlp is not None:
         name = FAMILY_SPECS[ref.config.model_type].mlp_name
-        setattr(layers[mlp], name, _ZeroMLP(returns_tuple=ref.config.model_type == "gpt_oss"))
+        setattr(
+            layers[mlp], name, _ZeroMLP(returns_tuple=ref.config.model_type in ("gpt_oss", "llama4_text"))
+        )
     if block is not None:
         del layers[block]
         for new_index, layer in enumerate(layers):

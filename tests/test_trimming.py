@@ -129,19 +129,29 @@ def test_expert_importance_matches_router_outputs(family):
 
 
 @torch.no_grad()
-def test_reap_matches_a_direct_computation():
-    model, program = captured("mixtral")
+@pytest.mark.parametrize("family", ["mixtral", "llama4_text"])
+def test_reap_matches_a_direct_computation(family):
+    """Routing weight times the norm of the expert's output; Llama-4's weight scales the expert's
+    input instead, so there it is the norm of the expert's output on the scaled input."""
+    model, program = captured(family)
     data = _calibration(128)
     (result,) = _analyses(program, [("expert_importance", ExpertImportanceConfig(score="reap"))], data)
     hooks = _Hooks(model, data)
     for layer, outputs in hooks.router.items():
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in hooks.norm_out[layer]])
-        weights, ids = torch.cat([o[1] for o in outputs]), torch.cat([o[2] for o in outputs])
-        experts = model.model.layers[layer].mlp.experts
+        experts = hf_mlp(model, model.model.layers[layer]).experts
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if family == "llama4_text":  # the router gives (sigmoid scores, 0 where not chosen; logits)
+            scores = torch.cat([o[0] for o in outputs])
+            weights, ids = scores.max(-1, keepdim=True)
+            x, weights = x * weights, torch.ones_like(weights)
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)  # stored [E, in, out]
+        else:
+            weights, ids = torch.cat([o[1] for o in outputs]), torch.cat([o[2] for o in outputs])
         for e in range(8):
             rows, slots = (ids == e).nonzero(as_tuple=True)
-            gate, up = F.linear(x[rows], experts.gate_up_proj[e]).chunk(2, -1)
-            y = F.linear(F.silu(gate) * up, experts.down_proj[e])
+            gate, up = F.linear(x[rows], gate_up[e]).chunk(2, -1)
+            y = F.linear(F.silu(gate) * up, down[e])
             expected = (weights[rows, slots] * y.norm(dim=-1)).double().mean() if len(rows) else 0.0
             assert math.isclose(
                 result.per_layer[layer][e].item(), float(expected), rel_tol=1e-4, abs_tol=1e-9
@@ -316,7 +326,11 @@ def test_layer_drop_matches_skipping_the_sublayer(family):
     assert sorted(e["block"] for e in program.info.edits) == expected
     reference = copy.deepcopy(model)
     for index in expected:
-        setattr(reference.model.layers[index], FAMILY_SPECS[family].mlp_name, _ZeroMLP(family == "gpt_oss"))
+        setattr(
+            reference.model.layers[index],
+            FAMILY_SPECS[family].mlp_name,
+            _ZeroMLP(family in ("gpt_oss", "llama4_text")),
+        )
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (program(ids) - reference(ids).logits).abs().max() <= TOL

@@ -98,6 +98,27 @@ def test_miswired_experts_are_reported(program, change, message):
         program.verify()
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda experts: setattr(experts, "args", (experts.args[0].args[0], *experts.args[1:])),  # unscaled
+        lambda experts: experts.args[0].replace_input_with(  # scaled by themselves instead
+            experts.args[0].args[1], experts.args[0].args[0]
+        ),
+    ],
+    ids=["rows", "factor"],
+)
+def test_llama4_experts_must_read_rows_their_router_scaled(change):
+    """Llama-4's experts op weighs outputs by ones: the routing weights must be in its input rows."""
+    program = captured("llama4_text")[1].fork()
+    program.verify()
+    _rewired(program, 1, lambda experts, route, nodes: change(experts))
+    with pytest.raises(
+        IRVerificationError, match=r"block 1: experts node \w+ weighs its outputs by ones, but its input rows"
+    ):
+        program.verify()
+
+
 def test_quantized_expert_scales_that_do_not_fit_are_reported(program):
     import moepass
 

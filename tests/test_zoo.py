@@ -193,3 +193,24 @@ def test_checkpoints_load_without_hub_kernels(tmp_path):
     RoPE on GPUs, fetched from the Hub); moepass loads the plain modules it captures."""
     random_model("mixtral", seed=0).save_pretrained(tmp_path)
     assert load_model(tmp_path).use_kernels is False
+
+
+def test_a_multimodal_llama4_checkpoint_compresses_as_its_text_model(seed, tmp_path):
+    """Released Llama-4 checkpoints hold a vision tower beside the text model: moepass loads the text
+    model from the checkpoint directory (its logits are the multimodal model's on text) and refuses the
+    multimodal object itself, saying how to get the text model."""
+    text = random_model("llama4_text", seed=seed).config.to_dict()
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    vision |= dict(image_size=32, patch_size=16, vision_output_dim=16, projector_input_dim=16)
+    config = transformers.Llama4Config(text_config=text, vision_config=vision | dict(projector_output_dim=16))
+    torch.manual_seed(seed)
+    multimodal = transformers.Llama4ForConditionalGeneration(config).eval()
+    multimodal.save_pretrained(tmp_path)
+    with pytest.raises(
+        MoepassError, match=r"multimodal; moepass compresses its Llama-4 text model: load that"
+    ):
+        moepass.capture(multimodal)
+    program = moepass.capture(load_model(tmp_path))
+    ids = torch.randint(3, text["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert (program(ids) - multimodal(input_ids=ids).logits).abs().max() <= 1e-5

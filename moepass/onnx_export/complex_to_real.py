@@ -77,6 +77,11 @@ def _unsqueeze(graph: fx.Graph, node: fx.Node, pair: Pair) -> fx.Node:
     return graph.call_function(aten.unsqueeze.default, (pair(value), dim if dim >= 0 else dim - 1))
 
 
+def _slice(graph: fx.Graph, node: fx.Node, pair: Pair) -> fx.Node:
+    value, dim, *bounds = node.args
+    return graph.call_function(aten.slice.Tensor, (pair(value), dim if dim >= 0 else dim - 1, *bounds))
+
+
 def _mul(graph: fx.Graph, node: fx.Node, pair: Pair) -> fx.Node:
     a, b = node.args
     complex_a, complex_b = (isinstance(x, fx.Node) and _is_complex(x) for x in (a, b))
@@ -102,5 +107,6 @@ _RULES = {
     aten.view_as_complex.default: _as_pairs,
     aten.view_as_real.default: _from_pairs,
     aten.unsqueeze.default: _unsqueeze,
+    aten.slice.Tensor: _slice,  # Llama-4 indexes its rotation [:, :, None, :]
     aten.mul.Tensor: _mul,
 }

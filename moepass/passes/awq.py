@@ -160,7 +160,7 @@ class AWQPass(QuantizationPass):
             extra = set()
             if moe is not None:
                 node = next(n for n in program.graph_module.graph.nodes if n.name == moe.experts_node)
-                extra = {node.args[0].name, moe.route_ids, moe.route_weights}
+                extra = {node.args[0].name, moe.route_ids, node.args[2].name}  # the op's own inputs
             observed: dict[str, list[Tensor]] = {name: [] for name in inputs | extra}
             for values in runner.observe(block, inputs | extra):
                 for name, value in values.items():
@@ -253,7 +253,7 @@ class AWQPass(QuantizationPass):
         hidden, act, alpha, limit = node.args[0].name, ACTIVATIONS[moe.activation], node.args[8], node.args[9]
         x_all = torch.cat(observed[hidden])
         ids_all = torch.cat(observed[moe.route_ids])
-        weights_all = torch.cat(observed[moe.route_weights])
+        weights_all = torch.cat(observed[node.args[2].name])  # Llama-4's: ones (its input is scaled)
         keep = _spread_rows(x_all)
         x, ids, route_w = x_all[keep], ids_all[keep], weights_all[keep]
         gate_up, down = get(moe.gate_up), get(moe.down)

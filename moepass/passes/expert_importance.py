@@ -7,8 +7,9 @@ Scores (per expert, original indices):
                 sample's tokens, averaged over samples.
   topk_mass     the paper's code for DeepSeek: the top-k routing weights scattered into a zero
                 vector (non-selected experts get 0), summed per sample, averaged over samples.
-  reap          REAP saliency: mean over the tokens routed to an expert of routing weight times the
-                norm of that expert's output (0 for experts that receive no tokens).
+  reap          REAP saliency: mean over the tokens routed to an expert of the weight its output gets
+                times that output's norm (0 for experts that receive no tokens). Llama-4's routing
+                weight scales the expert's input instead: there, the output's weight is 1.
 Shared experts are not routed, so they are never scored.
 """
 
@@ -103,6 +104,7 @@ class _Observer:
         nodes = {n.name: n for n in program.graph_module.graph.nodes}
         self.logits = {i: nodes[m.route_node].args[0].name for i, m in self.moe.items()}
         self.hidden = {i: nodes[m.experts_node].args[0].name for i, m in self.moe.items()}
+        self.gates = {i: nodes[m.experts_node].args[2].name for i, m in self.moe.items()}  # output weights
         reap = [nodes[m.experts_node] for m in self.moe.values()] if score == "reap" else []
         self.one_expert = {node.name: _one_expert(node, program.graph_module) for node in reap}
         zeros = partial(torch.zeros, dtype=torch.float64, device=program.device)  # summed where routing runs
@@ -117,7 +119,7 @@ class _Observer:
         for i, moe in self.moe.items():
             names |= {moe.route_weights, moe.route_ids, self.logits[i]}
             if self.score == "reap":
-                names.add(self.hidden[i])
+                names |= {self.hidden[i], self.gates[i]}
         return names
 
     def observe(self, batch: int, values) -> None:
@@ -135,7 +137,7 @@ class _Observer:
                 self.tokens += ids.shape[0]
             if self.score == "softmax_mass":
                 logits = values[self.logits[i]].double()
-                if self.kinds[i] == "sigmoid_topk":
+                if self.kinds[i] in ("sigmoid_topk", "topk_sigmoid"):
                     scores = torch.sigmoid(logits)
                     probs = scores / scores.sum(-1, keepdim=True)
                 else:
@@ -146,8 +148,8 @@ class _Observer:
                     0, flat_ids, (weights * valid).reshape(-1)
                 )
             elif self.score == "reap":
-                dtype = values[moe.route_weights].dtype
-                self.sums[i] += self._reap(moe, values[self.hidden[i]], ids, weights, dtype)
+                gates = values[self.gates[i]]
+                self.sums[i] += self._reap(moe, values[self.hidden[i]], ids, gates.double(), gates.dtype)
 
     def _reap(self, moe: MoEEntry, hidden, ids, weights, weight_dtype: torch.dtype) -> torch.Tensor:
         one_expert = self.one_expert[moe.experts_node]
