@@ -1,18 +1,19 @@
 """End-to-end CPU speed: transformers eager vs the lowered moepass program (as it is, and through
 torch.compile) vs onnxruntime (exact, and with int8 activations in its quantized matmuls; one thread).
 
-    python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral mid-mixtral-i1536 mid-deepseek]
-                              [--variants ...]
+    python tools/bench_e2e.py [--models tiny-mixtral mid-mixtral mid-mixtral-i1536 mid-deepseek
+                               mid-llama4] [--variants ...]
                               [--engines ...] [--rounds 3] [--work build/bench-e2e]
 
 Models: the bundled tiny-mixtral, a mid-size random Mixtral (hidden 512, intermediate 1024,
 8 layers, 8 experts top-2; speed depends on shapes, not values) and, on request, the same with
-experts 1536 wide (rows of no power-of-two length, as Mixtral-8x7B's 14336) and a mid-size random
+experts 1536 wide (rows of no power-of-two length, as Mixtral-8x7B's 14336), a mid-size random
 DeepSeek-V3 (hidden 512, 8 layers, the first dense; 16 routed experts of width 256, top-2 by grouped
-sigmoid routing, and one shared expert; MLA attention). Variants: uncompressed, int4 (RTN,
-groups of 128, every linear), int8 (the same in 8 bits), int4 per-channel (asymmetric, one
-scale and zero point per output row), int8 per-channel (symmetric: the usual int8 weight
-format), the paper recipe's shape (25% of MoE
+sigmoid routing, and one shared expert; MLA attention) and a mid-size random Llama-4 (hidden 512, 8
+layers, every one MoE: 16 routed experts of width 512, top-1, and a shared expert; transformers runs
+every expert on every token). Variants: uncompressed, int4 (RTN, groups of 128, every linear), int8
+(the same in 8 bits), int4 per-channel (asymmetric, one scale and zero point per output row), int8
+per-channel (symmetric: the usual int8 weight format), the paper recipe's shape (25% of MoE
 sub-layers dropped + int4; which layers and how the codes were found do not change the speed, so
 the benchmark drops by a fixed seed instead of calibrating), and 25% of each layer's experts
 dropped (seeded) + int4.
@@ -66,11 +67,22 @@ MID_DEEPSEEK = dict(
     qk_rope_head_dim=16,
     v_head_dim=32,
 )
+# Llama-4 Scout's shape, scaled down: 16 experts top-1 plus a shared one in every layer; transformers
+# runs every expert on every token (pre-scaled rows), moepass only the chosen one
+MID_LLAMA4 = dict(
+    _MID,
+    intermediate_size=512,
+    intermediate_size_mlp=1024,
+    num_local_experts=16,
+    num_experts_per_tok=1,
+    head_dim=64,
+)
 RANDOM_MODELS = {
     "mid-mixtral": ("mixtral", MID_MIXTRAL),
     # expert rows of no power-of-two length, like Mixtral-8x7B's 14336: per-channel formats' worst case
     "mid-mixtral-i1536": ("mixtral", dict(MID_MIXTRAL, intermediate_size=1536)),
     "mid-deepseek": ("deepseek_v3", MID_DEEPSEEK),
+    "mid-llama4": ("llama4_text", MID_LLAMA4),
 }
 INT8_ONNX = "onnxruntime int8 activations"
 ENGINES = ("moepass PyTorch", "moepass PyTorch compiled", "onnxruntime", INT8_ONNX)
