@@ -395,9 +395,11 @@ def _skeleton(manifest: dict, dtypes: dict[str, torch.dtype]):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     if "generation_config" in manifest:  # older artifacts: the config's defaults, as before
         model.generation_config = transformers.GenerationConfig.from_dict(manifest["generation_config"])
+    # as capture would: tensors get the program's names. On the meta device still, so that the
+    # converters' copies (GPT-OSS's and Llama-4's transposed experts) take no memory either
+    convert_moe_blocks(model, family_of(model))
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives each parameter its own storage, untying embeddings and LM head
-    convert_moe_blocks(model, family_of(model))  # as capture would: tensors get the program's names
     mixable = {dtype, torch.float32}  # any other saved dtype is damage, refused by _check_tensors
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         saved = dtypes.get(name, tensor.dtype)

@@ -76,6 +76,11 @@ MID_LLAMA4 = dict(
     num_local_experts=16,
     num_experts_per_tok=1,
     head_dim=64,
+    moe_layers=None,  # every layer (the tiny random config's are [1, 2])
+    no_rope_layer_interval=4,  # and the released models' attention, not the tiny config's
+    attention_chunk_size=8192,
+    floor_scale=8192,
+    attn_scale=0.1,
 )
 RANDOM_MODELS = {
     "mid-mixtral": ("mixtral", MID_MIXTRAL),
