@@ -269,9 +269,9 @@ def _convert_afmoe(block, config) -> SparseMoE:
 def _convert_llama4(block, config) -> SparseMoE:
     """Top-1 on the router's logits, weighted by the chosen logit's sigmoid, which scales the expert's
     input; experts stored transposed ([E, H, 2I], gate then up); an always-on shared MLP."""
-    if block.top_k != 1:
+    if block.router.top_k != 1:  # the router's own count is the one its forward uses
         raise UnsupportedModelError(
-            f"num_experts_per_tok={block.top_k}: Llama-4's routing weight scales its expert's input, "
+            f"num_experts_per_tok={block.router.top_k}: Llama-4's routing weight scales its expert's input, "
             "which moepass expresses for one expert per token only (every released Llama-4 routes to 1)"
         )
     ex = block.experts

@@ -41,6 +41,14 @@ def test_moe_family_with_only_dense_layers_is_rejected(family, overrides):
         moepass.capture(model)
 
 
+def test_llama4_routing_to_more_than_one_expert_is_refused_by_layer():
+    """Llama-4's routing weight scales its expert's input, expressed for one expert per token."""
+    model = model_for("llama4_text", seed=0)
+    model.model.layers[2].feed_forward.router.top_k = 2
+    with pytest.raises(UnsupportedModelError, match=r"layer 2 \(Llama4TextMoe\): num_experts_per_tok=2"):
+        moepass.capture(model)
+
+
 def test_base_model_without_lm_head_is_rejected():
     model = model_for("mixtral", seed=0).model  # MixtralModel
     with pytest.raises(UnsupportedModelError, match=r"MixtralModel.*causal LM"):
