@@ -2,7 +2,9 @@
 
 Traced, it yields the same node pattern for every family:
   router linear -> moepass::route -> moepass::experts -> (+ shared experts, optionally sigmoid-gated)
-with all expert weights in the canonical layout described in `moepass.ir.ops`.
+with all expert weights in the canonical layout described in `moepass.ir.ops`. Llama-4 adds one
+multiply between the two ops: its routing weight scales the expert's input rows, and the experts
+op weighs the outputs by ones.
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ def _mlp_description(block) -> str:
         return "(MLP sub-layer dropped)"
     if not isinstance(mlp, MoEEntry):
         return "dense MLP"
-    text = f"MoE E={mlp.num_experts} top-{mlp.top_k} {mlp.routing}"
+    text = f"MoE E={mlp.num_experts} top-{mlp.top_k} {mlp.routing}" + (
+        " on inputs" if mlp.scales_input else ""
+    )
     if mlp.quantization is not None:
         bits, sparse = mlp.quantization["bits"], mlp.quantization["layout"] == "sparse24"
         text += "".join((f" int{bits}" if bits else "", " 2:4" if sparse else ""))

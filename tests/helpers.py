@@ -29,7 +29,8 @@ def hf_mlp(model, layer: nn.Module) -> nn.Module:
 
 
 def hf_router_choices(model, input_ids: torch.Tensor) -> list[set[int]]:
-    """Experts selected in each MoE layer by the transformers model itself (via its experts' inputs)."""
+    """Experts selected in each MoE layer by the transformers model itself (via its experts' inputs;
+    Llama-4's experts take every row, so via its router's scores)."""
     choices: list[set[int]] = []
     hooks = []
     for layer in model.model.layers:

@@ -289,6 +289,7 @@ def test_printer_lists_every_block(captured):
         assert ("no RoPE" in program.info.attention[block.index]) == (not rotary), block.index
     assert "all (tied counted once)" in text
     assert f"E={program.structure.moe_blocks[0].mlp.num_experts}" in text
+    assert ("topk_sigmoid on inputs" in text) == (family == "llama4_text")  # its weights scale inputs
 
 
 def test_node_count_does_not_depend_on_expert_count(captured, seed):
