@@ -225,12 +225,17 @@ def _state(tensor: Tensor) -> tuple:
 
 def _refuse_eager_experts(scopes: tuple[dict, dict] | None) -> None:
     """`quantize` on a model whose experts run transformers' "eager" loop would silently quantize
-    nothing: the loop breaks the graph, so no experts region is ever outlined."""
+    nothing: the loop breaks the graph, so no experts region is ever outlined. Models whose experts
+    have no such choice (Llama-4's run one batched matmul) say "eager" too: they are let through."""
     from transformers import PreTrainedModel
 
     for value in (scopes or ({}, {}))[0].values():
         implementation = getattr(getattr(value, "config", None), "_experts_implementation", None)
-        if isinstance(value, PreTrainedModel) and implementation == "eager":
+        if (
+            isinstance(value, PreTrainedModel)
+            and implementation == "eager"
+            and value._can_set_experts_implementation()
+        ):
             raise CompileOptionError(
                 f"option 'quantize': {type(value).__name__} runs its experts with "
                 "experts_implementation='eager', whose per-expert loop breaks the graph, so no experts "

@@ -9,7 +9,8 @@ Dynamo marks every node with `nn_module_stack` (module path as a Dynamo source s
 tells which paths are experts modules; the path resolves against the compiled frame's locals to the
 real module, whose family converter gives the canonical expert tensors (GPT-OSS's transposed and
 interleaved weights included) and activation. Weights already in canonical layout stay graph inputs;
-converted ones become constants of the graph module.
+converted ones become constants of the graph module. Llama-4's experts take no ids: every expert runs
+on every token's row, pre-scaled by the router and zero where not chosen; the op runs the chosen one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, fx, nn
 from transformers import PretrainedConfig
 
@@ -156,19 +158,33 @@ def _outline(graph_module, path, region: _Region, inputs: dict, frame_scopes) ->
     escaping = [n for n in escaping if n not in keep]
     if any(_is_tensor(n) for n in keep):
         return "a size it computes from an intermediate tensor is used outside it"
-    if len(external) == 1 and len(escaping) == 1:
-        return (
-            "it takes rows the router already scaled, every expert running on every row (Llama-4): no "
-            "expert ids to route by (compile the program moepass.capture gives for the routed op)"
-        )
+    try:
+        moe = region.family.convert(block, config)
+    except MoepassError as error:  # e.g. Llama-4 routing to more than one expert
+        return str(error)
+    canonical = moe.experts
+    if moe.scales_input and len(external) == 1 and len(escaping) == 1:
+        _outline_prescaled(graph_module, region, keep, external[0], escaping[0], canonical, path)
+        return None
     if len(external) != 3 or len(escaping) != 1:
         return (
             f"its traced region has {len(external)} activation inputs and {len(escaping)} outputs "
             f"(expected 3 and 1): a graph break inside the experts (transformers' experts_implementation "
             f"'grouped_mm' has none)"
         )
-    canonical = region.family.convert(block, config).experts
     hidden, ids, weights = _activation_inputs(external, canonical.gate_up_proj.shape[-1])
+    output = escaping[0]
+    with graph_module.graph.inserting_before(output):
+        new = _experts_call(graph_module, inputs, canonical, path, hidden, ids, weights)
+    new.meta = dict(output.meta)
+    output.replace_all_uses_with(new)
+    _erase(graph_module, region, keep)
+    return None
+
+
+def _experts_call(graph_module, inputs: dict, canonical, path: str, hidden, ids, weights) -> fx.Node:
+    """One `moepass::experts` node on `canonical`'s tensors: graph inputs where they are the module's
+    own, constants of the graph module where the converter made them (transposed layouts)."""
     by_identity = {id(value): node for node, value in inputs.items() if isinstance(value, Tensor)}
     prefix = "moepass_outlined." + path.partition("].")[2].replace(".", "_")
 
@@ -178,19 +194,47 @@ def _outline(graph_module, path, region: _Region, inputs: dict, frame_scopes) ->
             return None
         return by_identity.get(id(tensor)) or install_tensor(graph_module, f"{prefix}.{name}", tensor)
 
-    output = escaping[0]
-    with graph_module.graph.inserting_before(output):
-        tensors = [weight(n) for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")]
-        new = graph_module.graph.call_function(
-            EXPERTS,
-            (hidden, ids, weights, *tensors, canonical.activation, canonical.alpha, canonical.limit),
+    tensors = [weight(n) for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")]
+    return graph_module.graph.call_function(
+        EXPERTS, (hidden, ids, weights, *tensors, canonical.activation, canonical.alpha, canonical.limit)
+    )
+
+
+def _outline_prescaled(graph_module, region: _Region, keep, rows: fx.Node, output: fx.Node, canonical, path):
+    """Llama-4's experts run every expert on every token's row, pre-scaled by the router: [E*T, H],
+    zero for the experts a token did not choose (one per token). The chosen one is the row that is
+    not zero; the op runs it alone, and the [E*T, H] output holds its result there and zeros (what
+    an expert without biases gives a zero row) elsewhere: the region's own result, not just its sum."""
+    graph, experts = graph_module.graph, canonical.gate_up_proj.shape[0]
+
+    def call(target, *args):
+        node = graph.call_function(target, args)
+        values = [a.meta["example_value"] if isinstance(a, fx.Node) else a for a in args]
+        node.meta["example_value"] = target(*values)
+        return node
+
+    with graph.inserting_before(output):
+        per_expert = call(torch.unflatten, rows, 0, (experts, -1))  # [E, T, H]
+        scaled = call(torch.sum, per_expert, 0)  # the chosen row: the others are zero
+        chosen = call(torch.argmax, call(torch.amax, call(torch.abs, per_expert), -1), 0)  # [T]
+        ids = call(torch.unsqueeze, chosen, -1)
+        ones = call(torch.Tensor.float, call(torch.ones_like, ids))
+        out = _experts_call(graph_module, {}, canonical, path, scaled, ids, ones)
+        out.meta["example_value"] = torch.empty_like(scaled.meta["example_value"])
+        index = call(torch.Tensor.expand_as, call(torch.unsqueeze, ids, 0), call(torch.unsqueeze, out, 0))
+        placed = call(
+            torch.scatter, call(torch.zeros_like, per_expert), 0, index, call(torch.unsqueeze, out, 0)
         )
+        new = call(torch.flatten, placed, 0, 1)
     new.meta = dict(output.meta)
     output.replace_all_uses_with(new)
+    _erase(graph_module, region, keep)
+
+
+def _erase(graph_module, region: _Region, keep: set[fx.Node]) -> None:
     for node in reversed(region.nodes):
         if node not in keep:
             graph_module.graph.erase_node(node)
-    return None
 
 
 def _ancestors(nodes: list[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
