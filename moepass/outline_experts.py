@@ -200,7 +200,9 @@ def _experts_call(graph_module, inputs: dict, canonical, path: str, hidden, ids,
     )
 
 
-def _outline_prescaled(graph_module, region: _Region, keep, rows: fx.Node, output: fx.Node, canonical, path):
+def _outline_prescaled(
+    graph_module, region: _Region, keep: set[fx.Node], rows: fx.Node, output: fx.Node, canonical, path: str
+) -> None:
     """Llama-4's experts run every expert on every token's row, pre-scaled by the router: [E*T, H],
     zero for the experts a token did not choose (one per token). The chosen one is the row that is
     not zero; the op runs it alone, and the [E*T, H] output holds its result there and zeros (what
@@ -219,7 +221,7 @@ def _outline_prescaled(graph_module, region: _Region, keep, rows: fx.Node, outpu
         chosen = call(torch.argmax, call(torch.amax, call(torch.abs, per_expert), -1), 0)  # [T]
         ids = call(torch.unsqueeze, chosen, -1)
         ones = call(torch.Tensor.float, call(torch.ones_like, ids))
-        out = _experts_call(graph_module, {}, canonical, path, scaled, ids, ones)
+        out = _experts_call(graph_module, {}, canonical, path, scaled, ids, ones)  # transposed: constants
         out.meta["example_value"] = torch.empty_like(scaled.meta["example_value"])
         index = call(torch.Tensor.expand_as, call(torch.unsqueeze, ids, 0), call(torch.unsqueeze, out, 0))
         placed = call(
