@@ -148,9 +148,13 @@ def static_limits(attention: dict[int, str]) -> dict[int, tuple[int, str]]:
     notes; the tightest where a layer has several."""
     limits = {}
     for layer, note in attention.items():
-        for pattern, offset, why in _LIMITS:
-            if (m := pattern.search(note)) and int(m.group(1)) + offset < limits.get(layer, (1 << 62,))[0]:
-                limits[layer] = (int(m.group(1)) + offset, why.format(m.group(1)))
+        found = [
+            (int(m.group(1)) + offset, why.format(m.group(1)))
+            for pattern, offset, why in _LIMITS
+            if (m := pattern.search(note))
+        ]
+        if found:
+            limits[layer] = min(found)
     return limits
 
 

@@ -91,10 +91,10 @@ def _check_moe_wiring(where: str, moe: MoEEntry, nodes: dict[str, fx.Node], prob
     if experts is None:
         return  # reported with the entry's missing nodes
     args = op_args(experts)
-    weights = args.get("topk_weights")
+    weights, hidden = args.get("topk_weights"), args.get("hidden")
     if moe.scales_input:  # Llama-4: ones, with the router's weights in the input rows instead
-        weights = weights.args[0]
-        if _unscaled(args.get("hidden"), moe.route_weights) is None:
+        weights, hidden = weights.args[0], _unscaled(hidden, moe.route_weights)
+        if hidden is None:
             problems.append(
                 f"{where}: experts node {experts.name} weighs its outputs by ones, but its input rows "
                 f"are not scaled by the router's {moe.route_weights}"
@@ -109,7 +109,6 @@ def _check_moe_wiring(where: str, moe: MoEEntry, nodes: dict[str, fx.Node], prob
                 f"{where}: experts node {experts.name} reads {name} from {got}, not the router's {want}"
             )
     router = nodes.get(moe.router_linear_node or "")
-    hidden = _unscaled(args.get("hidden"), moe.route_weights) if moe.scales_input else args.get("hidden")
     width, router_width = _width(hidden), _width(router.args[0] if router is not None else None)
     if width is not None and router_width is not None and width != router_width:
         problems.append(
